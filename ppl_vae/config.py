@@ -1,0 +1,272 @@
+"""Typed, validated configuration: YAML files in ``configs/`` plus dotted overrides (``train.epochs=5``).
+
+Errors name the field and the bad value: ``ConfigError: model.latent_dim must be a positive integer, got -3``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "kmnist", "omniglot", "celeba")
+PIXELS = ("continuous", "dequantized", "binary_static", "binary_dynamic")
+MODELS = ("vae", "cvae", "vae2")
+LIKELIHOODS = ("bernoulli", "gaussian", "laplace")
+ARCHS = ("mlp", "conv", "burda1", "burda2")
+OBJECTIVES = ("elbo", "meanfield", "iwae")
+SCHEDULES = ("none", "exponential", "step", "cosine")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check(cond: bool, where: str, what: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{where} must be {what}, got {value!r}")
+
+
+def _positive_int(where, v):
+    _check(_is_int(v) and v > 0, where, "a positive integer", v)
+
+
+def _one_of(where, v, options):
+    _check(v in options, where, f"one of {list(options)}", v)
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: str | None = None
+    download: bool = False
+    pixels: str = "continuous"
+    val_fraction: float = 0.1
+    limit: int | None = None
+    image_size: int | None = None
+
+    def validate(self, p="data"):
+        _one_of(f"{p}.name", self.name, DATASETS)
+        _one_of(f"{p}.pixels", self.pixels, PIXELS)
+        _check(self.root is None or isinstance(self.root, str), f"{p}.root", "a folder path or null", self.root)
+        _check(isinstance(self.download, bool), f"{p}.download", "true or false", self.download)
+        _check(_is_num(self.val_fraction) and 0 <= self.val_fraction < 1, f"{p}.val_fraction",
+               "a number in [0, 1)", self.val_fraction)
+        if self.limit is not None:
+            _positive_int(f"{p}.limit", self.limit)
+        if self.image_size is not None:
+            _positive_int(f"{p}.image_size", self.image_size)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vae"
+    likelihood: str = "bernoulli"
+    sigma2: float = 1.0
+    laplace_scale: float = 0.1
+    link: str = "sigmoid"
+    arch: str = "mlp"
+    latent_dim: int = 2
+    hidden: list[int] = field(default_factory=lambda: [256, 256])
+    activation: str = "relu"
+    channels: int = 32
+
+    def validate(self, p="model"):
+        _one_of(f"{p}.name", self.name, MODELS)
+        _one_of(f"{p}.likelihood", self.likelihood, LIKELIHOODS)
+        _one_of(f"{p}.arch", self.arch, ARCHS)
+        _one_of(f"{p}.link", self.link, ("sigmoid", "identity"))
+        _one_of(f"{p}.activation", self.activation, ("relu", "tanh", "elu", "softplus", "leaky_relu"))
+        _positive_int(f"{p}.latent_dim", self.latent_dim)
+        _positive_int(f"{p}.channels", self.channels)
+        _check(_is_num(self.sigma2) and self.sigma2 > 0, f"{p}.sigma2", "a positive number", self.sigma2)
+        _check(_is_num(self.laplace_scale) and self.laplace_scale > 0, f"{p}.laplace_scale", "a positive number",
+               self.laplace_scale)
+        _check(isinstance(self.hidden, list) and all(_is_int(h) and h > 0 for h in self.hidden), f"{p}.hidden",
+               "a list of positive integers", self.hidden)
+        if self.name == "vae2" and self.arch not in ("burda2", "mlp"):
+            raise ConfigError(f"{p}.arch must be 'burda2' or 'mlp' for model.name='vae2', got {self.arch!r}")
+        if self.arch == "burda2" and self.name != "vae2":
+            raise ConfigError(f"{p}.arch='burda2' is the two-stochastic-layer architecture: set model.name to "
+                              f"'vae2', got model.name={self.name!r}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    batch_size: int = 100
+    lr: float = 1e-3
+    lr_schedule: str = "none"
+    lr_gamma: float = 0.1
+    lr_step: int = 10
+    kl_warmup_epochs: int = 0
+    patience: int | None = None
+    objective: str = "elbo"
+    num_particles: int = 1
+    estimator: str = "iwae"
+    clip_norm: float | None = None
+    eval_batch_size: int = 500
+
+    def validate(self, p="train"):
+        _positive_int(f"{p}.epochs", self.epochs)
+        _positive_int(f"{p}.batch_size", self.batch_size)
+        _positive_int(f"{p}.eval_batch_size", self.eval_batch_size)
+        _check(_is_num(self.lr) and self.lr > 0, f"{p}.lr", "a positive number", self.lr)
+        _one_of(f"{p}.lr_schedule", self.lr_schedule, SCHEDULES)
+        _check(_is_num(self.lr_gamma) and 0 < self.lr_gamma <= 1, f"{p}.lr_gamma", "a number in (0, 1]",
+               self.lr_gamma)
+        _positive_int(f"{p}.lr_step", self.lr_step)
+        _check(_is_int(self.kl_warmup_epochs) and self.kl_warmup_epochs >= 0, f"{p}.kl_warmup_epochs",
+               "a non-negative integer", self.kl_warmup_epochs)
+        if self.patience is not None:
+            _positive_int(f"{p}.patience", self.patience)
+        _one_of(f"{p}.objective", self.objective, OBJECTIVES)
+        _positive_int(f"{p}.num_particles", self.num_particles)
+        _one_of(f"{p}.estimator", self.estimator, ("iwae", "dreg"))
+        if self.clip_norm is not None:
+            _check(_is_num(self.clip_norm) and self.clip_norm > 0, f"{p}.clip_norm", "a positive number or null",
+                   self.clip_norm)
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of a (0-based) epoch: a pure function of the epoch, so resumed runs match."""
+        if self.lr_schedule == "exponential":
+            return self.lr * self.lr_gamma ** (epoch / max(self.epochs - 1, 1))
+        if self.lr_schedule == "step":
+            return self.lr * self.lr_gamma ** (epoch // self.lr_step)
+        if self.lr_schedule == "cosine":
+            return 0.5 * self.lr * (1 + math.cos(math.pi * epoch / max(self.epochs, 1)))
+        return self.lr
+
+    def beta_at(self, epoch: int) -> float:
+        """KL warm-up weight β of an epoch: linear from 1/W to 1 over ``kl_warmup_epochs`` = W epochs."""
+        if self.kl_warmup_epochs <= 0:
+            return 1.0
+        return min(1.0, (epoch + 1) / self.kl_warmup_epochs)
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 1000
+    batch_size: int = 100
+    max_test: int | None = None
+
+    def validate(self, p="eval"):
+        _positive_int(f"{p}.num_samples", self.num_samples)
+        _positive_int(f"{p}.batch_size", self.batch_size)
+        if self.max_test is not None:
+            _positive_int(f"{p}.max_test", self.max_test)
+
+
+@dataclass
+class Config:
+    name: str = "vae_digits"
+    seed: int = 0
+    device: str = "auto"
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> "Config":
+        _check(isinstance(self.name, str) and self.name != "", "name", "a non-empty string", self.name)
+        _check(_is_int(self.seed) and self.seed >= 0, "seed", "a non-negative integer", self.seed)
+        _check(isinstance(self.device, str) and (self.device in ("auto", "cpu") or self.device.startswith("cuda")),
+               "device", "'auto', 'cpu' or 'cuda[:N]'", self.device)
+        self.data.validate()
+        self.model.validate()
+        self.train.validate()
+        self.eval.validate()
+        if self.model.name == "cvae" and self.data.name == "celeba":
+            raise ConfigError("model.name='cvae' needs class labels, which data.name='celeba' does not have")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def _build(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'the configuration'} must be a mapping, got {values!r}")
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, val in values.items():
+        where = f"{prefix}.{key}" if prefix else key
+        if key not in known:
+            raise ConfigError(f"unknown field {where!r}; known fields: {sorted(known)}")
+        if key in _SECTIONS and cls is Config:
+            kwargs[key] = _build(_SECTIONS[key], val or {}, key)
+        else:
+            kwargs[key] = _coerce(known[key], val)
+    return cls(**kwargs)
+
+
+def _coerce(f: dataclasses.Field, val):
+    """YAML gives ints for floats written without a dot (``lr: 1``); accept those for float fields."""
+    if f.type in ("float", "float | None") and _is_int(val):
+        return float(val)
+    return val
+
+
+def config_from_dict(values: dict | None) -> Config:
+    return _build(Config, values or {}, "").validate()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.epochs=5"`` → (["train", "epochs"], 5); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"an override must look like section.field=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    if not key or any(not k for k in key.split(".")):
+        raise ConfigError(f"an override must look like section.field=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"could not parse the value of override {key!r}: {raw!r} ({e})") from None
+    return key.split("."), value
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    out = dict(values)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for k in path[:-1]:
+            sub = node.get(k)
+            node[k] = dict(sub) if isinstance(sub, dict) else {}
+            node = node[k]
+        node[path[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults ← YAML file ← dotted overrides, then validation."""
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(values).__name__}")
+    return config_from_dict(apply_overrides(values, overrides or []))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

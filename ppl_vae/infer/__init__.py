@@ -1,0 +1,6 @@
+"""Objectives (Pyro ELBOs) and the training loop."""
+
+from .checkpoint import load_checkpoint, restore_params
+from .train import FitResult, ScaleLatents, evaluate_elbo, fit
+
+__all__ = ["fit", "FitResult", "ScaleLatents", "evaluate_elbo", "load_checkpoint", "restore_params"]

@@ -1,0 +1,203 @@
+"""The training loop: ``fit(model, guide, data, elbo, config)`` for any Pyro model/guide pair.
+
+The loop never looks inside a model. Its contract: ``model(x, y)`` and ``guide(x, y)`` take a minibatch and scale
+their data plate to the training-set size N (``pyro.plate("data", N, subsample=...)``), so that one step's loss
+estimates the full-data negative ELBO; the loop reports ``loss / N`` as the ELBO per datapoint (in nats).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyro
+import pyro.optim
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.poutine.messenger import Messenger
+from tqdm.auto import tqdm
+
+from ..config import TrainConfig
+from ..errors import TrainingDiverged
+from .checkpoint import atomic_save, load_checkpoint, restore_params, rng_state, set_rng_state
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+METRICS = "metrics.jsonl"
+
+
+class ScaleLatents(Messenger):
+    """Multiplies the log-density of every *latent* (unobserved) site by β, in model and guide alike:
+    ELBO_β = E_q[log p(x|z)] + β·E_q[log p(z) − log q(z|x)]  (KL warm-up; Bowman et al. 2016, Sønderby et al. 2016).
+    """
+
+    def __init__(self, beta: float = 1.0):
+        super().__init__()
+        self.beta = beta
+
+    def _pyro_sample(self, msg):
+        if not msg["is_observed"] and self.beta != 1.0:
+            msg["scale"] = self.beta * msg["scale"]
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_val_elbo: float | None = None
+    stopped_early: bool = False
+    run_dir: str | None = None
+
+
+def _device_of(fn) -> torch.device:
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, torch.nn.Module):
+        for p in owner.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def _set_lr(optim: pyro.optim.PyroOptim, lr: float) -> None:
+    for opt in optim.optim_objs.values():
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+
+def evaluate_elbo(model, guide, data, elbo, split: str, batch_size: int, device, num_data: int) -> float:
+    """Mean ELBO per datapoint over a split (model and guide scale by ``num_data``)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in data.batches(split, min(batch_size, num_data), shuffle=False, device=device):
+            total += -elbo.loss(model, guide, x, y) / num_data * x.shape[0]
+            count += x.shape[0]
+    return total / max(count, 1)
+
+
+def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run_dir: str | Path | None = None,
+        resume: bool = False, seed: int = 0, device=None, progress: bool = True, extra_state: dict | None = None,
+        on_epoch_end=None) -> FitResult:
+    """Train ``model``/``guide`` with ``pyro.infer.SVI`` and Adam.
+
+    Per epoch: learning rate ``config.lr_at(epoch)``, KL warm-up β = ``config.beta_at(epoch)``, one pass over the
+    shuffled training batches (order a function of (seed, epoch)), the validation ELBO, a JSON line in
+    ``metrics.jsonl`` and an atomic checkpoint (param store, optimiser, RNG states, history). ``best.pt`` keeps
+    the epoch with the best validation ELBO; ``config.patience`` stops after that many epochs without
+    improvement. ``resume=True`` continues from ``run_dir/checkpoint.pt`` and reproduces an uninterrupted run.
+    A NaN/inf loss raises :class:`TrainingDiverged` naming epoch and step; the last good checkpoint stays.
+    ``extra_state`` (e.g. the configuration) is stored in every checkpoint.
+    """
+    cfg = config or TrainConfig()
+    cfg.validate()
+    elbo = elbo if elbo is not None else Trace_ELBO()
+    device = torch.device(device) if device is not None else _device_of(model)
+    num_data = int(data.train_x.shape[0])
+    has_val = data.val_x is not None and len(data.val_x) > 0
+    run_dir = Path(run_dir) if run_dir is not None else None
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    warmup = ScaleLatents(1.0)
+    train_model, train_guide = warmup(model), warmup(guide)
+    lr_now = {"lr": cfg.lr_at(0)}
+    clip = {"clip_norm": cfg.clip_norm} if cfg.clip_norm else None
+    optim = pyro.optim.Adam(lambda name, param: {"lr": lr_now["lr"]}, clip_args=clip)
+    svi = SVI(train_model, train_guide, optim, elbo)
+
+    result = FitResult(run_dir=str(run_dir) if run_dir else None)
+    start_epoch, bad_epochs = 0, 0
+    if resume:
+        if run_dir is None:
+            raise ValueError("resume=True needs run_dir")
+        ckpt = load_checkpoint(run_dir / CHECKPOINT, map_location=device)
+        x0, y0 = next(iter(data.batches("train", min(cfg.batch_size, num_data), shuffle=False, device=device)))
+        pyro.clear_param_store()
+        restore_params(model, guide, ckpt["param_store"], x0, y0)
+        start_epoch = ckpt["epoch"]
+        lr_now["lr"] = cfg.lr_at(start_epoch)
+        for state in ckpt["optim"].values():
+            for group in state["param_groups"]:
+                group["lr"] = lr_now["lr"]
+        optim.set_state(ckpt["optim"])
+        result.history = ckpt["history"]
+        result.best_epoch, result.best_val_elbo = ckpt["best_epoch"], ckpt["best_val_elbo"]
+        bad_epochs = ckpt["bad_epochs"]
+        set_rng_state(ckpt["rng"])
+        _rewrite_metrics(run_dir, result.history)
+    else:
+        pyro.clear_param_store()
+        pyro.set_rng_seed(seed)
+        if run_dir is not None:
+            (run_dir / METRICS).write_text("")
+
+    steps_per_epoch = data.num_batches("train", cfg.batch_size)
+    bar = tqdm(total=(cfg.epochs - start_epoch) * steps_per_epoch, disable=not progress, desc="training",
+               unit="step", dynamic_ncols=True)
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            if bad_epochs and cfg.patience is not None and bad_epochs >= cfg.patience:
+                result.stopped_early = True
+                break
+            t0 = time.perf_counter()
+            lr_now["lr"] = cfg.lr_at(epoch)
+            _set_lr(optim, lr_now["lr"])
+            warmup.beta = cfg.beta_at(epoch)
+            total, seen = 0.0, 0
+            for step, (x, y) in enumerate(data.batches("train", cfg.batch_size, shuffle=True, seed=seed, epoch=epoch,
+                                                       device=device)):
+                try:
+                    loss = svi.step(x, y)
+                except ValueError as e:   # Pyro's argument validation meets NaN parameters or NaN outputs
+                    if "nan" not in str(e).lower():
+                        raise
+                    raise _diverged("NaN", epoch, step, run_dir) from e
+                if not math.isfinite(loss):
+                    raise _diverged(loss, epoch, step, run_dir)
+                total += -loss / num_data * x.shape[0]
+                seen += x.shape[0]
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, elbo=f"{total / seen:.2f}")
+            record = {"epoch": epoch + 1, "train_elbo": total / seen, "beta": warmup.beta, "lr": lr_now["lr"],
+                      "steps": step + 1}
+            if has_val:
+                record["val_elbo"] = evaluate_elbo(model, guide, data, elbo, "val", cfg.eval_batch_size, device,
+                                                   num_data)
+            record["seconds"] = time.perf_counter() - t0
+            score = record.get("val_elbo", record["train_elbo"])
+            improved = warmup.beta == 1.0 and (result.best_val_elbo is None or score > result.best_val_elbo)
+            if improved:
+                result.best_epoch, result.best_val_elbo, bad_epochs = epoch + 1, score, 0
+            elif warmup.beta == 1.0:
+                bad_epochs += 1
+            result.history.append(record)
+            bar.set_postfix(epoch=epoch + 1, elbo=f"{record['train_elbo']:.2f}",
+                            val=f"{record.get('val_elbo', float('nan')):.2f}")
+            if run_dir is not None:
+                state = {"epoch": epoch + 1, "param_store": pyro.get_param_store().get_state(),
+                         "optim": optim.get_state(), "rng": rng_state(), "history": result.history,
+                         "best_epoch": result.best_epoch, "best_val_elbo": result.best_val_elbo,
+                         "bad_epochs": bad_epochs, "train_config": cfg.__dict__, **(extra_state or {})}
+                atomic_save(state, run_dir / CHECKPOINT)
+                if improved:
+                    atomic_save(state, run_dir / BEST)
+                with open(run_dir / METRICS, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, record)
+    finally:
+        bar.close()
+    return result
+
+
+def _diverged(loss, epoch: int, step: int, run_dir: Path | None) -> TrainingDiverged:
+    where = f" the last good checkpoint is {run_dir / CHECKPOINT}" if run_dir and epoch > 0 else ""
+    return TrainingDiverged(f"the loss became {loss} at epoch {epoch + 1}, step {step + 1};{where} "
+                            "(try a lower train.lr or a train.clip_norm)")
+
+
+def _rewrite_metrics(run_dir: Path, history: list[dict]) -> None:
+    with open(run_dir / METRICS, "w") as f:
+        for rec in history:
+            f.write(json.dumps(rec) + "\n")

@@ -1,0 +1,81 @@
+"""Variational autoencoder (Kingma & Welling, "Auto-Encoding Variational Bayes", ICLR 2014) and its
+conditional version (Sohn, Lee & Yan 2015; Kingma et al. 2014 M2 with observed labels).
+
+Generative story, for each datapoint i of N (a minibatch is scaled by N/B):
+    z_i ~ p(z) = N(0, I)
+    x_i ~ p_θ(x | z_i, y_i)          (Bernoulli, Gaussian or Laplace, given by ``likelihood``)
+Guide: q_φ(z_i | x_i, y_i) = N(μ_φ(x_i, y_i), diag σ_φ²(x_i, y_i)), reparameterised.
+ELBO(x) = E_q[log p(x|z)] − KL(q(z|x) ‖ p(z)).
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule, pyro_method
+from torch import nn
+
+from ..priors import StandardNormalPrior
+from ._common import data_plate, module_device, one_hot
+
+
+class VAE(PyroModule):
+    """A VAE as a Pyro program: ``model(x, y=None)`` and ``guide(x, y=None)``.
+
+    Parts: ``encoder(x, c) -> (loc, scale)``, ``decoder(z, c) -> raw output``, ``likelihood(raw) -> p(x|z)``,
+    ``prior(B) -> p(z)``. ``num_classes`` makes it conditional (labels enter encoder and decoder as one-hot).
+    ``num_data`` is the training-set size N that scales the data plate.
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: nn.Module, latent_dim: int,
+                 prior: nn.Module | None = None, num_data: int | None = None, num_classes: int | None = None):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.likelihood = likelihood
+        self.prior = prior if prior is not None else StandardNormalPrior(latent_dim)
+        self.latent_dim = latent_dim
+        self.num_data = num_data
+        self.num_classes = num_classes
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes is not None
+
+    def _c(self, y):
+        return one_hot(y, self.num_classes, type(self).__name__)
+
+    @pyro_method
+    def model(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        c = self._c(y)
+        with data_plate(x, self.num_data):
+            z = pyro.sample("z", self.prior(x.shape[0]))
+            pyro.sample("x", self.likelihood(self.decoder(z, c)), obs=x)
+
+    @pyro_method
+    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        c = self._c(y)
+        with data_plate(x, self.num_data):
+            loc, scale = self.encoder(x, c)
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    # Deterministic helpers for figures and evaluation (no Pyro sample sites).
+    def encode(self, x, y=None):
+        """(loc, scale) of q(z|x, y)."""
+        return self.encoder(x, self._c(y))
+
+    def decode(self, z, y=None):
+        """E[x | z, y] in data space."""
+        return self.likelihood.mean(self.decoder(z, self._c(y)))
+
+    def reconstruct(self, x, y=None):
+        return self.decode(self.encode(x, y)[0], y)
+
+    def sample(self, n: int, y=None):
+        """Decoded means of n draws from the prior (global torch RNG)."""
+        dev = module_device(self)
+        if y is not None:
+            y = torch.as_tensor(y, device=dev)
+        z = self.prior(n).sample()
+        return self.decode(z.to(dev), y)
