@@ -17,7 +17,6 @@ from .errors import ConfigError
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "kmnist", "omniglot", "celeba")
 PIXELS = ("continuous", "dequantized", "binary_static", "binary_dynamic")
-MODELS = ("vae", "cvae", "vae2")
 LIKELIHOODS = ("bernoulli", "gaussian", "laplace")
 ARCHS = ("mlp", "conv", "burda1", "burda2")
 OBJECTIVES = ("elbo", "meanfield", "iwae")
@@ -80,9 +79,12 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [256, 256])
     activation: str = "relu"
     channels: int = 32
+    options: dict = field(default_factory=dict)
 
     def validate(self, p="model"):
-        _one_of(f"{p}.name", self.name, MODELS)
+        _check(isinstance(self.name, str) and self.name != "", f"{p}.name", "a model name", self.name)
+        _check(isinstance(self.options, dict), f"{p}.options", "a mapping of method-specific options",
+               self.options)
         _one_of(f"{p}.likelihood", self.likelihood, LIKELIHOODS)
         _one_of(f"{p}.arch", self.arch, ARCHS)
         _one_of(f"{p}.link", self.link, ("sigmoid", "identity"))
@@ -116,6 +118,8 @@ class TrainConfig:
     estimator: str = "iwae"
     clip_norm: float | None = None
     eval_batch_size: int = 500
+    stop_delta: float | None = None
+    min_epochs: int = 1
 
     def validate(self, p="train"):
         _positive_int(f"{p}.epochs", self.epochs)
@@ -136,6 +140,10 @@ class TrainConfig:
         if self.clip_norm is not None:
             _check(_is_num(self.clip_norm) and self.clip_norm > 0, f"{p}.clip_norm", "a positive number or null",
                    self.clip_norm)
+        if self.stop_delta is not None:
+            _check(_is_num(self.stop_delta) and self.stop_delta >= 0, f"{p}.stop_delta",
+                   "a non-negative number or null", self.stop_delta)
+        _positive_int(f"{p}.min_epochs", self.min_epochs)
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of a (0-based) epoch: a pure function of the epoch, so resumed runs match."""

@@ -82,8 +82,13 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
     save_config(cfg, run_dir / CONFIG_FILE)
     data = build_data(cfg)
     model = build(cfg, data, dev)
-    result = fit(model.model, model.guide, data, build_objective(cfg.train), cfg.train, run_dir=run_dir,
-                 resume=resume, seed=cfg.seed, device=dev, progress=progress, extra_state={"config": cfg.to_dict()})
+    # a method may bring its own objective or per-epoch work (e.g. refitting a mixture prior)
+    objective = model.make_objective(cfg.train) if hasattr(model, "make_objective") else build_objective(cfg.train)
+    hook = getattr(model, "on_epoch_end", None)
+    on_epoch_end = (lambda epoch, record: hook(epoch, record, data)) if hook is not None else None
+    result = fit(model.model, model.guide, data, objective, cfg.train, run_dir=run_dir, resume=resume,
+                 seed=cfg.seed, device=dev, progress=progress, extra_state={"config": cfg.to_dict()},
+                 on_epoch_end=on_epoch_end, module=model)
     run = Run(cfg, data, model, run_dir, dev)
     load_params(run, BEST if (run_dir / BEST).exists() else CHECKPOINT)
     summary = {"best_epoch": result.best_epoch, "best_val_elbo": result.best_val_elbo,
@@ -98,6 +103,8 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
 def load_params(run: Run, which: str = BEST) -> dict:
     """Restore a run's parameters (``best.pt`` or ``checkpoint.pt``) into ``run.model`` in place."""
     ckpt = load_checkpoint(run.run_dir / which, map_location=run.device)
+    if ckpt.get("module") is not None:
+        run.model.load_state_dict(ckpt["module"])
     x0, y0 = next(iter(run.data.batches("train", min(8, len(run.data.train_x)), shuffle=False, device=run.device)))
     pyro.clear_param_store()
     restore_params(run.model.model, run.model.guide, ckpt["param_store"], x0, y0)

@@ -214,3 +214,32 @@ def test_fit_on_cuda(tmp_path):
     m = LinearGaussianVAE(6, 2, sigma=0.5, num_data=200, seed=7).to("cuda")
     res = fit(m.model, m.guide, data, Trace_ELBO(), TrainConfig(epochs=2, batch_size=100), progress=False)
     assert math.isfinite(res.history[-1]["val_elbo"])
+
+
+def test_stop_delta_ends_training_when_the_elbo_stops_improving(tmp_path):
+    data = lg_data(200)
+    m = LinearGaussianVAE(6, 2, sigma=0.5, num_data=200, seed=7)
+    cfg = TrainConfig(epochs=200, batch_size=100, lr=0.1, stop_delta=1e-3, min_epochs=5)
+    res = fit(m.model, m.guide, data, Trace_ELBO(), cfg, run_dir=tmp_path, progress=False)
+    assert res.stopped_early and 5 <= len(res.history) < 200
+    gains = [b["val_elbo"] - a["val_elbo"] for a, b in zip(res.history, res.history[1:])]
+    assert gains[-1] < 1e-3 and all(g >= 1e-3 for g in gains[3:-1])
+    again = fit(m.model, m.guide, data, Trace_ELBO(), cfg, run_dir=tmp_path, resume=True, progress=False)
+    assert len(again.history) == len(res.history), "a finished run stays finished when resumed"
+
+
+def test_module_buffers_are_checkpointed_and_restored(tmp_path):
+    data = lg_data(100)
+    m = LinearGaussianVAE(6, 2, sigma=0.5, num_data=100, seed=7)
+    m.register_buffer("fitted", torch.zeros(3))
+
+    def bump(epoch, record):
+        m.fitted += 1.0
+
+    fit(m.model, m.guide, data, Trace_ELBO(), TrainConfig(epochs=2, batch_size=50), run_dir=tmp_path,
+        progress=False, on_epoch_end=bump)
+    m2 = LinearGaussianVAE(6, 2, sigma=0.5, num_data=100, seed=8)
+    m2.register_buffer("fitted", torch.zeros(3))
+    fit(m2.model, m2.guide, data, Trace_ELBO(), TrainConfig(epochs=2, batch_size=50), run_dir=tmp_path,
+        resume=True, progress=False)
+    assert torch.equal(m2.fitted, torch.full((3,), 2.0)) and torch.equal(m2.W, m.W)

@@ -1,6 +1,7 @@
 """Objectives (Pyro ELBOs) and the training loop."""
 
 from .checkpoint import load_checkpoint, restore_params
+from .iwae import TraceIWAE
 from .train import FitResult, ScaleLatents, evaluate_elbo, fit
 
-__all__ = ["fit", "FitResult", "ScaleLatents", "evaluate_elbo", "load_checkpoint", "restore_params"]
+__all__ = ["fit", "FitResult", "ScaleLatents", "evaluate_elbo", "load_checkpoint", "restore_params", "TraceIWAE"]

@@ -78,7 +78,7 @@ def evaluate_elbo(model, guide, data, elbo, split: str, batch_size: int, device,
 
 def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run_dir: str | Path | None = None,
         resume: bool = False, seed: int = 0, device=None, progress: bool = True, extra_state: dict | None = None,
-        on_epoch_end=None) -> FitResult:
+        on_epoch_end=None, module: torch.nn.Module | None = None) -> FitResult:
     """Train ``model``/``guide`` with ``pyro.infer.SVI`` and Adam.
 
     Per epoch: learning rate ``config.lr_at(epoch)``, KL warm-up β = ``config.beta_at(epoch)``, one pass over the
@@ -87,12 +87,18 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
     the epoch with the best validation ELBO; ``config.patience`` stops after that many epochs without
     improvement. ``resume=True`` continues from ``run_dir/checkpoint.pt`` and reproduces an uninterrupted run.
     A NaN/inf loss raises :class:`TrainingDiverged` naming epoch and step; the last good checkpoint stays.
-    ``extra_state`` (e.g. the configuration) is stored in every checkpoint.
+    ``extra_state`` (e.g. the configuration) is stored in every checkpoint, and so is the ``state_dict`` of
+    ``module`` (default: the ``nn.Module`` that ``model`` is a method of), which carries buffers such as a fitted
+    mixture prior. ``on_epoch_end(epoch, record)`` runs after each epoch, before the checkpoint.
+    ``config.stop_delta`` stops once an epoch improves the (validation) ELBO by less than that, after
+    ``config.min_epochs`` epochs (the δELBO < ε rule of Lin et al.'s Algorithm 1).
     """
     cfg = config or TrainConfig()
     cfg.validate()
     elbo = elbo if elbo is not None else Trace_ELBO()
     device = torch.device(device) if device is not None else _device_of(model)
+    owner = getattr(model, "__self__", None)
+    module = module if module is not None else (owner if isinstance(owner, torch.nn.Module) else None)
     num_data = int(data.train_x.shape[0])
     has_val = data.val_x is not None and len(data.val_x) > 0
     run_dir = Path(run_dir) if run_dir is not None else None
@@ -114,6 +120,8 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
         ckpt = load_checkpoint(run_dir / CHECKPOINT, map_location=device)
         x0, y0 = next(iter(data.batches("train", min(cfg.batch_size, num_data), shuffle=False, device=device)))
         pyro.clear_param_store()
+        if module is not None and ckpt.get("module") is not None:
+            module.load_state_dict(ckpt["module"])
         restore_params(model, guide, ckpt["param_store"], x0, y0)
         start_epoch = ckpt["epoch"]
         lr_now["lr"] = cfg.lr_at(start_epoch)
@@ -124,6 +132,7 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
         result.history = ckpt["history"]
         result.best_epoch, result.best_val_elbo = ckpt["best_epoch"], ckpt["best_val_elbo"]
         bad_epochs = ckpt["bad_epochs"]
+        result.stopped_early = ckpt.get("stopped_early", False)
         set_rng_state(ckpt["rng"])
         _rewrite_metrics(run_dir, result.history)
     else:
@@ -137,6 +146,8 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
                unit="step", dynamic_ncols=True)
     try:
         for epoch in range(start_epoch, cfg.epochs):
+            if result.stopped_early:
+                break
             if bad_epochs and cfg.patience is not None and bad_epochs >= cfg.patience:
                 result.stopped_early = True
                 break
@@ -171,21 +182,27 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
                 result.best_epoch, result.best_val_elbo, bad_epochs = epoch + 1, score, 0
             elif warmup.beta == 1.0:
                 bad_epochs += 1
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, record)
+            previous = result.history[-1] if result.history else None
             result.history.append(record)
             bar.set_postfix(epoch=epoch + 1, elbo=f"{record['train_elbo']:.2f}",
                             val=f"{record.get('val_elbo', float('nan')):.2f}")
+            result.stopped_early = (cfg.stop_delta is not None and previous is not None and epoch + 1 >= cfg.min_epochs
+                                    and score - previous.get("val_elbo", previous["train_elbo"]) < cfg.stop_delta)
             if run_dir is not None:
                 state = {"epoch": epoch + 1, "param_store": pyro.get_param_store().get_state(),
                          "optim": optim.get_state(), "rng": rng_state(), "history": result.history,
                          "best_epoch": result.best_epoch, "best_val_elbo": result.best_val_elbo,
-                         "bad_epochs": bad_epochs, "train_config": cfg.__dict__, **(extra_state or {})}
+                         "bad_epochs": bad_epochs, "stopped_early": result.stopped_early, "train_config": cfg.__dict__,
+                         "module": module.state_dict() if module is not None else None, **(extra_state or {})}
                 atomic_save(state, run_dir / CHECKPOINT)
                 if improved:
                     atomic_save(state, run_dir / BEST)
                 with open(run_dir / METRICS, "a") as f:
                     f.write(json.dumps(record) + "\n")
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, record)
+            if result.stopped_early:
+                break
     finally:
         bar.close()
     return result
