@@ -127,10 +127,13 @@ def load_run(run_dir: str | Path, which: str = "best", device: str | None = None
     return run
 
 
-def test_elbo(run: Run) -> float:
+def test_elbo(run: Run, seed: int | None = None) -> float:
+    """Mean one-sample ELBO per test image (nats), reproducible: the draws come from ``seed`` (default cfg.seed)."""
     m = run.model
-    return evaluate_elbo(m.model, m.guide, run.data, Trace_ELBO(max_plate_nesting=1), "test",
-                         run.cfg.train.eval_batch_size, run.device, len(run.data.train_x))
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        pyro.set_rng_seed(run.cfg.seed if seed is None else seed)
+        return evaluate_elbo(m.model, m.guide, run.data, Trace_ELBO(max_plate_nesting=1), "test",
+                             run.cfg.train.eval_batch_size, run.device, len(run.data.train_x))
 
 
 def write_figures(run: Run, history: list[dict]) -> list[str]:

@@ -2,7 +2,7 @@
 
 A likelihood turns the decoder's raw output ``out`` (shape ``(B, *event_shape)``) into a Pyro distribution
 whose batch shape is ``(B,)`` and whose event shape is the data shape, ready for
-``pyro.sample("x", likelihood(out), obs=x)`` inside the data plate; ``mean(out)`` is E[x | z] in data space.
+``pyro.sample("x", likelihood(out, event_dim=x.dim() - 1), obs=x)`` inside the data plate; ``mean(out)`` is E[x | z] in data space.
 """
 
 from __future__ import annotations
@@ -18,6 +18,12 @@ from .errors import ConfigError
 _LINKS = {"sigmoid": torch.sigmoid, "identity": lambda t: t}
 
 
+def _event_dim(out: torch.Tensor, event_dim: int | None) -> int:
+    """Event dims of p(x|z): given by the caller (the data's ``x.dim() - 1``, which stays right when particle
+    plates add batch dims on the left), else all dims of ``out`` but the first."""
+    return out.dim() - 1 if event_dim is None else event_dim
+
+
 def _link(name: str):
     if name not in _LINKS:
         raise ConfigError(f"model.link must be one of {sorted(_LINKS)}, got {name!r}")
@@ -31,8 +37,8 @@ class BernoulliLikelihood(nn.Module):
     experiments); the log-density is a proper log-likelihood only for binary data.
     """
 
-    def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
-        return dist.Bernoulli(logits=out, validate_args=False).to_event(out.dim() - 1)
+    def forward(self, out: torch.Tensor, event_dim: int | None = None) -> dist.TorchDistribution:
+        return dist.Bernoulli(logits=out, validate_args=False).to_event(_event_dim(out, event_dim))
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(out)
@@ -49,8 +55,8 @@ class GaussianLikelihood(nn.Module):
         self.link = link
         self._f = _link(link)
 
-    def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
-        return dist.Normal(self._f(out), math.sqrt(self.sigma2)).to_event(out.dim() - 1)
+    def forward(self, out: torch.Tensor, event_dim: int | None = None) -> dist.TorchDistribution:
+        return dist.Normal(self._f(out), math.sqrt(self.sigma2)).to_event(_event_dim(out, event_dim))
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
         return self._f(out)
@@ -67,8 +73,8 @@ class LaplaceLikelihood(nn.Module):
         self.link = link
         self._f = _link(link)
 
-    def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
-        return dist.Laplace(self._f(out), self.scale).to_event(out.dim() - 1)
+    def forward(self, out: torch.Tensor, event_dim: int | None = None) -> dist.TorchDistribution:
+        return dist.Laplace(self._f(out), self.scale).to_event(_event_dim(out, event_dim))
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
         return self._f(out)

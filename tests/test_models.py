@@ -85,7 +85,8 @@ def test_models_work_with_plain_svi_and_predictive(name, arch, shape, likelihood
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, *shape, generator=g).bernoulli(generator=g)
     y = torch.randint(0, 10, (6,), generator=g)
-    elbos = [Trace_ELBO()] + ([TraceMeanField_ELBO()] if name != "vae2" else [])
+    elbos = [Trace_ELBO(), Trace_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=1)]
+    elbos += [TraceMeanField_ELBO()] if name != "vae2" else []
     for elbo in elbos:
         svi = SVI(m.model, m.guide, pyro.optim.Adam({"lr": 1e-3}), elbo)
         before = {k: v.detach().clone() for k, v in m.named_parameters()}

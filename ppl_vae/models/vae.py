@@ -51,7 +51,7 @@ class VAE(PyroModule):
         c = self._c(y)
         with data_plate(x, self.num_data):
             z = pyro.sample("z", self.prior(x.shape[0]))
-            pyro.sample("x", self.likelihood(self.decoder(z, c)), obs=x)
+            pyro.sample("x", self.likelihood(self.decoder(z, c), event_dim=x.dim() - 1), obs=x)
 
     @pyro_method
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None):

@@ -43,7 +43,7 @@ class TwoLayerVAE(PyroModule):
             z2 = pyro.sample("z2", self.prior(x.shape[0]))
             loc1, scale1 = self.decoder2(z2)
             z1 = pyro.sample("z1", dist.Normal(loc1, scale1).to_event(1))
-            pyro.sample("x", self.likelihood(self.decoder1(z1)), obs=x)
+            pyro.sample("x", self.likelihood(self.decoder1(z1), event_dim=x.dim() - 1), obs=x)
 
     @pyro_method
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None):

@@ -1,0 +1,205 @@
+r"""Importance-sampled log-likelihood of held-out data (Burda, Grosse & Salakhutdinov 2016, §5).
+
+    log p̂(x_i) = logmeanexp_{k≤S} log w_ik,   log w_ik = log p(x_i, z_ik) − log q(z_ik | x_i),   z_ik ~ q(z | x_i)
+
+in nats per datapoint. This is the IWAE bound L_S(x_i) with S samples: a stochastic lower bound in expectation
+(E log p̂ ≤ log p(x_i), Jensen) that converges to log p(x_i) as S grows when q covers the posterior.
+The log-weights are the *unscaled* ones of :func:`ppl_vae.infer.iwae.importance_log_weights` (the same function
+that :class:`~ppl_vae.infer.iwae.TraceIWAE` uses), so the result does not depend on the model's ``num_data``.
+
+Memory rule. Data are processed in batches of ``batch_size`` datapoints and, within a batch, in chunks of
+``chunk_size`` samples; per-datapoint results are combined across chunks with a running logsumexp, so at most
+``chunk_size × batch_size`` datapoint-samples are alive at once. Defaults keep that product at most
+``max_elements`` (100 000): ``batch_size = min(N, max(1, max_elements // min(S, max_elements)))`` and
+``chunk_size = min(S, max(1, max_elements // batch_size))`` (whichever you give is kept; the other follows).
+Peak memory is that product times the model's per-datapoint-sample footprint (e.g. a decoder output).
+
+Randomness. The whole computation runs in a forked RNG seeded once with ``seed`` (the caller's torch RNG is
+left untouched). The same (seed, batch_size, chunk_size, vectorize_particles) gives bit-identical numbers on the
+same device. Another chunking draws other samples: an equally valid estimate that agrees within Monte Carlo
+error, not bit-for-bit. Models and guides are switched to ``eval()`` for the call and restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..infer.iwae import IWAEError, fork_rng, guess_max_plate_nesting, importance_log_weights
+
+__all__ = ["log_likelihood", "log_likelihood_summary", "bits_per_dim", "mc_std_error", "plan_chunks",
+           "DEFAULT_MAX_ELEMENTS"]
+
+DEFAULT_MAX_ELEMENTS = 100_000
+
+
+def plan_chunks(num_data: int, num_samples: int, batch_size: int | None = None, chunk_size: int | None = None,
+                max_elements: int = DEFAULT_MAX_ELEMENTS) -> tuple[int, int]:
+    """(batch_size, chunk_size) following the rule in the module docstring."""
+    if num_samples < 1 or int(num_samples) != num_samples:
+        raise IWAEError(f"num_samples must be a positive integer, got {num_samples!r}")
+    for name, v in (("batch_size", batch_size), ("chunk_size", chunk_size)):
+        if v is not None and (int(v) != v or v < 1):
+            raise IWAEError(f"{name} must be a positive integer or None, got {v!r}")
+    if max_elements < 1:
+        raise IWAEError(f"max_elements must be positive, got {max_elements!r}")
+    n, s = max(int(num_data), 1), int(num_samples)
+    if batch_size is None and chunk_size is None:
+        batch_size = min(n, max(1, max_elements // min(s, max_elements)))
+    elif batch_size is None:
+        batch_size = min(n, max(1, max_elements // int(chunk_size)))
+    batch_size = min(int(batch_size), n)
+    if chunk_size is None:
+        chunk_size = max(1, max_elements // batch_size)
+    return batch_size, min(int(chunk_size), s)
+
+
+@contextlib.contextmanager
+def eval_mode(*fns):
+    """Put the modules behind ``fns`` (modules or their bound methods) in eval mode; restore every flag after."""
+    modules = []
+    for fn in fns:
+        obj = getattr(fn, "__self__", fn)
+        if isinstance(obj, nn.Module) and all(obj is not m for m in modules):
+            modules.append(obj)
+    flags = [(m, m.training) for root in modules for m in root.modules()]
+    try:
+        for root in modules:
+            root.eval()
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def _check_data(data, y):
+    if not isinstance(data, torch.Tensor) or data.dim() < 1:
+        raise IWAEError(f"data must be a tensor of shape (N, ...), got {type(data).__name__}")
+    if y is not None:
+        y = torch.as_tensor(y, device=data.device)
+        if y.shape[0] != data.shape[0]:
+            raise IWAEError(f"y has {y.shape[0]} labels but data has {data.shape[0]} datapoints")
+    return y
+
+
+@torch.no_grad()
+def log_likelihood(model: Callable, guide: Callable, data: torch.Tensor, num_samples: int = 5000,
+                   batch_size: int | None = None, seed: int = 0, chunk_size: int | None = None, y=None,
+                   progress: bool = False, *, data_plate: str = "data", vectorize_particles: bool = True,
+                   max_plate_nesting: int | None = None, max_elements: int = DEFAULT_MAX_ELEMENTS,
+                   return_ess: bool = False):
+    """Per-datapoint importance-sampled log p̂(x_i) in nats, shape (N,), on ``data``'s device.
+
+    ``model``/``guide`` are called as ``model(x_batch)`` or ``model(x_batch, y_batch)`` (e.g. ``vae.model``,
+    ``vae.guide``). ``num_samples`` is S. See the module docstring for batching, chunking and seeding.
+    ``return_ess=True`` also returns the importance-sampling effective sample size (Σw)²/Σw² per datapoint,
+    from which :func:`mc_std_error` gives the delta-method Monte Carlo standard error of each log p̂(x_i).
+    Observed sites outside the data plate are not part of any p(x_i): they are left out, with a warning.
+    """
+    y = _check_data(data, y)
+    N, S = data.shape[0], int(num_samples)
+    batch_size, chunk_size = plan_chunks(N, S, batch_size, chunk_size, max_elements)
+    out, ess_out = [], []
+    starts = range(0, N, batch_size)
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+            starts = tqdm(starts, desc="log-likelihood", unit="batch", total=math.ceil(N / batch_size))
+        except ImportError:  # pragma: no cover
+            pass
+    warned = False
+    with eval_mode(model, guide), fork_rng():
+        nesting = max_plate_nesting
+        if vectorize_particles and chunk_size > 1 and nesting is None and N > 0:
+            args0 = (data[:batch_size],) if y is None else (data[:batch_size], y[:batch_size])
+            nesting = guess_max_plate_nesting(model, guide, args0)
+        torch.manual_seed(seed)
+        for start in starts:
+            xb = data[start:start + batch_size]
+            args = (xb,) if y is None else (xb, y[start:start + batch_size])
+            acc = acc2 = None
+            done = 0
+            while done < S:
+                c = min(chunk_size, S - done)
+                lw = importance_log_weights(model, guide, args, num_particles=c,
+                                            vectorize_particles=vectorize_particles, max_plate_nesting=nesting,
+                                            data_plate=data_plate)
+                if lw.batch_size != xb.shape[0]:
+                    raise IWAEError(f"the plate '{data_plate}' has {lw.batch_size} datapoints but the batch has "
+                                    f"{xb.shape[0]}: the data plate must run over the batch passed to the model")
+                if lw.global_terms and not warned:
+                    warnings.warn(f"log_likelihood: observed sites outside the plate '{data_plate}' "
+                                  f"{sorted(lw.global_terms)} are not part of any per-datapoint p(x_i) and are left "
+                                  "out", stacklevel=2)
+                    warned = True
+                out_dtype = lw.log_w.dtype
+                log_w = lw.log_w.double()
+                s1, s2 = torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0)
+                acc = s1 if acc is None else torch.logaddexp(acc, s1)
+                acc2 = s2 if acc2 is None else torch.logaddexp(acc2, s2)
+                done += c
+            out.append((acc - math.log(S)).to(out_dtype))
+            ess_out.append(torch.exp(2 * acc - acc2))
+    log_px = torch.cat(out) if out else data.new_zeros(0, dtype=torch.float32)
+    if return_ess:
+        ess = torch.cat(ess_out) if ess_out else data.new_zeros(0, dtype=torch.float64)
+        return log_px, ess
+    return log_px
+
+
+def mc_std_error(ess: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """Delta-method Monte Carlo std error of log p̂ = log mean_k w_k: sqrt(1/ESS − 1/S).
+
+    Var(mean w)/mean(w)² ≈ (Σw²/S − (Σw/S)²)/(S (Σw/S)²) = 1/ESS − 1/S, with ESS = (Σw)²/Σw². Reliable only
+    when the weights have a finite variance (PSIS k̂ < 0.5); an underestimate otherwise.
+    """
+    ess = torch.as_tensor(ess, dtype=torch.float64)
+    return (1.0 / ess - 1.0 / num_samples).clamp(min=0.0).sqrt()
+
+
+def bits_per_dim(log_px_nats, data_dim):
+    """−log p(x) / (D ln 2): nats per datapoint → bits per dimension (``data_dim`` = D, an int or a shape).
+
+    For discrete data (binarised images) this is the usual bits/dim. For continuous densities of dequantised
+    8-bit data, convert the density to a probability of the 256-level bins first.
+    """
+    D = math.prod(data_dim) if isinstance(data_dim, (tuple, list, torch.Size)) else int(data_dim)
+    if D < 1:
+        raise IWAEError(f"data_dim must be positive, got {data_dim!r}")
+    return -log_px_nats / (D * math.log(2.0))
+
+
+def log_likelihood_summary(model: Callable, guide: Callable, data: torch.Tensor, num_samples: int = 5000,
+                           **kwargs) -> dict:
+    """Mean log p̂(x) over the data with its standard errors, as a dict of floats.
+
+    Keys: ``log_likelihood`` (mean nats per datapoint), ``std_error`` (std over datapoints / √N: the sampling
+    error of the data set), ``mc_std_error`` (Monte Carlo error of the mean, delta method, √(Σ_i se_i²)/N),
+    ``bits_per_dim`` and ``bits_per_dim_std_error`` (D = data.shape[1:]), ``min_ess``, ``mean_ess``,
+    ``num_data``, ``num_samples``. ``kwargs`` go to :func:`log_likelihood`.
+    """
+    kwargs.pop("return_ess", None)
+    log_px, ess = log_likelihood(model, guide, data, num_samples, return_ess=True, **kwargs)
+    lp = log_px.double().cpu()
+    N = lp.numel()
+    D = math.prod(data.shape[1:]) if data.dim() > 1 else 1
+    mean = lp.mean().item() if N else float("nan")
+    se = (lp.std(unbiased=True) / math.sqrt(N)).item() if N > 1 else float("nan")
+    mc = (mc_std_error(ess.cpu(), num_samples).pow(2).sum().sqrt() / N).item() if N else float("nan")
+    return {
+        "log_likelihood": mean,
+        "std_error": se,
+        "mc_std_error": mc,
+        "bits_per_dim": float(bits_per_dim(mean, D)),
+        "bits_per_dim_std_error": se / (D * math.log(2.0)),
+        "min_ess": ess.min().item() if N else float("nan"),
+        "mean_ess": ess.double().mean().item() if N else float("nan"),
+        "num_data": N,
+        "num_samples": int(num_samples),
+    }
+

@@ -1,0 +1,77 @@
+"""Configuration: YAML + dotted overrides, validation errors that name the field and the value."""
+
+from pathlib import Path
+
+import pytest
+
+from ppl_vae.config import Config, apply_overrides, load_config, parse_override
+from ppl_vae.errors import ConfigError
+from ppl_vae.models import build_model, model_names
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_digits_config():
+    assert load_config(CONFIGS[0].parent / "vae_digits.yaml").to_dict() == Config().validate().to_dict()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_is_valid_and_names_a_registered_model(path):
+    cfg = load_config(path)
+    assert cfg.model.name in model_names()
+
+
+def test_overrides_are_parsed_as_yaml_and_nest():
+    assert parse_override("train.epochs=5") == (["train", "epochs"], 5)
+    assert parse_override("model.hidden=[64, 32]") == (["model", "hidden"], [64, 32])
+    assert parse_override("data.root=/tmp/x") == (["data", "root"], "/tmp/x")
+    cfg = load_config(None, ["train.epochs=3", "model.latent_dim=8", "train.lr=1", "model.options.k=2"])
+    assert (cfg.train.epochs, cfg.model.latent_dim, cfg.train.lr, cfg.model.options) == (3, 8, 1.0, {"k": 2})
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=2"]) == {"a": {"b": 1, "c": 2}}
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.latent_dim=-3", "model.latent_dim must be a positive integer, got -3"),
+    ("model.latent_dim=2.5", "model.latent_dim must be a positive integer, got 2.5"),
+    ("train.lr=0", "train.lr must be a positive number, got 0"),
+    ("train.epochs=true", "train.epochs must be a positive integer, got True"),
+    ("data.name=cifar", "data.name must be one of"),
+    ("data.pixels=grey", "data.pixels must be one of"),
+    ("data.val_fraction=1", "data.val_fraction must be a number in [0, 1), got 1"),
+    ("model.likelihood=poisson", "model.likelihood must be one of"),
+    ("train.objective=vi", "train.objective must be one of"),
+    ("train.lr_schedule=linear", "train.lr_schedule must be one of"),
+    ("model.hidden=[64, -1]", "model.hidden must be a list of positive integers, got [64, -1]"),
+    ("device=tpu", "device must be 'auto', 'cpu' or 'cuda[:N]', got 'tpu'"),
+    ("train.epoch=3", "unknown field 'train.epoch'"),
+    ("nonsense=1", "unknown field 'nonsense'"),
+    ("train=3", "train must be a mapping"),
+    ("model.arch=burda2", "model.arch='burda2' is the two-stochastic-layer architecture"),
+])
+def test_bad_values_are_named(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_unknown_model_name_lists_the_registered_ones():
+    cfg = load_config(None, ["model.name=vea"])
+    with pytest.raises(ConfigError, match=r"model.name must be one of \[.*'vae'.*\], got 'vea'"):
+        build_model(cfg.model, (1, 8, 8), num_data=10)
+    cfg = load_config(None, ["model.options.bogus=1"])
+    with pytest.raises(ConfigError, match=r"model.options has unknown keys \['bogus'\]"):
+        build_model(cfg.model, (1, 8, 8), num_data=10)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="section.field=value"):
+        parse_override("epochs")
