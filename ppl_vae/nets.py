@@ -38,7 +38,10 @@ def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, act: str = "relu") -> 
 
 
 def _cat(x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-    return x if c is None else torch.cat([x, c.to(x.dtype)], dim=-1)
+    if c is None:
+        return x
+    c = c.to(x.dtype).expand(*x.shape[:-1], c.shape[-1])   # labels broadcast over particle dims of z
+    return torch.cat([x, c], dim=-1)
 
 
 class GaussianHead(nn.Module):
