@@ -195,6 +195,9 @@ class Config:
         self.model.validate()
         self.train.validate()
         self.eval.validate()
+        if self.train.objective == "iwae" and self.train.kl_warmup_epochs > 0:
+            raise ConfigError("train.kl_warmup_epochs must be 0 with train.objective='iwae' (the IWAE bound has no "
+                              f"KL term to anneal), got {self.train.kl_warmup_epochs}")
         if self.model.name == "cvae" and self.data.name == "celeba":
             raise ConfigError("model.name='cvae' needs class labels, which data.name='celeba' does not have")
         return self

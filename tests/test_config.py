@@ -47,10 +47,11 @@ def test_overrides_are_parsed_as_yaml_and_nest():
     ("nonsense=1", "unknown field 'nonsense'"),
     ("train=3", "train must be a mapping"),
     ("model.arch=burda2", "model.arch='burda2' is the two-stochastic-layer architecture"),
+    ("train.objective=iwae train.kl_warmup_epochs=3", "train.kl_warmup_epochs must be 0 with train.objective='iwae'"),
 ])
 def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError) as err:
-        load_config(None, [override])
+        load_config(None, override.split(" "))
     assert message in str(err.value)
 
 

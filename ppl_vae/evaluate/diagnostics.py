@@ -189,12 +189,12 @@ def plot_khat(khat, path, *, title: str = "PSIS diagnostic of the guide", labels
     if (~finite).any():
         y = np.where(k[~finite] > 0, hi, lo)
         ax.scatter(idx[~finite], y, marker="v", c=np.where(k[~finite] > 0, "tab:red", "tab:blue"), s=18, zorder=3,
-                   label="k̂ = ±inf")
+                   label="k-hat = ±inf (at the edge)")
     ax.axhline(KHAT_GOOD, color="tab:orange", ls="--", lw=1, label=f"{KHAT_GOOD}: good below")
     ax.axhline(KHAT_BAD, color="tab:red", ls="--", lw=1, label=f"{KHAT_BAD}: unreliable above")
     ax.set_ylim(lo - 0.05, hi + 0.05)
     ax.set_xlabel("datapoint")
-    ax.set_ylabel("Pareto k̂")
+    ax.set_ylabel("Pareto k-hat")
     if labels is not None and len(labels) == len(k) and len(k) <= 30:
         ax.set_xticks(idx)
         ax.set_xticklabels([str(v) for v in labels], rotation=90, fontsize=7)

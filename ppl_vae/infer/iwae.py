@@ -245,8 +245,7 @@ def _no_plate_message(data_plate: str, names) -> str:
             "with TraceIWAE(data_plate='<name>')")
 
 
-def _check_pass(model_trace, guide_trace, plate: _Plate | None, data_plate: str, require_reparam: bool,
-                particle_dim: int | None) -> None:
+def _check_pass(model_trace, guide_trace, plate: _Plate | None, data_plate: str, require_reparam: bool) -> None:
     guide_latents = {n for n, s in guide_trace.nodes.items() if s["type"] == "sample"}
     if plate is None and guide_latents:
         raise NoDataPlateError(_no_plate_message(data_plate, guide_latents))
@@ -377,13 +376,14 @@ def _run_pass(model, guide, args, kwargs, *, K: int, particle_dim: int | None, d
         if particle_dim is not None and "Shape mismatch inside plate" in str(e):
             raise IWAEError(_SHAPE_HINT.format(K=K, plate=PARTICLE_PLATE, dim=particle_dim, err=e)) from e
         raise
-    if is_validation_enabled():
-        check_model_guide_match(model_trace, guide_trace,
-                                -particle_dim if particle_dim is not None else max_plate_nesting)
+    full_model_trace, full_guide_trace = model_trace, guide_trace
     model_trace = prune_subsample_sites(model_trace)
     guide_trace = prune_subsample_sites(guide_trace)
     plate = _find_data_plate((model_trace, guide_trace), data_plate)
-    _check_pass(model_trace, guide_trace, plate, data_plate, require_reparam, particle_dim)
+    _check_pass(model_trace, guide_trace, plate, data_plate, require_reparam)  # our messages first
+    if is_validation_enabled():
+        check_model_guide_match(full_model_trace, full_guide_trace,
+                                -particle_dim if particle_dim is not None else max_plate_nesting)
     model_trace.compute_log_prob()
     guide_trace.compute_log_prob()
     if is_validation_enabled():
