@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import math
 
+import pyro
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
+from pyro.nn import PyroModule, PyroParam
 from torch import nn
+from torch.distributions import constraints, transform_to
 
 from .errors import ConfigError
 
@@ -44,22 +48,149 @@ class BernoulliLikelihood(nn.Module):
         return torch.sigmoid(out)
 
 
-class GaussianLikelihood(nn.Module):
-    """p(x|z) = N(x; link(out), σ² I) with a fixed variance σ² (learned σ² lives in ``variance``)."""
+SIGMA2_MODES = ("fixed", "learned", "closed_form")
 
-    def __init__(self, sigma2: float = 1.0, link: str = "sigmoid"):
+
+class GaussianLikelihood(PyroModule):
+    r"""p(x|z) = N(x; link(out), σ² I), the Gaussian likelihood of Lin, Roberts, Trigoni & Clark, "Balancing
+    Reconstruction Quality and Regularisation in Evidence Lower Bound for Variational Autoencoders" (eq. 7):
+
+        log p(x|z) = −(d/2) log(2π σ²) − ‖g(z) − x‖² / (2σ²).
+
+    ``mode`` says where σ² comes from:
+
+    * ``"fixed"``: a constant (``sigma2``); σ² = 0.5 is the original VAE's weighting, σ² = 1 a β-VAE with β = 2.
+    * ``"learned"``: a ``pyro.param`` with a positive constraint (a :class:`~pyro.nn.PyroParam` named
+      ``<module>.sigma2``, initialised at ``sigma2``), trained by gradient on the ELBO with everything else.
+    * ``"closed_form"``: the same ``pyro.param``, but the model sets it to the optimum for the current θ, φ
+      (eq. 9), σ*² = (1/d)·E_q[Σ_k (g_k(z) − x_k)²] = the mean squared error of the current reconstructions,
+      with :meth:`set_sigma2`, which writes *in place* into the unconstrained tensor so that the optimiser's
+      state for it (keyed by that tensor) survives.
+
+    ``forward(out, event_dim=None, variance=None)``: a ``variance`` tensor (e.g. the per-pixel σ²_k(z) of
+    :class:`PixelVarianceNet`) replaces the global σ²; ``event_dim`` as for every likelihood here.
+    """
+
+    def __init__(self, sigma2: float = 1.0, link: str = "sigmoid", mode: str = "fixed"):
         super().__init__()
-        if not (isinstance(sigma2, (int, float)) and sigma2 > 0 and math.isfinite(sigma2)):
+        if not (isinstance(sigma2, (int, float)) and not isinstance(sigma2, bool) and sigma2 > 0
+                and math.isfinite(sigma2)):
             raise ConfigError(f"model.sigma2 must be a positive number, got {sigma2!r}")
-        self.sigma2 = float(sigma2)
+        if mode not in SIGMA2_MODES:
+            raise ConfigError(f"model.options.sigma2_mode must be one of {list(SIGMA2_MODES) + ['per_pixel']}, "
+                              f"got {mode!r}")
+        self.mode = mode
+        self.sigma2_init = float(sigma2)
         self.link = link
         self._f = _link(link)
+        if mode == "fixed":
+            self.sigma2 = float(sigma2)
+        else:
+            self.sigma2 = PyroParam(torch.tensor(float(sigma2)), constraint=constraints.positive)
 
-    def forward(self, out: torch.Tensor, event_dim: int | None = None) -> dist.TorchDistribution:
-        return dist.Normal(self._f(out), math.sqrt(self.sigma2)).to_event(_event_dim(out, event_dim))
+    @property
+    def learnable(self) -> bool:
+        return self.mode != "fixed"
+
+    def forward(self, out: torch.Tensor, event_dim: int | None = None,
+                variance: torch.Tensor | None = None) -> dist.TorchDistribution:
+        loc = self._f(out)
+        if variance is not None:
+            scale = variance.sqrt()
+        elif self.mode == "fixed":
+            scale = math.sqrt(self.sigma2)
+        else:
+            self._claim_store_entry()
+            scale = self.sigma2.sqrt()   # a pyro.param statement inside a model
+        return dist.Normal(loc, scale).to_event(_event_dim(out, event_dim))
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
         return self._f(out)
+
+    # -- σ² outside a model: read, and write in place ---------------------------------------------------------
+    def _own(self) -> torch.Tensor:
+        return self._parameters["sigma2_unconstrained"]
+
+    def _claim_store_entry(self) -> None:
+        """Make the param store's ``<module>.sigma2`` this module's own tensor. Pyro's store is global and keyed
+        by name, so another model with the same layout may have left its σ² there; PyroModule would then adopt
+        that tensor and silently lose ours. The stale entry is dropped instead (its owner keeps its tensor)."""
+        try:
+            name = self._pyro_get_fullname("sigma2")
+        except AssertionError:   # not yet run inside a model: nothing registered
+            return
+        store = pyro.get_param_store()
+        if name in store and store[name].unconstrained() is not self._own():
+            del store[name]
+
+    def sigma2_value(self) -> torch.Tensor:
+        """The current global σ² as a detached 0-d tensor."""
+        if self.mode == "fixed":
+            return torch.tensor(self.sigma2)
+        return transform_to(constraints.positive)(self._own()).detach()
+
+    def set_sigma2(self, value) -> None:
+        """σ² ← value, written in place into the unconstrained tensor (the module's, which is the param store's
+        once the model has run), under ``torch.no_grad``.
+
+        Assigning ``param_store[name] = value`` would create a new leaf tensor and orphan the optimiser's state
+        (Pyro's optimisers are keyed by the tensor); ``unconstrained.copy_(transform.inv(value))`` keeps it.
+        """
+        if self.mode == "fixed":
+            raise ValueError("set_sigma2: the likelihood has a fixed σ² (mode='fixed'); build it with "
+                             "mode='learned' or 'closed_form'")
+        u = self._own()
+        v = torch.as_tensor(value, dtype=u.dtype, device=u.device).detach().reshape(u.shape)
+        if not bool(torch.isfinite(v).all()) or not bool((v > 0).all()):
+            raise ValueError(f"set_sigma2: σ² must be a positive finite number, got {v.tolist()}")
+        with torch.no_grad():
+            u.copy_(transform_to(constraints.positive).inv(v))
+
+    def variance(self, out: torch.Tensor) -> torch.Tensor:
+        """σ² broadcast to the shape of the mean (an uncertainty map that is constant for a global σ²)."""
+        return self.sigma2_value().to(out.device, out.dtype).expand(out.shape)
+
+
+def closed_form_sigma2(mean: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    r"""σ*² = (1/d) E_q[Σ_k (g_k(z) − x_k)²] (Lin et al., eq. 9), averaged over the datapoints (and particles):
+    the mean squared error of the reconstructions ``mean`` = g(z), z ~ q(z|x), against ``x``. Detached."""
+    return (mean.detach() - x.detach()).pow(2).mean()
+
+
+class PixelVarianceNet(nn.Module):
+    r"""The stage-2 variance network of Lin et al. (Algorithm 1): σ²_k(z) = v_k(z) + σ²_dataset / 2, with
+    v_k(z) = softplus(net(z)_k) ≥ 0, so the per-pixel variance never falls below the floor σ²_dataset / 2.
+
+    ``net`` maps z (and an optional one-hot label) to a raw tensor of the data's shape, like a decoder.
+    The floor is a buffer (saved in checkpoints); :meth:`start_from` sets it from the stage-1 σ² and makes the
+    initial prediction ≈ σ²_dataset everywhere, so stage 2 starts from the stage-1 likelihood.
+    """
+
+    def __init__(self, net: nn.Module, floor: float = 0.0):
+        super().__init__()
+        self.net = net
+        self.register_buffer("floor", torch.tensor(float(floor)))
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        return F.softplus(self.net(z, c)) + self.floor
+
+    @property
+    def sigma2_dataset(self) -> float:
+        return 2.0 * float(self.floor)
+
+    def start_from(self, sigma2_dataset: float, weight_scale: float = 0.01) -> None:
+        """floor ← σ²_dataset/2; last layer: bias = softplus⁻¹(σ²_dataset/2), weights × ``weight_scale``."""
+        s2 = float(sigma2_dataset)
+        if not (s2 > 0 and math.isfinite(s2)):
+            raise ValueError(f"start_from: σ²_dataset must be a positive finite number, got {sigma2_dataset!r}")
+        with torch.no_grad():
+            self.floor.fill_(s2 / 2)
+            last = [m for m in self.net.modules() if getattr(m, "bias", None) is not None]
+            if last:
+                layer = last[-1]
+                layer.weight.mul_(weight_scale)
+                half = torch.tensor(s2 / 2, dtype=layer.bias.dtype)
+                layer.bias.fill_(float(half + torch.log(-torch.expm1(-half))))   # softplus⁻¹(s2/2)
 
 
 class LaplaceLikelihood(nn.Module):
@@ -80,12 +211,14 @@ class LaplaceLikelihood(nn.Module):
         return self._f(out)
 
 
-def build_likelihood(name: str, *, sigma2: float = 1.0, laplace_scale: float = 0.1, link: str = "sigmoid"):
-    """A likelihood by name: ``bernoulli``, ``gaussian`` (fixed σ²) or ``laplace``."""
+def build_likelihood(name: str, *, sigma2: float = 1.0, laplace_scale: float = 0.1, link: str = "sigmoid",
+                     sigma2_mode: str = "fixed"):
+    """A likelihood by name: ``bernoulli``, ``gaussian`` (σ² ``fixed``, ``learned`` or ``closed_form``, see
+    :class:`GaussianLikelihood`) or ``laplace``."""
     if name == "bernoulli":
         return BernoulliLikelihood()
     if name == "gaussian":
-        return GaussianLikelihood(sigma2=sigma2, link=link)
+        return GaussianLikelihood(sigma2=sigma2, link=link, mode=sigma2_mode)
     if name == "laplace":
         return LaplaceLikelihood(scale=laplace_scale, link=link)
     raise ConfigError(f"model.likelihood must be one of ['bernoulli', 'gaussian', 'laplace'], got {name!r}")

@@ -1,10 +1,15 @@
-"""Priors p(z) as modules that return a Pyro distribution with batch shape ``(B,)``."""
+"""Priors p(z) as modules that return a Pyro distribution with batch shape ``(B,)``: the standard normal, and a
+Gaussian mixture fitted to the aggregate posterior (sampling, evaluation and KL(q̂‖p) helpers)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pyro.distributions as dist
 import torch
 from torch import nn
+
+from .errors import ConfigError
 
 
 class StandardNormalPrior(nn.Module):
@@ -18,3 +23,191 @@ class StandardNormalPrior(nn.Module):
     def forward(self, batch_size: int) -> dist.TorchDistribution:
         loc = self._zero.new_zeros(batch_size, self.latent_dim)
         return dist.Normal(loc, torch.ones_like(loc)).to_event(1)
+
+
+# --------------------------------------------------------------------------- fitted aggregate posterior
+
+
+class GaussianMixturePrior(nn.Module):
+    r"""q̂(z) = Σ_m w_m N(z; μ_m, Σ_m): a Gaussian mixture fitted to the aggregate posterior
+    q(z) = (1/N) Σ_i q(z|x_i) (Lin, Roberts, Trigoni & Clark, eqs. 11-12; M = 32 for MNIST/Fashion-MNIST, 500 for
+    CelebA), used to sample and, in evaluation, as p(z) (their Table 3, "Approx. Agg. Posterior").
+
+    Like every prior here, ``prior(B)`` is a Pyro distribution with batch shape ``(B,)`` and event shape
+    ``(latent_dim,)`` (a ``MixtureSameFamily`` of full-covariance Gaussians), so it can replace a model's
+    ``prior`` (see :func:`use_prior`). Weights, means and Cholesky factors are buffers. Build one with
+    :meth:`fit` (scikit-learn's ``GaussianMixture``) or :func:`fit_aggregate_posterior`.
+    """
+
+    def __init__(self, weights: torch.Tensor, loc: torch.Tensor, scale_tril: torch.Tensor,
+                 covariance_type: str = "full"):
+        super().__init__()
+        weights, loc, scale_tril = (torch.as_tensor(t, dtype=torch.float32) for t in (weights, loc, scale_tril))
+        m, d = loc.shape
+        if weights.shape != (m,) or scale_tril.shape != (m, d, d):
+            raise ValueError(f"GaussianMixturePrior: weights {tuple(weights.shape)}, loc {tuple(loc.shape)} and "
+                             f"scale_tril {tuple(scale_tril.shape)} do not fit together")
+        self.register_buffer("weights", weights / weights.sum())
+        self.register_buffer("loc", loc)
+        self.register_buffer("scale_tril", scale_tril)
+        self.covariance_type = covariance_type
+
+    @property
+    def num_components(self) -> int:
+        return self.loc.shape[0]
+
+    @property
+    def latent_dim(self) -> int:
+        return self.loc.shape[1]
+
+    @property
+    def distribution(self) -> dist.TorchDistribution:
+        """The unbatched mixture (batch shape (), event shape (latent_dim,))."""
+        return dist.MixtureSameFamily(dist.Categorical(probs=self.weights),
+                                      dist.MultivariateNormal(self.loc, scale_tril=self.scale_tril))
+
+    def forward(self, batch_size: int) -> dist.TorchDistribution:
+        return self.distribution.expand([batch_size])
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return self.distribution.log_prob(z)
+
+    def sample(self, n: int, seed: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n draws (n, latent_dim), reproducible: from a CPU generator seeded with ``seed`` (or ``generator``);
+        the global RNG is neither used nor advanced. Component m ~ Categorical(w), then z = μ_m + L_m ε."""
+        if generator is None:
+            generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        w, loc, tril = self.weights.cpu(), self.loc.cpu(), self.scale_tril.cpu()
+        comp = torch.multinomial(w, int(n), replacement=True, generator=generator)
+        eps = torch.randn(int(n), self.latent_dim, generator=generator)
+        z = loc[comp] + (tril[comp] @ eps.unsqueeze(-1)).squeeze(-1)
+        return z.to(self.loc.device)
+
+    @classmethod
+    def fit(cls, z: torch.Tensor, num_components: int = 32, covariance_type: str = "full", seed: int = 0,
+            reg_covar: float = 1e-6, max_iter: int = 200, n_init: int = 1) -> "GaussianMixturePrior":
+        """EM fit of scikit-learn's ``GaussianMixture`` to encodings ``z`` (N, latent_dim), seeded."""
+        from sklearn.mixture import GaussianMixture
+
+        if not (isinstance(num_components, int) and not isinstance(num_components, bool) and num_components > 0):
+            raise ConfigError(f"num_components must be a positive integer, got {num_components!r}")
+        if covariance_type not in ("full", "diag", "tied", "spherical"):
+            raise ConfigError(f"covariance_type must be one of ['full', 'diag', 'tied', 'spherical'], "
+                              f"got {covariance_type!r}")
+        zn = torch.as_tensor(z).detach().double().cpu().numpy()
+        if zn.ndim != 2 or len(zn) < num_components:
+            raise ValueError(f"GaussianMixturePrior.fit needs at least num_components={num_components} encodings "
+                             f"of shape (N, latent_dim), got {zn.shape}")
+        gm = GaussianMixture(num_components, covariance_type=covariance_type, random_state=seed,
+                             reg_covar=reg_covar, max_iter=max_iter, n_init=n_init).fit(zn)
+        m, d = gm.means_.shape
+        cov = torch.as_tensor(gm.covariances_, dtype=torch.float64)
+        if covariance_type == "diag":
+            cov = torch.diag_embed(cov)
+        elif covariance_type == "spherical":
+            cov = cov[:, None, None] * torch.eye(d, dtype=torch.float64)
+        elif covariance_type == "tied":
+            cov = cov.expand(m, d, d)
+        prior = cls(torch.as_tensor(gm.weights_), torch.as_tensor(gm.means_), torch.linalg.cholesky(cov),
+                    covariance_type)
+        prior.converged = bool(gm.converged_)
+        return prior.to(torch.as_tensor(z).device)
+
+    def state(self) -> dict:
+        return {"weights": self.weights.cpu(), "loc": self.loc.cpu(), "scale_tril": self.scale_tril.cpu(),
+                "covariance_type": self.covariance_type}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "GaussianMixturePrior":
+        return cls(state["weights"], state["loc"], state["scale_tril"], state.get("covariance_type", "full"))
+
+
+@torch.no_grad()
+def encode_aggregate(model, x: torch.Tensor, y=None, draws: str = "sample", batch_size: int = 1000,
+                     seed: int = 0) -> torch.Tensor:
+    """Encodings of ``x`` for fitting q̂(z): one draw z_i ~ q(z|x_i) per datapoint (``draws="sample"``, samples of
+    the aggregate posterior itself) or the posterior means (``"mean"``). Seeded, on the model's device."""
+    if draws not in ("sample", "mean"):
+        raise ConfigError(f"draws must be 'sample' or 'mean', got {draws!r}")
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start:start + batch_size].to(dev)
+        yb = None if y is None else y[start:start + batch_size].to(dev)
+        loc, scale = model.encode(xb, yb)
+        if draws == "sample":
+            loc = loc + scale * torch.randn(loc.shape, generator=g).to(dev)
+        out.append(loc)
+    return torch.cat(out)
+
+
+def fit_aggregate_posterior(model, x: torch.Tensor, num_components: int = 32, covariance_type: str = "full",
+                            seed: int = 0, draws: str = "sample", batch_size: int = 1000) -> GaussianMixturePrior:
+    """q̂(z): a ``num_components``-Gaussian mixture fitted to encodings of ``x`` (normally the training set)."""
+    was = model.training
+    model.eval()
+    try:
+        z = encode_aggregate(model, x, draws=draws, batch_size=batch_size, seed=seed)
+    finally:
+        model.train(was)
+    return GaussianMixturePrior.fit(z, num_components, covariance_type, seed=seed)
+
+
+@torch.no_grad()
+def kl_monte_carlo(q: GaussianMixturePrior, p=None, num_samples: int = 10_000, repeats: int = 10,
+                   seed: int = 0) -> tuple[float, float]:
+    r"""KL(q̂(z) ‖ p(z)) ≈ (1/S) Σ_s [log q̂(z_s) − log p(z_s)], z_s ~ q̂, as mean ± std over ``repeats``
+    independent estimates of ``num_samples`` draws each (Lin et al., Table 1: 10k samples, 10 runs).
+    ``p`` is a distribution over z (default N(0, I)); draws are seeded (``seed``, ``seed + 1``, ...)."""
+    if p is None:
+        loc = q.loc.new_zeros(q.latent_dim)
+        p = dist.Normal(loc, torch.ones_like(loc)).to_event(1)
+    qd = q.distribution
+    vals = []
+    for r in range(int(repeats)):
+        z = q.sample(num_samples, seed=seed + r)
+        vals.append(float((qd.log_prob(z) - p.log_prob(z)).double().mean()))
+    t = torch.tensor(vals, dtype=torch.float64)
+    return float(t.mean()), float(t.std(unbiased=True)) if len(vals) > 1 else 0.0
+
+
+@contextlib.contextmanager
+def use_prior(model, prior: nn.Module):
+    """Temporarily replace ``model.prior`` (e.g. by a fitted :class:`GaussianMixturePrior` to evaluate the
+    log-likelihood with p(z) = q̂(z)); the original prior is put back afterwards."""
+    old = model.prior
+    model.prior = prior.to(next((b.device for b in old.buffers()), torch.device("cpu")))
+    try:
+        yield model
+    finally:
+        model.prior = old
+
+
+@torch.no_grad()
+def sample_aggregate(run, n: int = 64, seed: int = 0, num_components: int = 32, covariance_type: str = "full",
+                     draws: str = "sample", return_variance: bool = False):
+    """``ppl-vae sample RUN_DIR --from aggregate``: decoded means of ``n`` draws from q̂(z), the mixture fitted
+    to the encodings of the run's training set. ``run`` is an :class:`ppl_vae.experiment.Run` (uses
+    ``run.model``, ``run.data``). Everything is seeded by ``seed``. With ``return_variance`` (models with
+    ``decode_variance``, e.g. sigma_vae) also returns σ²(z), the uncertainty map of each sample."""
+    if not (isinstance(n, int) and n > 0):
+        raise ConfigError(f"--n must be a positive integer, got {n!r}")
+    model = run.model
+    if getattr(model, "conditional", False):
+        raise ValueError("sampling from the aggregate posterior needs an unconditional model; this run's model is "
+                         "conditional")
+    q = fit_aggregate_posterior(model, run.data.train_x, num_components=num_components,
+                                covariance_type=covariance_type, seed=seed, draws=draws)
+    z = q.sample(n, seed=seed)
+    was = model.training
+    model.eval()
+    try:
+        images = model.decode(z)
+        if return_variance:
+            if not hasattr(model, "decode_variance"):
+                raise ValueError(f"{type(model).__name__} has no decode_variance (σ²(z)); use model.name=sigma_vae")
+            return images, model.decode_variance(z)
+        return images
+    finally:
+        model.train(was)

@@ -41,7 +41,7 @@ def test_overrides_are_parsed_as_yaml_and_nest():
     ("model.likelihood=poisson", "model.likelihood must be one of"),
     ("train.objective=vi", "train.objective must be one of"),
     ("train.lr_schedule=linear", "train.lr_schedule must be one of"),
-    ("model.hidden=[64, -1]", "model.hidden must be a list of positive integers, got [64, -1]"),
+    ("model.hidden=[64,-1]", "model.hidden must be a list of positive integers, got [64, -1]"),
     ("device=tpu", "device must be 'auto', 'cpu' or 'cuda[:N]', got 'tpu'"),
     ("train.epoch=3", "unknown field 'train.epoch'"),
     ("nonsense=1", "unknown field 'nonsense'"),
