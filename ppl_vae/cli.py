@@ -4,6 +4,7 @@
     ppl-vae train configs/vae_fashion.yaml train.epochs=5
     ppl-vae train --resume runs/vae_digits-20261122-101500
     ppl-vae evaluate RUN_DIR [--num-samples 5000]
+    ppl-vae diagnose RUN_DIR [--num-images 100]    # PSIS k-hat of the guide (ArviZ)
     ppl-vae sample RUN_DIR [--n 64]
 """
 
@@ -38,6 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", choices=["best", "last"], default="best")
     e.add_argument("--device")
     e.add_argument("--seed", type=int, default=0)
+
+    d = sub.add_parser("diagnose", help="PSIS k-hat and ESS of the guide on test images, an ArviZ file and a plot")
+    d.add_argument("run_dir")
+    d.add_argument("--num-images", type=int, default=100, help="test images to diagnose (the first N)")
+    d.add_argument("--num-samples", type=int, default=1000, help="guide draws per image")
+    d.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    d.add_argument("--device")
+    d.add_argument("--seed", type=int, default=0)
 
     s = sub.add_parser("sample", help="draw images from a trained run's prior into a PNG grid")
     s.add_argument("run_dir")
@@ -96,6 +105,33 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _diagnose(args) -> int:
+    import numpy as np
+
+    from .evaluate.diagnostics import plot_khat, posterior_diagnostics, psis_diagnostics
+    from .experiment import load_run
+
+    if args.num_images <= 0 or args.num_samples < 2:
+        raise PplVaeError(f"--num-images must be positive and --num-samples at least 2, got {args.num_images} and "
+                          f"{args.num_samples}")
+    run = load_run(args.run_dir, "best" if args.checkpoint == "best" else "last", device=args.device)
+    x = run.data.test_x[: args.num_images].to(run.device)
+    y = run.data.test_y[: args.num_images].to(run.device) if run.model.conditional else None
+    idata = posterior_diagnostics(run.model.model, run.model.guide, x, num_samples=args.num_samples,
+                                  seed=args.seed, y=y)
+    diag = psis_diagnostics(idata)
+    idata.to_netcdf(str(run.run_dir / "diagnostics.nc"))
+    plot_khat(diag, run.run_dir / "khat.png")
+    khat = diag["khat"]
+    out = {"num_images": len(x), "num_samples": args.num_samples, "khat_median": float(np.median(khat)),
+           "fraction_khat_above_0.7": float(np.mean(khat > 0.7)), "ess_median": float(np.median(diag["ess"])),
+           "worst_images": [int(i) for i in np.argsort(-khat)[:10]],
+           "files": ["diagnostics.nc", "khat.png"]}
+    (run.run_dir / "diagnostics.json").write_text(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def _sample(args) -> int:
     import torch
 
@@ -120,7 +156,8 @@ def _sample(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "evaluate": _evaluate, "sample": _sample}[args.command](args)
+        commands = {"train": _train, "evaluate": _evaluate, "diagnose": _diagnose, "sample": _sample}
+        return commands[args.command](args)
     except (PplVaeError, FileNotFoundError, ValueError) as e:
         print(f"ppl-vae: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

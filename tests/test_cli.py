@@ -36,6 +36,13 @@ def test_evaluate_with_importance_sampling(tmp_path):
     assert main(["evaluate", str(run), "--num-samples", "50", "--max-test", "40"]) == 0
     ev = json.loads((run / "evaluation.json").read_text())
     assert ev["num_test"] == 40 and ev["num_samples"] == 50
+    assert main(["diagnose", str(run), "--num-images", "12", "--num-samples", "200"]) == 0
+    diag = json.loads((run / "diagnostics.json").read_text())
+    assert diag["num_images"] == 12 and 0 < diag["ess_median"] <= 200
+    import arviz as az
+    idata = az.from_netcdf(str(run / "diagnostics.nc"))
+    assert idata.posterior["z"].shape[:3] == (1, 200, 12)
+    assert (run / "khat.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # log p(x) ≥ ELBO in expectation: with 50 samples the estimate sits above the one-sample bound
     assert ev["test_log_likelihood"] > ev["test_elbo"]
 
