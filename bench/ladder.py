@@ -1,0 +1,241 @@
+"""LaDDer vs an N(0, I)-prior VAE vs WiSE-ALE on Fashion-MNIST (a subset; sizes in the JSON).
+
+Runs (all share the outer MLP encoder/decoder, z of size 16 and the Laplace likelihood whose scale is learned and
+floored at the batch MAE):
+  vae           N(0, I) prior on z (LaDDer's class with ``prior: normal``)
+  ladder_bgm    LaDDer, 2-D top latent t, BayesianGaussianMixture hyperprior refitted every epoch
+  ladder_stick  LaDDer, 2-D top latent t, truncated stick-breaking mixture learned by the ELBO
+  wise_ale      the VAE's model trained with the WiSE-ALE objective (pairwise analytic KL of the batch aggregate)
+Measures: importance-sampled test log-likelihood (nats/image; for the ladder the proposal is the guide
+q(z|x) q(t|z), i.e. joint importance sampling over both latents), test ELBO, k-NN and logistic-regression accuracy
+of the codes (E[z|x]; for the ladder also E[t|z]) and figures (t density with the fitted mixture, samples,
+interpolation strips).
+
+    flock /tmp/ppl_vae_bench.lock nice -n 5 /work/venv/bin/python bench/ladder.py          # full
+    /work/venv/bin/python bench/ladder.py --quick                                            # < 5 min
+The last line of stdout is the JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+from pyro.infer import Trace_ELBO
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ppl_vae.config import ModelConfig, TrainConfig  # noqa: E402
+from ppl_vae.data import load_data  # noqa: E402
+from ppl_vae.evaluate.likelihood import log_likelihood  # noqa: E402
+from ppl_vae.infer import fit  # noqa: E402
+from ppl_vae.interpolate import interpolate_images, plot_interpolation  # noqa: E402
+from ppl_vae.models import build_model  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+FULL = dict(limit=4000, epochs=16, warmup=4, hidden=[256], n_ll=500, S=200, n_probe_train=4000,
+            fit_points=3000, inner_hidden=[128, 128], bgm_max_iter=100)
+QUICK = dict(limit=1500, epochs=5, warmup=2, hidden=[128], n_ll=200, S=50, n_probe_train=1500, fit_points=1000,
+             inner_hidden=[64, 64], bgm_max_iter=50)
+
+
+def model_cfg(run: str, s: dict) -> ModelConfig:
+    common = dict(latent_dim=16, hidden=list(s["hidden"]), activation="relu", arch="mlp", link="sigmoid")
+    if run == "vae":
+        return ModelConfig(name="ladder", options={"prior": "normal"}, **common)
+    if run == "wise_ale":
+        return ModelConfig(name="wise_ale", options={"kl_approx": "pairwise", "kl_scale": "batch"}, **common)
+    hp = "bgm" if run == "ladder_bgm" else "stick"
+    return ModelConfig(name="ladder", options={"hyperprior": hp, "warmup_epochs": s["warmup"], "num_components": 20,
+                                               "fit_points": s["fit_points"], "inner_hidden": list(s["inner_hidden"]),
+                                               "bgm_max_iter": s["bgm_max_iter"]},
+                       **common)
+
+
+def train_run(run, data, s, seed=0):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    model = build_model(model_cfg(run, s), data.shape, num_data=len(data.train_x))
+    objective = model.make_objective(None) if hasattr(model, "make_objective") else Trace_ELBO(max_plate_nesting=1)
+    t0 = time.perf_counter()
+    res = fit(model.model, model.guide, data, objective, TrainConfig(epochs=s["epochs"], batch_size=100, lr=1e-3),
+              seed=seed, progress=False, on_epoch_end=lambda e, r: model.on_epoch_end(e, r, data))
+    secs = time.perf_counter() - t0
+    model.eval()
+    return model, res.history, secs
+
+
+@torch.no_grad()
+def codes(model, x, which="z"):
+    out = []
+    for xb in x.split(500):
+        loc = model.encode_z(xb)[0]
+        if which == "t":
+            loc = model.inner_encoder(loc)[0]
+        out.append(loc)
+    return torch.cat(out).numpy()
+
+
+def probes(train_codes, train_y, test_codes, test_y):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    sc = StandardScaler().fit(train_codes)
+    a, b = sc.transform(train_codes), sc.transform(test_codes)
+    knn = KNeighborsClassifier(n_neighbors=5).fit(a, train_y).score(b, test_y)
+    lr = LogisticRegression(max_iter=2000).fit(a, train_y).score(b, test_y)
+    return {"knn": round(float(knn), 4), "logreg": round(float(lr), 4)}
+
+
+def density_figure(models, data, path, n=2000):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(models), figsize=(3.3 * len(models), 3.2), dpi=80)
+    axes = np.atleast_1d(axes)
+    x, y = data.test_x[:n], data.test_y[:n].numpy()
+    for ax, (name, m) in zip(axes, models.items()):
+        t = codes(m, x, "t")
+        lo, hi = np.percentile(t, 0.5, 0), np.percentile(t, 99.5, 0)
+        pad = 0.15 * (hi - lo)
+        gx, gy = np.meshgrid(np.linspace(lo[0] - pad[0], hi[0] + pad[0], 120),
+                             np.linspace(lo[1] - pad[1], hi[1] + pad[1], 120))
+        with torch.no_grad():
+            ld = m.hyperprior.log_prob(torch.tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=torch.float))
+        ld = ld.reshape(120, 120).numpy()
+        ax.contourf(gx, gy, np.maximum(ld, ld.max() - 10), levels=20, cmap="Greys")
+        ax.scatter(t[:, 0], t[:, 1], c=y, s=2, cmap="tab10", alpha=0.6)
+        ax.set_title(f"{name}: E[t|x] + log p(t)", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def samples_figure(models, path, n=36, seed=0):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(models), figsize=(2.6 * len(models), 2.8), dpi=80)
+    for ax, (name, m) in zip(np.atleast_1d(axes), models.items()):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            imgs = m.sample(n).clamp(0, 1)[:, 0]
+        k = int(math.sqrt(n))
+        grid = imgs.reshape(k, k, 28, 28).permute(0, 2, 1, 3).reshape(28 * k, 28 * k).numpy()
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"samples: {name}", fontsize=8)
+        ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, < 5 minutes on 2 CPU cores")
+    ap.add_argument("--out", default=None, help="JSON path (full mode default: bench/results/ladder.json)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    s = QUICK if args.quick else FULL
+    t_start = time.perf_counter()
+    data = load_data("fashion_mnist", pixels="continuous", limit=s["limit"], seed=0)
+    runs = ["vae", "ladder_bgm", "ladder_stick", "wise_ale"]
+    models, out = {}, {"test_ll": {}, "test_ll_std_error": {}, "test_ll_mc_std_error": {}, "test_elbo": {},
+                        "probe_acc": {}, "train_seconds": {}, "final_train_elbo": {}, "hyperprior_active": {},
+                        "interpolation": {}}
+    x_ll = data.test_x[: s["n_ll"]]
+    ptr_x, ptr_y = data.train_x[: s["n_probe_train"]], data.train_y[: s["n_probe_train"]].numpy()
+    for run in runs:
+        model, hist, secs = train_run(run, data, s)
+        models[run] = model
+        out["train_seconds"][run] = round(secs, 1)
+        out["final_train_elbo"][run] = round(hist[-1]["train_elbo"], 2)
+        if "hyperprior_active" in hist[-1]:
+            out["hyperprior_active"][run] = hist[-1]["hyperprior_active"]
+        ll, ess = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], seed=0, return_ess=True)
+        mc = (1.0 / ess - 1.0 / s["S"]).clamp(min=0).sqrt()
+        out["test_ll"][run] = round(float(ll.mean()), 2)
+        out["test_ll_std_error"][run] = round(float(ll.std() / math.sqrt(len(ll))), 2)
+        out["test_ll_mc_std_error"][run] = round(float(mc.pow(2).sum().sqrt() / len(ll)), 3)
+        with torch.no_grad():
+            # the data plate scales the batch to the training-set size N: per image = −loss / N
+            elbo = -Trace_ELBO(max_plate_nesting=1).loss(model.model, model.guide, x_ll) / len(data.train_x)
+        out["test_elbo"][run] = round(float(elbo), 2)
+        out["probe_acc"][run] = probes(codes(model, ptr_x), ptr_y, codes(model, data.test_x), data.test_y.numpy())
+        if run.startswith("ladder"):
+            out["probe_acc"][run + "_t"] = probes(codes(model, ptr_x, "t"), ptr_y, codes(model, data.test_x, "t"),
+                                                  data.test_y.numpy())
+        print(f"[{run}] {secs:.0f}s  test LL {out['test_ll'][run]}  ELBO {out['test_elbo'][run]}  "
+              f"probe {out['probe_acc'][run]}", flush=True)
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tag = "_quick" if args.quick else ""
+    figs = []
+    p = RESULTS / f"ladder_density{tag}.png"
+    density_figure({k: models[k] for k in ("ladder_bgm", "ladder_stick")}, data, p)
+    figs.append(p)
+    p = RESULTS / f"ladder_samples{tag}.png"
+    samples_figure({k: models[k] for k in ("vae", "ladder_bgm", "ladder_stick", "wise_ale")}, p)
+    figs.append(p)
+    # interpolation strips: two test pairs of different classes, likelihood path vs straight line in t
+    y = data.test_y
+    pairs = []
+    for ca, cb in ((0, 9), (1, 7)):   # T-shirt → ankle boot, trouser → sneaker
+        ia, ib = int((y == ca).nonzero()[0]), int((y == cb).nonzero()[0])
+        pairs.append((ia, ib))
+    for k, (ia, ib) in enumerate(pairs):
+        for run in ("ladder_bgm", "vae"):
+            m = models[run]
+            res, pimg, limg = interpolate_images(m, data.test_x[ia], data.test_x[ib], n_steps=8, iters=400)
+            out["interpolation"][f"{run}_pair{k}"] = {"path": res.path_stats, "line": res.line_stats,
+                                                     "fallback": res.fallback}
+            if run == "ladder_bgm":
+                p = RESULTS / f"ladder_interp{k}{tag}.png"
+                plot_interpolation(pimg, limg, p, res=res, log_density=m.prior_log_density,
+                                   title=f"LaDDer (BGM) test {ia} -> {ib}")
+                figs.append(p)
+    out.update({
+        "command": "python bench/ladder.py" + (" --quick" if args.quick else ""),
+        "data": {"name": "fashion_mnist", "pixels": "continuous", "limit": s["limit"], "train": len(data.train_x),
+                 "val": len(data.val_x), "test": len(data.test_x), "test_used_for_ll": len(x_ll),
+                 "probe_train": len(ptr_x), "probe_test": len(data.test_x)},
+        "sizes": {"z_dim": 16, "t_dim": 2, "hidden": s["hidden"], "inner_hidden": s["inner_hidden"],
+                  "num_components": 20, "bgm_max_iter": s["bgm_max_iter"], "fit_points": s["fit_points"],
+                  "ll_num_samples": s["S"], "batch_size": 100, "lr": 1e-3},
+        "epochs": s["epochs"], "warmup_epochs_ladder": s["warmup"],
+        "ll_estimator": "ppl_vae.evaluate.log_likelihood: logmeanexp over S draws of log w; ladder: joint importance "
+                        "sampling of (z, t) from the guide q(z|x) q(t|z); likelihood = Laplace with the stored "
+                        "training-MAE floor (eval mode), a density on continuous pixels",
+        "hardware": {"platform": platform.platform(), "processor": platform.processor(),
+                     "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()},
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+        "figures": [str(f.relative_to(ROOT)) for f in figs],
+    })
+    path = Path(args.out) if args.out else (None if args.quick else RESULTS / "ladder.json")
+    if path is not None:
+        path.write_text(json.dumps(out, indent=2))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
