@@ -5,7 +5,7 @@
     ppl-vae train --resume runs/vae_digits-20261122-101500
     ppl-vae evaluate RUN_DIR [--num-samples 5000]
     ppl-vae diagnose RUN_DIR [--num-images 100]    # PSIS k-hat of the guide (ArviZ)
-    ppl-vae sample RUN_DIR [--n 64]
+    ppl-vae sample RUN_DIR [--n 64] [--from aggregate]
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help="PNG path (default: RUN_DIR/samples.png)")
+    s.add_argument("--from", dest="source", choices=["prior", "aggregate"], default="prior",
+                   help="z from the prior or from a Gaussian mixture fitted to the aggregate posterior q(z)")
+    s.add_argument("--num-components", type=int, default=32, help="mixture components for --from aggregate")
     s.add_argument("--checkpoint", choices=["best", "last"], default="best")
     s.add_argument("--device")
     return p
@@ -146,7 +149,12 @@ def _sample(args) -> int:
         y = None
         if run.model.conditional:
             y = torch.arange(args.n, device=run.device) % run.model.num_classes
-        images = run.model.sample(args.n, y)
+        if args.source == "aggregate":
+            from .priors import sample_aggregate
+
+            images = sample_aggregate(run, args.n, seed=args.seed, num_components=args.num_components)
+        else:
+            images = run.model.sample(args.n, y)
     out = args.out or str(run.run_dir / "samples.png")
     save_image_grid(images.cpu(), out, nrow=int(args.n**0.5) or 1)
     print(f"samples: {out}")

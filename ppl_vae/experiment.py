@@ -86,9 +86,16 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
     objective = model.make_objective(cfg.train) if hasattr(model, "make_objective") else build_objective(cfg.train)
     hook = getattr(model, "on_epoch_end", None)
     on_epoch_end = (lambda epoch, record: hook(epoch, record, data)) if hook is not None else None
-    result = fit(model.model, model.guide, data, objective, cfg.train, run_dir=run_dir, resume=resume,
-                 seed=cfg.seed, device=dev, progress=progress, extra_state={"config": cfg.to_dict()},
-                 on_epoch_end=on_epoch_end, module=model)
+    if getattr(model, "staged", False):   # sigma_vae per_pixel: Lin et al.'s Algorithm 1 (two fits)
+        from .infer.staged import train_staged
+
+        result = train_staged(model, data, cfg.train, model.stage2_config(cfg.train), objective, run_dir=run_dir,
+                              resume=resume, seed=cfg.seed, device=dev, progress=progress,
+                              extra_state={"config": cfg.to_dict()})   # calls model.on_epoch_end itself
+    else:
+        result = fit(model.model, model.guide, data, objective, cfg.train, run_dir=run_dir, resume=resume,
+                     seed=cfg.seed, device=dev, progress=progress, extra_state={"config": cfg.to_dict()},
+                     on_epoch_end=on_epoch_end, module=model)
     run = Run(cfg, data, model, run_dir, dev)
     load_params(run, BEST if (run_dir / BEST).exists() else CHECKPOINT)
     summary = {"best_epoch": result.best_epoch, "best_val_elbo": result.best_val_elbo,
@@ -143,7 +150,12 @@ def write_figures(run: Run, history: list[dict]) -> list[str]:
     x = run.data.test_x[:n].to(run.device)
     y = run.data.test_y[:n].to(run.device) if run.data.test_y is not None else None
     with torch.no_grad():
-        return make_figures(run.model, x, y, history, run.run_dir, seed=run.cfg.seed)
+        paths = make_figures(run.model, x, y, history, run.run_dir, seed=run.cfg.seed)
+        if hasattr(run.model, "decode_variance"):   # σ²(z) uncertainty maps (Lin et al., Figs. 3 and 4)
+            from .viz_variance import variance_figures
+
+            paths += variance_figures(run.model, x, run.run_dir, seed=run.cfg.seed)
+        return paths
 
 
 __all__ = ["train", "load_run", "Run", "build", "build_data", "build_objective", "resolve_device", "test_elbo",

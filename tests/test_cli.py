@@ -28,6 +28,10 @@ def test_train_evaluate_sample(tmp_path, capsys):
     assert main(["sample", str(run), "--n", "16", "--seed", "3"]) == 0
     img = Image.open(run / "samples.png")
     assert img.size[0] >= 4 * 8 and img.format == "PNG"
+    agg = tmp_path / "aggregate.png"
+    assert main(["sample", str(run), "--from", "aggregate", "--num-components", "3", "--n", "9", "--out",
+                 str(agg)]) == 0
+    assert Image.open(agg).format == "PNG"
 
 
 def test_evaluate_with_importance_sampling(tmp_path):

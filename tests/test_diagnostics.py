@@ -13,14 +13,6 @@ from ppl_vae.models.linear_gaussian import LinearGaussianVAE
 D, d, B, S = 5, 2, 6, 1000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread avoids thread-sync overhead on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_lg(shift=0.0, scale=1.0, num_data=None, seed=0):
     W = 0.7 * torch.randn(D, d, generator=torch.Generator().manual_seed(seed))

@@ -34,14 +34,6 @@ from ppl_vae.models.vae2 import TwoLayerVAE
 D, d = 5, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread avoids thread-sync overhead on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_lg(guide_type="exact", shift=0.0, scale=1.0, num_data=None, n=4, double=True, seed=0):
     """A small linear-Gaussian VAE (W scaled so the posterior sd is ≈ 0.7) and n datapoints drawn from it."""

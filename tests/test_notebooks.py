@@ -1,6 +1,5 @@
 """Every notebook in notebooks/ runs top to bottom with tiny settings (PPL_VAE_SMOKE=1)."""
 
-import os
 from pathlib import Path
 
 import nbformat

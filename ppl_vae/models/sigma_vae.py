@@ -1,0 +1,208 @@
+r"""A VAE whose Gaussian likelihood variance σ² is part of the model, after Lin, Roberts, Trigoni & Clark,
+"Balancing Reconstruction Quality and Regularisation in Evidence Lower Bound for Variational Autoencoders"
+(arXiv:2005.xxxx; AAAI-style text in the project's seeds, file 003).
+
+Generative story, for each datapoint i of N (a minibatch is scaled by N/B):
+    z_i ~ p(z) = N(0, I)
+    x_i ~ N(g_θ(z_i), σ² I)                      global σ² (stage 1; eq. 5-8), or
+    x_i,k ~ N(g_θ,k(z_i), σ²_k(z_i))             per pixel, σ²_k(z) = v_k(z) + σ²_dataset/2 (stage 2; eq. 10)
+Guide: q_φ(z_i | x_i) = N(μ_φ(x_i), diag σ_φ²(x_i)).
+
+σ² modes (``model.options.sigma2_mode``):
+  fixed        σ² = ``model.sigma2`` (0.5: the original VAE's weighting; 1: β-VAE)
+  learned      σ² a ``pyro.param`` (positive), trained by gradient with θ, φ
+  closed_form  σ² set to σ*² = (1/d) E_q[‖g(z) − x‖²] (eq. 9): in the model on every training step
+               (``closed_form_every: step``, from the minibatch's reconstructions) or after every epoch from the
+               whole training set (``epoch``); written in place, so Adam's state for σ² survives
+  per_pixel    Algorithm 1: stage 1 trains θ, φ and a global σ² (``stage1_mode``: learned or closed_form) until
+               δELBO < ε₁ after ≥ n₁ epochs (``train.stop_delta``, ``train.min_epochs``); stage 2 freezes
+               σ²_dataset and trains θ, φ and the variance network v(z) (``options.stage2_*``).
+               Train it with :func:`ppl_vae.infer.staged.train_staged`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import torch
+from pyro.nn import pyro_method
+
+from ..config import ModelConfig, TrainConfig
+from ..errors import ConfigError
+from ..likelihoods import GaussianLikelihood, PixelVarianceNet, closed_form_sigma2
+from ..nets import build_encoder_decoder
+from ._common import data_plate, module_device
+from .registry import check_options, register_model
+from .vae import VAE
+
+MODES = ("fixed", "learned", "closed_form", "per_pixel")
+DEFAULTS = {
+    "sigma2_mode": "learned",
+    "closed_form_every": "step",
+    "stage1_mode": "learned",
+    "stage2_epochs": 20,
+    "stage2_stop_delta": None,
+    "stage2_min_epochs": 1,
+    "stage2_lr": None,
+}
+
+
+class SigmaVAE(VAE):
+    """VAE with σ² in the model: ``likelihood`` is a :class:`~ppl_vae.likelihoods.GaussianLikelihood` (its
+    ``mode`` is fixed, learned or closed_form) and ``variance_net`` an optional
+    :class:`~ppl_vae.likelihoods.PixelVarianceNet` used once :meth:`begin_stage2` has run (buffer ``stage``).
+    """
+
+    def __init__(self, encoder, decoder, likelihood: GaussianLikelihood, latent_dim: int,
+                 variance_net: PixelVarianceNet | None = None, num_data: int | None = None,
+                 closed_form_every: str = "step", stage2: dict | None = None):
+        super().__init__(encoder, decoder, likelihood, latent_dim, num_data=num_data)
+        if closed_form_every not in ("step", "epoch"):
+            raise ConfigError(f"model.options.closed_form_every must be one of ['step', 'epoch'], "
+                              f"got {closed_form_every!r}")
+        self.variance_net = variance_net
+        self.closed_form_every = closed_form_every
+        self.stage2_options = dict(stage2 or {})
+        self.register_buffer("stage", torch.tensor(1))
+
+    # -- state --------------------------------------------------------------------------------------------
+    @property
+    def per_pixel(self) -> bool:
+        """True once stage 2 has begun: σ²_k(z) from the variance network."""
+        return self.variance_net is not None and int(self.stage) == 2
+
+    @property
+    def staged(self) -> bool:
+        """True for the per_pixel mode: train with :func:`ppl_vae.infer.staged.train_staged`."""
+        return self.variance_net is not None
+
+    @property
+    def sigma2_mode(self) -> str:
+        return "per_pixel" if self.staged else self.likelihood.mode
+
+    def sigma2(self) -> float:
+        """The global σ²: stage-1 / fixed / learned value, or the frozen σ²_dataset in stage 2."""
+        if self.per_pixel:
+            return self.variance_net.sigma2_dataset
+        return float(self.likelihood.sigma2_value())
+
+    def begin_stage2(self) -> float:
+        """Algorithm 1, stage 2: freeze σ²_dataset (the current global σ²) as the floor σ²_dataset/2 of the
+        variance network, which starts out predicting ≈ σ²_dataset everywhere. Returns σ²_dataset."""
+        if self.variance_net is None:
+            raise ValueError("begin_stage2 needs a variance network: build the model with sigma2_mode='per_pixel'")
+        s2 = float(self.likelihood.sigma2_value())
+        self.variance_net.start_from(s2)
+        self.stage.fill_(2)
+        return s2
+
+    def stage2_config(self, train: TrainConfig) -> TrainConfig:
+        """Stage-2 training settings: ``train`` with epochs, stop_delta, min_epochs and lr from the options."""
+        o = self.stage2_options
+        cfg = TrainConfig(**{**train.__dict__, "epochs": o.get("stage2_epochs", 20),
+                             "stop_delta": o.get("stage2_stop_delta"),
+                             "min_epochs": o.get("stage2_min_epochs", 1),
+                             "lr": o.get("stage2_lr") or train.lr, "kl_warmup_epochs": 0})
+        cfg.validate("model.options.stage2")
+        return cfg
+
+    def _closed_form_now(self) -> bool:
+        return (self.likelihood.mode == "closed_form" and self.closed_form_every == "step" and self.training
+                and torch.is_grad_enabled() and not self.per_pixel)
+
+    # -- the Pyro program ---------------------------------------------------------------------------------
+    @pyro_method
+    def model(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        with data_plate(x, self.num_data):
+            z = pyro.sample("z", self.prior(x.shape[0]))
+            out = self.decoder(z, None)
+            variance = self.variance_net(z, None) if self.per_pixel else None
+            if self._closed_form_now():   # eq. 9 on this step's reconstructions, before σ² is read
+                self.likelihood.set_sigma2(closed_form_sigma2(self.likelihood.mean(out), x))
+            pyro.sample("x", self.likelihood(out, event_dim=x.dim() - 1, variance=variance), obs=x)
+
+    # -- deterministic helpers: σ²(z) uncertainty maps ----------------------------------------------------
+    def decode_variance(self, z: torch.Tensor, y=None) -> torch.Tensor:
+        """σ²(z) in the data's shape: per pixel in stage 2, otherwise the global σ² broadcast."""
+        if self.per_pixel:
+            return self.variance_net(z, None)
+        out = self.decoder(z, None)
+        return self.likelihood.variance(out)
+
+    def decode_with_variance(self, z: torch.Tensor, y=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E[x|z], σ²(z))."""
+        return self.decode(z), self.decode_variance(z)
+
+    def reconstruct_with_variance(self, x: torch.Tensor, y=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction, σ²) at the posterior mean of q(z|x)."""
+        return self.decode_with_variance(self.encode(x)[0])
+
+    @torch.no_grad()
+    def closed_form_sigma2(self, x: torch.Tensor, num_samples: int = 1, batch_size: int = 1000,
+                           seed: int = 0) -> float:
+        r"""σ*² = (1/(N d S)) Σ_i Σ_s ‖g(z_is) − x_i‖², z_is ~ q(z|x_i) (eq. 9 with S draws per datapoint).
+
+        Draws come from a local generator seeded with ``seed`` (eps ~ N(0, I) on the CPU, in datapoint order),
+        so the value is a function of (parameters, x, num_samples, seed)."""
+        dev = module_device(self)
+        g = torch.Generator().manual_seed(seed)
+        total, count = 0.0, 0
+        for start in range(0, x.shape[0], batch_size):
+            xb = x[start:start + batch_size].to(dev)
+            loc, scale = self.encode(xb)
+            eps = torch.randn((num_samples, *loc.shape), generator=g).to(dev)
+            mean = self.decode(loc + scale * eps)
+            total += float((mean - xb).pow(2).sum(dtype=torch.float64))
+            count += mean.numel()
+        return total / count
+
+    def on_epoch_end(self, epoch: int, record: dict, data) -> None:
+        """Per-epoch work: the epoch-wise closed-form σ² (``closed_form_every: epoch``) and σ² in the record."""
+        if self.likelihood.mode == "closed_form" and self.closed_form_every == "epoch" and not self.per_pixel:
+            was = self.training
+            self.eval()
+            value = self.closed_form_sigma2(data.train_x, seed=epoch)
+            self.train(was)
+            self.likelihood.set_sigma2(value)
+        record["sigma2"] = self.sigma2()
+        record["stage"] = int(self.stage)
+
+
+def _check_mode(opts: dict) -> None:
+    if opts["sigma2_mode"] not in MODES:
+        raise ConfigError(f"model.options.sigma2_mode must be one of {list(MODES)}, got {opts['sigma2_mode']!r}")
+    if opts["stage1_mode"] not in ("learned", "closed_form"):
+        raise ConfigError(f"model.options.stage1_mode must be one of ['learned', 'closed_form'], "
+                          f"got {opts['stage1_mode']!r}")
+    e = opts["stage2_epochs"]
+    if not (isinstance(e, int) and not isinstance(e, bool) and e > 0):
+        raise ConfigError(f"model.options.stage2_epochs must be a positive integer, got {e!r}")
+    d = opts["stage2_stop_delta"]
+    if d is not None and not (isinstance(d, (int, float)) and not isinstance(d, bool) and d >= 0
+                              and math.isfinite(d)):
+        raise ConfigError(f"model.options.stage2_stop_delta must be a non-negative number or null, got {d!r}")
+
+
+@register_model("sigma_vae")
+def build_sigma_vae(cfg: ModelConfig, data_shape, num_data, num_classes):
+    """``model.name: sigma_vae``; options: see :data:`DEFAULTS` and the module docstring."""
+    opts = check_options(cfg, DEFAULTS)
+    _check_mode(opts)
+    if cfg.likelihood != "gaussian":
+        raise ConfigError(f"model.likelihood must be 'gaussian' for model.name='sigma_vae', got {cfg.likelihood!r}")
+    if cfg.arch not in ("mlp", "conv"):
+        raise ConfigError(f"model.arch must be 'mlp' or 'conv' for model.name='sigma_vae', got {cfg.arch!r}")
+    mode = opts["sigma2_mode"]
+    lik = GaussianLikelihood(sigma2=cfg.sigma2, link=cfg.link,
+                             mode=opts["stage1_mode"] if mode == "per_pixel" else mode)
+    enc, dec = build_encoder_decoder(cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation,
+                                     channels=cfg.channels)
+    var_net = None
+    if mode == "per_pixel":
+        _, v = build_encoder_decoder(cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation,
+                                     channels=cfg.channels)
+        var_net = PixelVarianceNet(v)
+    stage2 = {k: v for k, v in opts.items() if k.startswith("stage2_")}
+    return SigmaVAE(enc, dec, lik, cfg.latent_dim, variance_net=var_net, num_data=num_data,
+                    closed_form_every=opts["closed_form_every"], stage2=stage2)
