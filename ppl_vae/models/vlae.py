@@ -1,0 +1,100 @@
+"""Variational Laplace Autoencoder (Park, Kim & Kim, ICML 2019): the standard VAE with the Laplace guide.
+
+Model: z ~ N(0, I), x ~ p_θ(x | z) (Bernoulli or Gaussian). Guide: from the encoder's μ₀(x), T damped Newton
+steps on the locally linearised decoder, then q(z|x) = N(μ_T, Λ(μ_T)⁻¹) with Λ = WᵀDW + I (full covariance; see
+:mod:`ppl_vae.guides.laplace`). Registered as ``vae_laplace`` with options ``num_steps`` (T, default 4) and
+``damping`` ("vlae" for η_t = 0.5/(t+1), or a number in (0, 1]).
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import pyro_method
+
+from ..errors import ConfigError
+from ..guides.laplace import MeanEncoder, _relu_mlp_layers, laplace_posterior, precision_to_scale_tril, vlae_damping
+from ..likelihoods import BernoulliLikelihood, GaussianLikelihood, build_likelihood
+from ..nets import BURDA, build_encoder_decoder
+from ._common import data_plate
+from .registry import check_options, register_model
+from .vae import VAE
+
+
+class LaplaceVAE(VAE):
+    """A :class:`~ppl_vae.models.VAE` whose guide is the VLAE Laplace approximation.
+
+    ``encoder(x, c) -> μ₀`` (a :class:`~ppl_vae.guides.laplace.MeanEncoder`); ``decoder``, ``likelihood`` and
+    the prior as in the VAE (Bernoulli or Gaussian likelihood with a fixed σ²).
+    """
+
+    def __init__(self, encoder, decoder, likelihood, latent_dim: int, *, num_steps: int = 4, damping=vlae_damping,
+                 num_data: int | None = None, num_classes: int | None = None):
+        super().__init__(encoder, decoder, likelihood, latent_dim, num_data=num_data, num_classes=num_classes)
+        if isinstance(likelihood, BernoulliLikelihood):
+            self._kind, self._link = "bernoulli", None
+        elif isinstance(likelihood, GaussianLikelihood):
+            self._kind, self._link = "gaussian", likelihood.link
+        else:
+            raise ConfigError(f"vae_laplace needs model.likelihood 'bernoulli' or 'gaussian', got "
+                              f"{type(likelihood).__name__}")
+        self.num_steps = int(num_steps)
+        self.damping = damping
+
+    def posterior(self, x: torch.Tensor, c: torch.Tensor | None = None):
+        """(μ, scale_tril) of q(z|x): the Laplace approximation after ``num_steps`` damped Newton steps."""
+        mu0 = self.encoder(x, c)
+        if c is None:
+            fn = lambda z: self.decoder(z).reshape(z.shape[0], -1)   # noqa: E731
+            layers = _relu_mlp_layers(self.decoder)
+        else:
+            fn = lambda z: self.decoder(z, c).reshape(z.shape[0], -1)   # noqa: E731
+            layers = None
+        sigma2 = self.likelihood.sigma2 if self._kind == "gaussian" else 1.0   # read now: σ² may be learned
+        mu, prec = laplace_posterior(x, mu0, fn, likelihood=self._kind, sigma2=sigma2,
+                                     num_steps=self.num_steps, damping=self.damping, layers=layers, link=self._link)
+        return mu, precision_to_scale_tril(prec)
+
+    @pyro_method
+    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        c = self._c(y)
+        with data_plate(x, self.num_data):
+            mu, tril = self.posterior(x, c)
+            pyro.sample("z", dist.MultivariateNormal(mu, scale_tril=tril))
+
+    def encode(self, x, y=None):
+        """(mean, marginal std) of the Laplace q(z|x)."""
+        mu, tril = self.posterior(x, self._c(y))
+        return mu, tril.pow(2).sum(-1).sqrt()
+
+
+def _damping_option(value):
+    if value == "vlae":
+        return vlae_damping
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
+        return float(value)
+    raise ConfigError(f"model.options.damping must be 'vlae' (η_t = 0.5/(t+1)) or a number in (0, 1], got {value!r}")
+
+
+@register_model("vae_laplace")
+def _build_vae_laplace(cfg, data_shape, num_data, num_classes):
+    opts = check_options(cfg, {"num_steps": 4, "damping": "vlae"})
+    T = opts["num_steps"]
+    if isinstance(T, bool) or not isinstance(T, int) or T < 0:
+        raise ConfigError(f"model.options.num_steps must be a non-negative integer, got {T!r}")
+    damping = _damping_option(opts["damping"])
+    if cfg.likelihood not in ("bernoulli", "gaussian"):
+        raise ConfigError(f"model.likelihood must be 'bernoulli' or 'gaussian' for model.name='vae_laplace' (the "
+                          f"Laplace guide needs a twice-differentiable likelihood), got {cfg.likelihood!r}")
+    if cfg.arch not in ("mlp", "burda1"):
+        raise ConfigError(f"model.arch must be 'mlp' or 'burda1' for model.name='vae_laplace', got {cfg.arch!r}")
+    lik = build_likelihood(cfg.likelihood, sigma2=cfg.sigma2, laplace_scale=cfg.laplace_scale, link=cfg.link)
+    if cfg.arch == "burda1":
+        b = BURDA["burda1"]
+        latent_dim, hidden, act = b["latent_dim"], b["hidden"], b["act"]
+    else:
+        latent_dim, hidden, act = cfg.latent_dim, tuple(cfg.hidden), cfg.activation
+    _, dec = build_encoder_decoder(cfg.arch, data_shape, latent_dim, hidden, act, channels=cfg.channels)
+    enc = MeanEncoder(data_shape, latent_dim, hidden, act)
+    return LaplaceVAE(enc, dec, lik, latent_dim, num_steps=T, damping=damping, num_data=num_data)
