@@ -44,7 +44,20 @@ from .errors import ConfigError
 __all__ = ["BGMHyperprior", "StickBreakingHyperprior", "build_hyperprior"]
 
 
-class BGMHyperprior(nn.Module):
+class _MixtureHyperprior(nn.Module):
+    """What both hyperpriors share: ``p(t)`` from ``self.distribution()`` with batch shape ``(B,)`` for a model."""
+
+    def forward(self, batch_size: int) -> dist.TorchDistribution:
+        return self.distribution().expand((batch_size,))
+
+    def log_prob(self, t: torch.Tensor) -> torch.Tensor:
+        return self.distribution().log_prob(t)
+
+    def sample(self, n: int) -> torch.Tensor:
+        return self.distribution().sample((n,))
+
+
+class BGMHyperprior(_MixtureHyperprior):
     """Bayesian Gaussian mixture p(t) refitted with scikit-learn and stored as buffers.
 
     Before the first :meth:`fit` it is N(0, I) (every component at the origin with unit covariance).
@@ -130,15 +143,6 @@ class BGMHyperprior(nn.Module):
         comp = dist.MultivariateNormal(self.means, scale_tril=tril)
         return dist.MixtureSameFamily(dist.Categorical(probs=self.weights), comp)
 
-    def forward(self, batch_size: int) -> dist.TorchDistribution:
-        return self.distribution().expand((batch_size,))
-
-    def log_prob(self, t: torch.Tensor) -> torch.Tensor:
-        return self.distribution().log_prob(t)
-
-    def sample(self, n: int) -> torch.Tensor:
-        return self.distribution().sample((n,))
-
     def active_components(self, threshold: float = 1e-2) -> int:
         """Components with weight ≥ ``threshold`` (the official code's report of 'active mixtures')."""
         return int((self.weights >= threshold).sum())
@@ -166,7 +170,7 @@ class BGMHyperprior(nn.Module):
         return torch.logsumexp(lw, dim=-1)
 
 
-class StickBreakingHyperprior(nn.Module):
+class StickBreakingHyperprior(_MixtureHyperprior):
     """Truncated stick-breaking mixture of K diagonal Gaussians, learned by gradient (see the module docstring)."""
 
     def __init__(self, dim: int, num_components: int = 20, *, alpha: float = 1.0, init_scale: float = 2.0,
@@ -203,15 +207,6 @@ class StickBreakingHyperprior(nn.Module):
     def distribution(self) -> dist.MixtureSameFamily:
         comp = dist.Normal(self.means, self.scales()).to_event(1)
         return dist.MixtureSameFamily(dist.Categorical(probs=self.weights()), comp)
-
-    def forward(self, batch_size: int) -> dist.TorchDistribution:
-        return self.distribution().expand((batch_size,))
-
-    def log_prob(self, t: torch.Tensor) -> torch.Tensor:
-        return self.distribution().log_prob(t)
-
-    def sample(self, n: int) -> torch.Tensor:
-        return self.distribution().sample((n,))
 
     def log_prior(self) -> torch.Tensor:
         """Σ_{k<K} log Beta(v_k; 1, α) = Σ_k [log α + (α − 1) log(1 − v_k)]."""

@@ -58,7 +58,7 @@ from ..nets import GaussianHead, build_encoder_decoder, mlp
 from ._common import data_plate, module_device
 from .registry import check_options, register_model
 
-__all__ = ["LaDDer", "FlooredLaplace", "EventLikelihood", "LADDER_DEFAULTS", "build_ladder"]
+__all__ = ["LaDDer", "FlooredLaplace", "EventLikelihood", "LADDER_DEFAULTS", "build_ladder", "build_outer"]
 
 
 class FlooredLaplace(nn.Module):
@@ -349,8 +349,6 @@ def _check_ladder_options(o: dict) -> None:
         raise ConfigError(f"model.options.prior must be 'ladder' or 'normal', got {o['prior']!r}")
     if o["hyperprior"] not in ("bgm", "stick"):
         raise ConfigError(f"model.options.hyperprior must be 'bgm' or 'stick', got {o['hyperprior']!r}")
-    if o["likelihood"] not in ("floored_laplace", "config"):
-        raise ConfigError(f"model.options.likelihood must be 'floored_laplace' or 'config', got {o['likelihood']!r}")
     h = o["inner_hidden"]
     if not (isinstance(h, list) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in h)):
         raise ConfigError(f"model.options.inner_hidden must be a list of positive integers, got {h!r}")
@@ -374,12 +372,10 @@ class _InnerEncoder(nn.Module):
         return self.head(z)
 
 
-def build_ladder(cfg: ModelConfig, data_shape, num_data, num_classes, defaults: dict | None = None,
-                 cls=LaDDer, **overrides):
-    """LaDDer (or a subclass) from a ``ModelConfig``; ``cfg.latent_dim`` is the size of z."""
-    o = check_options(cfg, defaults if defaults is not None else LADDER_DEFAULTS)
-    o.update(overrides)
-    _check_ladder_options(o)
+def build_outer(cfg: ModelConfig, data_shape, o: dict):
+    """(encoder, decoder, likelihood) of the outer VAE x → z, shared by LaDDer and WiSE-ALE."""
+    if o["likelihood"] not in ("floored_laplace", "config"):
+        raise ConfigError(f"model.options.likelihood must be 'floored_laplace' or 'config', got {o['likelihood']!r}")
     if cfg.arch not in ("mlp", "conv"):
         raise ConfigError(f"model.arch must be 'mlp' or 'conv' for model.name={cfg.name!r}, got {cfg.arch!r}")
     enc, dec = build_encoder_decoder(cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation,
@@ -390,6 +386,16 @@ def build_ladder(cfg: ModelConfig, data_shape, num_data, num_classes, defaults: 
     else:
         lik = EventLikelihood(build_likelihood(cfg.likelihood, sigma2=cfg.sigma2, laplace_scale=cfg.laplace_scale,
                                                link=cfg.link), event_dims)
+    return enc, dec, lik
+
+
+def build_ladder(cfg: ModelConfig, data_shape, num_data, num_classes, defaults: dict | None = None,
+                 cls=LaDDer, **overrides):
+    """LaDDer (or a subclass) from a ``ModelConfig``; ``cfg.latent_dim`` is the size of z."""
+    o = check_options(cfg, defaults if defaults is not None else LADDER_DEFAULTS)
+    o.update(overrides)
+    _check_ladder_options(o)
+    enc, dec, lik = build_outer(cfg, data_shape, o)
     kw = {}
     if o["prior"] == "ladder":
         act = o["inner_activation"]

@@ -54,9 +54,7 @@ from pyro.util import warn_if_nan
 
 from ..config import ModelConfig
 from ..errors import ConfigError
-from ..likelihoods import build_likelihood
-from ..nets import build_encoder_decoder
-from .ladder import EventLikelihood, FlooredLaplace, LaDDer
+from .ladder import LaDDer, build_outer
 from .registry import check_options, register_model
 
 __all__ = ["WiseAleELBO", "WiseALE", "aggregate_kl", "gaussian_kl", "pairwise_gaussian_kl", "KL_APPROX"]
@@ -213,17 +211,6 @@ WISE_DEFAULTS = {"kl_approx": "product", "kl_scale": "batch", "likelihood": "flo
 @register_model("wise_ale")
 def _build_wise_ale(cfg: ModelConfig, data_shape, num_data, num_classes):
     o = check_options(cfg, WISE_DEFAULTS)
-    if o["likelihood"] not in ("floored_laplace", "config"):
-        raise ConfigError(f"model.options.likelihood must be 'floored_laplace' or 'config', got {o['likelihood']!r}")
-    if cfg.arch not in ("mlp", "conv"):
-        raise ConfigError(f"model.arch must be 'mlp' or 'conv' for model.name='wise_ale', got {cfg.arch!r}")
-    enc, dec = build_encoder_decoder(cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation,
-                                     channels=cfg.channels)
-    event_dims = len(tuple(data_shape))
-    if o["likelihood"] == "floored_laplace":
-        lik = FlooredLaplace(event_dims, o["laplace_init_scale"], link=cfg.link)
-    else:
-        lik = EventLikelihood(build_likelihood(cfg.likelihood, sigma2=cfg.sigma2, laplace_scale=cfg.laplace_scale,
-                                               link=cfg.link), event_dims)
+    enc, dec, lik = build_outer(cfg, data_shape, o)
     return WiseALE(enc, dec, lik, cfg.latent_dim, num_data=num_data, kl_approx=o["kl_approx"],
                    kl_scale=o["kl_scale"])
