@@ -21,7 +21,7 @@ from torch import nn
 
 from ppl_vae.config import ModelConfig, TrainConfig
 from ppl_vae.errors import ConfigError
-from ppl_vae.evaluate.likelihood import log_likelihood, mc_std_error
+from ppl_vae.evaluate.likelihood import log_likelihood
 from ppl_vae.guides import (DiagNormalMixture, LaplaceGuide, MixtureEncoder, PenalisedELBO, RecursiveMixtureEncoder,
                             batch_jacobian, laplace_posterior, recursive_log_weights, recursive_mixture_distribution,
                             recursive_mixture_terms, variance_collapse_penalty)
