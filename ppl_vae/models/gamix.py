@@ -9,7 +9,6 @@ Registered as ``vae_gamix`` with options ``num_components`` (K, default 3) and `
 
 from __future__ import annotations
 
-import pyro
 import torch
 from pyro.nn import pyro_method
 
@@ -17,7 +16,6 @@ from ..errors import ConfigError
 from ..guides.mixture import DiagNormalMixture, MixtureEncoder, PenalisedELBO, variance_collapse_penalty
 from ..likelihoods import build_likelihood
 from ..nets import build_encoder_decoder
-from ._common import data_plate
 from .registry import check_options, register_model
 from .rme import MixtureGuideMixin, _number, _positive_int
 from .vae import VAE
@@ -36,11 +34,6 @@ class GamixVAE(MixtureGuideMixin, VAE):
         logits, locs, scales = self.encoder(x, c)
         return DiagNormalMixture(logits, locs, scales)
 
-    @pyro_method
-    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None):
-        c = self._c(y)
-        with data_plate(x, self.num_data):
-            pyro.sample("z", self.guide_dist(x, c))
 
     @pyro_method
     def variance_penalty(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import pyro
 import torch
 from pyro.nn import pyro_method
 from torch.func import functional_call
@@ -21,7 +20,6 @@ from ..guides.recursive import (RecursiveMixtureELBO, RecursiveMixtureEncoder, r
                                 recursive_mixture_terms)
 from ..likelihoods import build_likelihood
 from ..nets import build_encoder_decoder
-from ._common import data_plate
 from .registry import check_options, register_model
 from .vae import VAE
 
@@ -56,11 +54,6 @@ class RecursiveMixtureVAE(MixtureGuideMixin, VAE):
         locs, scales, eps_logits = self.encoder(x, c, int(self.num_active))
         return recursive_mixture_distribution(locs, scales, eps_logits)
 
-    @pyro_method
-    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None):
-        c = self._c(y)
-        with data_plate(x, self.num_data):
-            pyro.sample("z", self.guide_dist(x, c))
 
     def _log_joint(self, x, z, c, frozen: bool):
         """log p(x, z) for z (B, n, d) → (B, n); ``frozen`` detaches the decoder's and likelihood's parameters."""

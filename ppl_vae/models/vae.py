@@ -55,10 +55,13 @@ class VAE(PyroModule):
 
     @pyro_method
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None):
-        c = self._c(y)
         with data_plate(x, self.num_data):
-            loc, scale = self.encoder(x, c)
-            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            pyro.sample("z", self.guide_dist(x, self._c(y)))
+
+    def guide_dist(self, x, c=None) -> dist.TorchDistribution:
+        """q(z|x, c) with batch shape (B,): a diagonal Gaussian here; methods with richer guides override this."""
+        loc, scale = self.encoder(x, c)
+        return dist.Normal(loc, scale).to_event(1)
 
     # Deterministic helpers for figures and evaluation (no Pyro sample sites).
     def encode(self, x, y=None):

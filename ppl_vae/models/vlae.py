@@ -8,16 +8,13 @@ steps on the locally linearised decoder, then q(z|x) = N(μ_T, Λ(μ_T)⁻¹) wi
 
 from __future__ import annotations
 
-import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import pyro_method
 
 from ..errors import ConfigError
 from ..guides.laplace import MeanEncoder, _relu_mlp_layers, laplace_posterior, precision_to_scale_tril, vlae_damping
 from ..likelihoods import BernoulliLikelihood, GaussianLikelihood, build_likelihood
 from ..nets import BURDA, build_encoder_decoder
-from ._common import data_plate
 from .registry import check_options, register_model
 from .vae import VAE
 
@@ -56,12 +53,10 @@ class LaplaceVAE(VAE):
                                      num_steps=self.num_steps, damping=self.damping, layers=layers, link=self._link)
         return mu, precision_to_scale_tril(prec)
 
-    @pyro_method
-    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None):
-        c = self._c(y)
-        with data_plate(x, self.num_data):
-            mu, tril = self.posterior(x, c)
-            pyro.sample("z", dist.MultivariateNormal(mu, scale_tril=tril))
+    def guide_dist(self, x, c=None) -> dist.MultivariateNormal:
+        """The Laplace q(z|x) = N(μ, Λ⁻¹) (used by the inherited ``guide``)."""
+        mu, tril = self.posterior(x, c)
+        return dist.MultivariateNormal(mu, scale_tril=tril)
 
     def encode(self, x, y=None):
         """(mean, marginal std) of the Laplace q(z|x)."""
