@@ -354,24 +354,6 @@ def _check_ladder_options(o: dict) -> None:
         raise ConfigError(f"model.options.inner_hidden must be a list of positive integers, got {h!r}")
 
 
-class _InnerDecoder(nn.Module):
-    def __init__(self, t_dim, hidden, z_dim, act):
-        super().__init__()
-        self.net = mlp(t_dim, hidden, z_dim, act)
-
-    def forward(self, t):
-        return self.net(t)
-
-
-class _InnerEncoder(nn.Module):
-    def __init__(self, z_dim, hidden, t_dim, act):
-        super().__init__()
-        self.head = GaussianHead(z_dim, hidden, t_dim, act)
-
-    def forward(self, z):
-        return self.head(z)
-
-
 def build_outer(cfg: ModelConfig, data_shape, o: dict):
     """(encoder, decoder, likelihood) of the outer VAE x → z, shared by LaDDer and WiSE-ALE."""
     if o["likelihood"] not in ("floored_laplace", "config"):
@@ -407,8 +389,8 @@ def build_ladder(cfg: ModelConfig, data_shape, num_data, num_classes, defaults: 
                                   max_iter=o["bgm_max_iter"])
         else:
             hp = build_hyperprior("stick", o["t_dim"], o["num_components"], alpha=o["stick_alpha"])
-        kw = dict(inner_encoder=_InnerEncoder(cfg.latent_dim, hidden, o["t_dim"], act),
-                  inner_decoder=_InnerDecoder(o["t_dim"], hidden, cfg.latent_dim, act), hyperprior=hp)
+        kw = dict(inner_encoder=GaussianHead(cfg.latent_dim, hidden, o["t_dim"], act),
+                  inner_decoder=mlp(o["t_dim"], hidden, cfg.latent_dim, act), hyperprior=hp)
     return cls(enc, dec, lik, cfg.latent_dim, t_dim=o["t_dim"], prior=o["prior"], warmup_epochs=o["warmup_epochs"],
                inner_sigma=o["inner_sigma"], inner_sigma_bounds=(o["inner_sigma_min"], o["inner_sigma_max"]),
                learn_inner_sigma=o["learn_inner_sigma"], warmup_inner=o["warmup_inner"],
