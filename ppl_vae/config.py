@@ -120,6 +120,7 @@ class TrainConfig:
     eval_batch_size: int = 500
     stop_delta: float | None = None
     min_epochs: int = 1
+    best_from_epoch: int = 1
 
     def validate(self, p="train"):
         _positive_int(f"{p}.epochs", self.epochs)
@@ -144,6 +145,7 @@ class TrainConfig:
             _check(_is_num(self.stop_delta) and self.stop_delta >= 0, f"{p}.stop_delta",
                    "a non-negative number or null", self.stop_delta)
         _positive_int(f"{p}.min_epochs", self.min_epochs)
+        _positive_int(f"{p}.best_from_epoch", self.best_from_epoch)
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of a (0-based) epoch: a pure function of the epoch, so resumed runs match."""

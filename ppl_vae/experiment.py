@@ -5,6 +5,7 @@ Each step is a plain function; the command line (``ppl_vae.cli``) only strings t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -86,6 +87,10 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
     objective = model.make_objective(cfg.train) if hasattr(model, "make_objective") else build_objective(cfg.train)
     hook = getattr(model, "on_epoch_end", None)
     on_epoch_end = (lambda epoch, record: hook(epoch, record, data)) if hook is not None else None
+    first = int(getattr(model, "first_scored_epoch", 1))   # e.g. LaDDer: the first epoch with the ladder prior
+    if first > cfg.train.best_from_epoch:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, best_from_epoch=first))
+        save_config(cfg, run_dir / CONFIG_FILE)
     if getattr(model, "staged", False):   # sigma_vae per_pixel: Lin et al.'s Algorithm 1 (two fits)
         from .infer.staged import train_staged
 

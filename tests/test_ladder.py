@@ -1,6 +1,7 @@
 """LaDDer: the nested bound against exact log p(x) on a linear-Gaussian ladder, the hyperpriors against
 scikit-learn, the schedule, checkpoints of the fitted mixture and compatibility with Pyro's inference tools."""
 
+import json
 import math
 
 import numpy as np
@@ -242,6 +243,20 @@ def test_schedule_refit_and_checkpoint_roundtrip():
     assert fresh.ladder_active
     t = torch.randn(5, 2)
     assert torch.equal(fresh.hyperprior.log_prob(t), model.hyperprior.log_prob(t))
+
+
+def test_experiment_scores_only_ladder_epochs(tmp_path):
+    """``ppl-vae train`` raises train.best_from_epoch to warmup_epochs + 1: best.pt is never an N(0, I) epoch."""
+    from ppl_vae.config import Config, DataConfig
+    from ppl_vae.experiment import train
+
+    cfg = Config(name="ladder_tiny", data=DataConfig(name="digits", limit=200), model=_tiny_cfg(warmup_epochs=2),
+                 train=TrainConfig(epochs=3, batch_size=50))
+    run = train(cfg, tmp_path / "run", progress=False, figures=False)
+    assert run.cfg.train.best_from_epoch == 3
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["best_epoch"] == 3
+    assert "best_from_epoch: 3" in (tmp_path / "run" / "config.yaml").read_text()
 
 
 @pytest.mark.parametrize("hyperprior", ["bgm", "stick"])

@@ -170,6 +170,23 @@ def test_early_stopping_after_patience_epochs_without_improvement(tmp_path):
     assert res.stopped_early and len(res.history) == 3 and res.best_epoch == 1
 
 
+def test_best_from_epoch_keeps_earlier_epochs_out_of_best_and_patience(tmp_path):
+    """A constant validation ELBO: best.pt is the first *scored* epoch and patience counts from there."""
+    data = DataBundle.from_tensors(torch.randn(20, 3), val_x=torch.randn(10, 3))
+
+    def model(x, y=None):
+        with pyro.plate("data", 20, subsample=torch.arange(len(x))):
+            pyro.sample("x", dist.Normal(0.0, 1.0).expand([len(x), 3]).to_event(1), obs=x)
+
+    def guide(x, y=None):
+        pass
+
+    res = fit(model, guide, data, Trace_ELBO(), TrainConfig(epochs=10, batch_size=10, patience=2, best_from_epoch=4),
+              run_dir=tmp_path, progress=False)
+    assert res.best_epoch == 4 and res.stopped_early and len(res.history) == 6
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 4
+
+
 def test_kl_warmup_scales_only_the_latent_sites():
     m = LinearGaussianVAE(4, 2, sigma=0.5, guide_type="exact", guide_shift=0.3)
     x = m.simulate(5)

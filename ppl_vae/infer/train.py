@@ -85,7 +85,8 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
     shuffled training batches (order a function of (seed, epoch)), the validation ELBO, a JSON line in
     ``metrics.jsonl`` and an atomic checkpoint (param store, optimiser, RNG states, history). ``best.pt`` keeps
     the epoch with the best validation ELBO; ``config.patience`` stops after that many epochs without
-    improvement. ``resume=True`` continues from ``run_dir/checkpoint.pt`` and reproduces an uninterrupted run.
+    improvement. Only epochs with β = 1 and (1-based) number ≥ ``config.best_from_epoch`` are scored for both
+    (e.g. a schedule that changes the objective after a warm-up: earlier ELBOs are of another model). ``resume=True`` continues from ``run_dir/checkpoint.pt`` and reproduces an uninterrupted run.
     A NaN/inf loss raises :class:`TrainingDiverged` naming epoch and step; the last good checkpoint stays.
     ``extra_state`` (e.g. the configuration) is stored in every checkpoint, and so is the ``state_dict`` of
     ``module`` (default: the ``nn.Module`` that ``model`` is a method of), which carries buffers such as a fitted
@@ -177,10 +178,11 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
                                                    num_data)
             record["seconds"] = time.perf_counter() - t0
             score = record.get("val_elbo", record["train_elbo"])
-            improved = warmup.beta == 1.0 and (result.best_val_elbo is None or score > result.best_val_elbo)
+            scored = warmup.beta == 1.0 and epoch + 1 >= cfg.best_from_epoch
+            improved = scored and (result.best_val_elbo is None or score > result.best_val_elbo)
             if improved:
                 result.best_epoch, result.best_val_elbo, bad_epochs = epoch + 1, score, 0
-            elif warmup.beta == 1.0:
+            elif scored:
                 bad_epochs += 1
             if on_epoch_end is not None:
                 on_epoch_end(epoch, record)

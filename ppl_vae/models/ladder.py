@@ -163,6 +163,13 @@ class LaDDer(PyroModule):
         return self.prior == "ladder" and bool(self.ladder_on)
 
     @property
+    def first_scored_epoch(self) -> int:
+        """The first (1-based) epoch whose validation ELBO is of the final model: after the N(0, I) warm-up the
+        ladder prior changes the objective, so ``experiment.train`` sets ``train.best_from_epoch`` to at least
+        this (``best.pt`` and ``patience`` never compare ELBOs of two different models)."""
+        return self.warmup_epochs + 1 if self.prior == "ladder" and self.warmup_epochs > 0 else 1
+
+    @property
     def latent_dim(self) -> int:
         """The top latent: t for the ladder, z for the N(0, I)-prior baseline."""
         return self.t_dim if self.prior == "ladder" else self.z_dim
