@@ -3,7 +3,12 @@ components) vs Gaussian mixture with the variance-collapse regulariser (GAMIX).
 
 Every run has the same generative model and networks (ReLU MLP, 784–200–200–16 decoder, the mirror encoder; the
 recursive mixture has one such encoder per component, GAMIX one trunk with K = 3 heads, the Laplace guide an
-encoder for the initial mean only), Bernoulli likelihood, Adam lr 1e-3, batch 100, the same epochs and seed.
+encoder for the initial mean only), Bernoulli likelihood, Adam lr 1e-3, batch 100, the same epochs.
+``gamix_noreg`` is GAMIX's mixture guide with the variance-collapse penalty switched off (γ = 0: the plain ELBO),
+an ablation that separates the mixture family from the regulariser.
+Training seeds: the runs in SEEDED are trained with every seed in ``seeds`` (initialisation, minibatch order and
+the dynamic binarisation change with the seed), the others with the first; ``test_ll`` etc. are means over seeds,
+``by_seed`` holds every run, and a difference to the VAE is paired with the VAE of the same seed.
 Measures:
   test_ll       importance-sampled log p(x) with S = 5000 draws of each model's own guide (nats/image) on a
                 fixed subset of test images, with the paired difference to the VAE and its standard error
@@ -15,7 +20,7 @@ Measures:
                 datapoint (Adam from the amortised q) minus the amortised ELBO; with log p̂(x) also the
                 approximation gap log p̂(x) − optimised ELBO.
 
-    flock /tmp/ppl_vae_bench.lock nice -n 5 /work/venv/bin/python bench/guides.py        # full
+    flock /tmp/ppl_vae_bench.lock nice -n 5 /work/venv/bin/python bench/guides.py --threads 1   # full
     /work/venv/bin/python bench/guides.py --quick                                        # < 5 min
 The last line of stdout is the JSON summary (full mode also writes bench/results/guides.json).
 """
@@ -48,9 +53,9 @@ from ppl_vae.models import build_model  # noqa: E402
 from ppl_vae.models._common import data_plate  # noqa: E402
 
 FULL = dict(limit=10000, epochs=20, n_ll=1000, S=5000, n_gap=200, gap_steps=300, gap_particles=16,
-            elbo_particles=1000, timing_rounds=5, timing_steps=3)
+            elbo_particles=1000, timing_rounds=5, timing_steps=3, seeds=(0, 1, 2))
 QUICK = dict(limit=1000, epochs=2, n_ll=60, S=5000, n_gap=60, gap_steps=40, gap_particles=8, elbo_particles=200,
-             timing_rounds=2, timing_steps=2)
+             timing_rounds=2, timing_steps=2, seeds=(0, 1))
 LATENT, HIDDEN = 16, [200, 200]
 RUNS = {
     "vae": ("vae", {}),
@@ -59,14 +64,18 @@ RUNS = {
     "recursive_3": ("vae_recursive", {"num_components": 3}),
     "recursive_5": ("vae_recursive", {"num_components": 5}),
     "gamix": ("vae_gamix", {"num_components": 3, "var_reg": 0.1}),
+    "gamix_noreg": ("vae_gamix", {"num_components": 3, "var_reg": 0.0}),
 }
+# Runs repeated for every training seed (the seed sets initialisation, minibatch order and binarisation); the
+# Laplace guide (16x the VAE's step time, +4.8 nats at seed 0) and the recursive_1 control run at the first seed.
+SEEDED = ("vae", "recursive_3", "recursive_5", "gamix", "gamix_noreg")
 
 
-def make_model(run: str, data, seed: int = 0):
+def make_model(run: str, data, seed: int = 0, latent: int = LATENT):
     name, opts = RUNS[run]
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    cfg = ModelConfig(name=name, likelihood="bernoulli", arch="mlp", latent_dim=LATENT, hidden=list(HIDDEN),
+    cfg = ModelConfig(name=name, likelihood="bernoulli", arch="mlp", latent_dim=latent, hidden=list(HIDDEN),
                       activation="relu", options=dict(opts))
     return build_model(cfg, data.shape, num_data=len(data.train_x))
 
@@ -75,8 +84,8 @@ def objective(model, tc: TrainConfig):
     return model.make_objective(tc) if hasattr(model, "make_objective") else build_objective(tc)
 
 
-def train(run, data, tc, seed=0):
-    model = make_model(run, data, seed)
+def train(run, data, tc, seed=0, latent: int = LATENT):
+    model = make_model(run, data, seed, latent)
     hook = getattr(model, "on_epoch_end", None)
     res = fit(model.model, model.guide, data, objective(model, tc), tc, seed=seed, progress=False,
               on_epoch_end=(lambda e, r: hook(e, r, data)) if hook else None, module=model)
@@ -166,8 +175,10 @@ def amortisation_gap(model, x, family: str, s: dict) -> dict:
 
 
 def main(argv=None):
-    args = parser(__doc__.split("\n")[0]).parse_args(argv)
-    torch.set_num_threads(2)
+    ap = parser(__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 lets another benchmark share the box)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     s = QUICK if args.quick else FULL
     t_start = time.perf_counter()
     data = load_data("fashion_mnist", pixels="binary_dynamic", limit=s["limit"], seed=0)
@@ -177,31 +188,60 @@ def main(argv=None):
     out = {"test_ll": {}, "test_ll_std_error": {}, "test_ll_mc_std_error": {}, "test_ll_diff_vs_vae": {},
            "test_ll_diff_vs_vae_std_error": {}, "test_elbo": {}, "final_train_elbo": {}, "final_val_elbo": {},
            "seconds_per_epoch": {}, "relative_seconds_per_epoch": {}, "step_seconds": {}, "relative_step_seconds": {},
-           "amortisation_gap": {}}
-    lls, models = {}, {}
+           "amortisation_gap": {}, "by_seed": {}}
+    seeds = [args.seed + k for k in s["seeds"]]
+    lls, models, per = {}, {}, {}
+    for seed in seeds:
+        for run in RUNS:
+            if run not in SEEDED and seed != seeds[0]:
+                continue
+            t0 = time.perf_counter()
+            model, hist = train(run, data, tc, seed)
+            if seed == seeds[0]:
+                models[run] = model
+            r = {"seconds_per_epoch": statistics.mean(h["seconds"] for h in hist),
+                 "final_train_elbo": hist[-1]["train_elbo"], "final_val_elbo": hist[-1]["val_elbo"]}
+            ll, ess = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], batch_size=10, seed=0,
+                                     return_ess=True)
+            lls[run, seed] = ll.double()
+            mc = (1.0 / ess - 1.0 / s["S"]).clamp(min=0).sqrt()
+            r["test_ll"] = float(ll.mean())
+            r["test_ll_std_error"] = float(ll.std() / math.sqrt(len(ll)))
+            r["test_ll_mc_std_error"] = float(mc.pow(2).sum().sqrt() / len(ll))
+            r["test_elbo"] = float(elbo_per_image(model, model.guide, x_ll, 100).mean())
+            per[run, seed] = r
+            print(f"[{run} seed {seed}] {time.perf_counter() - t0:.0f}s  {r['seconds_per_epoch']:.2f} s/epoch  "
+                  f"test LL {r['test_ll']:.3f}  test ELBO {r['test_elbo']:.3f}", flush=True)
+    # per seed: each run's LL and its paired difference to the VAE trained with the same seed (same test images)
+    for (run, seed), r in per.items():
+        diff = lls[run, seed] - lls["vae", seed]
+        r["diff_vs_vae"] = float(diff.mean())
+        r["diff_vs_vae_std_error"] = float(diff.std() / math.sqrt(len(diff)))
+        out["by_seed"].setdefault(run, {})[str(seed)] = {k: round(v, 4) for k, v in r.items()}
+    # summaries over seeds: the mean; the difference's standard error combines the spread over training seeds
+    # (std/sqrt(n_seeds), n_seeds > 1) with the mean paired test-set standard error (1 seed: that alone)
+    out["seeds"] = {run: [sd for sd in seeds if (run, sd) in per] for run in RUNS}
+    out["diff_vs_vae_seeds_positive"] = {}
     for run in RUNS:
-        t0 = time.perf_counter()
-        model, hist = train(run, data, tc, args.seed)
-        models[run] = model
-        out["seconds_per_epoch"][run] = round(statistics.mean(h["seconds"] for h in hist), 2)
-        out["final_train_elbo"][run] = round(hist[-1]["train_elbo"], 2)
-        out["final_val_elbo"][run] = round(hist[-1]["val_elbo"], 2)
-        ll, ess = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], batch_size=10, seed=0,
-                                 return_ess=True)
-        lls[run] = ll.double()
-        mc = (1.0 / ess - 1.0 / s["S"]).clamp(min=0).sqrt()
-        out["test_ll"][run] = round(float(ll.mean()), 3)
-        out["test_ll_std_error"][run] = round(float(ll.std() / math.sqrt(len(ll))), 3)
-        out["test_ll_mc_std_error"][run] = round(float(mc.pow(2).sum().sqrt() / len(ll)), 4)
-        out["test_elbo"][run] = round(float(elbo_per_image(model, model.guide, x_ll, 100).mean()), 3)
-        print(f"[{run}] {time.perf_counter() - t0:.0f}s  {out['seconds_per_epoch'][run]} s/epoch  "
-              f"test LL {out['test_ll'][run]}  test ELBO {out['test_elbo'][run]}", flush=True)
+        rs = [per[run, sd] for sd in out["seeds"][run]]
+        mean = lambda k: statistics.mean(r[k] for r in rs)  # noqa: E731
+        out["test_ll"][run] = round(mean("test_ll"), 3)
+        out["test_ll_std_error"][run] = round(mean("test_ll_std_error"), 3)
+        out["test_ll_mc_std_error"][run] = round(mean("test_ll_mc_std_error"), 4)
+        out["test_elbo"][run] = round(mean("test_elbo"), 3)
+        out["final_train_elbo"][run] = round(mean("final_train_elbo"), 2)
+        out["final_val_elbo"][run] = round(mean("final_val_elbo"), 2)
+        out["seconds_per_epoch"][run] = round(mean("seconds_per_epoch"), 2)
+        d = [r["diff_vs_vae"] for r in rs]
+        paired = mean("diff_vs_vae_std_error")
+        spread = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+        out["test_ll_diff_vs_vae"][run] = round(statistics.mean(d), 3)
+        out["test_ll_diff_vs_vae_std_error"][run] = round(math.sqrt(spread ** 2 + paired ** 2 / len(d)), 3)
+        out["diff_vs_vae_seeds_positive"][run] = f"{sum(v > 0 for v in d)}/{len(d)}"
     for run in RUNS:
-        diff = lls[run] - lls["vae"]
-        out["test_ll_diff_vs_vae"][run] = round(float(diff.mean()), 3)
-        out["test_ll_diff_vs_vae_std_error"][run] = round(float(diff.std() / math.sqrt(len(diff))), 3)
         out["relative_seconds_per_epoch"][run] = round(out["seconds_per_epoch"][run] / out["seconds_per_epoch"]["vae"],
                                                        2)
+    lls = {run: lls[run, seeds[0]] for run in RUNS}
     for run, family in (("vae", "diag"), ("laplace", "full")):
         t0 = time.perf_counter()
         g = amortisation_gap(models[run], x_gap, family, s)
@@ -224,8 +264,11 @@ def main(argv=None):
     }
     env = environment("cpu")
     out.update({
-        "command": ("flock /tmp/ppl_vae_bench.lock nice -n 5 /work/venv/bin/python bench/guides.py"
-                    if not args.quick else "/work/venv/bin/python bench/guides.py --quick"),
+        "command": ("flock /tmp/ppl_vae_bench.lock nice -n 5 /work/venv/bin/python bench/guides.py --threads "
+                    f"{args.threads}" if not args.quick else "/work/venv/bin/python bench/guides.py --quick"),
+        "training_seeds": seeds, "seeded_runs": list(SEEDED),
+        "diff_std_error_note": "paired difference to the VAE of the same seed on the same test images; over seeds "
+                               "sqrt(stdev(diffs)^2/n + mean(paired s.e.)^2/n)",
         "mode": "quick" if args.quick else "full",
         "data": {"name": "fashion_mnist", "pixels": "binary_dynamic (train re-binarised every epoch; val/test "
                  "binarised once, seed 0)", "limit": s["limit"], "train": len(data.train_x), "val": len(data.val_x),
@@ -235,7 +278,8 @@ def main(argv=None):
                   "encoders": "recursive_K: K encoders of this size; gamix: one trunk with K heads; laplace: a mean "
                               "encoder + T=4 damped Newton steps (eta_t = 0.5/(t+1))",
                   "recursive_options": {"divergence_weight": 0.5, "log_ratio_cap": 5.0, "grow_every": 0},
-                  "gamix_options": {"num_components": 3, "var_reg": 0.1}, "batch_size": 100, "lr": 1e-3,
+                  "gamix_options": {"num_components": 3, "var_reg": 0.1},
+                  "gamix_noreg_options": {"num_components": 3, "var_reg": 0.0}, "batch_size": 100, "lr": 1e-3,
                   "ll_num_samples": s["S"], "elbo_particles": s["elbo_particles"], "gap_steps": s["gap_steps"],
                   "gap_particles": s["gap_particles"], "gap_optimiser": "Adam lr 1e-2, cosine decay",
                   "note": "VLAE's 2x500 hidden / 50 latents is too heavy for 2 shared CPU cores; 2x200 / 16 used"},
