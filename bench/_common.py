@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -21,6 +24,22 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     return p
+
+
+def paired(a, b) -> tuple[float, float]:
+    """Mean of a − b over the same items (test images) and its standard error (ddof = 1)."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
+
+
+def over_seeds(per_seed: list[tuple[float, float]]) -> tuple[float, float]:
+    """Combine paired differences (mean, s.e.) from several training seeds: the mean of the means, and a standard
+    error sqrt(stdev(means)²/n + mean(s.e.)²/n) — spread over seeds plus the test-set s.e. (1 seed: that alone)."""
+    means = [m for m, _ in per_seed]
+    n = len(means)
+    spread = statistics.stdev(means) / math.sqrt(n) if n > 1 else 0.0
+    test_se = statistics.mean(se for _, se in per_seed)
+    return statistics.mean(means), math.sqrt(spread ** 2 + test_se ** 2 / n)
 
 
 def environment(device: str) -> dict:

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import environment, finish, parser  # noqa: E402
+from _common import environment, finish, over_seeds, paired, parser  # noqa: E402
 
 from ppl_vae.config import ModelConfig, TrainConfig  # noqa: E402
 from ppl_vae.data import load_data  # noqa: E402
@@ -182,6 +182,18 @@ def amortisation_gap(model, x, family: str, s: dict) -> dict:
             "images_where_optimisation_lost": int((gap < 0).sum()), "_per_image": (amortised, optimised)}
 
 
+def gap_report(model, x, family: str, s: dict, ll: torch.Tensor) -> dict:
+    """:func:`amortisation_gap` on ``x`` plus, with the importance-sampled log p̂(x) ``ll`` of the same images, the
+    approximation gap log p̂ − optimised ELBO; ``_amortised`` (per image) is left in for the inference gap."""
+    g = amortisation_gap(model, x, family, s)
+    amortised, optimised = g.pop("_per_image")
+    ll = ll.double()
+    g["log_likelihood"] = round(float(ll.mean()), 3)
+    g["approximation_gap"] = round(float((ll - optimised.double()).mean()), 3)
+    g["_amortised"] = amortised.double()
+    return g
+
+
 def main(argv=None):
     ap = parser(__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 lets another benchmark share the box)")
@@ -222,12 +234,9 @@ def main(argv=None):
                   f"test LL {r['test_ll']:.3f}  test ELBO {r['test_elbo']:.3f}", flush=True)
     # per seed: each run's LL and its paired difference to the VAE trained with the same seed (same test images)
     for (run, seed), r in per.items():
-        diff = lls[run, seed] - lls["vae", seed]
-        r["diff_vs_vae"] = float(diff.mean())
-        r["diff_vs_vae_std_error"] = float(diff.std() / math.sqrt(len(diff)))
+        r["diff_vs_vae"], r["diff_vs_vae_std_error"] = paired(lls[run, seed], lls["vae", seed])
         out["by_seed"].setdefault(run, {})[str(seed)] = {k: round(v, 4) for k, v in r.items()}
-    # summaries over seeds: the mean; the difference's standard error combines the spread over training seeds
-    # (std/sqrt(n_seeds), n_seeds > 1) with the mean paired test-set standard error (1 seed: that alone)
+    # summaries over seeds: the mean; the difference's standard error from ``over_seeds``
     out["seeds"] = {run: [sd for sd in seeds if (run, sd) in per] for run in RUNS}
     out["diff_vs_vae_seeds_positive"] = {}
     for run in RUNS:
@@ -240,23 +249,19 @@ def main(argv=None):
         out["final_train_elbo"][run] = round(mean("final_train_elbo"), 2)
         out["final_val_elbo"][run] = round(mean("final_val_elbo"), 2)
         out["seconds_per_epoch"][run] = round(mean("seconds_per_epoch"), 2)
-        d = [r["diff_vs_vae"] for r in rs]
-        paired = mean("diff_vs_vae_std_error")
-        spread = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else 0.0
-        out["test_ll_diff_vs_vae"][run] = round(statistics.mean(d), 3)
-        out["test_ll_diff_vs_vae_std_error"][run] = round(math.sqrt(spread ** 2 + paired ** 2 / len(d)), 3)
-        out["diff_vs_vae_seeds_positive"][run] = f"{sum(v > 0 for v in d)}/{len(d)}"
+        d = [(r["diff_vs_vae"], r["diff_vs_vae_std_error"]) for r in rs]
+        m, se = over_seeds(d)
+        out["test_ll_diff_vs_vae"][run] = round(m, 3)
+        out["test_ll_diff_vs_vae_std_error"][run] = round(se, 3)
+        out["diff_vs_vae_seeds_positive"][run] = f"{sum(v > 0 for v, _ in d)}/{len(d)}"
     for run in RUNS:
         out["relative_seconds_per_epoch"][run] = round(out["seconds_per_epoch"][run] / out["seconds_per_epoch"]["vae"],
                                                        2)
     lls = {run: lls[run, seeds[0]] for run in RUNS}
     for run, family in (("vae", "diag"), ("laplace", "full")):
         t0 = time.perf_counter()
-        g = amortisation_gap(models[run], x_gap, family, s)
-        amortised, optimised = g.pop("_per_image")
-        g["log_likelihood"] = round(float(lls[run][: s["n_gap"]].mean()), 3)
-        g["approximation_gap"] = round(float((lls[run][: s["n_gap"]] - optimised.double()).mean()), 3)
-        g["inference_gap"] = round(float((lls[run][: s["n_gap"]] - amortised.double()).mean()), 3)
+        g = gap_report(models[run], x_gap, family, s, lls[run][: s["n_gap"]])
+        g["inference_gap"] = round(float((lls[run][: s["n_gap"]] - g.pop("_amortised")).mean()), 3)
         out["amortisation_gap"][run] = g
         print(f"[gap {run}] {time.perf_counter() - t0:.0f}s {g}", flush=True)
     step = step_timing(data, tc, s["timing_rounds"], s["timing_steps"])

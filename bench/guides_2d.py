@@ -17,7 +17,6 @@ The last line of stdout is the JSON summary (full mode also writes bench/results
 
 from __future__ import annotations
 
-import math
 import statistics
 import sys
 import time
@@ -29,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import environment, finish, parser  # noqa: E402
-from guides import amortisation_gap, beats_vae, elbo_per_image, train  # noqa: E402
+from _common import environment, finish, over_seeds, paired, parser  # noqa: E402
+from guides import beats_vae, elbo_per_image, gap_report, train  # noqa: E402
 
 from ppl_vae.config import TrainConfig  # noqa: E402
 from ppl_vae.data import load_data  # noqa: E402
@@ -76,23 +75,19 @@ def main(argv=None):
            "diff_vs_vae_seeds_positive": {}, "by_seed": {}}
     for run in RUNS:
         sds = [sd for sd in seeds if (run, sd) in per]
-        diffs = [lls[run, sd] - lls["vae", sd] for sd in sds]
-        d = [float(x.mean()) for x in diffs]
-        paired = statistics.mean(float(x.std() / math.sqrt(len(x))) for x in diffs)
-        spread = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+        pairs = [paired(lls[run, sd], lls["vae", sd]) for sd in sds]
+        d = [m for m, _ in pairs]
+        mean_diff, se = over_seeds(pairs)
         out["test_ll"][run] = round(statistics.mean(per[run, sd]["test_ll"] for sd in sds), 3)
         out["test_elbo"][run] = round(statistics.mean(per[run, sd]["test_elbo"] for sd in sds), 3)
-        out["test_ll_diff_vs_vae"][run] = round(statistics.mean(d), 3)
-        out["test_ll_diff_vs_vae_std_error"][run] = round(math.sqrt(spread ** 2 + paired ** 2 / len(d)), 3)
+        out["test_ll_diff_vs_vae"][run] = round(mean_diff, 3)
+        out["test_ll_diff_vs_vae_std_error"][run] = round(se, 3)
         out["diff_vs_vae_seeds_positive"][run] = f"{sum(v > 0 for v in d)}/{len(d)}"
         out["by_seed"][run] = {str(sd): {**{k: round(v, 4) for k, v in per[run, sd].items()},
                                          "diff_vs_vae": round(dv, 4)} for sd, dv in zip(sds, d)}
     x_gap = x_ll[: s["n_gap"]]
-    g = amortisation_gap(models["vae"], x_gap, "diag", s)
-    _, optimised = g.pop("_per_image")
-    ll_gap = lls["vae", seeds[0]][: s["n_gap"]]
-    g["log_likelihood"] = round(float(ll_gap.mean()), 3)
-    g["approximation_gap"] = round(float((ll_gap - optimised.double()).mean()), 3)
+    g = gap_report(models["vae"], x_gap, "diag", s, lls["vae", seeds[0]][: s["n_gap"]])
+    del g["_amortised"]
     out["vae_gaps"] = g
     richer = [r for r in RUNS if r != "vae"]
     out["claims"] = beats_vae(out, richer)

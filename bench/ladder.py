@@ -41,6 +41,9 @@ from pyro.infer import Trace_ELBO
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import paired  # noqa: E402
 
 from ppl_vae.config import ModelConfig, TrainConfig  # noqa: E402
 from ppl_vae.data import load_data  # noqa: E402
@@ -112,11 +115,6 @@ def probes(train_codes, train_y, test_codes, test_y):
             "logreg": LogisticRegression(max_iter=2000).fit(a, train_y).predict(b) == test_y}
     return {k: round(float(v.mean()), 4) for k, v in hits.items()}, hits
 
-
-def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Mean of a − b over the same items and its standard error."""
-    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
 
 
 def density_figure(models, data, path, n=2000):
