@@ -3,7 +3,9 @@ Fashion-MNIST's training images with a 784-500-500-50 ReLU MLP (the size of Park
 
 ``bench/guides.py`` (784-200-200-16, 10,000 images) finds the diagonal Gaussian's approximation gap to be only
 0.5 nats, too little room for a richer family; this script asks whether the mixtures pull ahead with a larger
-decoder, more latents and all of the data. The Laplace guide is left out (25× the VAE's step time: not affordable
+decoder, more latents and all of the data. ``vae_wide`` is the capacity-matched control: the plain VAE with a
+784-H-H-100 encoder whose width H gives it at least the parameters of recursive_5's five encoders and mixing heads
+(not in the default runs; name it in ``--runs``). The Laplace guide is left out (25× the VAE's step time: not affordable
 on this CPU; it is measured in ``bench/guides.py``). Bernoulli likelihood, dynamic binarisation, Adam 1e-3, batch
 100, the same epochs and training seed for every run. The runs train in two worker processes (one torch thread
 each) side by side. ``test_ll``: log p̂(x) with k = 5000 on the first ``n_ll`` test images; the difference to the
@@ -12,12 +14,14 @@ is not included in its s.e.); ``vae_gaps``: the VAE's amortisation and approxima
 
     flock /tmp/ppl_vae_bench.lock nice -n 5 /work/venv/bin/python bench/guides_large.py   # full
     /work/venv/bin/python bench/guides_large.py --quick                                   # < 5 min
+    /work/venv/bin/python bench/guides_large.py --combine      # all seeds' JSONs -> guides_large_seeds.json
 The last line of stdout is the JSON summary (full mode also writes bench/results/guides_large.json).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import time
@@ -30,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import environment, finish, paired, parser  # noqa: E402
+from _common import environment, finish, over_seeds, paired, parser  # noqa: E402
 from guides import beats_vae  # noqa: E402
 
 LATENT, HIDDEN = 50, [500, 500]
@@ -38,7 +42,24 @@ FULL = dict(limit=None, epochs=40, n_ll=500, S=5000, n_gap=100, gap_steps=300, g
             elbo_particles=1000)
 QUICK = dict(limit=1000, epochs=2, n_ll=40, S=1000, n_gap=20, gap_steps=20, gap_particles=4, elbo_particles=100)
 ORDER = ("recursive_5", "recursive_3", "gamix", "vae")   # longest first: two workers finish close together
-ALL = ("vae", "recursive_3", "recursive_5", "gamix", "gamix_noreg")
+ALL = ("vae", "recursive_3", "recursive_5", "gamix", "gamix_noreg", "vae_wide")
+
+
+def n_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def wide_width(data, components: int = 5) -> int:
+    """Hidden width H of a 784-H-H-2L encoder with at least as many parameters as the recursive mixture's
+    ``components`` encoders (plus its mixing heads): the capacity-matched control ``vae_wide``."""
+    import guides
+
+    target = n_params(guides.make_model(f"recursive_{components}", data, latent=LATENT, hidden=HIDDEN).encoder)
+    d, out = math.prod(data.shape), 2 * LATENT
+    # parameters of d-H-H-out: (d+1)H + (H+1)H + (H+1)out = H^2 + (d+2+out)H + out; smallest H reaching target
+    b = d + 2 + out
+    h = math.ceil((-b + math.sqrt(b * b + 4 * (target - out))) / 2)
+    return h
 
 
 def _data(s):
@@ -57,14 +78,22 @@ def work(run: str, s: dict, seed: int) -> dict:
     data = _data(s)
     tc = TrainConfig(epochs=s["epochs"], batch_size=100, lr=1e-3)
     t0 = time.perf_counter()
-    model, hist = guides.train(run, data, tc, seed, latent=LATENT, hidden=HIDDEN)
+    if run == "vae_wide":
+        width = wide_width(data)
+        model, hist = guides.train("vae", data, tc, seed, latent=LATENT, hidden=HIDDEN,
+                                   encoder_hidden=[width, width])
+    else:
+        model, hist = guides.train(run, data, tc, seed, latent=LATENT, hidden=HIDDEN)
     train_s = time.perf_counter() - t0
     x_ll = data.test_x[: s["n_ll"]]
     ll = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], batch_size=10, seed=0)
     res = {"ll": ll.double().numpy(), "test_elbo": float(guides.elbo_per_image(model, model.guide, x_ll, 100).mean()),
            "train_seconds": train_s, "seconds_per_epoch": statistics.mean(h["seconds"] for h in hist),
            "final_train_elbo": hist[-1]["train_elbo"], "final_val_elbo": hist[-1]["val_elbo"],
-           "sizes": {"train": len(data.train_x), "test_used_for_ll": len(x_ll)}}
+           "sizes": {"train": len(data.train_x), "test_used_for_ll": len(x_ll)},
+           "encoder_parameters": n_params(model.encoder)}
+    if run == "vae_wide":
+        res["encoder_hidden"] = [width, width]
     if run == "vae":
         g = guides.gap_report(model, x_ll[: s["n_gap"]], "diag", s, ll[: s["n_gap"]])
         del g["_amortised"]
@@ -74,12 +103,52 @@ def work(run: str, s: dict, seed: int) -> dict:
     return res
 
 
+def combine(paths) -> dict:
+    """Every seed's paired difference to the VAE, combined over training seeds (``_common.over_seeds``), with the
+    count of seeds where the run beat its VAE and a t statistic of the seed means (n − 1 degrees of freedom)."""
+    per = {}
+    for p in sorted(paths):
+        d = json.loads(Path(p).read_text())
+        if d.get("mode") != "full":
+            continue
+        for run, diff in d["test_ll_diff_vs_vae"].items():
+            if run != "vae":
+                per.setdefault(run, {})[d["training_seed"]] = (diff, d["test_ll_diff_vs_vae_std_error"][run])
+        per.setdefault("vae", {})[d["training_seed"]] = (d["test_ll"]["vae"], 0.0)
+    out = {"test_ll_vae_by_seed": {str(k): v[0] for k, v in sorted(per.pop("vae").items())},
+           "test_ll_diff_vs_vae": {}, "test_ll_diff_vs_vae_std_error": {}, "seeds_positive": {}, "t_statistic": {},
+           "by_seed": {}}
+    for run, by in per.items():
+        pairs = [by[k] for k in sorted(by)]
+        m, se = over_seeds(pairs)
+        means = [a for a, _ in pairs]
+        out["test_ll_diff_vs_vae"][run] = round(m, 3)
+        out["test_ll_diff_vs_vae_std_error"][run] = round(se, 3)
+        out["seeds_positive"][run] = f"{sum(a > 0 for a in means)}/{len(means)}"
+        out["t_statistic"][run] = (round(statistics.mean(means) / (statistics.stdev(means) / math.sqrt(len(means))), 2)
+                                   if len(means) > 1 and statistics.stdev(means) > 0 else None)
+        out["by_seed"][run] = {str(k): {"diff": v[0], "std_error": v[1]} for k, v in sorted(by.items())}
+    out["claims"] = beats_vae(out, [r for r in per if r != "vae_wide"])
+    out["sources"] = [str(Path(p).relative_to(ROOT)) if Path(p).is_absolute() else str(p) for p in sorted(paths)]
+    out["command"] = "/work/venv/bin/python bench/guides_large.py --combine"
+    return out
+
+
 def main(argv=None):
     ap = parser(__doc__.split("\n")[0])
+    ap.add_argument("--combine", action="store_true",
+                    help="combine bench/results/guides_large.json and guides_large_seed*.json over training seeds "
+                         "into bench/results/guides_large_seeds.json (no training)")
     ap.add_argument("--runs", default=",".join(ORDER),
                     help=f"comma-separated runs, submitted in this order to two workers; from {', '.join(ALL)}")
     ap.add_argument("--out", default=None, help="JSON path (full mode default: bench/results/guides_large.json)")
     args = ap.parse_args(argv)
+    if args.combine:
+        res_dir = ROOT / "bench" / "results"
+        out = combine([res_dir / "guides_large.json", *res_dir.glob("guides_large_seed[0-9]*.json")])
+        (res_dir / "guides_large_seeds.json").write_text(json.dumps(out, indent=2) + "\n")
+        print(json.dumps(out))
+        return
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     bad = [r for r in runs if r not in ALL]
     if bad or "vae" not in runs:
@@ -91,9 +160,10 @@ def main(argv=None):
         res = {run: f.result() for run, f in futures.items()}
     vae = res["vae"]["ll"]
     out = {"test_ll": {}, "test_ll_diff_vs_vae": {}, "test_ll_diff_vs_vae_std_error": {}, "test_elbo": {},
-           "final_train_elbo": {}, "final_val_elbo": {}, "seconds_per_epoch": {}, "relative_seconds_per_epoch": {}}
-    richer = [r for r in ALL if r in res and r != "vae"]
-    for run in ["vae", *richer]:
+           "final_train_elbo": {}, "final_val_elbo": {}, "seconds_per_epoch": {}, "relative_seconds_per_epoch": {},
+           "encoder_parameters": {}}
+    richer = [r for r in ALL if r in res and r not in ("vae", "vae_wide")]
+    for run in ["vae", *richer, *(["vae_wide"] if "vae_wide" in res else [])]:
         r = res[run]
         m, se = paired(r["ll"], vae)
         out["test_ll"][run] = round(float(r["ll"].mean()), 3)
@@ -104,6 +174,7 @@ def main(argv=None):
         out["final_val_elbo"][run] = round(r["final_val_elbo"], 2)
         out["seconds_per_epoch"][run] = round(r["seconds_per_epoch"], 2)
         out["relative_seconds_per_epoch"][run] = round(r["seconds_per_epoch"] / res["vae"]["seconds_per_epoch"], 2)
+        out["encoder_parameters"][run] = r["encoder_parameters"]
     out["vae_gaps"] = res["vae"]["gaps"]
     out["claims"] = beats_vae(out, richer)
     env = environment("cpu")
@@ -116,7 +187,8 @@ def main(argv=None):
         "sizes": {"latent_dim": LATENT, "hidden": HIDDEN, "epochs": s["epochs"], "batch_size": 100, "lr": 1e-3,
                   "ll_num_samples": s["S"], "recursive_options": {"divergence_weight": 0.5, "log_ratio_cap": 5.0},
                   "gamix_options": {"num_components": 3, "var_reg": 0.1},
-                  "gamix_noreg_options": {"num_components": 3, "var_reg": 0.0}},
+                  "gamix_noreg_options": {"num_components": 3, "var_reg": 0.0},
+                  **({"vae_wide_encoder_hidden": res["vae_wide"]["encoder_hidden"]} if "vae_wide" in res else {})},
         "timing_note": "seconds_per_epoch: each run's fit loop in one of two worker processes running side by side "
                        "(one torch thread each) on a shared 2-core machine; ratios are indicative",
         "hardware": {"platform": env["platform"], "cpu_count": env["cpu_count"], "workers": 2,
