@@ -1,16 +1,17 @@
 """The mixture guides at VLAE's network size: VAE vs recursive mixture (3, 5 components) vs GAMIX on all of
 Fashion-MNIST's training images with a 784-500-500-50 ReLU MLP (the size of Park et al.'s VLAE experiments).
 
-``bench/guides.py`` (784-200-200-16, 10,000 images) finds the diagonal Gaussian's approximation gap to be only
-0.5 nats, too little room for a richer family; this script asks whether the mixtures pull ahead with a larger
-decoder, more latents and all of the data. ``vae_wide`` is the capacity-matched control: the plain VAE with a
-784-H-H-100 encoder whose width H gives it at least the parameters of recursive_5's five encoders and mixing heads
-(not in the default runs; name it in ``--runs``). The Laplace guide is left out (25× the VAE's step time: not affordable
-on this CPU; it is measured in ``bench/guides.py``). Bernoulli likelihood, dynamic binarisation, Adam 1e-3, batch
-100, the same epochs and training seed for every run. The runs train in two worker processes (one torch thread
-each) side by side. ``test_ll``: log p̂(x) with k = 5000 on the first ``n_ll`` test images; the difference to the
-VAE is paired over the same images (one training seed: the seed-to-seed spread of ``bench/guides.py``, ~0.3 nats,
-is not included in its s.e.); ``vae_gaps``: the VAE's amortisation and approximation gaps on ``n_gap`` images.
+``bench/guides.py`` (784-200-200-16, 10,000 images) finds the diagonal Gaussian's approximation gap to be only 0.5
+nats, too little room for a richer family; this script asks whether the mixtures pull ahead with a larger decoder,
+more latents and all of the data. ``vae_wide`` is the capacity-matched control: the plain VAE with a 784-H-H-100
+encoder whose width H gives it at least the parameters of recursive_5's five encoders and mixing heads (not in the
+default runs; name it in ``--runs``). The Laplace guide is left out (25× the VAE's step time: not affordable on this
+CPU; it is measured in ``bench/guides.py``). Bernoulli likelihood, dynamic binarisation, Adam 1e-3, batch 100, the
+same epochs and training seed for every run. The runs train in two worker processes (one torch thread each) side by
+side. ``test_ll``: log p̂(x) with k = 5000 on the first ``n_ll`` test images; the difference to the VAE is paired
+over the same images (one training seed per invocation: its s.e. is the test-set s.e. only; ``--combine`` adds the
+spread over the seeds run with ``--seed N --out bench/results/guides_large_seedN.json``); ``vae_gaps``: the VAE's
+amortisation and approximation gaps on ``n_gap`` images.
 
     flock /tmp/ppl_vae_bench.lock nice -n 5 /work/venv/bin/python bench/guides_large.py   # full
     /work/venv/bin/python bench/guides_large.py --quick                                   # < 5 min

@@ -266,7 +266,8 @@ def main(argv=None):
     env = environment("cpu")
     out.update({
         "command": ("flock /tmp/ppl_vae_bench.lock nice -n 5 /work/venv/bin/python bench/laplace_2d.py --threads "
-                    f"{args.threads}" + (f" --epochs {args.epochs} --runs {args.runs} --out {args.out}" if args.out else "")
+                    f"{args.threads}"
+                    + (f" --epochs {args.epochs} --runs {args.runs} --out {args.out}" if args.out else "")
                     if not args.quick else "/work/venv/bin/python bench/laplace_2d.py --quick"),
         "mode": "quick" if args.quick else "full", "training_seed": args.seed,
         "data": {"name": "fashion_mnist", "pixels": "binary_dynamic", "limit": s["limit"],
