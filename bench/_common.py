@@ -58,9 +58,11 @@ def environment(device: str) -> dict:
     return env
 
 
-def finish(name: str, result: dict, quick: bool) -> None:
-    """Full mode writes bench/results/<name>.json; both modes print the JSON object as the last line."""
+def finish(name: str, result: dict, quick: bool, out: str | None = None) -> None:
+    """Full mode writes bench/results/<name>.json (or ``out``, e.g. a second seed's file); both modes print the JSON
+    object as the last line."""
     if not quick:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        path = Path(out) if out else RESULTS / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

@@ -196,11 +196,7 @@ def main(argv=None):
                      "torch_threads_per_worker": 1},
         "environment": env, "date": env["date"], "total_seconds": round(time.perf_counter() - t_start, 1),
     })
-    if args.out and not args.quick:
-        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-        print(json.dumps(out))
-    else:
-        finish("guides_large", out, args.quick)
+    finish("guides_large", out, args.quick, args.out)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ The last line of stdout is the JSON summary (full mode also writes bench/results
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import sys
@@ -279,11 +278,7 @@ def main(argv=None):
                      "torch_threads": torch.get_num_threads()},
         "environment": env, "date": env["date"], "total_seconds": round(time.perf_counter() - t_start, 1),
     })
-    if args.out and not args.quick:
-        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-        print(json.dumps(out))
-    else:
-        finish("laplace_2d", out, args.quick)
+    finish("laplace_2d", out, args.quick, args.out)
 
 
 if __name__ == "__main__":
