@@ -51,7 +51,6 @@ from ppl_vae.infer import fit  # noqa: E402
 from ppl_vae.infer.iwae import importance_log_weights  # noqa: E402
 from ppl_vae.models import build_model  # noqa: E402
 from ppl_vae.models._common import data_plate  # noqa: E402
-from ppl_vae.nets import MLPEncoder  # noqa: E402
 
 FULL = dict(limit=10000, epochs=20, n_ll=1000, S=5000, n_gap=200, gap_steps=300, gap_particles=16,
             elbo_particles=1000, timing_rounds=5, timing_steps=3, seeds=(0, 1, 2))
@@ -86,16 +85,12 @@ def objective(model, tc: TrainConfig):
     return model.make_objective(tc) if hasattr(model, "make_objective") else build_objective(tc)
 
 
-def train(run, data, tc, seed=0, latent: int = LATENT, hidden=None, encoder_hidden=None, prepare=None):
-    """Train ``run`` with SVI; ``encoder_hidden`` replaces a plain VAE's encoder by a wider MLP (capacity control);
-    ``prepare(model)`` is applied before training (an ablation's change to the model)."""
+def train(run, data, tc, seed=0, latent: int = LATENT, hidden=None, prepare=None):
+    """Train ``run`` with SVI; ``prepare(model)`` is applied before training (a control's or an ablation's change to
+    the model, e.g. a wider encoder or a detached decoder inside the guide)."""
     model = make_model(run, data, seed, latent, hidden)
     if prepare is not None:
         prepare(model)
-    if encoder_hidden is not None:
-        if not isinstance(model.encoder, MLPEncoder):
-            raise ValueError(f"encoder_hidden applies to the plain VAE's MLP encoder, not to run {run!r}")
-        model.encoder = MLPEncoder(data.shape, latent, tuple(encoder_hidden), "relu")
     hook = getattr(model, "on_epoch_end", None)
     res = fit(model.model, model.guide, data, objective(model, tc), tc, seed=seed, progress=False,
               on_epoch_end=(lambda e, r: hook(e, r, data)) if hook else None, module=model)

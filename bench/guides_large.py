@@ -80,9 +80,14 @@ def work(run: str, s: dict, seed: int) -> dict:
     tc = TrainConfig(epochs=s["epochs"], batch_size=100, lr=1e-3)
     t0 = time.perf_counter()
     if run == "vae_wide":
+        from ppl_vae.nets import MLPEncoder
+
         width = wide_width(data)
-        model, hist = guides.train("vae", data, tc, seed, latent=LATENT, hidden=HIDDEN,
-                                   encoder_hidden=[width, width])
+
+        def widen(model):
+            model.encoder = MLPEncoder(data.shape, LATENT, (width, width), "relu")
+
+        model, hist = guides.train("vae", data, tc, seed, latent=LATENT, hidden=HIDDEN, prepare=widen)
     else:
         model, hist = guides.train(run, data, tc, seed, latent=LATENT, hidden=HIDDEN)
     train_s = time.perf_counter() - t0

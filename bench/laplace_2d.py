@@ -55,8 +55,7 @@ from guides import amortisation_gap, elbo_per_image, train  # noqa: E402
 from ppl_vae.config import TrainConfig  # noqa: E402
 from ppl_vae.data import load_data  # noqa: E402
 from ppl_vae.evaluate.likelihood import log_likelihood  # noqa: E402
-from ppl_vae.guides.laplace import (_precision_terms, _relu_mlp_layers, batch_jacobian,  # noqa: E402
-                                    laplace_posterior, precision_to_scale_tril)
+from ppl_vae.guides.laplace import _relu_mlp_layers, laplace_posterior, precision_to_scale_tril  # noqa: E402
 
 LATENT = 2
 FULL = dict(limit=10000, epochs=20, n=200, S=5000, radius=8.0, grid=1601, gap_steps=300, gap_particles=16,
@@ -109,8 +108,6 @@ def grid_posterior(model, x: torch.Tensor, radius: float, n: int, chunk: int = 2
     mean = s1 / s0[:, None]
     cov = s2 / s0[:, None, None] - mean[:, :, None] * mean[:, None, :]
     return {"log_px": m + s0.log(), "mean": mean, "cov": cov, "mode": mode.double(), "spacing": h}
-    cov = s2 / s0[:, None, None] - mean[:, :, None] * mean[:, None, :]
-    return {"log_px": m + s0.log(), "mean": mean, "cov": cov, "mode": mode.double(), "spacing": h}
 
 
 @torch.no_grad()
@@ -134,13 +131,12 @@ def mahalanobis(d: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def laplace_at(model, x, z: torch.Tensor):
-    """(z, scale_tril of Λ(z)⁻¹): the Laplace approximation of the model's posterior at the point z."""
-    layers = _relu_mlp_layers(model.decoder)
-    J, out = batch_jacobian(model.decoder, z, layers)
-    WtDW, _ = _precision_terms(x.reshape(len(x), -1), out, J, "bernoulli", 1.0)
-    prec = WtDW + torch.eye(z.shape[-1])
-    return z, torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(prec)))
+def laplace_q(model, x, mu0: torch.Tensor, num_steps: int = 4):
+    """(μ, scale_tril) of the Laplace guide on ``model``'s decoder: ``num_steps`` damped steps from ``mu0`` (0: the
+    Laplace approximation N(mu0, Λ(mu0)⁻¹) at that point)."""
+    mu, prec = laplace_posterior(x, mu0, lambda z: model.decoder(z).reshape(len(z), -1), likelihood="bernoulli",
+                                 num_steps=num_steps, layers=_relu_mlp_layers(model.decoder))
+    return mu, precision_to_scale_tril(prec)
 
 
 def detach_decoder_in_guide(model) -> None:
@@ -159,8 +155,8 @@ def detach_decoder_in_guide(model) -> None:
 
 
 def mean_se(v: torch.Tensor) -> list[float]:
-    v = v.double()
-    return [round(float(v.mean()), 3), round(float(v.std() / math.sqrt(len(v))), 3)]
+    """[mean, standard error] over images, rounded."""
+    return [round(a, 3) for a in paired(v.double(), 0.0)]
 
 
 def evaluate(run: str, model, x, s: dict) -> tuple[dict, dict]:
@@ -201,14 +197,12 @@ def evaluate(run: str, model, x, s: dict) -> tuple[dict, dict]:
     if run == "vae":
         # the Laplace guide (T = 4 damped steps from the VAE encoder's mean) on the VAE's own decoder
         with torch.no_grad():
-            mu, prec = laplace_posterior(x, model.encoder(x)[0], lambda z: model.decoder(z).reshape(len(z), -1),
-                                         likelihood="bernoulli", layers=_relu_mlp_layers(model.decoder))
-            lap = gaussian_elbo(model, x, mu, precision_to_scale_tril(prec), s["elbo_particles"])
+            lap = gaussian_elbo(model, x, *laplace_q(model, x, model.encoder(x)[0]), s["elbo_particles"])
         rep["laplace_guide_on_this_decoder_elbo"] = mean_se(lap)
         rep["laplace_guide_on_this_decoder_minus_encoder_elbo"] = mean_se(lap - elbo)
-    if run != "vae":
+    else:
         rep["mode_offset"] = mean_se(mahalanobis(q_loc - exact["mode"], exact["cov"]))
-        z_star, tril = laplace_at(model, x, exact["mode"].float())
+        z_star, tril = laplace_q(model, x, exact["mode"].float(), num_steps=0)
         rep["laplace_at_mode_elbo"] = mean_se(gaussian_elbo(model, x, z_star, tril, s["elbo_particles"]))
         rep["laplace_at_mode_logdet_ratio"] = mean_se(
             2 * tril.double().diagonal(dim1=-2, dim2=-1).log().sum(-1) - torch.logdet(exact["cov"]))
