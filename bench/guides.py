@@ -60,6 +60,7 @@ LATENT, HIDDEN = 16, [200, 200]
 RUNS = {
     "vae": ("vae", {}),
     "laplace": ("vae_laplace", {"num_steps": 4, "damping": "vlae"}),
+    "laplace_ls": ("vae_laplace", {"num_steps": 4, "damping": "line_search"}),   # our line-searched steps
     "recursive_1": ("vae_recursive", {"num_components": 1}),
     "recursive_3": ("vae_recursive", {"num_components": 3}),
     "recursive_5": ("vae_recursive", {"num_components": 5}),

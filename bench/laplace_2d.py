@@ -25,12 +25,16 @@ first ``n`` test images each model reports:
   encoder's mean) on the VAE's trained decoder, and its difference to the VAE encoder's ELBO.
   ``laplace_detached`` (ablation): the Laplace guide with the decoder's weights detached inside the guide, so
   the decoder learns only through E_q[log p(x|z)], as a VAE's decoder does.
+  ``laplace_ls``: the Laplace guide with line-searched steps (``damping="line_search"``: per image the η of
+  {1, ½, ¼, ⅛, 0} with the highest exact log joint) instead of the VLAE schedule; the VAE row also reports this
+  guide on the VAE's decoder (``laplace_ls_guide_on_this_decoder_minus_encoder_elbo``).
   Laplace rows only: ``mode_offset`` (μ_T to the grid mode, same units) and ``laplace_at_mode_elbo``, the ELBO of
   N(z*, Λ(z*)⁻¹) — the Laplace approximation at the true mode, i.e. what perfect mode finding would give.
 
     flock /tmp/ppl_vae_bench.lock nice -n 5 /work/venv/bin/python bench/laplace_2d.py --threads 1   # full
     /work/venv/bin/python bench/laplace_2d.py --quick                                              # < 5 min
     ... bench/laplace_2d.py --threads 1 --epochs 60 --runs vae,laplace --out bench/results/laplace_2d_60ep.json
+    ... bench/laplace_2d.py --threads 1 --runs vae,laplace_ls --out bench/results/laplace_2d_ls.json
 The last line of stdout is the JSON summary (full mode also writes bench/results/laplace_2d.json).
 """
 
@@ -55,12 +59,13 @@ from guides import amortisation_gap, elbo_per_image, train  # noqa: E402
 from ppl_vae.config import TrainConfig  # noqa: E402
 from ppl_vae.data import load_data  # noqa: E402
 from ppl_vae.evaluate.likelihood import log_likelihood  # noqa: E402
-from ppl_vae.guides.laplace import _relu_mlp_layers, laplace_posterior, precision_to_scale_tril  # noqa: E402
+from ppl_vae.guides.laplace import (_relu_mlp_layers, laplace_posterior, precision_to_scale_tril,  # noqa: E402
+                                    vlae_damping)
 
 LATENT = 2
 FULL = dict(limit=10000, epochs=20, n=200, S=5000, radius=8.0, grid=1601, gap_steps=300, gap_particles=16,
             elbo_particles=1000)
-RUNS = ("vae", "laplace", "laplace_detached")
+RUNS = ("vae", "laplace", "laplace_detached", "laplace_ls")
 QUICK = dict(limit=1000, epochs=2, n=20, S=1000, radius=8.0, grid=481, gap_steps=30, gap_particles=8,
              elbo_particles=200)
 
@@ -131,11 +136,12 @@ def mahalanobis(d: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def laplace_q(model, x, mu0: torch.Tensor, num_steps: int = 4):
-    """(μ, scale_tril) of the Laplace guide on ``model``'s decoder: ``num_steps`` damped steps from ``mu0`` (0: the
-    Laplace approximation N(mu0, Λ(mu0)⁻¹) at that point)."""
+def laplace_q(model, x, mu0: torch.Tensor, num_steps: int = 4, damping="vlae"):
+    """(μ, scale_tril) of the Laplace guide on ``model``'s decoder: ``num_steps`` steps from ``mu0`` with the VLAE
+    schedule or ``damping="line_search"`` (0 steps: the Laplace approximation N(mu0, Λ(mu0)⁻¹) at that point)."""
     mu, prec = laplace_posterior(x, mu0, lambda z: model.decoder(z).reshape(len(z), -1), likelihood="bernoulli",
-                                 num_steps=num_steps, layers=_relu_mlp_layers(model.decoder))
+                                 num_steps=num_steps, layers=_relu_mlp_layers(model.decoder),
+                                 damping=vlae_damping if damping == "vlae" else damping)
     return mu, precision_to_scale_tril(prec)
 
 
@@ -198,8 +204,11 @@ def evaluate(run: str, model, x, s: dict) -> tuple[dict, dict]:
         # the Laplace guide (T = 4 damped steps from the VAE encoder's mean) on the VAE's own decoder
         with torch.no_grad():
             lap = gaussian_elbo(model, x, *laplace_q(model, x, model.encoder(x)[0]), s["elbo_particles"])
+            lap_ls = gaussian_elbo(model, x, *laplace_q(model, x, model.encoder(x)[0], damping="line_search"),
+                                   s["elbo_particles"])
         rep["laplace_guide_on_this_decoder_elbo"] = mean_se(lap)
         rep["laplace_guide_on_this_decoder_minus_encoder_elbo"] = mean_se(lap - elbo)
+        rep["laplace_ls_guide_on_this_decoder_minus_encoder_elbo"] = mean_se(lap_ls - elbo)
     else:
         rep["mode_offset"] = mean_se(mahalanobis(q_loc - exact["mode"], exact["cov"]))
         z_star, tril = laplace_q(model, x, exact["mode"].float(), num_steps=0)
@@ -234,7 +243,7 @@ def main(argv=None):
     out, per = {"by_run": {}}, {}
     for run in runs:
         t0 = time.perf_counter()
-        model, hist = train("vae" if run == "vae" else "laplace", data, tc, args.seed, latent=LATENT,
+        model, hist = train("laplace" if run == "laplace_detached" else run, data, tc, args.seed, latent=LATENT,
                             prepare=detach_decoder_in_guide if run == "laplace_detached" else None)
         train_s = time.perf_counter() - t0
         # the matrix form of log p(x|z) used on the grid must be the model's own likelihood
@@ -260,14 +269,16 @@ def main(argv=None):
     out.update({
         "command": ("flock /tmp/ppl_vae_bench.lock nice -n 5 /work/venv/bin/python bench/laplace_2d.py --threads "
                     f"{args.threads}"
-                    + (f" --epochs {args.epochs} --runs {args.runs} --out {args.out}" if args.out else "")
+                    + (f" --epochs {args.epochs}" if args.epochs is not None else "")
+                    + (f" --runs {args.runs}" if runs != list(RUNS) else "") + (f" --out {args.out}" if args.out else "")
                     if not args.quick else "/work/venv/bin/python bench/laplace_2d.py --quick"),
         "mode": "quick" if args.quick else "full", "training_seed": args.seed,
         "data": {"name": "fashion_mnist", "pixels": "binary_dynamic", "limit": s["limit"],
                  "train": len(data.train_x), "test_images": len(x)},
         "sizes": {"latent_dim": LATENT, "hidden": [200, 200], "epochs": s["epochs"], "batch_size": 100, "lr": 1e-3,
                   "ll_num_samples": s["S"], "grid": f"{s['grid']}x{s['grid']} on [-{s['radius']}, {s['radius']}]^2",
-                  "laplace_options": {"num_steps": 4, "damping": "vlae"}},
+                  "laplace_options": {"num_steps": 4, "damping": "vlae"},
+                  "laplace_ls_options": {"num_steps": 4, "damping": "line_search"}},
         "hardware": {"platform": env["platform"], "cpu_count": env["cpu_count"],
                      "torch_threads": torch.get_num_threads()},
         "environment": env, "date": env["date"], "total_seconds": round(time.perf_counter() - t_start, 1),

@@ -13,13 +13,14 @@ The models that use them are registered in :mod:`ppl_vae.models` as ``vae_laplac
 ``vae_gamix``.
 """
 
-from .laplace import LaplaceGuide, MeanEncoder, batch_jacobian, laplace_posterior, precision_to_scale_tril, vlae_damping
+from .laplace import (LaplaceGuide, MeanEncoder, batch_jacobian, laplace_posterior, log_joint,
+                      precision_to_scale_tril, vlae_damping)
 from .mixture import (DiagNormalMixture, MixtureEncoder, PenalisedELBO, implicit_mixture_rsample, mixture_moments,
                       variance_collapse_penalty)
 from .recursive import (RecursiveMixtureELBO, RecursiveMixtureEncoder, recursive_log_weights,
                         recursive_mixture_distribution, recursive_mixture_terms)
 
 __all__ = ["LaplaceGuide", "MeanEncoder", "laplace_posterior", "batch_jacobian", "precision_to_scale_tril",
-           "vlae_damping", "DiagNormalMixture", "MixtureEncoder", "PenalisedELBO", "implicit_mixture_rsample",
-           "mixture_moments", "variance_collapse_penalty", "RecursiveMixtureELBO", "RecursiveMixtureEncoder",
+           "vlae_damping", "log_joint", "DiagNormalMixture", "MixtureEncoder", "PenalisedELBO",
+           "implicit_mixture_rsample", "mixture_moments", "variance_collapse_penalty", "RecursiveMixtureELBO", "RecursiveMixtureEncoder",
            "recursive_log_weights", "recursive_mixture_distribution", "recursive_mixture_terms"]

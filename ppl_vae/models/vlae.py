@@ -3,7 +3,8 @@
 Model: z ~ N(0, I), x ~ p_θ(x | z) (Bernoulli or Gaussian). Guide: from the encoder's μ₀(x), T damped Newton
 steps on the locally linearised decoder, then q(z|x) = N(μ_T, Λ(μ_T)⁻¹) with Λ = WᵀDW + I (full covariance; see
 :mod:`ppl_vae.guides.laplace`). Registered as ``vae_laplace`` with options ``num_steps`` (T, default 4) and
-``damping`` ("vlae" for η_t = 0.5/(t+1), or a number in (0, 1]).
+``damping`` ("vlae" for η_t = 0.5/(t+1), a number in (0, 1], or "line_search" for the per-point best step by
+the exact log joint — our addition, see :mod:`ppl_vae.guides.laplace`).
 """
 
 from __future__ import annotations
@@ -67,9 +68,11 @@ class LaplaceVAE(VAE):
 def _damping_option(value):
     if value == "vlae":
         return vlae_damping
+    if value == "line_search":
+        return value
     if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
         return float(value)
-    raise ConfigError(f"model.options.damping must be 'vlae' (η_t = 0.5/(t+1)) or a number in (0, 1], got {value!r}")
+    raise ConfigError(f"model.options.damping must be 'vlae' (η_t = 0.5/(t+1)), 'line_search' or a number in (0, 1], got {value!r}")
 
 
 @register_model("vae_laplace")
