@@ -88,7 +88,8 @@ def main(argv=None):
     out.update({
         "command": ("flock /tmp/ppl_vae_bench.lock nice -n 5 /work/venv/bin/python bench/laplace_ls.py --threads "
                     f"{args.threads}" + (f" --seed {args.seed}" if args.seed else "")
-                    + (f" --runs {args.runs}" if runs != list(LS_RUNS) else "") + (f" --out {args.out}" if args.out else "")
+                    + (f" --runs {args.runs}" if runs != list(LS_RUNS) else "")
+                    + (f" --out {args.out}" if args.out else "")
                     if not args.quick else "/work/venv/bin/python bench/laplace_ls.py --quick"),
         "mode": "quick" if args.quick else "full", "training_seed": args.seed,
         "data": {"name": "fashion_mnist", "pixels": "binary_dynamic", "limit": s["limit"],

@@ -22,5 +22,6 @@ from .recursive import (RecursiveMixtureELBO, RecursiveMixtureEncoder, recursive
 
 __all__ = ["LaplaceGuide", "MeanEncoder", "laplace_posterior", "batch_jacobian", "precision_to_scale_tril",
            "vlae_damping", "log_joint", "DiagNormalMixture", "MixtureEncoder", "PenalisedELBO",
-           "implicit_mixture_rsample", "mixture_moments", "variance_collapse_penalty", "RecursiveMixtureELBO", "RecursiveMixtureEncoder",
-           "recursive_log_weights", "recursive_mixture_distribution", "recursive_mixture_terms"]
+           "implicit_mixture_rsample", "mixture_moments", "variance_collapse_penalty", "RecursiveMixtureELBO",
+           "RecursiveMixtureEncoder", "recursive_log_weights", "recursive_mixture_distribution",
+           "recursive_mixture_terms"]

@@ -31,11 +31,11 @@ For a sigmoid link with Gaussian output the Hessian drops the link's curvature (
 non-piecewise-linear decoder; for a linear decoder (the linear-Gaussian model) one undamped step gives the exact
 posterior and Λ⁻¹ is the exact posterior covariance.
 
-Measured behaviour of the VLAE schedule (``bench/laplace_2d.py``, exact posteriors by quadrature, 784-200-200-2 Bernoulli MLP on
-Fashion-MNIST): with 2 latents this guide is the better posterior on any fixed decoder (half the VAE encoder's
-KL(q‖p)), but SVI *through* it trains unstably — the training ELBO collapses in spikes and the decoder ends 6.7 nats
-(20 epochs) to 16.4 nats (60 epochs) below a VAE's; with 16 latents (``bench/guides.py``) it trains smoothly and
-beats the VAE by 4.8 nats.
+Measured behaviour of the VLAE schedule (``bench/laplace_2d.py``, exact posteriors by quadrature, 784-200-200-2
+Bernoulli MLP on Fashion-MNIST): with 2 latents this guide is the better posterior on any fixed decoder (half the
+VAE encoder's KL(q‖p)), but SVI *through* it trains unstably — the training ELBO collapses in spikes and the
+decoder ends 6.7 nats (20 epochs) to 16.4 nats (60 epochs) below a VAE's; with 16 latents (``bench/guides.py``) it
+trains smoothly and beats the VAE by 4.8 nats.
 
 Jacobians: for an ``nn.Sequential`` of ``Linear``/``ReLU`` layers (``ppl_vae.nets.MLPDecoder``) the ReLU-mask
 identity W = W_L diag(m_{L−1}) W_{L−1} ⋯ diag(m_1) W_1 (masks m at the current point) is used; any other

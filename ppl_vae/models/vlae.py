@@ -72,7 +72,8 @@ def _damping_option(value):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
         return float(value)
-    raise ConfigError(f"model.options.damping must be 'vlae' (η_t = 0.5/(t+1)), 'line_search' or a number in (0, 1], got {value!r}")
+    raise ConfigError(f"model.options.damping must be 'vlae' (η_t = 0.5/(t+1)), 'line_search' or a number in (0, 1], "
+                      f"got {value!r}")
 
 
 @register_model("vae_laplace")
