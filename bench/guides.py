@@ -60,20 +60,32 @@ LATENT, HIDDEN = 16, [200, 200]
 RUNS = {
     "vae": ("vae", {}),
     "laplace": ("vae_laplace", {"num_steps": 4, "damping": "vlae"}),
-    "laplace_ls": ("vae_laplace", {"num_steps": 4, "damping": "line_search"}),   # our line-searched steps
     "recursive_1": ("vae_recursive", {"num_components": 1}),
     "recursive_3": ("vae_recursive", {"num_components": 3}),
     "recursive_5": ("vae_recursive", {"num_components": 5}),
     "gamix": ("vae_gamix", {"num_components": 3, "var_reg": 0.1}),
     "gamix_noreg": ("vae_gamix", {"num_components": 3, "var_reg": 0.0}),
 }
+# Runs that other scripts train through make_model/train but bench/guides.py itself does not (its outputs keep their
+# keys): bench/laplace_ls.py's line-searched Laplace steps, bench/recursive_seeds.py's grown recursive mixture.
+EXTRA_RUNS = {
+    "laplace_ls": ("vae_laplace", {"num_steps": 4, "damping": "line_search"}),
+    "recursive_5_grown": ("vae_recursive", {"num_components": 5, "grow_every": 3}),
+}
+
+
+def run_config(run: str) -> tuple[str, dict]:
+    """(registered model name, options) of a run of RUNS or EXTRA_RUNS."""
+    return RUNS[run] if run in RUNS else EXTRA_RUNS[run]
+
+
 # Runs repeated for every training seed (the seed sets initialisation, minibatch order and binarisation); the
 # Laplace guide (25x the VAE's step time, +4.8 nats at seed 0) and the recursive_1 control run at the first seed.
 SEEDED = ("vae", "recursive_3", "recursive_5", "gamix", "gamix_noreg")
 
 
 def make_model(run: str, data, seed: int = 0, latent: int = LATENT, hidden=None):
-    name, opts = RUNS[run]
+    name, opts = run_config(run)
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     cfg = ModelConfig(name=name, likelihood="bernoulli", arch="mlp", latent_dim=latent,

@@ -61,6 +61,7 @@ from ppl_vae.data import load_data  # noqa: E402
 from ppl_vae.evaluate.likelihood import log_likelihood  # noqa: E402
 from ppl_vae.guides.laplace import (_relu_mlp_layers, laplace_posterior, precision_to_scale_tril,  # noqa: E402
                                     vlae_damping)
+from ppl_vae.guides.laplace import log_joint as lib_log_joint  # noqa: E402
 
 LATENT = 2
 FULL = dict(limit=10000, epochs=20, n=200, S=5000, radius=8.0, grid=1601, gap_steps=300, gap_particles=16,
@@ -68,11 +69,6 @@ FULL = dict(limit=10000, epochs=20, n=200, S=5000, radius=8.0, grid=1601, gap_st
 RUNS = ("vae", "laplace", "laplace_detached", "laplace_ls")
 QUICK = dict(limit=1000, epochs=2, n=20, S=1000, radius=8.0, grid=481, gap_steps=30, gap_particles=8,
              elbo_particles=200)
-
-
-def bernoulli_log_lik(logits: torch.Tensor, x_flat: torch.Tensor) -> torch.Tensor:
-    """log p(x|z) = Σ_k x_k f_k − softplus(f_k) for logits (…, D) and binary x (…, D)."""
-    return (x_flat * logits - F.softplus(logits)).sum(-1)
 
 
 @torch.no_grad()
@@ -119,7 +115,7 @@ def grid_posterior(model, x: torch.Tensor, radius: float, n: int, chunk: int = 2
 def log_joint(model, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """log N(z; 0, I) + log p(x|z) for z of shape (S, B, 2) and images x (B, …): (S, B)."""
     f = model.decoder(z.reshape(-1, z.shape[-1])).reshape(*z.shape[:2], -1)
-    return bernoulli_log_lik(f, x.reshape(len(x), -1)) - 0.5 * (z ** 2).sum(-1) - math.log(2 * math.pi)
+    return lib_log_joint(x.reshape(len(x), -1), f, z, "bernoulli") - math.log(2 * math.pi)
 
 
 @torch.no_grad()
@@ -136,12 +132,11 @@ def mahalanobis(d: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def laplace_q(model, x, mu0: torch.Tensor, num_steps: int = 4, damping="vlae"):
+def laplace_q(model, x, mu0: torch.Tensor, num_steps: int = 4, damping=vlae_damping):
     """(μ, scale_tril) of the Laplace guide on ``model``'s decoder: ``num_steps`` steps from ``mu0`` with the VLAE
     schedule or ``damping="line_search"`` (0 steps: the Laplace approximation N(mu0, Λ(mu0)⁻¹) at that point)."""
     mu, prec = laplace_posterior(x, mu0, lambda z: model.decoder(z).reshape(len(z), -1), likelihood="bernoulli",
-                                 num_steps=num_steps, layers=_relu_mlp_layers(model.decoder),
-                                 damping=vlae_damping if damping == "vlae" else damping)
+                                 num_steps=num_steps, layers=_relu_mlp_layers(model.decoder), damping=damping)
     return mu, precision_to_scale_tril(prec)
 
 
@@ -203,9 +198,9 @@ def evaluate(run: str, model, x, s: dict) -> tuple[dict, dict]:
     if run == "vae":
         # the Laplace guide (T = 4 damped steps from the VAE encoder's mean) on the VAE's own decoder
         with torch.no_grad():
-            lap = gaussian_elbo(model, x, *laplace_q(model, x, model.encoder(x)[0]), s["elbo_particles"])
-            lap_ls = gaussian_elbo(model, x, *laplace_q(model, x, model.encoder(x)[0], damping="line_search"),
-                                   s["elbo_particles"])
+            mu0 = model.encoder(x)[0]
+            lap = gaussian_elbo(model, x, *laplace_q(model, x, mu0), s["elbo_particles"])
+            lap_ls = gaussian_elbo(model, x, *laplace_q(model, x, mu0, damping="line_search"), s["elbo_particles"])
         rep["laplace_guide_on_this_decoder_elbo"] = mean_se(lap)
         rep["laplace_guide_on_this_decoder_minus_encoder_elbo"] = mean_se(lap - elbo)
         rep["laplace_ls_guide_on_this_decoder_minus_encoder_elbo"] = mean_se(lap_ls - elbo)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import environment, finish, paired, parser  # noqa: E402
-from guides import FULL, HIDDEN, LATENT, QUICK, RUNS, elbo_per_image, gap_report, train  # noqa: E402
+from guides import FULL, HIDDEN, LATENT, QUICK, elbo_per_image, gap_report, run_config, train  # noqa: E402
 
 from ppl_vae.config import TrainConfig  # noqa: E402
 from ppl_vae.data import load_data  # noqa: E402
@@ -96,7 +96,7 @@ def main(argv=None):
                  "train": len(data.train_x), "test_used_for_ll": len(x_ll), "test_used_for_gap": len(x_gap)},
         "sizes": {"latent_dim": LATENT, "hidden": HIDDEN, "epochs": s["epochs"], "batch_size": 100, "lr": 1e-3,
                   "ll_num_samples": s["S"], "gap_steps": s["gap_steps"],
-                  "options": {r: RUNS[r][1] for r in runs}},
+                  "options": {r: run_config(r)[1] for r in runs}},
         "hardware": {"platform": env["platform"], "cpu_count": env["cpu_count"],
                      "torch_threads": torch.get_num_threads()},
         "environment": env, "date": env["date"], "total_seconds": round(time.perf_counter() - t_start, 1),

@@ -34,14 +34,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import RESULTS, environment, finish, over_seeds, paired, parser  # noqa: E402
-from guides import FULL, HIDDEN, LATENT, QUICK, RUNS, train  # noqa: E402
+from guides import FULL, HIDDEN, LATENT, QUICK, run_config, train  # noqa: E402
 
 from ppl_vae.config import TrainConfig  # noqa: E402
 from ppl_vae.data import load_data  # noqa: E402
 from ppl_vae.evaluate.likelihood import log_likelihood  # noqa: E402
 
 SEED_RUNS = ("vae", "recursive_5", "recursive_5_grown")
-RUNS.setdefault("recursive_5_grown", ("vae_recursive", {"num_components": 5, "grow_every": 3}))
 
 
 def summarise(diffs: dict[int, list[float]]) -> dict:
@@ -109,7 +108,7 @@ def main(argv=None):
         "data": {"name": "fashion_mnist", "pixels": "binary_dynamic", "limit": s["limit"],
                  "train": len(data.train_x), "test_used_for_ll": len(x)},
         "sizes": {"latent_dim": LATENT, "hidden": HIDDEN, "epochs": s["epochs"], "batch_size": 100, "lr": 1e-3,
-                  "ll_num_samples": s["S"], "options": {r: RUNS[r][1] for r in SEED_RUNS}},
+                  "ll_num_samples": s["S"], "options": {r: run_config(r)[1] for r in SEED_RUNS}},
         "hardware": {"platform": env["platform"], "cpu_count": env["cpu_count"],
                      "torch_threads": torch.get_num_threads()},
         "environment": env, "date": env["date"], "total_seconds": round(time.perf_counter() - t_start, 1),

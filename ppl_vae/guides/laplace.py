@@ -165,10 +165,12 @@ def laplace_posterior(x: torch.Tensor, mu0: torch.Tensor, fn: Callable[[torch.Te
     """
     if likelihood not in LIKELIHOODS:
         raise ConfigError(f"the Laplace guide needs a Gaussian or Bernoulli likelihood, got {likelihood!r}")
-    search = damping == "line_search"
-    if isinstance(damping, str) and not search:
+    if damping == "line_search":
+        eta = None
+    elif isinstance(damping, str):
         raise ConfigError(f"damping must be a callable, a number or 'line_search', got {damping!r}")
-    eta = damping if callable(damping) or search else (lambda t, c=float(damping): c)
+    else:
+        eta = damping if callable(damping) else (lambda t, c=float(damping): c)
     x_flat = x.reshape(x.shape[0], -1)
     d = mu0.shape[-1]
     eye = torch.eye(d, dtype=mu0.dtype, device=mu0.device)
@@ -178,7 +180,7 @@ def laplace_posterior(x: torch.Tensor, mu0: torch.Tensor, fn: Callable[[torch.Te
         WtDW, Wtr = _precision_terms(x_flat, out, J, likelihood, sigma2)
         L = torch.linalg.cholesky(WtDW + eye)
         step = torch.cholesky_solve((Wtr - mu).unsqueeze(-1), L).squeeze(-1)   # μ̂ − μ
-        mu = (_line_search(x_flat, mu, out, step, fn, likelihood, sigma2, link) if search
+        mu = (_line_search(x_flat, mu, out, step, fn, likelihood, sigma2, link) if eta is None
               else mu + eta(t) * step)
     J, out = batch_jacobian(fn, mu, layers, link)
     WtDW, _ = _precision_terms(x_flat, out, J, likelihood, sigma2)
