@@ -67,10 +67,16 @@ RUNS = {
     "gamix_noreg": ("vae_gamix", {"num_components": 3, "var_reg": 0.0}),
 }
 # Runs that other scripts train through make_model/train but bench/guides.py itself does not (its outputs keep their
-# keys): bench/laplace_ls.py's line-searched Laplace steps, bench/recursive_seeds.py's grown recursive mixture.
+# keys): bench/laplace_ls.py's line-searched Laplace steps, bench/recursive_seeds.py's grown recursive mixture,
+# bench/gamix_samples.py's one-component GAMIX (the variance-collapse regulariser alone) and Rivera's own objective.
 EXTRA_RUNS = {
     "laplace_ls": ("vae_laplace", {"num_steps": 4, "damping": "line_search"}),
     "recursive_5_grown": ("vae_recursive", {"num_components": 5, "grow_every": 3}),
+    "gamix_k1": ("vae_gamix", {"num_components": 1, "var_reg": 0.1}),
+    "rivera": ("vae_gamix", {"num_components": 1, "var_reg": 0.1, "kl": "aggregate"}),
+    "rivera_k3": ("vae_gamix", {"num_components": 3, "var_reg": 0.1, "kl": "aggregate"}),
+    "rivera_g05": ("vae_gamix", {"num_components": 1, "var_reg": 0.5, "kl": "aggregate"}),
+    "rivera_g25": ("vae_gamix", {"num_components": 1, "var_reg": 2.5, "kl": "aggregate"}),
 }
 
 

@@ -22,8 +22,8 @@ from torch import nn
 from ppl_vae.config import ModelConfig, TrainConfig
 from ppl_vae.errors import ConfigError
 from ppl_vae.evaluate.likelihood import log_likelihood
-from ppl_vae.guides import (DiagNormalMixture, LaplaceGuide, MixtureEncoder, PenalisedELBO, RecursiveMixtureEncoder,
-                            batch_jacobian, laplace_posterior, log_joint, recursive_log_weights,
+from ppl_vae.guides import (AggregateKLObjective, DiagNormalMixture, LaplaceGuide, MixtureEncoder, PenalisedELBO,
+                            RecursiveMixtureEncoder, aggregate_kl, batch_jacobian, laplace_posterior, log_joint, recursive_log_weights,
                             recursive_mixture_distribution, recursive_mixture_terms, variance_collapse_penalty)
 from ppl_vae.guides.laplace import _relu_mlp_layers
 from ppl_vae.infer import TraceIWAE
@@ -392,13 +392,15 @@ def test_recursive_objective_reports_the_mixture_elbo_and_is_exact_at_the_poster
 
 @pytest.mark.parametrize("name,opts", [("vae_recursive", {"num_components": 3}),
                                        ("vae_recursive", {"num_components": 1}),
-                                       ("vae_gamix", {"num_components": 3})])
+                                       ("vae_gamix", {"num_components": 3}),
+                                       ("vae_gamix", {"num_components": 3, "kl": "aggregate"}),
+                                       ("vae_gamix", {"num_components": 1, "kl": "aggregate"})])
 def test_mixture_models_every_parameter_gets_a_gradient(name, opts):
     torch.manual_seed(0)
     x = torch.bernoulli(torch.full((10, 1, 4, 4), 0.4))
     m = build_model(ModelConfig(name=name, latent_dim=2, hidden=[8], options=opts), (1, 4, 4), num_data=100)
     objectives = [m.make_objective(TrainConfig())]
-    if name == "vae_gamix":
+    if name == "vae_gamix" and opts.get("kl", "elbo") == "elbo":
         objectives += [m.make_objective(TrainConfig(objective="iwae", num_particles=3)),
                        m.make_objective(TrainConfig(objective="iwae", num_particles=3, estimator="dreg"))]
     for obj in objectives:
@@ -437,6 +439,58 @@ def test_gamix_penalty_enters_the_gradient_but_not_the_reported_value():
     assert pen[0] == 0 and pen[1] > 3   # 0.01 − log 0.01 − 1 ≈ 3.6
 
 
+def test_aggregate_kl_is_the_kl_of_the_moment_matched_gaussian():
+    torch.manual_seed(0)
+    codes = 0.7 * torch.randn(50, 3) + torch.tensor([0.5, -1.0, 0.0])
+    m, v = codes.mean(0), codes.var(0, unbiased=False)
+    want = torch.distributions.kl_divergence(dist.Normal(m, v.sqrt()), dist.Normal(0.0, 1.0)).sum()
+    torch.testing.assert_close(aggregate_kl(codes), want)
+    assert aggregate_kl(torch.randn(200000, 2, generator=torch.Generator().manual_seed(1))) < 1e-4   # N(0, I) codes
+    with pytest.raises(ValueError, match="batch >= 2"):
+        aggregate_kl(torch.zeros(1, 3))
+
+
+def test_rivera_objective_is_minus_elbo_without_the_pull_of_codes_to_zero():
+    """With γ = ½ and one component, Rivera's loss − (−ELBO with the analytic KL) = N Σ_j −½(log v_j + 1) exactly
+    (same draw z): the aggregate KL keeps only the spread term of the per-datapoint mean KL."""
+    torch.manual_seed(0)
+    x = torch.bernoulli(torch.full((12, 1, 4, 4), 0.4))
+    N = 60
+    m = build_model(ModelConfig(name="vae_gamix", latent_dim=3, hidden=[8],
+                                options={"num_components": 1, "var_reg": 0.5, "kl": "aggregate"}), (1, 4, 4),
+                    num_data=N)
+    obj = m.make_objective(TrainConfig())
+    assert isinstance(obj, AggregateKLObjective)
+    pyro.set_rng_seed(5)
+    loss, elbo = m.aggregate_terms(x)
+    pyro.set_rng_seed(5)
+    q = m.guide_dist(x)
+    z = q.rsample()
+    mu, sd = q.locs[:, 0], q.scales[:, 0]
+    log_px = m.likelihood(m.decoder(z), event_dim=3).log_prob(x)
+    kl = 0.5 * (mu.pow(2) + sd.pow(2) - sd.pow(2).log() - 1).sum(-1)
+    neg_elbo_analytic = N / 12 * (-log_px + kl).sum()
+    v = mu.var(0, unbiased=False)
+    torch.testing.assert_close(loss - neg_elbo_analytic, -N * 0.5 * (v.log() + 1).sum(), rtol=1e-4, atol=1e-3)
+    # the reported value is the ELBO of the same draw (Monte Carlo KL): log p(x|z) + log p(z) − log q(z|x)
+    lq = dist.Normal(mu, sd).log_prob(z).sum(-1)
+    lp = dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
+    torch.testing.assert_close(elbo, N / 12 * (log_px + lp - lq).sum(), rtol=1e-5, atol=1e-3)
+    # SVI reports −ELBO; the value used for validation needs no batch spread (a batch of one works)
+    assert math.isfinite(pyro.infer.SVI(m.model, m.guide, pyro.optim.Adam({"lr": 1e-3}), obj).step(x))
+    assert math.isfinite(obj.loss(m.model, m.guide, x[:1]))
+    # a batch of one image has no spread: the mean term of the ELBO's KL stands in (here γ = ½, so RIV = −ELBO)
+    pyro.set_rng_seed(6)
+    loss1, _ = m.aggregate_terms(x[:1])
+    pyro.set_rng_seed(6)
+    q1 = m.guide_dist(x[:1])       # (the SVI step above moved the parameters)
+    z1 = q1.rsample()
+    mu1, v1 = q1.locs[:, 0], q1.scales[:, 0].pow(2)
+    kl1 = 0.5 * (mu1.pow(2) + v1 - v1.log() - 1).sum(-1)
+    want = N * (-m.likelihood(m.decoder(z1), event_dim=3).log_prob(x[:1]) + kl1).sum()
+    torch.testing.assert_close(loss1, want, rtol=1e-5, atol=1e-3)
+
+
 def test_recursive_growth_schedule_and_config_errors():
     m = build_model(ModelConfig(name="vae_recursive", latent_dim=2, hidden=[8],
                                 options={"num_components": 3, "grow_every": 2}), (1, 4, 4), num_data=10)
@@ -450,6 +504,7 @@ def test_recursive_growth_schedule_and_config_errors():
     bad = [("vae_recursive", {"num_components": 0}, "num_components"),
            ("vae_recursive", {"divergence_weight": 2.0}, "divergence_weight"),
            ("vae_gamix", {"components": 2}, "unknown keys"),
+           ("vae_gamix", {"kl": "batch"}, "model.options.kl"),
            ("vae_laplace", {"damping": 0.0}, "damping"),
            ("vae_laplace", {"num_steps": -1}, "num_steps")]
     for name, opts, msg in bad:
@@ -459,6 +514,12 @@ def test_recursive_growth_schedule_and_config_errors():
         build_model(ModelConfig(name="vae_laplace", likelihood="laplace"), (1, 4, 4), num_data=10)
     with pytest.raises(ConfigError, match="kl_warmup_epochs"):
         m.make_objective(TrainConfig(kl_warmup_epochs=3))
+    riv = build_model(ModelConfig(name="vae_gamix", options={"kl": "aggregate"}), (1, 4, 4), num_data=10)
+    for tc, field in ((TrainConfig(objective="iwae", num_particles=2), "train.objective"),
+                      (TrainConfig(num_particles=2), "train.num_particles"),
+                      (TrainConfig(kl_warmup_epochs=2), "train.kl_warmup_epochs")):
+        with pytest.raises(ConfigError, match=field):
+            riv.make_objective(tc)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
