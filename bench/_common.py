@@ -32,6 +32,13 @@ def paired(a, b) -> tuple[float, float]:
     return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
 
 
+def ll_mc_std_error(ess, num_samples: int) -> float:
+    """Monte Carlo s.e. of the mean importance-sampled log p̂(x) over images: per image the delta-method s.e.
+    sqrt(1/ESS − 1/S) of log p̂ (S draws, effective sample size ESS), combined as sqrt(Σ se²)/n."""
+    mc = (1.0 / ess - 1.0 / num_samples).clamp(min=0).sqrt()
+    return float(mc.pow(2).sum().sqrt() / len(mc))
+
+
 def over_seeds(per_seed: list[tuple[float, float]]) -> tuple[float, float]:
     """Combine paired differences (mean, s.e.) from several training seeds: the mean of the means, and a standard
     error sqrt(stdev(means)²/n + mean(s.e.)²/n) — spread over seeds plus the test-set s.e. (1 seed: that alone)."""

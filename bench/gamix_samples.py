@@ -57,8 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import environment, finish, over_seeds, paired, parser  # noqa: E402
-from guides import elbo_per_image, run_config, train  # noqa: E402
+from _common import environment, finish, ll_mc_std_error, over_seeds, paired, parser  # noqa: E402
+from guides import HIDDEN, LATENT, elbo_per_image, run_config, train  # noqa: E402
 
 from ppl_vae.config import TrainConfig  # noqa: E402
 from ppl_vae.data import load_data  # noqa: E402
@@ -77,10 +77,9 @@ def posterior_stats(model, x: torch.Tensor) -> dict:
     variance is < 0.01, the mean marginal variance, and the active units of E_q[z|x] (Burda et al. 2016)."""
     q = model.guide_dist(x)
     if isinstance(q, DiagNormalMixture):
-        w = q.log_weights.exp().unsqueeze(-1)
-        comp_var = (w * q.scales.pow(2)).sum(-2)
-        mean, marg_var = mixture_moments(q.log_weights, q.locs, q.scales)
         lw = q.log_weights
+        comp_var = (lw.exp().unsqueeze(-1) * q.scales.pow(2)).sum(-2)
+        mean, marg_var = mixture_moments(lw, q.locs, q.scales)
         effective = float((-(lw.exp() * lw).sum(-1)).exp().mean())
     else:
         base = q.base_dist
@@ -141,8 +140,7 @@ def main(argv=None):
                                      return_ess=True)
             lls[run, seed] = ll.double()
             r["test_ll"] = float(ll.mean())
-            r["test_ll_mc_std_error"] = float((1.0 / ess - 1.0 / s["S"]).clamp(min=0).sqrt().pow(2).sum().sqrt()
-                                              / len(ll))
+            r["test_ll_mc_std_error"] = ll_mc_std_error(ess, s["S"])
             r["test_elbo"] = float(elbo_per_image(model, model.guide, x_ll, 100).mean())
             per[run, seed] = r
             print(f"[{run} seed {seed}] {r['seconds']:.0f}s  FID {fids[0]:.2f}/{fids[1]:.2f}  "
@@ -209,7 +207,7 @@ def main(argv=None):
         "fid": {"extractor": fd.name, "classifier_test_accuracy": round(clf.info["test_accuracy"], 4),
                 "real_images": len(real), "generated_images": s["fid_images"],
                 "reference_fid_greyscale_training_images": round(reference_fid, 3), "reference_images": n_ref},
-        "sizes": {"latent_dim": 16, "hidden": [200, 200], "activation": "relu", "likelihood": "bernoulli",
+        "sizes": {"latent_dim": LATENT, "hidden": HIDDEN, "activation": "relu", "likelihood": "bernoulli",
                   "batch_size": 100, "lr": 1e-3, "ll_num_samples": s["S"]},
         "environment": env, "date": env["date"], "total_seconds": round(time.perf_counter() - t_start, 1),
     })

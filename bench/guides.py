@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import environment, finish, over_seeds, paired, parser  # noqa: E402
+from _common import environment, finish, ll_mc_std_error, over_seeds, paired, parser  # noqa: E402
 
 from ppl_vae.config import ModelConfig, TrainConfig  # noqa: E402
 from ppl_vae.data import load_data  # noqa: E402
@@ -247,10 +247,9 @@ def main(argv=None):
             ll, ess = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], batch_size=10, seed=0,
                                      return_ess=True)
             lls[run, seed] = ll.double()
-            mc = (1.0 / ess - 1.0 / s["S"]).clamp(min=0).sqrt()
             r["test_ll"] = float(ll.mean())
             r["test_ll_std_error"] = float(ll.std() / math.sqrt(len(ll)))
-            r["test_ll_mc_std_error"] = float(mc.pow(2).sum().sqrt() / len(ll))
+            r["test_ll_mc_std_error"] = ll_mc_std_error(ess, s["S"])
             r["test_elbo"] = float(elbo_per_image(model, model.guide, x_ll, 100).mean())
             per[run, seed] = r
             print(f"[{run} seed {seed}] {time.perf_counter() - t0:.0f}s  {r['seconds_per_epoch']:.2f} s/epoch  "

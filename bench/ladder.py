@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import paired  # noqa: E402
+from _common import ll_mc_std_error, paired  # noqa: E402
 
 from ppl_vae.config import ModelConfig, TrainConfig  # noqa: E402
 from ppl_vae.data import load_data  # noqa: E402
@@ -203,10 +203,9 @@ def main(argv=None):
         if "hyperprior_active" in hist[-1]:
             out["hyperprior_active"][run] = hist[-1]["hyperprior_active"]
         ll, ess = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], seed=0, return_ess=True)
-        mc = (1.0 / ess - 1.0 / s["S"]).clamp(min=0).sqrt()
         out["test_ll"][run] = round(float(ll.mean()), 2)
         out["test_ll_std_error"][run] = round(float(ll.std() / math.sqrt(len(ll))), 2)
-        out["test_ll_mc_std_error"][run] = round(float(mc.pow(2).sum().sqrt() / len(ll)), 3)
+        out["test_ll_mc_std_error"][run] = round(ll_mc_std_error(ess, s["S"]), 3)
         with torch.no_grad():
             # the data plate scales the batch to the training-set size N: per image = −loss / N
             elbo = -Trace_ELBO(max_plate_nesting=1).loss(model.model, model.guide, x_ll) / len(data.train_x)

@@ -65,6 +65,7 @@ from pyro.infer.elbo import ELBO
 from torch import nn
 from torch.distributions import constraints
 
+from ..infer.direct import DirectObjective
 from ..nets import MIN_SCALE, mlp
 
 __all__ = ["DiagNormalMixture", "MixtureEncoder", "PenalisedELBO", "AggregateKLObjective", "aggregate_kl",
@@ -269,35 +270,16 @@ class PenalisedELBO(ELBO):
         return value
 
 
-class AggregateKLObjective(ELBO):
+class AggregateKLObjective(DirectObjective):
     """Rivera's training objective (RIV in the module docstring) as a Pyro ELBO for ``SVI``/``fit``: its gradient
     is that of (RIV); its value (``loss``) is −ELBO estimated from the same draws, so training curves, validation
-    and early stopping see the ELBO. ``owner.aggregate_terms(x, y) -> (objective, elbo)``, summed over the
+    and early stopping see the ELBO. ``owner.aggregate_terms(x, y, objective) -> (RIV, elbo)``, summed over the
     minibatch and already scaled to N, must be a ``@pyro_method`` of the model so that ``SVI`` sees its parameters.
     """
 
-    def __init__(self, owner):
-        super().__init__(num_particles=1, max_plate_nesting=1)
-        self.owner = owner
-
-    def _get_trace(self, model, guide, args, kwargs):
-        raise NotImplementedError(f"{type(self).__name__} computes its loss directly; it has no single trace")
-
-    def _terms(self, args, kwargs, objective: bool):
-        y = args[1] if len(args) > 1 else kwargs.get("y")
-        return self.owner.aggregate_terms(args[0], y, objective=objective)
-
-    @torch.no_grad()
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        return -self._terms(args, kwargs, objective=False)[1].item()
-
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        return self._terms(args, kwargs, objective=True)[0]
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        objective, elbo = self._terms(args, kwargs, objective=True)
-        objective.backward()
-        return -elbo.item()
+    def terms(self, x, y, grad: bool):
+        objective, elbo = self.owner.aggregate_terms(x, y, objective=grad)
+        return objective, -elbo
 
 
 def mixture_site(name: str, logits, locs, scales):

@@ -53,9 +53,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from pyro.infer.elbo import ELBO
 from torch import nn
 
+from ..infer.direct import DirectObjective
 from ..nets import MIN_SCALE, activation
 from .mixture import DiagNormalMixture
 
@@ -179,7 +179,7 @@ def recursive_mixture_terms(locs: torch.Tensor, scales: torch.Tensor, eps_logits
     return surrogate, elbo
 
 
-class RecursiveMixtureELBO(ELBO):
+class RecursiveMixtureELBO(DirectObjective):
     """The recursive-mixture objective as a Pyro ELBO for ``SVI``/``fit``.
 
     ``owner.recursive_terms(x, y) -> (surrogate, elbo)`` (per datapoint, a ``@pyro_method`` of the model so that
@@ -187,29 +187,8 @@ class RecursiveMixtureELBO(ELBO):
     and its gradient is that of the surrogate. ``model``/``guide`` arguments are not called.
     """
 
-    def __init__(self, owner):
-        super().__init__(num_particles=1, max_plate_nesting=1)
-        self.owner = owner
-
-    def _get_trace(self, model, guide, args, kwargs):
-        raise NotImplementedError(f"{type(self).__name__} computes its loss directly; it has no single trace")
-
-    def _terms(self, args, kwargs):
-        x = args[0]
-        y = args[1] if len(args) > 1 else kwargs.get("y")
+    def terms(self, x, y, grad: bool):
         scale = (self.owner.num_data or x.shape[0]) / x.shape[0]
         surrogate, elbo = self.owner.recursive_terms(x, y)
-        return scale * surrogate.sum(), scale * elbo.sum()
-
-    @torch.no_grad()
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        return -self._terms(args, kwargs)[1].item()
-
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        s, e = self._terms(args, kwargs)
-        return -(e + s - s.detach())
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        loss.backward()
-        return loss.item()
+        s, e = scale * surrogate.sum(), scale * elbo.sum()
+        return -(e + s - s.detach()), -e
