@@ -59,7 +59,7 @@ from guides import amortisation_gap, elbo_per_image, train  # noqa: E402
 from ppl_vae.config import TrainConfig  # noqa: E402
 from ppl_vae.data import load_data  # noqa: E402
 from ppl_vae.evaluate.likelihood import log_likelihood  # noqa: E402
-from ppl_vae.guides.laplace import (_relu_mlp_layers, laplace_posterior, precision_to_scale_tril,  # noqa: E402
+from ppl_vae.guides.laplace import (relu_mlp_layers, laplace_posterior, precision_to_scale_tril,  # noqa: E402
                                     vlae_damping)
 from ppl_vae.guides.laplace import log_joint as lib_log_joint  # noqa: E402
 
@@ -136,7 +136,7 @@ def laplace_q(model, x, mu0: torch.Tensor, num_steps: int = 4, damping=vlae_damp
     """(μ, scale_tril) of the Laplace guide on ``model``'s decoder: ``num_steps`` steps from ``mu0`` with the VLAE
     schedule or ``damping="line_search"`` (0 steps: the Laplace approximation N(mu0, Λ(mu0)⁻¹) at that point)."""
     mu, prec = laplace_posterior(x, mu0, lambda z: model.decoder(z).reshape(len(z), -1), likelihood="bernoulli",
-                                 num_steps=num_steps, layers=_relu_mlp_layers(model.decoder), damping=damping)
+                                 num_steps=num_steps, layers=relu_mlp_layers(model.decoder), damping=damping)
     return mu, precision_to_scale_tril(prec)
 
 

@@ -1,7 +1,34 @@
-"""ppl-vae: variational autoencoders as Pyro programs (model + guide), trained with Pyro's SVI,
-evaluated with importance-sampled likelihoods and diagnosed with ArviZ."""
+"""ppl-vae: variational autoencoders as Pyro programs (model + guide), trained with Pyro's SVI, evaluated with
+importance-sampled likelihoods and diagnosed with ArviZ.
 
+The public entry points::
+
+    ppl_vae.train(model, data, config)      # any model/guide pair, by its training plan (ppl_vae.infer.plan)
+    ppl_vae.build_model(model_config, data.shape, num_data=...)
+    ppl_vae.load_data("digits")
+    ppl_vae.run_experiment(config)          # what `ppl-vae train` does: data, model, train, figures, run folder
+    ppl_vae.load_run(run_dir)               # a trained run back
+    ppl_vae.evaluate_run(run)               # `ppl-vae evaluate`: test ELBO, importance-sampled log p(x)
+    ppl_vae.diagnose_run(run)               # `ppl-vae diagnose`: PSIS k-hat / ESS of the guide (ArviZ)
+
+and the objectives (``TraceIWAE``, ``WiseAleELBO``, ...), the plan protocol (``TrainingPlan``,
+``training_plan``) and ``register_model`` for methods defined outside the package.
+"""
+
+from .config import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig, load_config
+from .data import DataBundle, load_data
 from .errors import ConfigError, PplVaeError, TrainingDiverged
+from .experiment import Run, diagnose_run, evaluate_run, load_run, run_experiment
+from .infer import (AggregateKLObjective, PenalisedELBO, RecursiveMixtureELBO, Stage, TraceIWAE, TrainingPlan,
+                    TrainResult, WiseAleELBO, build_objective, fit, plan_for, train, training_plan)
+from .models import build_model, model_names, register_model
+from .options import Options, option
+from .plate import data_plate
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "PplVaeError", "TrainingDiverged", "__version__"]
+__all__ = ["train", "fit", "build_model", "load_data", "run_experiment", "load_run", "evaluate_run", "diagnose_run",
+           "Run", "TrainResult", "TrainingPlan", "Stage", "training_plan", "plan_for", "build_objective",
+           "register_model", "model_names", "Options", "option", "data_plate", "TraceIWAE", "WiseAleELBO", "AggregateKLObjective",
+           "RecursiveMixtureELBO", "PenalisedELBO", "Config", "DataConfig", "ModelConfig", "TrainConfig",
+           "EvalConfig", "load_config", "DataBundle", "ConfigError", "PplVaeError", "TrainingDiverged",
+           "__version__"]

@@ -33,9 +33,11 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="test ELBO (and the importance-sampled log-likelihood) of a run")
     e.add_argument("run_dir")
-    e.add_argument("--num-samples", type=int, default=0,
-                   help="importance samples per test image for log p(x) (0: ELBO only; 5000 for papers)")
-    e.add_argument("--max-test", type=int, default=None, help="evaluate on the first N test images only")
+    e.add_argument("--num-samples", type=int, default=None,
+                   help="importance samples per test image for log p(x) (0: ELBO only; 5000 for papers; "
+                        "default: the run's eval.num_samples)")
+    e.add_argument("--max-test", type=int, default=None,
+                   help="evaluate on the first N test images only (default: the run's eval.max_test)")
     e.add_argument("--checkpoint", choices=["best", "last"], default="best")
     e.add_argument("--device")
     e.add_argument("--seed", type=int, default=0)
@@ -43,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("diagnose", help="PSIS k-hat and ESS of the guide on test images, an ArviZ file and a plot")
     d.add_argument("run_dir")
     d.add_argument("--num-images", type=int, default=100, help="test images to diagnose (the first N)")
-    d.add_argument("--num-samples", type=int, default=1000, help="guide draws per image")
+    d.add_argument("--num-samples", type=int, default=None,
+                   help="guide draws per image (default: the run's eval.num_samples)")
     d.add_argument("--checkpoint", choices=["best", "last"], default="best")
     d.add_argument("--device")
     d.add_argument("--seed", type=int, default=0)
@@ -63,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args) -> int:
     from .config import load_config
-    from .experiment import CONFIG_FILE, train
+    from .experiment import CONFIG_FILE, run_experiment
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not Path(config).exists():
@@ -77,8 +80,8 @@ def _train(args) -> int:
     else:
         cfg = load_config(config, overrides)
         run_dir = Path(args.run_dir) if args.run_dir else None
-    run = train(cfg, run_dir, resume=bool(args.resume), device=args.device, progress=not args.no_progress,
-                figures=not args.no_figures)
+    run = run_experiment(cfg, run_dir, resume=bool(args.resume), device=args.device, progress=not args.no_progress,
+                         figures=not args.no_figures)
     summary = json.loads((run.run_dir / "metrics.json").read_text())
     print(f"test ELBO: {summary['test_elbo']:.3f} nats per image (best epoch {summary['best_epoch']})")
     print(f"run folder: {run.run_dir}")
@@ -86,51 +89,21 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from .experiment import load_run, test_elbo
+    from .experiment import evaluate_run, load_run
 
     run = load_run(args.run_dir, "best" if args.checkpoint == "best" else "last", device=args.device)
-    if args.max_test is not None:
-        run.data.test_x = run.data.test_x[: args.max_test]
-        run.data.test_y = run.data.test_y[: args.max_test] if run.data.test_y is not None else None
-    out = {"checkpoint": args.checkpoint, "num_test": len(run.data.test_x), "test_elbo": test_elbo(run)}
-    if args.num_samples > 0:
-        from .evaluate import bits_per_dim, log_likelihood
-
-        y = run.data.test_y.to(run.device) if run.data.test_y is not None and run.model.conditional else None
-        ll = log_likelihood(run.model.model, run.model.guide, run.data.test_x.to(run.device), y=y,
-                            num_samples=args.num_samples, batch_size=run.cfg.eval.batch_size, seed=args.seed,
-                            progress=True)
-        out.update({"num_samples": args.num_samples, "test_log_likelihood": float(ll.mean()),
-                    "test_log_likelihood_sem": float(ll.std() / len(ll) ** 0.5) if len(ll) > 1 else 0.0,
-                    "bits_per_dim": float(bits_per_dim(ll, run.data.data_dim).mean())})
+    out = {"checkpoint": args.checkpoint, **evaluate_run(run, args.num_samples, args.max_test, seed=args.seed,
+                                                         write=False)}
     (run.run_dir / "evaluation.json").write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
     return 0
 
 
 def _diagnose(args) -> int:
-    import numpy as np
+    from .experiment import diagnose_run, load_run
 
-    from .evaluate.diagnostics import plot_khat, posterior_diagnostics, psis_diagnostics
-    from .experiment import load_run
-
-    if args.num_images <= 0 or args.num_samples < 2:
-        raise PplVaeError(f"--num-images must be positive and --num-samples at least 2, got {args.num_images} and "
-                          f"{args.num_samples}")
     run = load_run(args.run_dir, "best" if args.checkpoint == "best" else "last", device=args.device)
-    x = run.data.test_x[: args.num_images].to(run.device)
-    y = run.data.test_y[: args.num_images].to(run.device) if run.model.conditional else None
-    idata = posterior_diagnostics(run.model.model, run.model.guide, x, num_samples=args.num_samples,
-                                  seed=args.seed, y=y)
-    diag = psis_diagnostics(idata)
-    idata.to_netcdf(str(run.run_dir / "diagnostics.nc"))
-    plot_khat(diag, run.run_dir / "khat.png")
-    khat = diag["khat"]
-    out = {"num_images": len(x), "num_samples": args.num_samples, "khat_median": float(np.median(khat)),
-           "fraction_khat_above_0.7": float(np.mean(khat > 0.7)), "ess_median": float(np.median(diag["ess"])),
-           "worst_images": [int(i) for i in np.argsort(-khat)[:10]],
-           "files": ["diagnostics.nc", "khat.png"]}
-    (run.run_dir / "diagnostics.json").write_text(json.dumps(out, indent=2))
+    out = diagnose_run(run, args.num_images, args.num_samples, seed=args.seed)
     print(json.dumps(out, indent=2))
     return 0
 

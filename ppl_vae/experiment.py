@@ -1,6 +1,8 @@
-"""One run, from configuration to artefacts: config → data → model → objective → fit → evaluation → files.
+"""One run, from configuration to artefacts: config → data → model → :func:`ppl_vae.train` → evaluation → files.
 
-Each step is a plain function; the command line (``ppl_vae.cli``) only strings them together.
+Each step is a plain function; the command line (``ppl_vae.cli``) only strings them together, and the same
+functions are the Python API (``ppl_vae.run_experiment``, ``ppl_vae.load_run``, ``ppl_vae.evaluate_run``,
+``ppl_vae.diagnose_run``).
 """
 
 from __future__ import annotations
@@ -11,19 +13,27 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyro
 import torch
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import Trace_ELBO
 
-from .config import Config, TrainConfig, config_from_dict, load_config, save_config
+from .config import Config, load_config, save_config
 from .data import DataBundle, load_data
-from .errors import ConfigError
-from .infer import evaluate_elbo, fit, load_checkpoint, restore_params
+from .errors import ConfigError, PplVaeError
+from . import evaluate
+from .evaluate import bits_per_dim, log_likelihood
+from .infer import evaluate_elbo, load_checkpoint, restore_params
+from .infer.plan import plan_for, train
 from .infer.train import BEST, CHECKPOINT
 from .models import build_model
+from .viz import make_figures
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "metrics.json"
+
+__all__ = ["run_experiment", "load_run", "evaluate_run", "diagnose_run", "Run", "build", "build_data",
+           "resolve_device", "test_elbo", "write_figures", "CONFIG_FILE", "SUMMARY_FILE"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,24 +50,12 @@ def build_data(cfg: Config) -> DataBundle:
                      seed=cfg.seed, limit=d.limit, image_size=d.image_size)
 
 
-def build_objective(train: TrainConfig):
-    """The Pyro ELBO named by ``train.objective``."""
-    k = train.num_particles
-    if train.objective == "elbo":
-        return Trace_ELBO(num_particles=k, vectorize_particles=k > 1, max_plate_nesting=1)
-    if train.objective == "meanfield":
-        return TraceMeanField_ELBO(num_particles=k, vectorize_particles=k > 1, max_plate_nesting=1)
-    from .infer.iwae import TraceIWAE
-
-    return TraceIWAE(num_particles=k, vectorize_particles=True, estimator=train.estimator)
-
-
 def build(cfg: Config, data: DataBundle, device: torch.device):
     """The model for a configuration and its data, seeded by ``cfg.seed``, on ``device``."""
     pyro.set_rng_seed(cfg.seed)
-    model = build_model(cfg.model, data.shape, num_data=len(data.train_x), num_classes=data.num_classes)
     if cfg.model.name == "cvae" and data.train_y is None:
         raise ConfigError(f"model.name='cvae' needs labels, but data.name={cfg.data.name!r} has none")
+    model = build_model(cfg.model, data.shape, num_data=len(data.train_x), num_classes=data.num_classes)
     return model.to(device)
 
 
@@ -74,38 +72,22 @@ class Run:
     device: torch.device
 
 
-def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False, device: str | None = None,
-          progress: bool = True, figures: bool = True) -> Run:
+def run_experiment(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False,
+                   device: str | None = None, progress: bool = True, figures: bool = True) -> Run:
     """Train from a configuration: writes config.yaml, checkpoints, metrics.jsonl, metrics.json and figures."""
     dev = resolve_device(device or cfg.device)
+    data = build_data(cfg)
+    model = build(cfg, data, dev)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / CONFIG_FILE)
-    data = build_data(cfg)
-    model = build(cfg, data, dev)
-    # a method may bring its own objective or per-epoch work (e.g. refitting a mixture prior)
-    objective = model.make_objective(cfg.train) if hasattr(model, "make_objective") else build_objective(cfg.train)
-    hook = getattr(model, "on_epoch_end", None)
-    on_epoch_end = (lambda epoch, record: hook(epoch, record, data)) if hook is not None else None
-    first = int(getattr(model, "first_scored_epoch", 1))   # e.g. LaDDer: the first epoch with the ladder prior
-    if first > cfg.train.best_from_epoch:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, best_from_epoch=first))
-        save_config(cfg, run_dir / CONFIG_FILE)
-    if getattr(model, "staged", False):   # sigma_vae per_pixel: Lin et al.'s Algorithm 1 (two fits)
-        from .infer.staged import train_staged
-
-        result = train_staged(model, data, cfg.train, model.stage2_config(cfg.train), objective, run_dir=run_dir,
-                              resume=resume, seed=cfg.seed, device=dev, progress=progress,
-                              extra_state={"config": cfg.to_dict()})   # calls model.on_epoch_end itself
-    else:
-        result = fit(model.model, model.guide, data, objective, cfg.train, run_dir=run_dir, resume=resume,
-                     seed=cfg.seed, device=dev, progress=progress, extra_state={"config": cfg.to_dict()},
-                     on_epoch_end=on_epoch_end, module=model)
+    result = train(model, data, cfg, run_dir=run_dir, resume=resume, device=dev, progress=progress,
+                   extra_state={"config": cfg.to_dict()})
     run = Run(cfg, data, model, run_dir, dev)
     load_params(run, BEST if (run_dir / BEST).exists() else CHECKPOINT)
     summary = {"best_epoch": result.best_epoch, "best_val_elbo": result.best_val_elbo,
                "epochs_run": len(result.history), "stopped_early": result.stopped_early,
-               "test_elbo": test_elbo(run)}
+               "test_elbo": test_elbo(run), "data_plate": result.data_plate}
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     if figures:
         write_figures(run, result.history)
@@ -125,7 +107,7 @@ def load_params(run: Run, which: str = BEST) -> dict:
 
 def load_run(run_dir: str | Path, which: str = "best", device: str | None = None,
              overrides: list[str] | None = None) -> Run:
-    """Rebuild a trained run from its folder (config.yaml + best.pt or checkpoint.pt)."""
+    """Rebuild a trained run from its folder (config.yaml + best.pt or checkpoint.pt), in eval mode."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run folder: it has no {CONFIG_FILE}")
@@ -139,29 +121,82 @@ def load_run(run_dir: str | Path, which: str = "best", device: str | None = None
     return run
 
 
-def test_elbo(run: Run, seed: int | None = None) -> float:
+def test_elbo(run: Run, seed: int | None = None, split: str = "test") -> float:
     """Mean one-sample ELBO per test image (nats), reproducible: the draws come from ``seed`` (default cfg.seed)."""
     m = run.model
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         pyro.set_rng_seed(run.cfg.seed if seed is None else seed)
-        return evaluate_elbo(m.model, m.guide, run.data, Trace_ELBO(max_plate_nesting=1), "test",
-                             run.cfg.train.eval_batch_size, run.device, len(run.data.train_x))
+        return evaluate_elbo(m.model, m.guide, run.data, Trace_ELBO(max_plate_nesting=1), split,
+                             run.cfg.train.eval_batch_size, run.device)
+
+
+def _test_split(run: Run, max_test: int | None):
+    x, y = run.data.test_x, run.data.test_y
+    if max_test is not None:
+        x, y = x[:max_test], (y[:max_test] if y is not None else None)
+    return x.to(run.device), (y.to(run.device) if y is not None else None)
+
+
+def _positive(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise PplVaeError(f"{name} must be {what}, got {value!r}")
+
+
+def evaluate_run(run: Run, num_samples: int | None = None, max_test: int | None = None, seed: int = 0,
+                 write: bool = True) -> dict:
+    """Test ELBO and, with ``num_samples`` > 0 (default ``eval.num_samples``), the importance-sampled test
+    log-likelihood with its standard errors; the first ``max_test`` test images (default ``eval.max_test``).
+    Writes ``evaluation.json`` into the run folder (``write=False``: only returns the numbers)."""
+    num_samples = run.cfg.eval.num_samples if num_samples is None else num_samples
+    max_test = run.cfg.eval.max_test if max_test is None else max_test
+    _positive("num_samples", num_samples, minimum=0)
+    if max_test is not None:
+        _positive("max_test", max_test)
+    x, y = _test_split(run, max_test)
+    data = dataclasses.replace(run.data, test_x=run.data.test_x[: len(x)],
+                               test_y=None if run.data.test_y is None else run.data.test_y[: len(x)])
+    out = {"num_test": len(x), "test_elbo": test_elbo(dataclasses.replace(run, data=data))}
+    if num_samples > 0:
+        ll = log_likelihood(run.model.model, run.model.guide, x, y=y, num_samples=num_samples,
+                            batch_size=run.cfg.eval.batch_size, seed=seed, progress=True)
+        out.update({"num_samples": num_samples, "test_log_likelihood": float(ll.mean()),
+                    "test_log_likelihood_sem": float(ll.std() / len(ll) ** 0.5) if len(ll) > 1 else 0.0,
+                    "bits_per_dim": float(bits_per_dim(ll, run.data.data_dim).mean())})
+    if write:
+        (run.run_dir / "evaluation.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+def diagnose_run(run: Run, num_images: int = 100, num_samples: int | None = None, seed: int = 0,
+                 write: bool = True) -> dict:
+    """PSIS k̂ and ESS of the guide on the first ``num_images`` test images (``num_samples`` guide draws each,
+    default ``eval.num_samples``): ``diagnostics.json``, the ArviZ file ``diagnostics.nc`` and ``khat.png``."""
+    num_samples = run.cfg.eval.num_samples if num_samples is None else num_samples
+    _positive("num_images", num_images)
+    _positive("num_samples", num_samples, minimum=2)
+    x, y = _test_split(run, num_images)
+    # ArviZ loads on first use (ppl_vae.evaluate imports it lazily)
+    idata = evaluate.posterior_diagnostics(run.model.model, run.model.guide, x, num_samples=num_samples, seed=seed,
+                                           y=y)
+    diag = evaluate.psis_diagnostics(idata)
+    khat = diag["khat"]
+    out = {"num_images": len(x), "num_samples": num_samples, "khat_median": float(np.median(khat)),
+           "fraction_khat_above_0.7": float(np.mean(khat > 0.7)), "ess_median": float(np.median(diag["ess"])),
+           "worst_images": [int(i) for i in np.argsort(-khat)[:10]]}
+    if write:
+        idata.to_netcdf(str(run.run_dir / "diagnostics.nc"))
+        evaluate.plot_khat(diag, run.run_dir / "khat.png")
+        out["files"] = ["diagnostics.nc", "khat.png"]
+        (run.run_dir / "diagnostics.json").write_text(json.dumps(out, indent=2))
+    return out
 
 
 def write_figures(run: Run, history: list[dict]) -> list[str]:
-    from .viz import make_figures
-
+    """The standard figures (``ppl_vae.viz.make_figures``) and the plan's own (e.g. σ²(z) uncertainty maps)."""
     n = min(2000, len(run.data.test_x))
     x = run.data.test_x[:n].to(run.device)
     y = run.data.test_y[:n].to(run.device) if run.data.test_y is not None else None
     with torch.no_grad():
         paths = make_figures(run.model, x, y, history, run.run_dir, seed=run.cfg.seed)
-        if hasattr(run.model, "decode_variance"):   # σ²(z) uncertainty maps (Lin et al., Figs. 3 and 4)
-            from .viz_variance import variance_figures
-
-            paths += variance_figures(run.model, x, run.run_dir, seed=run.cfg.seed)
-        return paths
-
-
-__all__ = ["train", "load_run", "Run", "build", "build_data", "build_objective", "resolve_device", "test_elbo",
-           "config_from_dict", "load_config"]
+        return paths + plan_for(run.model).figures(x, y, run.run_dir, seed=run.cfg.seed)

@@ -2,7 +2,9 @@
 
 A likelihood turns the decoder's raw output ``out`` (shape ``(B, *event_shape)``) into a Pyro distribution
 whose batch shape is ``(B,)`` and whose event shape is the data shape, ready for
-``pyro.sample("x", likelihood(out, event_dim=x.dim() - 1), obs=x)`` inside the data plate; ``mean(out)`` is E[x | z] in data space.
+``pyro.sample("x", likelihood(out, event_dim=x.dim() - 1, x=x), obs=x)`` inside the data plate; ``mean(out)`` is
+E[x | z] in data space. ``x`` (the observation, optional) is read only by likelihoods whose scale adapts to the
+batch (:class:`FlooredLaplace`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class BernoulliLikelihood(nn.Module):
     experiments); the log-density is a proper log-likelihood only for binary data.
     """
 
-    def forward(self, out: torch.Tensor, event_dim: int | None = None) -> dist.TorchDistribution:
+    def forward(self, out: torch.Tensor, event_dim: int | None = None, x=None) -> dist.TorchDistribution:
         return dist.Bernoulli(logits=out, validate_args=False).to_event(_event_dim(out, event_dim))
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
@@ -93,7 +95,7 @@ class GaussianLikelihood(PyroModule):
         return self.mode != "fixed"
 
     def forward(self, out: torch.Tensor, event_dim: int | None = None,
-                variance: torch.Tensor | None = None) -> dist.TorchDistribution:
+                variance: torch.Tensor | None = None, x=None) -> dist.TorchDistribution:
         loc = self._f(out)
         if variance is not None:
             scale = variance.sqrt()
@@ -204,15 +206,56 @@ class LaplaceLikelihood(nn.Module):
         self.link = link
         self._f = _link(link)
 
-    def forward(self, out: torch.Tensor, event_dim: int | None = None) -> dist.TorchDistribution:
+    def forward(self, out: torch.Tensor, event_dim: int | None = None, x=None) -> dist.TorchDistribution:
         return dist.Laplace(self._f(out), self.scale).to_event(_event_dim(out, event_dim))
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
         return self._f(out)
 
 
+class FlooredLaplace(nn.Module):
+    """p(x|z) = Π_k Laplace(x_k; link(out_k), b), b = max(exp(log_b), floor): one learned scale floored at the
+    reconstruction error (LaDDer's outer likelihood, Lin & Clark 2020, official code's Supplementary Material C).
+
+    In training mode the floor is the mean absolute error of this call's batch (``x`` given), the per-batch
+    closed-form optimum of b (so the gradient of the floored objective is the gradient with the floor held
+    fixed); in eval mode it is the buffer ``eval_floor`` (the training-set MAE, set by :meth:`set_eval_floor`), so
+    that p(x|z) is a fixed density for log-likelihood evaluation.
+    """
+
+    def __init__(self, init_scale: float = 0.02, link: str = "sigmoid", floor: bool = True):
+        super().__init__()
+        if not (isinstance(init_scale, (int, float)) and not isinstance(init_scale, bool) and init_scale > 0):
+            raise ConfigError(f"model.options.laplace_init_scale must be a positive number, got {init_scale!r}")
+        self.link = link
+        self._f = _link(link)
+        self.floor = bool(floor)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+        self.register_buffer("eval_floor", torch.zeros(()))
+
+    def scale(self, mean: torch.Tensor | None = None, x: torch.Tensor | None = None) -> torch.Tensor:
+        b = self.log_scale.exp()
+        if not self.floor:
+            return b
+        if self.training and x is not None and mean is not None:
+            return torch.maximum(b, (mean - x).abs().mean())
+        return torch.maximum(b, self.eval_floor)
+
+    def forward(self, out: torch.Tensor, event_dim: int | None = None, x=None) -> dist.TorchDistribution:
+        mean = self._f(out)
+        return dist.Laplace(mean, self.scale(mean, x)).to_event(_event_dim(out, event_dim))
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        return self._f(out)
+
+    @torch.no_grad()
+    def set_eval_floor(self, abs_errors: torch.Tensor) -> None:
+        """eval floor ← mean of the per-datapoint mean absolute reconstruction errors ``abs_errors``."""
+        self.eval_floor.fill_(abs_errors.mean())
+
+
 def build_likelihood(name: str, *, sigma2: float = 1.0, laplace_scale: float = 0.1, link: str = "sigmoid",
-                     sigma2_mode: str = "fixed"):
+                     sigma2_mode: str = "fixed") -> nn.Module:
     """A likelihood by name: ``bernoulli``, ``gaussian`` (σ² ``fixed``, ``learned`` or ``closed_form``, see
     :class:`GaussianLikelihood`) or ``laplace``."""
     if name == "bernoulli":

@@ -6,7 +6,8 @@ import pytest
 
 from ppl_vae.config import Config, apply_overrides, load_config, parse_override
 from ppl_vae.errors import ConfigError
-from ppl_vae.models import build_model, model_names
+from ppl_vae.infer import plan_for
+from ppl_vae.models import build_model, get_method, model_names
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -15,10 +16,39 @@ def test_defaults_are_the_digits_config():
     assert load_config(CONFIGS[0].parent / "vae_digits.yaml").to_dict() == Config().validate().to_dict()
 
 
+SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "kmnist": (1, 28, 28),
+          "omniglot": (1, 28, 28), "celeba": (3, 64, 64)}
+
+
+def build_from_config(cfg):
+    """Everything a run builds from a config before the first step: the model (its typed options validated), its
+    plan, every stage's settings and objective."""
+    model = build_model(cfg.model, SHAPES[cfg.data.name], num_data=1000,
+                        num_classes=None if cfg.data.name == "celeba" else 10)
+    plan = plan_for(model)
+    for stage in plan.stages(cfg.train):
+        stage.train.validate()
+        plan.objective(stage.train)
+    return model
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_is_valid_and_names_a_registered_model(path):
+def test_every_shipped_config_builds_its_model_plan_and_objectives(path):
     cfg = load_config(path)
-    assert cfg.model.name in model_names()
+    assert cfg.model.name in model_names()        # current names, not deprecated aliases
+    build_from_config(cfg)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_a_bad_option_in_a_shipped_config_fails_with_its_field(path):
+    cfg = load_config(path, ["model.options.no_such_option=1"])
+    with pytest.raises(ConfigError, match=r"model.options has unknown keys \['no_such_option'\]"):
+        build_from_config(cfg)
+    for field, (default, _) in get_method(cfg.model.name).options.describe().items():
+        bad = "not-a-valid-value" if not isinstance(default, str) else 12345
+        broken = load_config(path, [f"model.options.{field}={bad}"])
+        with pytest.raises(ConfigError, match=rf"model\.options\.{field} must be .*, got"):
+            build_from_config(broken)
 
 
 def test_overrides_are_parsed_as_yaml_and_nest():

@@ -7,7 +7,7 @@ import torch
 
 from ppl_vae.evaluate import plot_khat, posterior_diagnostics, psis_diagnostics
 from ppl_vae.evaluate.diagnostics import _check_arviz_version, az
-from ppl_vae.infer.iwae import IWAEError
+from ppl_vae.infer.importance import IWAEError
 from ppl_vae.models.linear_gaussian import LinearGaussianVAE
 
 D, d, B, S = 5, 2, 6, 1000

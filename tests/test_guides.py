@@ -22,13 +22,14 @@ from torch import nn
 from ppl_vae.config import ModelConfig, TrainConfig
 from ppl_vae.errors import ConfigError
 from ppl_vae.evaluate.likelihood import log_likelihood
-from ppl_vae.guides import (AggregateKLObjective, DiagNormalMixture, LaplaceGuide, MixtureEncoder, PenalisedELBO,
-                            RecursiveMixtureEncoder, aggregate_kl, batch_jacobian, laplace_posterior, log_joint, recursive_log_weights,
-                            recursive_mixture_distribution, recursive_mixture_terms, variance_collapse_penalty)
-from ppl_vae.guides.laplace import _relu_mlp_layers
-from ppl_vae.infer import TraceIWAE
+from ppl_vae.guides import (DiagNormalMixture, LaplaceGuide, MixtureEncoder, RecursiveMixtureEncoder, batch_jacobian,
+                            laplace_posterior, log_joint, recursive_log_weights, recursive_mixture_distribution,
+                            recursive_mixture_terms, variance_collapse_penalty)
+from ppl_vae.guides.laplace import relu_mlp_layers
+from ppl_vae.infer import AggregateKLObjective, PenalisedELBO, TraceIWAE, plan_for
+from ppl_vae.infer.aggregate_kl import batch_moment_kl
 from ppl_vae.models import LinearGaussianVAE, build_model
-from ppl_vae.models._common import data_plate
+from ppl_vae.plate import data_plate
 
 D, d = 6, 3
 
@@ -152,7 +153,7 @@ def test_line_search_is_exact_on_a_linear_decoder_and_never_lowers_the_log_joint
         p.data.mul_(4.0)                                        # sharp posteriors: full Newton steps overshoot
     x = torch.bernoulli(torch.sigmoid(dec(torch.randn(16, d))).detach())
     mu0 = (3 * torch.randn(16, d)).requires_grad_()
-    layers = _relu_mlp_layers(dec)
+    layers = relu_mlp_layers(dec)
 
     def joint(z):
         return log_joint(x, dec(z), z, "bernoulli")
@@ -171,7 +172,7 @@ def test_line_search_is_exact_on_a_linear_decoder_and_never_lowers_the_log_joint
     assert mu0.grad.abs().sum() > 0 and dec[0].weight.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="damping"):
         laplace_posterior(x, mu0, dec, likelihood="bernoulli", damping="armijo")
-    m2 = build_model(ModelConfig(name="vae_laplace", latent_dim=2, hidden=[8], options={"damping": "line_search"}),
+    m2 = build_model(ModelConfig(name="vlae", latent_dim=2, hidden=[8], options={"damping": "line_search"}),
                      (1, 4, 4), num_data=10)
     assert m2.damping == "line_search"
     loss = Trace_ELBO().differentiable_loss(m2.model, m2.guide, torch.bernoulli(torch.full((3, 1, 4, 4), 0.5)))
@@ -184,17 +185,17 @@ def test_relu_mask_jacobian_equals_jacfwd(link):
     torch.manual_seed(0)
     dec = nn.Sequential(nn.Linear(d, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, D))
     z = torch.randn(5, d)
-    J1, o1 = batch_jacobian(dec, z, _relu_mlp_layers(dec), link)
+    J1, o1 = batch_jacobian(dec, z, relu_mlp_layers(dec), link)
     J2, o2 = batch_jacobian(lambda v: dec(v), z, None, link)
     torch.testing.assert_close(J1, J2)
     torch.testing.assert_close(o1, o2)
-    assert _relu_mlp_layers(nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 2))) is None
+    assert relu_mlp_layers(nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 2))) is None
 
 
 def test_vae_laplace_model_trains_and_every_parameter_gets_a_gradient():
     torch.manual_seed(0)
     x = torch.bernoulli(torch.full((10, 1, 4, 4), 0.4))
-    m = build_model(ModelConfig(name="vae_laplace", latent_dim=2, hidden=[8]), (1, 4, 4), num_data=10)
+    m = build_model(ModelConfig(name="vlae", latent_dim=2, hidden=[8]), (1, 4, 4), num_data=10)
     for elbo in (Trace_ELBO(), TraceIWAE(num_particles=3), TraceIWAE(num_particles=3, estimator="dreg")):
         m.zero_grad()
         elbo.differentiable_loss(m.model, m.guide, x).backward()
@@ -202,7 +203,7 @@ def test_vae_laplace_model_trains_and_every_parameter_gets_a_gradient():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
     loc, scale = m.encode(x)
     assert loc.shape == scale.shape == (10, 2) and (scale > 0).all()
-    gm = build_model(ModelConfig(name="vae_laplace", likelihood="gaussian", sigma2=0.1, latent_dim=2, hidden=[8]),
+    gm = build_model(ModelConfig(name="vlae", likelihood="gaussian", sigma2=0.1, latent_dim=2, hidden=[8]),
                      (1, 4, 4), num_data=10)
     assert torch.isfinite(torch.tensor(Trace_ELBO().loss(gm.model, gm.guide, x)))
 
@@ -280,7 +281,7 @@ def test_two_identical_posterior_components_are_exact_where_an_enumerated_index_
 def _bound_checks(m, guide, x, exact_tol: float | None = None):
     """ELBO and IWAE-20 ≤ log p(x) per datapoint within 4 standard errors; with exact_tol, both equal it."""
     log_px = m.log_marginal(x).detach()
-    from ppl_vae.infer.iwae import importance_log_weights
+    from ppl_vae.infer.importance import importance_log_weights
     with torch.no_grad():
         lw = importance_log_weights(m.model, guide, (x,), num_particles=4000).log_w        # (S, B)
     elbo, se = lw.mean(0), lw.std(0) / math.sqrt(lw.shape[0])
@@ -390,19 +391,19 @@ def test_recursive_objective_reports_the_mixture_elbo_and_is_exact_at_the_poster
     torch.testing.assert_close(elbo, m.log_marginal(x).detach(), rtol=0, atol=1e-3)
 
 
-@pytest.mark.parametrize("name,opts", [("vae_recursive", {"num_components": 3}),
-                                       ("vae_recursive", {"num_components": 1}),
-                                       ("vae_gamix", {"num_components": 3}),
-                                       ("vae_gamix", {"num_components": 3, "kl": "aggregate"}),
-                                       ("vae_gamix", {"num_components": 1, "kl": "aggregate"})])
+@pytest.mark.parametrize("name,opts", [("rme", {"num_components": 3}),
+                                       ("rme", {"num_components": 1}),
+                                       ("gamix", {"num_components": 3}),
+                                       ("gamix", {"num_components": 3, "kl": "aggregate"}),
+                                       ("gamix", {"num_components": 1, "kl": "aggregate"})])
 def test_mixture_models_every_parameter_gets_a_gradient(name, opts):
     torch.manual_seed(0)
     x = torch.bernoulli(torch.full((10, 1, 4, 4), 0.4))
     m = build_model(ModelConfig(name=name, latent_dim=2, hidden=[8], options=opts), (1, 4, 4), num_data=100)
-    objectives = [m.make_objective(TrainConfig())]
-    if name == "vae_gamix" and opts.get("kl", "elbo") == "elbo":
-        objectives += [m.make_objective(TrainConfig(objective="iwae", num_particles=3)),
-                       m.make_objective(TrainConfig(objective="iwae", num_particles=3, estimator="dreg"))]
+    objectives = [plan_for(m).objective(TrainConfig())]
+    if name == "gamix" and opts.get("kl", "elbo") == "elbo":
+        objectives += [plan_for(m).objective(TrainConfig(objective="iwae", num_particles=3)),
+                       plan_for(m).objective(TrainConfig(objective="iwae", num_particles=3, estimator="dreg"))]
     for obj in objectives:
         m.zero_grad()
         value = obj.loss_and_grads(m.model, m.guide, x)
@@ -419,9 +420,9 @@ def test_mixture_models_every_parameter_gets_a_gradient(name, opts):
 def test_gamix_penalty_enters_the_gradient_but_not_the_reported_value():
     torch.manual_seed(0)
     x = torch.bernoulli(torch.full((10, 1, 4, 4), 0.4))
-    m = build_model(ModelConfig(name="vae_gamix", latent_dim=2, hidden=[8], options={"var_reg": 0.5}), (1, 4, 4),
+    m = build_model(ModelConfig(name="gamix", latent_dim=2, hidden=[8], options={"var_reg": 0.5}), (1, 4, 4),
                     num_data=40)
-    obj = m.make_objective(TrainConfig())
+    obj = plan_for(m).objective(TrainConfig())
     assert isinstance(obj, PenalisedELBO)
     grads = {}
     for w in (0.0, 0.5):
@@ -439,15 +440,15 @@ def test_gamix_penalty_enters_the_gradient_but_not_the_reported_value():
     assert pen[0] == 0 and pen[1] > 3   # 0.01 − log 0.01 − 1 ≈ 3.6
 
 
-def test_aggregate_kl_is_the_kl_of_the_moment_matched_gaussian():
+def test_batch_moment_kl_is_the_kl_of_the_moment_matched_gaussian():
     torch.manual_seed(0)
     codes = 0.7 * torch.randn(50, 3) + torch.tensor([0.5, -1.0, 0.0])
     m, v = codes.mean(0), codes.var(0, unbiased=False)
     want = torch.distributions.kl_divergence(dist.Normal(m, v.sqrt()), dist.Normal(0.0, 1.0)).sum()
-    torch.testing.assert_close(aggregate_kl(codes), want)
-    assert aggregate_kl(torch.randn(200000, 2, generator=torch.Generator().manual_seed(1))) < 1e-4   # N(0, I) codes
+    torch.testing.assert_close(batch_moment_kl(codes), want)
+    assert batch_moment_kl(torch.randn(200000, 2, generator=torch.Generator().manual_seed(1))) < 1e-4   # N(0, I) codes
     with pytest.raises(ValueError, match="batch >= 2"):
-        aggregate_kl(torch.zeros(1, 3))
+        batch_moment_kl(torch.zeros(1, 3))
 
 
 def test_rivera_objective_is_minus_elbo_without_the_pull_of_codes_to_zero():
@@ -456,10 +457,10 @@ def test_rivera_objective_is_minus_elbo_without_the_pull_of_codes_to_zero():
     torch.manual_seed(0)
     x = torch.bernoulli(torch.full((12, 1, 4, 4), 0.4))
     N = 60
-    m = build_model(ModelConfig(name="vae_gamix", latent_dim=3, hidden=[8],
+    m = build_model(ModelConfig(name="gamix", latent_dim=3, hidden=[8],
                                 options={"num_components": 1, "var_reg": 0.5, "kl": "aggregate"}), (1, 4, 4),
                     num_data=N)
-    obj = m.make_objective(TrainConfig())
+    obj = plan_for(m).objective(TrainConfig())
     assert isinstance(obj, AggregateKLObjective)
     pyro.set_rng_seed(5)
     loss, elbo = m.aggregate_terms(x)
@@ -492,39 +493,39 @@ def test_rivera_objective_is_minus_elbo_without_the_pull_of_codes_to_zero():
 
 
 def test_recursive_growth_schedule_and_config_errors():
-    m = build_model(ModelConfig(name="vae_recursive", latent_dim=2, hidden=[8],
+    m = build_model(ModelConfig(name="rme", latent_dim=2, hidden=[8],
                                 options={"num_components": 3, "grow_every": 2}), (1, 4, 4), num_data=10)
     seen = []
     for epoch in range(6):
         rec = {}
-        m.on_epoch_end(epoch, rec)
+        plan_for(m).on_epoch_end(epoch, rec, None)
         seen.append(rec["num_components_active"])
     assert seen == [1, 2, 2, 3, 3, 3]
     assert "num_active" in m.state_dict()
-    bad = [("vae_recursive", {"num_components": 0}, "num_components"),
-           ("vae_recursive", {"divergence_weight": 2.0}, "divergence_weight"),
-           ("vae_gamix", {"components": 2}, "unknown keys"),
-           ("vae_gamix", {"kl": "batch"}, "model.options.kl"),
-           ("vae_laplace", {"damping": 0.0}, "damping"),
-           ("vae_laplace", {"num_steps": -1}, "num_steps")]
+    bad = [("rme", {"num_components": 0}, "num_components"),
+           ("rme", {"divergence_weight": 2.0}, "divergence_weight"),
+           ("gamix", {"components": 2}, "unknown keys"),
+           ("gamix", {"kl": "batch"}, "model.options.kl"),
+           ("vlae", {"damping": 0.0}, "damping"),
+           ("vlae", {"num_steps": -1}, "num_steps")]
     for name, opts, msg in bad:
         with pytest.raises(ConfigError, match=msg):
             build_model(ModelConfig(name=name, options=opts), (1, 4, 4), num_data=10)
     with pytest.raises(ConfigError, match="likelihood"):
-        build_model(ModelConfig(name="vae_laplace", likelihood="laplace"), (1, 4, 4), num_data=10)
+        build_model(ModelConfig(name="vlae", likelihood="laplace"), (1, 4, 4), num_data=10)
     with pytest.raises(ConfigError, match="kl_warmup_epochs"):
-        m.make_objective(TrainConfig(kl_warmup_epochs=3))
-    riv = build_model(ModelConfig(name="vae_gamix", options={"kl": "aggregate"}), (1, 4, 4), num_data=10)
+        plan_for(m).objective(TrainConfig(kl_warmup_epochs=3))
+    riv = build_model(ModelConfig(name="gamix", options={"kl": "aggregate"}), (1, 4, 4), num_data=10)
     for tc, field in ((TrainConfig(objective="iwae", num_particles=2), "train.objective"),
                       (TrainConfig(num_particles=2), "train.num_particles"),
                       (TrainConfig(kl_warmup_epochs=2), "train.kl_warmup_epochs")):
         with pytest.raises(ConfigError, match=field):
-            riv.make_objective(tc)
+            plan_for(riv).objective(tc)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_guides_run_on_cuda():
     x = torch.bernoulli(torch.full((6, 1, 4, 4), 0.4)).cuda()
-    for name in ("vae_laplace", "vae_recursive", "vae_gamix"):
+    for name in ("vlae", "rme", "gamix"):
         m = build_model(ModelConfig(name=name, latent_dim=2, hidden=[8]), (1, 4, 4), num_data=6).cuda()
         assert math.isfinite(Trace_ELBO().loss(m.model, m.guide, x))

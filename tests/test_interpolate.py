@@ -6,6 +6,7 @@ import torch
 
 from ppl_vae.data import DataBundle
 from ppl_vae.config import ModelConfig
+from ppl_vae.infer import plan_for
 from ppl_vae.interpolate import interpolate_images, likelihood_path, path_stats, plot_interpolation, straight_line
 from ppl_vae.models import build_model
 
@@ -51,7 +52,7 @@ def test_interpolate_images_with_a_ladder_and_png(tmp_path):
     cfg = ModelConfig(name="ladder", latent_dim=4, hidden=[16],
                       options={"warmup_epochs": 0, "num_components": 3, "inner_hidden": [8], "bgm_max_iter": 30})
     model = build_model(cfg, data.shape, num_data=40)
-    model.on_epoch_end(0, {}, data)        # fit the hyperprior to the (untrained) encodings
+    plan_for(model).on_epoch_end(0, {}, data)        # fit the hyperprior to the (untrained) encodings
     res, path_imgs, line_imgs = interpolate_images(model, x[0], x[1], n_steps=5, iters=50)
     assert path_imgs.shape == line_imgs.shape == (7, 1, 6, 6)
     va = model.encode(x[:1])[0][0]

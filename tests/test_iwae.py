@@ -17,19 +17,19 @@ from pyro.infer import SVI, RenyiELBO, Trace_ELBO
 from pyro.optim import Adam
 from torch import nn
 
-from ppl_vae.infer.iwae import (
+from ppl_vae.infer.importance import (
     PARTICLE_PLATE,
     GlobalLatentError,
     IWAEError,
     LogWeights,
     NoDataPlateError,
     NonReparameterizedError,
-    TraceIWAE,
     importance_log_weights,
 )
+from ppl_vae.infer.iwae import TraceIWAE
 from ppl_vae.likelihoods import BernoulliLikelihood
 from ppl_vae.models.linear_gaussian import LinearGaussianVAE
-from ppl_vae.models.vae2 import TwoLayerVAE
+from ppl_vae.models.vae2 import VAE2
 
 D, d = 5, 2
 
@@ -198,7 +198,7 @@ def test_k1_equals_trace_elbo(guide_type, vectorize):
 
 def test_k1_equals_trace_elbo_two_layer_vae():
     torch.manual_seed(0)
-    vae = TwoLayerVAE((8, 8), BernoulliLikelihood(), latent_dim1=6, latent_dim=3, hidden1=(16,), hidden2=(8,),
+    vae = VAE2((8, 8), BernoulliLikelihood(), latent_dim1=6, latent_dim=3, hidden1=(16,), hidden2=(8,),
                       num_data=32)
     x = (torch.rand(8, 8, 8) < 0.3).float()
     pyro.set_rng_seed(1)
@@ -354,7 +354,7 @@ def _guide_params(fn, *args):
 
 def _small_two_layer(num_data=16):
     torch.manual_seed(0)
-    vae = TwoLayerVAE((8, 8), BernoulliLikelihood(), latent_dim1=6, latent_dim=3, hidden1=(16,), hidden2=(8,),
+    vae = VAE2((8, 8), BernoulliLikelihood(), latent_dim1=6, latent_dim=3, hidden1=(16,), hidden2=(8,),
                       num_data=num_data)
     x = (torch.rand(num_data, 8, 8) < 0.3).float()
     return vae, x
@@ -431,7 +431,7 @@ def test_custom_plate_name():
     assert -TraceIWAE(num_particles=5, data_plate="batch").loss(model, guide, x) == pytest.approx(log_px, rel=1e-6)
     with pytest.raises(NoDataPlateError, match=r"data_plate=") as info:
         TraceIWAE(num_particles=5).loss(model, guide, x)
-    assert "ppl_vae.models._common.data_plate" in str(info.value) and "'z'" in str(info.value)
+    assert "ppl_vae.plate.data_plate" in str(info.value) and "'z'" in str(info.value)
 
 
 def test_no_plate_at_all_is_a_clear_error():

@@ -17,11 +17,13 @@ from ppl_vae.data import DataBundle
 from ppl_vae.errors import ConfigError
 from ppl_vae.evaluate.likelihood import log_likelihood
 from ppl_vae.hyperpriors import BGMHyperprior, StickBreakingHyperprior
-from ppl_vae.infer import fit
-from ppl_vae.infer.iwae import TraceIWAE, importance_log_weights
+from ppl_vae.infer import plan_for, train
+from ppl_vae.infer.importance import importance_log_weights
+from ppl_vae.infer.iwae import TraceIWAE
 from ppl_vae.likelihoods import GaussianLikelihood
 from ppl_vae.models import build_model
-from ppl_vae.models.ladder import EventLikelihood, FlooredLaplace, LaDDer
+from ppl_vae.likelihoods import FlooredLaplace
+from ppl_vae.models import LaDDer
 
 # ------------------------------------------------------------------------------------------------------------
 # A linear-Gaussian ladder:  t ~ Σ_k w_k N(m_k, S_k),  z = B t + σz ε,  x = A z + σx ε'
@@ -74,7 +76,7 @@ def _linear_ladder(hyper_w=None, hyper_m=None, hyper_S=None, exact_guide=True, p
         hp.weights.copy_(torch.as_tensor(hyper_w, dtype=torch.float))
         hp.means.copy_(torch.as_tensor(hyper_m, dtype=torch.float))
         hp.covariances.copy_(torch.as_tensor(hyper_S, dtype=torch.float))
-    lik = EventLikelihood(GaussianLikelihood(SX**2, link="identity"), 1)
+    lik = GaussianLikelihood(SX**2, link="identity")
     model = LaDDer(LinearGauss(Mz, sz), Linear(A), lik, DZ, inner_encoder=LinearGauss(Mt, st),
                    inner_decoder=Linear(Bm), hyperprior=hp, t_dim=DT, prior="ladder", warmup_epochs=0,
                    inner_sigma=SZ, inner_sigma_bounds=(SZ, SZ), learn_inner_sigma=False)
@@ -230,8 +232,7 @@ def test_schedule_refit_and_checkpoint_roundtrip():
     assert not model.ladder_active
     tr = pyro.poutine.trace(model.guide).get_trace(data.train_x[:8])
     assert "t" not in tr.nodes
-    res = fit(model.model, model.guide, data, Trace_ELBO(max_plate_nesting=1), TrainConfig(epochs=3, batch_size=50),
-              progress=False, on_epoch_end=lambda e, r: model.on_epoch_end(e, r, data))
+    res = train(model, data, TrainConfig(epochs=3, batch_size=50), progress=False)
     assert [h["ladder_on"] for h in res.history] == [False, True, True]
     assert int(model.hyperprior.num_fits) == 3
     assert all(math.isfinite(h["train_elbo"]) for h in res.history)
@@ -246,17 +247,17 @@ def test_schedule_refit_and_checkpoint_roundtrip():
 
 
 def test_experiment_scores_only_ladder_epochs(tmp_path):
-    """``ppl-vae train`` raises train.best_from_epoch to warmup_epochs + 1: best.pt is never an N(0, I) epoch."""
+    """LaDDer's plan scores epochs from warmup_epochs + 1 on: best.pt is never an N(0, I) epoch."""
     from ppl_vae.config import Config, DataConfig
-    from ppl_vae.experiment import train
+    from ppl_vae.experiment import run_experiment
 
     cfg = Config(name="ladder_tiny", data=DataConfig(name="digits", limit=200), model=_tiny_cfg(warmup_epochs=2),
                  train=TrainConfig(epochs=3, batch_size=50))
-    run = train(cfg, tmp_path / "run", progress=False, figures=False)
-    assert run.cfg.train.best_from_epoch == 3
+    run = run_experiment(cfg, tmp_path / "run", progress=False, figures=False)
+    assert plan_for(run.model).stages(cfg.train)[0].first_scored_epoch == 3
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert summary["best_epoch"] == 3
-    assert "best_from_epoch: 3" in (tmp_path / "run" / "config.yaml").read_text()
+    assert "best_from_epoch: 1" in (tmp_path / "run" / "config.yaml").read_text()   # the user's setting, untouched
 
 
 @pytest.mark.parametrize("hyperprior", ["bgm", "stick"])
@@ -287,11 +288,11 @@ def test_normal_prior_baseline_and_floored_laplace():
         lik.log_scale.fill_(math.log(1e-3))
     out = torch.zeros(3, 1, 6, 6)
     x = torch.rand(3, 1, 6, 6)
-    d = lik(out, x)
+    d = lik(out, x=x)
     mae = (torch.sigmoid(out) - x).abs().mean()
     assert torch.allclose(d.base_dist.scale, mae.expand_as(x))      # floored at the batch MAE in training
     lik.eval()
-    assert torch.allclose(lik(out, x).base_dist.scale, torch.tensor(1e-3))   # stored floor (0 before any epoch)
+    assert torch.allclose(lik(out, x=x).base_dist.scale, torch.tensor(1e-3))   # stored floor (0 before any epoch)
 
 
 @pytest.mark.parametrize("opts,msg", [({"num_components": 0}, "num_components"),

@@ -17,10 +17,10 @@ from torch import nn
 import ppl_vae.evaluate.likelihood as likelihood_mod
 from ppl_vae.evaluate import bits_per_dim, log_likelihood, log_likelihood_summary, mc_std_error
 from ppl_vae.evaluate.likelihood import DEFAULT_MAX_ELEMENTS, plan_chunks
-from ppl_vae.infer.iwae import IWAEError, LogWeights
+from ppl_vae.infer.importance import IWAEError, LogWeights
 from ppl_vae.likelihoods import BernoulliLikelihood
 from ppl_vae.models.linear_gaussian import LinearGaussianVAE
-from ppl_vae.models.vae2 import TwoLayerVAE
+from ppl_vae.models.vae2 import VAE2
 
 D, d = 5, 2
 
@@ -205,7 +205,7 @@ def test_bits_per_dim_formula():
 
 def test_two_layer_vae_log_likelihood_runs_vectorised_and_looped():
     torch.manual_seed(0)
-    vae = TwoLayerVAE((8, 8), BernoulliLikelihood(), latent_dim1=6, latent_dim=3, hidden1=(16,), hidden2=(8,),
+    vae = VAE2((8, 8), BernoulliLikelihood(), latent_dim1=6, latent_dim=3, hidden1=(16,), hidden2=(8,),
                       num_data=100)
     x = (torch.rand(5, 8, 8) < 0.3).float()
     S = 64

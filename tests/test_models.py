@@ -12,7 +12,7 @@ from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 from ppl_vae.config import ModelConfig
 from ppl_vae.errors import ConfigError
 from ppl_vae.likelihoods import BernoulliLikelihood, GaussianLikelihood, LaplaceLikelihood, build_likelihood
-from ppl_vae.models import LinearGaussianVAE, TwoLayerVAE, build_model
+from ppl_vae.models import LinearGaussianVAE, VAE2, build_model
 from ppl_vae.nets import build_encoder_decoder
 
 
@@ -133,7 +133,7 @@ def test_labels_change_the_conditional_decoder_output():
 
 def test_two_layer_model_has_burda_sizes():
     m = build_model(ModelConfig(name="vae2", arch="burda2"), (1, 28, 28), num_data=10)
-    assert isinstance(m, TwoLayerVAE) and (m.latent_dim1, m.latent_dim) == (100, 50)
+    assert isinstance(m, VAE2) and (m.latent_dim1, m.latent_dim) == (100, 50)
     m1 = build_model(ModelConfig(name="vae", arch="burda1"), (1, 28, 28), num_data=10)
     assert m1.latent_dim == 50
     hidden = [mod.out_features for mod in m1.encoder.modules() if isinstance(mod, torch.nn.Linear)]

@@ -13,7 +13,7 @@ from pyro.infer import SVI, Trace_ELBO
 from ppl_vae.config import ModelConfig, TrainConfig, config_from_dict
 from ppl_vae.data import DataBundle, load_data
 from ppl_vae.errors import ConfigError
-from ppl_vae.infer.staged import STAGE1_DIR, train_staged
+from ppl_vae.infer import plan_for, train
 from ppl_vae.likelihoods import GaussianLikelihood, build_likelihood, closed_form_sigma2
 from ppl_vae.models import build_model
 
@@ -38,7 +38,8 @@ def test_modes_build_and_validate():
     assert sigma_vae("fixed").sigma2() == 1.0
     m = sigma_vae("learned")
     assert m.sigma2_mode == "learned" and isinstance(m.likelihood, GaussianLikelihood)
-    assert sigma_vae("per_pixel").staged and not sigma_vae("closed_form").staged
+    assert [st.name for st in plan_for(sigma_vae("per_pixel")).stages(TrainConfig())] == ["stage1", "stage2"]
+    assert len(plan_for(sigma_vae("closed_form")).stages(TrainConfig())) == 1
     with pytest.raises(ConfigError, match=r"model.options.sigma2_mode must be one of .* got 'magic'"):
         sigma_vae("magic")
     with pytest.raises(ConfigError, match="model.likelihood must be 'gaussian'"):
@@ -185,17 +186,17 @@ def test_staged_training_follows_algorithm_1(digits, tmp_path):
     from σ²_dataset, frozen, and the run folder holds both stages."""
     m = sigma_vae("per_pixel", stage2_epochs=2)
     s1 = TrainConfig(epochs=20, batch_size=100, lr=1e-2, stop_delta=1e9, min_epochs=3)
-    s2 = m.stage2_config(s1)
+    s2 = plan_for(m).stages(s1)[1].train
     assert (s2.epochs, s2.stop_delta, s2.min_epochs) == (2, None, 1)
-    res = train_staged(m, digits, s1, s2, run_dir=tmp_path, seed=0)
+    res = train(m, digits, s1, run_dir=tmp_path, seed=0, progress=False)
     assert [h["stage"] for h in res.history] == [1, 1, 1, 2, 2]
     assert [h["epoch"] for h in res.history] == [1, 2, 3, 4, 5]
-    assert res.stage1_epochs == 3 and res.stage1.stopped_early
+    assert len(res.stages["stage1"].history) == 3 and res.stages["stage1"].stopped_early
     s2_value = res.history[2]["sigma2"]   # σ² at the end of stage 1
-    assert res.sigma2_dataset == pytest.approx(s2_value, rel=1e-6)
+    assert m.sigma2() == pytest.approx(s2_value, rel=1e-6)   # σ²_dataset
     assert float(m.variance_net.floor) == pytest.approx(s2_value / 2, rel=1e-6)
     assert all(h["sigma2"] == pytest.approx(s2_value, rel=1e-6) for h in res.history[3:])   # frozen
-    assert (tmp_path / STAGE1_DIR / "checkpoint.pt").is_file() and (tmp_path / "checkpoint.pt").is_file()
+    assert (tmp_path / "stage1" / "checkpoint.pt").is_file() and (tmp_path / "checkpoint.pt").is_file()
     assert res.history[3]["train_elbo"] > res.history[2]["train_elbo"] - 5.0   # no collapse at the switch
     # a fresh model restored from the stage-2 checkpoint is in stage 2 with the same floor
     m2 = sigma_vae("per_pixel", stage2_epochs=2)
@@ -203,29 +204,29 @@ def test_staged_training_follows_algorithm_1(digits, tmp_path):
     assert m2.per_pixel and float(m2.variance_net.floor) == pytest.approx(s2_value / 2, rel=1e-6)
 
 
-def test_train_staged_resumes_in_stage_2(digits, tmp_path):
+def test_staged_plan_resumes_in_stage_2(digits, tmp_path):
     digits = DataBundle.from_tensors(digits.train_x[:100], val_x=digits.val_x[:20])
     s1 = TrainConfig(epochs=20, batch_size=50, lr=1e-2, stop_delta=1e9, min_epochs=2)
     m = sigma_vae("per_pixel", n=100, stage2_epochs=3)
-    full = train_staged(m, digits, s1, m.stage2_config(s1), run_dir=tmp_path / "a", seed=0)
+    full = train(m, digits, s1, run_dir=tmp_path / "a", seed=0, progress=False)
     m = sigma_vae("per_pixel", n=100, stage2_epochs=2)
-    train_staged(m, digits, s1, m.stage2_config(s1), run_dir=tmp_path / "b", seed=0)
+    train(m, digits, s1, run_dir=tmp_path / "b", seed=0, progress=False)
     m = sigma_vae("per_pixel", n=100, stage2_epochs=3)
-    res = train_staged(m, digits, s1, m.stage2_config(s1), run_dir=tmp_path / "b", seed=0, resume=True)
+    res = train(m, digits, s1, run_dir=tmp_path / "b", seed=0, resume=True, progress=False)
     assert [h["stage"] for h in res.history] == [1, 1, 2, 2, 2]
     assert [h["train_elbo"] for h in res.history] == pytest.approx([h["train_elbo"] for h in full.history],
                                                                    rel=1e-5)
 
 
 def test_sigma_vae_runs_from_a_config_and_reloads_sigma2(tmp_path):
-    from ppl_vae.experiment import load_run, train
+    from ppl_vae.experiment import load_run, run_experiment
 
     cfg = config_from_dict({"name": "s", "device": "cpu", "data": {"name": "digits", "limit": 200},
                             "model": {"name": "sigma_vae", "likelihood": "gaussian", "latent_dim": 2,
                                       "hidden": [16], "options": {"sigma2_mode": "closed_form",
                                                                   "closed_form_every": "epoch"}},
                             "train": {"epochs": 2, "batch_size": 50}})
-    run = train(cfg, tmp_path / "run", progress=False, figures=False)
+    run = run_experiment(cfg, tmp_path / "run", progress=False, figures=False)
     trained = run.model.sigma2()
     assert trained < 0.5
     pyro.clear_param_store()

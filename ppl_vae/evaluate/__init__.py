@@ -1,19 +1,25 @@
-"""Evaluation: importance-sampled log-likelihood and ArviZ diagnostics of the guide.
+"""Evaluation of trained models: importance-sampled log-likelihood, FID, inference gaps and ArviZ diagnostics.
 
-``log_likelihood``, ``log_likelihood_summary``, ``bits_per_dim`` and ``mc_std_error`` import without ArviZ;
-the diagnostics (``posterior_diagnostics``, ``psis_diagnostics``, ``plot_khat``) load ArviZ on first use.
+``log_likelihood``, ``log_likelihood_summary``, ``bits_per_dim``, ``mc_std_error``, the FID (``FrechetDistance``,
+``frechet_distance``, ``train_feature_classifier``, ``get_feature_extractor``) and the gaps
+(``elbo_per_datapoint``, ``amortisation_gap``, ``inference_gaps``) import without ArviZ; the diagnostics
+(``posterior_diagnostics``, ``psis_diagnostics``, ``plot_khat``) load ArviZ on first use.
 """
 
+from .fid import FIDResult, FrechetDistance, frechet_distance, get_feature_extractor, train_feature_classifier
+from .gaps import amortisation_gap, elbo_per_datapoint, inference_gaps, optimised_guide
 from .likelihood import bits_per_dim, log_likelihood, log_likelihood_summary, mc_std_error
 
 _DIAGNOSTICS = ("posterior_diagnostics", "psis_diagnostics", "plot_khat")
 
-__all__ = ["log_likelihood", "log_likelihood_summary", "bits_per_dim", "mc_std_error", *_DIAGNOSTICS]
+__all__ = ["log_likelihood", "log_likelihood_summary", "bits_per_dim", "mc_std_error", "FrechetDistance",
+           "frechet_distance", "FIDResult", "train_feature_classifier", "get_feature_extractor", "elbo_per_datapoint",
+           "amortisation_gap", "inference_gaps", "optimised_guide", *_DIAGNOSTICS]
 
 
 def __getattr__(name):
     if name in _DIAGNOSTICS:
-        from . import diagnostics
+        from . import diagnostics   # ArviZ is imported on first use: it is slow to import, and optional here
 
         return getattr(diagnostics, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,7 +29,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # arviz 0.23 announces its 1.x refactor at import
     import arviz as az
 
-from ..infer.iwae import IWAEError, fork_rng, importance_log_weights
+from ..infer.importance import IWAEError, fork_rng, importance_log_weights
 from .likelihood import eval_mode
 
 SUPPORTED_ARVIZ = "0.23"
@@ -75,7 +75,7 @@ def posterior_diagnostics(model, guide, x: torch.Tensor, num_samples: int = 1000
 
     ``datapoint_index`` labels the datapoints (e.g. their indices in the data set; default 0..B−1). Runs under
     ``no_grad`` in eval mode with a forked RNG seeded by ``seed``; the log-weights are those of
-    :func:`ppl_vae.infer.iwae.importance_log_weights`.
+    :func:`ppl_vae.infer.importance.importance_log_weights`.
     """
     S = int(num_samples)
     args = (x,) if y is None else (x, y)
@@ -137,7 +137,7 @@ def psis_diagnostics(obj, reff: float = 1.0, const_rtol: float = 1e-6) -> dict:
     """Per-datapoint PSIS Pareto k̂ and importance-sampling ESS of the guide's log-weights.
 
     ``obj``: the ``InferenceData`` of :func:`posterior_diagnostics` (its ``sample_stats.log_weight``), or
-    log-weights of shape (S, B) (samples first, as :class:`~ppl_vae.infer.iwae.LogWeights`), (S,) or
+    log-weights of shape (S, B) (samples first, as :class:`~ppl_vae.infer.importance.LogWeights`), (S,) or
     (chain, draw, B), as a tensor or array. Returns a dict of numpy arrays over datapoints: ``khat``
     (``arviz.psislw``), ``ess`` = 1/Σ w̃² of the raw weights, ``ess_fraction`` = ess/S, ``datapoint``; and
     ``num_samples`` = S. Degenerate case: if a datapoint's log-weights are all equal up to rounding

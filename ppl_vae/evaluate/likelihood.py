@@ -4,7 +4,7 @@ r"""Importance-sampled log-likelihood of held-out data (Burda, Grosse & Salakhut
 
 in nats per datapoint. This is the IWAE bound L_S(x_i) with S samples: a stochastic lower bound in expectation
 (E log p̂ ≤ log p(x_i), Jensen) that converges to log p(x_i) as S grows when q covers the posterior.
-The log-weights are the *unscaled* ones of :func:`ppl_vae.infer.iwae.importance_log_weights` (the same function
+The log-weights are the *unscaled* ones of :func:`ppl_vae.infer.importance.importance_log_weights` (the same function
 that :class:`~ppl_vae.infer.iwae.TraceIWAE` uses), so the result does not depend on the model's ``num_data``.
 
 Memory rule. Data are processed in batches of ``batch_size`` datapoints and, within a batch, in chunks of
@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..infer.iwae import IWAEError, fork_rng, guess_max_plate_nesting, importance_log_weights
+from ..infer.importance import IWAEError, fork_rng, guess_max_plate_nesting, importance_log_weights
 
 __all__ = ["log_likelihood", "log_likelihood_summary", "bits_per_dim", "mc_std_error", "plan_chunks",
            "DEFAULT_MAX_ELEMENTS"]

@@ -56,8 +56,10 @@ from torch.func import jacfwd, vmap
 
 from ..errors import ConfigError
 from ..nets import mlp
+from ..plate import data_plate
 
 __all__ = ["LaplaceGuide", "MeanEncoder", "laplace_posterior", "batch_jacobian", "vlae_damping", "log_joint",
+           "relu_mlp_layers", "precision_to_scale_tril",
            "LIKELIHOODS", "LINE_SEARCH_STEPS"]
 
 LIKELIHOODS = ("gaussian", "bernoulli")
@@ -69,7 +71,7 @@ def vlae_damping(t: int) -> float:
     return 0.5 / (t + 1)
 
 
-def _relu_mlp_layers(fn) -> list[nn.Module] | None:
+def relu_mlp_layers(fn) -> list[nn.Module] | None:
     """The layers of an ``nn.Sequential`` of Linear/ReLU layers ending in Linear, else None."""
     net = getattr(fn, "net", fn)
     if not isinstance(net, nn.Sequential) or len(net) == 0 or not isinstance(net[-1], nn.Linear):
@@ -232,13 +234,11 @@ class LaplaceGuide(PyroModule):
         """(μ, scale_tril) of q(z|x)."""
         mu, prec = laplace_posterior(x, self.init(x), self.fn, likelihood=self.likelihood, sigma2=self.sigma2,
                                      num_steps=self.num_steps, damping=self.damping,
-                                     layers=_relu_mlp_layers(self.fn))
+                                     layers=relu_mlp_layers(self.fn))
         return mu, precision_to_scale_tril(prec)
 
     @pyro_method
     def forward(self, x: torch.Tensor, y=None):
-        from ..models._common import data_plate  # (models import the guides: no import at module level)
-
         with data_plate(x, self.num_data):
             mu, tril = self.posterior(x)
             return pyro.sample("z", dist.MultivariateNormal(mu, scale_tril=tril))

@@ -37,19 +37,9 @@ log σ² − 1)]; it grows like −log σ² as σ → 0. γ = 0.1 is the coeffic
 (``-0.1 * (1 + log σ² − σ²)`` summed over the latent dimensions).
 The values reported as "ELBO" during training are the ELBO alone (the penalty only enters the gradient).
 
-Rivera's own objective (``kl="aggregate"``, :class:`AggregateKLObjective`)
---------------------------------------------------------------------------
-In the author's code the "mixture of Gaussians" is the *aggregate* posterior of a minibatch, (1/B) Σ_i q(z|x_i),
-whose means are moment-matched to one Gaussian N(m, diag v), m_j = mean_i μ_ij, v_j = var_i μ_ij, and the
-per-datapoint KL(q(z|x_i) ‖ N(0, I)) is replaced by that Gaussian's KL plus the variance penalty:
-
-    loss = Σ_i [ −log p(x_i | z_i) + γ · pen(σ_i) ] + N · ½ Σ_j (m_j² + v_j − log v_j − 1),   z_i ~ q(z|x_i)   (RIV)
-
-(the minibatch sum scaled by N/B like the data plate; Rivera also adds a PatchGAN loss, not reproduced). Since
-(1/B) Σ_i ½‖μ_i‖² = ½ Σ_j (m_j² + v_j), (RIV) with γ = ½ is −ELBO plus N·Σ_j −½(log v_j + 1) per minibatch: it
-drops the pull of every code towards 0 and keeps only the pull of the codes' *spread* towards 1 — not a bound on
-log p(x). For a mixture guide μ_i is the mixture's mean. The value reported is the ELBO estimate from the same
-draws (what validation and early stopping score); test log-likelihoods stay honest importance-sampling estimates.
+Rivera's own objective (the minibatch's aggregate posterior moment-matched to N(0, I)) is
+:class:`ppl_vae.infer.aggregate_kl.AggregateKLObjective`; the penalised ELBO is
+:class:`ppl_vae.infer.penalised.PenalisedELBO`.
 """
 
 from __future__ import annotations
@@ -61,15 +51,12 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro.distributions.torch_distribution import TorchDistribution
-from pyro.infer.elbo import ELBO
 from torch import nn
 from torch.distributions import constraints
 
-from ..infer.direct import DirectObjective
 from ..nets import MIN_SCALE, mlp
 
-__all__ = ["DiagNormalMixture", "MixtureEncoder", "PenalisedELBO", "AggregateKLObjective", "aggregate_kl",
-           "variance_collapse_penalty", "mixture_moments"]
+__all__ = ["DiagNormalMixture", "MixtureEncoder", "MixtureGuideMixin", "variance_collapse_penalty", "mixture_moments"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -200,17 +187,6 @@ def variance_collapse_penalty(scales: torch.Tensor) -> torch.Tensor:
     return (v - v.log() - 1.0).sum(-1).mean(-1)
 
 
-def aggregate_kl(means: torch.Tensor, min_var: float = 1e-8) -> torch.Tensor:
-    """KL(N(m, diag v) ‖ N(0, I)) = ½ Σ_j (m_j² + v_j − log v_j − 1) with m, v the mean and (population) variance
-    of the codes ``means`` (B, d) over the minibatch (Rivera 2023). v is floored at ``min_var`` (identical codes)."""
-    if means.dim() != 2 or means.shape[0] < 2:
-        raise ValueError(f"aggregate_kl needs codes of shape (batch >= 2, d), got {tuple(means.shape)}: the spread "
-                         "of one code is undefined")
-    m = means.mean(0)
-    v = means.var(0, unbiased=False).clamp_min(min_var)
-    return 0.5 * (m.pow(2) + v - v.log() - 1.0).sum()
-
-
 class MixtureEncoder(nn.Module):
     """q(z|x) = Σ_k π_k(x) N(μ_k(x), diag σ_k²(x)) from one MLP trunk with K heads.
 
@@ -236,50 +212,14 @@ class MixtureEncoder(nn.Module):
         return logits, loc, F.softplus(raw) + MIN_SCALE
 
 
-class PenalisedELBO(ELBO):
-    """A Pyro ELBO plus a penalty: gradient of ``base`` loss + (N/B) Σ_i penalty(x_i); value of ``base`` alone.
+class MixtureGuideMixin:
+    """``encode`` for models whose ``guide_dist`` is a :class:`DiagNormalMixture`: the mixture's mean and marginal
+    standard deviation (figures, latent plots)."""
 
-    ``penalty(x, y) -> (B,)`` must read its parameters inside a Pyro context (e.g. a ``@pyro_method``) so that
-    ``SVI`` sees them; ``num_data`` (N) scales the minibatch sum like the data plate does.
-    """
-
-    def __init__(self, base: ELBO, penalty, weight: float, num_data_fn):
-        super().__init__(num_particles=base.num_particles, max_plate_nesting=base.max_plate_nesting,
-                         vectorize_particles=base.vectorize_particles)
-        self.base, self.penalty, self.weight, self.num_data_fn = base, penalty, float(weight), num_data_fn
-
-    def _get_trace(self, model, guide, args, kwargs):
-        raise NotImplementedError(f"{type(self).__name__} computes its loss directly; it has no single trace")
-
-    def _scaled_penalty(self, args, kwargs):
-        x = args[0]
-        y = args[1] if len(args) > 1 else kwargs.get("y")
-        n = self.num_data_fn() or x.shape[0]
-        return self.weight * n / x.shape[0] * self.penalty(x, y).sum()
-
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        return self.base.loss(model, guide, *args, **kwargs)
-
-    def differentiable_loss(self, model, guide, *args, **kwargs):
-        return self.base.differentiable_loss(model, guide, *args, **kwargs) + self._scaled_penalty(args, kwargs)
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        value = self.base.loss_and_grads(model, guide, *args, **kwargs)
-        if self.weight != 0.0:
-            self._scaled_penalty(args, kwargs).backward()
-        return value
-
-
-class AggregateKLObjective(DirectObjective):
-    """Rivera's training objective (RIV in the module docstring) as a Pyro ELBO for ``SVI``/``fit``: its gradient
-    is that of (RIV); its value (``loss``) is −ELBO estimated from the same draws, so training curves, validation
-    and early stopping see the ELBO. ``owner.aggregate_terms(x, y, objective) -> (RIV, elbo)``, summed over the
-    minibatch and already scaled to N, must be a ``@pyro_method`` of the model so that ``SVI`` sees its parameters.
-    """
-
-    def terms(self, x, y, grad: bool):
-        objective, elbo = self.owner.aggregate_terms(x, y, objective=grad)
-        return objective, -elbo
+    def encode(self, x, y=None):
+        q = self.guide_dist(x, self._c(y))
+        mean, var = mixture_moments(q.log_weights, q.locs, q.scales)
+        return mean, var.sqrt()
 
 
 def mixture_site(name: str, logits, locs, scales):

@@ -40,6 +40,7 @@ Full training objective (one SGD step updates everything; M = K − 1 components
   estimated by stratification, (1 − ε_m) E_{q_{m−1}}[·] + ε_m E_{h_m}[·], with log q_m the marginal mixture
   density (exact: ELBO(q_m) is maximised over ε_m, so L[q_m] ≥ L[q_{m−1}] ≥ … ≥ L[q_0] at the optimum)
 * θ (decoder):                 maximise ELBO(q_M) (a draw from the full mixture, z detached)
+The objective as a Pyro ELBO is :class:`ppl_vae.infer.recursive_mixture.RecursiveMixtureELBO`.
 The decoder is evaluated at one reparameterised draw per component with θ frozen (for the φ and ε terms) and at
 one draw from q_M with θ live. The reported value is the stratified estimate of ELBO(q_M),
 Σ_k α_k [log p(x, z_k) − log q_M(z_k)], z_k ~ h_k. All components are trained from the first step (each against
@@ -55,12 +56,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..infer.direct import DirectObjective
 from ..nets import MIN_SCALE, activation
 from .mixture import DiagNormalMixture
 
 __all__ = ["ComponentEncoder", "RecursiveMixtureEncoder", "recursive_log_weights", "recursive_mixture_terms",
-           "RecursiveMixtureELBO"]
+           "recursive_mixture_distribution"]
 
 
 class ComponentEncoder(nn.Module):
@@ -177,18 +177,3 @@ def recursive_mixture_terms(locs: torch.Tensor, scales: torch.Tensor, eps_logits
         elbo = (la_M.exp() * (lp.detach() - log_q_M)).sum(-1)
     surrogate = surrogate + log_joint(z_star.unsqueeze(1)).squeeze(1)   # decoder: ELBO(q_M) in θ
     return surrogate, elbo
-
-
-class RecursiveMixtureELBO(DirectObjective):
-    """The recursive-mixture objective as a Pyro ELBO for ``SVI``/``fit``.
-
-    ``owner.recursive_terms(x, y) -> (surrogate, elbo)`` (per datapoint, a ``@pyro_method`` of the model so that
-    ``SVI`` sees its parameters). Minibatch scaling N/B as the data plate; the loss value is −(N/B) Σ ELBO(q_M)
-    and its gradient is that of the surrogate. ``model``/``guide`` arguments are not called.
-    """
-
-    def terms(self, x, y, grad: bool):
-        scale = (self.owner.num_data or x.shape[0]) / x.shape[0]
-        surrogate, elbo = self.owner.recursive_terms(x, y)
-        s, e = scale * surrogate.sum(), scale * elbo.sum()
-        return -(e + s - s.detach()), -e

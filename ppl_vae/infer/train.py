@@ -1,8 +1,11 @@
 """The training loop: ``fit(model, guide, data, elbo, config)`` for any Pyro model/guide pair.
 
-The loop never looks inside a model. Its contract: ``model(x, y)`` and ``guide(x, y)`` take a minibatch and scale
-their data plate to the training-set size N (``pyro.plate("data", N, subsample=...)``), so that one step's loss
-estimates the full-data negative ELBO; the loop reports ``loss / N`` as the ELBO per datapoint (in nats).
+The loop never looks inside a model. Its contract: ``model(x, y)`` and ``guide(x, y)`` take a minibatch. The data
+plate may follow either convention a Pyro user writes: subsampled to the training-set size N
+(``pyro.plate("data", N, subsample=...)``, so one step's loss estimates the full-data negative ELBO) or over the
+minibatch only (``pyro.plate("data", len(x))``, the loss is the minibatch's). The loop reads the plate's size from
+the trace of every step (:class:`PlateProbe`, no extra call) and reports ``−loss / size`` — the ELBO per datapoint
+in nats — either way; the convention it found is in ``FitResult.data_plate`` and in every checkpoint.
 """
 
 from __future__ import annotations
@@ -16,13 +19,16 @@ from pathlib import Path
 import pyro
 import pyro.optim
 import torch
+from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..errors import TrainingDiverged
+from ..plate import DATA_PLATE
 from .checkpoint import atomic_save, load_checkpoint, restore_params, rng_state, set_rng_state
+from .importance import fork_rng
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -50,6 +56,80 @@ class FitResult:
     best_val_elbo: float | None = None
     stopped_early: bool = False
     run_dir: str | None = None
+    data_plate: dict | None = None
+
+
+class PlateProbe(Messenger):
+    """Reads, during each model/guide call it wraps, the full size of the data plate — so a loss can be turned into
+    a per-datapoint ELBO whatever convention the plate follows, without an extra call of the model.
+
+    The data plate is the plate named ``name`` if given, else the one called ``"data"``, else the first plate of
+    an observed site whose size is the batch size. After a call: ``full_size`` (None when no plate was seen) and
+    ``sites`` (0 when the objective did not run the model or guide at all, e.g. a :class:`DirectObjective`).
+    """
+
+    def __init__(self, name: str | None = None):
+        super().__init__()
+        self.name = name
+        self.reset(0)
+
+    def reset(self, batch: int) -> None:
+        self.batch, self.full_size, self.plate_name, self.sites = int(batch), None, None, 0
+
+    def _pyro_sample(self, msg):
+        self.sites += 1
+        if self.full_size is not None:
+            return
+        frames = [f for f in msg["cond_indep_stack"] if f.vectorized]
+        want = self.name or DATA_PLATE
+        frame = next((f for f in frames if f.name == want), None)
+        if frame is None and self.name is None and msg["is_observed"]:
+            frame = next((f for f in frames if f.size == self.batch), None)
+        if frame is not None:
+            self.full_size = int(frame.full_size if frame.full_size is not None else frame.size)
+            self.plate_name = frame.name
+
+
+def data_plate_summary(probe: PlateProbe, num_train: int) -> dict:
+    """Which data-plate convention a probe saw on a training batch: subsampled to N or over the minibatch."""
+    if probe.full_size is None:
+        convention = "no data plate found: the loss is taken as the minibatch's"
+    elif probe.full_size != probe.batch:
+        convention = f"subsampled to N = {probe.full_size}"
+    elif probe.batch < num_train:
+        convention = "over the minibatch only"
+    else:
+        convention = f"over the minibatch, which is the whole training set (N = {num_train})"
+    return {"name": probe.plate_name, "size": probe.full_size, "batch": probe.batch, "convention": convention}
+
+
+class _Divisor:
+    """loss → per-datapoint ELBO for one call: ELBO per datapoint = −loss / divisor. The divisor is the data
+    plate's full size read by the probe during the call; objectives that do not run the model (a
+    :class:`DirectObjective`) scale by the model's own plate, read once from a trace of model and guide."""
+
+    def __init__(self, model, guide, name: str | None):
+        self.model, self.guide = model, guide
+        self.probe = PlateProbe(name)
+        self._traced: int | None = None
+
+    def wrap(self, fn):
+        return self.probe(fn)
+
+    def start(self, batch: int) -> None:
+        self.probe.reset(batch)
+
+    def __call__(self, x, y) -> int:
+        p = self.probe
+        if p.sites == 0:   # the objective computed its loss without the model: trace the model's plate once
+            if self._traced is None:
+                with torch.no_grad(), fork_rng(), poutine.block():
+                    p.reset(x.shape[0])
+                    gt = poutine.trace(p(self.guide)).get_trace(x, y)
+                    poutine.replay(p(self.model), trace=gt)(x, y)
+                self._traced = p.full_size if p.full_size is not None and p.full_size != x.shape[0] else 0
+            return self._traced or int(x.shape[0])
+        return p.full_size if p.full_size is not None else int(x.shape[0])
 
 
 def _device_of(fn) -> torch.device:
@@ -66,27 +146,39 @@ def _set_lr(optim: pyro.optim.PyroOptim, lr: float) -> None:
             group["lr"] = lr
 
 
-def evaluate_elbo(model, guide, data, elbo, split: str, batch_size: int, device, num_data: int) -> float:
-    """Mean ELBO per datapoint over a split (model and guide scale by ``num_data``)."""
+def evaluate_elbo(model, guide, data, elbo, split: str, batch_size: int, device, num_data: int | None = None,
+                  *, data_plate: str | None = None) -> float:
+    """Mean ELBO per datapoint over a split, whichever data-plate convention the pair uses (the plate's size is
+    read during every call, see :class:`PlateProbe`). Batches are at most ``num_data`` (default: the training-set
+    size) long, so a plate subsampled to N never sees a minibatch larger than N."""
+    cap = min(batch_size, int(num_data) if num_data is not None else len(data.train_x))
+    divisor = _Divisor(model, guide, data_plate)
+    m, g = divisor.wrap(model), divisor.wrap(guide)
     total, count = 0.0, 0
     with torch.no_grad():
-        for x, y in data.batches(split, min(batch_size, num_data), shuffle=False, device=device):
-            total += -elbo.loss(model, guide, x, y) / num_data * x.shape[0]
+        for x, y in data.batches(split, cap, shuffle=False, device=device):
+            divisor.start(x.shape[0])
+            loss = elbo.loss(m, g, x, y)
+            total += -loss / divisor(x, y) * x.shape[0]
             count += x.shape[0]
     return total / max(count, 1)
 
 
 def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run_dir: str | Path | None = None,
         resume: bool = False, seed: int = 0, device=None, progress: bool = True, extra_state: dict | None = None,
-        on_epoch_end=None, module: torch.nn.Module | None = None) -> FitResult:
+        on_epoch_end=None, module: torch.nn.Module | None = None, first_scored_epoch: int = 1,
+        data_plate: str | None = None) -> FitResult:
     """Train ``model``/``guide`` with ``pyro.infer.SVI`` and Adam.
 
     Per epoch: learning rate ``config.lr_at(epoch)``, KL warm-up β = ``config.beta_at(epoch)``, one pass over the
     shuffled training batches (order a function of (seed, epoch)), the validation ELBO, a JSON line in
     ``metrics.jsonl`` and an atomic checkpoint (param store, optimiser, RNG states, history). ``best.pt`` keeps
     the epoch with the best validation ELBO; ``config.patience`` stops after that many epochs without
-    improvement. Only epochs with β = 1 and (1-based) number ≥ ``config.best_from_epoch`` are scored for both
-    (e.g. a schedule that changes the objective after a warm-up: earlier ELBOs are of another model). ``resume=True`` continues from ``run_dir/checkpoint.pt`` and reproduces an uninterrupted run.
+    improvement. Only epochs with β = 1 and (1-based) number ≥ max(``config.best_from_epoch``,
+    ``first_scored_epoch``) are scored for both (e.g. a plan that changes the objective after a warm-up: earlier
+    ELBOs are of another model). ``resume=True`` continues from ``run_dir/checkpoint.pt`` and reproduces an
+    uninterrupted run. The reported ELBOs are per datapoint whichever data-plate convention the pair uses
+    (:class:`PlateProbe`; ``data_plate`` names the plate when it is not ``"data"``).
     A NaN/inf loss raises :class:`TrainingDiverged` naming epoch and step; the last good checkpoint stays.
     ``extra_state`` (e.g. the configuration) is stored in every checkpoint, and so is the ``state_dict`` of
     ``module`` (default: the ``nn.Module`` that ``model`` is a method of), which carries buffers such as a fitted
@@ -101,13 +193,15 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
     owner = getattr(model, "__self__", None)
     module = module if module is not None else (owner if isinstance(owner, torch.nn.Module) else None)
     num_data = int(data.train_x.shape[0])
+    first_scored = max(cfg.best_from_epoch, int(first_scored_epoch))
     has_val = data.val_x is not None and len(data.val_x) > 0
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
 
     warmup = ScaleLatents(1.0)
-    train_model, train_guide = warmup(model), warmup(guide)
+    divisor = _Divisor(model, guide, data_plate)
+    train_model, train_guide = divisor.wrap(warmup(model)), divisor.wrap(warmup(guide))
     lr_now = {"lr": cfg.lr_at(0)}
     clip = {"clip_norm": cfg.clip_norm} if cfg.clip_norm else None
     optim = pyro.optim.Adam(lambda name, param: {"lr": lr_now["lr"]}, clip_args=clip)
@@ -134,6 +228,7 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
         result.best_epoch, result.best_val_elbo = ckpt["best_epoch"], ckpt["best_val_elbo"]
         bad_epochs = ckpt["bad_epochs"]
         result.stopped_early = ckpt.get("stopped_early", False)
+        result.data_plate = ckpt.get("data_plate")
         set_rng_state(ckpt["rng"])
         _rewrite_metrics(run_dir, result.history)
     else:
@@ -159,6 +254,7 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
             total, seen = 0.0, 0
             for step, (x, y) in enumerate(data.batches("train", cfg.batch_size, shuffle=True, seed=seed, epoch=epoch,
                                                        device=device)):
+                divisor.start(x.shape[0])
                 try:
                     loss = svi.step(x, y)
                 except ValueError as e:   # Pyro's argument validation meets NaN parameters or NaN outputs
@@ -167,7 +263,9 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
                     raise _diverged("NaN", epoch, step, run_dir) from e
                 if not math.isfinite(loss):
                     raise _diverged(loss, epoch, step, run_dir)
-                total += -loss / num_data * x.shape[0]
+                total += -loss / divisor(x, y) * x.shape[0]
+                if result.data_plate is None:
+                    result.data_plate = data_plate_summary(divisor.probe, num_data)
                 seen += x.shape[0]
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, elbo=f"{total / seen:.2f}")
@@ -175,10 +273,10 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
                       "steps": step + 1}
             if has_val:
                 record["val_elbo"] = evaluate_elbo(model, guide, data, elbo, "val", cfg.eval_batch_size, device,
-                                                   num_data)
+                                                   num_data, data_plate=data_plate)
             record["seconds"] = time.perf_counter() - t0
             score = record.get("val_elbo", record["train_elbo"])
-            scored = warmup.beta == 1.0 and epoch + 1 >= cfg.best_from_epoch
+            scored = warmup.beta == 1.0 and epoch + 1 >= first_scored
             improved = scored and (result.best_val_elbo is None or score > result.best_val_elbo)
             if improved:
                 result.best_epoch, result.best_val_elbo, bad_epochs = epoch + 1, score, 0
@@ -197,7 +295,8 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
                          "optim": optim.get_state(), "rng": rng_state(), "history": result.history,
                          "best_epoch": result.best_epoch, "best_val_elbo": result.best_val_elbo,
                          "bad_epochs": bad_epochs, "stopped_early": result.stopped_early, "train_config": cfg.__dict__,
-                         "module": module.state_dict() if module is not None else None, **(extra_state or {})}
+                         "module": module.state_dict() if module is not None else None,
+                         "data_plate": result.data_plate, **(extra_state or {})}
                 atomic_save(state, run_dir / CHECKPOINT)
                 if improved:
                     atomic_save(state, run_dir / BEST)

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import pyro
 import torch
 import torch.nn.functional as F
 
-DATA_PLATE = "data"
-
-
-def data_plate(x: torch.Tensor, num_data: int | None = None) -> pyro.plate:
-    """``pyro.plate("data", N, subsample=...)`` for a minibatch ``x`` of a dataset of size ``num_data``.
-
-    Sites inside are scaled by N/B, so one minibatch gives an unbiased estimate of the full-data ELBO.
-    With ``num_data=None`` the plate is the batch itself (scale 1).
-    """
-    batch = x.shape[0]
-    size = batch if num_data is None else int(num_data)
-    if size < batch:
-        raise ValueError(f"num_data ({size}) is smaller than the minibatch ({batch}); set the model's num_data "
-                         "to the size of the training set")
-    return pyro.plate(DATA_PLATE, size, subsample=torch.arange(batch, device=x.device))
+from ..errors import ConfigError
+from ..likelihoods import FlooredLaplace, build_likelihood
+from ..nets import build_encoder_decoder
 
 
 def one_hot(y: torch.Tensor | None, num_classes: int | None, who: str) -> torch.Tensor | None:
@@ -45,3 +32,21 @@ def module_device(module: torch.nn.Module) -> torch.device:
     for t in module.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def outer_parts(cfg, data_shape, likelihood: str = "floored_laplace", laplace_init_scale: float = 0.02):
+    """(encoder, decoder, likelihood) of a VAE x ↔ z from ``model.arch``/``hidden``/``latent_dim``, with LaDDer's
+    floored Laplace likelihood (``likelihood="floored_laplace"``) or the one ``model.likelihood`` names
+    (``"config"``); shared by LaDDer and WiSE-ALE."""
+    if cfg.arch not in ("mlp", "conv"):
+        raise ConfigError(f"model.arch must be 'mlp' or 'conv' for model.name={cfg.name!r}, got {cfg.arch!r}")
+    enc, dec = build_encoder_decoder(cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation,
+                                     channels=cfg.channels)
+    if likelihood == "floored_laplace":
+        return enc, dec, FlooredLaplace(laplace_init_scale, link=cfg.link)
+    return enc, dec, config_likelihood(cfg)
+
+
+def config_likelihood(cfg):
+    """The likelihood named by ``model.likelihood`` with ``model.sigma2``, ``laplace_scale`` and ``link``."""
+    return build_likelihood(cfg.likelihood, sigma2=cfg.sigma2, laplace_scale=cfg.laplace_scale, link=cfg.link)

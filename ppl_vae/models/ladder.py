@@ -26,13 +26,14 @@ floored objective equals the gradient with the floor held fixed (the floor is th
 below the MAE, so the floor (the per-batch closed-form optimum of b) is active from the first step; the official
 code starts b_θ at 0.5 and gives it its own, larger learning rate, reaching the floor within a few epochs, which a
 single global learning rate on log b here would take tens of epochs to do. In ``eval()`` mode
-the floor is the training-set MAE stored by :meth:`LaDDer.on_epoch_end` (a buffer), so that p(x|z) is a fixed
-density for log-likelihood evaluation.
+the floor is the training-set MAE stored after every epoch by the plan (:class:`LaDDerPlan`, a buffer of
+:class:`~ppl_vae.likelihoods.FlooredLaplace`), so that p(x|z) is a fixed density for log-likelihood evaluation.
 
 Schedule (``model.options``): ``warmup_epochs`` epochs with an N(0, I) prior on z (the official code's
 ``sg_pretraining``); during them the inner VAE is trained on the detached codes through a zero-valued factor
 ``ELBO_in(sg z) − sg(ELBO_in(sg z))`` (it adds the inner ELBO's gradient, not its value, so the reported ELBO is
-the N(0, I)-prior VAE's); afterwards the ladder prior is switched on. The BGM hyperprior is refitted to
+the N(0, I)-prior VAE's); afterwards the ladder prior is switched on, and only those epochs count for ``best.pt`` and early stopping
+(the plan's stage starts scoring there). The BGM hyperprior is refitted to
 t ~ q(t|z), z ~ q(z|x) of (a subset of) the training data after every ``refit_every`` epochs and held fixed in
 between; the stick-breaking hyperprior is learned by the ELBO instead. With ``prior: normal`` the same class is
 the baseline VAE with an N(0, I) prior and the same outer networks and likelihood.
@@ -43,6 +44,7 @@ optimisers and gradient clipping per part.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
@@ -53,67 +55,15 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..hyperpriors import BGMHyperprior, StickBreakingHyperprior, build_hyperprior
-from ..likelihoods import build_likelihood
-from ..nets import GaussianHead, build_encoder_decoder, mlp
-from ._common import data_plate, module_device
-from .registry import check_options, register_model
+from ..infer.plan import Stage, TrainingPlan, training_plan
+from ..likelihoods import FlooredLaplace
+from ..nets import GaussianHead, mlp
+from ..options import Options, option
+from ..plate import data_plate
+from ._common import module_device, outer_parts
+from .registry import register_model
 
-__all__ = ["LaDDer", "FlooredLaplace", "EventLikelihood", "LADDER_DEFAULTS", "build_ladder", "build_outer"]
-
-
-class FlooredLaplace(nn.Module):
-    """p(x|z) = Π_k Laplace(x_k; link(out_k), b), b = max(exp(log_b), floor) (see the module docstring).
-
-    ``forward(out, x)``: in training mode the floor is the MAE of this call's batch (``x`` given), in eval mode
-    the stored buffer ``eval_floor``. ``event_dims`` is the number of data dims (3 for images).
-    """
-
-    def __init__(self, event_dims: int, init_scale: float = 0.02, link: str = "sigmoid", floor: bool = True):
-        super().__init__()
-        if not (isinstance(init_scale, (int, float)) and init_scale > 0):
-            raise ConfigError(f"model.options.laplace_init_scale must be a positive number, got {init_scale!r}")
-        self.event_dims = int(event_dims)
-        self.link = link
-        self.floor = bool(floor)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
-        self.register_buffer("eval_floor", torch.zeros(()))
-
-    def _mean(self, out):
-        return torch.sigmoid(out) if self.link == "sigmoid" else out
-
-    def scale(self, mean: torch.Tensor | None = None, x: torch.Tensor | None = None) -> torch.Tensor:
-        b = self.log_scale.exp()
-        if not self.floor:
-            return b
-        if self.training and x is not None and mean is not None:
-            return torch.maximum(b, (mean - x).abs().mean())
-        return torch.maximum(b, self.eval_floor)
-
-    def forward(self, out: torch.Tensor, x: torch.Tensor | None = None) -> dist.TorchDistribution:
-        mean = self._mean(out)
-        return dist.Laplace(mean, self.scale(mean, x)).to_event(self.event_dims)
-
-    def mean(self, out: torch.Tensor) -> torch.Tensor:
-        return self._mean(out)
-
-
-class EventLikelihood(nn.Module):
-    """Wraps a ``ppl_vae.likelihoods`` module so that its event dims are the data dims (not ``out.dim() − 1``),
-    which keeps vectorised particles (an extra leading batch dim) correct. ``forward(out, x=None)``."""
-
-    def __init__(self, base: nn.Module, event_dims: int):
-        super().__init__()
-        self.base = base
-        self.event_dims = int(event_dims)
-
-    def forward(self, out: torch.Tensor, x: torch.Tensor | None = None) -> dist.TorchDistribution:
-        d = self.base(out)
-        while isinstance(d, dist.Independent):
-            d = d.base_dist
-        return d.to_event(self.event_dims)
-
-    def mean(self, out: torch.Tensor) -> torch.Tensor:
-        return self.base.mean(out)
+__all__ = ["LaDDer", "LaDDerOptions", "LaDDerPlan"]
 
 
 class LaDDer(PyroModule):
@@ -163,13 +113,6 @@ class LaDDer(PyroModule):
         return self.prior == "ladder" and bool(self.ladder_on)
 
     @property
-    def first_scored_epoch(self) -> int:
-        """The first (1-based) epoch whose validation ELBO is of the final model: after the N(0, I) warm-up the
-        ladder prior changes the objective, so ``experiment.train`` sets ``train.best_from_epoch`` to at least
-        this (``best.pt`` and ``patience`` never compare ELBOs of two different models)."""
-        return self.warmup_epochs + 1 if self.prior == "ladder" and self.warmup_epochs > 0 else 1
-
-    @property
     def latent_dim(self) -> int:
         """The top latent: t for the ladder, z for the N(0, I)-prior baseline."""
         return self.t_dim if self.prior == "ladder" else self.z_dim
@@ -212,7 +155,7 @@ class LaDDer(PyroModule):
                 if self.prior == "ladder" and self.warmup_inner and self.training:
                     aux = self.inner_elbo(z.detach())
                     pyro.factor("inner_warmup", aux - aux.detach())
-            pyro.sample("x", self.likelihood(self.decoder(z), x), obs=x)
+            pyro.sample("x", self.likelihood(self.decoder(z), event_dim=x.dim() - 1, x=x), obs=x)
         if self.prior == "ladder" and self.training and isinstance(self.hyperprior, StickBreakingHyperprior):
             pyro.factor("stick_prior", self.hyperprior.log_prior())
 
@@ -222,43 +165,6 @@ class LaDDer(PyroModule):
             z = pyro.sample("z", self.q_z_given_x(x))
             if self.ladder_active:
                 pyro.sample("t", self.q_t_given_z(z))
-
-    # ----- per-epoch work (called by ppl_vae.experiment.train through fit's on_epoch_end) -----
-    @torch.no_grad()
-    def on_epoch_end(self, epoch: int, record: dict | None = None, data=None) -> None:
-        """Switch the ladder on after ``warmup_epochs`` epochs, refit the BGM hyperprior to encoded t and store the
-        training-set MAE as the likelihood's evaluation floor. Adds ``hyperprior_active``, ``laplace_scale``,
-        ``inner_sigma`` and ``ladder_on`` to ``record``."""
-        record = {} if record is None else record
-        x = None
-        if data is not None:
-            train_x = data.train_x if hasattr(data, "train_x") else data
-            n = min(self.fit_points, len(train_x))
-            idx = torch.randperm(len(train_x))[:n]
-            x = train_x[idx].to(module_device(self))
-        if self.prior == "ladder" and epoch + 1 >= self.warmup_epochs:
-            self.ladder_on.fill_(True)
-        if x is not None:
-            zs, ts, err = [], [], []
-            for xb in x.split(500):
-                z = self.q_z_given_x(xb).sample()
-                zs.append(z)
-                if isinstance(self.likelihood, FlooredLaplace):
-                    err.append((self.likelihood.mean(self.decoder(z)) - xb).abs().flatten(1).mean(1))
-                if self.prior == "ladder":
-                    ts.append(self.q_t_given_z(z).sample())
-            if err:
-                self.likelihood.eval_floor.fill_(torch.cat(err).mean())
-            refit = (self.prior == "ladder" and isinstance(self.hyperprior, BGMHyperprior)
-                     and (self.ladder_active or self.warmup_inner) and (epoch + 1) % self.refit_every == 0)
-            if refit:
-                self.hyperprior.fit(torch.cat(ts))
-        if self.prior == "ladder":
-            record["hyperprior_active"] = self.hyperprior.active_components()
-            record["inner_sigma"] = float(self.inner_sigma())
-            record["ladder_on"] = bool(self.ladder_on)
-        if isinstance(self.likelihood, FlooredLaplace):
-            record["laplace_scale"] = float(self.likelihood.scale())
 
     # ----- figure / evaluation API -----
     def encode_z(self, x, y=None):
@@ -303,108 +209,98 @@ class LaDDer(PyroModule):
         return self.decode_z(self.sample_latent(n))
 
 
-LADDER_DEFAULTS = {
-    "prior": "ladder",
-    "t_dim": 2,
-    "warmup_epochs": 10,
-    "warmup_inner": True,
-    "hyperprior": "bgm",
-    "num_components": 20,
-    "weight_concentration_prior": 0.1,
-    "weight_concentration_prior_type": "dirichlet_distribution",
-    "bgm_max_iter": 200,
-    "refit_every": 1,
-    "fit_points": 5000,
-    "stick_alpha": 1.0,
-    "inner_hidden": [256, 256],
-    "inner_activation": "leaky_relu",
-    "inner_sigma": 0.1,
-    "inner_sigma_min": 0.05,
-    "inner_sigma_max": 0.1,
-    "learn_inner_sigma": True,
-    "likelihood": "floored_laplace",
-    "laplace_init_scale": 0.02,
-}
+@training_plan(LaDDer)
+class LaDDerPlan(TrainingPlan):
+    """One stage that scores epochs only once the ladder prior is on; after every epoch the per-epoch work below
+    (switching the ladder on, refitting the BGM hyperprior, the likelihood's evaluation floor)."""
+
+    def stages(self, train):
+        m = self.model
+        first = m.warmup_epochs + 1 if m.prior == "ladder" and m.warmup_epochs > 0 else 1
+        return [Stage("train", train, first_scored_epoch=first)]
+
+    @torch.no_grad()
+    def on_epoch_end(self, epoch: int, record: dict, data) -> None:
+        """Switch the ladder on after ``warmup_epochs`` epochs, refit the BGM hyperprior to encoded t and store the
+        training-set MAE as the likelihood's evaluation floor. Adds ``hyperprior_active``, ``laplace_scale``,
+        ``inner_sigma`` and ``ladder_on`` to ``record``. ``data``: a DataBundle (its ``train_x``) or a tensor."""
+        m = self.model
+        x = None
+        if data is not None:
+            train_x = data if isinstance(data, torch.Tensor) else data.train_x
+            n = min(m.fit_points, len(train_x))
+            idx = torch.randperm(len(train_x))[:n]
+            x = train_x[idx].to(module_device(m))
+        if m.prior == "ladder" and epoch + 1 >= m.warmup_epochs:
+            m.ladder_on.fill_(True)
+        if x is not None:
+            ts, err = [], []
+            for xb in x.split(500):
+                z = m.q_z_given_x(xb).sample()
+                if isinstance(m.likelihood, FlooredLaplace):
+                    err.append((m.likelihood.mean(m.decoder(z)) - xb).abs().flatten(1).mean(1))
+                if m.prior == "ladder":
+                    ts.append(m.q_t_given_z(z).sample())
+            if err:
+                m.likelihood.set_eval_floor(torch.cat(err))
+            refit = (m.prior == "ladder" and isinstance(m.hyperprior, BGMHyperprior)
+                     and (m.ladder_active or m.warmup_inner) and (epoch + 1) % m.refit_every == 0)
+            if refit:
+                m.hyperprior.fit(torch.cat(ts))
+        if m.prior == "ladder":
+            record["hyperprior_active"] = m.hyperprior.active_components()
+            record["inner_sigma"] = float(m.inner_sigma())
+            record["ladder_on"] = bool(m.ladder_on)
+        if isinstance(m.likelihood, FlooredLaplace):
+            record["laplace_scale"] = float(m.likelihood.scale())
 
 
-def _pos_int(name, v, zero_ok=False):
-    ok = isinstance(v, int) and not isinstance(v, bool) and (v >= 0 if zero_ok else v > 0)
-    if not ok:
-        what = "a non-negative integer" if zero_ok else "a positive integer"
-        raise ConfigError(f"model.options.{name} must be {what}, got {v!r}")
+@dataclass
+class LaDDerOptions(Options):
+    prior: str = option("ladder", choices=("ladder", "normal"), doc="'normal': the N(0, I)-prior baseline")
+    t_dim: int = option(2, gt=0)
+    warmup_epochs: int = option(10, ge=0)
+    warmup_inner: bool = option(True)
+    hyperprior: str = option("bgm", choices=("bgm", "stick"))
+    num_components: int = option(20, gt=0)
+    weight_concentration_prior: float = option(0.1, gt=0)
+    weight_concentration_prior_type: str = option("dirichlet_distribution",
+                                                  choices=("dirichlet_distribution", "dirichlet_process"))
+    bgm_max_iter: int = option(200, gt=0)
+    refit_every: int = option(1, gt=0)
+    fit_points: int = option(5000, gt=0)
+    stick_alpha: float = option(1.0, gt=0)
+    inner_hidden: list[int] = option([256, 256], item_gt=0)
+    inner_activation: str = option("leaky_relu", choices=("relu", "tanh", "elu", "softplus", "leaky_relu"))
+    inner_sigma: float = option(0.1, gt=0)
+    inner_sigma_min: float = option(0.05, gt=0)
+    inner_sigma_max: float = option(0.1, gt=0)
+    learn_inner_sigma: bool = option(True)
+    likelihood: str = option("floored_laplace", choices=("floored_laplace", "config"),
+                             doc="'config': model.likelihood instead of the floored Laplace")
+    laplace_init_scale: float = option(0.02, gt=0)
+
+    def check(self):
+        if self.inner_sigma_min > self.inner_sigma_max:
+            self.fail("inner_sigma_min", f"<= inner_sigma_max ({self.inner_sigma_max})", self.inner_sigma_min)
 
 
-def _pos_num(name, v):
-    if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
-        raise ConfigError(f"model.options.{name} must be a positive number, got {v!r}")
-
-
-def _check_ladder_options(o: dict) -> None:
-    for k in ("t_dim", "num_components", "bgm_max_iter", "refit_every", "fit_points"):
-        _pos_int(k, o[k])
-    _pos_int("warmup_epochs", o["warmup_epochs"], zero_ok=True)
-    for k in ("weight_concentration_prior", "stick_alpha", "inner_sigma", "inner_sigma_min", "inner_sigma_max",
-              "laplace_init_scale"):
-        _pos_num(k, o[k])
-    if o["inner_sigma_min"] > o["inner_sigma_max"]:
-        raise ConfigError(f"model.options.inner_sigma_min must be <= inner_sigma_max, got {o['inner_sigma_min']} > "
-                          f"{o['inner_sigma_max']}")
-    for k in ("warmup_inner", "learn_inner_sigma"):
-        if not isinstance(o[k], bool):
-            raise ConfigError(f"model.options.{k} must be true or false, got {o[k]!r}")
-    if o["prior"] not in ("ladder", "normal"):
-        raise ConfigError(f"model.options.prior must be 'ladder' or 'normal', got {o['prior']!r}")
-    if o["hyperprior"] not in ("bgm", "stick"):
-        raise ConfigError(f"model.options.hyperprior must be 'bgm' or 'stick', got {o['hyperprior']!r}")
-    h = o["inner_hidden"]
-    if not (isinstance(h, list) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in h)):
-        raise ConfigError(f"model.options.inner_hidden must be a list of positive integers, got {h!r}")
-
-
-def build_outer(cfg: ModelConfig, data_shape, o: dict):
-    """(encoder, decoder, likelihood) of the outer VAE x → z, shared by LaDDer and WiSE-ALE."""
-    if o["likelihood"] not in ("floored_laplace", "config"):
-        raise ConfigError(f"model.options.likelihood must be 'floored_laplace' or 'config', got {o['likelihood']!r}")
-    if cfg.arch not in ("mlp", "conv"):
-        raise ConfigError(f"model.arch must be 'mlp' or 'conv' for model.name={cfg.name!r}, got {cfg.arch!r}")
-    enc, dec = build_encoder_decoder(cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation,
-                                     channels=cfg.channels)
-    event_dims = len(tuple(data_shape))
-    if o["likelihood"] == "floored_laplace":
-        lik = FlooredLaplace(event_dims, o["laplace_init_scale"], link=cfg.link)
-    else:
-        lik = EventLikelihood(build_likelihood(cfg.likelihood, sigma2=cfg.sigma2, laplace_scale=cfg.laplace_scale,
-                                               link=cfg.link), event_dims)
-    return enc, dec, lik
-
-
-def build_ladder(cfg: ModelConfig, data_shape, num_data, num_classes, defaults: dict | None = None,
-                 cls=LaDDer, **overrides):
-    """LaDDer (or a subclass) from a ``ModelConfig``; ``cfg.latent_dim`` is the size of z."""
-    o = check_options(cfg, defaults if defaults is not None else LADDER_DEFAULTS)
-    o.update(overrides)
-    _check_ladder_options(o)
-    enc, dec, lik = build_outer(cfg, data_shape, o)
+@register_model("ladder", options=LaDDerOptions)
+def build_ladder(cfg: ModelConfig, o: LaDDerOptions, data_shape, num_data, num_classes) -> LaDDer:
+    """LaDDer from a ``ModelConfig``; ``cfg.latent_dim`` is the size of z."""
+    enc, dec, lik = outer_parts(cfg, data_shape, o.likelihood, o.laplace_init_scale)
     kw = {}
-    if o["prior"] == "ladder":
-        act = o["inner_activation"]
-        hidden = tuple(o["inner_hidden"])
-        if o["hyperprior"] == "bgm":
-            hp = build_hyperprior("bgm", o["t_dim"], o["num_components"],
-                                  weight_concentration_prior=o["weight_concentration_prior"],
-                                  weight_concentration_prior_type=o["weight_concentration_prior_type"],
-                                  max_iter=o["bgm_max_iter"])
+    if o.prior == "ladder":
+        hidden = tuple(o.inner_hidden)
+        if o.hyperprior == "bgm":
+            hp = build_hyperprior("bgm", o.t_dim, o.num_components, weight_concentration_prior=o.weight_concentration_prior,
+                                  weight_concentration_prior_type=o.weight_concentration_prior_type,
+                                  max_iter=o.bgm_max_iter)
         else:
-            hp = build_hyperprior("stick", o["t_dim"], o["num_components"], alpha=o["stick_alpha"])
-        kw = dict(inner_encoder=GaussianHead(cfg.latent_dim, hidden, o["t_dim"], act),
-                  inner_decoder=mlp(o["t_dim"], hidden, cfg.latent_dim, act), hyperprior=hp)
-    return cls(enc, dec, lik, cfg.latent_dim, t_dim=o["t_dim"], prior=o["prior"], warmup_epochs=o["warmup_epochs"],
-               inner_sigma=o["inner_sigma"], inner_sigma_bounds=(o["inner_sigma_min"], o["inner_sigma_max"]),
-               learn_inner_sigma=o["learn_inner_sigma"], warmup_inner=o["warmup_inner"],
-               refit_every=o["refit_every"], fit_points=o["fit_points"], num_data=num_data, **kw)
-
-
-@register_model("ladder")
-def _build_ladder(cfg: ModelConfig, data_shape, num_data, num_classes):
-    return build_ladder(cfg, data_shape, num_data, num_classes)
-
+            hp = build_hyperprior("stick", o.t_dim, o.num_components, alpha=o.stick_alpha)
+        kw = dict(inner_encoder=GaussianHead(cfg.latent_dim, hidden, o.t_dim, o.inner_activation),
+                  inner_decoder=mlp(o.t_dim, hidden, cfg.latent_dim, o.inner_activation), hyperprior=hp)
+    return LaDDer(enc, dec, lik, cfg.latent_dim, t_dim=o.t_dim, prior=o.prior, warmup_epochs=o.warmup_epochs,
+                  inner_sigma=o.inner_sigma, inner_sigma_bounds=(o.inner_sigma_min, o.inner_sigma_max),
+                  learn_inner_sigma=o.learn_inner_sigma, warmup_inner=o.warmup_inner, refit_every=o.refit_every,
+                  fit_points=o.fit_points, num_data=num_data, **kw)

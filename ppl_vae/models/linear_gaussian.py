@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule, pyro_method
 from torch import nn
 
-from ._common import data_plate
+from ..plate import data_plate
 
 
 class LinearGaussianVAE(PyroModule):

@@ -1,39 +1,69 @@
-"""Model builders by name: a method's file registers ``@register_model("name")`` and the configuration's
-``model.name`` picks it. A builder takes ``(cfg: ModelConfig, data_shape, num_data, num_classes)``."""
+"""Methods by name: a method's file registers its builder with ``@register_model("name", options=Options)`` and
+the configuration's ``model.name`` picks it.
+
+A builder takes ``(cfg: ModelConfig, options, data_shape, num_data, num_classes)`` and returns the model, a
+``PyroModule`` with ``model(x, y=None)`` and ``guide(x, y=None)``; ``options`` is the method's options dataclass
+(:class:`ppl_vae.options.Options`), already validated from ``cfg.options``. Old names stay loadable as
+``aliases`` (a ``DeprecationWarning`` names the new one).
+"""
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import ConfigError
+from ..options import NoOptions, Options
 
-_BUILDERS: dict[str, Callable] = {}
+__all__ = ["register_model", "model_names", "get_method", "Method", "resolve_name"]
 
 
-def register_model(name: str):
+@dataclass(frozen=True)
+class Method:
+    name: str
+    build: Callable
+    options: type[Options]
+
+
+_METHODS: dict[str, Method] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_model(name: str, options: type[Options] = NoOptions, aliases: tuple[str, ...] = ()):
+    """Register ``fn`` as the builder of method ``name`` (see the module docstring)."""
+    if not (isinstance(options, type) and issubclass(options, Options)):
+        raise TypeError(f"register_model({name!r}): options must be an Options dataclass, got {options!r}")
+
     def deco(fn: Callable) -> Callable:
-        if name in _BUILDERS and _BUILDERS[name] is not fn:
-            raise ValueError(f"a model named {name!r} is registered already")
-        _BUILDERS[name] = fn
+        for key in (name, *aliases):
+            taken = _METHODS.get(key) or (_METHODS.get(_ALIASES[key]) if key in _ALIASES else None)
+            if taken is not None and taken.build is not fn:
+                raise ValueError(f"a model named {key!r} is registered already")
+        _METHODS[name] = Method(name, fn, options)
+        for old in aliases:
+            _ALIASES[old] = name
         return fn
 
     return deco
 
 
 def model_names() -> list[str]:
-    return sorted(_BUILDERS)
+    """The registered method names (without deprecated aliases)."""
+    return sorted(_METHODS)
 
 
-def get_builder(name: str) -> Callable:
-    if name not in _BUILDERS:
+def resolve_name(name: str) -> str:
+    """The current name of a method (an alias gives a DeprecationWarning and its new name)."""
+    if name in _ALIASES:
+        new = _ALIASES[name]
+        warnings.warn(f"model.name={name!r} is deprecated; it is now called {new!r}", DeprecationWarning,
+                      stacklevel=3)
+        return new
+    if name not in _METHODS:
         raise ConfigError(f"model.name must be one of {model_names()}, got {name!r}")
-    return _BUILDERS[name]
+    return name
 
 
-def check_options(cfg, allowed: dict) -> dict:
-    """``cfg.options`` merged over ``allowed`` (the defaults); unknown keys are a ConfigError."""
-    unknown = sorted(set(cfg.options) - set(allowed))
-    if unknown:
-        raise ConfigError(f"model.options has unknown keys {unknown} for model.name={cfg.name!r}; "
-                          f"known: {sorted(allowed)}")
-    return {**allowed, **cfg.options}
+def get_method(name: str) -> Method:
+    return _METHODS[resolve_name(name)]

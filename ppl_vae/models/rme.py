@@ -1,44 +1,40 @@
 """VAE with the recursive mixture guide (Kim & Pavlovic, "Recursive Inference for Variational Autoencoders",
 NeurIPS 2020): q(z|x) = Σ_k α_k(x) N(μ_k(x), diag σ_k²(x)), grown as q_m = (1 − ε_m) q_{m−1} + ε_m h_m, each
 component chosen by the functional-gradient criterion of :mod:`ppl_vae.guides.recursive` (exact objective and
-deviations there). Registered as ``vae_recursive`` with options ``num_components`` (K, default 3),
-``divergence_weight`` (λ, 0.5), ``log_ratio_cap`` (κ nats, 5.0) and ``grow_every`` (epochs between activating
-components; 0 = all active from the start).
+deviations there). Registered as ``rme`` (recursive mixture estimation; formerly ``vae_recursive``) with options
+``num_components`` (K, default 3), ``divergence_weight`` (λ, 0.5), ``log_ratio_cap`` (κ nats, 5.0) and
+``grow_every`` (epochs between activating components; 0 = all active from the start).
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 from pyro.nn import pyro_method
 from torch.func import functional_call
 
 from ..errors import ConfigError
-from ..guides.mixture import mixture_moments
-from ..guides.recursive import (RecursiveMixtureELBO, RecursiveMixtureEncoder, recursive_mixture_distribution,
-                                recursive_mixture_terms)
-from ..likelihoods import build_likelihood
+from ..guides.mixture import MixtureGuideMixin
+from ..guides.recursive import RecursiveMixtureEncoder, recursive_mixture_distribution, recursive_mixture_terms
+from ..infer.plan import TrainingPlan, training_plan
+from ..infer.recursive_mixture import RecursiveMixtureELBO
 from ..nets import build_encoder_decoder
-from .registry import check_options, register_model
+from ..options import Options, option
+from ._common import config_likelihood
+from .registry import register_model
 from .vae import VAE
 
-
-class MixtureGuideMixin:
-    """``encode`` for mixture guides: the mixture's mean and marginal std (figures, latent plots)."""
-
-    def encode(self, x, y=None):
-        q = self.guide_dist(x, self._c(y))
-        mean, var = mixture_moments(q.log_weights, q.locs, q.scales)
-        return mean, var.sqrt()
+__all__ = ["RME", "RMEOptions", "RMEPlan"]
 
 
-class RecursiveMixtureVAE(MixtureGuideMixin, VAE):
+class RME(MixtureGuideMixin, VAE):
     """A VAE whose guide is the recursive mixture of ``encoder`` (a :class:`RecursiveMixtureEncoder`).
 
-    ``make_objective`` returns the recursive objective (:class:`~ppl_vae.guides.recursive.RecursiveMixtureELBO`);
-    the guide itself is an ordinary mixture site, so the model also runs with ``Trace_ELBO``/``TraceIWAE``.
-    The number of active components is a buffer (saved in checkpoints).
+    Its plan (:class:`RMEPlan`) trains it with the recursive objective
+    (:class:`~ppl_vae.infer.recursive_mixture.RecursiveMixtureELBO`); the guide itself is an ordinary mixture
+    site, so the model also runs with ``Trace_ELBO``/``TraceIWAE``. The number of active components is a buffer
+    (saved in checkpoints).
     """
 
     def __init__(self, encoder: RecursiveMixtureEncoder, decoder, likelihood, latent_dim: int, *,
@@ -53,7 +49,6 @@ class RecursiveMixtureVAE(MixtureGuideMixin, VAE):
     def guide_dist(self, x, c=None):
         locs, scales, eps_logits = self.encoder(x, c, int(self.num_active))
         return recursive_mixture_distribution(locs, scales, eps_logits)
-
 
     def _log_joint(self, x, z, c, frozen: bool):
         """log p(x, z) for z (B, n, d) → (B, n); ``frozen`` detaches the decoder's and likelihood's parameters."""
@@ -79,50 +74,46 @@ class RecursiveMixtureVAE(MixtureGuideMixin, VAE):
                                        lambda z: self._log_joint(x, z, c, True),
                                        divergence_weight=self.divergence_weight, log_ratio_cap=self.log_ratio_cap)
 
-    def make_objective(self, train_cfg):
-        if train_cfg.objective != "elbo":
-            raise ConfigError(f"train.objective must be 'elbo' for model.name='vae_recursive' (it trains with its "
-                              f"own recursive-mixture objective), got {train_cfg.objective!r}")
-        if train_cfg.kl_warmup_epochs:
-            raise ConfigError("train.kl_warmup_epochs must be 0 for model.name='vae_recursive' (the recursive "
-                              f"objective has no KL term to anneal), got {train_cfg.kl_warmup_epochs!r}")
-        if train_cfg.num_particles != 1:
-            raise ConfigError("train.num_particles must be 1 for model.name='vae_recursive' (one draw per "
-                              f"component is used), got {train_cfg.num_particles!r}")
-        return RecursiveMixtureELBO(self)
 
-    def on_epoch_end(self, epoch: int, record: dict, data=None):
-        """With ``grow_every`` > 0, component m becomes active after m·grow_every epochs."""
-        if self.grow_every > 0:
-            self.num_active.fill_(min(self.num_components, 1 + (epoch + 1) // self.grow_every))
-        record["num_components_active"] = int(self.num_active)
+@training_plan(RME)
+class RMEPlan(TrainingPlan):
+    """The recursive objective (one draw per component, no KL to anneal) and, with ``grow_every`` > 0, one more
+    active component every ``grow_every`` epochs."""
 
+    def objective(self, train):
+        if train.objective != "elbo":
+            raise ConfigError(f"train.objective must be 'elbo' for model.name='rme' (it trains with its own "
+                              f"recursive-mixture objective), got {train.objective!r}")
+        if train.kl_warmup_epochs:
+            raise ConfigError(f"train.kl_warmup_epochs must be 0 for model.name='rme' (the recursive objective "
+                              f"has no KL term to anneal), got {train.kl_warmup_epochs!r}")
+        if train.num_particles != 1:
+            raise ConfigError(f"train.num_particles must be 1 for model.name='rme' (one draw per component is "
+                              f"used), got {train.num_particles!r}")
+        return RecursiveMixtureELBO(self.model)
 
-def _positive_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ConfigError(f"model.options.{name} must be a positive integer, got {v!r}")
-
-
-def _number(name, v, lo, hi=math.inf):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi) or not math.isfinite(v):
-        raise ConfigError(f"model.options.{name} must be a number in [{lo}, {hi}], got {v!r}")
+    def on_epoch_end(self, epoch, record, data):
+        m = self.model
+        if m.grow_every > 0:
+            m.num_active.fill_(min(m.num_components, 1 + (epoch + 1) // m.grow_every))
+        record["num_components_active"] = int(m.num_active)
 
 
-@register_model("vae_recursive")
-def _build_vae_recursive(cfg, data_shape, num_data, num_classes):
-    opts = check_options(cfg, {"num_components": 3, "divergence_weight": 0.5, "log_ratio_cap": 5.0,
-                               "grow_every": 0})
-    _positive_int("num_components", opts["num_components"])
-    _number("divergence_weight", opts["divergence_weight"], 0.0, 1.0)
-    _number("log_ratio_cap", opts["log_ratio_cap"], 0.0)
-    g = opts["grow_every"]
-    if isinstance(g, bool) or not isinstance(g, int) or g < 0:
-        raise ConfigError(f"model.options.grow_every must be a non-negative integer, got {g!r}")
+@dataclass
+class RMEOptions(Options):
+    num_components: int = option(3, gt=0, doc="K, mixture components")
+    divergence_weight: float = option(0.5, ge=0.0, le=1.0, doc="λ of the component criterion")
+    log_ratio_cap: float = option(5.0, ge=0.0, doc="κ, nats")
+    grow_every: int = option(0, ge=0, doc="epochs between activating components (0: all from the start)")
+
+
+@register_model("rme", options=RMEOptions, aliases=("vae_recursive",))
+def build_rme(cfg, options: RMEOptions, data_shape, num_data, num_classes) -> RME:
     if cfg.arch != "mlp":
-        raise ConfigError(f"model.arch must be 'mlp' for model.name='vae_recursive', got {cfg.arch!r}")
-    lik = build_likelihood(cfg.likelihood, sigma2=cfg.sigma2, laplace_scale=cfg.laplace_scale, link=cfg.link)
+        raise ConfigError(f"model.arch must be 'mlp' for model.name={cfg.name!r}, got {cfg.arch!r}")
+    lik = config_likelihood(cfg)
     _, dec = build_encoder_decoder("mlp", data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation)
-    enc = RecursiveMixtureEncoder(data_shape, cfg.latent_dim, opts["num_components"], tuple(cfg.hidden),
+    enc = RecursiveMixtureEncoder(data_shape, cfg.latent_dim, options.num_components, tuple(cfg.hidden),
                                   cfg.activation)
-    return RecursiveMixtureVAE(enc, dec, lik, cfg.latent_dim, divergence_weight=float(opts["divergence_weight"]),
-                               log_ratio_cap=float(opts["log_ratio_cap"]), grow_every=g, num_data=num_data)
+    return RME(enc, dec, lik, cfg.latent_dim, divergence_weight=options.divergence_weight,
+               log_ratio_cap=options.log_ratio_cap, grow_every=options.grow_every, num_data=num_data)

@@ -17,12 +17,14 @@ Guide: q_φ(z_i | x_i) = N(μ_φ(x_i), diag σ_φ²(x_i)).
   per_pixel    Algorithm 1: stage 1 trains θ, φ and a global σ² (``stage1_mode``: learned or closed_form) until
                δELBO < ε₁ after ≥ n₁ epochs (``train.stop_delta``, ``train.min_epochs``); stage 2 freezes
                σ²_dataset and trains θ, φ and the variance network v(z) (``options.stage2_*``).
-               Train it with :func:`ppl_vae.infer.staged.train_staged`.
+               The plan (:class:`SigmaVAEPlan`) runs the two stages of one ``ppl_vae.train`` call.
+Its plan also draws σ²(z) uncertainty maps (Lin et al., Figs. 3 and 4) with the run's figures.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
+from dataclasses import dataclass
 
 import pyro
 import torch
@@ -30,22 +32,19 @@ from pyro.nn import pyro_method
 
 from ..config import ModelConfig, TrainConfig
 from ..errors import ConfigError
+from ..infer.plan import Stage, TrainingPlan, training_plan
 from ..likelihoods import GaussianLikelihood, PixelVarianceNet, closed_form_sigma2
 from ..nets import build_encoder_decoder
-from ._common import data_plate, module_device
-from .registry import check_options, register_model
+from ..options import Options, option
+from ..plate import data_plate
+from ..viz_variance import variance_figures
+from ._common import module_device
+from .registry import register_model
 from .vae import VAE
 
+__all__ = ["SigmaVAE", "SigmaVAEOptions", "SigmaVAEPlan", "MODES"]
+
 MODES = ("fixed", "learned", "closed_form", "per_pixel")
-DEFAULTS = {
-    "sigma2_mode": "learned",
-    "closed_form_every": "step",
-    "stage1_mode": "learned",
-    "stage2_epochs": 20,
-    "stage2_stop_delta": None,
-    "stage2_min_epochs": 1,
-    "stage2_lr": None,
-}
 
 
 class SigmaVAE(VAE):
@@ -73,13 +72,8 @@ class SigmaVAE(VAE):
         return self.variance_net is not None and int(self.stage) == 2
 
     @property
-    def staged(self) -> bool:
-        """True for the per_pixel mode: train with :func:`ppl_vae.infer.staged.train_staged`."""
-        return self.variance_net is not None
-
-    @property
     def sigma2_mode(self) -> str:
-        return "per_pixel" if self.staged else self.likelihood.mode
+        return "per_pixel" if self.variance_net is not None else self.likelihood.mode
 
     def sigma2(self) -> float:
         """The global σ²: stage-1 / fixed / learned value, or the frozen σ²_dataset in stage 2."""
@@ -97,16 +91,6 @@ class SigmaVAE(VAE):
         self.stage.fill_(2)
         return s2
 
-    def stage2_config(self, train: TrainConfig) -> TrainConfig:
-        """Stage-2 training settings: ``train`` with epochs, stop_delta, min_epochs and lr from the options."""
-        o = self.stage2_options
-        cfg = TrainConfig(**{**train.__dict__, "epochs": o.get("stage2_epochs", 20),
-                             "stop_delta": o.get("stage2_stop_delta"),
-                             "min_epochs": o.get("stage2_min_epochs", 1),
-                             "lr": o.get("stage2_lr") or train.lr, "kl_warmup_epochs": 0})
-        cfg.validate("model.options.stage2")
-        return cfg
-
     def _closed_form_now(self) -> bool:
         return (self.likelihood.mode == "closed_form" and self.closed_form_every == "step" and self.training
                 and torch.is_grad_enabled() and not self.per_pixel)
@@ -120,7 +104,7 @@ class SigmaVAE(VAE):
             variance = self.variance_net(z, None) if self.per_pixel else None
             if self._closed_form_now():   # eq. 9 on this step's reconstructions, before σ² is read
                 self.likelihood.set_sigma2(closed_form_sigma2(self.likelihood.mean(out), x))
-            pyro.sample("x", self.likelihood(out, event_dim=x.dim() - 1, variance=variance), obs=x)
+            pyro.sample("x", self.likelihood(out, event_dim=x.dim() - 1, variance=variance, x=x), obs=x)
 
     # -- deterministic helpers: σ²(z) uncertainty maps ----------------------------------------------------
     def decode_variance(self, z: torch.Tensor, y=None) -> torch.Tensor:
@@ -157,45 +141,67 @@ class SigmaVAE(VAE):
             count += mean.numel()
         return total / count
 
+
+@training_plan(SigmaVAE)
+class SigmaVAEPlan(TrainingPlan):
+    """One stage for a global σ²; Algorithm 1's two stages for ``sigma2_mode: per_pixel`` (stage 1 until
+    δELBO < ε₁ under ``train``, then σ²_dataset is frozen and stage 2 runs under the ``stage2_*`` options). After
+    every epoch: the epoch-wise closed-form σ² (``closed_form_every: epoch``) and σ² in the record."""
+
+    def stages(self, train: TrainConfig) -> list[Stage]:
+        if self.model.variance_net is None:
+            return [Stage("train", train)]
+        return [Stage("stage1", train), Stage("stage2", self.stage2_config(train))]
+
+    def stage2_config(self, train: TrainConfig) -> TrainConfig:
+        """Stage-2 training settings: ``train`` with epochs, stop_delta, min_epochs and lr from the options."""
+        o = self.model.stage2_options
+        cfg = dataclasses.replace(train, epochs=o.get("stage2_epochs", 20), stop_delta=o.get("stage2_stop_delta"),
+                                  min_epochs=o.get("stage2_min_epochs", 1), lr=o.get("stage2_lr") or train.lr,
+                                  kl_warmup_epochs=0)
+        cfg.validate("model.options.stage2")
+        return cfg
+
+    def begin_stage(self, stage: Stage) -> None:
+        if stage.name == "stage2":
+            self.model.begin_stage2()
+
     def on_epoch_end(self, epoch: int, record: dict, data) -> None:
-        """Per-epoch work: the epoch-wise closed-form σ² (``closed_form_every: epoch``) and σ² in the record."""
-        if self.likelihood.mode == "closed_form" and self.closed_form_every == "epoch" and not self.per_pixel:
-            was = self.training
-            self.eval()
-            value = self.closed_form_sigma2(data.train_x, seed=epoch)
-            self.train(was)
-            self.likelihood.set_sigma2(value)
-        record["sigma2"] = self.sigma2()
-        record["stage"] = int(self.stage)
+        m = self.model
+        if m.likelihood.mode == "closed_form" and m.closed_form_every == "epoch" and not m.per_pixel:
+            was = m.training
+            m.eval()
+            value = m.closed_form_sigma2(data.train_x, seed=epoch)
+            m.train(was)
+            m.likelihood.set_sigma2(value)
+        record["sigma2"] = m.sigma2()
+        record["stage"] = int(m.stage)
+
+    def figures(self, x, y, run_dir, seed: int = 0) -> list[str]:
+        """σ²(z) uncertainty maps of reconstructions and samples (Lin et al., Figs. 3 and 4)."""
+        return variance_figures(self.model, x, run_dir, seed=seed)
 
 
-def _check_mode(opts: dict) -> None:
-    if opts["sigma2_mode"] not in MODES:
-        raise ConfigError(f"model.options.sigma2_mode must be one of {list(MODES)}, got {opts['sigma2_mode']!r}")
-    if opts["stage1_mode"] not in ("learned", "closed_form"):
-        raise ConfigError(f"model.options.stage1_mode must be one of ['learned', 'closed_form'], "
-                          f"got {opts['stage1_mode']!r}")
-    e = opts["stage2_epochs"]
-    if not (isinstance(e, int) and not isinstance(e, bool) and e > 0):
-        raise ConfigError(f"model.options.stage2_epochs must be a positive integer, got {e!r}")
-    d = opts["stage2_stop_delta"]
-    if d is not None and not (isinstance(d, (int, float)) and not isinstance(d, bool) and d >= 0
-                              and math.isfinite(d)):
-        raise ConfigError(f"model.options.stage2_stop_delta must be a non-negative number or null, got {d!r}")
+@dataclass
+class SigmaVAEOptions(Options):
+    sigma2_mode: str = option("learned", choices=MODES)
+    closed_form_every: str = option("step", choices=("step", "epoch"))
+    stage1_mode: str = option("learned", choices=("learned", "closed_form"))
+    stage2_epochs: int = option(20, gt=0)
+    stage2_stop_delta: float | None = option(None, ge=0)
+    stage2_min_epochs: int = option(1, gt=0)
+    stage2_lr: float | None = option(None, gt=0)
 
 
-@register_model("sigma_vae")
-def build_sigma_vae(cfg: ModelConfig, data_shape, num_data, num_classes):
-    """``model.name: sigma_vae``; options: see :data:`DEFAULTS` and the module docstring."""
-    opts = check_options(cfg, DEFAULTS)
-    _check_mode(opts)
+@register_model("sigma_vae", options=SigmaVAEOptions)
+def build_sigma_vae(cfg: ModelConfig, o: SigmaVAEOptions, data_shape, num_data, num_classes) -> SigmaVAE:
+    """``model.name: sigma_vae``; options: :class:`SigmaVAEOptions` and the module docstring."""
     if cfg.likelihood != "gaussian":
         raise ConfigError(f"model.likelihood must be 'gaussian' for model.name='sigma_vae', got {cfg.likelihood!r}")
     if cfg.arch not in ("mlp", "conv"):
         raise ConfigError(f"model.arch must be 'mlp' or 'conv' for model.name='sigma_vae', got {cfg.arch!r}")
-    mode = opts["sigma2_mode"]
-    lik = GaussianLikelihood(sigma2=cfg.sigma2, link=cfg.link,
-                             mode=opts["stage1_mode"] if mode == "per_pixel" else mode)
+    mode = o.sigma2_mode
+    lik = GaussianLikelihood(sigma2=cfg.sigma2, link=cfg.link, mode=o.stage1_mode if mode == "per_pixel" else mode)
     enc, dec = build_encoder_decoder(cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation,
                                      channels=cfg.channels)
     var_net = None
@@ -203,6 +209,6 @@ def build_sigma_vae(cfg: ModelConfig, data_shape, num_data, num_classes):
         _, v = build_encoder_decoder(cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation,
                                      channels=cfg.channels)
         var_net = PixelVarianceNet(v)
-    stage2 = {k: v for k, v in opts.items() if k.startswith("stage2_")}
+    stage2 = {k: v for k, v in o.to_dict().items() if k.startswith("stage2_")}
     return SigmaVAE(enc, dec, lik, cfg.latent_dim, variance_net=var_net, num_data=num_data,
-                    closed_form_every=opts["closed_form_every"], stage2=stage2)
+                    closed_form_every=o.closed_form_every, stage2=stage2)

@@ -16,8 +16,16 @@ import torch
 from pyro.nn import PyroModule, pyro_method
 from torch import nn
 
+from ..config import ModelConfig
+from ..errors import ConfigError
+from ..nets import BURDA, build_encoder_decoder
+from ..options import NoOptions
+from ..plate import data_plate
 from ..priors import StandardNormalPrior
-from ._common import data_plate, module_device, one_hot
+from ._common import config_likelihood, module_device, one_hot
+from .registry import register_model
+
+__all__ = ["VAE"]
 
 
 class VAE(PyroModule):
@@ -51,7 +59,7 @@ class VAE(PyroModule):
         c = self._c(y)
         with data_plate(x, self.num_data):
             z = pyro.sample("z", self.prior(x.shape[0]))
-            pyro.sample("x", self.likelihood(self.decoder(z, c), event_dim=x.dim() - 1), obs=x)
+            pyro.sample("x", self.likelihood(self.decoder(z, c), event_dim=x.dim() - 1, x=x), obs=x)
 
     @pyro_method
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None):
@@ -82,3 +90,17 @@ class VAE(PyroModule):
             y = torch.as_tensor(y, device=dev)
         z = self.prior(n).sample()
         return self.decode(z.to(dev), y)
+
+
+@register_model("vae", options=NoOptions)
+@register_model("cvae", options=NoOptions)
+def build_vae(cfg: ModelConfig, options, data_shape, num_data, num_classes) -> VAE:
+    """``vae``, and ``cvae`` (labels enter encoder and decoder as one-hot vectors)."""
+    lik = config_likelihood(cfg)
+    cond = cfg.name == "cvae"
+    if cond and not num_classes:
+        raise ConfigError("model.name='cvae' needs a dataset with class labels (num_classes), got none")
+    latent_dim = BURDA["burda1"]["latent_dim"] if cfg.arch == "burda1" else cfg.latent_dim
+    enc, dec = build_encoder_decoder(cfg.arch, data_shape, latent_dim, tuple(cfg.hidden), cfg.activation,
+                                     cond_dim=num_classes if cond else 0, channels=cfg.channels)
+    return VAE(enc, dec, lik, latent_dim, num_data=num_data, num_classes=num_classes if cond else None)

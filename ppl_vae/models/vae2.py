@@ -13,12 +13,18 @@ import torch
 from pyro.nn import PyroModule, pyro_method
 from torch import nn
 
-from ..nets import GaussianHead, MLPDecoder, MLPEncoder
+from ..config import ModelConfig
+from ..nets import BURDA, GaussianHead, MLPDecoder, MLPEncoder
+from ..options import NoOptions
+from ..plate import data_plate
 from ..priors import StandardNormalPrior
-from ._common import data_plate, module_device
+from ._common import config_likelihood, module_device
+from .registry import register_model
+
+__all__ = ["VAE2"]
 
 
-class TwoLayerVAE(PyroModule):
+class VAE2(PyroModule):
     """Two stochastic layers; ``latent_dim`` is the top layer's size (z2), ``latent_dim1`` the lower one's (z1)."""
 
     conditional = False
@@ -43,7 +49,7 @@ class TwoLayerVAE(PyroModule):
             z2 = pyro.sample("z2", self.prior(x.shape[0]))
             loc1, scale1 = self.decoder2(z2)
             z1 = pyro.sample("z1", dist.Normal(loc1, scale1).to_event(1))
-            pyro.sample("x", self.likelihood(self.decoder1(z1), event_dim=x.dim() - 1), obs=x)
+            pyro.sample("x", self.likelihood(self.decoder1(z1), event_dim=x.dim() - 1, x=x), obs=x)
 
     @pyro_method
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None):
@@ -70,3 +76,17 @@ class TwoLayerVAE(PyroModule):
         loc1, scale1 = self.decoder2(z2)
         z1 = dist.Normal(loc1, scale1).sample()
         return self.likelihood.mean(self.decoder1(z1))
+
+
+@register_model("vae2", options=NoOptions)
+def build_vae2(cfg: ModelConfig, options, data_shape, num_data, num_classes) -> VAE2:
+    """``arch: burda2`` is Burda et al.'s 784-100-100-100(z1)-50-50-50(z2) tanh network; ``arch: mlp`` uses
+    ``hidden`` for x↔z1 (z1 of 2·latent_dim) and half of it for z1↔z2."""
+    lik = config_likelihood(cfg)
+    if cfg.arch == "burda2":
+        b = BURDA["burda2"]
+        return VAE2(data_shape, lik, b["latent_dim"], b["latent_dim2"], b["hidden"], b["hidden2"], b["act"],
+                    num_data=num_data)
+    h = tuple(cfg.hidden)
+    return VAE2(data_shape, lik, 2 * cfg.latent_dim, cfg.latent_dim, h, tuple(max(x // 2, 1) for x in h),
+                cfg.activation, num_data=num_data)

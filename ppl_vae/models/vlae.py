@@ -2,25 +2,31 @@
 
 Model: z ~ N(0, I), x ~ p_θ(x | z) (Bernoulli or Gaussian). Guide: from the encoder's μ₀(x), T damped Newton
 steps on the locally linearised decoder, then q(z|x) = N(μ_T, Λ(μ_T)⁻¹) with Λ = WᵀDW + I (full covariance; see
-:mod:`ppl_vae.guides.laplace`). Registered as ``vae_laplace`` with options ``num_steps`` (T, default 4) and
-``damping`` ("vlae" for η_t = 0.5/(t+1), a number in (0, 1], or "line_search" for the per-point best step by
-the exact log joint — our addition, see :mod:`ppl_vae.guides.laplace`).
+:mod:`ppl_vae.guides.laplace`). Registered as ``vlae`` (formerly ``vae_laplace``) with options ``num_steps``
+(T, default 4) and ``damping`` ("vlae" for η_t = 0.5/(t+1), a number in (0, 1], or "line_search" for the
+per-point best step by the exact log joint — our addition, see :mod:`ppl_vae.guides.laplace`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pyro.distributions as dist
 import torch
 
 from ..errors import ConfigError
-from ..guides.laplace import MeanEncoder, _relu_mlp_layers, laplace_posterior, precision_to_scale_tril, vlae_damping
-from ..likelihoods import BernoulliLikelihood, GaussianLikelihood, build_likelihood
+from ..guides.laplace import MeanEncoder, laplace_posterior, precision_to_scale_tril, relu_mlp_layers, vlae_damping
+from ..likelihoods import BernoulliLikelihood, GaussianLikelihood
 from ..nets import BURDA, build_encoder_decoder
-from .registry import check_options, register_model
+from ..options import Options, option
+from ._common import config_likelihood
+from .registry import register_model
 from .vae import VAE
 
+__all__ = ["VLAE", "VLAEOptions"]
 
-class LaplaceVAE(VAE):
+
+class VLAE(VAE):
     """A :class:`~ppl_vae.models.VAE` whose guide is the VLAE Laplace approximation.
 
     ``encoder(x, c) -> μ₀`` (a :class:`~ppl_vae.guides.laplace.MeanEncoder`); ``decoder``, ``likelihood`` and
@@ -35,7 +41,7 @@ class LaplaceVAE(VAE):
         elif isinstance(likelihood, GaussianLikelihood):
             self._kind, self._link = "gaussian", likelihood.link
         else:
-            raise ConfigError(f"vae_laplace needs model.likelihood 'bernoulli' or 'gaussian', got "
+            raise ConfigError(f"vlae needs model.likelihood 'bernoulli' or 'gaussian', got "
                               f"{type(likelihood).__name__}")
         self.num_steps = int(num_steps)
         self.damping = damping
@@ -45,7 +51,7 @@ class LaplaceVAE(VAE):
         mu0 = self.encoder(x, c)
         if c is None:
             fn = lambda z: self.decoder(z).reshape(z.shape[0], -1)   # noqa: E731
-            layers = _relu_mlp_layers(self.decoder)
+            layers = relu_mlp_layers(self.decoder)
         else:
             fn = lambda z: self.decoder(z, c).reshape(z.shape[0], -1)   # noqa: E731
             layers = None
@@ -65,30 +71,30 @@ class LaplaceVAE(VAE):
         return mu, tril.pow(2).sum(-1).sqrt()
 
 
-def _damping_option(value):
-    if value == "vlae":
-        return vlae_damping
-    if value == "line_search":
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
-        return float(value)
-    raise ConfigError(f"model.options.damping must be 'vlae' (η_t = 0.5/(t+1)), 'line_search' or a number in (0, 1], "
-                      f"got {value!r}")
+def _is_damping(value) -> bool:
+    return value in ("vlae", "line_search") or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                                 and 0 < value <= 1)
 
 
-@register_model("vae_laplace")
-def _build_vae_laplace(cfg, data_shape, num_data, num_classes):
-    opts = check_options(cfg, {"num_steps": 4, "damping": "vlae"})
-    T = opts["num_steps"]
-    if isinstance(T, bool) or not isinstance(T, int) or T < 0:
-        raise ConfigError(f"model.options.num_steps must be a non-negative integer, got {T!r}")
-    damping = _damping_option(opts["damping"])
+@dataclass
+class VLAEOptions(Options):
+    num_steps: int = option(4, ge=0, doc="T, damped Newton steps from the encoder's mean")
+    damping: str | float = option("vlae", check=_is_damping,
+                                  what="'vlae' (η_t = 0.5/(t+1)), 'line_search' or a number in (0, 1]")
+
+    def damping_schedule(self):
+        return vlae_damping if self.damping == "vlae" else self.damping if self.damping == "line_search" \
+            else float(self.damping)
+
+
+@register_model("vlae", options=VLAEOptions, aliases=("vae_laplace",))
+def build_vlae(cfg, options: VLAEOptions, data_shape, num_data, num_classes) -> VLAE:
     if cfg.likelihood not in ("bernoulli", "gaussian"):
-        raise ConfigError(f"model.likelihood must be 'bernoulli' or 'gaussian' for model.name='vae_laplace' (the "
+        raise ConfigError(f"model.likelihood must be 'bernoulli' or 'gaussian' for model.name={cfg.name!r} (the "
                           f"Laplace guide needs a twice-differentiable likelihood), got {cfg.likelihood!r}")
     if cfg.arch not in ("mlp", "burda1"):
-        raise ConfigError(f"model.arch must be 'mlp' or 'burda1' for model.name='vae_laplace', got {cfg.arch!r}")
-    lik = build_likelihood(cfg.likelihood, sigma2=cfg.sigma2, laplace_scale=cfg.laplace_scale, link=cfg.link)
+        raise ConfigError(f"model.arch must be 'mlp' or 'burda1' for model.name={cfg.name!r}, got {cfg.arch!r}")
+    lik = config_likelihood(cfg)
     if cfg.arch == "burda1":
         b = BURDA["burda1"]
         latent_dim, hidden, act = b["latent_dim"], b["hidden"], b["act"]
@@ -96,4 +102,5 @@ def _build_vae_laplace(cfg, data_shape, num_data, num_classes):
         latent_dim, hidden, act = cfg.latent_dim, tuple(cfg.hidden), cfg.activation
     _, dec = build_encoder_decoder(cfg.arch, data_shape, latent_dim, hidden, act, channels=cfg.channels)
     enc = MeanEncoder(data_shape, latent_dim, hidden, act)
-    return LaplaceVAE(enc, dec, lik, latent_dim, num_steps=T, damping=damping, num_data=num_data)
+    return VLAE(enc, dec, lik, latent_dim, num_steps=options.num_steps, damping=options.damping_schedule(),
+                num_data=num_data)

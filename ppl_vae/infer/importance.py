@@ -1,0 +1,463 @@
+r"""Importance weights of a Pyro model/guide pair, one per datapoint and guide draw: the one computation behind
+:class:`~ppl_vae.infer.iwae.TraceIWAE`, :func:`ppl_vae.evaluate.log_likelihood` and the ArviZ diagnostics.
+
+For datapoint i and K draws z_ik ~ q(z | x_i) from the guide,  log w_ik = log p(x_i, z_ik) − log q(z_ik | x_i).
+
+What exactly is computed
+------------------------
+* ``log w_ik`` is built from the **unscaled** log-densities (``site["unscaled_log_prob"]``; masks are applied,
+  scales are not) of every sample site inside the data plate, summed per datapoint over every dim except the
+  particle dim and the data-plate dim (event dims and plates nested inside the data plate are summed).
+* The data plate's subsample factor N/B multiplies the sum of the per-datapoint bounds, **outside** the
+  log-mean-exp, so a minibatch loss is an unbiased estimate of the full-data objective Σ_{i≤N} L_K(x_i).
+  (Pyro's ``RenyiELBO(alpha=0)`` uses the scaled ``log_prob`` inside the logsumexp, i.e. it computes
+  Σ_i logmeanexp_k((N/B)·log w_ik), which is not an unbiased estimate of anything useful when N > B.)
+* Global sites. *Observed* model sites outside the data plate (a global likelihood term, a ``pyro.factor``)
+  are counted once: g_k is their log-density for particle k, averaged over the K particles. This is exact
+  when they do not depend on the local latents (the intended use); nothing checks that.
+  *Latent* sites outside the data plate (a guide sample site that is not per-datapoint) raise
+  :class:`GlobalLatentError`: in our VAEs global quantities are parameters (``nn.Parameter``/``pyro.param``);
+  a global latent shared by all datapoints would need one importance weight for the whole data set.
+* Other scale factors (``poutine.scale``, a second subsampled plate, KL annealing) cannot be put inside a
+  log-mean-exp and raise :class:`IWAEError`; so do model latents that the guide does not sample, guide
+  sites that the model lacks, enumerated guide sites and (for gradients) guide sites without ``rsample``.
+
+Particles are vectorised like Pyro's ELBOs (an outermost ``pyro.plate("num_particles_vectorized", K,
+dim=-(max_plate_nesting + 1))``; nothing is added when K = 1), or drawn in a loop with
+``vectorize_particles=False``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.util import prune_subsample_sites
+from pyro.util import check_model_guide_match, check_site_shape
+
+from ..errors import PplVaeError
+
+__all__ = [
+    "LogWeights", "importance_log_weights", "guess_max_plate_nesting", "fork_rng",
+    "IWAEError", "NoDataPlateError", "GlobalLatentError", "NonReparameterizedError", "PARTICLE_PLATE",
+]
+
+PARTICLE_PLATE = "num_particles_vectorized"
+
+
+class IWAEError(PplVaeError, ValueError):
+    """A model/guide pair that importance weighting as implemented here cannot handle; the message says why."""
+
+
+class NoDataPlateError(IWAEError):
+    """Latent sites exist but no plate with the expected name (``data_plate``) was found."""
+
+
+class GlobalLatentError(IWAEError):
+    """The guide samples a latent outside the data plate (a global latent)."""
+
+
+class NonReparameterizedError(IWAEError):
+    """A guide site has no ``rsample``, so the pathwise IWAE/DReG gradients do not apply."""
+
+
+def fork_rng():
+    """``torch.random.fork_rng`` over the CPU and every initialised CUDA device: the caller's RNG stays untouched."""
+    devices = []
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        devices = list(range(torch.cuda.device_count()))
+    return torch.random.fork_rng(devices=devices)
+
+
+def guess_max_plate_nesting(model: Callable, guide: Callable, args=(), kwargs=None) -> int:
+    """Number of vectorised plate dims used by one (guide, model) run, like ``ELBO._guess_max_plate_nesting``.
+
+    Runs the pair once under ``poutine.block`` inside a forked RNG, so the caller's random stream (and thus the
+    draws that follow) do not depend on whether the nesting was guessed or given.
+    """
+    kwargs = {} if kwargs is None else kwargs
+    with fork_rng(), poutine.block(), torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    dims = [
+        frame.dim
+        for trace in (prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace))
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    ]
+    return -min(dims) if dims else 0
+
+
+@dataclass
+class LogWeights:
+    """Unscaled per-datapoint log importance weights of K guide draws and their parts.
+
+    ``log_w[k, i] = Σ_{local model sites} log p − Σ_{guide sites} log q`` for particle k and datapoint i of the
+    minibatch; every per-site entry has shape (K, B) (``global_terms``: (K,)).
+    """
+
+    log_w: torch.Tensor                      # (K, B)
+    scale: float                             # N / B of the data plate (1.0 without a data plate)
+    num_data: int                            # N
+    model_terms: dict = field(default_factory=dict)    # local model sites (latent and observed): (K, B)
+    guide_terms: dict = field(default_factory=dict)    # guide sites: (K, B)
+    global_terms: dict = field(default_factory=dict)   # observed model sites outside the data plate: (K,)
+    observed_sites: tuple = ()                         # names of the observed local model sites
+    values: dict = field(default_factory=dict)         # guide draws, (K, B, ...) (``keep_values=True``)
+    observed: dict = field(default_factory=dict)       # observed local values, (B, ...) (``keep_values=True``)
+    log_p_sg: torch.Tensor | None = None     # (K, B): local model terms at detached draws (``dreg=True``)
+    log_q_sg: torch.Tensor | None = None     # (K, B): guide terms at detached draws (``dreg=True``)
+
+    @property
+    def num_particles(self) -> int:
+        return self.log_w.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.log_w.shape[1]
+
+    @property
+    def global_log_w(self) -> torch.Tensor:
+        """(K,) sum of the global terms (zeros without global sites)."""
+        total = self.log_w.new_zeros(self.num_particles)
+        for t in self.global_terms.values():
+            total = total + t
+        return total
+
+    def per_datapoint_bound(self) -> torch.Tensor:
+        """L_K(x_i) = logmeanexp_k log w_ik, shape (B,), unscaled."""
+        return torch.logsumexp(self.log_w, dim=0) - math.log(self.num_particles)
+
+    def bound(self) -> torch.Tensor:
+        """(N/B) Σ_i L_K(x_i) + mean_k g_k: the minibatch estimate of the full-data IWAE bound (a scalar)."""
+        out = self.scale * self.per_datapoint_bound().sum()
+        if self.global_terms:
+            out = out + self.global_log_w.mean()
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One pass: trace the guide, replay the model, reduce every site to (k, B) per-datapoint terms.
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Plate:
+    dim: int
+    size: int        # B (subsample size)
+    full_size: int   # N
+
+
+def _float_scale(scale, site_name: str) -> float:
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise IWAEError(f"site '{site_name}' has a tensor-valued scale of shape {tuple(scale.shape)}; "
+                            "TraceIWAE only supports the data plate's scalar subsample scale N/B")
+        return float(scale)
+    return float(scale)
+
+
+def _find_data_plate(traces, data_plate: str) -> _Plate | None:
+    found: dict = {}
+    for trace in traces:
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            for f in site["cond_indep_stack"]:
+                if f.name != data_plate:
+                    continue
+                if not f.vectorized:
+                    raise IWAEError(
+                        f"the plate '{data_plate}' at site '{name}' is sequential (``for i in pyro.plate(...)``); "
+                        f"TraceIWAE needs a vectorised data plate: ``with pyro.plate('{data_plate}', N, "
+                        "subsample=...)`` (see ppl_vae.plate.data_plate)")
+                size = int(f.size)
+                full = int(f.full_size) if f.full_size is not None else size
+                found.setdefault((f.dim, size, full), name)
+    if not found:
+        return None
+    if len(found) > 1:
+        desc = ", ".join(f"dim {d} size {s} of {n} at '{site}'" for (d, s, n), site in found.items())
+        raise IWAEError(f"the plate '{data_plate}' appears with different dims/sizes: {desc}")
+    (dim, size, full), = found
+    return _Plate(dim, size, full)
+
+
+def _is_local(site, data_plate: str) -> bool:
+    return any(f.name == data_plate for f in site["cond_indep_stack"])
+
+
+def _no_plate_message(data_plate: str, names) -> str:
+    return (f"no plate named '{data_plate}' was found, but the guide samples the latent site(s) {sorted(names)}. "
+            "TraceIWAE computes one importance weight per datapoint, so per-datapoint sites must live inside the "
+            f"data plate: use ppl_vae.plate.data_plate(x, num_data) or ``with pyro.plate('{data_plate}', "
+            "N, subsample=torch.arange(len(x))):`` in both model and guide, or tell TraceIWAE your plate's name "
+            "with TraceIWAE(data_plate='<name>')")
+
+
+def _check_pass(model_trace, guide_trace, plate: _Plate | None, data_plate: str, require_reparam: bool) -> None:
+    guide_latents = {n for n, s in guide_trace.nodes.items() if s["type"] == "sample"}
+    if plate is None and guide_latents:
+        raise NoDataPlateError(_no_plate_message(data_plate, guide_latents))
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        if site["infer"].get("enumerate") or site["infer"].get("_enumerate_dim") is not None:
+            raise IWAEError(f"guide site '{name}' is enumerated (infer={{'enumerate': ...}}); TraceIWAE samples "
+                            "every latent from the guide and does not support enumeration: remove the "
+                            "enumerate flag or use TraceEnum_ELBO")
+        if not _is_local(site, data_plate):
+            raise GlobalLatentError(
+                f"guide site '{name}' is sampled outside the plate '{data_plate}' (a global latent). TraceIWAE "
+                "weights each datapoint separately and supports per-datapoint latents only: make global "
+                "quantities parameters (nn.Parameter / pyro.param), move the site inside the data plate, or "
+                "use Trace_ELBO for models with global latents")
+        if name not in model_trace.nodes or model_trace.nodes[name]["type"] != "sample":
+            raise IWAEError(f"guide site '{name}' has no sample site in the model (auxiliary guide variables are "
+                            "not supported by TraceIWAE)")
+        if require_reparam and not site["is_observed"] and not getattr(site["fn"], "has_rsample", False):
+            raise NonReparameterizedError(
+                f"guide site '{name}' has distribution {type(site['fn']).__name__}, which has no rsample: the "
+                "IWAE and DReG gradients implemented here are pathwise and need reparameterised guide sites "
+                "(a continuous, reparameterisable or relaxed distribution, e.g. RelaxedBernoulliStraightThrough). "
+                "TraceIWAE.loss and log_likelihood still work; for score-function gradients use Trace_ELBO or "
+                "TraceGraph_ELBO")
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        if not site["is_observed"]:
+            if name not in guide_latents:
+                raise IWAEError(f"model latent site '{name}' has no guide site: TraceIWAE draws every latent from "
+                                "the guide (add it to the guide, or observe it)")
+            if not _is_local(site, data_plate):
+                raise GlobalLatentError(f"model site '{name}' is sampled outside the plate '{data_plate}' in the "
+                                        "model but inside it in the guide; model and guide must agree")
+    for trace in (model_trace, guide_trace):
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            local = _is_local(site, data_plate)
+            expected = plate.full_size / plate.size if (local and plate is not None) else 1.0
+            actual = _float_scale(site["scale"], name)
+            if not math.isclose(actual, expected, rel_tol=1e-6):
+                raise IWAEError(
+                    f"site '{name}' has scale {actual:g} but TraceIWAE expected {expected:g} (the plate "
+                    f"'{data_plate}' subsample factor N/B{'' if local else ', i.e. 1 outside the data plate'}). "
+                    "Other scale factors (poutine.scale, KL annealing, subsampled plates other than the data "
+                    "plate) cannot be applied inside the log-mean-exp of an importance-weighted bound")
+            if local:
+                for f in site["cond_indep_stack"]:
+                    if f.vectorized and f.name not in (data_plate, PARTICLE_PLATE) and f.dim < plate.dim:
+                        raise IWAEError(
+                            f"site '{name}' is in plate '{f.name}' (dim {f.dim}) to the left of the data plate "
+                            f"'{data_plate}' (dim {plate.dim}): TraceIWAE needs the data plate to be the "
+                            "outermost plate of per-datapoint sites (nest other plates inside it)")
+
+
+def _reduce(lp: torch.Tensor, data_dim: int | None, particle_dim: int | None, K: int, B: int, name: str):
+    """Sum a site's log-density over every dim but the particle and data dims: (K, B), or (K,) if data_dim None."""
+    keep = [d for d in (particle_dim, data_dim) if d is not None]
+    nd = max([-d for d in keep] + [0])
+    if lp.dim() < nd:
+        lp = lp.reshape((1,) * (nd - lp.dim()) + tuple(lp.shape))
+    if particle_dim is not None and lp.dim() > nd and any(s != 1 for s in lp.shape[: lp.dim() - nd]):
+        raise IWAEError(f"site '{name}' has log-density shape {tuple(lp.shape)} with batch dims left of the "
+                        f"particle dim {particle_dim} (enumeration?); TraceIWAE does not support them")
+    sum_dims = [d for d in range(-lp.dim(), 0) if d not in keep]
+    if sum_dims:
+        lp = lp.sum(dim=sum_dims, keepdim=True)
+    kp = lp.shape[particle_dim] if particle_dim is not None else 1
+    bd = lp.shape[data_dim] if data_dim is not None else 1
+    out = lp.reshape(kp, bd).expand(K if particle_dim is not None else 1, B if data_dim is not None else 1)
+    return out if data_dim is not None else out[:, 0]
+
+
+def _site_values(value: torch.Tensor, event_dim: int, data_dim: int, particle_dim: int | None, K: int,
+                 B: int) -> torch.Tensor:
+    """A site's value as (k, B, *rest): particle dim first, datapoint second, then nested batch and event dims."""
+    batch = value.shape[: value.dim() - event_dim]
+    ev = value.shape[value.dim() - event_dim:]
+    nd = max(-data_dim, -particle_dim if particle_dim is not None else 0, len(batch))
+    v = value.reshape((1,) * (nd - len(batch)) + tuple(batch) + tuple(ev))
+    di = nd + data_dim
+    if particle_dim is None:
+        v = v.unsqueeze(0)
+        di, pi = di + 1, 0
+    else:
+        pi = nd + particle_dim
+    v = v.movedim((pi, di), (0, 1))
+    # drop size-1 leftover batch dims (nested plates keep theirs)
+    rest_batch = v.shape[2: v.dim() - event_dim]
+    keep = [s for s in rest_batch if s != 1]
+    v = v.reshape(v.shape[0], v.shape[1], *keep, *ev)
+    return v.expand(K if particle_dim is not None else 1, B, *v.shape[2:])
+
+
+def _stop_gradient_trace(guide_trace) -> poutine.Trace:
+    """A trace holding detached copies of the guide's sample values, for ``poutine.replay``."""
+    sg = poutine.Trace()
+    for name, site in guide_trace.nodes.items():
+        if site["type"] == "sample":
+            node = dict(site)
+            node["value"] = site["value"].detach()
+            sg.add_node(name, **node)
+    return sg
+
+
+_SHAPE_HINT = (
+    "while running {K} particles vectorised: TraceIWAE adds an outermost plate '{plate}' at dim {dim}, so every "
+    "sample site gets an extra batch dim on the left. A distribution in the model or guide does not allow it "
+    "(a common cause: .to_event(out.dim() - 1), which counts the particle dim as an event dim; take the number "
+    "of event dims from the data shape instead). Fix the model, or use TraceIWAE(vectorize_particles=False). "
+    "Original error: {err}"
+)
+
+
+def _run_pass(model, guide, args, kwargs, *, K: int, particle_dim: int | None, data_plate: str, dreg: bool,
+              require_reparam: bool, keep_values: bool, max_plate_nesting) -> dict:
+    try:
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        if dreg:
+            sg = _stop_gradient_trace(guide_trace)
+            model_sg = poutine.trace(poutine.replay(model, trace=sg)).get_trace(*args, **kwargs)
+            guide_sg = poutine.trace(poutine.replay(guide, trace=sg)).get_trace(*args, **kwargs)
+    except ValueError as e:
+        if particle_dim is not None and "Shape mismatch inside plate" in str(e):
+            raise IWAEError(_SHAPE_HINT.format(K=K, plate=PARTICLE_PLATE, dim=particle_dim, err=e)) from e
+        raise
+    full_model_trace, full_guide_trace = model_trace, guide_trace
+    model_trace = prune_subsample_sites(model_trace)
+    guide_trace = prune_subsample_sites(guide_trace)
+    plate = _find_data_plate((model_trace, guide_trace), data_plate)
+    _check_pass(model_trace, guide_trace, plate, data_plate, require_reparam)  # our messages first
+    if is_validation_enabled():
+        check_model_guide_match(full_model_trace, full_guide_trace,
+                                -particle_dim if particle_dim is not None else max_plate_nesting)
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    if is_validation_enabled():
+        nesting = -particle_dim if particle_dim is not None else max_plate_nesting
+        for trace in (model_trace, guide_trace):
+            for site in trace.nodes.values():
+                if site["type"] == "sample":
+                    check_site_shape(site, nesting)
+
+    B = plate.size if plate is not None else 0
+    ddim = plate.dim if plate is not None else None
+    out = {"plate": plate, "model": {}, "guide": {}, "global": {}, "observed_sites": [], "values": {},
+           "observed": {}}
+
+    def lp_of(site):
+        return scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"])
+
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        if _is_local(site, data_plate):
+            out["model"][name] = _reduce(lp_of(site), ddim, particle_dim, K, B, name)
+            if site["is_observed"]:
+                out["observed_sites"].append(name)
+                if keep_values:
+                    out["observed"][name] = _site_values(site["value"].detach(), site["fn"].event_dim, ddim,
+                                                         particle_dim, K, B)[0]
+        else:
+            out["global"][name] = _reduce(lp_of(site), None, particle_dim, K, B, name)
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        out["guide"][name] = _reduce(lp_of(site), ddim, particle_dim, K, B, name)
+        if keep_values:
+            out["values"][name] = _site_values(site["value"].detach(), site["fn"].event_dim, ddim, particle_dim,
+                                               K, B)
+    if dreg:
+        model_sg = prune_subsample_sites(model_sg)
+        guide_sg = prune_subsample_sites(guide_sg)
+        model_sg.compute_log_prob()
+        guide_sg.compute_log_prob()
+        log_p = sum((_reduce(lp_of(s), ddim, particle_dim, K, B, n) for n, s in model_sg.nodes.items()
+                     if s["type"] == "sample" and _is_local(s, data_plate)), 0.0)
+        log_q = sum((_reduce(lp_of(s), ddim, particle_dim, K, B, n) for n, s in guide_sg.nodes.items()
+                     if s["type"] == "sample"), 0.0)
+        out["log_p_sg"], out["log_q_sg"] = log_p, log_q
+    return out
+
+
+def _cat(parts: list[dict], key: str) -> dict:
+    names = list(parts[0][key])
+    for p in parts[1:]:
+        if list(p[key]) != names:
+            raise IWAEError(f"the model/guide structure changed between particles ({key} sites {names} vs "
+                            f"{list(p[key])}); TraceIWAE needs the same sites in every particle")
+    return {n: torch.cat([p[key][n] for p in parts], dim=0) for n in names}
+
+
+def importance_log_weights(model: Callable, guide: Callable, args=(), kwargs=None, *, num_particles: int = 1,
+                           vectorize_particles: bool = True, max_plate_nesting: int | float | None = None,
+                           data_plate: str = "data", dreg: bool = False, require_reparam: bool = False,
+                           keep_values: bool = False) -> LogWeights:
+    """Draw K guide samples per datapoint and return the (K, B) matrix of unscaled log importance weights.
+
+    The one function behind :class:`TraceIWAE`, :func:`ppl_vae.evaluate.log_likelihood` and
+    :func:`ppl_vae.evaluate.posterior_diagnostics`. ``max_plate_nesting`` counts the model's own plates
+    (the particle plate is added on top); ``None`` guesses it when needed. ``dreg=True`` also returns the model
+    and guide terms at detached draws; ``require_reparam=True`` rejects guide sites without ``rsample``;
+    ``keep_values=True`` keeps the guide draws and observed values. Gradients flow unless the caller disables
+    them.
+    """
+    kwargs = {} if kwargs is None else kwargs
+    K = int(num_particles)
+    if K < 1 or K != num_particles:
+        raise IWAEError(f"num_particles must be a positive integer, got {num_particles!r}")
+    common = dict(data_plate=data_plate, dreg=dreg, require_reparam=require_reparam, keep_values=keep_values)
+    if vectorize_particles and K > 1:
+        if max_plate_nesting is None or max_plate_nesting == float("inf"):
+            max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+        pdim = -(int(max_plate_nesting) + 1)
+        particles = pyro.plate(PARTICLE_PLATE, K, dim=pdim)
+        parts = [_run_pass(particles(model), particles(guide), args, kwargs, K=K, particle_dim=pdim,
+                           max_plate_nesting=-pdim, **common)]
+    else:
+        nesting = float("inf") if max_plate_nesting is None else max_plate_nesting
+        parts = [_run_pass(model, guide, args, kwargs, K=1, particle_dim=None, max_plate_nesting=nesting, **common)
+                 for _ in range(K)]
+    plate = parts[0]["plate"]
+    model_terms, guide_terms = _cat(parts, "model"), _cat(parts, "guide")
+    global_terms = _cat(parts, "global")
+    ref = next(iter([*model_terms.values(), *guide_terms.values(), *global_terms.values()]), None)
+    B = plate.size if plate is not None else 0
+    if ref is None:
+        log_w = torch.zeros(K, B)
+    else:
+        log_w = ref.new_zeros(K, B)
+    for t in model_terms.values():
+        log_w = log_w + t
+    for t in guide_terms.values():
+        log_w = log_w - t
+    lw = LogWeights(
+        log_w=log_w,
+        scale=plate.full_size / plate.size if plate is not None and plate.size > 0 else 1.0,
+        num_data=plate.full_size if plate is not None else 0,
+        model_terms=model_terms, guide_terms=guide_terms, global_terms=global_terms,
+        observed_sites=tuple(parts[0]["observed_sites"]),
+    )
+    if keep_values:
+        lw.values = _cat(parts, "values")
+        lw.observed = parts[0]["observed"]
+    if dreg:
+        lw.log_p_sg = torch.cat([_as_kb(p["log_p_sg"], log_w, len(parts)) for p in parts], dim=0)
+        lw.log_q_sg = torch.cat([_as_kb(p["log_q_sg"], log_w, len(parts)) for p in parts], dim=0)
+    return lw
+
+
+def _as_kb(t, log_w: torch.Tensor, num_parts: int) -> torch.Tensor:
+    k = log_w.shape[0] // num_parts
+    t = torch.as_tensor(t, dtype=log_w.dtype, device=log_w.device)
+    return t.expand(k, log_w.shape[1])
