@@ -183,6 +183,7 @@ class Config:
     seed: int = 0
     device: str = "auto"
     output_dir: str = "runs"
+    imports: list[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -193,6 +194,8 @@ class Config:
         _check(_is_int(self.seed) and self.seed >= 0, "seed", "a non-negative integer", self.seed)
         _check(isinstance(self.device, str) and (self.device in ("auto", "cpu") or self.device.startswith("cuda")),
                "device", "'auto', 'cpu' or 'cuda[:N]'", self.device)
+        _check(isinstance(self.imports, list) and all(isinstance(v, str) and v for v in self.imports), "imports",
+               "a list of Python modules or .py files that register methods", self.imports)
         self.data.validate()
         self.model.validate()
         self.train.validate()

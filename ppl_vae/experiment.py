@@ -26,7 +26,7 @@ from .evaluate import bits_per_dim, log_likelihood
 from .infer import evaluate_elbo, load_checkpoint, restore_params
 from .infer.plan import plan_for, train
 from .infer.train import BEST, CHECKPOINT
-from .models import build_model
+from .models import build_model, import_methods
 from .viz import make_figures
 
 CONFIG_FILE = "config.yaml"
@@ -52,6 +52,7 @@ def build_data(cfg: Config) -> DataBundle:
 
 def build(cfg: Config, data: DataBundle, device: torch.device):
     """The model for a configuration and its data, seeded by ``cfg.seed``, on ``device``."""
+    import_methods(cfg.imports)   # methods defined outside the package register themselves
     pyro.set_rng_seed(cfg.seed)
     if cfg.model.name == "cvae" and data.train_y is None:
         raise ConfigError(f"model.name='cvae' needs labels, but data.name={cfg.data.name!r} has none")

@@ -222,7 +222,7 @@ def _check_pass(model_trace, guide_trace, plate: _Plate | None, data_plate: str,
         if name not in model_trace.nodes or model_trace.nodes[name]["type"] != "sample":
             raise IWAEError(f"guide site '{name}' has no sample site in the model (auxiliary guide variables are "
                             "not supported by TraceIWAE)")
-        if require_reparam and not site["is_observed"] and not getattr(site["fn"], "has_rsample", False):
+        if require_reparam and not site["is_observed"] and not site["fn"].has_rsample:
             raise NonReparameterizedError(
                 f"guide site '{name}' has distribution {type(site['fn']).__name__}, which has no rsample: the "
                 "IWAE and DReG gradients implemented here are pathwise and need reparameterised guide sites "

@@ -10,6 +10,7 @@ in nats — either way; the convention it found is in ``FitResult.data_plate`` a
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -132,9 +133,15 @@ class _Divisor:
         return p.full_size if p.full_size is not None else int(x.shape[0])
 
 
+def _owner(fn) -> torch.nn.Module | None:
+    """The ``nn.Module`` that ``fn`` is a bound method of, if any."""
+    owner = fn.__self__ if inspect.ismethod(fn) else None
+    return owner if isinstance(owner, torch.nn.Module) else None
+
+
 def _device_of(fn) -> torch.device:
-    owner = getattr(fn, "__self__", None)
-    if isinstance(owner, torch.nn.Module):
+    owner = _owner(fn)
+    if owner is not None:
         for p in owner.parameters():
             return p.device
     return torch.device("cpu")
@@ -190,8 +197,7 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
     cfg.validate()
     elbo = elbo if elbo is not None else Trace_ELBO()
     device = torch.device(device) if device is not None else _device_of(model)
-    owner = getattr(model, "__self__", None)
-    module = module if module is not None else (owner if isinstance(owner, torch.nn.Module) else None)
+    module = module if module is not None else _owner(model)
     num_data = int(data.train_x.shape[0])
     first_scored = max(cfg.best_from_epoch, int(first_scored_epoch))
     has_val = data.val_x is not None and len(data.val_x) > 0

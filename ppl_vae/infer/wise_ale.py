@@ -160,7 +160,7 @@ class WiseAleELBO(ELBO):
                              f"{tuple(q_loc.shape)} (vectorised particles are not supported)")
         frame = next((f for f in g["cond_indep_stack"] if f.name == self.data_plate), None)
         B = q_loc.shape[0]
-        N = (getattr(frame, "full_size", None) or frame.size) if frame is not None else B
+        N = (frame.full_size or frame.size) if frame is not None else B
         beta = float(g["scale"]) * B / N
         kl = aggregate_posterior_kl(q_loc, q_scale, p_loc, p_scale, self.kl_approx, z=g["value"])
         weight = beta * (N / B) if self.kl_scale == "batch" else beta

@@ -14,7 +14,7 @@ from ..config import ModelConfig
 from .gamix import GAMIX
 from .ladder import LaDDer
 from .linear_gaussian import LinearGaussianVAE
-from .registry import get_method, model_names, register_model, resolve_name
+from .registry import get_method, import_methods, model_names, register_model, resolve_name
 from .rme import RME
 from .sigma_vae import SigmaVAE
 from .vae import VAE
@@ -22,7 +22,7 @@ from .vae2 import VAE2
 from .vlae import VLAE
 from .wise_ale import WiseALE
 
-__all__ = ["build_model", "register_model", "model_names", "get_method", "resolve_name", "VAE", "VAE2",
+__all__ = ["build_model", "register_model", "model_names", "get_method", "resolve_name", "import_methods", "VAE", "VAE2",
            "LinearGaussianVAE", "VLAE", "RME", "GAMIX", "LaDDer", "WiseALE", "SigmaVAE"]
 
 

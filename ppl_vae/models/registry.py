@@ -9,14 +9,19 @@ A builder takes ``(cfg: ModelConfig, options, data_shape, num_data, num_classes)
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
+import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError
 from ..options import NoOptions, Options
 
-__all__ = ["register_model", "model_names", "get_method", "Method", "resolve_name"]
+__all__ = ["register_model", "model_names", "get_method", "Method", "resolve_name", "import_methods"]
 
 
 @dataclass(frozen=True)
@@ -67,3 +72,30 @@ def resolve_name(name: str) -> str:
 
 def get_method(name: str) -> Method:
     return _METHODS[resolve_name(name)]
+
+
+def import_methods(names) -> None:
+    """Import modules (``my_package.my_methods``) or files (``path/to/methods.py``) so that the methods they
+    define register themselves — what a configuration's top-level ``imports:`` list does before the model is
+    built. A file is imported once per process under a name derived from its absolute path."""
+    for name in names:
+        if name.endswith(".py") or "/" in name:
+            path = Path(name).expanduser().resolve()
+            if not path.is_file():
+                raise ConfigError(f"imports: {name!r} is not a Python file")
+            module = "ppl_vae_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+            if module in sys.modules:
+                continue
+            spec = importlib.util.spec_from_file_location(module, path)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[module] = mod
+            try:
+                spec.loader.exec_module(mod)
+            except BaseException:
+                del sys.modules[module]
+                raise
+        else:
+            try:
+                importlib.import_module(name)
+            except ImportError as e:
+                raise ConfigError(f"imports: could not import {name!r} ({e})") from None
