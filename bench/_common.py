@@ -1,4 +1,17 @@
-"""Shared bits of the benchmark scripts: the environment record and the result file."""
+"""The benchmark harness shared by every script in ``bench/``: one command line, one metadata record, one result file
+per study, and the small statistics the studies share.
+
+Every script::
+
+    python bench/<study>.py            # full mode: writes bench/results/<study>.json (commit it)
+    python bench/<study>.py --quick    # < 5 min on 2 CPU cores; the last line of stdout is the same JSON
+
+with the same flags: ``--quick``, ``--seeds 0,1,2`` (training seeds), ``--out PATH`` (another result file),
+``--threads N`` (torch threads) and ``--device cpu|cuda``; a script adds its own study options. A full run with
+study options other than the defaults (another epoch count, other runs, other seeds) is a *variant*: it is stored
+inside the study's file under ``variants["<option>=<value>,..."]`` and leaves the default result in place, so a
+study has one file however many variants and seeds were run. Training goes through ``ppl_vae.train``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +20,9 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,17 +30,116 @@ from pathlib import Path
 import numpy as np
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+_HARNESS_FLAGS = ("quick", "out", "threads", "device")
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+def parser(description: str, *, seeds: str | None = "0", threads: int = 2) -> argparse.ArgumentParser:
+    """The shared command line; ``seeds`` is the default of ``--seeds`` (comma-separated; None: the script's
+    own default in both modes), ``threads`` that of ``--threads``."""
+    p = argparse.ArgumentParser(description=description.strip().split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a small run (< 5 min on 2 CPU cores); prints the JSON only")
+    p.add_argument("--seeds", type=_seeds, default=None if seeds is None else _seeds(seeds),
+                   help=f"comma-separated training seeds (default {seeds or 'the study`s own'})")
+    p.add_argument("--out", default=None, help="result file (default bench/results/<study>.json)")
+    p.add_argument("--threads", type=int, default=threads, help=f"torch threads (default {threads})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
     return p
 
 
+def _seeds(text) -> tuple[int, ...]:
+    if isinstance(text, tuple):
+        return text
+    try:
+        out = tuple(int(s) for s in str(text).split(",") if s != "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if not out or any(s < 0 for s in out):
+        raise argparse.ArgumentTypeError(f"--seeds must be non-negative integers, got {text!r}")
+    return out
+
+
+def start(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse the command line, set the torch threads and remember the parser (for the variant name)."""
+    args = ap.parse_args(argv)
+    if args.threads < 1:
+        ap.error(f"--threads must be a positive integer, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    args._parser, args._t0 = ap, time.perf_counter()
+    return args
+
+
+def one_seed(args) -> int:
+    """The training seed of a study that trains one seed per run (each other seed is a variant of its file)."""
+    if len(args.seeds) != 1:
+        args._parser.error(f"this study trains one seed per run (--seeds N; each seed is stored as its own "
+                           f"variant), got --seeds {','.join(map(str, args.seeds))}")
+    return args.seeds[0]
+
+
+def variant(args) -> str | None:
+    """``"option=value,..."`` of the study options that differ from their defaults (None: the default run)."""
+    parts = []
+    for action in args._parser._actions:
+        name = action.dest
+        if name in ("help", *_HARNESS_FLAGS) or not hasattr(args, name):
+            continue
+        value = getattr(args, name)
+        if value != action.default:
+            shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+            parts.append(f"{name}={shown}")
+    return ";".join(parts) or None
+
+
+def _git(*cmd) -> str | None:
+    try:
+        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def metadata(args, device: str | None = None) -> dict:
+    """Command, versions, hardware, date and git commit of this run (one record for every study)."""
+    device = device or args.device
+    env = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "mode": "quick" if args.quick else "full",
+           "variant": variant(args), "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
+           "torch": torch.__version__, "platform": platform.platform(),
+           "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "device": device,
+           "git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain", "--", "ppl_vae")),
+           "seconds": round(time.perf_counter() - args._t0, 1)}
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(0)
+    for pkg in ("pyro", "arviz"):
+        try:
+            env[pkg] = __import__(pkg).__version__
+        except ImportError:
+            pass
+    return env
+
+
+def finish(study: str, result: dict, args, device: str | None = None) -> dict:
+    """Add the metadata (``environment``; ``device``: the device the study ran on when it is not ``--device``, e.g.
+    "cpu" for a CPU-only study), write the study's result file in full mode and print the JSON object as the last
+    line of stdout. A variant (:func:`variant`) is stored under ``variants`` of the study's file; the default run
+    replaces the top level and keeps the variants. Returns what was written."""
+    result = {**result, "environment": metadata(args, device)}
+    if not args.quick:
+        path = Path(args.out) if args.out else RESULTS / f"{study}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        key = variant(args)
+        if key is None:
+            written = {**result, "variants": old.get("variants", {})} if old.get("variants") else result
+        else:
+            written = {**old, "variants": {**old.get("variants", {}), key: result}}
+        path.write_text(json.dumps(written, indent=2) + "\n")
+    print(json.dumps(result))
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ statistics
 def paired(a, b) -> tuple[float, float]:
     """Mean of a − b over the same items (test images) and its standard error (ddof = 1)."""
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
@@ -47,29 +161,3 @@ def over_seeds(per_seed: list[tuple[float, float]]) -> tuple[float, float]:
     spread = statistics.stdev(means) / math.sqrt(n) if n > 1 else 0.0
     test_se = statistics.mean(se for _, se in per_seed)
     return statistics.mean(means), math.sqrt(spread ** 2 + test_se ** 2 / n)
-
-
-def environment(device: str) -> dict:
-    env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-           "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "device": device,
-           "date": time.strftime("%Y-%m-%d"), "command": " ".join([Path(sys.executable).name, *sys.argv])}
-    if device.startswith("cuda"):
-        env["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        import pyro
-
-        env["pyro"] = pyro.__version__
-    except ImportError:
-        pass
-    return env
-
-
-def finish(name: str, result: dict, quick: bool, out: str | None = None) -> None:
-    """Full mode writes bench/results/<name>.json (or ``out``, e.g. a second seed's file); both modes print the JSON
-    object as the last line."""
-    if not quick:
-        path = Path(out) if out else RESULTS / f"{name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))

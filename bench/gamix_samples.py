@@ -34,12 +34,13 @@ Measures (per run and training seed; differences are paired with the VAE of the 
                  (context; the k = 5000 comparison of these guides is ``bench/guides.py``), with its Monte Carlo
                  s.e. from the effective sample size (Rivera's objective is not a bound: its guide is only a proposal)
 
-``--runs`` trains other rows of ``bench/guides.py``'s RUNS/EXTRA_RUNS the same way (``vae`` first, the baseline),
+``--runs`` trains other rows of ``_guide_runs.py``'s RUNS/EXTRA_RUNS the same way (``vae`` first, the baseline),
 e.g. the recursive mixture or Rivera's objective with other γ (``rivera_g05``: γ = ½, the ELBO's own variance pull,
 so that only the aggregate mean term differs from the VAE; ``rivera_g25``: γ = 2.5).
 
-    flock /tmp/ppl_vae_bench.lock nice -n 5 /work/venv/bin/python bench/gamix_samples.py --threads 2   # full
-    /work/venv/bin/python bench/gamix_samples.py --quick                                          # < 5 min
+    python bench/gamix_samples.py                                           # full
+    python bench/gamix_samples.py --runs vae,recursive_5,rivera_g05,rivera_g25   # a variant (same result file)
+    python bench/gamix_samples.py --quick                                   # < 5 min
 The last line of stdout is the JSON summary (full mode also writes bench/results/gamix_samples.json).
 """
 
@@ -47,24 +48,21 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from _common import finish, ll_mc_std_error, over_seeds, paired, parser, start
+from _guide_runs import HIDDEN, LATENT, run_config, train
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from _common import environment, finish, ll_mc_std_error, over_seeds, paired, parser  # noqa: E402
-from guides import HIDDEN, LATENT, elbo_per_image, run_config, train  # noqa: E402
-
-from ppl_vae.config import TrainConfig  # noqa: E402
-from ppl_vae.data import load_data  # noqa: E402
-from ppl_vae.evaluate.fid import FrechetDistance, train_feature_classifier  # noqa: E402
-from ppl_vae.evaluate.likelihood import log_likelihood  # noqa: E402
-from ppl_vae.guides.mixture import DiagNormalMixture, mixture_moments  # noqa: E402
+from ppl_vae.config import TrainConfig
+from ppl_vae.data import load_data
+from ppl_vae.evaluate import (
+    FrechetDistance,
+    elbo_per_datapoint,
+    log_likelihood,
+    train_feature_classifier,
+)
+from ppl_vae.guides.mixture import DiagNormalMixture, mixture_moments
 
 FULL = dict(limit=10000, epochs=20, seeds=(0, 1, 2, 3, 4), fid_images=5000, n_ll=500, S=1000, classifier_epochs=5)
 QUICK = dict(limit=2000, epochs=3, seeds=(0, 1), fid_images=1000, n_ll=50, S=200, classifier_epochs=2)
@@ -101,18 +99,14 @@ def prior_samples(model, n: int, seed: int) -> torch.Tensor:
 
 
 def main(argv=None):
-    ap = parser(__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 lets another benchmark share the box)")
+    ap = parser(__doc__, seeds=None)
     ap.add_argument("--runs", default=",".join(RUNS),
-                    help="comma-separated runs of bench/guides.py's RUNS/EXTRA_RUNS; 'vae' first (the pairing baseline)")
-    ap.add_argument("--out", default=None, help="JSON path (full mode default: bench/results/gamix_samples.json)")
-    args = ap.parse_args(argv)
+                    help="comma-separated runs of _guide_runs.py's RUNS/EXTRA_RUNS; 'vae' first (the pairing baseline)")
+    args = start(ap, argv)
     runs = tuple(args.runs.split(","))
     if runs[0] != "vae":
         ap.error(f"--runs must start with vae (the baseline every difference is paired with), got {args.runs!r}")
-    torch.set_num_threads(args.threads)
     s = QUICK if args.quick else FULL
-    t_start = time.perf_counter()
     data = load_data("fashion_mnist", pixels="binary_dynamic", limit=s["limit"], seed=0)
     grey = load_data("fashion_mnist", pixels="continuous", limit=s["limit"], seed=0)
     if not torch.equal(grey.train_x, data.train_x):
@@ -126,7 +120,7 @@ def main(argv=None):
     print(f"classifier test accuracy {clf.info['test_accuracy']:.4f}; FID of {n_ref} greyscale training images "
           f"{reference_fid:.3f}", flush=True)
     x_ll = data.test_x[: s["n_ll"]]
-    seeds = [args.seed + k for k in s["seeds"]]
+    seeds = list(args.seeds or s["seeds"])
     per, lls = {}, {}
     for seed in seeds:
         for run in runs:
@@ -141,7 +135,7 @@ def main(argv=None):
             lls[run, seed] = ll.double()
             r["test_ll"] = float(ll.mean())
             r["test_ll_mc_std_error"] = ll_mc_std_error(ess, s["S"])
-            r["test_elbo"] = float(elbo_per_image(model, model.guide, x_ll, 100).mean())
+            r["test_elbo"] = float(elbo_per_datapoint(model.model, model.guide, x_ll, 100).mean())
             per[run, seed] = r
             print(f"[{run} seed {seed}] {r['seconds']:.0f}s  FID {fids[0]:.2f}/{fids[1]:.2f}  "
                   f"comp var {r['component_var']:.4f}  collapsed {r['collapsed_share']:.3f}  AU {r['active_units']}  "
@@ -186,11 +180,8 @@ def main(argv=None):
                      "lower_sample_fid_by_2_std_errors": {r: better(r) for r in runs[1:]},
                      "less_variance_collapse_than_vae": {r: out["collapsed_share"][r] < out["collapsed_share"]["vae"]
                                                          for r in runs[1:]}}
-    env = environment("cpu")
     out.update({
-        "command": ("" if args.quick else "flock /tmp/ppl_vae_bench.lock nice -n 5 ") + "/work/venv/bin/python "
-                   + " ".join(sys.argv if argv is None else [sys.argv[0], *argv]),
-        "mode": "quick" if args.quick else "full", "training_seeds": seeds, "epochs": s["epochs"],
+        "training_seeds": seeds, "epochs": s["epochs"],
         "runs_trained": list(runs), "run_options": {r: run_config(r) for r in runs},
         "runs": {"vae": "diagonal Gaussian, ELBO", "gamix": "K=3 mixture, ELBO + var_reg 0.1",
                  "gamix_noreg": "K=3 mixture, ELBO, var_reg 0", "gamix_k1": "K=1 (diagonal Gaussian), ELBO + var_reg 0.1",
@@ -209,9 +200,8 @@ def main(argv=None):
                 "reference_fid_greyscale_training_images": round(reference_fid, 3), "reference_images": n_ref},
         "sizes": {"latent_dim": LATENT, "hidden": HIDDEN, "activation": "relu", "likelihood": "bernoulli",
                   "batch_size": 100, "lr": 1e-3, "ll_num_samples": s["S"]},
-        "environment": env, "date": env["date"], "total_seconds": round(time.perf_counter() - t_start, 1),
     })
-    finish("gamix_samples", out, args.quick, args.out)
+    finish("gamix_samples", out, args, device="cpu")
 
 
 if __name__ == "__main__":

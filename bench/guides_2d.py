@@ -10,30 +10,22 @@ Measures: ``test_ll`` (k = 5000 on the first ``n_ll`` test images; mean over tra
 the paired difference to the VAE of the same seed, and the VAE's approximation and amortisation gaps on
 ``n_gap`` images (the room a richer family has).
 
-    flock /tmp/ppl_vae_bench.lock nice -n 5 /work/venv/bin/python bench/guides_2d.py --threads 1   # full
-    /work/venv/bin/python bench/guides_2d.py --quick                                                # < 5 min
+    python bench/guides_2d.py --threads 1   # full
+    python bench/guides_2d.py --quick       # < 5 min
 The last line of stdout is the JSON summary (full mode also writes bench/results/guides_2d.json).
 """
 
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from pathlib import Path
 
-import torch
+from _common import finish, over_seeds, paired, parser, start
+from _guide_runs import beats_vae, gap_report, train
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from _common import environment, finish, over_seeds, paired, parser  # noqa: E402
-from guides import beats_vae, elbo_per_image, gap_report, train  # noqa: E402
-
-from ppl_vae.config import TrainConfig  # noqa: E402
-from ppl_vae.data import load_data  # noqa: E402
-from ppl_vae.evaluate.likelihood import log_likelihood  # noqa: E402
+from ppl_vae.config import TrainConfig
+from ppl_vae.data import load_data
+from ppl_vae.evaluate import elbo_per_datapoint, log_likelihood
 
 LATENT = 2
 FULL = dict(limit=10000, epochs=20, n_ll=500, S=5000, n_gap=200, gap_steps=300, gap_particles=16,
@@ -45,16 +37,12 @@ SEEDED = ("vae", "recursive_3", "gamix", "gamix_noreg")
 
 
 def main(argv=None):
-    ap = parser(__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 lets another benchmark share the box)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = start(parser(__doc__, seeds=None), argv)
     s = QUICK if args.quick else FULL
-    t_start = time.perf_counter()
     data = load_data("fashion_mnist", pixels="binary_dynamic", limit=s["limit"], seed=0)
     tc = TrainConfig(epochs=s["epochs"], batch_size=100, lr=1e-3)
     x_ll = data.test_x[: s["n_ll"]]
-    seeds = [args.seed + k for k in s["seeds"]]
+    seeds = list(args.seeds or s["seeds"])
     lls, per, models = {}, {}, {}
     for seed in seeds:
         for run in RUNS:
@@ -67,7 +55,7 @@ def main(argv=None):
             ll = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], batch_size=10, seed=0)
             lls[run, seed] = ll.double()
             per[run, seed] = {"test_ll": float(ll.mean()),
-                              "test_elbo": float(elbo_per_image(model, model.guide, x_ll, 100).mean()),
+                              "test_elbo": float(elbo_per_datapoint(model.model, model.guide, x_ll, 100).mean()),
                               "seconds_per_epoch": statistics.mean(h["seconds"] for h in hist)}
             print(f"[{run} seed {seed}] {time.perf_counter() - t0:.0f}s  test LL {per[run, seed]['test_ll']:.3f}  "
                   f"test ELBO {per[run, seed]['test_elbo']:.3f}", flush=True)
@@ -91,20 +79,14 @@ def main(argv=None):
     out["vae_gaps"] = g
     richer = [r for r in RUNS if r != "vae"]
     out["claims"] = beats_vae(out, richer)
-    env = environment("cpu")
     out.update({
-        "command": ("flock /tmp/ppl_vae_bench.lock nice -n 5 /work/venv/bin/python bench/guides_2d.py --threads "
-                    f"{args.threads}" if not args.quick else "/work/venv/bin/python bench/guides_2d.py --quick"),
-        "mode": "quick" if args.quick else "full", "training_seeds": seeds, "seeded_runs": list(SEEDED),
+        "training_seeds": seeds, "seeded_runs": list(SEEDED),
         "data": {"name": "fashion_mnist", "pixels": "binary_dynamic", "limit": s["limit"],
                  "train": len(data.train_x), "test_used_for_ll": len(x_ll), "test_used_for_gap": len(x_gap)},
         "sizes": {"latent_dim": LATENT, "hidden": [200, 200], "ll_num_samples": s["S"], "epochs": s["epochs"],
                   "batch_size": 100, "lr": 1e-3},
-        "hardware": {"platform": env["platform"], "cpu_count": env["cpu_count"],
-                     "torch_threads": torch.get_num_threads()},
-        "environment": env, "date": env["date"], "total_seconds": round(time.perf_counter() - t_start, 1),
     })
-    finish("guides_2d", out, args.quick)
+    finish("guides_2d", out, args, device="cpu")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,13 @@ CPU; it is measured in ``bench/guides.py``). Bernoulli likelihood, dynamic binar
 same epochs and training seed for every run. The runs train in two worker processes (one torch thread each) side by
 side. ``test_ll``: log p̂(x) with k = 5000 on the first ``n_ll`` test images; the difference to the VAE is paired
 over the same images (one training seed per invocation: its s.e. is the test-set s.e. only; ``--combine`` adds the
-spread over the seeds run with ``--seed N --out bench/results/guides_large_seedN.json``); ``vae_gaps``: the VAE's
-amortisation and approximation gaps on ``n_gap`` images.
+spread over the seeds run with ``--seeds N``, each stored in the same result file as the variant "seeds=N");
+``vae_gaps``: the VAE's amortisation and approximation gaps on ``n_gap`` images.
 
-    flock /tmp/ppl_vae_bench.lock nice -n 5 /work/venv/bin/python bench/guides_large.py   # full
-    /work/venv/bin/python bench/guides_large.py --quick                                   # < 5 min
-    /work/venv/bin/python bench/guides_large.py --combine      # all seeds' JSONs -> guides_large_seeds.json
+    python bench/guides_large.py                          # full, seed 0
+    python bench/guides_large.py --seeds 3 --runs recursive_5,vae_wide,gamix,vae    # another seed: a variant
+    python bench/guides_large.py --combine                # every seed in guides_large.json -> its "combined"
+    python bench/guides_large.py --quick                  # < 5 min
 The last line of stdout is the JSON summary (full mode also writes bench/results/guides_large.json).
 """
 
@@ -24,19 +25,18 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+from _common import RESULTS, finish, one_seed, over_seeds, paired, parser, start
+from _guide_runs import beats_vae, gap_report, make_model, train
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from _common import environment, finish, over_seeds, paired, parser  # noqa: E402
-from guides import beats_vae  # noqa: E402
+from ppl_vae.config import TrainConfig
+from ppl_vae.data import load_data
+from ppl_vae.evaluate import elbo_per_datapoint, log_likelihood
+from ppl_vae.nets import MLPEncoder
 
 LATENT, HIDDEN = 50, [500, 500]
 FULL = dict(limit=None, epochs=40, n_ll=500, S=5000, n_gap=100, gap_steps=300, gap_particles=16,
@@ -53,9 +53,7 @@ def n_params(module) -> int:
 def wide_width(data, components: int = 5) -> int:
     """Hidden width H of a 784-H-H-2L encoder with at least as many parameters as the recursive mixture's
     ``components`` encoders (plus its mixing heads): the capacity-matched control ``vae_wide``."""
-    import guides
-
-    target = n_params(guides.make_model(f"recursive_{components}", data, latent=LATENT, hidden=HIDDEN).encoder)
+    target = n_params(make_model(f"recursive_{components}", data, latent=LATENT, hidden=HIDDEN).encoder)
     d, out = math.prod(data.shape), 2 * LATENT
     # parameters of d-H-H-out: (d+1)H + (H+1)H + (H+1)out = H^2 + (d+2+out)H + out; smallest H reaching target
     b = d + 2 + out
@@ -64,36 +62,28 @@ def wide_width(data, components: int = 5) -> int:
 
 
 def _data(s):
-    from ppl_vae.data import load_data
-
     return load_data("fashion_mnist", pixels="binary_dynamic", limit=s["limit"], seed=0)
 
 
 def work(run: str, s: dict, seed: int) -> dict:
     """Train one run and score it (in a worker process, one torch thread)."""
     torch.set_num_threads(1)
-    import guides
-    from ppl_vae.config import TrainConfig
-    from ppl_vae.evaluate.likelihood import log_likelihood
-
     data = _data(s)
     tc = TrainConfig(epochs=s["epochs"], batch_size=100, lr=1e-3)
     t0 = time.perf_counter()
     if run == "vae_wide":
-        from ppl_vae.nets import MLPEncoder
-
         width = wide_width(data)
 
         def widen(model):
             model.encoder = MLPEncoder(data.shape, LATENT, (width, width), "relu")
 
-        model, hist = guides.train("vae", data, tc, seed, latent=LATENT, hidden=HIDDEN, prepare=widen)
+        model, hist = train("vae", data, tc, seed, latent=LATENT, hidden=HIDDEN, prepare=widen)
     else:
-        model, hist = guides.train(run, data, tc, seed, latent=LATENT, hidden=HIDDEN)
+        model, hist = train(run, data, tc, seed, latent=LATENT, hidden=HIDDEN)
     train_s = time.perf_counter() - t0
     x_ll = data.test_x[: s["n_ll"]]
     ll = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], batch_size=10, seed=0)
-    res = {"ll": ll.double().numpy(), "test_elbo": float(guides.elbo_per_image(model, model.guide, x_ll, 100).mean()),
+    res = {"ll": ll.double().numpy(), "test_elbo": float(elbo_per_datapoint(model.model, model.guide, x_ll, 100).mean()),
            "train_seconds": train_s, "seconds_per_epoch": statistics.mean(h["seconds"] for h in hist),
            "final_train_elbo": hist[-1]["train_elbo"], "final_val_elbo": hist[-1]["val_elbo"],
            "sizes": {"train": len(data.train_x), "test_used_for_ll": len(x_ll)},
@@ -101,7 +91,7 @@ def work(run: str, s: dict, seed: int) -> dict:
     if run == "vae_wide":
         res["encoder_hidden"] = [width, width]
     if run == "vae":
-        g = guides.gap_report(model, x_ll[: s["n_gap"]], "diag", s, ll[: s["n_gap"]])
+        g = gap_report(model, x_ll[: s["n_gap"]], "diag", s, ll[: s["n_gap"]])
         del g["_amortised"]
         res["gaps"] = g
     print(f"[{run}] train {train_s:.0f}s  test LL {float(ll.mean()):.3f}  test ELBO {res['test_elbo']:.3f}",
@@ -109,13 +99,20 @@ def work(run: str, s: dict, seed: int) -> dict:
     return res
 
 
-def combine(paths) -> dict:
+def seed_results(study: dict) -> dict:
+    """{name: result} of every full run stored in the study's file: the default run and its variants."""
+    runs = {"default": {k: v for k, v in study.items() if k not in ("variants", "combined")}}
+    runs.update(study.get("variants", {}))
+    return runs
+
+
+def combine(results: dict) -> dict:
     """Every seed's paired difference to the VAE, combined over training seeds (``_common.over_seeds``), with the
     count of seeds where the run beat its VAE and a t statistic of the seed means (n − 1 degrees of freedom)."""
     per = {}
-    for p in sorted(paths):
-        d = json.loads(Path(p).read_text())
-        if d.get("mode") != "full":
+    for name in sorted(results):
+        d = results[name]
+        if d.get("mode", d.get("environment", {}).get("mode")) != "full":
             continue
         for run, diff in d["test_ll_diff_vs_vae"].items():
             if run != "vae":
@@ -135,34 +132,34 @@ def combine(paths) -> dict:
                                    if len(means) > 1 and statistics.stdev(means) > 0 else None)
         out["by_seed"][run] = {str(k): {"diff": v[0], "std_error": v[1]} for k, v in sorted(by.items())}
     out["claims"] = beats_vae(out, [r for r in per if r != "vae_wide"])
-    out["sources"] = [str(Path(p).relative_to(ROOT)) if Path(p).is_absolute() else str(p) for p in sorted(paths)]
-    out["command"] = "/work/venv/bin/python bench/guides_large.py --combine"
+    out["sources"] = sorted(results)
+    out["command"] = "python bench/guides_large.py --combine"
     return out
 
 
 def main(argv=None):
-    ap = parser(__doc__.split("\n")[0])
+    ap = parser(__doc__, seeds="0")
     ap.add_argument("--combine", action="store_true",
-                    help="combine bench/results/guides_large.json and guides_large_seed*.json over training seeds "
-                         "into bench/results/guides_large_seeds.json (no training)")
+                    help="combine every seed stored in the result file over training seeds into its 'combined' "
+                         "entry (no training)")
     ap.add_argument("--runs", default=",".join(ORDER),
                     help=f"comma-separated runs, submitted in this order to two workers; from {', '.join(ALL)}")
-    ap.add_argument("--out", default=None, help="JSON path (full mode default: bench/results/guides_large.json)")
-    args = ap.parse_args(argv)
+    args = start(ap, argv)
+    seed = one_seed(args)
     if args.combine:
-        res_dir = ROOT / "bench" / "results"
-        out = combine([res_dir / "guides_large.json", *res_dir.glob("guides_large_seed[0-9]*.json")])
-        (res_dir / "guides_large_seeds.json").write_text(json.dumps(out, indent=2) + "\n")
-        print(json.dumps(out))
+        path = Path(args.out) if args.out else RESULTS / "guides_large.json"
+        study = json.loads(path.read_text())
+        study["combined"] = combine(seed_results(study))
+        path.write_text(json.dumps(study, indent=2) + "\n")
+        print(json.dumps(study["combined"]))
         return
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     bad = [r for r in runs if r not in ALL]
     if bad or "vae" not in runs:
         ap.error(f"--runs must name runs from {ALL} and include vae, got {args.runs!r}")
     s = QUICK if args.quick else FULL
-    t_start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=2) as pool:
-        futures = {run: pool.submit(work, run, s, args.seed) for run in runs}
+        futures = {run: pool.submit(work, run, s, seed) for run in runs}
         res = {run: f.result() for run, f in futures.items()}
     vae = res["vae"]["ll"]
     out = {"test_ll": {}, "test_ll_diff_vs_vae": {}, "test_ll_diff_vs_vae_std_error": {}, "test_elbo": {},
@@ -183,12 +180,8 @@ def main(argv=None):
         out["encoder_parameters"][run] = r["encoder_parameters"]
     out["vae_gaps"] = res["vae"]["gaps"]
     out["claims"] = beats_vae(out, richer)
-    env = environment("cpu")
     out.update({
-        "command": ("flock /tmp/ppl_vae_bench.lock nice -n 5 /work/venv/bin/python bench/guides_large.py"
-                    + (f" --seed {args.seed} --runs {args.runs} --out {args.out}" if args.out else "")
-                    if not args.quick else "/work/venv/bin/python bench/guides_large.py --quick"),
-        "mode": "quick" if args.quick else "full", "training_seed": args.seed,
+        "training_seed": seed,
         "data": {"name": "fashion_mnist", "pixels": "binary_dynamic", "limit": s["limit"], **res["vae"]["sizes"]},
         "sizes": {"latent_dim": LATENT, "hidden": HIDDEN, "epochs": s["epochs"], "batch_size": 100, "lr": 1e-3,
                   "ll_num_samples": s["S"], "recursive_options": {"divergence_weight": 0.5, "log_ratio_cap": 5.0},
@@ -197,11 +190,9 @@ def main(argv=None):
                   **({"vae_wide_encoder_hidden": res["vae_wide"]["encoder_hidden"]} if "vae_wide" in res else {})},
         "timing_note": "seconds_per_epoch: each run's fit loop in one of two worker processes running side by side "
                        "(one torch thread each) on a shared 2-core machine; ratios are indicative",
-        "hardware": {"platform": env["platform"], "cpu_count": env["cpu_count"], "workers": 2,
-                     "torch_threads_per_worker": 1},
-        "environment": env, "date": env["date"], "total_seconds": round(time.perf_counter() - t_start, 1),
+        "workers": {"processes": 2, "torch_threads_per_worker": 1},
     })
-    finish("guides_large", out, args.quick, args.out)
+    finish("guides_large", out, args, device="cpu")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """IWAE vs VAE on dynamically binarised Fashion-MNIST, one and two stochastic layers (Burda et al. 2016, Table 1).
 
 For each architecture (burda1: 784-200-200-50 tanh; burda2: 784-100-100-[100]-50-50-[50] tanh), identical networks,
-initialisation seed, data order and epochs, trained with Adam 1e-3 and batch 100 under four objectives:
+initialisation seed, data order and epochs, trained with ``ppl_vae.train`` (Adam 1e-3, batch 100) under four
+objectives (``train.objective`` / ``num_particles`` / ``estimator``):
   vae        Trace_ELBO (1 particle)
   iwae5      TraceIWAE(K=5)
   iwae50     TraceIWAE(K=50)
@@ -12,6 +13,9 @@ its standard error over images; seconds per training epoch; how the evaluation t
 
     python bench/iwae_fashion.py              # full: 20,000 training images, 10 epochs, 2,000 test images
     python bench/iwae_fashion.py --quick      # 2,000 training images, 1 epoch, 100 test images, k=500
+
+``--seeds N`` sets the training seed (initialisation, data order, binarisation; default 0); ``--train-images``,
+``--test-images``, ``--epochs`` and ``--k`` override the sizes (a full run with any of them is a variant).
 """
 
 from __future__ import annotations
@@ -21,20 +25,20 @@ import time
 
 import pyro
 import torch
-from pyro.infer import Trace_ELBO
+from _common import finish, one_seed, parser, start
 
-from _common import environment, finish, parser
+import ppl_vae
 from ppl_vae.config import ModelConfig, TrainConfig
 from ppl_vae.data import DataBundle, load_data
 from ppl_vae.evaluate import log_likelihood
-from ppl_vae.infer import TraceIWAE, fit
 from ppl_vae.models import build_model
 
+# the objective of each run, as TrainConfig settings (ppl_vae.build_objective: Trace_ELBO or TraceIWAE)
 OBJECTIVES = {
-    "vae": lambda: Trace_ELBO(max_plate_nesting=1),
-    "iwae5": lambda: TraceIWAE(num_particles=5),
-    "iwae50": lambda: TraceIWAE(num_particles=50),
-    "dreg50": lambda: TraceIWAE(num_particles=50, estimator="dreg"),
+    "vae": dict(objective="elbo"),
+    "iwae5": dict(objective="iwae", num_particles=5),
+    "iwae50": dict(objective="iwae", num_particles=50),
+    "dreg50": dict(objective="iwae", num_particles=50, estimator="dreg"),
 }
 ARCHS = {"1layer": ModelConfig(name="vae", arch="burda1"), "2layer": ModelConfig(name="vae2", arch="burda2")}
 
@@ -45,20 +49,23 @@ def subset(data: DataBundle, n_train: int, n_test: int) -> DataBundle:
                       val_y=data.val_y[:0], test_x=data.test_x[:n_test], test_y=data.test_y[:n_test])
 
 
-def main():
-    p = parser(__doc__)
+def main(argv=None):
+    p = parser(__doc__, seeds="0", threads=2)
     p.add_argument("--train-images", type=int, default=None)
     p.add_argument("--test-images", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--k", type=int, default=None, help="importance samples for the test log-likelihood")
-    args = p.parse_args()
+    args = start(p, argv)
+    if len(args.seeds) != 1:
+        p.error(f"one training seed per run (--seeds N), got {args.seeds}")
+    seed = one_seed(args)
     q = args.quick
     n_train = args.train_images or (2000 if q else 20000)
     n_test = args.test_images or (100 if q else 2000)
     epochs = args.epochs or (1 if q else 10)
     k_eval = args.k or (500 if q else 5000)
     dev = torch.device(args.device)
-    data = subset(load_data("fashion_mnist", pixels="binary_dynamic", seed=args.seed, val_fraction=0.0),
+    data = subset(load_data("fashion_mnist", pixels="binary_dynamic", seed=seed, val_fraction=0.0),
                   n_train, n_test)
     x_test = data.test_x.to(dev)
     out = {"test_ll": {}, "test_ll_sem": {}, "seconds_per_epoch": {}, "final_train_bound": {},
@@ -67,17 +74,17 @@ def main():
            "optimiser": "Adam lr 1e-3, batch 100"}
     models = {}
     for arch, mcfg in ARCHS.items():
-        for obj_name, make in OBJECTIVES.items():
+        for obj_name, objective in OBJECTIVES.items():
             run = f"{arch}_{obj_name}"
             pyro.clear_param_store()
-            pyro.set_rng_seed(args.seed)
+            pyro.set_rng_seed(seed)
             model = build_model(mcfg, data.shape, num_data=n_train).to(dev)
             t0 = time.perf_counter()
-            res = fit(model.model, model.guide, data, make(), TrainConfig(epochs=epochs, batch_size=100, lr=1e-3),
-                      seed=args.seed, device=dev, progress=False)
+            tc = TrainConfig(epochs=epochs, batch_size=100, lr=1e-3, **objective)
+            res = ppl_vae.train(model, data, tc, seed=seed, device=dev, progress=False)
             out["seconds_per_epoch"][run] = round((time.perf_counter() - t0) / epochs, 2)
             out["final_train_bound"][run] = round(res.history[-1]["train_elbo"], 3)
-            ll = log_likelihood(model.model, model.guide, x_test, num_samples=k_eval, seed=args.seed)
+            ll = log_likelihood(model.model, model.guide, x_test, num_samples=k_eval, seed=seed)
             out["test_ll"][run] = round(ll.mean().item(), 3)
             out["test_ll_sem"][run] = round((ll.std() / math.sqrt(len(ll))).item(), 3)
             models[run] = model
@@ -89,10 +96,9 @@ def main():
     out["eval_seconds_vs_k"] = {"images": n_cost, "model": "1layer_vae"}
     for k in ks:
         t0 = time.perf_counter()
-        log_likelihood(m.model, m.guide, x_test[:n_cost], num_samples=k, seed=args.seed)
+        log_likelihood(m.model, m.guide, x_test[:n_cost], num_samples=k, seed=seed)
         out["eval_seconds_vs_k"][str(k)] = round(time.perf_counter() - t0, 3)
-    out["environment"] = environment(args.device)
-    finish("iwae_fashion", out, q)
+    finish("iwae_fashion", out, args)
 
 
 if __name__ == "__main__":

@@ -17,43 +17,39 @@ Inception FIDs), and figures (t density with the fitted mixture, samples, interp
 Schedule (the official code's): ``warmup`` epochs with an N(0, I) prior (the inner VAE trains on the detached
 codes), then the ladder; every run trains the same number of epochs and is evaluated at its last epoch.
 
-    flock /tmp/ppl_vae_bench.lock nice -n 5 /work/venv/bin/python bench/ladder.py --threads 1   # full
-    /work/venv/bin/python bench/ladder.py --quick                                            # < 5 min
-The last line of stdout is the JSON summary.
+    python bench/ladder.py --threads 1             # full: writes bench/results/ladder.json
+    python bench/ladder.py --threads 1 --seeds 1   # full, training seed 1: a variant inside ladder.json
+    python bench/ladder.py --quick                 # < 5 min
+The last line of stdout is the JSON summary. One training seed per run (``--seeds N``, default 0); the figures of
+a seed other than 0 carry ``_seed<N>`` in their names.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
-import json
 import math
-import os
-import platform
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyro
 import torch
+from _common import (
+    RESULTS,
+    ROOT,
+    finish,
+    ll_mc_std_error,
+    one_seed,
+    paired,
+    parser,
+    start,
+)
 from pyro.infer import Trace_ELBO
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from _common import ll_mc_std_error, paired  # noqa: E402
-
-from ppl_vae.config import ModelConfig, TrainConfig  # noqa: E402
-from ppl_vae.data import load_data  # noqa: E402
-from ppl_vae.evaluate.fid import FrechetDistance, train_feature_classifier  # noqa: E402
-from ppl_vae.evaluate.likelihood import log_likelihood  # noqa: E402
-from ppl_vae.infer import fit  # noqa: E402
-from ppl_vae.interpolate import interpolate_images, plot_interpolation  # noqa: E402
-from ppl_vae.models import build_model  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
+import ppl_vae
+from ppl_vae.config import ModelConfig, TrainConfig
+from ppl_vae.data import load_data
+from ppl_vae.evaluate import FrechetDistance, log_likelihood, train_feature_classifier
+from ppl_vae.interpolate import interpolate_images, plot_interpolation
+from ppl_vae.models import build_model
 
 FULL = dict(limit=30000, epochs=30, warmup=10, hidden=[256, 256], n_ll=1000, S=1000, n_probe_train=10000,
             fit_points=5000, inner_hidden=[256, 256], bgm_max_iter=200, fid_images=5000, classifier_epochs=5)
@@ -82,10 +78,9 @@ def train_run(run, data, s, seed=0):
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     model = build_model(model_cfg(run, s), data.shape, num_data=len(data.train_x))
-    objective = model.make_objective(None) if hasattr(model, "make_objective") else Trace_ELBO(max_plate_nesting=1)
     t0 = time.perf_counter()
-    res = fit(model.model, model.guide, data, objective, TrainConfig(epochs=s["epochs"], batch_size=100, lr=1e-3),
-              seed=seed, progress=False, on_epoch_end=lambda e, r: model.on_epoch_end(e, r, data))
+    res = ppl_vae.train(model, data, TrainConfig(epochs=s["epochs"], batch_size=100, lr=1e-3), seed=seed,
+                        progress=False)
     secs = time.perf_counter() - t0
     model.eval()
     return model, res.history, secs
@@ -95,7 +90,7 @@ def train_run(run, data, s, seed=0):
 def codes(model, x, which="z"):
     out = []
     for xb in x.split(500):
-        loc = model.encode_z(xb)[0]
+        loc = model.encoder(xb)[0]   # E[z|x], the outer encoder's mean (LaDDer and the VAE-based WiSE-ALE)
         if which == "t":
             loc = model.inner_encoder(loc)[0]
         out.append(loc)
@@ -167,15 +162,10 @@ def samples_figure(models, path, n=36, seed=0):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes, < 5 minutes on 2 CPU cores")
-    ap.add_argument("--out", default=None, help="JSON path (full mode default: bench/results/ladder.json)")
-    ap.add_argument("--seed", type=int, default=0, help="training seed (initialisation, minibatch order)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 lets another benchmark share the box)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    ap = parser(__doc__, seeds="0", threads=2)
+    args = start(ap, argv)
+    seed = one_seed(args)
     s = QUICK if args.quick else FULL
-    t_start = time.perf_counter()
     data = load_data("fashion_mnist", pixels="continuous", limit=s["limit"], seed=0)
     runs = list(RUNS)
     models, out = {}, {"test_ll": {}, "test_ll_std_error": {}, "test_ll_mc_std_error": {}, "test_elbo": {},
@@ -189,7 +179,7 @@ def main(argv=None):
     x_ll = data.test_x[: s["n_ll"]]
     ptr_x, ptr_y = data.train_x[: s["n_probe_train"]], data.train_y[: s["n_probe_train"]].numpy()
     for run in runs:
-        model, hist, secs = train_run(run, data, s, seed=args.seed)
+        model, hist, secs = train_run(run, data, s, seed=seed)
         models[run] = model
         out["train_seconds"][run] = round(secs, 1)
         out["final_train_elbo"][run] = round(hist[-1]["train_elbo"], 2)
@@ -234,7 +224,7 @@ def main(argv=None):
             for k in ("knn", "logreg")}}
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    tag = ("_quick" if args.quick else "") + (f"_seed{args.seed}" if args.seed else "")
+    tag = ("_quick" if args.quick else "") + (f"_seed{seed}" if seed else "")
     figs = []
     p = RESULTS / f"ladder_density{tag}.png"
     density_figure({k: models[k] for k in ("ladder_bgm", "ladder_stick")}, data, p)
@@ -260,10 +250,7 @@ def main(argv=None):
                                    title=f"LaDDer (BGM) test {ia} -> {ib}")
                 figs.append(p)
     out.update({
-        "command": ("python bench/ladder.py --quick" if args.quick else
-                    f"flock /tmp/ppl_vae_bench.lock nice -n 5 python bench/ladder.py --threads {args.threads}"
-                    + (f" --seed {args.seed} --out {args.out}" if args.seed else "")),
-        "training_seed": args.seed,
+        "training_seed": seed,
         "fid": {"extractor": fd.name, "classifier_test_accuracy": round(clf.info["test_accuracy"], 4),
                 "real_images": s["fid_images"], "generated_images": s["fid_images"],
                 "note": "train_images: training images vs the same test images (the floor)"},
@@ -288,16 +275,9 @@ def main(argv=None):
         "ll_estimator": "ppl_vae.evaluate.log_likelihood: logmeanexp over S draws of log w; ladder: joint importance "
                         "sampling of (z, t) from the guide q(z|x) q(t|z); likelihood = Laplace with the stored "
                         "training-MAE floor (eval mode), a density on continuous pixels",
-        "hardware": {"platform": platform.platform(), "processor": platform.processor(),
-                     "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()},
-        "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "total_seconds": round(time.perf_counter() - t_start, 1),
         "figures": [str(f.relative_to(ROOT)) for f in figs],
     })
-    path = Path(args.out) if args.out else (None if args.quick else RESULTS / "ladder.json")
-    if path is not None:
-        path.write_text(json.dumps(out, indent=2))
-    print(json.dumps(out))
+    finish("ladder", out, args, device="cpu")
 
 
 if __name__ == "__main__":

@@ -31,10 +31,10 @@ first ``n`` test images each model reports:
   Laplace rows only: ``mode_offset`` (μ_T to the grid mode, same units) and ``laplace_at_mode_elbo``, the ELBO of
   N(z*, Λ(z*)⁻¹) — the Laplace approximation at the true mode, i.e. what perfect mode finding would give.
 
-    flock /tmp/ppl_vae_bench.lock nice -n 5 /work/venv/bin/python bench/laplace_2d.py --threads 1   # full
-    /work/venv/bin/python bench/laplace_2d.py --quick                                              # < 5 min
-    ... bench/laplace_2d.py --threads 1 --epochs 60 --runs vae,laplace --out bench/results/laplace_2d_60ep.json
-    ... bench/laplace_2d.py --threads 1 --runs vae,laplace_ls --out bench/results/laplace_2d_ls.json
+    python bench/laplace_2d.py --threads 1                               # full
+    python bench/laplace_2d.py --threads 1 --epochs 60 --runs vae,laplace   # variants, stored in the same file
+    python bench/laplace_2d.py --threads 1 --runs vae,laplace_ls
+    python bench/laplace_2d.py --quick                                   # < 5 min
 The last line of stdout is the JSON summary (full mode also writes bench/results/laplace_2d.json).
 """
 
@@ -42,26 +42,24 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import finish, one_seed, paired, parser, start
+from _guide_runs import train
+from torch.func import functional_call
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from _common import environment, finish, paired, parser  # noqa: E402
-from guides import amortisation_gap, elbo_per_image, train  # noqa: E402
-
-from ppl_vae.config import TrainConfig  # noqa: E402
-from ppl_vae.data import load_data  # noqa: E402
-from ppl_vae.evaluate.likelihood import log_likelihood  # noqa: E402
-from ppl_vae.guides.laplace import (relu_mlp_layers, laplace_posterior, precision_to_scale_tril,  # noqa: E402
-                                    vlae_damping)
-from ppl_vae.guides.laplace import log_joint as lib_log_joint  # noqa: E402
+from ppl_vae.config import TrainConfig
+from ppl_vae.data import load_data
+from ppl_vae.evaluate import amortisation_gap, elbo_per_datapoint, log_likelihood
+from ppl_vae.guides.laplace import (
+    laplace_posterior,
+    precision_to_scale_tril,
+    relu_mlp_layers,
+    vlae_damping,
+)
+from ppl_vae.guides.laplace import log_joint as lib_log_joint
 
 LATENT = 2
 FULL = dict(limit=10000, epochs=20, n=200, S=5000, radius=8.0, grid=1601, gap_steps=300, gap_particles=16,
@@ -143,8 +141,6 @@ def laplace_q(model, x, mu0: torch.Tensor, num_steps: int = 4, damping=vlae_damp
 def detach_decoder_in_guide(model) -> None:
     """Ablation ``laplace_detached``: the guide's iterations and Λ read the decoder's weights detached, so the decoder
     learns only through E_q[log p(x|z)] as in a VAE, while μ₀'s encoder still learns through the iterations."""
-    from torch.func import functional_call
-
     def posterior(x, c=None):
         params = {k: v.detach() for k, v in model.decoder.named_parameters()}
         fn = lambda z: functional_call(model.decoder, params, (z,)).reshape(z.shape[0], -1)   # noqa: E731
@@ -168,15 +164,15 @@ def evaluate(run: str, model, x, s: dict) -> tuple[dict, dict]:
     wide = grid_posterior(model, x, s["radius"] + 2, (s["grid"] + 1) // 2 + int(2 / coarse["spacing"]) * 2)
     post_sd = torch.linalg.eigvalsh(exact["cov"]).clamp_min(0).sqrt()
     ll_is = log_likelihood(model.model, model.guide, x, num_samples=s["S"], batch_size=10, seed=0).double()
-    elbo = elbo_per_image(model, model.guide, x, s["elbo_particles"]).double()
+    elbo = elbo_per_datapoint(model.model, model.guide, x, s["elbo_particles"]).double()
     with torch.no_grad():
         q = model.guide_dist(x)
         q_loc, q_cov = q.mean.double(), (q.covariance_matrix if run != "vae"
                                          else torch.diag_embed(q.variance)).double()
     # the guide's own family optimised per image, from the amortised q (as in bench/guides.py)
-    gap = amortisation_gap(model, x, "diag" if run == "vae" else "full", s)
-    _, optimised = gap.pop("_per_image")
-    optimised = optimised.double()
+    optimised = amortisation_gap(model.model, model.guide, x, family="diag" if run == "vae" else "full",
+                                 steps=s["gap_steps"], num_particles=s["gap_particles"],
+                                 elbo_particles=s["elbo_particles"], parameters=model.parameters())["optimised"].double()
     lp = exact["log_px"]
     rep = {
         "exact_log_px": mean_se(lp),
@@ -216,29 +212,26 @@ def evaluate(run: str, model, x, s: dict) -> tuple[dict, dict]:
 
 
 def main(argv=None):
-    ap = parser(__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 lets another benchmark share the box)")
+    ap = parser(__doc__, seeds="0")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default: 20 full, 2 quick)")
     ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}; vae first")
-    ap.add_argument("--out", default=None, help="JSON path (full mode default: bench/results/laplace_2d.json)")
-    args = ap.parse_args(argv)
+    args = start(ap, argv)
+    seed = one_seed(args)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     if not runs or runs[0] != "vae" or any(r not in RUNS for r in runs):
         ap.error(f"--runs must start with vae and name runs from {RUNS}, got {args.runs!r}")
     if args.epochs is not None and args.epochs < 1:
         ap.error(f"--epochs must be a positive integer, got {args.epochs}")
-    torch.set_num_threads(args.threads)
     s = dict(QUICK if args.quick else FULL)
     if args.epochs is not None:
         s["epochs"] = args.epochs
-    t_start = time.perf_counter()
     data = load_data("fashion_mnist", pixels="binary_dynamic", limit=s["limit"], seed=0)
     tc = TrainConfig(epochs=s["epochs"], batch_size=100, lr=1e-3)
     x = data.test_x[: s["n"]]
     out, per = {"by_run": {}}, {}
     for run in runs:
         t0 = time.perf_counter()
-        model, hist = train("laplace" if run == "laplace_detached" else run, data, tc, args.seed, latent=LATENT,
+        model, hist = train("laplace" if run == "laplace_detached" else run, data, tc, seed, latent=LATENT,
                             prepare=detach_decoder_in_guide if run == "laplace_detached" else None)
         train_s = time.perf_counter() - t0
         # the matrix form of log p(x|z) used on the grid must be the model's own likelihood
@@ -260,25 +253,16 @@ def main(argv=None):
     out["minus_vae"] = {run: {k: [round(v, 3) for v in paired(per[run][k], per["vae"][k])]
                               for k in ("log_px", "is", "elbo")} for run in runs if run != "vae"}
     out["test_ll_exact"] = {run: out["by_run"][run]["exact_log_px"][0] for run in out["by_run"]}
-    env = environment("cpu")
     out.update({
-        "command": ("flock /tmp/ppl_vae_bench.lock nice -n 5 /work/venv/bin/python bench/laplace_2d.py --threads "
-                    f"{args.threads}"
-                    + (f" --epochs {args.epochs}" if args.epochs is not None else "")
-                    + (f" --runs {args.runs}" if runs != list(RUNS) else "") + (f" --out {args.out}" if args.out else "")
-                    if not args.quick else "/work/venv/bin/python bench/laplace_2d.py --quick"),
-        "mode": "quick" if args.quick else "full", "training_seed": args.seed,
+        "training_seed": seed,
         "data": {"name": "fashion_mnist", "pixels": "binary_dynamic", "limit": s["limit"],
                  "train": len(data.train_x), "test_images": len(x)},
         "sizes": {"latent_dim": LATENT, "hidden": [200, 200], "epochs": s["epochs"], "batch_size": 100, "lr": 1e-3,
                   "ll_num_samples": s["S"], "grid": f"{s['grid']}x{s['grid']} on [-{s['radius']}, {s['radius']}]^2",
                   "laplace_options": {"num_steps": 4, "damping": "vlae"},
                   "laplace_ls_options": {"num_steps": 4, "damping": "line_search"}},
-        "hardware": {"platform": env["platform"], "cpu_count": env["cpu_count"],
-                     "torch_threads": torch.get_num_threads()},
-        "environment": env, "date": env["date"], "total_seconds": round(time.perf_counter() - t_start, 1),
     })
-    finish("laplace_2d", out, args.quick, args.out)
+    finish("laplace_2d", out, args, device="cpu")
 
 
 if __name__ == "__main__":

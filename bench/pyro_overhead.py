@@ -9,6 +9,8 @@ Data: random binary 28×28 images (timing does not depend on pixel values).
 
     python bench/pyro_overhead.py            # full: 15 rounds × 50 steps, batch 100 and 128
     python bench/pyro_overhead.py --quick    # 5 rounds × 20 steps
+
+``--seeds N`` seeds the parameters and the random images (default 0); ``--device cuda`` times on a GPU.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import pyro
 import pyro.optim
 import torch
 import torch.distributions as td
+from _common import finish, one_seed, parser, start
 from pyro.infer import SVI, Trace_ELBO
 
-from _common import environment, finish, parser
 from ppl_vae.config import ModelConfig
 from ppl_vae.models import build_model
 
@@ -58,18 +60,20 @@ def time_steps(step, xs) -> float:
     return (time.perf_counter() - t0) / len(xs)
 
 
-def main():
-    args = parser(__doc__).parse_args()
+def main(argv=None):
+    ap = parser(__doc__, seeds="0", threads=2)
+    args = start(ap, argv)
+    seed = one_seed(args)
     rounds, steps = (5, 20) if args.quick else (15, 50)
     device = torch.device(args.device)
-    pyro.set_rng_seed(args.seed)
+    pyro.set_rng_seed(seed)
     out = {"ratio_pyro_over_torch": {}, "sec_per_step_pyro": {}, "sec_per_step_torch": {},
            "rounds": rounds, "steps_per_round": steps, "model": "burda1 MLP 784-200-200-50 tanh, Bernoulli",
-           "elbo": "Trace_ELBO (1 particle)", "environment": environment(args.device)}
+           "elbo": "Trace_ELBO (1 particle)"}
     for batch in (100, 128):
         pyro.clear_param_store()
         model = build_model(ModelConfig(name="vae", arch="burda1"), (1, 28, 28), num_data=60000).to(device)
-        g = torch.Generator().manual_seed(args.seed)
+        g = torch.Generator().manual_seed(seed)
         xs = [torch.rand(batch, 1, 28, 28, generator=g).bernoulli(generator=g).to(device) for _ in range(steps)]
         svi = SVI(model.model, model.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO(max_plate_nesting=1))
         step_torch = torch_step_fn(model, batch)
@@ -85,7 +89,7 @@ def main():
         out["ratio_pyro_over_torch"][key] = round(statistics.median(ratios), 3)
         out["sec_per_step_pyro"][key] = statistics.median(tp)
         out["sec_per_step_torch"][key] = statistics.median(tt)
-    finish("pyro_overhead", out, args.quick)
+    finish("pyro_overhead", out, args)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ and reports the k = 5000 test log-likelihood on the first 1,000 test images, eac
 of the same seed, and the combination over seeds (``_common.over_seeds``). ``pooled`` adds the seeds of
 ``bench/results/guides.json`` (same settings, seeds 0–2) for the runs both have.
 
-    flock /tmp/ppl_vae_bench.lock nice -n 5 /work/venv/bin/python bench/recursive_seeds.py --threads 1   # full
-    /work/venv/bin/python bench/recursive_seeds.py --quick                                              # < 5 min
+    python bench/recursive_seeds.py --threads 1   # full (seeds 3-12)
+    python bench/recursive_seeds.py --quick       # < 5 min (the first two seeds)
 The last line of stdout is the JSON summary (full mode also writes bench/results/recursive_seeds.json).
 """
 
@@ -23,22 +23,14 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-import torch
+from _common import RESULTS, finish, over_seeds, paired, parser, start
+from _guide_runs import FULL, HIDDEN, LATENT, QUICK, run_config, train
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from _common import RESULTS, environment, finish, over_seeds, paired, parser  # noqa: E402
-from guides import FULL, HIDDEN, LATENT, QUICK, run_config, train  # noqa: E402
-
-from ppl_vae.config import TrainConfig  # noqa: E402
-from ppl_vae.data import load_data  # noqa: E402
-from ppl_vae.evaluate.likelihood import log_likelihood  # noqa: E402
+from ppl_vae.config import TrainConfig
+from ppl_vae.data import load_data
+from ppl_vae.evaluate import log_likelihood
 
 SEED_RUNS = ("vae", "recursive_5", "recursive_5_grown")
 
@@ -51,22 +43,11 @@ def summarise(diffs: dict[int, list[float]]) -> dict:
 
 
 def main(argv=None):
-    ap = parser(__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 lets another benchmark share the box)")
-    ap.add_argument("--seeds", default="3,4,5,6,7,8,9,10,11,12", help="comma-separated training seeds (full mode)")
-    ap.add_argument("--out", default=None, help="JSON path (full mode default: bench/results/recursive_seeds.json)")
-    args = ap.parse_args(argv)
-    try:
-        seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
-    except ValueError:
-        ap.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
-    if not seeds:
-        ap.error("--seeds names no seed")
-    torch.set_num_threads(args.threads)
+    args = start(parser(__doc__, seeds="3,4,5,6,7,8,9,10,11,12"), argv)
+    seeds = list(args.seeds)
     s = QUICK if args.quick else FULL
     if args.quick:
         seeds = seeds[:2]
-    t_start = time.perf_counter()
     data = load_data("fashion_mnist", pixels="binary_dynamic", limit=s["limit"], seed=0)
     tc = TrainConfig(epochs=s["epochs"], batch_size=100, lr=1e-3)
     x = data.test_x[: s["n_ll"]]
@@ -99,21 +80,14 @@ def main(argv=None):
     out["relative_seconds_per_epoch"] = {
         run: round(statistics.mean(out["seconds_per_epoch"][run][sd] / out["seconds_per_epoch"]["vae"][sd]
                                    for sd in seeds), 2) for run in SEED_RUNS}
-    env = environment("cpu")
     out.update({
-        "command": ("flock /tmp/ppl_vae_bench.lock nice -n 5 /work/venv/bin/python bench/recursive_seeds.py --threads "
-                    f"{args.threads} --seeds {args.seeds}" + (f" --out {args.out}" if args.out else "")
-                    if not args.quick else "/work/venv/bin/python bench/recursive_seeds.py --quick"),
-        "mode": "quick" if args.quick else "full", "training_seeds": seeds,
+        "training_seeds": seeds,
         "data": {"name": "fashion_mnist", "pixels": "binary_dynamic", "limit": s["limit"],
                  "train": len(data.train_x), "test_used_for_ll": len(x)},
         "sizes": {"latent_dim": LATENT, "hidden": HIDDEN, "epochs": s["epochs"], "batch_size": 100, "lr": 1e-3,
                   "ll_num_samples": s["S"], "options": {r: run_config(r)[1] for r in SEED_RUNS}},
-        "hardware": {"platform": env["platform"], "cpu_count": env["cpu_count"],
-                     "torch_threads": torch.get_num_threads()},
-        "environment": env, "date": env["date"], "total_seconds": round(time.perf_counter() - t_start, 1),
     })
-    finish("recursive_seeds", out, args.quick, args.out)
+    finish("recursive_seeds", out, args, device="cpu")
 
 
 if __name__ == "__main__":

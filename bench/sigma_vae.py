@@ -31,15 +31,14 @@ from pathlib import Path
 
 import pyro
 import torch
+from _common import finish, one_seed, parser, start
 from pyro.infer import Trace_ELBO
 
-from _common import environment, finish, parser
+import ppl_vae
 from ppl_vae.config import ModelConfig, TrainConfig
 from ppl_vae.data import DataBundle, load_data
-from ppl_vae.evaluate import log_likelihood
-from ppl_vae.evaluate.fid import FrechetDistance, train_feature_classifier
-from ppl_vae.infer import evaluate_elbo, fit
-from ppl_vae.infer.staged import STAGE1_DIR, train_staged
+from ppl_vae.evaluate import FrechetDistance, log_likelihood, train_feature_classifier
+from ppl_vae.infer import evaluate_elbo
 from ppl_vae.models import build_model
 from ppl_vae.priors import fit_aggregate_posterior, kl_monte_carlo, use_prior
 
@@ -72,24 +71,27 @@ def build(mode: str, sigma2: float, latent: int, n: int, S: dict):
 
 
 def train(mode: str, sigma2: float, latent: int, data, S: dict, seed: int, epochs: int, tmp: Path):
-    """Returns {row name: trained model} (two rows for the staged per-pixel run) and the training record."""
+    """Returns {row name: trained model} (two rows for the staged per-pixel run) and the training record.
+    ``ppl_vae.train`` runs the model's plan: one stage, or Algorithm 1's ``stage1`` (until δELBO < ε₁, into
+    ``tmp/stage1``) and ``stage2`` (σ²_dataset frozen, the per-pixel σ²(z); into ``tmp``) for ``per_pixel``."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     model = build(mode, sigma2, latent, len(data.train_x), S)
     t0 = time.perf_counter()
-    hook = lambda e, rec: model.on_epoch_end(e, rec, data)   # noqa: E731
     if mode == "per_pixel":
         tc = TrainConfig(epochs=epochs, batch_size=100, lr=S["lr"], stop_delta=S["stage_eps"],
                          min_epochs=S["min_epochs_16d"])
-        res = train_staged(model, data, tc, model.stage2_config(tc), run_dir=tmp, seed=seed)
-        glob = build(mode, sigma2, latent, len(data.train_x), S)
-        glob.load_state_dict(torch.load(tmp / STAGE1_DIR / "checkpoint.pt", weights_only=False)["module"])
-        rec = {"epochs_stage1": res.stage1_epochs, "epochs_stage2": len(res.history) - res.stage1_epochs,
-               "stage1_stopped_by_eps": res.stage1.stopped_early, "sigma2_dataset": res.sigma2_dataset}
+        res = ppl_vae.train(model, data, tc, seed=seed, progress=False, run_dir=tmp)
+        stage1 = res.stages["stage1"]
+        glob = build(mode, sigma2, latent, len(data.train_x), S)   # the global-σ² model where stage 1 stopped
+        glob.load_state_dict(torch.load(Path(stage1.run_dir) / "checkpoint.pt", weights_only=False)["module"])
+        n1 = len(stage1.history)
+        rec = {"epochs_stage1": n1, "epochs_stage2": len(res.history) - n1,
+               "stage1_stopped_by_eps": stage1.stopped_early, "sigma2_dataset": model.sigma2()}
         models = {"global": glob, "per_pixel": model}
     else:
-        res = fit(model.model, model.guide, data, None, TrainConfig(epochs=epochs, batch_size=100, lr=S["lr"]),
-                  seed=seed, progress=False, on_epoch_end=hook)
+        res = ppl_vae.train(model, data, TrainConfig(epochs=epochs, batch_size=100, lr=S["lr"]), seed=seed,
+                            progress=False)
         rec = {"epochs": len(res.history)}
         models = {"model": model}
     rec["train_seconds"] = round(time.perf_counter() - t0, 1)
@@ -137,19 +139,17 @@ def evaluate(model, data, S: dict, fd: FrechetDistance, seed: int, ll: bool) -> 
     return out
 
 
-def main():
-    p = parser(__doc__)
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+def main(argv=None):
+    ap = parser(__doc__, seeds="0", threads=1)
+    args = start(ap, argv)
+    seed = one_seed(args)
     S = QUICK if args.quick else FULL
-    t_start = time.perf_counter()
-    full = load_data("fashion_mnist", pixels="continuous", seed=args.seed)
+    full = load_data("fashion_mnist", pixels="continuous", seed=seed)
     data = DataBundle.from_tensors(full.train_x[:S["train"]], full.train_y[:S["train"]], full.val_x[:S["val"]],
                                    full.val_y[:S["val"]], full.test_x, full.test_y, name="fashion_mnist",
                                    num_classes=10)
     data.pixels = "continuous"
-    clf = train_feature_classifier(data, epochs=S["classifier_epochs"], seed=args.seed)
+    clf = train_feature_classifier(data, epochs=S["classifier_epochs"], seed=seed)
     real = data.test_x[:S["fid_images"]]
     fd = FrechetDistance(clf, real)
     fid_real = fd.score(full.train_x[-S["fid_images"]:]).value   # held-out-of-training images vs test images
@@ -161,18 +161,17 @@ def main():
                  ("16d/beta_vae_1", "fixed", 1.0, 16)]
         for name, mode, s2, latent in rows:
             epochs = S["epochs_2d"] if latent == 2 else S["epochs_16d"]
-            models, rec = train(mode, s2, latent, data, S, args.seed, epochs, Path(tmp) / name.replace("/", "_"))
+            models, rec = train(mode, s2, latent, data, S, seed, epochs, Path(tmp) / name.replace("/", "_"))
             training[name] = rec
             for sub, model in models.items():
                 key = name if sub == "model" else f"16d/{sub}"
-                runs[key] = evaluate(model, data, S, fd, args.seed, ll=latent == 16)
+                runs[key] = evaluate(model, data, S, fd, seed, ll=latent == 16)
                 if not args.quick:
                     print(key, rec, {k: v for k, v in runs[key].items() if not k.startswith("_")}, flush=True)
 
     sweep = {k: v for k, v in runs.items() if k.startswith("2d/")}
     best_elbo = max(sweep, key=lambda k: sweep[k]["test_elbo"])
     g, pp = runs["16d/global"], runs["16d/per_pixel"]
-    ll20 = f"k={S['ll_k'][0]}, {S['ll_images']} images"
     paired = pp.pop("_log_px") - g.pop("_log_px")   # same test images: the paired difference's standard error
     diff, diff_se = float(paired.mean()), float(paired.std() / math.sqrt(len(paired)))
     for r in runs.values():
@@ -215,10 +214,8 @@ def main():
                      "model": "sigma_vae, MLP 784-256-256-z ReLU, sigmoid mean, Adam, batch 100",
                      "data": f"fashion_mnist continuous [0,1]: first {S['train']} of the 54k training split, "
                              f"{S['val']} validation, {len(data.test_x)} test images"},
-        "total_seconds": round(time.perf_counter() - t_start, 1),
-        "environment": environment("cpu"),
     }
-    finish("sigma_vae", result, args.quick)
+    finish("sigma_vae", result, args, device="cpu")
 
 
 if __name__ == "__main__":

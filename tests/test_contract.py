@@ -11,7 +11,7 @@ import pytest
 import torch
 from pyro.infer import SVI, Predictive
 
-from ppl_vae import TrainConfig, load_config, plan_for, train
+from ppl_vae import load_config, plan_for, train
 from ppl_vae.data import DataBundle
 from ppl_vae.evaluate import log_likelihood
 from ppl_vae.experiment import Run, build, load_params
