@@ -30,6 +30,8 @@ RUNS = {
 # bench/gamix_samples.py's one-component GAMIX (the variance-collapse regulariser alone) and Rivera's own objective.
 EXTRA_RUNS = {
     "laplace_ls": ("vlae", {"num_steps": 4, "damping": "line_search"}),
+    "laplace_last_step": ("vlae", {"num_steps": 4, "damping": "vlae", "gradient": "last_step"}),
+    "laplace_implicit": ("vlae", {"num_steps": 4, "damping": "vlae", "gradient": "implicit"}),
     "recursive_5_grown": ("rme", {"num_components": 5, "grow_every": 3}),
     "gamix_k1": ("gamix", {"num_components": 1, "var_reg": 0.1}),
     "rivera": ("gamix", {"num_components": 1, "var_reg": 0.1, "kl": "aggregate"}),

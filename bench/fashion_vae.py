@@ -41,7 +41,7 @@ def main(argv=None):
     model = build_model(ModelConfig(name="vae", arch="burda1"), data.shape, num_data=len(data.train_x))
     model.to(args.device)
     t0 = time.perf_counter()
-    res = ppl_vae.train(model, data, TrainConfig(epochs=epochs, batch_size=100, lr=1e-3), seed=seed,
+    res = ppl_vae.train(model, data, TrainConfig(objective="elbo", epochs=epochs, batch_size=100, lr=1e-3), seed=seed,
                         device=args.device, progress=not args.quick)
     train_seconds = time.perf_counter() - t0
     with torch.random.fork_rng():

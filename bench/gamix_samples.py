@@ -111,7 +111,7 @@ def main(argv=None):
     grey = load_data("fashion_mnist", pixels="continuous", limit=s["limit"], seed=0)
     if not torch.equal(grey.train_x, data.train_x):
         raise RuntimeError("the greyscale and binarised bundles do not hold the same training images")
-    tc = TrainConfig(epochs=s["epochs"], batch_size=100, lr=1e-3)
+    tc = TrainConfig(objective="elbo", epochs=s["epochs"], batch_size=100, lr=1e-3)
     clf = train_feature_classifier(grey, epochs=s["classifier_epochs"], seed=0)
     real = grey.test_x
     fd = FrechetDistance(clf, real)

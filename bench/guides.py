@@ -74,7 +74,7 @@ def main(argv=None):
     args = start(parser(__doc__, seeds=None), argv)
     s = QUICK if args.quick else FULL
     data = load_data("fashion_mnist", pixels="binary_dynamic", limit=s["limit"], seed=0)
-    tc = TrainConfig(epochs=s["epochs"], batch_size=100, lr=1e-3)
+    tc = TrainConfig(objective="elbo", epochs=s["epochs"], batch_size=100, lr=1e-3)
     x_ll = data.test_x[: s["n_ll"]]
     x_gap = x_ll[: s["n_gap"]]
     out = {"test_ll": {}, "test_ll_std_error": {}, "test_ll_mc_std_error": {}, "test_ll_diff_vs_vae": {},

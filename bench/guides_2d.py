@@ -40,7 +40,7 @@ def main(argv=None):
     args = start(parser(__doc__, seeds=None), argv)
     s = QUICK if args.quick else FULL
     data = load_data("fashion_mnist", pixels="binary_dynamic", limit=s["limit"], seed=0)
-    tc = TrainConfig(epochs=s["epochs"], batch_size=100, lr=1e-3)
+    tc = TrainConfig(objective="elbo", epochs=s["epochs"], batch_size=100, lr=1e-3)
     x_ll = data.test_x[: s["n_ll"]]
     seeds = list(args.seeds or s["seeds"])
     lls, per, models = {}, {}, {}

@@ -69,7 +69,7 @@ def work(run: str, s: dict, seed: int) -> dict:
     """Train one run and score it (in a worker process, one torch thread)."""
     torch.set_num_threads(1)
     data = _data(s)
-    tc = TrainConfig(epochs=s["epochs"], batch_size=100, lr=1e-3)
+    tc = TrainConfig(objective="elbo", epochs=s["epochs"], batch_size=100, lr=1e-3)
     t0 = time.perf_counter()
     if run == "vae_wide":
         width = wide_width(data)

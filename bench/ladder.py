@@ -79,7 +79,7 @@ def train_run(run, data, s, seed=0):
     pyro.set_rng_seed(seed)
     model = build_model(model_cfg(run, s), data.shape, num_data=len(data.train_x))
     t0 = time.perf_counter()
-    res = ppl_vae.train(model, data, TrainConfig(epochs=s["epochs"], batch_size=100, lr=1e-3), seed=seed,
+    res = ppl_vae.train(model, data, TrainConfig(objective="elbo", epochs=s["epochs"], batch_size=100, lr=1e-3), seed=seed,
                         progress=False)
     secs = time.perf_counter() - t0
     model.eval()

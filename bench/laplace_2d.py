@@ -226,7 +226,7 @@ def main(argv=None):
     if args.epochs is not None:
         s["epochs"] = args.epochs
     data = load_data("fashion_mnist", pixels="binary_dynamic", limit=s["limit"], seed=0)
-    tc = TrainConfig(epochs=s["epochs"], batch_size=100, lr=1e-3)
+    tc = TrainConfig(objective="elbo", epochs=s["epochs"], batch_size=100, lr=1e-3)
     x = data.test_x[: s["n"]]
     out, per = {"by_run": {}}, {}
     for run in runs:

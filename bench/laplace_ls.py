@@ -46,7 +46,7 @@ def main(argv=None):
         ap.error(f"--runs must start with vae and name runs from {LS_RUNS}, got {args.runs!r}")
     s = QUICK if args.quick else FULL
     data = load_data("fashion_mnist", pixels="binary_dynamic", limit=s["limit"], seed=0)
-    tc = TrainConfig(epochs=s["epochs"], batch_size=100, lr=1e-3)
+    tc = TrainConfig(objective="elbo", epochs=s["epochs"], batch_size=100, lr=1e-3)
     x_ll = data.test_x[: s["n_ll"]]
     x_gap = x_ll[: s["n_gap"]]
     out = {k: {} for k in ("test_ll", "test_ll_diff_vs_vae", "test_elbo", "seconds_per_epoch",

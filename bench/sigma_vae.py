@@ -79,7 +79,7 @@ def train(mode: str, sigma2: float, latent: int, data, S: dict, seed: int, epoch
     model = build(mode, sigma2, latent, len(data.train_x), S)
     t0 = time.perf_counter()
     if mode == "per_pixel":
-        tc = TrainConfig(epochs=epochs, batch_size=100, lr=S["lr"], stop_delta=S["stage_eps"],
+        tc = TrainConfig(objective="elbo", epochs=epochs, batch_size=100, lr=S["lr"], stop_delta=S["stage_eps"],
                          min_epochs=S["min_epochs_16d"])
         res = ppl_vae.train(model, data, tc, seed=seed, progress=False, run_dir=tmp)
         stage1 = res.stages["stage1"]
@@ -90,7 +90,7 @@ def train(mode: str, sigma2: float, latent: int, data, S: dict, seed: int, epoch
                "stage1_stopped_by_eps": stage1.stopped_early, "sigma2_dataset": model.sigma2()}
         models = {"global": glob, "per_pixel": model}
     else:
-        res = ppl_vae.train(model, data, TrainConfig(epochs=epochs, batch_size=100, lr=S["lr"]), seed=seed,
+        res = ppl_vae.train(model, data, TrainConfig(objective="elbo", epochs=epochs, batch_size=100, lr=S["lr"]), seed=seed,
                             progress=False)
         rec = {"epochs": len(res.history)}
         models = {"model": model}

@@ -6,66 +6,87 @@
     ppl-vae evaluate RUN_DIR [--num-samples 5000]
     ppl-vae diagnose RUN_DIR [--num-images 100]    # PSIS k-hat of the guide (ArviZ)
     ppl-vae sample RUN_DIR [--n 64] [--from aggregate]
+
+Every expected fault ends in one line, ``ppl-vae: error: <kind>: <what, which file or field, what to do>``, with exit
+code 2 for bad input (a configuration, a flag, a file, the data) and 1 for a run that failed (diverged, a disk that
+filled up, an unexpected error); ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 
-from .errors import PplVaeError
+from .errors import CheckpointError, PplVaeError, TrainingDiverged
+
+
+def _int(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (no silent clamping)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ppl-vae", description="Variational autoencoders as Pyro programs.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a YAML config (default: VAE on the embedded digits)")
     t.add_argument("config", nargs="?", help="YAML config file (optional)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 model.latent_dim=8")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its folder")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its folder (overrides: only "
+                   "fields that may change, e.g. train.epochs)")
     t.add_argument("--run-dir", help="run folder (default: <output_dir>/<name>-<timestamp>)")
+    t.add_argument("--overwrite", action="store_true", help="replace the run in --run-dir instead of refusing")
     t.add_argument("--device", help="cpu, cuda or cuda:N (default: the config's device, 'auto')")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
 
     e = sub.add_parser("evaluate", help="test ELBO (and the importance-sampled log-likelihood) of a run")
     e.add_argument("run_dir")
-    e.add_argument("--num-samples", type=int, default=None,
+    e.add_argument("--num-samples", type=_int(0), default=None,
                    help="importance samples per test image for log p(x) (0: ELBO only; 5000 for papers; "
                         "default: the run's eval.num_samples)")
-    e.add_argument("--max-test", type=int, default=None,
+    e.add_argument("--max-test", type=_int(1), default=None,
                    help="evaluate on the first N test images only (default: the run's eval.max_test)")
     e.add_argument("--checkpoint", choices=["best", "last"], default="best")
     e.add_argument("--device")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=_int(0), default=0)
 
     d = sub.add_parser("diagnose", help="PSIS k-hat and ESS of the guide on test images, an ArviZ file and a plot")
     d.add_argument("run_dir")
-    d.add_argument("--num-images", type=int, default=100, help="test images to diagnose (the first N)")
-    d.add_argument("--num-samples", type=int, default=None,
+    d.add_argument("--num-images", type=_int(1), default=100, help="test images to diagnose (the first N)")
+    d.add_argument("--num-samples", type=_int(2), default=None,
                    help="guide draws per image (default: the run's eval.num_samples)")
     d.add_argument("--checkpoint", choices=["best", "last"], default="best")
     d.add_argument("--device")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=_int(0), default=0)
 
     s = sub.add_parser("sample", help="draw images from a trained run's prior into a PNG grid")
     s.add_argument("run_dir")
-    s.add_argument("--n", type=int, default=64)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n", type=_int(1), default=64)
+    s.add_argument("--seed", type=_int(0), default=0)
     s.add_argument("--out", help="PNG path (default: RUN_DIR/samples.png)")
     s.add_argument("--from", dest="source", choices=["prior", "aggregate"], default="prior",
                    help="z from the prior or from a Gaussian mixture fitted to the aggregate posterior q(z)")
-    s.add_argument("--num-components", type=int, default=32, help="mixture components for --from aggregate")
+    s.add_argument("--num-components", type=_int(1), default=32, help="mixture components for --from aggregate")
     s.add_argument("--checkpoint", choices=["best", "last"], default="best")
     s.add_argument("--device")
     return p
 
 
 def _train(args) -> int:
-    from .config import load_config
+    from .config import check_resume_overrides, load_config
     from .experiment import CONFIG_FILE, run_experiment
 
     config, overrides = args.config, list(args.overrides)
@@ -76,12 +97,16 @@ def _train(args) -> int:
         run_dir = Path(args.resume)
         if not (run_dir / CONFIG_FILE).is_file():
             raise PplVaeError(f"--resume: {str(run_dir)!r} is not a run folder (no {CONFIG_FILE} in it)")
+        if config is not None or args.run_dir or args.overwrite:
+            raise PplVaeError("--resume takes its config from the run folder: give no config file, --run-dir or "
+                              "--overwrite with it")
+        check_resume_overrides(overrides)   # before anything is read or written
         cfg = load_config(run_dir / CONFIG_FILE, overrides)
     else:
         cfg = load_config(config, overrides)
         run_dir = Path(args.run_dir) if args.run_dir else None
-    run = run_experiment(cfg, run_dir, resume=bool(args.resume), device=args.device, progress=not args.no_progress,
-                         figures=not args.no_figures)
+    run = run_experiment(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite, device=args.device,
+                         progress=not args.no_progress, figures=not args.no_figures)
     summary = json.loads((run.run_dir / "metrics.json").read_text())
     print(f"test ELBO: {summary['test_elbo']:.3f} nats per image (best epoch {summary['best_epoch']})")
     print(f"run folder: {run.run_dir}")
@@ -114,9 +139,9 @@ def _sample(args) -> int:
     from .experiment import load_run
     from .viz import save_image_grid
 
+    if args.out is not None and Path(args.out).is_dir():
+        raise PplVaeError(f"--out {args.out!r} is a folder: give the path of a .png file to write")
     run = load_run(args.run_dir, "best" if args.checkpoint == "best" else "last", device=args.device)
-    if args.n <= 0:
-        raise PplVaeError(f"--n must be a positive integer, got {args.n}")
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         y = None
@@ -134,14 +159,69 @@ def _sample(args) -> int:
     return 0
 
 
+def _gather_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``ppl-vae train cfg.yaml --no-progress train.epochs=1``: dotted overrides may stand anywhere after
+    ``train``; they are taken out of the argument list (argparse cannot interleave positionals with flags)."""
+    if "train" not in argv:
+        return argv, []
+    i = argv.index("train") + 1
+    head, rest = argv[:i], argv[i:]
+    takes_value = {"--resume", "--run-dir", "--device"}
+    keep, overrides, k = [], [], 0
+    while k < len(rest):
+        tok = rest[k]
+        if tok in takes_value and k + 1 < len(rest):
+            keep += [tok, rest[k + 1]]
+            k += 2
+            continue
+        (overrides if ("=" in tok and not tok.startswith("-")) else keep).append(tok)
+        k += 1
+    return head + keep, overrides
+
+
+def _exit_code(e: BaseException) -> int:
+    if isinstance(e, TrainingDiverged):
+        return 1
+    if isinstance(e, CheckpointError) and "could not write" in str(e):
+        return 1
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return 1
+    return 2
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, PermissionError):
+        return (f"PermissionError: cannot write or read {e.filename!r} (permission denied or a read-only folder): "
+                "choose another --run-dir or output_dir")
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.errno == errno.ENOSPC:
+        return f"OSError: the disk is full while writing {e.filename!r}: free space, or write elsewhere"
+    return f"{type(e).__name__}: {e}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, overrides = _gather_overrides(argv)
     args = _parser().parse_args(argv)
+    if args.command == "train":
+        args.overrides = [*args.overrides, *overrides]
+    commands = {"train": _train, "evaluate": _evaluate, "diagnose": _diagnose, "sample": _sample}
     try:
-        commands = {"train": _train, "evaluate": _evaluate, "diagnose": _diagnose, "sample": _sample}
         return commands[args.command](args)
-    except (PplVaeError, FileNotFoundError, ValueError) as e:
-        print(f"ppl-vae: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("ppl-vae: interrupted; the last complete checkpoint is kept (continue with --resume RUN_DIR)",
+              file=sys.stderr)
+        return 130
+    except (PplVaeError, OSError, ValueError) as e:   # the expected faults: bad input, files, a failed run
+        if args.debug:
+            raise
+        print(f"ppl-vae: error: {_message(e)}", file=sys.stderr)
+        return _exit_code(e)
+    except Exception as e:   # a fault nobody foresaw: one line, and how to see more
+        if args.debug:
+            raise
+        print(f"ppl-vae: error: unexpected {type(e).__name__}: {e} (run again with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
+import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ DATASETS = ("digits", "mnist", "fashion_mnist", "kmnist", "omniglot", "celeba")
 PIXELS = ("continuous", "dequantized", "binary_static", "binary_dynamic")
 LIKELIHOODS = ("bernoulli", "gaussian", "laplace")
 ARCHS = ("mlp", "conv", "burda1", "burda2")
-OBJECTIVES = ("elbo", "meanfield", "iwae")
+OBJECTIVES = ("auto", "elbo", "meanfield", "iwae")
 SCHEDULES = ("none", "exponential", "step", "cosine")
 
 
@@ -113,7 +116,7 @@ class TrainConfig:
     lr_step: int = 10
     kl_warmup_epochs: int = 0
     patience: int | None = None
-    objective: str = "elbo"
+    objective: str = "auto"
     num_particles: int = 1
     estimator: str = "iwae"
     clip_norm: float | None = None
@@ -121,6 +124,9 @@ class TrainConfig:
     stop_delta: float | None = None
     min_epochs: int = 1
     best_from_epoch: int = 1
+    validate_every_step: bool = False
+    jit: bool = False
+    min_elbo: float | None = -1e6
 
     def validate(self, p="train"):
         _positive_int(f"{p}.epochs", self.epochs)
@@ -146,7 +152,16 @@ class TrainConfig:
                    "a non-negative number or null", self.stop_delta)
         _positive_int(f"{p}.min_epochs", self.min_epochs)
         _positive_int(f"{p}.best_from_epoch", self.best_from_epoch)
-
+        _check(isinstance(self.validate_every_step, bool), f"{p}.validate_every_step", "true or false",
+               self.validate_every_step)
+        _check(isinstance(self.jit, bool), f"{p}.jit", "true or false", self.jit)
+        if self.min_elbo is not None:
+            _check(_is_num(self.min_elbo), f"{p}.min_elbo", "a number (nats per datapoint) or null", self.min_elbo)
+        if self.jit and self.objective == "iwae":
+            raise ConfigError(f"{p}.jit must be false with {p}.objective='iwae' (TraceIWAE is not compiled), got true")
+        if self.jit and self.kl_warmup_epochs > 0:
+            raise ConfigError(f"{p}.jit must be false with {p}.kl_warmup_epochs > 0 (a compiled ELBO keeps the "
+                              f"warm-up weight it was traced with), got true")
     def lr_at(self, epoch: int) -> float:
         """Learning rate of a (0-based) epoch: a pure function of the epoch, so resumed runs match."""
         if self.lr_schedule == "exponential":
@@ -237,6 +252,26 @@ def _coerce(f: dataclasses.Field, val):
     return val
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` and ``5e-4`` as strings (its floats need a dot); here they are numbers, as they
+    are in YAML 1.2, JSON and Python — the way most people write a learning rate."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    """``yaml.safe_load`` that reads scientific notation without a dot (``1e-3``) as a number."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def config_from_dict(values: dict | None) -> Config:
     return _build(Config, values or {}, "").validate()
 
@@ -249,7 +284,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not k for k in key.split(".")):
         raise ConfigError(f"an override must look like section.field=value, got {text!r}")
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = load_yaml(raw) if raw != "" else None
     except yaml.YAMLError as e:
         raise ConfigError(f"could not parse the value of override {key!r}: {raw!r} ({e})") from None
     return key.split("."), value
@@ -276,7 +311,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            values = yaml.safe_load(p.read_text()) or {}
+            values = load_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
         if not isinstance(values, dict):
@@ -285,4 +320,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write the configuration as YAML atomically (a temporary file in the same folder, then a rename): a killed
+    process never leaves a half-written config.yaml."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# fields that a resumed run may change: how long and how it runs, not what it trains
+RESUMABLE = ("train.epochs", "train.patience", "train.eval_batch_size", "train.validate_every_step", "device",
+             "output_dir", "eval.num_samples", "eval.batch_size", "eval.max_test")
+
+
+def check_resume_overrides(overrides: list[str]) -> None:
+    """Refuse overrides of a resumed run other than :data:`RESUMABLE`: the run's own config.yaml is the source of
+    truth for the model, the data and the optimisation."""
+    for text in overrides:
+        key = ".".join(parse_override(text)[0])
+        if key not in RESUMABLE:
+            raise ConfigError(f"--resume: {key} cannot change in a resumed run (it would train another model than the "
+                              f"checkpoint holds); fields that may change: {', '.join(RESUMABLE)}. Start a new run "
+                              f"with --run-dir for other settings")

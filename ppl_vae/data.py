@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import PplVaeError
+from .errors import DataError, PplVaeError  # noqa: F401  (DataError: data.py is where users look for it)
 
 __all__ = ["DATASETS", "PIXEL_MODES", "SPLITS", "DataBundle", "DataError", "load_data"]
 
@@ -54,10 +54,6 @@ _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_SPLIT_SEED = 20_240_601  # fixed: the digits test split never changes
 
 Labels = torch.Tensor | None
-
-
-class DataError(PplVaeError, ValueError):
-    """Bad argument, missing or unreadable data files."""
 
 
 # --------------------------------------------------------------------------- bundle

@@ -11,3 +11,15 @@ class ConfigError(PplVaeError, ValueError):
 
 class TrainingDiverged(PplVaeError, RuntimeError):
     """The loss became NaN or infinite; the message names the epoch and step."""
+
+
+class DataError(PplVaeError, ValueError):
+    """Bad argument, missing, unreadable or unusable data (the message names the split, the value and the fix)."""
+
+
+class CheckpointError(PplVaeError, RuntimeError):
+    """A checkpoint is damaged, truncated, unwritable, or was made by another configuration."""
+
+
+class RunFolderError(PplVaeError, RuntimeError):
+    """A run folder is taken: another process is writing it, or it holds a finished run."""

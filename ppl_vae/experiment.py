@@ -20,13 +20,16 @@ from pyro.infer import Trace_ELBO
 
 from .config import Config, load_config, save_config
 from .data import DataBundle, load_data
-from .errors import ConfigError, PplVaeError
+from .errors import CheckpointError, ConfigError, PplVaeError, RunFolderError
 from . import evaluate
 from .evaluate import bits_per_dim, log_likelihood
 from .infer import evaluate_elbo, load_checkpoint, restore_params
+from .infer.checkpoint import load_module_state
 from .infer.plan import plan_for, train
 from .infer.train import BEST, CHECKPOINT
+from .infer.train import check_finite
 from .models import build_model, import_methods
+from .runlock import RunLock
 from .viz import make_figures
 
 CONFIG_FILE = "config.yaml"
@@ -39,8 +42,12 @@ __all__ = ["run_experiment", "load_run", "evaluate_run", "diagnose_run", "Run", 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not (name == "cpu" or name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device must be available on this machine: got {name!r}, but CUDA is not available")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(name)
 
 
@@ -73,33 +80,103 @@ class Run:
     device: torch.device
 
 
-def run_experiment(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False,
+# what makes a folder a run: a finished epoch or a finished run
+RUN_MARKERS = (CHECKPOINT, SUMMARY_FILE)
+# files a run writes (removed by overwrite=True before the new run starts)
+RUN_FILES = (CHECKPOINT, BEST, SUMMARY_FILE, "metrics.jsonl", "evaluation.json", "diagnostics.json", "diagnostics.nc")
+
+
+def run_experiment(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
                    device: str | None = None, progress: bool = True, figures: bool = True) -> Run:
-    """Train from a configuration: writes config.yaml, checkpoints, metrics.jsonl, metrics.json and figures."""
+    """Train from a configuration: writes config.yaml, checkpoints, metrics.jsonl, metrics.json and figures.
+
+    Everything that can be checked is checked before anything is written: the device, the data (finite values),
+    the model's options, the run folder (another process writing it is refused — :class:`~ppl_vae.runlock.RunLock`
+    is held for the whole run —, and so is a folder that holds a run unless ``resume`` or ``overwrite``) and, on
+    ``resume``, that the checkpoint was made by this configuration."""
     dev = resolve_device(device or cfg.device)
     data = build_data(cfg)
+    check_finite(data)
     model = build(cfg, data, dev)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / CONFIG_FILE)
-    result = train(model, data, cfg, run_dir=run_dir, resume=resume, device=dev, progress=progress,
-                   extra_state={"config": cfg.to_dict()})
-    run = Run(cfg, data, model, run_dir, dev)
-    load_params(run, BEST if (run_dir / BEST).exists() else CHECKPOINT)
-    summary = {"best_epoch": result.best_epoch, "best_val_elbo": result.best_val_elbo,
-               "epochs_run": len(result.history), "stopped_early": result.stopped_early,
-               "test_elbo": test_elbo(run), "data_plate": result.data_plate}
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    if figures:
-        write_figures(run, result.history)
+    with RunLock(run_dir):   # first: a folder another process is writing is refused as such
+        if resume and not (run_dir / CHECKPOINT).is_file() and not _stage_checkpoints(run_dir):
+            raise RunFolderError(f"--resume: {str(run_dir)!r} has no checkpoint yet: there is nothing to resume; "
+                                 "start the run again without --resume")
+        if not resume and any((run_dir / f).exists() for f in RUN_MARKERS) and not overwrite:
+            raise RunFolderError(f"{str(run_dir)!r} holds a run already: continue it with --resume {run_dir}, choose "
+                                 "another --run-dir, or pass --overwrite to replace it")
+        if resume:
+            ck = load_checkpoint(run_dir / CHECKPOINT if (run_dir / CHECKPOINT).is_file()
+                                 else _stage_checkpoints(run_dir)[-1], map_location="cpu")
+            check_same_config(ck, cfg, run_dir)
+        elif overwrite:
+            _remove_run_files(run_dir)
+        save_config(cfg, run_dir / CONFIG_FILE)
+        result = train(model, data, cfg, run_dir=run_dir, resume=resume, device=dev, progress=progress,
+                       extra_state={"config": cfg.to_dict()})
+        run = Run(cfg, data, model, run_dir, dev)
+        load_params(run, BEST if (run_dir / BEST).exists() else CHECKPOINT)
+        summary = {"best_epoch": result.best_epoch, "best_val_elbo": result.best_val_elbo,
+                   "epochs_run": len(result.history), "stopped_early": result.stopped_early,
+                   "test_elbo": test_elbo(run), "data_plate": result.data_plate}
+        _write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+        if figures:
+            write_figures(run, result.history)
     return run
+
+
+def _stage_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints of a multi-stage plan's earlier stages (``run_dir/<stage>/checkpoint.pt``)."""
+    return sorted(p for p in run_dir.glob(f"*/{CHECKPOINT}")) if run_dir.is_dir() else []
+
+
+def _remove_run_files(run_dir: Path) -> None:
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for ck in _stage_checkpoints(run_dir):
+        for name in (CHECKPOINT, BEST, "metrics.jsonl"):
+            (ck.parent / name).unlink(missing_ok=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write a small text file atomically (temporary file, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+_SAME = {"model": None, "data": ("name", "pixels", "limit", "image_size", "val_fraction", "root"), "seed": None}
+
+
+def check_same_config(ckpt: dict, cfg: Config, where) -> None:
+    """The checkpoint's configuration (saved in it) and ``cfg`` agree on the model, the data and the seed; a
+    difference is a :class:`CheckpointError` that names every field that differs."""
+    saved = ckpt.get("config")
+    if not isinstance(saved, dict):
+        return   # written by fit() without a configuration: nothing to compare
+    now = cfg.to_dict()
+    diffs = []
+    for section, keys in _SAME.items():
+        a, b = saved.get(section), now.get(section)
+        if keys is None and not isinstance(a, dict):
+            if a != b:
+                diffs.append(f"{section}: {a!r} in the checkpoint, {b!r} now")
+            continue
+        for k in keys or sorted(set(a or {}) | set(b or {})):
+            if (a or {}).get(k) != (b or {}).get(k):
+                diffs.append(f"{section}.{k}: {(a or {}).get(k)!r} in the checkpoint, {(b or {}).get(k)!r} now")
+    if diffs:
+        raise CheckpointError(f"the checkpoint in {str(where)!r} was made with another configuration — "
+                              f"{'; '.join(diffs)}. Restore those fields in config.yaml, or start a new run")
 
 
 def load_params(run: Run, which: str = BEST) -> dict:
     """Restore a run's parameters (``best.pt`` or ``checkpoint.pt``) into ``run.model`` in place."""
     ckpt = load_checkpoint(run.run_dir / which, map_location=run.device)
+    check_same_config(ckpt, run.cfg, run.run_dir / which)
     if ckpt.get("module") is not None:
-        run.model.load_state_dict(ckpt["module"])
+        load_module_state(run.model, ckpt["module"], run.run_dir / which)
     x0, y0 = next(iter(run.data.batches("train", min(8, len(run.data.train_x)), shuffle=False, device=run.device)))
     pyro.clear_param_store()
     restore_params(run.model.model, run.model.guide, ckpt["param_store"], x0, y0)

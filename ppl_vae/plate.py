@@ -21,4 +21,17 @@ def data_plate(x: torch.Tensor, num_data: int | None = None) -> pyro.plate:
     if size < batch:
         raise ValueError(f"num_data ({size}) is smaller than the minibatch ({batch}); set the model's num_data "
                          "to the size of the training set")
-    return pyro.plate(DATA_PLATE, size, subsample=torch.arange(batch, device=x.device))
+    return pyro.plate(DATA_PLATE, size, subsample=_arange(batch, x.device))
+
+
+_ARANGES: dict = {}
+
+
+def _arange(n: int, device) -> torch.Tensor:
+    """``torch.arange(n)`` on ``device``, made once per (n, device): the subsample indices are only read."""
+    key = (n, str(device))
+    if key not in _ARANGES:
+        if len(_ARANGES) > 64:
+            _ARANGES.clear()
+        _ARANGES[key] = torch.arange(n, device=device)
+    return _ARANGES[key]

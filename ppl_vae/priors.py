@@ -19,10 +19,14 @@ class StandardNormalPrior(nn.Module):
         super().__init__()
         self.latent_dim = latent_dim
         self.register_buffer("_zero", torch.zeros(()))
+        self._cached = None
 
     def forward(self, batch_size: int) -> dist.TorchDistribution:
-        loc = self._zero.new_zeros(batch_size, self.latent_dim)
-        return dist.Normal(loc, torch.ones_like(loc)).to_event(1)
+        key = (batch_size, self._zero.device, self._zero.dtype)
+        if self._cached is None or self._cached[0] != key:   # one distribution per batch size and device
+            loc = self._zero.new_zeros(batch_size, self.latent_dim)
+            self._cached = (key, dist.Normal(loc, torch.ones_like(loc)).to_event(1))
+        return self._cached[1]
 
 
 # --------------------------------------------------------------------------- fitted aggregate posterior

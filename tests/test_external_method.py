@@ -107,7 +107,7 @@ class TemperedPlan(TrainingPlan):
         t = self.model.temperature
         t.fill_(min(1.0, float(t) + 0.25))
         record["temperature"] = float(t)
-        record["prior_scale"] = float(self.model.prior_scale)
+        record["prior_scale"] = float(self.model.prior_scale.detach())
 
 
 @dataclass

@@ -26,6 +26,7 @@ from ppl_vae.infer.importance import (
     NonReparameterizedError,
     importance_log_weights,
 )
+import ppl_vae
 from ppl_vae.infer.iwae import TraceIWAE
 from ppl_vae.likelihoods import BernoulliLikelihood
 from ppl_vae.models.linear_gaussian import LinearGaussianVAE
@@ -326,6 +327,186 @@ def test_dreg_hierarchical_guide_matches_independent_computation():
         g_theta = torch.autograd.grad(-(w * log_w).sum(), [mm])
         expected = torch.stack([*g_phi, *g_theta])
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (d') DReG in one pass equals the two-pass surrogate, gradient by gradient, with the same draws
+# ---------------------------------------------------------------------------------------------------------
+
+def _reference_dreg_loss(model, guide, args, K):
+    """The two-pass DReG loss of TraceIWAE before the one-pass rewrite (a copy): model and guide replayed at
+    detached draws, S = Σ sg(w̃) log p(x, sg z) + Σ sg(w̃²)[log w + log q(sg z) − log p(x, sg z)] per datapoint,
+    loss = −(bound + S − sg S). Vectorised particles at dim −2, the data plate at dim −1 (max_plate_nesting = 1)."""
+    particles = pyro.plate(PARTICLE_PLATE, K, dim=-2)
+    guide_trace = poutine.trace(particles(guide)).get_trace(*args)
+    model_trace = poutine.trace(poutine.replay(particles(model), trace=guide_trace)).get_trace(*args)
+    sg = poutine.Trace()
+    for name, site in guide_trace.nodes.items():
+        if site["type"] == "sample":
+            sg.add_node(name, **{**site, "value": site["value"].detach()})
+    model_sg = poutine.trace(poutine.replay(particles(model), trace=sg)).get_trace(*args)
+    guide_sg = poutine.trace(poutine.replay(particles(guide), trace=sg)).get_trace(*args)
+
+    def total(trace):
+        trace = poutine.util.prune_subsample_sites(trace)
+        trace.compute_log_prob()
+        out = 0.0
+        for site in trace.nodes.values():
+            if site["type"] == "sample":
+                lp = site["unscaled_log_prob"]
+                assert lp.shape[-1] == args[0].shape[0] and lp.dim() <= 2
+                out = out + lp.expand(K, args[0].shape[0])
+        return out
+
+    x_site = next(s for s in model_trace.nodes.values() if s["type"] == "sample" and s["is_observed"])
+    scale = float(x_site["scale"])                                          # N / B
+    log_p, log_q = total(model_trace), total(guide_trace)
+    log_p_sg, log_q_sg = total(model_sg), total(guide_sg)
+    log_w = log_p - log_q
+    bound = scale * (torch.logsumexp(log_w, 0) - math.log(K)).sum()
+    w = torch.softmax(log_w.detach(), 0)
+    S = scale * ((w * log_p_sg).sum() + (w.pow(2) * (log_w + log_q_sg - log_p_sg)).sum())
+    return -(bound.detach() + S - S.detach())
+
+
+class _Shift(dist.torch_transform.TransformModule):
+    """y = x + shift with a learnable shift: a transform that is an nn.Module (cannot be detached generically)."""
+    domain = dist.constraints.real
+    codomain = dist.constraints.real
+    bijective = True
+
+    def __init__(self, d):
+        super().__init__(cache_size=1)
+        self.shift = nn.Parameter(0.1 * torch.ones(d, dtype=torch.float64))
+
+    def _call(self, x):
+        return x + self.shift
+
+    def _inverse(self, y):
+        return y - self.shift
+
+    def log_abs_det_jacobian(self, x, y):
+        return torch.zeros_like(x)
+
+
+def _transformed_guide_pair(module_transform: bool):
+    """The amortized linear-Gaussian model with a guide N(0, 1) pushed through an affine map (tensor parameters:
+    detachable) or through an affine map and a learnable shift module (not detachable)."""
+    m, x = make_lg(guide_type="amortized")
+    set_near_optimal_encoder(m)
+    m.shift = _Shift(d)
+
+    def guide(x):
+        loc = x @ m.enc_A.T + m.enc_c
+        scale = torch.nn.functional.softplus(m.enc_s).expand_as(loc) + 1e-4
+        ts = [dist.transforms.AffineTransform(loc, scale)] + ([m.shift] if module_transform else [])
+        with ppl_vae.plate.data_plate(x, m.num_data):
+            pyro.sample("z", dist.TransformedDistribution(dist.Normal(torch.zeros_like(loc), 1.0), ts).to_event(1))
+
+    return m, m.model, guide, x
+
+
+def _dreg_case(name):
+    """(parameters, model, guide, x, expected dreg_mode) for the equality tests, in float64."""
+    if name in ("lg_amortized", "lg_exact"):
+        m, x = make_lg(guide_type=name[3:], shift=0.3, scale=1.2, num_data=20, n=6)
+        if name == "lg_amortized":
+            set_near_optimal_encoder(m)
+        return list(m.parameters()), m.model, m.guide, x, "one_pass"
+    if name in ("vae", "gamix"):
+        torch.manual_seed(0)
+        m = ppl_vae.build_model(ppl_vae.ModelConfig(name=name, latent_dim=2, hidden=[8]), (1, 4, 4), num_data=20)
+        m = m.double()
+        x = (torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(1)) < 0.4).double()
+        return list(m.parameters()), m.model, m.guide, x, "one_pass"
+    if name == "vae2":
+        torch.manual_seed(0)
+        m = VAE2((4, 4), BernoulliLikelihood(), latent_dim1=3, latent_dim=2, hidden1=(8,), hidden2=(4,),
+                 num_data=20).double()
+        x = (torch.rand(6, 4, 4, generator=torch.Generator().manual_seed(1)) < 0.4).double()
+        return list(m.parameters()), m.model, m.guide, x, "guide_replay"          # q(z2 | z1): hierarchical
+    m, model, guide, x = _transformed_guide_pair(module_transform=name == "transformed_module")
+    return list(m.parameters()), model, guide, x, "guide_replay" if name == "transformed_module" else "one_pass"
+
+
+def _all_grads(loss, params):
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+DREG_CASES = ["lg_amortized", "lg_exact", "vae", "vae2", "gamix", "transformed", "transformed_module"]
+
+
+@pytest.mark.parametrize("case", DREG_CASES)
+@pytest.mark.parametrize("K", [1, 5])
+def test_one_pass_dreg_gradients_equal_the_two_pass_surrogate(case, K):
+    """Every parameter (model, guide and, for lg_exact, shared W and b) gets the gradient of the old two-pass
+    surrogate, with the same seed and therefore the same draws; the loss value is the same IWAE bound."""
+    params, model, guide, x, mode = _dreg_case(case)
+    elbo = TraceIWAE(num_particles=K, estimator="dreg", max_plate_nesting=1)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        lw = elbo.log_weights(model, guide, x, _grad=True)
+        assert lw.dreg_mode == mode
+        torch.manual_seed(seed)
+        loss = elbo.differentiable_loss(model, guide, x)
+        torch.manual_seed(seed)
+        ref = _reference_dreg_loss(model, guide, (x,), K)
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+        got, expected = _all_grads(loss, params), _all_grads(ref, params)
+        assert any(e.abs().sum() > 0 for e in expected)
+        for p, g, e in zip(params, got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)           # float64: rounding only
+
+
+@pytest.mark.parametrize("case", ["lg_exact", "vae", "vae2"])
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_one_pass_dreg_equals_the_two_pass_fallback_for_looped_particles(case, vectorize):
+    """The two-pass surrogate is kept as the fallback for draws a hook cannot be placed on (``_dreg_replay``
+    forces it): looped and vectorised particles give the same gradients both ways."""
+    params, model, guide, x, mode = _dreg_case(case)
+    one = TraceIWAE(num_particles=4, estimator="dreg", vectorize_particles=vectorize)
+    two = TraceIWAE(num_particles=4, estimator="dreg", vectorize_particles=vectorize)
+    two._dreg_replay = True
+    torch.manual_seed(0)
+    assert two.log_weights(model, guide, x, _grad=True).dreg_mode == "replay"
+    torch.manual_seed(0)
+    assert one.log_weights(model, guide, x, _grad=True).dreg_mode == mode
+    torch.manual_seed(1)
+    g1 = _all_grads(one.differentiable_loss(model, guide, x), params)
+    torch.manual_seed(1)
+    g2 = _all_grads(two.differentiable_loss(model, guide, x), params)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def _count_calls(module):
+    counter = {"n": 0}
+
+    def hook(*_):
+        counter["n"] += 1
+
+    return counter, module.register_forward_hook(hook)
+
+
+def test_one_pass_dreg_runs_the_decoder_once():
+    torch.manual_seed(0)
+    vae = ppl_vae.build_model(ppl_vae.ModelConfig(name="vae", latent_dim=2, hidden=[8]), (1, 4, 4), num_data=20)
+    x = (torch.rand(6, 1, 4, 4) < 0.4).float()
+    dec, h1 = _count_calls(vae.decoder)
+    enc, h2 = _count_calls(vae.encoder)
+    for est, (n_dec, n_enc) in [("iwae", (1, 1)), ("dreg", (1, 1))]:
+        dec["n"] = enc["n"] = 0
+        TraceIWAE(num_particles=5, estimator=est, max_plate_nesting=1).loss_and_grads(vae.model, vae.guide, x)
+        assert (dec["n"], enc["n"]) == (n_dec, n_enc), est
+    h1.remove(), h2.remove()
+    v2, x2 = _small_two_layer()
+    dec1, h1 = _count_calls(v2.decoder1)
+    enc1, h2 = _count_calls(v2.encoder1)
+    TraceIWAE(num_particles=5, estimator="dreg", max_plate_nesting=1).loss_and_grads(v2.model, v2.guide, x2[:4])
+    assert (dec1["n"], enc1["n"]) == (1, 2)      # hierarchical guide: the guide is replayed, the model is not
+    h1.remove(), h2.remove()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -5,7 +5,13 @@ so any batching/chunking must return log p(x) to float precision; a poor guide m
 delta-method Monte Carlo error sqrt(1/ESS − 1/S) (see ``mc_std_error``).
 """
 
+import json
 import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -16,8 +22,10 @@ from torch import nn
 
 import ppl_vae.evaluate.likelihood as likelihood_mod
 from ppl_vae.evaluate import bits_per_dim, log_likelihood, log_likelihood_summary, mc_std_error
-from ppl_vae.evaluate.likelihood import DEFAULT_MAX_ELEMENTS, plan_chunks
-from ppl_vae.infer.importance import IWAEError, LogWeights
+from ppl_vae.config import ModelConfig
+from ppl_vae.evaluate.likelihood import DEFAULT_MAX_BYTES, bytes_per_sample, eval_mode, plan_chunks
+from ppl_vae.infer.importance import IWAEError, LogWeights, fork_rng, guess_max_plate_nesting, importance_log_weights
+from ppl_vae.models import build_model
 from ppl_vae.likelihoods import BernoulliLikelihood
 from ppl_vae.models.linear_gaussian import LinearGaussianVAE
 from ppl_vae.models.vae2 import VAE2
@@ -78,17 +86,204 @@ def test_running_logsumexp_bookkeeping(monkeypatch):
 
 
 def test_plan_chunks_rule():
-    assert plan_chunks(1000, 5000) == (20, 5000)
-    for N, S in [(1000, 5000), (10, 10), (3, 1_000_000), (50_000, 1)]:
-        bs, cs = plan_chunks(N, S)
-        assert 1 <= bs <= N and 1 <= cs <= S and bs * cs <= DEFAULT_MAX_ELEMENTS
-    assert plan_chunks(1000, 5000, batch_size=100) == (100, 1000)
-    assert plan_chunks(1000, 5000, chunk_size=500) == (200, 500)
+    # E = max_bytes // bytes_per_sample datapoint-samples at once
+    assert plan_chunks(1000, 5000, max_bytes=100_000 * 40, bytes_per_sample=40) == (20, 5000)
+    assert plan_chunks(1000, 5000, max_bytes=2**20, bytes_per_sample=1000) == (1, 1048)
+    assert plan_chunks(3, 10, max_bytes=2**20, bytes_per_sample=1000) == (3, 10)         # all at once
+    assert plan_chunks(1000, 5000, batch_size=100, max_bytes=10**6, bytes_per_sample=10) == (100, 1000)
+    assert plan_chunks(1000, 5000, chunk_size=500, max_bytes=10**6, bytes_per_sample=10) == (200, 500)
     assert plan_chunks(1000, 5000, batch_size=7, chunk_size=3) == (7, 3)
+    # a budget below one datapoint-sample still makes progress, one at a time
+    assert plan_chunks(10, 10, max_bytes=10, bytes_per_sample=1000) == (1, 1)
     with pytest.raises(IWAEError):
         plan_chunks(10, 0)
     with pytest.raises(IWAEError):
         plan_chunks(10, 10, batch_size=0)
+    with pytest.raises(IWAEError, match="max_bytes"):
+        plan_chunks(10, 10, max_bytes=0)
+    with pytest.raises(IWAEError, match="bytes_per_sample"):
+        plan_chunks(10, 10, bytes_per_sample=0)
+
+
+@pytest.mark.parametrize("b", [4 * 1032, 4 * (8 * 784 + 1024), 8 * 1064, 10**6])
+@pytest.mark.parametrize("N, S", [(1000, 5000), (10, 10), (3, 1_000_000), (50_000, 1), (500, 5000), (7, 333)])
+def test_default_chunking_is_within_the_byte_budget(N, S, b):
+    bs, cs = plan_chunks(N, S, bytes_per_sample=b)
+    assert 1 <= bs <= N and 1 <= cs <= S
+    assert bs * cs * b <= DEFAULT_MAX_BYTES or bs * cs == 1     # one datapoint-sample is the least there is
+    # ... and uses most of it when the data allow (no needless tiny chunks)
+    E = DEFAULT_MAX_BYTES // b
+    assert bs * cs >= min(N * S, E // 2, S)
+
+
+def test_bytes_per_sample_estimate():
+    assert bytes_per_sample(torch.zeros(3, 1, 28, 28)) == 4 * (8 * 784 + 1024)
+    assert bytes_per_sample(torch.zeros(3, 5, dtype=torch.float64)) == 8 * (8 * 5 + 1024)
+    assert bytes_per_sample(torch.zeros(3, 28, 28, dtype=torch.uint8)) == 4 * (8 * 784 + 1024)  # computed in float
+    assert bytes_per_sample(torch.zeros(3)) == 4 * (8 + 1024)
+
+
+def test_max_elements_is_a_deprecated_alias_with_the_old_rule():
+    with pytest.warns(DeprecationWarning, match="max_bytes"):
+        assert plan_chunks(1000, 5000, max_elements=100_000) == (20, 5000)   # the old default rule
+    with pytest.warns(DeprecationWarning):
+        assert plan_chunks(1000, 5000, batch_size=100, max_elements=100_000) == (100, 1000)
+    with pytest.warns(DeprecationWarning), pytest.raises(IWAEError):
+        plan_chunks(10, 10, max_elements=0)
+    m, x = make_lg(shift=0.7, scale=1.3, n=9)
+    with pytest.warns(DeprecationWarning):
+        a = log_likelihood(m.model, m.guide, x, num_samples=50, max_elements=40, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                       # the new path does not warn
+        b = log_likelihood(m.model, m.guide, x, num_samples=50, batch_size=1, chunk_size=40, seed=2)
+    assert torch.equal(a, b)                                                 # plan (1, 40): the same draws
+
+
+def _spy_chunks(monkeypatch):
+    """Record (num_particles, batch) of every importance pass that log_likelihood makes."""
+    calls = []
+    real = likelihood_mod.importance_log_weights
+
+    def spy(model, guide, args, kwargs=None, *, num_particles, **kw):
+        calls.append((num_particles, args[0].shape[0]))
+        return real(model, guide, args, kwargs, num_particles=num_particles, **kw)
+
+    monkeypatch.setattr(likelihood_mod, "importance_log_weights", spy)
+    return calls
+
+
+def _small_image_vae(num_data=1000, seed=0):
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(name="vae", latent_dim=2, hidden=[8]), (1, 28, 28), num_data=num_data)
+
+
+def test_log_likelihood_default_chunks_stay_within_the_budget(monkeypatch):
+    vae = _small_image_vae()
+    x = (torch.rand(30, 1, 28, 28, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    per_sample = bytes_per_sample(x)
+    for S, max_bytes in [(500, DEFAULT_MAX_BYTES), (5000, DEFAULT_MAX_BYTES), (300, 2**20)]:
+        calls = _spy_chunks(monkeypatch)
+        kw = {} if max_bytes == DEFAULT_MAX_BYTES else {"max_bytes": max_bytes}
+        lp = log_likelihood(vae.model, vae.guide, x, num_samples=S, **kw)
+        assert lp.shape == (30,) and torch.isfinite(lp).all()
+        assert max(k * b for k, b in calls) * per_sample <= max_bytes
+        assert sum(k * b for k, b in calls) == 30 * S                        # every datapoint got S samples
+        monkeypatch.undo()
+
+
+_PEAK_SCRIPT = """
+import json, warnings
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from ppl_vae.config import ModelConfig
+from ppl_vae.evaluate import log_likelihood
+from ppl_vae.models import build_model
+
+def read(key):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+torch.manual_seed(0)
+vae = build_model(ModelConfig(name="vae", arch="burda1"), (1, 28, 28), num_data=60000)
+x = (torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+log_likelihood(vae.model, vae.guide, x[:1], num_samples=10)             # imports, lazy initialisations
+out = {}
+warnings.simplefilter("ignore", DeprecationWarning)
+for name, kw in [("default", {}), ("old_rule", {"max_elements": 100_000})]:
+    Path("/proc/self/clear_refs").write_text("5")                      # reset the peak RSS (VmHWM)
+    before = read("VmRSS")
+    log_likelihood(vae.model, vae.guide, x, num_samples=5000, **kw)
+    out[name] = read("VmHWM") - before
+print(json.dumps(out))
+"""
+
+
+def test_log_likelihood_measured_peak_memory_is_within_the_budget():
+    """Burda's 784-200-200-50 MLP on 28×28 images, S = 5000, in a fresh process whose malloc returns every large
+    block on free (a fixed mmap threshold: the RSS then follows the live tensors, deterministically; with glibc's
+    adaptive default the freed heap stays resident, +20-45 MiB here). The default chunking measured ≈ 11.5 MiB,
+    the old rule (100 000 elements: all 4 × 5000 datapoint-samples at once) ≈ 183 MiB."""
+    if not Path("/proc/self/clear_refs").exists() or not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=300)
+    if run.returncode != 0 and "clear_refs" in run.stderr:
+        pytest.skip("cannot reset the peak RSS here")
+    assert run.returncode == 0, run.stderr[-2000:]
+    peak = json.loads(run.stdout.strip().splitlines()[-1])
+    assert peak["default"] <= DEFAULT_MAX_BYTES, peak
+    assert peak["old_rule"] > 4 * DEFAULT_MAX_BYTES, peak                  # the measurement does see the chunks
+
+
+@torch.no_grad()
+def _reference_log_likelihood(model, guide, data, S, batch_size, chunk_size, seed):
+    """The batch/chunk loop of log_likelihood before the byte budget (a copy), for fixed batch and chunk sizes."""
+    N = data.shape[0]
+    out = []
+    with eval_mode(model, guide), fork_rng():
+        nesting = guess_max_plate_nesting(model, guide, (data[:batch_size],)) if chunk_size > 1 else None
+        torch.manual_seed(seed)
+        for start in range(0, N, batch_size):
+            xb = data[start:start + batch_size]
+            acc, done = None, 0
+            while done < S:
+                c = min(chunk_size, S - done)
+                lw = importance_log_weights(model, guide, (xb,), num_particles=c, max_plate_nesting=nesting)
+                s1 = torch.logsumexp(lw.log_w.double(), 0)
+                acc = s1 if acc is None else torch.logaddexp(acc, s1)
+                done += c
+            out.append((acc - math.log(S)).to(lw.log_w.dtype))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("batch_size, chunk_size", [(4, 64), (1, 300), (7, 1), (10, 33)])
+def test_same_numbers_as_before_for_fixed_seed_batch_and_chunk(batch_size, chunk_size):
+    m, x = make_lg(shift=0.7, scale=1.3, n=10, double=False)
+    vae = _small_image_vae()
+    xi = (torch.rand(10, 1, 28, 28, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+    for model, guide, data in [(m.model, m.guide, x), (vae.model, vae.guide, xi)]:
+        for seed in (0, 3):
+            got = log_likelihood(model, guide, data, num_samples=300, batch_size=batch_size, chunk_size=chunk_size,
+                                 seed=seed)
+            ref = _reference_log_likelihood(model, guide, data, 300, batch_size, chunk_size, seed)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_validation_runs_on_the_first_pass_of_each_shape(monkeypatch):
+    from pyro.infer.util import is_validation_enabled
+
+    m, x = make_lg(shift=0.7, scale=1.3, n=5)
+    seen = []
+    real = likelihood_mod.importance_log_weights
+
+    def spy(model, guide, args, kwargs=None, *, num_particles, **kw):
+        seen.append(((num_particles, args[0].shape[0]), is_validation_enabled()))
+        return real(model, guide, args, kwargs, num_particles=num_particles, **kw)
+
+    monkeypatch.setattr(likelihood_mod, "importance_log_weights", spy)
+    a = log_likelihood(m.model, m.guide, x, num_samples=7, batch_size=2, chunk_size=3)
+    # batches of 2, 2, 1 datapoints, chunks of 3, 3, 1 samples: four shapes, each validated once
+    assert [v for _, v in seen] == [True, False, True, False, False, False, True, False, True]
+    assert {shape for shape, v in seen if v} == {(3, 2), (1, 2), (3, 1), (1, 1)}
+    assert is_validation_enabled()                                          # the caller's setting is restored
+    seen.clear()
+    with pyro.validation_enabled(False):
+        b = log_likelihood(m.model, m.guide, x, num_samples=7, batch_size=2, chunk_size=3)
+    assert not any(v for _, v in seen) and torch.equal(a, b)
+
+
+def test_progress_bar_counts_samples_and_does_not_change_the_numbers(capsys):
+    pytest.importorskip("tqdm")
+    m, x = make_lg(shift=0.7, scale=1.3, n=5)
+    a = log_likelihood(m.model, m.guide, x, num_samples=40, batch_size=2, chunk_size=15, progress=True)
+    err = capsys.readouterr().err
+    assert "log-likelihood" in err and "200/200" in err                     # N·S datapoint-samples
+    b = log_likelihood(m.model, m.guide, x, num_samples=40, batch_size=2, chunk_size=15)
+    assert torch.equal(a, b)
 
 
 def test_result_does_not_depend_on_num_data():

@@ -58,7 +58,7 @@ from ..errors import ConfigError
 from ..nets import mlp
 from ..plate import data_plate
 
-__all__ = ["LaplaceGuide", "MeanEncoder", "laplace_posterior", "batch_jacobian", "vlae_damping", "log_joint",
+__all__ = ["LaplaceGuide", "MeanEncoder", "laplace_posterior", "batch_jacobian", "vlae_damping", "log_joint", "GRADIENTS",
            "relu_mlp_layers", "precision_to_scale_tril",
            "LIKELIHOODS", "LINE_SEARCH_STEPS"]
 
@@ -153,10 +153,13 @@ def _line_search(x_flat, mu, out, step, fn, likelihood, sigma2, link):
     return torch.stack(cands).gather(0, best.view(1, -1, 1).expand(1, *mu.shape)).squeeze(0)
 
 
+GRADIENTS = ("unrolled", "last_step", "implicit")
+
+
 def laplace_posterior(x: torch.Tensor, mu0: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], *,
                       likelihood: str = "gaussian", sigma2: float = 1.0, num_steps: int = 4,
                       damping: Callable[[int], float] | float = vlae_damping, layers=None,
-                      link: str | None = None):
+                      link: str | None = None, gradient: str = "unrolled"):
     r"""Damped Newton/Laplace iterations: returns (μ_T, Λ(μ_T)) with Λ the (B, d, d) precision.
 
     ``fn(z)``: the decoder output that the likelihood reads — the mean g(z) for ``"gaussian"`` (σ² =
@@ -164,7 +167,17 @@ def laplace_posterior(x: torch.Tensor, mu0: torch.Tensor, fn: Callable[[torch.Te
     ``damping``: η_t as a function of t, a constant (1.0 = undamped Newton), or ``"line_search"`` (per-row best
     η of :data:`LINE_SEARCH_STEPS` or 0 by the exact log joint). ``layers``/``link``: see :func:`batch_jacobian`
     (the Gaussian mean may be ``link(fn(z))``).
+
+    ``gradient`` says how the gradient reaches the networks through the iterations (the values are the same):
+    ``"unrolled"`` (the official code's): backpropagation through every step; ``"last_step"``: the first T − 1
+    steps run without a graph and the gradient passes through the last step only; ``"implicit"``: every step runs
+    without a graph and the decoder's gradient at μ_T is the implicit-function one of the mode condition
+    ∇_z log p(x, z) = 0 (Gauss–Newton: dμ/dθ = Λ⁻¹ ∂(Wᵀr − μ)/∂θ, Λ held fixed). The encoder's μ₀ gets, in both
+    cheaper modes, the gradient of μ_T as if dμ_T/dμ₀ = I (straight-through): at an exact mode μ_T would not depend
+    on μ₀ at all, and the encoder would never learn where to start.
     """
+    if gradient not in GRADIENTS:
+        raise ConfigError(f"gradient must be one of {list(GRADIENTS)}, got {gradient!r}")
     if likelihood not in LIKELIHOODS:
         raise ConfigError(f"the Laplace guide needs a Gaussian or Bernoulli likelihood, got {likelihood!r}")
     if damping == "line_search":
@@ -176,14 +189,37 @@ def laplace_posterior(x: torch.Tensor, mu0: torch.Tensor, fn: Callable[[torch.Te
     x_flat = x.reshape(x.shape[0], -1)
     d = mu0.shape[-1]
     eye = torch.eye(d, dtype=mu0.dtype, device=mu0.device)
-    mu = mu0
-    for t in range(num_steps):
+
+    def newton(mu, t):
         J, out = batch_jacobian(fn, mu, layers, link)
         WtDW, Wtr = _precision_terms(x_flat, out, J, likelihood, sigma2)
         L = torch.linalg.cholesky(WtDW + eye)
         step = torch.cholesky_solve((Wtr - mu).unsqueeze(-1), L).squeeze(-1)   # μ̂ − μ
-        mu = (_line_search(x_flat, mu, out, step, fn, likelihood, sigma2, link) if eta is None
-              else mu + eta(t) * step)
+        return (_line_search(x_flat, mu, out, step, fn, likelihood, sigma2, link) if eta is None
+                else mu + eta(t) * step)
+
+    if gradient == "unrolled" or num_steps == 0:
+        mu = mu0
+        for t in range(num_steps):
+            mu = newton(mu, t)
+    else:
+        free = num_steps - 1 if gradient == "last_step" else num_steps
+        with torch.no_grad():
+            mu = mu0.detach()
+            for t in range(free):
+                mu = newton(mu, t)
+        mu = mu + (mu0 - mu0.detach())                       # straight-through to the encoder
+        if gradient == "last_step":
+            mu = newton(mu, num_steps - 1)
+        else:
+            at = mu.detach()
+            J, out = batch_jacobian(fn, at, layers, link)
+            WtDW, Wtr = _precision_terms(x_flat, out, J, likelihood, sigma2)
+            prec = WtDW + eye
+            g = Wtr - at                                     # ∇_z log p(x, z) at μ_T (Gauss–Newton), live in θ
+            mu = mu + torch.cholesky_solve((g - g.detach()).unsqueeze(-1),
+                                           torch.linalg.cholesky(prec.detach())).squeeze(-1)
+            return mu, prec
     J, out = batch_jacobian(fn, mu, layers, link)
     WtDW, _ = _precision_terms(x_flat, out, J, likelihood, sigma2)
     return mu, WtDW + eye

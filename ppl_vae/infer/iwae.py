@@ -28,17 +28,32 @@ With normalised weights w̃_ik = w_ik / Σ_k' w_ik' (detached):
   IWAE uses Σ_k w̃ (A + B + C); DReG uses Σ_k w̃ A + Σ_k w̃² B, which has the same expectation and no score
   term. So model parameters θ get the IWAE gradient Σ_k w̃_k ∇θ log w_k, guide parameters φ get
   Σ_k w̃_k² ∂log w_k/∂z_k ∂z_k/∂φ, and a parameter used by both model and guide gets the sum of the two.
-  It is implemented by the surrogate
+  It is implemented by the surrogate, from **one** model pass and **one** guide pass,
+
+      S_i = Σ_k sg(w̃_ik) log p(x_i, h(z_ik)) − Σ_k sg(w̃_ik²) log q(z_ik | x_i; sg ψ),
+
+  (sg = stop-gradient) where h is the identity whose backward multiplies the gradient by w̃_ik (a tensor hook on
+  the model's copy of the draw) and log q(z; sg ψ) is the guide's log-density at the live draw with the
+  distribution's tensors detached. Then ∇ Σ_k sg(w̃) log p(x, h(z)) = Σ_k w̃ A + Σ_k w̃ · w̃ B_p (the model's
+  direct dependence weighted by w̃, its path through the draws by w̃²), and −∇ Σ_k sg(w̃²) log q(z; sg ψ) = −Σ_k
+  w̃² B_q, the guide's path through z without the score C: together exactly Σ w̃ A + Σ w̃² B, for model, guide
+  and shared parameters alike. This equals, per parameter and draw, the two-pass surrogate
 
       S_i = Σ_k sg(w̃_ik) log p(x_i, sg(z_ik))
-          + Σ_k sg(w̃_ik²) [ log w_ik + log q(sg(z_ik) | x_i) − log p(x_i, sg(z_ik)) ],
+          + Σ_k sg(w̃_ik²) [ log w_ik + log q(sg(z_ik) | x_i) − log p(x_i, sg(z_ik)) ]
 
-  (sg = stop-gradient) whose gradient is exactly Σ w̃ A + Σ w̃² B: the last two terms are the model and the
-  guide replayed at detached draws, so they carry the direct dependences only and cancel A and C in
-  ∇ log w. This needs no access to the guide's parameters and is correct for hierarchical guides
-  (q(z2 | z1) keeps its path through z1), at the cost of one more model and one more guide pass; the guide
-  must be a deterministic function of its sample values (no dropout). With K = 1 it is the
-  "sticking the landing" gradient (Roeder, Wu & Duvenaud 2017).
+  (model and guide replayed at detached draws), which the decoder pays for twice. Two fallbacks keep the
+  gradient exact where the one-pass form does not apply (:mod:`ppl_vae.infer.importance`, "DReG terms"):
+  a guide whose distribution tensors depend on an earlier draw (hierarchical q(z2 | z1), which keeps its path
+  through z1) or cannot be detached generically (one holding an ``nn.Module`` or a callable) is replayed at
+  detached draws, −sg(w̃²)[log q(z) − log q(sg z)] (one more *guide* pass; the model still runs once), and a
+  draw without the particle/data dims at the plates' positions falls back to the two-pass surrogate above
+  (``LogWeights.dreg_mode`` says which). The one-pass form assumes, like DReG's derivation, that log p(x_i, z_ik)
+  depends on the draws of its own datapoint and particle only; for a model that couples the batch (batch norm in
+  training mode, ``FlooredLaplace``'s training-mode floor in ``ladder`` and ``wise_ale``) its cross-datapoint path
+  terms are weighted w̃_ik·w̃_jl instead of w̃_ik² (the private attribute ``_dreg_replay = True`` restores the
+  two-pass surrogate). The guide must be a deterministic function of its sample values (no dropout). With K = 1 it is the "sticking the landing" gradient (Roeder, Wu &
+  Duvenaud 2017).
 
 The value returned by ``loss``, ``differentiable_loss`` and ``loss_and_grads`` is always −(the IWAE bound).
 With K = 1 and ``estimator="iwae"`` the value and the gradient equal ``Trace_ELBO``'s, with the same draws.
@@ -84,7 +99,8 @@ class TraceIWAE(ELBO):
                  data_plate: str = "data", max_plate_nesting: float = float("inf"), retain_graph=None):
         if estimator not in ESTIMATORS:
             raise IWAEError(f"TraceIWAE estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")
-        if isinstance(num_particles, bool) or int(num_particles) != num_particles or num_particles < 1:
+        if (isinstance(num_particles, bool) or not isinstance(num_particles, (int, float))
+                or int(num_particles) != num_particles or num_particles < 1):
             raise IWAEError(f"TraceIWAE num_particles must be a positive integer, got {num_particles!r}")
         if not isinstance(data_plate, str) or not data_plate:
             raise IWAEError(f"TraceIWAE data_plate must be a plate name (str), got {data_plate!r}")
@@ -93,6 +109,7 @@ class TraceIWAE(ELBO):
         self.estimator = estimator
         self.data_plate = data_plate
         self._nesting = None if max_plate_nesting == float("inf") else int(max_plate_nesting)
+        self._dreg_replay = False  # private: force the two-pass DReG surrogate (tests, batch-coupled models)
 
     def __repr__(self) -> str:
         return (f"TraceIWAE(num_particles={self.num_particles}, estimator={self.estimator!r}, "
@@ -111,6 +128,7 @@ class TraceIWAE(ELBO):
             model, guide, args, kwargs, num_particles=self.num_particles,
             vectorize_particles=self.vectorize_particles, max_plate_nesting=self._nesting,
             data_plate=self.data_plate, dreg=_grad and self.estimator == "dreg", require_reparam=_grad,
+            _dreg_replay=self._dreg_replay,
         )
 
     @torch.no_grad()
@@ -141,9 +159,9 @@ class TraceIWAE(ELBO):
 
 
 def _dreg_surrogate(lw: LogWeights) -> torch.Tensor:
-    """S = (N/B) Σ_i [Σ_k sg(w̃) log p(x, sg z) + Σ_k sg(w̃²)(log w + log q(sg z) − log p(x, sg z))] + mean_k g_k."""
+    """S = (N/B) Σ_i [Σ_k sg(w̃) P + Σ_k sg(w̃²) Q] + mean_k g_k with P, Q = ``lw.dreg_w_term``, ``lw.dreg_w2_term``."""
     w = torch.softmax(lw.log_w.detach(), dim=0)
-    local = (w * lw.log_p_sg).sum() + (w.pow(2) * (lw.log_w + lw.log_q_sg - lw.log_p_sg)).sum()
+    local = (w * lw.dreg_w_term).sum() + (w.pow(2) * lw.dreg_w2_term).sum()
     out = lw.scale * local
     if lw.global_terms:
         out = out + lw.global_log_w.mean()

@@ -36,16 +36,27 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.elbo import ELBO
 
 from ..config import Config, TrainConfig
+from .analytic_kl import AnalyticKLELBO
 from .checkpoint import load_checkpoint
 from .iwae import TraceIWAE
+from .jit import JitELBO
 from .train import CHECKPOINT, FitResult, fit
 
 __all__ = ["TrainingPlan", "Stage", "TrainResult", "training_plan", "plan_for", "train", "build_objective"]
 
 
 def build_objective(train: TrainConfig) -> ELBO:
-    """The Pyro ELBO named by ``train.objective`` (``elbo``, ``meanfield`` or ``iwae``) with ``num_particles``."""
+    """The Pyro ELBO named by ``train.objective`` with ``num_particles``: ``auto`` (the default: the KL in closed
+    form where the guide and the prior have one and the guide's order allows it, :class:`AnalyticKLELBO`),
+    ``elbo`` (``Trace_ELBO``, every term sampled), ``meanfield`` (``TraceMeanField_ELBO``) or ``iwae``
+    (:class:`TraceIWAE`); ``train.jit`` compiles ``elbo`` and ``meanfield`` (:class:`~ppl_vae.infer.jit.JitELBO`;
+    ``auto`` is compiled as ``elbo``: a compiled graph cannot check the guide's order per trace)."""
     k = train.num_particles
+    if train.jit:
+        return JitELBO(num_particles=k, mean_field=train.objective == "meanfield", max_plate_nesting=1,
+                       vectorize_particles=k > 1)
+    if train.objective == "auto":
+        return AnalyticKLELBO(num_particles=k, vectorize_particles=k > 1, max_plate_nesting=1)
     if train.objective == "elbo":
         return Trace_ELBO(num_particles=k, vectorize_particles=k > 1, max_plate_nesting=1)
     if train.objective == "meanfield":

@@ -17,19 +17,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import contextlib
+
 import pyro
-import pyro.optim
+import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import Trace_ELBO
 from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig
-from ..errors import TrainingDiverged
+from ..errors import DataError, TrainingDiverged
 from ..plate import DATA_PLATE
-from .checkpoint import atomic_save, load_checkpoint, restore_params, rng_state, set_rng_state
+from .checkpoint import SCHEMA, atomic_save, load_checkpoint, load_module_state, restore_params, rng_state, \
+    set_rng_state
 from .importance import fork_rng
+from .optim import ParamOptimizer
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -72,6 +76,7 @@ class PlateProbe(Messenger):
     def __init__(self, name: str | None = None):
         super().__init__()
         self.name = name
+        self.unit_interval_sites: set[str] = set()   # observed sites whose likelihood needs data in [0, 1]
         self.reset(0)
 
     def reset(self, batch: int) -> None:
@@ -79,6 +84,8 @@ class PlateProbe(Messenger):
 
     def _pyro_sample(self, msg):
         self.sites += 1
+        if msg["is_observed"] and isinstance(_base(msg["fn"]), (dist.Bernoulli, dist.ContinuousBernoulli)):
+            self.unit_interval_sites.add(msg["name"])
         if self.full_size is not None:
             return
         frames = [f for f in msg["cond_indep_stack"] if f.vectorized]
@@ -89,6 +96,40 @@ class PlateProbe(Messenger):
         if frame is not None:
             self.full_size = int(frame.full_size if frame.full_size is not None else frame.size)
             self.plate_name = frame.name
+
+
+def _base(fn):
+    while isinstance(fn, (dist.Independent, dist.ExpandedDistribution, dist.MaskedDistribution)):
+        fn = fn.base_dist
+    return fn
+
+
+def check_finite(data) -> None:
+    """Every value of every split is finite: a NaN or inf in the data is reported as data, before training."""
+    for split in ("train", "val", "test"):
+        x = data.split(split)[0]
+        if len(x) == 0 or bool(torch.isfinite(x).all()):
+            continue
+        bad = ~torch.isfinite(x.reshape(len(x), -1))
+        rows = bad.any(1).nonzero().flatten()
+        raise DataError(f"data.{split}_x holds {int(bad.sum())} non-finite value(s) (NaN or inf) in {len(rows)} "
+                        f"datapoint(s), the first at index {int(rows[0])}: the data are broken, not the optimiser — "
+                        "clean or drop those images")
+
+
+def check_unit_interval(data, sites) -> None:
+    """Targets of a Bernoulli likelihood must lie in [0, 1]: the log-density of a grey level outside it is not a
+    probability, and training on 0–255 pixels gives meaningless ELBOs."""
+    for split in ("train", "val", "test"):
+        x = data.split(split)[0]
+        if len(x) == 0:
+            continue
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 1:
+            raise DataError(f"the likelihood of site(s) {sorted(sites)} is Bernoulli, which needs data in [0, 1], but "
+                            f"data.{split}_x lies in [{lo:g}, {hi:g}]: scale the images to [0, 1] (e.g. divide 8-bit "
+                            "pixels by 255) or choose data.pixels (continuous, binary_static, binary_dynamic) and a "
+                            "likelihood that fits the values")
 
 
 def data_plate_summary(probe: PlateProbe, num_train: int) -> dict:
@@ -147,12 +188,6 @@ def _device_of(fn) -> torch.device:
     return torch.device("cpu")
 
 
-def _set_lr(optim: pyro.optim.PyroOptim, lr: float) -> None:
-    for opt in optim.optim_objs.values():
-        for group in opt.param_groups:
-            group["lr"] = lr
-
-
 def evaluate_elbo(model, guide, data, elbo, split: str, batch_size: int, device, num_data: int | None = None,
                   *, data_plate: str | None = None) -> float:
     """Mean ELBO per datapoint over a split, whichever data-plate convention the pair uses (the plate's size is
@@ -175,7 +210,9 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
         resume: bool = False, seed: int = 0, device=None, progress: bool = True, extra_state: dict | None = None,
         on_epoch_end=None, module: torch.nn.Module | None = None, first_scored_epoch: int = 1,
         data_plate: str | None = None) -> FitResult:
-    """Train ``model``/``guide`` with ``pyro.infer.SVI`` and Adam.
+    """Train ``model``/``guide`` with ``elbo.loss_and_grads`` and one Adam over all their parameters
+    (:class:`~ppl_vae.infer.optim.ParamOptimizer`: the updates of ``pyro.infer.SVI`` with ``pyro.optim.Adam``,
+    without one optimiser per tensor).
 
     Per epoch: learning rate ``config.lr_at(epoch)``, KL warm-up β = ``config.beta_at(epoch)``, one pass over the
     shuffled training batches (order a function of (seed, epoch)), the validation ELBO, a JSON line in
@@ -192,6 +229,9 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
     mixture prior. ``on_epoch_end(epoch, record)`` runs after each epoch, before the checkpoint.
     ``config.stop_delta`` stops once an epoch improves the (validation) ELBO by less than that, after
     ``config.min_epochs`` epochs (the δELBO < ε rule of Lin et al.'s Algorithm 1).
+    Pyro's validation (argument and shape checks, when enabled) runs on the first step of the run and is switched
+    off after it, unless ``config.validate_every_step``: the checks cost as much as a tenth of a step and find
+    nothing new once the first step has passed them.
     """
     cfg = config or TrainConfig()
     cfg.validate()
@@ -209,9 +249,6 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
     divisor = _Divisor(model, guide, data_plate)
     train_model, train_guide = divisor.wrap(warmup(model)), divisor.wrap(warmup(guide))
     lr_now = {"lr": cfg.lr_at(0)}
-    clip = {"clip_norm": cfg.clip_norm} if cfg.clip_norm else None
-    optim = pyro.optim.Adam(lambda name, param: {"lr": lr_now["lr"]}, clip_args=clip)
-    svi = SVI(train_model, train_guide, optim, elbo)
 
     result = FitResult(run_dir=str(run_dir) if run_dir else None)
     start_epoch, bad_epochs = 0, 0
@@ -222,14 +259,12 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
         x0, y0 = next(iter(data.batches("train", min(cfg.batch_size, num_data), shuffle=False, device=device)))
         pyro.clear_param_store()
         if module is not None and ckpt.get("module") is not None:
-            module.load_state_dict(ckpt["module"])
+            load_module_state(module, ckpt["module"], run_dir / CHECKPOINT)
         restore_params(model, guide, ckpt["param_store"], x0, y0)
         start_epoch = ckpt["epoch"]
         lr_now["lr"] = cfg.lr_at(start_epoch)
-        for state in ckpt["optim"].values():
-            for group in state["param_groups"]:
-                group["lr"] = lr_now["lr"]
-        optim.set_state(ckpt["optim"])
+        optim = ParamOptimizer(module, lr_now["lr"], cfg.clip_norm)
+        optim.load_state(ckpt["optim"])
         result.history = ckpt["history"]
         result.best_epoch, result.best_val_elbo = ckpt["best_epoch"], ckpt["best_val_elbo"]
         bad_epochs = ckpt["bad_epochs"]
@@ -240,12 +275,16 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
     else:
         pyro.clear_param_store()
         pyro.set_rng_seed(seed)
+        optim = ParamOptimizer(module, lr_now["lr"], cfg.clip_norm)
         if run_dir is not None:
             (run_dir / METRICS).write_text("")
+    data_checked = False
+    skip_checks = False   # Pyro's checks run on the first step only, unless validate_every_step (see the docstring)
 
+    check_finite(data)
     steps_per_epoch = data.num_batches("train", cfg.batch_size)
     bar = tqdm(total=(cfg.epochs - start_epoch) * steps_per_epoch, disable=not progress, desc="training",
-               unit="step", dynamic_ncols=True)
+               unit="step", dynamic_ncols=True, mininterval=0.5)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             if result.stopped_early:
@@ -255,31 +294,44 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
                 break
             t0 = time.perf_counter()
             lr_now["lr"] = cfg.lr_at(epoch)
-            _set_lr(optim, lr_now["lr"])
+            optim.set_lr(lr_now["lr"])
             warmup.beta = cfg.beta_at(epoch)
             total, seen = 0.0, 0
             for step, (x, y) in enumerate(data.batches("train", cfg.batch_size, shuffle=True, seed=seed, epoch=epoch,
                                                        device=device)):
                 divisor.start(x.shape[0])
                 try:
-                    loss = svi.step(x, y)
+                    with pyro.validation_enabled(False) if skip_checks else contextlib.nullcontext():
+                        loss = elbo.loss_and_grads(train_model, train_guide, x, y)
                 except ValueError as e:   # Pyro's argument validation meets NaN parameters or NaN outputs
                     if "nan" not in str(e).lower():
                         raise
                     raise _diverged("NaN", epoch, step, run_dir) from e
+                if not data_checked:   # the first step, before any update: what the likelihood needs
+                    data_checked = True
+                    if divisor.probe.unit_interval_sites:
+                        check_unit_interval(data, divisor.probe.unit_interval_sites)
+                skip_checks = not cfg.validate_every_step
+                loss = float(loss)
                 if not math.isfinite(loss):
                     raise _diverged(loss, epoch, step, run_dir)
+                optim.step()
                 total += -loss / divisor(x, y) * x.shape[0]
                 if result.data_plate is None:
                     result.data_plate = data_plate_summary(divisor.probe, num_data)
                 seen += x.shape[0]
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, elbo=f"{total / seen:.2f}")
+                if progress:
+                    bar.set_postfix(epoch=epoch + 1, elbo=f"{total / seen:.2f}", refresh=False)
             record = {"epoch": epoch + 1, "train_elbo": total / seen, "beta": warmup.beta, "lr": lr_now["lr"],
                       "steps": step + 1}
+            if cfg.min_elbo is not None and record["train_elbo"] < cfg.min_elbo:
+                raise _diverged(f"{-record['train_elbo']:.4g} per datapoint, finite but absurd (an ELBO below "
+                                f"train.min_elbo = {cfg.min_elbo:g})", epoch, step, run_dir, absurd=True)
             if has_val:
-                record["val_elbo"] = evaluate_elbo(model, guide, data, elbo, "val", cfg.eval_batch_size, device,
-                                                   num_data, data_plate=data_plate)
+                with contextlib.nullcontext() if cfg.validate_every_step else pyro.validation_enabled(False):
+                    record["val_elbo"] = evaluate_elbo(model, guide, data, elbo, "val", cfg.eval_batch_size, device,
+                                                       num_data, data_plate=data_plate)
             record["seconds"] = time.perf_counter() - t0
             score = record.get("val_elbo", record["train_elbo"])
             scored = warmup.beta == 1.0 and epoch + 1 >= first_scored
@@ -297,8 +349,8 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
             result.stopped_early = (cfg.stop_delta is not None and previous is not None and epoch + 1 >= cfg.min_epochs
                                     and score - previous.get("val_elbo", previous["train_elbo"]) < cfg.stop_delta)
             if run_dir is not None:
-                state = {"epoch": epoch + 1, "param_store": pyro.get_param_store().get_state(),
-                         "optim": optim.get_state(), "rng": rng_state(), "history": result.history,
+                state = {"schema": SCHEMA, "epoch": epoch + 1, "param_store": pyro.get_param_store().get_state(),
+                         "optim": optim.state(), "rng": rng_state(), "history": result.history,
                          "best_epoch": result.best_epoch, "best_val_elbo": result.best_val_elbo,
                          "bad_epochs": bad_epochs, "stopped_early": result.stopped_early, "train_config": cfg.__dict__,
                          "module": module.state_dict() if module is not None else None,
@@ -315,10 +367,11 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
     return result
 
 
-def _diverged(loss, epoch: int, step: int, run_dir: Path | None) -> TrainingDiverged:
+def _diverged(loss, epoch: int, step: int, run_dir: Path | None, absurd: bool = False) -> TrainingDiverged:
     where = f" the last good checkpoint is {run_dir / CHECKPOINT}" if run_dir and epoch > 0 else ""
-    return TrainingDiverged(f"the loss became {loss} at epoch {epoch + 1}, step {step + 1};{where} "
-                            "(try a lower train.lr or a train.clip_norm)")
+    when = f"after epoch {epoch + 1}" if absurd else f"at epoch {epoch + 1}, step {step + 1}"
+    return TrainingDiverged(f"the loss became {loss} {when};{where} (training diverged; the data were checked and "
+                            "are finite: try a lower train.lr or a train.clip_norm)")
 
 
 def _rewrite_metrics(run_dir: Path, history: list[dict]) -> None:

@@ -94,12 +94,13 @@ class GAMIXPlan(TrainingPlan):
     def objective(self, train):
         m = self.model
         if m.kl == "aggregate":
-            for field, value, ok in (("objective", train.objective, "elbo"),
-                                     ("num_particles", train.num_particles, 1),
-                                     ("kl_warmup_epochs", train.kl_warmup_epochs, 0)):
-                if value != ok:
-                    raise ConfigError(f"train.{field} must be {ok!r} for model.name='gamix' with "
-                                      f"options.kl='aggregate' (Rivera's objective, one draw per image), got {value!r}")
+            for field, value, ok in (("objective", train.objective, ("auto", "elbo")),
+                                     ("num_particles", train.num_particles, (1,)),
+                                     ("kl_warmup_epochs", train.kl_warmup_epochs, (0,)), ("jit", train.jit, (False,))):
+                if value not in ok:
+                    raise ConfigError(f"train.{field} must be {' or '.join(map(repr, ok))} for model.name='gamix' "
+                                      f"with options.kl='aggregate' (Rivera's objective, one draw per image), "
+                                      f"got {value!r}")
             return AggregateKLObjective(m)
         if train.objective == "meanfield":
             raise ConfigError("train.objective must be 'elbo' or 'iwae' for model.name='gamix' (a mixture "

@@ -81,8 +81,8 @@ class RMEPlan(TrainingPlan):
     active component every ``grow_every`` epochs."""
 
     def objective(self, train):
-        if train.objective != "elbo":
-            raise ConfigError(f"train.objective must be 'elbo' for model.name='rme' (it trains with its own "
+        if train.objective not in ("auto", "elbo"):
+            raise ConfigError(f"train.objective must be 'auto' or 'elbo' for model.name='rme' (it trains with its own "
                               f"recursive-mixture objective), got {train.objective!r}")
         if train.kl_warmup_epochs:
             raise ConfigError(f"train.kl_warmup_epochs must be 0 for model.name='rme' (the recursive objective "
@@ -90,6 +90,8 @@ class RMEPlan(TrainingPlan):
         if train.num_particles != 1:
             raise ConfigError(f"train.num_particles must be 1 for model.name='rme' (one draw per component is "
                               f"used), got {train.num_particles!r}")
+        if train.jit:
+            raise ConfigError("train.jit must be false for model.name='rme' (its objective is not compiled), got true")
         return RecursiveMixtureELBO(self.model)
 
     def on_epoch_end(self, epoch, record, data):

@@ -15,7 +15,14 @@ import pyro.distributions as dist
 import torch
 
 from ..errors import ConfigError
-from ..guides.laplace import MeanEncoder, laplace_posterior, precision_to_scale_tril, relu_mlp_layers, vlae_damping
+from ..guides.laplace import (
+    GRADIENTS,
+    MeanEncoder,
+    laplace_posterior,
+    precision_to_scale_tril,
+    relu_mlp_layers,
+    vlae_damping,
+)
 from ..likelihoods import BernoulliLikelihood, GaussianLikelihood
 from ..nets import BURDA, build_encoder_decoder
 from ..options import Options, option
@@ -34,7 +41,7 @@ class VLAE(VAE):
     """
 
     def __init__(self, encoder, decoder, likelihood, latent_dim: int, *, num_steps: int = 4, damping=vlae_damping,
-                 num_data: int | None = None, num_classes: int | None = None):
+                 gradient: str = "unrolled", num_data: int | None = None, num_classes: int | None = None):
         super().__init__(encoder, decoder, likelihood, latent_dim, num_data=num_data, num_classes=num_classes)
         if isinstance(likelihood, BernoulliLikelihood):
             self._kind, self._link = "bernoulli", None
@@ -45,6 +52,7 @@ class VLAE(VAE):
                               f"{type(likelihood).__name__}")
         self.num_steps = int(num_steps)
         self.damping = damping
+        self.gradient = gradient
 
     def posterior(self, x: torch.Tensor, c: torch.Tensor | None = None):
         """(μ, scale_tril) of q(z|x): the Laplace approximation after ``num_steps`` damped Newton steps."""
@@ -57,7 +65,8 @@ class VLAE(VAE):
             layers = None
         sigma2 = self.likelihood.sigma2 if self._kind == "gaussian" else 1.0   # read now: σ² may be learned
         mu, prec = laplace_posterior(x, mu0, fn, likelihood=self._kind, sigma2=sigma2,
-                                     num_steps=self.num_steps, damping=self.damping, layers=layers, link=self._link)
+                                     num_steps=self.num_steps, damping=self.damping, layers=layers, link=self._link,
+                                     gradient=self.gradient)
         return mu, precision_to_scale_tril(prec)
 
     def guide_dist(self, x, c=None) -> dist.MultivariateNormal:
@@ -81,6 +90,9 @@ class VLAEOptions(Options):
     num_steps: int = option(4, ge=0, doc="T, damped Newton steps from the encoder's mean")
     damping: str | float = option("vlae", check=_is_damping,
                                   what="'vlae' (η_t = 0.5/(t+1)), 'line_search' or a number in (0, 1]")
+    gradient: str = option("unrolled", choices=GRADIENTS,
+                           doc="backpropagate through every step (the paper's), the last step only, or the "
+                               "implicit-function gradient at the mode (see ppl_vae.guides.laplace)")
 
     def damping_schedule(self):
         return vlae_damping if self.damping == "vlae" else self.damping if self.damping == "line_search" \
@@ -103,4 +115,4 @@ def build_vlae(cfg, options: VLAEOptions, data_shape, num_data, num_classes) -> 
     _, dec = build_encoder_decoder(cfg.arch, data_shape, latent_dim, hidden, act, channels=cfg.channels)
     enc = MeanEncoder(data_shape, latent_dim, hidden, act)
     return VLAE(enc, dec, lik, latent_dim, num_steps=options.num_steps, damping=options.damping_schedule(),
-                num_data=num_data)
+                gradient=options.gradient, num_data=num_data)

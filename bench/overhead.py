@@ -1,0 +1,245 @@
+"""The library's training path against the same work written by hand, side by side (issue 14's table).
+
+Rows (each a median over interleaved rounds of the per-round ratio, one torch thread by default; CPU figures are
+ratios only, a GPU run adds absolute milliseconds):
+
+  ratio_pyro_over_torch      ``ppl_vae.train``'s epoch (quiet, no validation set) ÷ the same epoch in plain PyTorch:
+                             the same modules (Burda et al.'s 784-200-200-50 tanh MLP, Bernoulli likelihood), batches
+                             and estimator (the default objective: the ELBO with the KL in closed form), one
+                             ``torch.optim.Adam``; batch 100, 256 and 1024
+  ratio_sampled_kl_over_torch  the same with ``train.objective: elbo`` (every term sampled, Pyro's Trace_ELBO) against
+                             hand-written sampled-KL steps
+  ratio_jit_over_torch       the same with ``train.jit: true`` (``train.objective: elbo``)
+  ratio_svi_over_torch       ``pyro.infer.SVI`` + ``pyro.optim.Adam`` + ``Trace_ELBO`` (plain Pyro, one optimiser
+                             per tensor) ÷ the hand-written sampled-KL step
+  fit_epoch_over_bare        ``ppl_vae.train``'s epoch quiet / with the progress bar / with checkpoints ÷ a bare loop of
+                             the same steps (``elbo.loss_and_grads`` + Adam), batch 100
+  laplace_step_over_vae      a ``vlae`` epoch ÷ a ``vae`` epoch (784-200-200-16 ReLU MLP, batch 100)
+
+Data: random binary 28×28 images (timing does not depend on pixel values). ``--profile`` prints the top entries of
+a cProfile of ``ppl_vae.train`` steps instead (no JSON). IWAE, DReG and ``log_likelihood`` against hand-written
+code: ``bench/iwae_speed.py``.
+
+    python bench/overhead.py            # full: 15 rounds, 20 steps each
+    python bench/overhead.py --quick    # 5 rounds
+    python bench/overhead.py --profile  # where the time goes
+"""
+
+from __future__ import annotations
+
+import contextlib
+import cProfile
+import io
+import os
+import pstats
+import statistics
+import tempfile
+import time
+
+import pyro
+import pyro.optim
+import torch
+import torch.distributions as td
+from _common import finish, one_seed, parser, start
+from pyro.infer import SVI, Trace_ELBO
+
+import ppl_vae
+from ppl_vae import ModelConfig, TrainConfig, build_model, plan_for
+from ppl_vae.data import DataBundle
+
+STEPS = 20
+
+
+def vae(arch="burda1", latent=16, hidden=(200, 200), name="vae", num_data=60000, device="cpu"):
+    pyro.clear_param_store()
+    cfg = ModelConfig(name=name, arch=arch, latent_dim=latent, hidden=list(hidden), activation="relu")
+    return build_model(cfg, (1, 28, 28), num_data=num_data).to(device)
+
+
+def images(n, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 28, 28, generator=g).bernoulli(generator=g).to(device)
+
+
+def torch_step(model, analytic: bool):
+    """One hand-written step of the library VAE's estimator on the same modules."""
+    opt = torch.optim.Adam(list(model.encoder.parameters()) + list(model.decoder.parameters()), lr=1e-3)
+    n = model.num_data
+
+    def step(x):
+        loc, scale = model.encoder(x)
+        z = loc + scale * torch.randn_like(loc)
+        log_px = td.Bernoulli(logits=model.decoder(z)).log_prob(x).flatten(1).sum(-1)
+        if analytic:
+            kl = 0.5 * (scale.pow(2) + loc.pow(2) - 1 - 2 * scale.log()).sum(-1)
+        else:
+            kl = td.Normal(loc, scale).log_prob(z).sum(-1) - td.Normal(0.0, 1.0).log_prob(z).sum(-1)
+        loss = -(n / len(x)) * (log_px - kl).sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def bare_step(model, elbo):
+    """The steps ``ppl_vae.train`` takes, without its bookkeeping."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step(x):
+        with pyro.validation_enabled(False):
+            loss = elbo.loss_and_grads(model.model, model.guide, x)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def svi_step(model):
+    svi = SVI(model.model, model.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO(max_plate_nesting=1))
+    return svi.step
+
+
+def time_loop(step, xs) -> float:
+    t0 = time.perf_counter()
+    for x in xs:
+        step(x)
+    if xs[0].is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def train_epochs(model, xs, tc, rounds, hook, **kw):
+    """``ppl_vae.train`` for ``rounds`` + 1 epochs over the batches ``xs`` (same order each epoch); ``hook(epoch,
+    seconds)`` runs after each epoch (the other side of the comparison runs there: interleaved rounds)."""
+    data = DataBundle.from_tensors(torch.cat(xs).cpu())
+    cfg = dataclasses_replace(tc, epochs=rounds + 1, batch_size=len(xs[0]))
+    plan = plan_for(model)
+    original = plan.on_epoch_end
+
+    def on_epoch_end(epoch, record, d):
+        original(epoch, record, d)
+        hook(epoch, record["seconds"])
+
+    plan.on_epoch_end = on_epoch_end
+    ppl_vae.train(model, data, cfg, plan=plan, device=xs[0].device, **kw)
+
+
+def dataclasses_replace(tc, **kw):
+    import dataclasses
+
+    return dataclasses.replace(tc, **kw)
+
+
+def ratio_vs(model, other_step, xs, tc, rounds, **kw) -> tuple[float, float, float]:
+    """(median ratio train-epoch ÷ other-epoch, min, max) over rounds, the first (warm-up) round dropped."""
+    ratios = []
+
+    def hook(epoch, seconds):
+        other = time_loop(other_step, xs)
+        if epoch > 0:
+            ratios.append(seconds / other)
+
+    train_epochs(model, xs, tc, rounds, hook, **kw)
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def pair_ratio(step_a, step_b, xs, rounds) -> tuple[float, float, float, float]:
+    """(median ratio a ÷ b, min, max, median seconds per step of a) over interleaved rounds (a b, b a, ...)."""
+    time_loop(step_a, xs[:3]), time_loop(step_b, xs[:3])
+    ratios, ta = [], []
+    for r in range(rounds):
+        if r % 2 == 0:
+            a, b = time_loop(step_a, xs), time_loop(step_b, xs)
+        else:
+            b, a = time_loop(step_b, xs), time_loop(step_a, xs)
+        ratios.append(a / b)
+        ta.append(a / len(xs))
+    return statistics.median(ratios), min(ratios), max(ratios), statistics.median(ta)
+
+
+def _r(t):
+    return {"median": round(t[0], 3), "min": round(t[1], 3), "max": round(t[2], 3)}
+
+
+def profile(args, device):
+    torch.manual_seed(0)
+    xs = [images(100, k, device) for k in range(STEPS)]
+    model = vae(device=device)
+    prof = cProfile.Profile()
+    data = DataBundle.from_tensors(torch.cat(xs).cpu())
+    prof.enable()
+    ppl_vae.train(model, data, TrainConfig(epochs=5, batch_size=100), progress=False, device=device)
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(35)
+    print(out.getvalue())
+
+
+def main(argv=None):
+    ap = parser(__doc__, seeds="0", threads=1)
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of ppl_vae.train steps (no JSON)")
+    args = start(ap, argv)
+    seed = one_seed(args)
+    device = torch.device(args.device)
+    if args.profile:
+        return profile(args, device)
+    rounds = 5 if args.quick else 15
+    out = {"ratio_pyro_over_torch": {}, "ratio_sampled_kl_over_torch": {}, "ratio_jit_over_torch": {},
+           "ratio_svi_over_torch": {}, "sec_per_step_torch": {}, "fit_epoch_over_bare": {},
+           "rounds": rounds, "steps_per_round": STEPS,
+           "model": "burda1 MLP 784-200-200-50 tanh, Bernoulli, Adam 1e-3",
+           "estimators": {"ratio_pyro_over_torch": "default objective (auto: closed-form KL) vs hand-written "
+                                                   "closed-form KL", "others": "sampled KL on both sides"}}
+    quiet = dict(progress=False)
+    for batch in (100, 256, 1024):
+        key = f"{device.type}_b{batch}"
+        pyro.set_rng_seed(seed)
+        xs = [images(batch, seed * 1000 + k, device) for k in range(STEPS)]
+        m = vae(device=device)
+        out["ratio_pyro_over_torch"][key] = _r(ratio_vs(m, torch_step(m, True), xs, TrainConfig(), rounds, **quiet))
+        m = vae(device=device)
+        out["ratio_sampled_kl_over_torch"][key] = _r(ratio_vs(m, torch_step(m, False), xs,
+                                                            TrainConfig(objective="elbo"), rounds, **quiet))
+        m = vae(device=device)
+        out["ratio_jit_over_torch"][key] = _r(ratio_vs(m, torch_step(m, False), xs,
+                                                     TrainConfig(objective="elbo", jit=True), rounds, **quiet))
+        m, m2 = vae(device=device), vae(device=device)
+        r = pair_ratio(svi_step(m), torch_step(m2, False), xs, rounds)
+        out["ratio_svi_over_torch"][key] = _r(r)
+        out["sec_per_step_torch"][key] = round(pair_ratio(torch_step(m2, False), torch_step(m2, False), xs, 1)[3], 5)
+        if device.type == "cuda":
+            out.setdefault("ms_per_step_library", {})[key] = round(
+                1000 * pair_ratio(bare_step(m, Trace_ELBO(max_plate_nesting=1)), torch_step(m2, False), xs, 3)[3], 3)
+    # the epoch's bookkeeping: quiet, with the bar (to /dev/null), with checkpoints
+    pyro.set_rng_seed(seed)
+    xs = [images(100, seed * 1000 + k, device) for k in range(STEPS)]
+    tc = TrainConfig(objective="elbo")
+    m = vae(device=device)
+    out["fit_epoch_over_bare"]["quiet"] = _r(ratio_vs(m, bare_step(vae(device=device), Trace_ELBO(max_plate_nesting=1)),
+                                                      xs, tc, rounds, **quiet))
+    with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+        m = vae(device=device)
+        out["fit_epoch_over_bare"]["progress_bar"] = _r(ratio_vs(
+            m, bare_step(vae(device=device), Trace_ELBO(max_plate_nesting=1)), xs, tc, rounds, progress=True))
+    with tempfile.TemporaryDirectory() as tmp:
+        m = vae(device=device)
+        out["fit_epoch_over_bare"]["checkpoints"] = _r(ratio_vs(
+            m, bare_step(vae(device=device), Trace_ELBO(max_plate_nesting=1)), xs, tc, rounds, progress=False,
+            run_dir=tmp))
+    # the Laplace guide's step against the VAE's (784-200-200-16 ReLU)
+    lap, v = vae("mlp", name="vlae", device=device), vae("mlp", device=device)
+    lap_elbo, vae_elbo = plan_for(lap).objective(tc), plan_for(v).objective(tc)
+    out["laplace_step_over_vae"] = _r(pair_ratio(bare_step(lap, lap_elbo), bare_step(v, vae_elbo), xs[:5],
+                                                 max(3, rounds // 2)))
+    out["laplace_model"] = "vlae (T = 4 damped steps) vs vae, MLP 784-200-200-16 ReLU, Bernoulli, batch 100"
+    out["targets"] = {"ratio_pyro_over_torch": "<= 1.10 at batch 100, <= 1.05 at 256",
+                      "ratio_jit_over_torch": "<= 1.00", "fit_epoch_over_bare.progress_bar": "<= 1.05",
+                      "laplace_step_over_vae": "<= 12"}
+    finish("overhead", out, args)
+
+
+if __name__ == "__main__":
+    main()
