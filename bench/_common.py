@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyro
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,6 +138,54 @@ def finish(study: str, result: dict, args, device: str | None = None) -> dict:
         path.write_text(json.dumps(written, indent=2) + "\n")
     print(json.dumps(result))
     return result
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def library_step(model, elbo, lr: float = 1e-3):
+    """The step ``ppl_vae.train`` takes, without its bookkeeping: ``elbo.loss_and_grads`` with Pyro's checks off
+    (the loop runs them on the first step only) and one ``torch.optim.Adam`` over the model's parameters."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+
+    def step(x):
+        with pyro.validation_enabled(False):
+            loss = elbo.loss_and_grads(model.model, model.guide, x)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def time_calls(fn, items) -> float:
+    """Seconds per call of ``fn`` over ``items`` (CUDA synchronised at the end)."""
+    t0 = time.perf_counter()
+    for item in items:
+        fn(item)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / len(items)
+
+
+def interleaved(a, b, items, rounds: int):
+    """Median over rounds of time(a) / time(b), timed A B, B A, ... (machine noise hits both sides); returns
+    (median ratio, median seconds per call of a, of b, the per-round ratios)."""
+    ratios, ta, tb = [], [], []
+    for r in range(rounds):
+        if r % 2 == 0:
+            x, y = time_calls(a, items), time_calls(b, items)
+        else:
+            y, x = time_calls(b, items), time_calls(a, items)
+        ratios.append(x / y), ta.append(x), tb.append(y)
+    return statistics.median(ratios), statistics.median(ta), statistics.median(tb), ratios
+
+
+def measured_chunks(num_data: int, num_samples: int, batch_size: int | None = None) -> dict:
+    """``log_likelihood``'s (batch_size, chunk_size) as the committed results were measured — its rule before the
+    byte budget, 100,000 datapoint-samples per pass — so that a full rerun reproduces them draw for draw (another
+    chunking draws other samples: an estimate of the same number, equal within Monte Carlo error)."""
+    n, s, most = max(int(num_data), 1), int(num_samples), 100_000
+    batch_size = min(n, max(1, most // min(s, most))) if batch_size is None else min(int(batch_size), n)
+    return {"batch_size": batch_size, "chunk_size": min(s, max(1, most // batch_size))}
 
 
 # ------------------------------------------------------------------------------------------------ statistics

@@ -4,11 +4,14 @@ each run, and how a run is built, trained (``ppl_vae.train``) and scored (``ppl_
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import pyro
 import torch
 
 import ppl_vae
-from ppl_vae import ModelConfig, build_model
+from ppl_vae import ModelConfig, build_model, plan_for
 from ppl_vae.evaluate import inference_gaps
 
 FULL = dict(limit=10000, epochs=20, n_ll=1000, S=5000, n_gap=200, gap_steps=300, gap_particles=16,
@@ -70,6 +73,24 @@ def train(run, data, tc, seed=0, latent: int = LATENT, hidden=None, prepare=None
     history = ppl_vae.train(model, data, tc, seed=seed, progress=False).history
     model.eval()
     return model, history
+
+
+def step_timing(runs, data, tc, rounds: int, steps: int) -> dict:
+    """Median seconds per SVI step of each run (its plan's objective), interleaved rounds on one minibatch."""
+    x = next(iter(data.batches("train", tc.batch_size, shuffle=True, seed=123)))[0]
+    svis = {}
+    for run in runs:
+        m = make_model(run, data)
+        svis[run] = pyro.infer.SVI(m.model, m.guide, pyro.optim.Adam({"lr": 1e-3}), plan_for(m).objective(tc))
+        svis[run].step(x)   # warm-up (and parameter registration)
+    times = {run: [] for run in runs}
+    for _ in range(rounds):
+        for run, svi in svis.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                svi.step(x)
+            times[run].append((time.perf_counter() - t0) / steps)
+    return {run: statistics.median(t) for run, t in times.items()}
 
 
 def beats_vae(out: dict, richer) -> dict:

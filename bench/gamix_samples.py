@@ -51,7 +51,15 @@ import statistics
 import time
 
 import torch
-from _common import finish, ll_mc_std_error, over_seeds, paired, parser, start
+from _common import (
+    finish,
+    ll_mc_std_error,
+    measured_chunks,
+    over_seeds,
+    paired,
+    parser,
+    start,
+)
 from _guide_runs import HIDDEN, LATENT, run_config, train
 
 from ppl_vae.config import TrainConfig
@@ -130,7 +138,7 @@ def main(argv=None):
             r = {"sample_fid": statistics.mean(fids), "sample_fid_draw_spread": abs(fids[0] - fids[1]) / 2,
                  **posterior_stats(model, data.test_x),
                  "final_train_elbo": hist[-1]["train_elbo"], "seconds": time.perf_counter() - t0}
-            ll, ess = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], batch_size=10, seed=0,
+            ll, ess = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], **measured_chunks(len(x_ll), s["S"], 10), seed=0,
                                      return_ess=True)
             lls[run, seed] = ll.double()
             r["test_ll"] = float(ll.mean())

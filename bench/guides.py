@@ -31,8 +31,15 @@ import math
 import statistics
 import time
 
-import pyro
-from _common import finish, ll_mc_std_error, over_seeds, paired, parser, start
+from _common import (
+    finish,
+    ll_mc_std_error,
+    measured_chunks,
+    over_seeds,
+    paired,
+    parser,
+    start,
+)
 from _guide_runs import (
     FULL,
     HIDDEN,
@@ -42,32 +49,13 @@ from _guide_runs import (
     SEEDED,
     beats_vae,
     gap_report,
-    make_model,
+    step_timing,
     train,
 )
 
-from ppl_vae import plan_for
 from ppl_vae.config import TrainConfig
 from ppl_vae.data import load_data
 from ppl_vae.evaluate import elbo_per_datapoint, log_likelihood
-
-
-def step_timing(data, tc, rounds: int, steps: int) -> dict:
-    """Median seconds per SVI step of each run, measured in interleaved rounds on the same minibatch."""
-    x = next(iter(data.batches("train", tc.batch_size, shuffle=True, seed=123)))[0]
-    svis = {}
-    for run in RUNS:
-        m = make_model(run, data)
-        svis[run] = pyro.infer.SVI(m.model, m.guide, pyro.optim.Adam({"lr": 1e-3}), plan_for(m).objective(tc))
-        svis[run].step(x)   # warm-up (and parameter registration)
-    times = {run: [] for run in RUNS}
-    for _ in range(rounds):
-        for run, svi in svis.items():
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                svi.step(x)
-            times[run].append((time.perf_counter() - t0) / steps)
-    return {run: statistics.median(t) for run, t in times.items()}
 
 
 def main(argv=None):
@@ -93,7 +81,7 @@ def main(argv=None):
                 models[run] = model
             r = {"seconds_per_epoch": statistics.mean(h["seconds"] for h in hist),
                  "final_train_elbo": hist[-1]["train_elbo"], "final_val_elbo": hist[-1]["val_elbo"]}
-            ll, ess = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], batch_size=10, seed=0,
+            ll, ess = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], **measured_chunks(len(x_ll), s["S"], 10), seed=0,
                                      return_ess=True)
             lls[run, seed] = ll.double()
             r["test_ll"] = float(ll.mean())
@@ -135,7 +123,7 @@ def main(argv=None):
         g["inference_gap"] = round(float((lls[run][: s["n_gap"]] - g.pop("_amortised")).mean()), 3)
         out["amortisation_gap"][run] = g
         print(f"[gap {run}] {time.perf_counter() - t0:.0f}s {g}", flush=True)
-    step = step_timing(data, tc, s["timing_rounds"], s["timing_steps"])
+    step = step_timing(RUNS, data, tc, s["timing_rounds"], s["timing_steps"])
     out["step_seconds"] = {k: round(v, 4) for k, v in step.items()}
     out["relative_step_seconds"] = {k: round(v / step["vae"], 2) for k, v in step.items()}
     richer = [r for r in RUNS if r not in ("vae", "recursive_1")]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from _common import finish, over_seeds, paired, parser, start
+from _common import finish, measured_chunks, over_seeds, paired, parser, start
 from _guide_runs import beats_vae, gap_report, train
 
 from ppl_vae.config import TrainConfig
@@ -52,7 +52,7 @@ def main(argv=None):
             model, hist = train(run, data, tc, seed, latent=LATENT)
             if seed == seeds[0]:
                 models[run] = model
-            ll = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], batch_size=10, seed=0)
+            ll = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], **measured_chunks(len(x_ll), s["S"], 10), seed=0)
             lls[run, seed] = ll.double()
             per[run, seed] = {"test_ll": float(ll.mean()),
                               "test_elbo": float(elbo_per_datapoint(model.model, model.guide, x_ll, 100).mean()),

@@ -30,7 +30,16 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from _common import RESULTS, finish, one_seed, over_seeds, paired, parser, start
+from _common import (
+    RESULTS,
+    finish,
+    measured_chunks,
+    one_seed,
+    over_seeds,
+    paired,
+    parser,
+    start,
+)
 from _guide_runs import beats_vae, gap_report, make_model, train
 
 from ppl_vae.config import TrainConfig
@@ -82,7 +91,7 @@ def work(run: str, s: dict, seed: int) -> dict:
         model, hist = train(run, data, tc, seed, latent=LATENT, hidden=HIDDEN)
     train_s = time.perf_counter() - t0
     x_ll = data.test_x[: s["n_ll"]]
-    ll = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], batch_size=10, seed=0)
+    ll = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], **measured_chunks(len(x_ll), s["S"], 10), seed=0)
     res = {"ll": ll.double().numpy(), "test_elbo": float(elbo_per_datapoint(model.model, model.guide, x_ll, 100).mean()),
            "train_seconds": train_s, "seconds_per_epoch": statistics.mean(h["seconds"] for h in hist),
            "final_train_elbo": hist[-1]["train_elbo"], "final_val_elbo": hist[-1]["val_elbo"],

@@ -25,7 +25,7 @@ import time
 
 import pyro
 import torch
-from _common import finish, one_seed, parser, start
+from _common import finish, measured_chunks, one_seed, parser, start
 
 import ppl_vae
 from ppl_vae.config import ModelConfig, TrainConfig
@@ -84,7 +84,8 @@ def main(argv=None):
             res = ppl_vae.train(model, data, tc, seed=seed, device=dev, progress=False)
             out["seconds_per_epoch"][run] = round((time.perf_counter() - t0) / epochs, 2)
             out["final_train_bound"][run] = round(res.history[-1]["train_elbo"], 3)
-            ll = log_likelihood(model.model, model.guide, x_test, num_samples=k_eval, seed=seed)
+            ll = log_likelihood(model.model, model.guide, x_test, num_samples=k_eval, seed=seed,
+                                **measured_chunks(len(x_test), k_eval))
             out["test_ll"][run] = round(ll.mean().item(), 3)
             out["test_ll_sem"][run] = round((ll.std() / math.sqrt(len(ll))).item(), 3)
             models[run] = model
@@ -96,7 +97,8 @@ def main(argv=None):
     out["eval_seconds_vs_k"] = {"images": n_cost, "model": "1layer_vae"}
     for k in ks:
         t0 = time.perf_counter()
-        log_likelihood(m.model, m.guide, x_test[:n_cost], num_samples=k, seed=seed)
+        log_likelihood(m.model, m.guide, x_test[:n_cost], num_samples=k, seed=seed,
+                       **measured_chunks(n_cost, k))
         out["eval_seconds_vs_k"][str(k)] = round(time.perf_counter() - t0, 3)
     finish("iwae_fashion", out, args)
 

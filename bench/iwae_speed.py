@@ -41,14 +41,21 @@ import multiprocessing as mp
 import os
 import resource
 import statistics
-import time
 from pathlib import Path
 
 import pyro
 import pyro.optim
 import torch
 import torch.distributions as td
-from _common import finish, one_seed, parser, start
+from _common import (
+    finish,
+    interleaved,
+    library_step,
+    one_seed,
+    parser,
+    start,
+    time_calls,
+)
 from pyro.infer import SVI
 
 from ppl_vae.config import ModelConfig
@@ -109,44 +116,14 @@ def hand_step_fn(model, K: int, dreg: bool):
 
 
 def library_step_fn(model, K: int, estimator: str):
-    """The step ``ppl_vae.train`` takes with ``train.objective: iwae``: ``TraceIWAE.loss_and_grads`` (Pyro's
-    validation off after the first step, as in the training loop) and one ``torch.optim.Adam``."""
-    elbo = TraceIWAE(num_particles=K, vectorize_particles=True, estimator=estimator)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def step(x):
-        with pyro.validation_enabled(False):
-            loss = elbo.loss_and_grads(model.model, model.guide, x)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return step
+    """The step ``ppl_vae.train`` takes with ``train.objective: iwae`` (``_common.library_step``)."""
+    return library_step(model, TraceIWAE(num_particles=K, vectorize_particles=True, estimator=estimator))
 
 
 def svi_step_fn(model, K: int, estimator: str):
     """Plain Pyro: ``SVI`` + ``pyro.optim.Adam`` (one optimiser per tensor) + ``TraceIWAE``, validation on."""
     elbo = TraceIWAE(num_particles=K, vectorize_particles=True, estimator=estimator)
     return SVI(model.model, model.guide, pyro.optim.Adam({"lr": 1e-3}), elbo).step
-
-
-def time_calls(fn, items) -> float:
-    t0 = time.perf_counter()
-    for item in items:
-        fn(item)
-    return (time.perf_counter() - t0) / len(items)
-
-
-def interleaved(a, b, items, rounds: int):
-    """Median over rounds of time(a)/time(b), timed A B, B A, ...; also the median seconds of each."""
-    ratios, ta, tb = [], [], []
-    for r in range(rounds):
-        if r % 2 == 0:
-            x, y = time_calls(a, items), time_calls(b, items)
-        else:
-            y, x = time_calls(b, items), time_calls(a, items)
-        ratios.append(x / y), ta.append(x), tb.append(y)
-    return statistics.median(ratios), statistics.median(ta), statistics.median(tb), ratios
 
 
 # --------------------------------------------------------------------------------------------- log-likelihood

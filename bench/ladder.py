@@ -37,6 +37,7 @@ from _common import (
     ROOT,
     finish,
     ll_mc_std_error,
+    measured_chunks,
     one_seed,
     paired,
     parser,
@@ -192,7 +193,8 @@ def main(argv=None):
         out["sample_fid"][run] = round(fd.score(fake.clamp(0, 1)).value, 3)
         if "hyperprior_active" in hist[-1]:
             out["hyperprior_active"][run] = hist[-1]["hyperprior_active"]
-        ll, ess = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], seed=0, return_ess=True)
+        ll, ess = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], seed=0, return_ess=True,
+                                 **measured_chunks(len(x_ll), s["S"]))
         out["test_ll"][run] = round(float(ll.mean()), 2)
         out["test_ll_std_error"][run] = round(float(ll.std() / math.sqrt(len(ll))), 2)
         out["test_ll_mc_std_error"][run] = round(ll_mc_std_error(ess, s["S"]), 3)

@@ -46,7 +46,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import finish, one_seed, paired, parser, start
+from _common import finish, measured_chunks, one_seed, paired, parser, start
 from _guide_runs import train
 from torch.func import functional_call
 
@@ -163,7 +163,7 @@ def evaluate(run: str, model, x, s: dict) -> tuple[dict, dict]:
     coarse = grid_posterior(model, x, s["radius"], (s["grid"] + 1) // 2)
     wide = grid_posterior(model, x, s["radius"] + 2, (s["grid"] + 1) // 2 + int(2 / coarse["spacing"]) * 2)
     post_sd = torch.linalg.eigvalsh(exact["cov"]).clamp_min(0).sqrt()
-    ll_is = log_likelihood(model.model, model.guide, x, num_samples=s["S"], batch_size=10, seed=0).double()
+    ll_is = log_likelihood(model.model, model.guide, x, num_samples=s["S"], **measured_chunks(len(x), s["S"], 10), seed=0).double()
     elbo = elbo_per_datapoint(model.model, model.guide, x, s["elbo_particles"]).double()
     with torch.no_grad():
         q = model.guide_dist(x)

@@ -20,36 +20,23 @@ import math
 import statistics
 import time
 
-import pyro
 import torch
-from _common import finish, one_seed, paired, parser, start
-from _guide_runs import FULL, QUICK, gap_report, make_model, run_config, train
+from _common import finish, measured_chunks, one_seed, paired, parser, start
+from _guide_runs import (
+    FULL,
+    QUICK,
+    gap_report,
+    run_config,
+    step_timing,
+    train,
+)
 
-from ppl_vae import plan_for
 from ppl_vae.config import TrainConfig
 from ppl_vae.data import load_data
 from ppl_vae.errors import TrainingDiverged
 from ppl_vae.evaluate import elbo_per_datapoint, log_likelihood
 
 RUNS = ("vae", "laplace", "laplace_last_step", "laplace_implicit")
-
-
-def step_seconds(data, tc, rounds: int, steps: int) -> dict:
-    """Median seconds per SVI step of each run on the same minibatch, interleaved rounds."""
-    x = next(iter(data.batches("train", tc.batch_size, shuffle=True, seed=123)))[0]
-    svis = {}
-    for run in RUNS:
-        m = make_model(run, data)
-        svis[run] = pyro.infer.SVI(m.model, m.guide, pyro.optim.Adam({"lr": 1e-3}), plan_for(m).objective(tc))
-        svis[run].step(x)
-    times = {run: [] for run in RUNS}
-    for _ in range(rounds):
-        for run, svi in svis.items():
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                svi.step(x)
-            times[run].append((time.perf_counter() - t0) / steps)
-    return {run: statistics.median(t) for run, t in times.items()}
 
 
 def main(argv=None):
@@ -71,7 +58,7 @@ def main(argv=None):
             diverged[run] = str(e)
             print(f"[{run}] diverged: {e}", flush=True)
             continue
-        ll = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], batch_size=10, seed=0).double()
+        ll = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], **measured_chunks(len(x_ll), s["S"], 10), seed=0).double()
         lls[run] = ll
         out["test_ll"][run] = [round(float(ll.mean()), 3), round(float(ll.std() / math.sqrt(len(ll))), 3)]
         out["test_elbo"][run] = round(float(elbo_per_datapoint(model.model, model.guide, x_ll,
@@ -86,7 +73,7 @@ def main(argv=None):
     for run in RUNS[1:]:
         if run in lls:
             out["test_ll_diff_vs_unrolled"][run] = [round(v, 3) for v in paired(lls[run], lls["laplace"])]
-    steps = step_seconds(data, tc, s["timing_rounds"], s["timing_steps"])
+    steps = step_timing(RUNS, data, tc, s["timing_rounds"], s["timing_steps"])
     out["step_seconds"] = {k: round(v, 4) for k, v in steps.items()}
     out["step_time_over_vae"] = {k: round(v / steps["vae"], 2) for k, v in steps.items()}
     out["step_time_over_unrolled"] = {k: round(v / steps["laplace"], 2) for k, v in steps.items() if k != "vae"}

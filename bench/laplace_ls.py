@@ -21,7 +21,7 @@ import math
 import statistics
 import time
 
-from _common import finish, one_seed, paired, parser, start
+from _common import finish, measured_chunks, one_seed, paired, parser, start
 from _guide_runs import FULL, HIDDEN, LATENT, QUICK, gap_report, run_config, train
 
 from ppl_vae.config import TrainConfig
@@ -57,7 +57,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         model, hist = train(run, data, tc, seed)
         curve = [round(h["train_elbo"], 2) for h in hist]
-        ll = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], batch_size=10, seed=0).double()
+        ll = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], **measured_chunks(len(x_ll), s["S"], 10), seed=0).double()
         lls[run] = ll
         out["test_ll"][run] = [round(float(ll.mean()), 3), round(float(ll.std() / math.sqrt(len(ll))), 3)]
         out["test_elbo"][run] = round(float(elbo_per_datapoint(model.model, model.guide, x_ll, s["elbo_particles"]).mean()), 3)

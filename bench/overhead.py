@@ -29,18 +29,26 @@ from __future__ import annotations
 
 import contextlib
 import cProfile
+import dataclasses
 import io
 import os
 import pstats
 import statistics
 import tempfile
-import time
 
 import pyro
 import pyro.optim
 import torch
 import torch.distributions as td
-from _common import finish, one_seed, parser, start
+from _common import (
+    finish,
+    interleaved,
+    library_step,
+    one_seed,
+    parser,
+    start,
+    time_calls,
+)
 from pyro.infer import SVI, Trace_ELBO
 
 import ppl_vae
@@ -83,39 +91,16 @@ def torch_step(model, analytic: bool):
     return step
 
 
-def bare_step(model, elbo):
-    """The steps ``ppl_vae.train`` takes, without its bookkeeping."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def step(x):
-        with pyro.validation_enabled(False):
-            loss = elbo.loss_and_grads(model.model, model.guide, x)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return step
-
-
 def svi_step(model):
     svi = SVI(model.model, model.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO(max_plate_nesting=1))
     return svi.step
-
-
-def time_loop(step, xs) -> float:
-    t0 = time.perf_counter()
-    for x in xs:
-        step(x)
-    if xs[0].is_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 def train_epochs(model, xs, tc, rounds, hook, **kw):
     """``ppl_vae.train`` for ``rounds`` + 1 epochs over the batches ``xs`` (same order each epoch); ``hook(epoch,
     seconds)`` runs after each epoch (the other side of the comparison runs there: interleaved rounds)."""
     data = DataBundle.from_tensors(torch.cat(xs).cpu())
-    cfg = dataclasses_replace(tc, epochs=rounds + 1, batch_size=len(xs[0]))
+    cfg = dataclasses.replace(tc, epochs=rounds + 1, batch_size=len(xs[0]))
     plan = plan_for(model)
     original = plan.on_epoch_end
 
@@ -127,18 +112,12 @@ def train_epochs(model, xs, tc, rounds, hook, **kw):
     ppl_vae.train(model, data, cfg, plan=plan, device=xs[0].device, **kw)
 
 
-def dataclasses_replace(tc, **kw):
-    import dataclasses
-
-    return dataclasses.replace(tc, **kw)
-
-
 def ratio_vs(model, other_step, xs, tc, rounds, **kw) -> tuple[float, float, float]:
     """(median ratio train-epoch ÷ other-epoch, min, max) over rounds, the first (warm-up) round dropped."""
     ratios = []
 
     def hook(epoch, seconds):
-        other = time_loop(other_step, xs)
+        other = time_calls(other_step, xs) * len(xs)
         if epoch > 0:
             ratios.append(seconds / other)
 
@@ -147,17 +126,10 @@ def ratio_vs(model, other_step, xs, tc, rounds, **kw) -> tuple[float, float, flo
 
 
 def pair_ratio(step_a, step_b, xs, rounds) -> tuple[float, float, float, float]:
-    """(median ratio a ÷ b, min, max, median seconds per step of a) over interleaved rounds (a b, b a, ...)."""
-    time_loop(step_a, xs[:3]), time_loop(step_b, xs[:3])
-    ratios, ta = [], []
-    for r in range(rounds):
-        if r % 2 == 0:
-            a, b = time_loop(step_a, xs), time_loop(step_b, xs)
-        else:
-            b, a = time_loop(step_b, xs), time_loop(step_a, xs)
-        ratios.append(a / b)
-        ta.append(a / len(xs))
-    return statistics.median(ratios), min(ratios), max(ratios), statistics.median(ta)
+    """(median ratio a ÷ b, min, max, median seconds per step of a) over interleaved rounds, after a warm-up."""
+    time_calls(step_a, xs[:3]), time_calls(step_b, xs[:3])
+    ratio, ta, _, ratios = interleaved(step_a, step_b, xs, rounds)
+    return ratio, min(ratios), max(ratios), ta
 
 
 def _r(t):
@@ -212,27 +184,27 @@ def main(argv=None):
         out["sec_per_step_torch"][key] = round(pair_ratio(torch_step(m2, False), torch_step(m2, False), xs, 1)[3], 5)
         if device.type == "cuda":
             out.setdefault("ms_per_step_library", {})[key] = round(
-                1000 * pair_ratio(bare_step(m, Trace_ELBO(max_plate_nesting=1)), torch_step(m2, False), xs, 3)[3], 3)
+                1000 * pair_ratio(library_step(m, Trace_ELBO(max_plate_nesting=1)), torch_step(m2, False), xs, 3)[3], 3)
     # the epoch's bookkeeping: quiet, with the bar (to /dev/null), with checkpoints
     pyro.set_rng_seed(seed)
     xs = [images(100, seed * 1000 + k, device) for k in range(STEPS)]
     tc = TrainConfig(objective="elbo")
     m = vae(device=device)
-    out["fit_epoch_over_bare"]["quiet"] = _r(ratio_vs(m, bare_step(vae(device=device), Trace_ELBO(max_plate_nesting=1)),
+    out["fit_epoch_over_bare"]["quiet"] = _r(ratio_vs(m, library_step(vae(device=device), Trace_ELBO(max_plate_nesting=1)),
                                                       xs, tc, rounds, **quiet))
     with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
         m = vae(device=device)
         out["fit_epoch_over_bare"]["progress_bar"] = _r(ratio_vs(
-            m, bare_step(vae(device=device), Trace_ELBO(max_plate_nesting=1)), xs, tc, rounds, progress=True))
+            m, library_step(vae(device=device), Trace_ELBO(max_plate_nesting=1)), xs, tc, rounds, progress=True))
     with tempfile.TemporaryDirectory() as tmp:
         m = vae(device=device)
         out["fit_epoch_over_bare"]["checkpoints"] = _r(ratio_vs(
-            m, bare_step(vae(device=device), Trace_ELBO(max_plate_nesting=1)), xs, tc, rounds, progress=False,
+            m, library_step(vae(device=device), Trace_ELBO(max_plate_nesting=1)), xs, tc, rounds, progress=False,
             run_dir=tmp))
     # the Laplace guide's step against the VAE's (784-200-200-16 ReLU)
     lap, v = vae("mlp", name="vlae", device=device), vae("mlp", device=device)
     lap_elbo, vae_elbo = plan_for(lap).objective(tc), plan_for(v).objective(tc)
-    out["laplace_step_over_vae"] = _r(pair_ratio(bare_step(lap, lap_elbo), bare_step(v, vae_elbo), xs[:5],
+    out["laplace_step_over_vae"] = _r(pair_ratio(library_step(lap, lap_elbo), library_step(v, vae_elbo), xs[:5],
                                                  max(3, rounds // 2)))
     out["laplace_model"] = "vlae (T = 4 damped steps) vs vae, MLP 784-200-200-16 ReLU, Bernoulli, batch 100"
     out["targets"] = {"ratio_pyro_over_torch": "<= 1.10 at batch 100, <= 1.05 at 256",

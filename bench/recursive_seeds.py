@@ -25,7 +25,7 @@ import json
 import statistics
 import time
 
-from _common import RESULTS, finish, over_seeds, paired, parser, start
+from _common import RESULTS, finish, measured_chunks, over_seeds, paired, parser, start
 from _guide_runs import FULL, HIDDEN, LATENT, QUICK, run_config, train
 
 from ppl_vae.config import TrainConfig
@@ -58,8 +58,8 @@ def main(argv=None):
         for run in SEED_RUNS:
             t0 = time.perf_counter()
             model, hist = train(run, data, tc, seed)
-            lls[run] = log_likelihood(model.model, model.guide, x, num_samples=s["S"], batch_size=10,
-                                      seed=0).double()
+            lls[run] = log_likelihood(model.model, model.guide, x, num_samples=s["S"], seed=0,
+                                      **measured_chunks(len(x), s["S"], 10)).double()
             out["test_ll"][run][seed] = round(float(lls[run].mean()), 3)
             out["seconds_per_epoch"][run][seed] = round(statistics.mean(h["seconds"] for h in hist), 3)
             if run != "vae":

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pyro
 import torch
-from _common import finish, one_seed, parser, start
+from _common import finish, measured_chunks, one_seed, parser, start
 from pyro.infer import Trace_ELBO
 
 import ppl_vae
@@ -126,7 +126,7 @@ def evaluate(model, data, S: dict, fd: FrechetDistance, seed: int, ll: bool) -> 
             x = data.test_x[:m]
             row = {}
             for where, prior in (("prior", None), ("mixture", q)):
-                kw = dict(num_samples=k, seed=seed, batch_size=min(m, 100))
+                kw = dict(num_samples=k, seed=seed, **measured_chunks(m, k, min(m, 100)))
                 if prior is None:
                     lp = log_likelihood(model.model, model.guide, x, **kw)
                 else:

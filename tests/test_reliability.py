@@ -258,3 +258,10 @@ def test_trace_iwae_names_a_bad_num_particles():
     for bad in ("abc", 0, 2.5, True, None):
         with pytest.raises(IWAEError, match=f"TraceIWAE num_particles must be a positive integer, got {bad!r}"):
             TraceIWAE(num_particles=bad)
+
+
+def test_data_of_another_shape_than_the_model_is_named():
+    data = DataBundle.from_tensors(torch.rand(40, 1, 6, 6))
+    model = build_model(ModelConfig(name="vae", latent_dim=2, hidden=[8]), (1, 4, 4), num_data=40)
+    with pytest.raises(DataError, match=r"cannot read a training batch of shape \(20, 1, 6, 6\).*built for other data"):
+        ppl_vae.train(model, data, TrainConfig(epochs=1, batch_size=20), progress=False)

@@ -307,6 +307,11 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
                     if "nan" not in str(e).lower():
                         raise
                     raise _diverged("NaN", epoch, step, run_dir) from e
+                except RuntimeError as e:   # the first batch does not fit the model: say so in the data's terms
+                    if data_checked or "shape" not in str(e):
+                        raise
+                    raise DataError(f"the model cannot read a training batch of shape {tuple(x.shape)} (data shape "
+                                    f"{tuple(data.shape)}): was it built for other data? ({e})") from e
                 if not data_checked:   # the first step, before any update: what the likelihood needs
                     data_checked = True
                     if divisor.probe.unit_interval_sites:
