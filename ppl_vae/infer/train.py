@@ -373,10 +373,10 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
 
 
 def _diverged(loss, epoch: int, step: int, run_dir: Path | None, absurd: bool = False) -> TrainingDiverged:
-    where = f" the last good checkpoint is {run_dir / CHECKPOINT}" if run_dir and epoch > 0 else ""
+    where = f"; the last good checkpoint is {run_dir / CHECKPOINT}" if run_dir and epoch > 0 else ""
     when = f"after epoch {epoch + 1}" if absurd else f"at epoch {epoch + 1}, step {step + 1}"
-    return TrainingDiverged(f"the loss became {loss} {when};{where} (training diverged; the data were checked and "
-                            "are finite: try a lower train.lr or a train.clip_norm)")
+    return TrainingDiverged(f"the loss became {loss} {when}{where} (training diverged; the data were checked and are "
+                            "finite: try a lower train.lr or a train.clip_norm)")
 
 
 def _rewrite_metrics(run_dir: Path, history: list[dict]) -> None:
