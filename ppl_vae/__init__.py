@@ -11,12 +11,14 @@ The public entry points::
     ppl_vae.evaluate_run(run)               # `ppl-vae evaluate`: test ELBO, importance-sampled log p(x)
     ppl_vae.diagnose_run(run)               # `ppl-vae diagnose`: PSIS k-hat / ESS of the guide (ArviZ)
 
-and the objectives (``TraceIWAE``, ``WiseAleELBO``, ...), the plan protocol (``TrainingPlan``,
+the latent distributions (``Epanechnikov``, ``RelaxedPoisson``, ``DefensiveMixture``), the objectives
+(``TraceIWAE``, ``WiseAleELBO``, ...), the plan protocol (``TrainingPlan``,
 ``training_plan``) and ``register_model`` for methods defined outside the package.
 """
 
 from .config import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig, load_config
 from .data import DataBundle, load_data
+from .distributions import DefensiveMixture, Epanechnikov, RelaxedPoisson
 from .errors import ConfigError, PplVaeError, TrainingDiverged
 from .experiment import Run, diagnose_run, evaluate_run, load_run, run_experiment
 from .infer import (AggregateKLObjective, PenalisedELBO, RecursiveMixtureELBO, Stage, TraceIWAE, TrainingPlan,
@@ -31,4 +33,4 @@ __all__ = ["train", "fit", "build_model", "load_data", "run_experiment", "load_r
            "register_model", "model_names", "Options", "option", "data_plate", "TraceIWAE", "WiseAleELBO", "AggregateKLObjective",
            "RecursiveMixtureELBO", "PenalisedELBO", "Config", "DataConfig", "ModelConfig", "TrainConfig",
            "EvalConfig", "load_config", "DataBundle", "ConfigError", "PplVaeError", "TrainingDiverged",
-           "__version__"]
+           "Epanechnikov", "RelaxedPoisson", "DefensiveMixture", "__version__"]

@@ -7,6 +7,7 @@
 """
 
 from .fid import FIDResult, FrechetDistance, frechet_distance, get_feature_extractor, train_feature_classifier
+from .defensive import defended, has_compact_support
 from .gaps import amortisation_gap, elbo_per_datapoint, inference_gaps, optimised_guide
 from .likelihood import bits_per_dim, log_likelihood, log_likelihood_summary, mc_std_error
 
@@ -14,7 +15,7 @@ _DIAGNOSTICS = ("posterior_diagnostics", "psis_diagnostics", "plot_khat")
 
 __all__ = ["log_likelihood", "log_likelihood_summary", "bits_per_dim", "mc_std_error", "FrechetDistance",
            "frechet_distance", "FIDResult", "train_feature_classifier", "get_feature_extractor", "elbo_per_datapoint",
-           "amortisation_gap", "inference_gaps", "optimised_guide", *_DIAGNOSTICS]
+           "amortisation_gap", "inference_gaps", "optimised_guide", "defended", "has_compact_support", *_DIAGNOSTICS]
 
 
 def __getattr__(name):

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ..infer.importance import IWAEError, fork_rng, guess_max_plate_nesting, importance_log_weights
+from .defensive import defended
 
 __all__ = ["log_likelihood", "log_likelihood_summary", "bits_per_dim", "mc_std_error", "plan_chunks",
            "bytes_per_sample", "DEFAULT_MAX_BYTES"]
@@ -129,7 +130,8 @@ def log_likelihood(model: Callable, guide: Callable, data: torch.Tensor, num_sam
                    batch_size: int | None = None, seed: int = 0, chunk_size: int | None = None, y=None,
                    progress: bool = False, *, data_plate: str = "data", vectorize_particles: bool = True,
                    max_plate_nesting: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
-                   max_elements: int | None = None, return_ess: bool = False):
+                   max_elements: int | None = None, return_ess: bool = False, defensive="auto",
+                   defensive_weight: float = 0.1, defensive_inflation: float = 4.0, _sites: list | None = None):
     """Per-datapoint importance-sampled log p̂(x_i) in nats, shape (N,), on ``data``'s device.
 
     ``model``/``guide`` are called as ``model(x_batch)`` or ``model(x_batch, y_batch)`` (e.g. ``vae.model``,
@@ -139,6 +141,10 @@ def log_likelihood(model: Callable, guide: Callable, data: torch.Tensor, num_sam
     ``return_ess=True`` also returns the importance-sampling effective sample size (Σw)²/Σw² per datapoint,
     from which :func:`mc_std_error` gives the delta-method Monte Carlo standard error of each log p̂(x_i).
     Observed sites outside the data plate are not part of any p(x_i): they are left out, with a warning.
+    ``defensive`` (``"auto"``, True, False): guide sites of compact support (``"auto"``; True: every continuous
+    latent site) are drawn from the defensive mixture (1 − ``defensive_weight``) q + ``defensive_weight``
+    N(mean q, ``defensive_inflation`` · Var q) (:mod:`ppl_vae.evaluate.defensive`), without which the estimate
+    of such a guide only integrates over its support; a guide without such sites is unaffected.
     """
     y = _check_data(data, y)
     N, S = data.shape[0], int(num_samples)
@@ -152,23 +158,25 @@ def log_likelihood(model: Callable, guide: Callable, data: torch.Tensor, num_sam
         except ImportError:  # pragma: no cover
             pass
     try:
-        out, ess_out = _log_likelihood_loop(model, guide, data, y, N, S, batch_size, chunk_size, seed, data_plate,
-                                            vectorize_particles, max_plate_nesting, bar)
+        out, ess_out, sites = _log_likelihood_loop(model, guide, data, y, N, S, batch_size, chunk_size, seed,
+                                                   data_plate, vectorize_particles, max_plate_nesting, bar,
+                                                   (defensive, defensive_weight, defensive_inflation))
     finally:
         if bar is not None:
             bar.close()
     log_px = torch.cat(out) if out else data.new_zeros(0, dtype=torch.float32)
-    if return_ess:
-        ess = torch.cat(ess_out) if ess_out else data.new_zeros(0, dtype=torch.float64)
-        return log_px, ess
-    return log_px
+    ess = torch.cat(ess_out) if ess_out else data.new_zeros(0, dtype=torch.float64)
+    if _sites is not None:
+        _sites.extend(sites)
+    return (log_px, ess) if return_ess else log_px
 
 
 def _log_likelihood_loop(model, guide, data, y, N, S, batch_size, chunk_size, seed, data_plate,
-                         vectorize_particles, max_plate_nesting, bar):
+                         vectorize_particles, max_plate_nesting, bar, defensive):
     out, ess_out = [], []
     warned = False
     with eval_mode(model, guide), fork_rng():
+        guide, shield = defended(guide, *defensive)
         nesting = max_plate_nesting
         if vectorize_particles and chunk_size > 1 and nesting is None and N > 0:
             args0 = (data[:batch_size],) if y is None else (data[:batch_size], y[:batch_size])
@@ -206,7 +214,7 @@ def _log_likelihood_loop(model, guide, data, y, N, S, batch_size, chunk_size, se
                     bar.update(c * xb.shape[0])
             out.append((acc - math.log(S)).to(out_dtype))
             ess_out.append(torch.exp(2 * acc - acc2))
-    return out, ess_out
+    return out, ess_out, sorted(shield.sites)
 
 
 def mc_std_error(ess: torch.Tensor, num_samples: int) -> torch.Tensor:
@@ -238,10 +246,12 @@ def log_likelihood_summary(model: Callable, guide: Callable, data: torch.Tensor,
     Keys: ``log_likelihood`` (mean nats per datapoint), ``std_error`` (std over datapoints / √N: the sampling
     error of the data set), ``mc_std_error`` (Monte Carlo error of the mean, delta method, √(Σ_i se_i²)/N),
     ``bits_per_dim`` and ``bits_per_dim_std_error`` (D = data.shape[1:]), ``min_ess``, ``mean_ess``,
-    ``num_data``, ``num_samples``. ``kwargs`` go to :func:`log_likelihood`.
+    ``num_data``, ``num_samples``, ``defensive_sites`` (the guide sites drawn from a defensive mixture).
+    ``kwargs`` go to :func:`log_likelihood`.
     """
     kwargs.pop("return_ess", None)
-    log_px, ess = log_likelihood(model, guide, data, num_samples, return_ess=True, **kwargs)
+    sites: list = []
+    log_px, ess = log_likelihood(model, guide, data, num_samples, return_ess=True, _sites=sites, **kwargs)
     lp = log_px.double().cpu()
     N = lp.numel()
     D = math.prod(data.shape[1:]) if data.dim() > 1 else 1
@@ -258,5 +268,6 @@ def log_likelihood_summary(model: Callable, guide: Callable, data: torch.Tensor,
         "mean_ess": ess.double().mean().item() if N else float("nan"),
         "num_data": N,
         "num_samples": int(num_samples),
+        "defensive_sites": sites,
     }
 

@@ -19,11 +19,14 @@ from .rme import RME
 from .sigma_vae import SigmaVAE
 from .vae import VAE
 from .vae2 import VAE2
+from .vae_epanechnikov import VAEEpanechnikov
+from .vae_poisson import VAEPoisson
 from .vlae import VLAE
 from .wise_ale import WiseALE
 
 __all__ = ["build_model", "register_model", "model_names", "get_method", "resolve_name", "import_methods", "VAE", "VAE2",
-           "LinearGaussianVAE", "VLAE", "RME", "GAMIX", "LaDDer", "WiseALE", "SigmaVAE"]
+           "LinearGaussianVAE", "VLAE", "RME", "GAMIX", "LaDDer", "WiseALE", "SigmaVAE",
+           "VAEEpanechnikov", "VAEPoisson"]
 
 
 def build_model(cfg: ModelConfig, data_shape, num_data: int | None = None, num_classes: int | None = None):
