@@ -30,7 +30,7 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch.distributions import constraints
-from torch.distributions.kl import kl_divergence, register_kl
+from torch.distributions.kl import register_kl
 from torch.distributions.utils import broadcast_all
 
 __all__ = ["Epanechnikov", "RelaxedPoisson", "CompactSupport", "DefensiveMixture", "EPANECHNIKOV_ENTROPY",
