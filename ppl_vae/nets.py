@@ -16,7 +16,8 @@ from torch import nn
 
 from .errors import ConfigError
 
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "softplus": nn.Softplus, "leaky_relu": nn.LeakyReLU}
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "softplus": nn.Softplus, "leaky_relu": nn.LeakyReLU,
+               "identity": nn.Identity}   # identity: affine networks (linear-Gaussian test oracles)
 MIN_SCALE = 1e-4
 
 

@@ -12,6 +12,7 @@ import pkgutil
 
 from ..config import ModelConfig
 from .gamix import GAMIX
+from .hvae import HVAE
 from .ladder import LaDDer
 from .linear_gaussian import LinearGaussianVAE
 from .registry import get_method, import_methods, model_names, register_model, resolve_name
@@ -22,11 +23,12 @@ from .vae2 import VAE2
 from .vae_epanechnikov import VAEEpanechnikov
 from .vae_poisson import VAEPoisson
 from .vlae import VLAE
+from .vladder import VLadder
 from .wise_ale import WiseALE
 
 __all__ = ["build_model", "register_model", "model_names", "get_method", "resolve_name", "import_methods", "VAE", "VAE2",
            "LinearGaussianVAE", "VLAE", "RME", "GAMIX", "LaDDer", "WiseALE", "SigmaVAE",
-           "VAEEpanechnikov", "VAEPoisson"]
+           "VAEEpanechnikov", "VAEPoisson", "HVAE", "VLadder"]
 
 
 def build_model(cfg: ModelConfig, data_shape, num_data: int | None = None, num_classes: int | None = None):

@@ -1,0 +1,161 @@
+r"""Variational Ladder Autoencoder (Zhao, Song & Ermon, "Learning Hierarchical Features from Generative Models",
+ICML 2017): independent latents at L levels, the higher ones reaching x through deeper networks.
+
+Generative story, for each datapoint (sites ``z1`` … ``zL``):
+    z_l ~ N(0, I),  l = 1..L                               (independent priors)
+    z̃_L = f_L(z_L),   z̃_l = f_l(z̃_{l+1} ⊕ z_l),  l = L−1..1    (⊕: the combination, below)
+    x ~ p_θ(x | f_0(z̃_1))
+Guide (bottom-up):  h_0 = x,  h_l = g_l(h_{l−1}),  q(z_l | x) = N(μ_l(h_l), diag σ_l²(h_l)).
+Objective: the plain ELBO Σ_l E_q[log p(z_l) − log q(z_l|x)] + E_q log p(x | z) (Trace_ELBO,
+TraceMeanField_ELBO with the closed-form KLs, TraceIWAE); the paper's KL warm-up is ``train.kl_warmup_epochs``.
+
+Combination ⊕ (``combination``): ``gated`` — the official code's gated add z̃_{l+1} + g_l ⊙ W_l z_l with a learned
+per-unit gate g_l initialised at 0.1; ``concat`` — [z̃_{l+1}, z_l]. With ``activation: identity`` every network
+is affine and the model is linear-Gaussian in z = (z_1..z_L) (the test oracle). Registered as ``vladder``;
+``latent_dim`` is each layer's size, ``options.layers`` is L, each g_l and f_l is an MLP through ``hidden``.
+The figure API's z is the concatenation [z_1, …, z_L].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule, pyro_method
+from torch import nn
+
+from ..errors import ConfigError
+from ..nets import GaussianHead, activation, mlp
+from ..options import Options, option
+from ..plate import data_plate
+from ..priors import StandardNormalPrior
+from ._common import config_likelihood, module_device
+from .registry import register_model
+
+__all__ = ["VLadder", "VLadderOptions", "GatedAdd", "Concat"]
+
+
+class GatedAdd(nn.Module):
+    """state + g ⊙ W z, the gate g per unit, initialised at ``gate_init``."""
+
+    def __init__(self, state_dim: int, z_dim: int, gate_init: float = 0.1):
+        super().__init__()
+        self.fc = nn.Linear(z_dim, state_dim)
+        self.gate = nn.Parameter(torch.full((state_dim,), float(gate_init)))
+        self.out_dim = state_dim
+
+    def forward(self, state, z):
+        return state + self.gate * self.fc(z)
+
+
+class Concat(nn.Module):
+    """[state, z]."""
+
+    def __init__(self, state_dim: int, z_dim: int):
+        super().__init__()
+        self.out_dim = state_dim + z_dim
+
+    def forward(self, state, z):
+        return torch.cat([state, z.expand(*state.shape[:-1], z.shape[-1])], dim=-1)
+
+
+def _step(in_dim: int, hidden, act: str) -> nn.Sequential:
+    """One ladder step: an MLP through ``hidden`` whose last layer is activated (its width is hidden[-1])."""
+    return nn.Sequential(mlp(in_dim, hidden[:-1], hidden[-1], act), activation(act)())
+
+
+class VLadder(PyroModule):
+    """The VLAE as a Pyro program (see the module docstring)."""
+
+    conditional = False
+    num_classes = None
+
+    def __init__(self, data_shape, likelihood: nn.Module, latent_dims, hidden=(256, 256), act: str = "relu",
+                 combination: str = "gated", num_data: int | None = None):
+        super().__init__()
+        if combination not in ("gated", "concat"):
+            raise ConfigError(f"model.options.combination must be 'gated' or 'concat', got {combination!r}")
+        self.data_shape, self.likelihood, self.num_data = tuple(data_shape), likelihood, num_data
+        self.latent_dims = [int(d) for d in latent_dims]
+        self.latent_dim = sum(self.latent_dims)
+        self.layers = len(self.latent_dims)
+        hidden, D, H = tuple(hidden), math.prod(self.data_shape), hidden[-1]
+        # inference: h_l = g_l(h_{l-1}), q(z_l|x) from h_l
+        self.up = nn.ModuleList([_step(D if i == 0 else H, hidden, act) for i in range(self.layers)])
+        self.heads = nn.ModuleList([GaussianHead(H, (), d, act) for d in self.latent_dims])
+        # generation: z̃_L = f_L(z_L), z̃_l = f_l(z̃_{l+1} ⊕ z_l), x from f_0(z̃_1)
+        comb = GatedAdd if combination == "gated" else Concat
+        self.combine = nn.ModuleList([comb(H, d) for d in self.latent_dims[:-1]])
+        self.down = nn.ModuleList([_step(c.out_dim, hidden, act) for c in self.combine]
+                                  + [_step(self.latent_dims[-1], hidden, act)])
+        self.out = mlp(H, hidden[:-1], D, act)
+        self.priors = nn.ModuleList([StandardNormalPrior(d) for d in self.latent_dims])
+
+    # ----- the two halves of the ladder
+    def posterior_params(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(μ_l, σ_l)] for l = 1..L."""
+        h = x.flatten(x.dim() - len(self.data_shape))
+        out = []
+        for g, head in zip(self.up, self.heads, strict=True):
+            h = g(h)
+            out.append(head(h))
+        return out
+
+    def generate(self, zs: list[torch.Tensor]) -> torch.Tensor:
+        """The decoder's raw output from [z_1, …, z_L]."""
+        state = self.down[-1](zs[-1])
+        for l in range(self.layers - 2, -1, -1):
+            state = self.down[l](self.combine[l](state, zs[l]))
+        out = self.out(state)
+        return out.reshape(*out.shape[:-1], *self.data_shape)
+
+    # ----- the Pyro program
+    @pyro_method
+    def model(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        with data_plate(x, self.num_data):
+            # independent priors: the order of the sites is free; z1..zL, the guide's, keeps mean-field valid
+            zs = [pyro.sample(f"z{l + 1}", prior(x.shape[0])) for l, prior in enumerate(self.priors)]
+            pyro.sample("x", self.likelihood(self.generate(zs), event_dim=x.dim() - 1, x=x), obs=x)
+
+    @pyro_method
+    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        with data_plate(x, self.num_data):
+            for l, (loc, scale) in enumerate(self.posterior_params(x)):
+                pyro.sample(f"z{l + 1}", dist.Normal(loc, scale).to_event(1))
+
+    # ----- the figure API (z = [z_1, …, z_L])
+    def split(self, z: torch.Tensor) -> list[torch.Tensor]:
+        return list(z.split(self.latent_dims, dim=-1))
+
+    def encode(self, x, y=None):
+        locs, scales = zip(*self.posterior_params(x), strict=True)
+        return torch.cat(locs, -1), torch.cat(scales, -1)
+
+    def decode(self, z, y=None):
+        return self.likelihood.mean(self.generate(self.split(z)))
+
+    def reconstruct(self, x, y=None):
+        return self.decode(self.encode(x)[0])
+
+    def sample(self, n: int, y=None):
+        return self.decode(torch.randn(n, self.latent_dim, device=module_device(self)))
+
+
+@dataclass
+class VLadderOptions(Options):
+    layers: int = option(3, ge=1, doc="L, the number of latent layers (each of size model.latent_dim)")
+    combination: str = option("gated", choices=("gated", "concat"),
+                              doc="z̃_{l+1} + g ⊙ W z_l (official code) or [z̃_{l+1}, z_l]")
+
+
+@register_model("vladder", options=VLadderOptions)
+def build_vladder(cfg, o: VLadderOptions, data_shape, num_data, num_classes) -> VLadder:
+    if cfg.arch != "mlp":
+        raise ConfigError(f"model.arch must be 'mlp' for model.name='vladder', got {cfg.arch!r}")
+    if not cfg.hidden:
+        raise ConfigError("model.hidden must name at least one layer width for model.name='vladder', got []")
+    return VLadder(data_shape, config_likelihood(cfg), [cfg.latent_dim] * o.layers, cfg.hidden, cfg.activation,
+                   o.combination, num_data=num_data)
