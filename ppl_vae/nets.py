@@ -168,3 +168,77 @@ def build_encoder_decoder(arch: str, data_shape, latent_dim: int, hidden=(256, 2
         return (MLPEncoder(data_shape, b["latent_dim"], b["hidden"], b["act"], cond_dim),
                 MLPDecoder(data_shape, b["latent_dim"], b["hidden"], b["act"], cond_dim))
     raise ConfigError(f"model.arch must be one of ['mlp', 'conv', 'burda1', 'burda2'], got {arch!r}")
+
+
+# ------------------------------------------------------------------------------------------------ ladders
+class GatedAdd(nn.Module):
+    """state + g ⊙ W z, the gate g per unit, initialised at ``gate_init`` (the VLAE code's combination)."""
+
+    def __init__(self, state_dim: int, z_dim: int, gate_init: float = 0.1):
+        super().__init__()
+        self.fc = nn.Linear(z_dim, state_dim)
+        self.gate = nn.Parameter(torch.full((state_dim,), float(gate_init)))
+        self.out_dim = state_dim
+
+    def forward(self, state: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return state + self.gate * self.fc(z)
+
+
+class Concat(nn.Module):
+    """[state, z]."""
+
+    def __init__(self, state_dim: int, z_dim: int):
+        super().__init__()
+        self.out_dim = state_dim + z_dim
+
+    def forward(self, state: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return torch.cat([state, z.expand(*state.shape[:-1], z.shape[-1])], dim=-1)
+
+
+def ladder_step(in_dim: int, hidden: Sequence[int], act: str = "relu") -> nn.Sequential:
+    """One ladder step: an MLP through ``hidden`` whose last layer is activated too (width hidden[-1])."""
+    return nn.Sequential(mlp(in_dim, hidden[:-1], hidden[-1], act), activation(act)())
+
+
+class LadderEncoder(nn.Module):
+    """h_0 = x, h_l = g_l(h_{l−1}), (μ_l, σ_l) = head_l(h_l) for l = 1..L: ``forward(x)`` returns the list."""
+
+    def __init__(self, data_shape, latent_dims: Sequence[int], hidden: Sequence[int] = (256, 256), act="relu"):
+        super().__init__()
+        self.data_shape = tuple(data_shape)
+        D, H = math.prod(self.data_shape), hidden[-1]
+        self.up = nn.ModuleList([ladder_step(D if i == 0 else H, hidden, act) for i in range(len(latent_dims))])
+        self.heads = nn.ModuleList([GaussianHead(H, (), d, act) for d in latent_dims])
+
+    def forward(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        h = x.flatten(x.dim() - len(self.data_shape))
+        out = []
+        for g, head in zip(self.up, self.heads, strict=True):
+            h = g(h)
+            out.append(head(h))
+        return out
+
+
+class LadderDecoder(nn.Module):
+    """z̃_L = f_L(z_L), z̃_l = f_l(z̃_{l+1} ⊕ z_l), raw output f_0(z̃_1) of the data's shape: ``forward([z_1..z_L])``.
+    ``combination``: ``gated`` (:class:`GatedAdd`) or ``concat`` (:class:`Concat`)."""
+
+    def __init__(self, data_shape, latent_dims: Sequence[int], hidden: Sequence[int] = (256, 256), act="relu",
+                 combination: str = "gated"):
+        super().__init__()
+        if combination not in ("gated", "concat"):
+            raise ConfigError(f"model.options.combination must be 'gated' or 'concat', got {combination!r}")
+        self.data_shape = tuple(data_shape)
+        H = hidden[-1]
+        comb = GatedAdd if combination == "gated" else Concat
+        self.combine = nn.ModuleList([comb(H, d) for d in latent_dims[:-1]])
+        self.down = nn.ModuleList([ladder_step(c.out_dim, hidden, act) for c in self.combine]
+                                  + [ladder_step(latent_dims[-1], hidden, act)])
+        self.out = mlp(H, hidden[:-1], math.prod(self.data_shape), act)
+
+    def forward(self, zs: Sequence[torch.Tensor]) -> torch.Tensor:
+        state = self.down[-1](zs[-1])
+        for l in range(len(zs) - 2, -1, -1):
+            state = self.down[l](self.combine[l](state, zs[l]))
+        out = self.out(state)
+        return out.reshape(*out.shape[:-1], *self.data_shape)

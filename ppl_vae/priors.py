@@ -1,5 +1,5 @@
-"""Priors p(z) as modules that return a Pyro distribution with batch shape ``(B,)``: the standard normal, and a
-Gaussian mixture fitted to the aggregate posterior (sampling, evaluation and KL(q̂‖p) helpers)."""
+"""Priors p(z) as modules that return a Pyro distribution with batch shape ``(B,)``: the standard normal, a learned
+diagonal Gaussian mixture (the clustering prior), and a Gaussian mixture fitted to the aggregate posterior (sampling, evaluation and KL(q̂‖p) helpers)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,62 @@ class StandardNormalPrior(nn.Module):
 
 
 # --------------------------------------------------------------------------- fitted aggregate posterior
+
+
+class LearnedMixturePrior(nn.Module):
+    r"""p(z) = Σ_c π_c N(z; μ_c, diag σ_c²) with learned π (``logits``), μ (``loc``) and σ (``scale``):
+    the clustering prior of VaDE / VLAC. ``prior(B)`` is the ``MixtureSameFamily`` (batch shape (B,));
+    :meth:`weights` and :meth:`component` are the two halves for a model that samples c itself (and enumerates
+    it); :meth:`cluster_log_probs` is log p(c | z); :meth:`init_from` fits scikit-learn's diagonal
+    ``GaussianMixture`` to codes (the usual initialisation, without which the clusters degenerate)."""
+
+    def __init__(self, num_components: int, latent_dim: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.logits = nn.Parameter(torch.zeros(num_components))
+        self.loc = nn.Parameter(torch.randn(num_components, latent_dim, generator=g))
+        self.raw_scale = nn.Parameter(torch.zeros(num_components, latent_dim))   # σ = softplus(raw) · (1/log 2)
+
+    @property
+    def num_components(self) -> int:
+        return self.loc.shape[0]
+
+    @property
+    def latent_dim(self) -> int:
+        return self.loc.shape[1]
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return nn.functional.softplus(self.raw_scale) / 0.6931471805599453 + 1e-4
+
+    def weights(self, batch_size: int) -> dist.Categorical:
+        return dist.Categorical(logits=self.logits).expand([batch_size])
+
+    def component(self, c: torch.Tensor) -> dist.TorchDistribution:
+        """N(μ_c, diag σ_c²) for a tensor of component indices c (any shape; event (latent_dim,))."""
+        return dist.Normal(self.loc[c], self.scale[c]).to_event(1)
+
+    def forward(self, batch_size: int) -> dist.TorchDistribution:
+        mix = dist.MixtureSameFamily(dist.Categorical(logits=self.logits),
+                                     dist.Normal(self.loc, self.scale).to_event(1))
+        return mix.expand([batch_size])
+
+    def cluster_log_probs(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(c | z), shape (..., num_components)."""
+        joint = self.logits.log_softmax(-1) + dist.Normal(self.loc, self.scale).log_prob(z.unsqueeze(-2)).sum(-1)
+        return joint.log_softmax(-1)
+
+    @torch.no_grad()
+    def init_from(self, z: torch.Tensor, seed: int = 0) -> None:
+        from sklearn.mixture import GaussianMixture
+
+        gm = GaussianMixture(self.num_components, covariance_type="diag", random_state=seed, reg_covar=1e-4)
+        gm.fit(z.detach().double().cpu().numpy())
+        dev = self.loc.device
+        self.logits.copy_(torch.as_tensor(gm.weights_, device=dev).log())
+        self.loc.copy_(torch.as_tensor(gm.means_, device=dev))
+        sd = torch.as_tensor(gm.covariances_, device=dev).sqrt() - 1e-4
+        self.raw_scale.copy_(torch.log(torch.expm1((sd * 0.6931471805599453).clamp_min(1e-6))))
 
 
 class GaussianMixturePrior(nn.Module):

@@ -506,3 +506,38 @@ def make_figures(model, data_x, data_y, history, run_dir, seed: int = 0, n_scatt
     if history:
         paths.append(plot_training_curves(history, run_dir / "training_curves.png"))
     return paths
+
+
+def plot_layer_traversal(model, path, layer: int, rows: int = 8, cols: int = 8, seed: int = 0) -> str:
+    """What one latent layer controls, for a model with ``latent_dims`` (one size per layer) and ``decode`` of
+    z = [z_1, …, z_L] (vladder, vlac, hvae): each row holds the other layers at one N(0, I) draw, each column
+    gives layer ``layer`` (1-based) one draw, shared by the rows."""
+    dims = list(getattr(model, "latent_dims", []))
+    if not 1 <= layer <= len(dims):
+        raise ValueError(f"plot_layer_traversal: layer must be in 1..{len(dims)} (the model's latent_dims "
+                         f"{dims}), got {layer}")
+    device = _model_device(model)
+    with _inference(model), _seeded(seed, device):
+        others = torch.randn(rows, 1, sum(dims), device=device).expand(rows, cols, sum(dims)).clone()
+        start = sum(dims[:layer - 1])
+        others[..., start:start + dims[layer - 1]] = torch.randn(1, cols, dims[layer - 1], device=device)
+        images = model.decode(others.reshape(rows * cols, -1))
+    tiles = _to_image_tensor(images).reshape(rows, cols, *images.shape[1:])
+    return _tile_figure(tiles, path, title=f"Layer {layer} varies along each row; the other layers are fixed per row",
+                        row_labels=[str(r) for r in range(rows)], ylabel="draw of the other layers")
+
+
+def plot_component_generation(model, path, layer: int, per_component: int = 8, seed: int = 0) -> str:
+    """One row per mixture component c of ``layer``: decoded prior samples with c_layer = c fixed and every other
+    latent drawn (a model with ``mixtures`` and ``prior_sample(n, component={layer: c})``, e.g. vlac)."""
+    mixtures = getattr(model, "mixtures", {})
+    if str(layer) not in mixtures:
+        raise ValueError(f"plot_component_generation: layer {layer} has no mixture prior")
+    k = mixtures[str(layer)].num_components
+    device = _model_device(model)
+    with _inference(model), _seeded(seed, device):
+        z = torch.cat([model.prior_sample(per_component, {layer: c}) for c in range(k)])
+        images = model.decode(z)
+    tiles = _to_image_tensor(images).reshape(k, per_component, *images.shape[1:])
+    return _tile_figure(tiles, path, title=f"Component-wise generation, layer {layer}",
+                        row_labels=[str(c) for c in range(k)], ylabel="component")

@@ -11,11 +11,16 @@ import torch
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 
 from ppl_vae.config import ModelConfig
-from ppl_vae.evaluate import active_units, kl_per_site, log_likelihood_summary, posterior_means
+from ppl_vae.evaluate import (
+    active_units,
+    kl_per_site,
+    log_likelihood_summary,
+    posterior_means,
+)
 from ppl_vae.infer import TraceIWAE
 from ppl_vae.likelihoods import build_likelihood
 from ppl_vae.models import HVAE, VLadder, build_model
-from ppl_vae.models.vladder import GatedAdd
+from ppl_vae.nets import GatedAdd
 
 
 def linear_ladder(seed=0, combination="concat"):
@@ -84,7 +89,7 @@ def test_gated_add_starts_at_a_tenth_and_adds():
     s, z = torch.randn(3, 4), torch.randn(3, 2)
     torch.testing.assert_close(gate(s, z), s + 0.1 * gate.fc(z))
     m = build_model(ModelConfig(name="vladder", latent_dim=2, hidden=[16], options={"layers": 3}), (1, 8, 8))
-    assert len(m.combine) == 2 and all(isinstance(c, GatedAdd) for c in m.combine)
+    assert len(m.decoder.combine) == 2 and all(isinstance(c, GatedAdd) for c in m.decoder.combine)
 
 
 def test_hvae_upper_layers_enter_x_only_through_z1():
@@ -121,7 +126,7 @@ def test_kl_per_site_matches_the_closed_form_of_each_layer():
     S = 400
     kl = kl_per_site(m.model, m.guide, x, num_samples=S)
     with torch.no_grad():
-        params = m.posterior_params(x)
+        params = m.encoder(x)
     for l, (loc, scale) in enumerate(params, 1):
         q, p = dist.Normal(loc, scale), dist.Normal(torch.zeros_like(loc), torch.ones_like(loc))
         exact = float(torch.distributions.kl_divergence(q, p).sum(-1).mean())
@@ -130,3 +135,96 @@ def test_kl_per_site_matches_the_closed_form_of_each_layer():
         se = float(per.std() / math.sqrt(per.numel()))
         assert kl[f"z{l}"] == pytest.approx(exact, abs=5 * se + 1e-9)
     assert set(kl) == {"z1", "z2", "z3"}
+
+
+# ------------------------------------------------------------------------------------------------ VLAC
+def vlac(coding="mixture", **opts):
+    cfg = ModelConfig(name="vlac", latent_dim=2, hidden=[16],
+                      options={"warmup_epochs": 0, "num_components": 3, "coding": coding, **opts})
+    return build_model(cfg, (1, 8, 8)).double()
+
+
+def test_vlac_codings_are_the_same_objective_on_the_same_draws():
+    x = torch.rand(7, 1, 8, 8, generator=torch.Generator().manual_seed(0)).double()
+    a, b = vlac("mixture"), vlac("enumerate")
+    b.load_state_dict(a.state_dict())
+    for layers in (None, [2]):
+        if layers:
+            a, b = vlac("mixture", mixture_layers=layers), vlac("enumerate", mixture_layers=layers)
+            b.load_state_dict(a.state_dict())
+        pyro.set_rng_seed(0)
+        la = Trace_ELBO(max_plate_nesting=1).loss(a.model, a.guide, x)
+        pyro.set_rng_seed(0)
+        lb = pyro.infer.TraceEnum_ELBO(max_plate_nesting=1).loss(b.model, b.guide, x)
+        assert la == pytest.approx(lb, rel=1e-12)
+    from ppl_vae import plan_for
+    from ppl_vae.config import TrainConfig
+    assert isinstance(plan_for(b).objective(TrainConfig()), pyro.infer.TraceEnum_ELBO)
+
+
+def test_vlac_cluster_assignment_by_bayes_rule_and_by_infer_discrete_agree():
+    m = vlac("mixture")
+    with torch.no_grad():
+        for mix in m.mixtures.values():
+            mix.loc.copy_(torch.tensor([[-3.0, 0.0], [0.0, 3.0], [3.0, 0.0]], dtype=torch.float64))
+    x = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(1)).double() * 4
+    mus = [loc for loc, _ in m.encoder(x)]
+    post = m.cluster_posterior(x)
+    for l in (1, 2, 3):
+        direct = m.cluster(x, l)
+        torch.testing.assert_close(post[f"c{l}"], direct)
+        expected = m.mixtures[str(l)].cluster_log_probs(mus[l - 1]).argmax(-1)
+        torch.testing.assert_close(direct, expected)
+    assert m.coding == "mixture"            # cluster_posterior restored the coding
+    with pytest.raises(ValueError, match="no mixture"):
+        vlac(mixture_layers=[1]).cluster(x, 3)
+
+
+def test_cluster_accuracy_is_one_on_separated_mixtures_and_ignores_label_names():
+    from ppl_vae.evaluate import cluster_accuracy, cluster_scores
+    from ppl_vae.priors import LearnedMixturePrior
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[-8.0, 0.0], [0.0, 8.0], [8.0, 0.0], [0.0, -8.0]])
+    y = torch.arange(4).repeat_interleave(100)
+    z = centres[y] + torch.randn(400, 2, generator=g)
+    prior = LearnedMixturePrior(4, 2)
+    prior.init_from(z)
+    pred = prior.cluster_log_probs(z).argmax(-1)
+    assert cluster_accuracy(y, pred) == 1.0
+    perm = torch.tensor([2, 0, 3, 1])
+    assert cluster_accuracy(y, perm[pred]) == 1.0 and cluster_scores(perm[y], pred)["nmi"] == pytest.approx(1.0)
+    # one cluster merged into another: exactly a quarter is lost
+    merged = torch.where(pred == pred[0], pred[150], pred)
+    assert cluster_accuracy(y, merged) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="same length"):
+        cluster_accuracy(y, pred[:10])
+
+
+def test_vlac_warm_up_fits_the_mixtures_then_scores(tmp_path):
+    from ppl_vae import train
+    from ppl_vae.config import TrainConfig
+    from ppl_vae.data import DataBundle
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(64, 1, 8, 8, generator=g) > 0.5).float()
+    data = DataBundle.from_tensors(x, None, x[:16], None, x[:16], None)
+    m = build_model(ModelConfig(name="vlac", latent_dim=2, hidden=[16],
+                                options={"warmup_epochs": 2, "num_components": 3, "fit_points": 64}), (1, 8, 8),
+                    num_data=64)
+    before = m.mixtures["3"].loc.detach().clone()
+    res = train(m, data, TrainConfig(epochs=4, batch_size=16), seed=0, progress=False)
+    assert [r["mixture_on"] for r in res.history] == [False, True, True, True]
+    assert res.best_epoch >= 3 and bool(m.mixture_on)
+    assert not torch.equal(before, m.mixtures["3"].loc.detach())
+    m.zero_grad()
+    Trace_ELBO().loss_and_grads(m.model, m.guide, x[:8])
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_layer_and_component_figures(tmp_path):
+    from ppl_vae.viz import plot_component_generation, plot_layer_traversal
+    m = vlac().float()
+    for l in (1, 2, 3):
+        assert plot_layer_traversal(m, tmp_path / f"t{l}.png", l).endswith(".png")
+    assert plot_component_generation(m, tmp_path / "c.png", 3).endswith(".png")
+    with pytest.raises(ValueError, match="layer must be"):
+        plot_layer_traversal(m, tmp_path / "bad.png", 4)

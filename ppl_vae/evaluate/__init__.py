@@ -3,12 +3,14 @@
 ``log_likelihood``, ``log_likelihood_summary``, ``bits_per_dim``, ``mc_std_error``, the FID (``FrechetDistance``,
 ``frechet_distance``, ``train_feature_classifier``, ``get_feature_extractor``) and the gaps
 (``elbo_per_datapoint``, ``amortisation_gap``, ``inference_gaps``) and the per-site latent analysis
-(``posterior_means``, ``active_units``, ``kl_per_site``) import without ArviZ; the diagnostics
+(``posterior_means``, ``active_units``, ``kl_per_site``), clustering and probes (``cluster_accuracy``,
+``cluster_scores``, ``probe_accuracy``) import without ArviZ; the diagnostics
 (``posterior_diagnostics``, ``psis_diagnostics``, ``plot_khat``) load ArviZ on first use.
 """
 
 from .fid import FIDResult, FrechetDistance, frechet_distance, get_feature_extractor, train_feature_classifier
 from .defensive import defended, has_compact_support
+from .clustering import cluster_accuracy, cluster_scores, probe_accuracy
 from .latents import active_units, kl_per_site, posterior_means
 from .gaps import amortisation_gap, elbo_per_datapoint, inference_gaps, optimised_guide
 from .likelihood import bits_per_dim, log_likelihood, log_likelihood_summary, mc_std_error
@@ -18,7 +20,8 @@ _DIAGNOSTICS = ("posterior_diagnostics", "psis_diagnostics", "plot_khat")
 __all__ = ["log_likelihood", "log_likelihood_summary", "bits_per_dim", "mc_std_error", "FrechetDistance",
            "frechet_distance", "FIDResult", "train_feature_classifier", "get_feature_extractor", "elbo_per_datapoint",
            "amortisation_gap", "inference_gaps", "optimised_guide", "defended", "has_compact_support",
-           "posterior_means", "active_units", "kl_per_site", *_DIAGNOSTICS]
+           "posterior_means", "active_units", "kl_per_site", "cluster_accuracy", "cluster_scores", "probe_accuracy",
+           *_DIAGNOSTICS]
 
 
 def __getattr__(name):

@@ -24,11 +24,12 @@ from .vae_epanechnikov import VAEEpanechnikov
 from .vae_poisson import VAEPoisson
 from .vlae import VLAE
 from .vladder import VLadder
+from .vlac import VLAC
 from .wise_ale import WiseALE
 
 __all__ = ["build_model", "register_model", "model_names", "get_method", "resolve_name", "import_methods", "VAE", "VAE2",
            "LinearGaussianVAE", "VLAE", "RME", "GAMIX", "LaDDer", "WiseALE", "SigmaVAE",
-           "VAEEpanechnikov", "VAEPoisson", "HVAE", "VLadder"]
+           "VAEEpanechnikov", "VAEPoisson", "HVAE", "VLadder", "VLAC"]
 
 
 def build_model(cfg: ModelConfig, data_shape, num_data: int | None = None, num_classes: int | None = None):

@@ -18,7 +18,6 @@ The figure API's z is the concatenation [z_1, …, z_L].
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import pyro
@@ -28,47 +27,19 @@ from pyro.nn import PyroModule, pyro_method
 from torch import nn
 
 from ..errors import ConfigError
-from ..nets import GaussianHead, activation, mlp
+from ..nets import LadderDecoder, LadderEncoder
 from ..options import Options, option
 from ..plate import data_plate
 from ..priors import StandardNormalPrior
 from ._common import config_likelihood, module_device
 from .registry import register_model
 
-__all__ = ["VLadder", "VLadderOptions", "GatedAdd", "Concat"]
-
-
-class GatedAdd(nn.Module):
-    """state + g ⊙ W z, the gate g per unit, initialised at ``gate_init``."""
-
-    def __init__(self, state_dim: int, z_dim: int, gate_init: float = 0.1):
-        super().__init__()
-        self.fc = nn.Linear(z_dim, state_dim)
-        self.gate = nn.Parameter(torch.full((state_dim,), float(gate_init)))
-        self.out_dim = state_dim
-
-    def forward(self, state, z):
-        return state + self.gate * self.fc(z)
-
-
-class Concat(nn.Module):
-    """[state, z]."""
-
-    def __init__(self, state_dim: int, z_dim: int):
-        super().__init__()
-        self.out_dim = state_dim + z_dim
-
-    def forward(self, state, z):
-        return torch.cat([state, z.expand(*state.shape[:-1], z.shape[-1])], dim=-1)
-
-
-def _step(in_dim: int, hidden, act: str) -> nn.Sequential:
-    """One ladder step: an MLP through ``hidden`` whose last layer is activated (its width is hidden[-1])."""
-    return nn.Sequential(mlp(in_dim, hidden[:-1], hidden[-1], act), activation(act)())
+__all__ = ["VLadder", "VLadderOptions"]
 
 
 class VLadder(PyroModule):
-    """The VLAE as a Pyro program (see the module docstring)."""
+    """The VLAE as a Pyro program (see the module docstring): ``encoder`` (:class:`~ppl_vae.nets.LadderEncoder`)
+    gives [(μ_l, σ_l)], ``decoder`` (:class:`~ppl_vae.nets.LadderDecoder`) maps [z_1..z_L] to p(x|z)'s input."""
 
     conditional = False
     num_classes = None
@@ -76,41 +47,12 @@ class VLadder(PyroModule):
     def __init__(self, data_shape, likelihood: nn.Module, latent_dims, hidden=(256, 256), act: str = "relu",
                  combination: str = "gated", num_data: int | None = None):
         super().__init__()
-        if combination not in ("gated", "concat"):
-            raise ConfigError(f"model.options.combination must be 'gated' or 'concat', got {combination!r}")
-        self.data_shape, self.likelihood, self.num_data = tuple(data_shape), likelihood, num_data
         self.latent_dims = [int(d) for d in latent_dims]
-        self.latent_dim = sum(self.latent_dims)
-        self.layers = len(self.latent_dims)
-        hidden, D, H = tuple(hidden), math.prod(self.data_shape), hidden[-1]
-        # inference: h_l = g_l(h_{l-1}), q(z_l|x) from h_l
-        self.up = nn.ModuleList([_step(D if i == 0 else H, hidden, act) for i in range(self.layers)])
-        self.heads = nn.ModuleList([GaussianHead(H, (), d, act) for d in self.latent_dims])
-        # generation: z̃_L = f_L(z_L), z̃_l = f_l(z̃_{l+1} ⊕ z_l), x from f_0(z̃_1)
-        comb = GatedAdd if combination == "gated" else Concat
-        self.combine = nn.ModuleList([comb(H, d) for d in self.latent_dims[:-1]])
-        self.down = nn.ModuleList([_step(c.out_dim, hidden, act) for c in self.combine]
-                                  + [_step(self.latent_dims[-1], hidden, act)])
-        self.out = mlp(H, hidden[:-1], D, act)
+        self.latent_dim, self.layers = sum(self.latent_dims), len(self.latent_dims)
+        self.likelihood, self.num_data = likelihood, num_data
+        self.encoder = LadderEncoder(data_shape, self.latent_dims, tuple(hidden), act)
+        self.decoder = LadderDecoder(data_shape, self.latent_dims, tuple(hidden), act, combination)
         self.priors = nn.ModuleList([StandardNormalPrior(d) for d in self.latent_dims])
-
-    # ----- the two halves of the ladder
-    def posterior_params(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """[(μ_l, σ_l)] for l = 1..L."""
-        h = x.flatten(x.dim() - len(self.data_shape))
-        out = []
-        for g, head in zip(self.up, self.heads, strict=True):
-            h = g(h)
-            out.append(head(h))
-        return out
-
-    def generate(self, zs: list[torch.Tensor]) -> torch.Tensor:
-        """The decoder's raw output from [z_1, …, z_L]."""
-        state = self.down[-1](zs[-1])
-        for l in range(self.layers - 2, -1, -1):
-            state = self.down[l](self.combine[l](state, zs[l]))
-        out = self.out(state)
-        return out.reshape(*out.shape[:-1], *self.data_shape)
 
     # ----- the Pyro program
     @pyro_method
@@ -118,12 +60,12 @@ class VLadder(PyroModule):
         with data_plate(x, self.num_data):
             # independent priors: the order of the sites is free; z1..zL, the guide's, keeps mean-field valid
             zs = [pyro.sample(f"z{l + 1}", prior(x.shape[0])) for l, prior in enumerate(self.priors)]
-            pyro.sample("x", self.likelihood(self.generate(zs), event_dim=x.dim() - 1, x=x), obs=x)
+            pyro.sample("x", self.likelihood(self.decoder(zs), event_dim=x.dim() - 1, x=x), obs=x)
 
     @pyro_method
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None):
         with data_plate(x, self.num_data):
-            for l, (loc, scale) in enumerate(self.posterior_params(x)):
+            for l, (loc, scale) in enumerate(self.encoder(x)):
                 pyro.sample(f"z{l + 1}", dist.Normal(loc, scale).to_event(1))
 
     # ----- the figure API (z = [z_1, …, z_L])
@@ -131,11 +73,11 @@ class VLadder(PyroModule):
         return list(z.split(self.latent_dims, dim=-1))
 
     def encode(self, x, y=None):
-        locs, scales = zip(*self.posterior_params(x), strict=True)
+        locs, scales = zip(*self.encoder(x), strict=True)
         return torch.cat(locs, -1), torch.cat(scales, -1)
 
     def decode(self, z, y=None):
-        return self.likelihood.mean(self.generate(self.split(z)))
+        return self.likelihood.mean(self.decoder(self.split(z)))
 
     def reconstruct(self, x, y=None):
         return self.decode(self.encode(x)[0])

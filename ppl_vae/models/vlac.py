@@ -1,0 +1,208 @@
+r"""VLAC (Willetts, Roberts & Holmes, "Disentangling to Cluster: Gaussian Mixture Variational Ladder Autoencoders",
+arXiv 1909.11501, 2019): the Variational Ladder Autoencoder with Gaussian-mixture priors, clustering in its layers.
+
+Generative story (sites ``z1`` … ``zL``; on the mixture layers also ``c_l``):
+    c_l ~ Cat(π_l),  z_l | c_l ~ N(μ_{c_l}, diag σ²_{c_l})      on the layers in ``mixture_layers``
+    z_l ~ N(0, I)                                              on the others
+    x ~ p_θ(x | f_0(z̃_1)),  z̃ the ladder of :mod:`~ppl_vae.models.vladder` (gated add or concat)
+Guide (the VLAE's): q(z_l | x) = N(μ_l(h_l), diag σ_l²(h_l)), h_l = g_l(h_{l−1}), h_0 = x; no c site.
+
+Two codings of one objective (``coding``):
+* ``mixture`` — p(z_l) = Σ_c π_c N(z_l; μ_c, σ_c) as a ``MixtureSameFamily`` site; any ELBO.
+  ELBO = E_q[log p(x|z) + Σ_l log p(z_l) − log q(z_l|x)]; with q(c|x) = p(c|z) this is exactly the VaDE objective.
+* ``enumerate`` — c_l is a model site marked for parallel enumeration and the plan trains with
+  ``TraceEnum_ELBO``, which sums c out (the same ELBO, on the same draws); ``cluster_posterior`` then comes from
+  Pyro's ``infer_discrete``.
+Cluster assignment: argmax_c p(c_l | z_l = μ_l(x)) (:meth:`VLAC.cluster`). Warm-up (the plan): the mixture
+layers have an N(0, I) prior for ``warmup_epochs`` epochs, then each mixture is initialised by a diagonal
+``GaussianMixture`` fitted to μ_l(x) of up to ``fit_points`` training images and switched on; only epochs after
+that are scored. With ``layers: 1`` this is the flat mixture-prior VAE (VaDE / GM-DGM type), the baseline.
+Registered as ``vlac``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import TraceEnum_ELBO, config_enumerate, infer_discrete
+from pyro.nn import PyroModule, pyro_method
+from torch import nn
+
+from ..errors import ConfigError
+from ..infer.plan import Stage, TrainingPlan, build_objective, training_plan
+from ..nets import LadderDecoder, LadderEncoder
+from ..options import Options, option
+from ..plate import data_plate
+from ..priors import LearnedMixturePrior, StandardNormalPrior
+from ._common import config_likelihood, module_device
+from .registry import register_model
+
+__all__ = ["VLAC", "VLACOptions", "VLACPlan"]
+
+
+class VLAC(PyroModule):
+    """The ladder of :class:`~ppl_vae.models.VLadder` with learned Gaussian-mixture priors on ``mixture_layers``
+    (1-based); see the module docstring."""
+
+    conditional = False
+    num_classes = None
+
+    def __init__(self, data_shape, likelihood: nn.Module, latent_dims, hidden=(256, 256), act: str = "relu",
+                 combination: str = "gated", mixture_layers=(), num_components: int = 10, coding: str = "mixture",
+                 warmup_epochs: int = 5, fit_points: int = 10000, num_data: int | None = None):
+        super().__init__()
+        self.latent_dims = [int(d) for d in latent_dims]
+        self.latent_dim, self.layers = sum(self.latent_dims), len(self.latent_dims)
+        self.mixture_layers = sorted(set(mixture_layers)) or list(range(1, self.layers + 1))
+        if coding not in ("mixture", "enumerate"):
+            raise ConfigError(f"model.options.coding must be 'mixture' or 'enumerate', got {coding!r}")
+        bad = [l for l in self.mixture_layers if not 1 <= l <= self.layers]
+        if bad:
+            raise ConfigError(f"model.options.mixture_layers must be layers in 1..{self.layers}, got {bad}")
+        self.coding, self.warmup_epochs, self.fit_points = coding, int(warmup_epochs), int(fit_points)
+        self.likelihood, self.num_data = likelihood, num_data
+        self.encoder = LadderEncoder(data_shape, self.latent_dims, tuple(hidden), act)
+        self.decoder = LadderDecoder(data_shape, self.latent_dims, tuple(hidden), act, combination)
+        self.normal = nn.ModuleList([StandardNormalPrior(d) for d in self.latent_dims])
+        self.mixtures = nn.ModuleDict({str(l): LearnedMixturePrior(num_components, self.latent_dims[l - 1], seed=l)
+                                       for l in self.mixture_layers})
+        self.register_buffer("mixture_on", torch.tensor(self.warmup_epochs == 0))
+
+    def prior_site(self, l: int, batch: int) -> torch.Tensor:
+        """Sample site z_l (and c_l under ``enumerate``) of the model."""
+        if str(l) not in self.mixtures or not bool(self.mixture_on):
+            return pyro.sample(f"z{l}", self.normal[l - 1](batch))
+        mix = self.mixtures[str(l)]
+        if self.coding == "mixture":
+            return pyro.sample(f"z{l}", mix(batch))
+        c = pyro.sample(f"c{l}", mix.weights(batch), infer={"enumerate": "parallel"})
+        return pyro.sample(f"z{l}", mix.component(c))
+
+    @pyro_method
+    def model(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        with data_plate(x, self.num_data):
+            zs = [self.prior_site(l, x.shape[0]) for l in range(1, self.layers + 1)]
+            pyro.sample("x", self.likelihood(self.decoder(zs), event_dim=x.dim() - 1, x=x), obs=x)
+
+    @pyro_method
+    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        with data_plate(x, self.num_data):
+            for l, (loc, scale) in enumerate(self.encoder(x), 1):
+                pyro.sample(f"z{l}", dist.Normal(loc, scale).to_event(1))
+
+    # ----- clusters
+    @torch.no_grad()
+    def cluster(self, x: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """argmax_c p(c_l | z_l = μ_l(x)) for mixture layer ``layer`` (default: the highest)."""
+        layer = self.mixture_layers[-1] if layer is None else layer
+        if str(layer) not in self.mixtures:
+            raise ValueError(f"layer {layer} has no mixture prior (mixture layers: {self.mixture_layers})")
+        mu = self.encoder(x)[layer - 1][0]
+        return self.mixtures[str(layer)].cluster_log_probs(mu).argmax(-1)
+
+    @torch.no_grad()
+    def cluster_posterior(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{c_l: MAP cluster} by Pyro's ``infer_discrete`` on the enumerated model with z_l = μ_l(x)."""
+        zs = {f"z{l}": loc for l, (loc, _) in enumerate(self.encoder(x), 1)}
+        coding, on = self.coding, self.mixture_on.clone()
+        self.coding = "enumerate"
+        self.mixture_on.fill_(True)
+        try:
+            conditioned = pyro.poutine.condition(config_enumerate(self.model), data=zs)
+            tr = pyro.poutine.trace(infer_discrete(conditioned, first_available_dim=-2, temperature=0)).get_trace(x)
+        finally:
+            self.coding = coding
+            self.mixture_on.copy_(on)
+        return {f"c{l}": tr.nodes[f"c{l}"]["value"] for l in self.mixture_layers}
+
+    @torch.no_grad()
+    def fit_mixtures(self, x: torch.Tensor, seed: int = 0) -> None:
+        """Initialise every mixture from a diagonal GaussianMixture fitted to μ_l(x), and switch the mixtures on."""
+        means = [torch.cat(parts) for parts in zip(*[[loc for loc, _ in self.encoder(xb)] for xb in x.split(1000)],
+                                                   strict=True)]
+        for l in self.mixture_layers:
+            self.mixtures[str(l)].init_from(means[l - 1], seed)
+        self.mixture_on.fill_(True)
+
+    # ----- the figure API (z = [z_1, …, z_L])
+    def split(self, z: torch.Tensor) -> list[torch.Tensor]:
+        return list(z.split(self.latent_dims, dim=-1))
+
+    def encode(self, x, y=None):
+        locs, scales = zip(*self.encoder(x), strict=True)
+        return torch.cat(locs, -1), torch.cat(scales, -1)
+
+    def decode(self, z, y=None):
+        return self.likelihood.mean(self.decoder(self.split(z)))
+
+    def reconstruct(self, x, y=None):
+        return self.decode(self.encode(x)[0])
+
+    def prior_sample(self, n: int, component: dict[int, int] | None = None) -> torch.Tensor:
+        """n draws of z = [z_1..z_L] from the prior; ``component`` {layer: c} fixes c_l on those layers."""
+        component = component or {}
+        dev, zs = module_device(self), []
+        for l in range(1, self.layers + 1):
+            if str(l) in self.mixtures and bool(self.mixture_on):
+                mix = self.mixtures[str(l)]
+                c = (torch.full((n,), int(component[l]), device=dev) if l in component
+                     else mix.weights(n).sample())
+                zs.append(mix.component(c).sample())
+            else:
+                zs.append(torch.randn(n, self.latent_dims[l - 1], device=dev))
+        return torch.cat(zs, -1)
+
+    def sample(self, n: int, y=None):
+        return self.decode(self.prior_sample(n))
+
+
+@training_plan(VLAC)
+class VLACPlan(TrainingPlan):
+    """Warm-up with N(0, I) priors, then the mixtures fitted to encoder means and switched on (scored from the
+    next epoch); ``TraceEnum_ELBO`` under ``coding: enumerate``."""
+
+    def objective(self, train):
+        if self.model.coding == "enumerate":
+            if train.objective not in ("auto", "elbo"):
+                raise ConfigError(f"train.objective must be 'auto' or 'elbo' with model.options.coding='enumerate' "
+                                  f"(TraceEnum_ELBO sums the clusters out), got {train.objective!r}")
+            return TraceEnum_ELBO(num_particles=train.num_particles, max_plate_nesting=1)
+        return build_objective(train)
+
+    def stages(self, train):
+        w = self.model.warmup_epochs
+        return [Stage("train", train, first_scored_epoch=w + 1 if 0 < w < train.epochs else 1)]
+
+    def on_epoch_end(self, epoch, record, data):
+        m = self.model
+        if not bool(m.mixture_on) and epoch + 1 >= m.warmup_epochs and data is not None:
+            x = data if isinstance(data, torch.Tensor) else data.train_x
+            idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))[:m.fit_points]
+            m.fit_mixtures(x[idx].to(module_device(m)), seed=epoch)
+        record["mixture_on"] = bool(m.mixture_on)
+
+
+@dataclass
+class VLACOptions(Options):
+    layers: int = option(3, ge=1, doc="L, the number of latent layers (each of size model.latent_dim)")
+    combination: str = option("gated", choices=("gated", "concat"))
+    mixture_layers: list[int] = option([], item_gt=0, doc="1-based layers with a mixture prior ([]: every layer)")
+    num_components: int = option(10, ge=1, doc="mixture components per mixture layer")
+    coding: str = option("mixture", choices=("mixture", "enumerate"),
+                         doc="MixtureSameFamily prior, or c enumerated by TraceEnum_ELBO (the same ELBO)")
+    warmup_epochs: int = option(5, ge=0, doc="epochs with N(0, I) priors before the mixtures are fitted")
+    fit_points: int = option(10000, ge=1, doc="training images whose encoder means initialise the mixtures")
+
+
+@register_model("vlac", options=VLACOptions)
+def build_vlac(cfg, o: VLACOptions, data_shape, num_data, num_classes) -> VLAC:
+    if cfg.arch != "mlp":
+        raise ConfigError(f"model.arch must be 'mlp' for model.name='vlac', got {cfg.arch!r}")
+    if not cfg.hidden:
+        raise ConfigError("model.hidden must name at least one layer width for model.name='vlac', got []")
+    return VLAC(data_shape, config_likelihood(cfg), [cfg.latent_dim] * o.layers, cfg.hidden, cfg.activation,
+                o.combination, o.mixture_layers, o.num_components, o.coding, o.warmup_epochs, o.fit_points,
+                num_data=num_data)
