@@ -15,7 +15,7 @@ Two codings of one objective (``coding``):
   Pyro's ``infer_discrete``.
 Cluster assignment: argmax_c p(c_l | z_l = μ_l(x)) (:meth:`VLAC.cluster`). Warm-up (the plan): the mixture
 layers have an N(0, I) prior for ``warmup_epochs`` epochs, then each mixture is initialised by a diagonal
-``GaussianMixture`` fitted to μ_l(x) of up to ``fit_points`` training images and switched on; only epochs after
+``GaussianMixture`` fitted to draws of q(z_l | x) for up to ``fit_points`` training images and switched on; only epochs after
 that are scored. With ``layers: 1`` this is the flat mixture-prior VAE (VaDE / GM-DGM type), the baseline.
 Registered as ``vlac``.
 """
@@ -120,11 +120,14 @@ class VLAC(PyroModule):
 
     @torch.no_grad()
     def fit_mixtures(self, x: torch.Tensor, seed: int = 0) -> None:
-        """Initialise every mixture from a diagonal GaussianMixture fitted to μ_l(x), and switch the mixtures on."""
-        means = [torch.cat(parts) for parts in zip(*[[loc for loc, _ in self.encoder(xb)] for xb in x.split(1000)],
-                                                   strict=True)]
+        """Initialise every mixture from a diagonal GaussianMixture fitted to one draw of z_l ~ q(z_l | x) per image
+        (the aggregate posterior: a unit the warm-up left unused keeps unit variance, where a fit to the means μ_l
+        would give it a near-zero variance that then decides every cluster), and switch the mixtures on."""
+        g = torch.Generator(device=x.device).manual_seed(seed)
+        draws = [[loc + scale * torch.randn(loc.shape, generator=g, device=loc.device, dtype=loc.dtype)
+                  for loc, scale in self.encoder(xb)] for xb in x.split(1000)]
         for l in self.mixture_layers:
-            self.mixtures[str(l)].init_from(means[l - 1], seed)
+            self.mixtures[str(l)].init_from(torch.cat([d[l - 1] for d in draws]), seed)
         self.mixture_on.fill_(True)
 
     # ----- the figure API (z = [z_1, …, z_L])
