@@ -50,3 +50,21 @@ def outer_parts(cfg, data_shape, likelihood: str = "floored_laplace", laplace_in
 def config_likelihood(cfg):
     """The likelihood named by ``model.likelihood`` with ``model.sigma2``, ``laplace_scale`` and ``link``."""
     return build_likelihood(cfg.likelihood, sigma2=cfg.sigma2, laplace_scale=cfg.laplace_scale, link=cfg.link)
+
+
+class LadderFigures:
+    """The figure API of a ladder model (``encoder(x) -> [(μ_l, σ_l)]``, ``decoder([z_1..z_L])``, ``latent_dims``,
+    ``likelihood``), with z = [z_1, …, z_L] concatenated: ``split``, ``encode``, ``decode``, ``reconstruct``."""
+
+    def split(self, z: torch.Tensor) -> list[torch.Tensor]:
+        return list(z.split(self.latent_dims, dim=-1))
+
+    def encode(self, x, y=None):
+        locs, scales = zip(*self.encoder(x), strict=True)
+        return torch.cat(locs, -1), torch.cat(scales, -1)
+
+    def decode(self, z, y=None):
+        return self.likelihood.mean(self.decoder(self.split(z)))
+
+    def reconstruct(self, x, y=None):
+        return self.decode(self.encode(x)[0])

@@ -37,13 +37,13 @@ from ..nets import LadderDecoder, LadderEncoder
 from ..options import Options, option
 from ..plate import data_plate
 from ..priors import LearnedMixturePrior, StandardNormalPrior
-from ._common import config_likelihood, module_device
+from ._common import LadderFigures, config_likelihood, module_device
 from .registry import register_model
 
 __all__ = ["VLAC", "VLACOptions", "VLACPlan"]
 
 
-class VLAC(PyroModule):
+class VLAC(LadderFigures, PyroModule):
     """The ladder of :class:`~ppl_vae.models.VLadder` with learned Gaussian-mixture priors on ``mixture_layers``
     (1-based); see the module docstring."""
 
@@ -130,20 +130,7 @@ class VLAC(PyroModule):
             self.mixtures[str(l)].init_from(torch.cat([d[l - 1] for d in draws]), seed)
         self.mixture_on.fill_(True)
 
-    # ----- the figure API (z = [z_1, …, z_L])
-    def split(self, z: torch.Tensor) -> list[torch.Tensor]:
-        return list(z.split(self.latent_dims, dim=-1))
-
-    def encode(self, x, y=None):
-        locs, scales = zip(*self.encoder(x), strict=True)
-        return torch.cat(locs, -1), torch.cat(scales, -1)
-
-    def decode(self, z, y=None):
-        return self.likelihood.mean(self.decoder(self.split(z)))
-
-    def reconstruct(self, x, y=None):
-        return self.decode(self.encode(x)[0])
-
+    # ----- the figure API (z = [z_1, …, z_L]; split/encode/decode/reconstruct from LadderFigures)
     def prior_sample(self, n: int, component: dict[int, int] | None = None) -> torch.Tensor:
         """n draws of z = [z_1..z_L] from the prior; ``component`` {layer: c} fixes c_l on those layers."""
         component = component or {}

@@ -31,13 +31,13 @@ from ..nets import LadderDecoder, LadderEncoder
 from ..options import Options, option
 from ..plate import data_plate
 from ..priors import StandardNormalPrior
-from ._common import config_likelihood, module_device
+from ._common import LadderFigures, config_likelihood, module_device
 from .registry import register_model
 
 __all__ = ["VLadder", "VLadderOptions"]
 
 
-class VLadder(PyroModule):
+class VLadder(LadderFigures, PyroModule):
     """The VLAE as a Pyro program (see the module docstring): ``encoder`` (:class:`~ppl_vae.nets.LadderEncoder`)
     gives [(μ_l, σ_l)], ``decoder`` (:class:`~ppl_vae.nets.LadderDecoder`) maps [z_1..z_L] to p(x|z)'s input."""
 
@@ -68,20 +68,7 @@ class VLadder(PyroModule):
             for l, (loc, scale) in enumerate(self.encoder(x)):
                 pyro.sample(f"z{l + 1}", dist.Normal(loc, scale).to_event(1))
 
-    # ----- the figure API (z = [z_1, …, z_L])
-    def split(self, z: torch.Tensor) -> list[torch.Tensor]:
-        return list(z.split(self.latent_dims, dim=-1))
-
-    def encode(self, x, y=None):
-        locs, scales = zip(*self.encoder(x), strict=True)
-        return torch.cat(locs, -1), torch.cat(scales, -1)
-
-    def decode(self, z, y=None):
-        return self.likelihood.mean(self.decoder(self.split(z)))
-
-    def reconstruct(self, x, y=None):
-        return self.decode(self.encode(x)[0])
-
+    # ----- the figure API (z = [z_1, …, z_L]; split/encode/decode/reconstruct from LadderFigures)
     def sample(self, n: int, y=None):
         return self.decode(torch.randn(n, self.latent_dim, device=module_device(self)))
 
