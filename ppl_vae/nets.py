@@ -92,21 +92,25 @@ def _num_downsamples(size: int) -> int:
     return n
 
 
+def conv_trunk(data_shape, channels: int = 32, act: str = "relu") -> tuple[nn.Sequential, int]:
+    """Stride-2 4×4 convolutions (channels, 2·channels, …) down to a small feature map; (trunk, flat size)."""
+    c, h, w = data_shape
+    n = min(_num_downsamples(h), _num_downsamples(w))
+    layers: list[nn.Module] = []
+    ch = c
+    for i in range(n):
+        out_ch = channels * 2**i
+        layers += [nn.Conv2d(ch, out_ch, 4, stride=2, padding=1), activation(act)()]
+        ch = out_ch
+    return nn.Sequential(*layers), ch * (h // 2**n) * (w // 2**n)
+
+
 class ConvEncoder(nn.Module):
     """Stride-2 convolutions down to a small feature map, then a Gaussian head."""
 
     def __init__(self, data_shape, latent_dim: int, channels: int = 32, hidden=(256,), act="relu", cond_dim: int = 0):
         super().__init__()
-        c, h, w = data_shape
-        n = min(_num_downsamples(h), _num_downsamples(w))
-        layers: list[nn.Module] = []
-        ch = c
-        for i in range(n):
-            out_ch = channels * 2**i
-            layers += [nn.Conv2d(ch, out_ch, 4, stride=2, padding=1), activation(act)()]
-            ch = out_ch
-        self.conv = nn.Sequential(*layers)
-        self.feat_dim = ch * (h // 2**n) * (w // 2**n)
+        self.conv, self.feat_dim = conv_trunk(data_shape, channels, act)
         self.head = GaussianHead(self.feat_dim + cond_dim, hidden, latent_dim, act)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None):
@@ -201,17 +205,25 @@ def ladder_step(in_dim: int, hidden: Sequence[int], act: str = "relu") -> nn.Seq
 
 
 class LadderEncoder(nn.Module):
-    """h_0 = x, h_l = g_l(h_{l−1}), (μ_l, σ_l) = head_l(h_l) for l = 1..L: ``forward(x)`` returns the list."""
+    """h_0 = x, h_l = g_l(h_{l−1}), (μ_l, σ_l) = head_l(h_l) for l = 1..L: ``forward(x)`` returns the list.
+    ``arch``: ``mlp`` (every g_l an MLP through ``hidden``) or ``conv`` (g_1 starts with :func:`conv_trunk`)."""
 
-    def __init__(self, data_shape, latent_dims: Sequence[int], hidden: Sequence[int] = (256, 256), act="relu"):
+    def __init__(self, data_shape, latent_dims: Sequence[int], hidden: Sequence[int] = (256, 256), act="relu",
+                 arch: str = "mlp", channels: int = 32):
         super().__init__()
-        self.data_shape = tuple(data_shape)
+        if arch not in ("mlp", "conv"):
+            raise ConfigError(f"model.arch must be 'mlp' or 'conv' for a ladder, got {arch!r}")
+        self.data_shape, self.arch = tuple(data_shape), arch
         D, H = math.prod(self.data_shape), hidden[-1]
-        self.up = nn.ModuleList([ladder_step(D if i == 0 else H, hidden, act) for i in range(len(latent_dims))])
+        steps = [ladder_step(D if i == 0 else H, hidden, act) for i in range(len(latent_dims))]
+        if arch == "conv":
+            trunk, feat = conv_trunk(self.data_shape, channels, act)
+            steps[0] = nn.Sequential(trunk, nn.Flatten(), ladder_step(feat, hidden, act))
+        self.up = nn.ModuleList(steps)
         self.heads = nn.ModuleList([GaussianHead(H, (), d, act) for d in latent_dims])
 
     def forward(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        h = x.flatten(x.dim() - len(self.data_shape))
+        h = x if self.arch == "conv" else x.flatten(x.dim() - len(self.data_shape))
         out = []
         for g, head in zip(self.up, self.heads, strict=True):
             h = g(h)
@@ -221,24 +233,28 @@ class LadderEncoder(nn.Module):
 
 class LadderDecoder(nn.Module):
     """z̃_L = f_L(z_L), z̃_l = f_l(z̃_{l+1} ⊕ z_l), raw output f_0(z̃_1) of the data's shape: ``forward([z_1..z_L])``.
-    ``combination``: ``gated`` (:class:`GatedAdd`) or ``concat`` (:class:`Concat`)."""
+    ``combination``: ``gated`` (:class:`GatedAdd`) or ``concat`` (:class:`Concat`); ``arch``: f_0 an MLP or a
+    :class:`ConvDecoder`."""
 
     def __init__(self, data_shape, latent_dims: Sequence[int], hidden: Sequence[int] = (256, 256), act="relu",
-                 combination: str = "gated"):
+                 combination: str = "gated", arch: str = "mlp", channels: int = 32):
         super().__init__()
         if combination not in ("gated", "concat"):
             raise ConfigError(f"model.options.combination must be 'gated' or 'concat', got {combination!r}")
-        self.data_shape = tuple(data_shape)
+        if arch not in ("mlp", "conv"):
+            raise ConfigError(f"model.arch must be 'mlp' or 'conv' for a ladder, got {arch!r}")
+        self.data_shape, self.arch = tuple(data_shape), arch
         H = hidden[-1]
         comb = GatedAdd if combination == "gated" else Concat
         self.combine = nn.ModuleList([comb(H, d) for d in latent_dims[:-1]])
         self.down = nn.ModuleList([ladder_step(c.out_dim, hidden, act) for c in self.combine]
                                   + [ladder_step(latent_dims[-1], hidden, act)])
-        self.out = mlp(H, hidden[:-1], math.prod(self.data_shape), act)
+        self.out = (ConvDecoder(self.data_shape, H, channels, hidden[:-1], act) if arch == "conv"
+                    else mlp(H, hidden[:-1], math.prod(self.data_shape), act))
 
     def forward(self, zs: Sequence[torch.Tensor]) -> torch.Tensor:
         state = self.down[-1](zs[-1])
         for l in range(len(zs) - 2, -1, -1):
             state = self.down[l](self.combine[l](state, zs[l]))
         out = self.out(state)
-        return out.reshape(*out.shape[:-1], *self.data_shape)
+        return out if self.arch == "conv" else out.reshape(*out.shape[:-1], *self.data_shape)

@@ -228,3 +228,18 @@ def test_layer_and_component_figures(tmp_path):
     assert plot_component_generation(m, tmp_path / "c.png", 3).endswith(".png")
     with pytest.raises(ValueError, match="layer must be"):
         plot_layer_traversal(m, tmp_path / "bad.png", 4)
+
+
+@pytest.mark.parametrize("name", ["vladder", "vlac"])
+def test_conv_ladders_train_and_keep_the_data_shape(name):
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    m = build_model(ModelConfig(name=name, arch="conv", channels=8, latent_dim=2, hidden=[32],
+                                options={"layers": 3, **({"warmup_epochs": 0} if name == "vlac" else {})}),
+                    (1, 28, 28))
+    assert isinstance(m.encoder.up[0][0][0], torch.nn.Conv2d)
+    loss = TraceIWAE(num_particles=3).loss(m.model, m.guide, x)
+    assert math.isfinite(loss)
+    assert m.reconstruct(x).shape == x.shape and m.sample(2).shape == (2, 1, 28, 28)
+    m.zero_grad()
+    Trace_ELBO().loss_and_grads(m.model, m.guide, x)
+    assert all(p.grad is not None for p in m.parameters())

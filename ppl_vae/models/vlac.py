@@ -51,7 +51,8 @@ class VLAC(LadderFigures, PyroModule):
     num_classes = None
 
     def __init__(self, data_shape, likelihood: nn.Module, latent_dims, hidden=(256, 256), act: str = "relu",
-                 combination: str = "gated", mixture_layers=(), num_components: int = 10, coding: str = "mixture",
+                 combination: str = "gated", arch: str = "mlp", channels: int = 32, mixture_layers=(),
+                 num_components: int = 10, coding: str = "mixture",
                  warmup_epochs: int = 5, fit_points: int = 10000, num_data: int | None = None):
         super().__init__()
         self.latent_dims = [int(d) for d in latent_dims]
@@ -64,8 +65,8 @@ class VLAC(LadderFigures, PyroModule):
             raise ConfigError(f"model.options.mixture_layers must be layers in 1..{self.layers}, got {bad}")
         self.coding, self.warmup_epochs, self.fit_points = coding, int(warmup_epochs), int(fit_points)
         self.likelihood, self.num_data = likelihood, num_data
-        self.encoder = LadderEncoder(data_shape, self.latent_dims, tuple(hidden), act)
-        self.decoder = LadderDecoder(data_shape, self.latent_dims, tuple(hidden), act, combination)
+        self.encoder = LadderEncoder(data_shape, self.latent_dims, tuple(hidden), act, arch, channels)
+        self.decoder = LadderDecoder(data_shape, self.latent_dims, tuple(hidden), act, combination, arch, channels)
         self.normal = nn.ModuleList([StandardNormalPrior(d) for d in self.latent_dims])
         self.mixtures = nn.ModuleDict({str(l): LearnedMixturePrior(num_components, self.latent_dims[l - 1], seed=l)
                                        for l in self.mixture_layers})
@@ -189,10 +190,10 @@ class VLACOptions(Options):
 
 @register_model("vlac", options=VLACOptions)
 def build_vlac(cfg, o: VLACOptions, data_shape, num_data, num_classes) -> VLAC:
-    if cfg.arch != "mlp":
-        raise ConfigError(f"model.arch must be 'mlp' for model.name='vlac', got {cfg.arch!r}")
+    if cfg.arch not in ("mlp", "conv"):
+        raise ConfigError(f"model.arch must be 'mlp' or 'conv' for model.name='vlac', got {cfg.arch!r}")
     if not cfg.hidden:
         raise ConfigError("model.hidden must name at least one layer width for model.name='vlac', got []")
     return VLAC(data_shape, config_likelihood(cfg), [cfg.latent_dim] * o.layers, cfg.hidden, cfg.activation,
-                o.combination, o.mixture_layers, o.num_components, o.coding, o.warmup_epochs, o.fit_points,
-                num_data=num_data)
+                o.combination, cfg.arch, cfg.channels, o.mixture_layers, o.num_components, o.coding, o.warmup_epochs,
+                o.fit_points, num_data=num_data)

@@ -45,13 +45,13 @@ class VLadder(LadderFigures, PyroModule):
     num_classes = None
 
     def __init__(self, data_shape, likelihood: nn.Module, latent_dims, hidden=(256, 256), act: str = "relu",
-                 combination: str = "gated", num_data: int | None = None):
+                 combination: str = "gated", arch: str = "mlp", channels: int = 32, num_data: int | None = None):
         super().__init__()
         self.latent_dims = [int(d) for d in latent_dims]
         self.latent_dim, self.layers = sum(self.latent_dims), len(self.latent_dims)
         self.likelihood, self.num_data = likelihood, num_data
-        self.encoder = LadderEncoder(data_shape, self.latent_dims, tuple(hidden), act)
-        self.decoder = LadderDecoder(data_shape, self.latent_dims, tuple(hidden), act, combination)
+        self.encoder = LadderEncoder(data_shape, self.latent_dims, tuple(hidden), act, arch, channels)
+        self.decoder = LadderDecoder(data_shape, self.latent_dims, tuple(hidden), act, combination, arch, channels)
         self.priors = nn.ModuleList([StandardNormalPrior(d) for d in self.latent_dims])
 
     # ----- the Pyro program
@@ -82,9 +82,9 @@ class VLadderOptions(Options):
 
 @register_model("vladder", options=VLadderOptions)
 def build_vladder(cfg, o: VLadderOptions, data_shape, num_data, num_classes) -> VLadder:
-    if cfg.arch != "mlp":
-        raise ConfigError(f"model.arch must be 'mlp' for model.name='vladder', got {cfg.arch!r}")
+    if cfg.arch not in ("mlp", "conv"):
+        raise ConfigError(f"model.arch must be 'mlp' or 'conv' for model.name='vladder', got {cfg.arch!r}")
     if not cfg.hidden:
         raise ConfigError("model.hidden must name at least one layer width for model.name='vladder', got []")
     return VLadder(data_shape, config_likelihood(cfg), [cfg.latent_dim] * o.layers, cfg.hidden, cfg.activation,
-                   o.combination, num_data=num_data)
+                   o.combination, cfg.arch, cfg.channels, num_data=num_data)
