@@ -24,6 +24,7 @@ LIKELIHOODS = ("bernoulli", "gaussian", "laplace")
 ARCHS = ("mlp", "conv", "burda1", "burda2")
 OBJECTIVES = ("auto", "elbo", "meanfield", "iwae")
 SCHEDULES = ("none", "exponential", "step", "cosine")
+WARMUP_SHAPES = ("linear", "exp")
 
 
 def _is_int(v) -> bool:
@@ -115,6 +116,7 @@ class TrainConfig:
     lr_gamma: float = 0.1
     lr_step: int = 10
     kl_warmup_epochs: int = 0
+    kl_warmup_shape: str = "linear"
     patience: int | None = None
     objective: str = "auto"
     num_particles: int = 1
@@ -139,6 +141,7 @@ class TrainConfig:
         _positive_int(f"{p}.lr_step", self.lr_step)
         _check(_is_int(self.kl_warmup_epochs) and self.kl_warmup_epochs >= 0, f"{p}.kl_warmup_epochs",
                "a non-negative integer", self.kl_warmup_epochs)
+        _one_of(f"{p}.kl_warmup_shape", self.kl_warmup_shape, WARMUP_SHAPES)
         if self.patience is not None:
             _positive_int(f"{p}.patience", self.patience)
         _one_of(f"{p}.objective", self.objective, OBJECTIVES)
@@ -173,9 +176,12 @@ class TrainConfig:
         return self.lr
 
     def beta_at(self, epoch: int) -> float:
-        """KL warm-up weight β of an epoch: linear from 1/W to 1 over ``kl_warmup_epochs`` = W epochs."""
+        """KL warm-up weight β of an epoch, W = ``kl_warmup_epochs``: ``linear`` from 1/W to 1 over W epochs;
+        ``exp`` 1 − exp(−(epoch + 1)/W), the VLAE code's 1 − exp(−t/τ) at epoch granularity (τ = W epochs)."""
         if self.kl_warmup_epochs <= 0:
             return 1.0
+        if self.kl_warmup_shape == "exp":
+            return 1.0 - math.exp(-(epoch + 1) / self.kl_warmup_epochs)
         return min(1.0, (epoch + 1) / self.kl_warmup_epochs)
 
 

@@ -243,3 +243,14 @@ def test_conv_ladders_train_and_keep_the_data_shape(name):
     m.zero_grad()
     Trace_ELBO().loss_and_grads(m.model, m.guide, x)
     assert all(p.grad is not None for p in m.parameters())
+
+
+def test_exponential_kl_warm_up_is_the_official_shape():
+    from ppl_vae.config import TrainConfig
+    from ppl_vae.errors import ConfigError
+    cfg = TrainConfig(kl_warmup_epochs=25, kl_warmup_shape="exp")
+    assert [cfg.beta_at(e) for e in (0, 24, 99)] == pytest.approx([1 - math.exp(-1 / 25), 1 - math.exp(-1),
+                                                                     1 - math.exp(-4)])
+    assert TrainConfig(kl_warmup_epochs=4).beta_at(1) == 0.5            # the linear default is unchanged
+    with pytest.raises(ConfigError, match="kl_warmup_shape"):
+        TrainConfig(kl_warmup_shape="cosine").validate()

@@ -7,7 +7,8 @@ Generative story, for each datapoint (sites ``z1`` … ``zL``):
     x ~ p_θ(x | f_0(z̃_1))
 Guide (bottom-up):  h_0 = x,  h_l = g_l(h_{l−1}),  q(z_l | x) = N(μ_l(h_l), diag σ_l²(h_l)).
 Objective: the plain ELBO Σ_l E_q[log p(z_l) − log q(z_l|x)] + E_q log p(x | z) (Trace_ELBO,
-TraceMeanField_ELBO with the closed-form KLs, TraceIWAE); the paper's KL warm-up is ``train.kl_warmup_epochs``.
+TraceMeanField_ELBO with the closed-form KLs, TraceIWAE); the official code's KL warm-up 1 − exp(−t/τ) is
+``train.kl_warmup_shape: exp`` with τ = ``train.kl_warmup_epochs``.
 
 Combination ⊕ (``combination``): ``gated`` — the official code's gated add z̃_{l+1} + g_l ⊙ W_l z_l with a learned
 per-unit gate g_l initialised at 0.1; ``concat`` — [z̃_{l+1}, z_l]. With ``activation: identity`` every network
