@@ -16,7 +16,8 @@ the variance of the Laplacian ([0 1 0; 1 −4 1; 0 1 0]) of each reconstruction 
 defensive proposal for compact guides; ``test_ll_plain_is`` without it, for the Epanechnikov rows);
 ``sparsity`` (Poisson: the fraction of zero counts in hard posterior samples); ``probe_acc_by_labels`` —
 accuracy on test images of a logistic regression (standardised codes = posterior means, or rates) trained on the
-codes of the first 200, 1,000 or 5,000 training images. The sparse-coding figure is ``bench/sparse_coding.py``.
+codes of the first 200, 1,000 or 5,000 training images; ``knn_acc_by_labels`` — the same with a 5-nearest-neighbour
+classifier on the raw codes (the Poisson VAE paper's downstream classifier). The sparse-coding figure is ``bench/sparse_coding.py``.
 
     python bench/latent_families.py            # full: 20,000 training images, 15 epochs, d 8/16/32/64, seeds 0,1,2
     python bench/latent_families.py --quick    # 5,000 images, 2 epochs, d 8/32, seed 0
@@ -34,6 +35,7 @@ import torch
 from _common import finish, parser, start
 from pyro.infer import Trace_ELBO
 from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
@@ -98,15 +100,17 @@ def codes(model, x: torch.Tensor) -> np.ndarray:
         return torch.cat([model.encode(x[s:s + 1000])[0] for s in range(0, len(x), 1000)]).cpu().numpy()
 
 
-def probe(model, data, n_test: int) -> dict:
+def probe(model, data, n_test: int) -> tuple[dict, dict]:
+    """Accuracies by number of labels of a logistic regression on standardised codes and of a 5-NN classifier
+    on the raw codes (the Poisson VAE paper's downstream classifier)."""
     ztr, zte = codes(model, data.train_x[:max(LABELS)]), codes(model, data.test_x[:n_test])
     ytr, yte = data.train_y[:max(LABELS)].numpy(), data.test_y[:n_test].numpy()
-    out = {}
+    logistic, knn = {}, {}
     for n in LABELS:
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
-        clf.fit(ztr[:n], ytr[:n])
-        out[str(n)] = round(float(clf.score(zte, yte)), 4)
-    return out
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)).fit(ztr[:n], ytr[:n])
+        logistic[str(n)] = round(float(clf.score(zte, yte)), 4)
+        knn[str(n)] = round(float(KNeighborsClassifier(5).fit(ztr[:n], ytr[:n]).score(zte, yte)), 4)
+    return logistic, knn
 
 
 def evaluate(method, model, data, fid: FrechetDistance, args, S: int, n_ll: int, n_eval: int, seed: int) -> dict:
@@ -132,7 +136,7 @@ def evaluate(method, model, data, fid: FrechetDistance, args, S: int, n_ll: int,
                 z = model.guide_dist(x.to(args.device)).sample()       # hard counts (eval mode)
             row["sparsity"] = round(float((z == 0).float().mean()), 4)
             row["mean_count"] = round(float(z.mean()), 4)
-    row["probe_acc_by_labels"] = probe(model, data, n_eval)
+    row["probe_acc_by_labels"], row["knn_acc_by_labels"] = probe(model, data, n_eval)
     return row
 
 
@@ -147,7 +151,7 @@ def _mean_sd(values):
 
 def summarise(rows: list[dict], dims, methods) -> dict:
     out = {k: {} for k in ("recon_fid", "sharpness", "test_elbo", "test_ll", "test_ll_plain_is", "sparsity")}
-    out["probe_acc_by_labels"] = {}
+    out["probe_acc_by_labels"], out["knn_acc_by_labels"] = {}, {}
     for m in methods:
         for per_method in out.values():
             per_method[m] = {}
@@ -157,27 +161,28 @@ def summarise(rows: list[dict], dims, methods) -> dict:
                 s = _mean_sd([r.get(key) for r in mine])
                 if s is not None:
                     out[key][m][str(d)] = s
-            out["probe_acc_by_labels"][m][str(d)] = {
-                str(n): _mean_sd([r["probe_acc_by_labels"][str(n)] for r in mine]) for n in LABELS}
+            for key in ("probe_acc_by_labels", "knn_acc_by_labels"):
+                out[key][m][str(d)] = {str(n): _mean_sd([r[key][str(n)] for r in mine]) for n in LABELS}
     for key in list(out):
         out[key] = {m: v for m, v in out[key].items() if v}
     return out
 
 
+def _n_vs_5n(acc: dict, dims) -> dict:
+    """accuracy(method, N labels) − accuracy(gaussian, 5N labels), per d."""
+    return {m: {str(d): {f"{m}@{n}-gaussian@{5 * n}": round(
+        acc[m][str(d)][str(n)]["mean"] - acc["gaussian"][str(d)][str(5 * n)]["mean"], 4)
+        for n in LABELS if 5 * n in LABELS} for d in dims} for m in ("poisson", "laplace") if m in acc}
+
+
 def verdicts(s: dict, dims) -> dict:
-    fid, sharp, probe_ = s["recon_fid"], s["sharpness"], s["probe_acc_by_labels"]
+    fid, sharp = s["recon_fid"], s["sharpness"]
     gap = {str(d): round(fid["gaussian"][str(d)]["mean"] - fid["epanechnikov"][str(d)]["mean"], 3) for d in dims}
     sharper = {str(d): sharp["epanechnikov"][str(d)]["mean"] > sharp["gaussian"][str(d)]["mean"] for d in dims}
-    labels = {}
-    for m in ("poisson", "laplace"):
-        if m not in probe_:
-            continue
-        labels[m] = {str(d): {f"{m}@{n}-gaussian@{5 * n}": round(
-            probe_[m][str(d)][str(n)]["mean"] - probe_["gaussian"][str(d)][str(5 * n)]["mean"], 4)
-            for n in LABELS if 5 * n in LABELS} for d in dims}
     return {"fid_gaussian_minus_epanechnikov": gap, "epanechnikov_sharper": sharper,
             "fid_gap_grows_with_d": all(gap[str(a)] < gap[str(b)] for a, b in itertools.pairwise(dims)),
-            "probe_n_vs_gaussian_5n": labels}
+            "probe_n_vs_gaussian_5n": _n_vs_5n(s["probe_acc_by_labels"], dims),
+            "knn_n_vs_gaussian_5n": _n_vs_5n(s["knn_acc_by_labels"], dims)}
 
 
 def main(argv=None):
