@@ -48,20 +48,21 @@ HIER = {"vladder": dict(name="vladder", latent_dim=2, options={"layers": 3, "com
         "vae": dict(name="vae", latent_dim=6, options={})}
 
 
-def fit(cfg: ModelConfig, data, epochs: int, seed: int, args, warmup_kl: int = 0):
+def fit(cfg: ModelConfig, data, epochs: int, seed: int, args, warmup_kl: int = 0, shape: str = "linear"):
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     m = build_model(cfg, data.shape, num_data=len(data.train_x)).to(args.device)
-    ppl_vae.train(m, data, TrainConfig(epochs=epochs, batch_size=100, lr=1e-3, kl_warmup_epochs=warmup_kl),
-                  seed=seed, device=args.device, progress=False)
+    ppl_vae.train(m, data, TrainConfig(epochs=epochs, batch_size=100, lr=1e-3, kl_warmup_epochs=warmup_kl,
+                                       kl_warmup_shape=shape), seed=seed, device=args.device, progress=False)
     return m.eval()
 
 
 def per_layer_run(method, data, epochs, seed, args, n_eval, n_ll, S) -> dict:
     spec = HIER[method]
+    options = {**spec["options"], **({"combination": args.combination} if method == "vladder" else {})}
     cfg = ModelConfig(name=spec["name"], likelihood="gaussian", sigma2=0.125, link="sigmoid", arch="mlp",
-                      hidden=[256, 256], latent_dim=spec["latent_dim"], options=spec["options"])
-    m = fit(cfg, data, epochs, seed, args, warmup_kl=min(2, epochs - 1))
+                      hidden=[256, 256], latent_dim=spec["latent_dim"], options=options)
+    m = fit(cfg, data, epochs, seed, args, warmup_kl=min(args.kl_warmup, epochs - 1), shape=args.kl_shape)
     xt = data.test_x[:n_eval].to(args.device)
     xtr = data.train_x[:5000].to(args.device)
     with torch.random.fork_rng():
@@ -124,6 +125,8 @@ def summarise(per_layer_rows, cluster_rows) -> dict:
             for site in rows[0]["layers"]}}
     clusters = {}
     for dataset, rows in cluster_rows.items():
+        if not rows:
+            continue
         clusters[dataset] = {}
         for method in ("vae_gmm", "mixture_vae", "vlac"):
             mine = [r for r in rows if r["method"] == method]
@@ -135,6 +138,8 @@ def summarise(per_layer_rows, cluster_rows) -> dict:
 def verdicts(s) -> dict:
     pl, out = s["per_layer"], {}
     top = "z3"
+    if not {"vladder", "hvae"} <= set(pl):
+        return out
     out["hvae_top_kl_below_vladder"] = pl["hvae"]["layers"][top]["kl"]["mean"] < pl["vladder"]["layers"][top]["kl"]["mean"]
     out["hvae_top_au_below_vladder"] = (pl["hvae"]["layers"][top]["active_units"]["mean"]
                                         < pl["vladder"]["layers"][top]["active_units"]["mean"])
@@ -158,6 +163,11 @@ def main(argv=None):
     p.add_argument("--digits-epochs", type=int, default=60)
     p.add_argument("--train-images", type=int, default=20000)
     p.add_argument("--ll-samples", type=int, default=1000)
+    p.add_argument("--methods", default="vladder,hvae,vae", help="the per-layer rows to run")
+    p.add_argument("--clusters", default="yes", choices=("yes", "no"), help="run the clustering part")
+    p.add_argument("--combination", default="gated", choices=("gated", "concat"), help="vladder's combination")
+    p.add_argument("--kl-warmup", type=int, default=2, help="KL warm-up epochs (per-layer part)")
+    p.add_argument("--kl-shape", default="linear", choices=("linear", "exp"), help="KL warm-up shape")
     args = start(p, argv)
     if args.quick:
         seeds, epochs, d_epochs, limit, n_eval, n_ll, S = (0,), 2, 6, 2000, 500, 50, 100
@@ -166,9 +176,13 @@ def main(argv=None):
         n_eval, n_ll, S = 2000, 500, args.ll_samples
     fashion = load_data("fashion_mnist", pixels="continuous", seed=0, limit=limit)
     digits = load_data("digits", seed=0)
-    jobs = ([("per_layer", m, s) for s in seeds for m in HIER]
-            + [("digits", m, s) for s in seeds for m in ("vae_gmm", "mixture_vae", "vlac")]
-            + [("fashion_mnist", m, s) for s in seeds for m in ("vae_gmm", "mixture_vae", "vlac")])
+    methods = [m for m in args.methods.split(",") if m]
+    if not set(methods) <= set(HIER):
+        p.error(f"--methods must name rows among {sorted(HIER)}, got {args.methods!r}")
+    clusters = ("vae_gmm", "mixture_vae", "vlac") if args.clusters == "yes" else ()
+    jobs = ([("per_layer", m, s) for s in seeds for m in methods]
+            + [("digits", m, s) for s in seeds for m in clusters]
+            + [("fashion_mnist", m, s) for s in seeds for m in clusters])
     per_layer_rows, cluster_rows = [], {"digits": [], "fashion_mnist": []}
     for part, method, seed in tqdm(jobs, desc="hierarchies", disable=args.quick):
         if part == "per_layer":
