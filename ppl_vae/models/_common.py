@@ -34,12 +34,24 @@ def module_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def require_arch(cfg, *allowed: str) -> None:
+    """ConfigError unless ``model.arch`` is one of ``allowed`` (the method's builder calls it first)."""
+    if cfg.arch not in allowed:
+        names = " or ".join(repr(a) for a in allowed)
+        raise ConfigError(f"model.arch must be {names} for model.name={cfg.name!r}, got {cfg.arch!r}")
+
+
+def require_hidden(cfg) -> None:
+    """ConfigError unless ``model.hidden`` names at least one width (a ladder's step width is hidden[-1])."""
+    if not cfg.hidden:
+        raise ConfigError(f"model.hidden must name at least one layer width for model.name={cfg.name!r}, got []")
+
+
 def outer_parts(cfg, data_shape, likelihood: str = "floored_laplace", laplace_init_scale: float = 0.02):
     """(encoder, decoder, likelihood) of a VAE x ↔ z from ``model.arch``/``hidden``/``latent_dim``, with LaDDer's
     floored Laplace likelihood (``likelihood="floored_laplace"``) or the one ``model.likelihood`` names
     (``"config"``); shared by LaDDer and WiSE-ALE."""
-    if cfg.arch not in ("mlp", "conv"):
-        raise ConfigError(f"model.arch must be 'mlp' or 'conv' for model.name={cfg.name!r}, got {cfg.arch!r}")
+    require_arch(cfg, "mlp", "conv")
     enc, dec = build_encoder_decoder(cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation,
                                      channels=cfg.channels)
     if likelihood == "floored_laplace":

@@ -35,7 +35,7 @@ from ..infer.penalised import PenalisedELBO
 from ..infer.plan import TrainingPlan, build_objective, training_plan
 from ..nets import build_encoder_decoder
 from ..options import Options, option
-from ._common import config_likelihood
+from ._common import config_likelihood, require_arch
 from .registry import register_model
 from .vae import VAE
 
@@ -117,8 +117,7 @@ class GAMIXOptions(Options):
 
 @register_model("gamix", options=GAMIXOptions, aliases=("vae_gamix",))
 def build_gamix(cfg, options: GAMIXOptions, data_shape, num_data, num_classes) -> GAMIX:
-    if cfg.arch != "mlp":
-        raise ConfigError(f"model.arch must be 'mlp' for model.name={cfg.name!r}, got {cfg.arch!r}")
+    require_arch(cfg, "mlp")
     lik = config_likelihood(cfg)
     _, dec = build_encoder_decoder("mlp", data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation)
     enc = MixtureEncoder(data_shape, cfg.latent_dim, options.num_components, tuple(cfg.hidden), cfg.activation)

@@ -22,12 +22,11 @@ import torch
 from pyro.nn import PyroModule, pyro_method
 from torch import nn
 
-from ..errors import ConfigError
 from ..nets import GaussianHead, MLPDecoder, MLPEncoder
 from ..options import Options, option
 from ..plate import data_plate
 from ..priors import StandardNormalPrior
-from ._common import config_likelihood, module_device
+from ._common import config_likelihood, module_device, require_arch
 from .registry import register_model
 
 __all__ = ["HVAE", "HVAEOptions"]
@@ -101,7 +100,6 @@ class HVAEOptions(Options):
 
 @register_model("hvae", options=HVAEOptions)
 def build_hvae(cfg, o: HVAEOptions, data_shape, num_data, num_classes) -> HVAE:
-    if cfg.arch != "mlp":
-        raise ConfigError(f"model.arch must be 'mlp' for model.name='hvae', got {cfg.arch!r}")
+    require_arch(cfg, "mlp")
     return HVAE(data_shape, config_likelihood(cfg), [cfg.latent_dim] * o.layers, tuple(cfg.hidden),
                            cfg.activation, num_data=num_data)

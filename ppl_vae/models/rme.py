@@ -21,7 +21,7 @@ from ..infer.plan import TrainingPlan, training_plan
 from ..infer.recursive_mixture import RecursiveMixtureELBO
 from ..nets import build_encoder_decoder
 from ..options import Options, option
-from ._common import config_likelihood
+from ._common import config_likelihood, require_arch
 from .registry import register_model
 from .vae import VAE
 
@@ -111,8 +111,7 @@ class RMEOptions(Options):
 
 @register_model("rme", options=RMEOptions, aliases=("vae_recursive",))
 def build_rme(cfg, options: RMEOptions, data_shape, num_data, num_classes) -> RME:
-    if cfg.arch != "mlp":
-        raise ConfigError(f"model.arch must be 'mlp' for model.name={cfg.name!r}, got {cfg.arch!r}")
+    require_arch(cfg, "mlp")
     lik = config_likelihood(cfg)
     _, dec = build_encoder_decoder("mlp", data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation)
     enc = RecursiveMixtureEncoder(data_shape, cfg.latent_dim, options.num_components, tuple(cfg.hidden),

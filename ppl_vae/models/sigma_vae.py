@@ -38,7 +38,7 @@ from ..nets import build_encoder_decoder
 from ..options import Options, option
 from ..plate import data_plate
 from ..viz_variance import variance_figures
-from ._common import module_device
+from ._common import module_device, require_arch
 from .registry import register_model
 from .vae import VAE
 
@@ -198,8 +198,7 @@ def build_sigma_vae(cfg: ModelConfig, o: SigmaVAEOptions, data_shape, num_data, 
     """``model.name: sigma_vae``; options: :class:`SigmaVAEOptions` and the module docstring."""
     if cfg.likelihood != "gaussian":
         raise ConfigError(f"model.likelihood must be 'gaussian' for model.name='sigma_vae', got {cfg.likelihood!r}")
-    if cfg.arch not in ("mlp", "conv"):
-        raise ConfigError(f"model.arch must be 'mlp' or 'conv' for model.name='sigma_vae', got {cfg.arch!r}")
+    require_arch(cfg, "mlp", "conv")
     mode = o.sigma2_mode
     lik = GaussianLikelihood(sigma2=cfg.sigma2, link=cfg.link, mode=o.stage1_mode if mode == "per_pixel" else mode)
     enc, dec = build_encoder_decoder(cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation,

@@ -41,7 +41,7 @@ from ..errors import ConfigError
 from ..infer.plan import TrainingPlan, build_objective, training_plan
 from ..nets import build_encoder_decoder
 from ..options import Options, option
-from ._common import config_likelihood
+from ._common import config_likelihood, require_arch
 from .registry import register_model
 from .vae import VAE
 
@@ -124,8 +124,7 @@ class VAEEpanechnikovOptions(Options):
 
 @register_model("vae_epanechnikov", options=VAEEpanechnikovOptions)
 def build_vae_epanechnikov(cfg, o: VAEEpanechnikovOptions, data_shape, num_data, num_classes) -> VAEEpanechnikov:
-    if cfg.arch not in ("mlp", "conv"):
-        raise ConfigError(f"model.arch must be 'mlp' or 'conv' for model.name='vae_epanechnikov', got {cfg.arch!r}")
+    require_arch(cfg, "mlp", "conv")
     enc, dec = build_encoder_decoder(cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation,
                                      channels=cfg.channels)
     return VAEEpanechnikov(enc, dec, config_likelihood(cfg), cfg.latent_dim, num_data=num_data,

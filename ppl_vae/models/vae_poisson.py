@@ -34,7 +34,7 @@ from ..infer.plan import TrainingPlan, build_objective, training_plan
 from ..nets import build_encoder_decoder
 from ..options import Options, option
 from ..plate import data_plate
-from ._common import config_likelihood, module_device
+from ._common import config_likelihood, module_device, require_arch
 from .registry import register_model
 
 __all__ = ["VAEPoisson", "VAEPoissonOptions", "VAEPoissonPlan", "LinearDecoder"]
@@ -154,8 +154,7 @@ class VAEPoissonOptions(Options):
 
 @register_model("vae_poisson", options=VAEPoissonOptions)
 def build_vae_poisson(cfg, o: VAEPoissonOptions, data_shape, num_data, num_classes) -> VAEPoisson:
-    if cfg.arch not in ("mlp", "conv"):
-        raise ConfigError(f"model.arch must be 'mlp' or 'conv' for model.name='vae_poisson', got {cfg.arch!r}")
+    require_arch(cfg, "mlp", "conv")
     enc, dec = build_encoder_decoder(cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation,
                                      channels=cfg.channels)
     if o.decoder == "linear":

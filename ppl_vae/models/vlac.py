@@ -37,7 +37,13 @@ from ..nets import LadderDecoder, LadderEncoder
 from ..options import Options, option
 from ..plate import data_plate
 from ..priors import LearnedMixturePrior, StandardNormalPrior
-from ._common import LadderFigures, config_likelihood, module_device
+from ._common import (
+    LadderFigures,
+    config_likelihood,
+    module_device,
+    require_arch,
+    require_hidden,
+)
 from .registry import register_model
 
 __all__ = ["VLAC", "VLACOptions", "VLACPlan"]
@@ -190,10 +196,8 @@ class VLACOptions(Options):
 
 @register_model("vlac", options=VLACOptions)
 def build_vlac(cfg, o: VLACOptions, data_shape, num_data, num_classes) -> VLAC:
-    if cfg.arch not in ("mlp", "conv"):
-        raise ConfigError(f"model.arch must be 'mlp' or 'conv' for model.name='vlac', got {cfg.arch!r}")
-    if not cfg.hidden:
-        raise ConfigError("model.hidden must name at least one layer width for model.name='vlac', got []")
+    require_arch(cfg, "mlp", "conv")
+    require_hidden(cfg)
     return VLAC(data_shape, config_likelihood(cfg), [cfg.latent_dim] * o.layers, cfg.hidden, cfg.activation,
                 o.combination, cfg.arch, cfg.channels, o.mixture_layers, o.num_components, o.coding, o.warmup_epochs,
                 o.fit_points, num_data=num_data)

@@ -27,12 +27,17 @@ import torch
 from pyro.nn import PyroModule, pyro_method
 from torch import nn
 
-from ..errors import ConfigError
 from ..nets import LadderDecoder, LadderEncoder
 from ..options import Options, option
 from ..plate import data_plate
 from ..priors import StandardNormalPrior
-from ._common import LadderFigures, config_likelihood, module_device
+from ._common import (
+    LadderFigures,
+    config_likelihood,
+    module_device,
+    require_arch,
+    require_hidden,
+)
 from .registry import register_model
 
 __all__ = ["VLadder", "VLadderOptions"]
@@ -83,9 +88,7 @@ class VLadderOptions(Options):
 
 @register_model("vladder", options=VLadderOptions)
 def build_vladder(cfg, o: VLadderOptions, data_shape, num_data, num_classes) -> VLadder:
-    if cfg.arch not in ("mlp", "conv"):
-        raise ConfigError(f"model.arch must be 'mlp' or 'conv' for model.name='vladder', got {cfg.arch!r}")
-    if not cfg.hidden:
-        raise ConfigError("model.hidden must name at least one layer width for model.name='vladder', got []")
+    require_arch(cfg, "mlp", "conv")
+    require_hidden(cfg)
     return VLadder(data_shape, config_likelihood(cfg), [cfg.latent_dim] * o.layers, cfg.hidden, cfg.activation,
                    o.combination, cfg.arch, cfg.channels, num_data=num_data)

@@ -26,7 +26,7 @@ from ..guides.laplace import (
 from ..likelihoods import BernoulliLikelihood, GaussianLikelihood
 from ..nets import BURDA, build_encoder_decoder
 from ..options import Options, option
-from ._common import config_likelihood
+from ._common import config_likelihood, require_arch
 from .registry import register_model
 from .vae import VAE
 
@@ -104,8 +104,7 @@ def build_vlae(cfg, options: VLAEOptions, data_shape, num_data, num_classes) -> 
     if cfg.likelihood not in ("bernoulli", "gaussian"):
         raise ConfigError(f"model.likelihood must be 'bernoulli' or 'gaussian' for model.name={cfg.name!r} (the "
                           f"Laplace guide needs a twice-differentiable likelihood), got {cfg.likelihood!r}")
-    if cfg.arch not in ("mlp", "burda1"):
-        raise ConfigError(f"model.arch must be 'mlp' or 'burda1' for model.name={cfg.name!r}, got {cfg.arch!r}")
+    require_arch(cfg, "mlp", "burda1")
     lik = config_likelihood(cfg)
     if cfg.arch == "burda1":
         b = BURDA["burda1"]
