@@ -175,7 +175,7 @@ def test_vlac_cluster_assignment_by_bayes_rule_and_by_infer_discrete_agree():
         torch.testing.assert_close(post[f"c{l}"], direct)
         expected = m.mixtures[str(l)].cluster_log_probs(mus[l - 1]).argmax(-1)
         torch.testing.assert_close(direct, expected)
-    assert m.coding == "mixture"            # cluster_posterior restored the coding
+    assert m.coding == "mixture"            # cluster_posterior leaves the model's coding alone
     with pytest.raises(ValueError, match="no mixture"):
         vlac(mixture_layers=[1]).cluster(x, 3)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer import TraceEnum_ELBO, config_enumerate, infer_discrete
+from pyro.infer import TraceEnum_ELBO, infer_discrete
 from pyro.nn import PyroModule, pyro_method
 from torch import nn
 
@@ -78,21 +78,25 @@ class VLAC(LadderFigures, PyroModule):
                                        for l in self.mixture_layers})
         self.register_buffer("mixture_on", torch.tensor(self.warmup_epochs == 0))
 
-    def prior_site(self, l: int, batch: int) -> torch.Tensor:
+    def prior_site(self, l: int, batch: int, coding: str, mixtures_on: bool) -> torch.Tensor:
         """Sample site z_l (and c_l under ``enumerate``) of the model."""
-        if str(l) not in self.mixtures or not bool(self.mixture_on):
+        if str(l) not in self.mixtures or not mixtures_on:
             return pyro.sample(f"z{l}", self.normal[l - 1](batch))
         mix = self.mixtures[str(l)]
-        if self.coding == "mixture":
+        if coding == "mixture":
             return pyro.sample(f"z{l}", mix(batch))
         c = pyro.sample(f"c{l}", mix.weights(batch), infer={"enumerate": "parallel"})
         return pyro.sample(f"z{l}", mix.component(c))
 
+    def program(self, x: torch.Tensor, coding: str, mixtures_on: bool):
+        """The generative program with the coding and the mixtures' state given (``model`` uses the module's)."""
+        with data_plate(x, self.num_data):
+            zs = [self.prior_site(l, x.shape[0], coding, mixtures_on) for l in range(1, self.layers + 1)]
+            pyro.sample("x", self.likelihood(self.decoder(zs), event_dim=x.dim() - 1, x=x), obs=x)
+
     @pyro_method
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None):
-        with data_plate(x, self.num_data):
-            zs = [self.prior_site(l, x.shape[0]) for l in range(1, self.layers + 1)]
-            pyro.sample("x", self.likelihood(self.decoder(zs), event_dim=x.dim() - 1, x=x), obs=x)
+        self.program(x, self.coding, bool(self.mixture_on))
 
     @pyro_method
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None):
@@ -114,15 +118,9 @@ class VLAC(LadderFigures, PyroModule):
     def cluster_posterior(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """{c_l: MAP cluster} by Pyro's ``infer_discrete`` on the enumerated model with z_l = μ_l(x)."""
         zs = {f"z{l}": loc for l, (loc, _) in enumerate(self.encoder(x), 1)}
-        coding, on = self.coding, self.mixture_on.clone()
-        self.coding = "enumerate"
-        self.mixture_on.fill_(True)
-        try:
-            conditioned = pyro.poutine.condition(config_enumerate(self.model), data=zs)
-            tr = pyro.poutine.trace(infer_discrete(conditioned, first_available_dim=-2, temperature=0)).get_trace(x)
-        finally:
-            self.coding = coding
-            self.mixture_on.copy_(on)
+        conditioned = pyro.poutine.condition(self.program, data=zs)
+        tr = pyro.poutine.trace(infer_discrete(conditioned, first_available_dim=-2, temperature=0)).get_trace(
+            x, "enumerate", True)
         return {f"c{l}": tr.nodes[f"c{l}"]["value"] for l in self.mixture_layers}
 
     @torch.no_grad()
