@@ -34,24 +34,19 @@ import pyro.distributions as dist
 import torch
 from _common import finish, parser, start
 from pyro.infer import Trace_ELBO
-from sklearn.linear_model import LogisticRegression
-from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from torch import nn
 from tqdm import tqdm
 
 import ppl_vae
 from ppl_vae.config import ModelConfig, TrainConfig
 from ppl_vae.data import load_data
-from ppl_vae.evaluate import log_likelihood_summary
+from ppl_vae.evaluate import log_likelihood_summary, probe_accuracy, sharpness
 from ppl_vae.evaluate.fid import FrechetDistance, train_feature_classifier
 from ppl_vae.infer import evaluate_elbo
 from ppl_vae.models import VAE, build_model
 
 METHODS = ("gaussian", "epanechnikov", "epanechnikov_exact_kl", "laplace", "poisson")
 LABELS = (200, 1000, 5000)
-LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
 
 
 class LaplacePrior(nn.Module):
@@ -89,12 +84,6 @@ def build(method: str, d: int, shape, num_data: int, likelihood="bernoulli", **m
     return m
 
 
-def sharpness(images: torch.Tensor) -> float:
-    """Mean over images of the variance of the Laplacian of each (grey) image."""
-    lap = nn.functional.conv2d(images.mean(1, keepdim=True), LAPLACIAN)
-    return float(lap.flatten(1).var(1).mean())
-
-
 def codes(model, x: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
         return torch.cat([model.encode(x[s:s + 1000])[0] for s in range(0, len(x), 1000)]).cpu().numpy()
@@ -105,12 +94,8 @@ def probe(model, data, n_test: int) -> tuple[dict, dict]:
     on the raw codes (the Poisson VAE paper's downstream classifier)."""
     ztr, zte = codes(model, data.train_x[:max(LABELS)]), codes(model, data.test_x[:n_test])
     ytr, yte = data.train_y[:max(LABELS)].numpy(), data.test_y[:n_test].numpy()
-    logistic, knn = {}, {}
-    for n in LABELS:
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)).fit(ztr[:n], ytr[:n])
-        logistic[str(n)] = round(float(clf.score(zte, yte)), 4)
-        knn[str(n)] = round(float(KNeighborsClassifier(5).fit(ztr[:n], ytr[:n]).score(zte, yte)), 4)
-    return logistic, knn
+    return tuple({str(n): round(acc, 4) for n, acc in probe_accuracy(ztr, ytr, zte, yte, LABELS, kind).items()}
+                 for kind in ("logistic", "knn"))
 
 
 def evaluate(method, model, data, fid: FrechetDistance, args, S: int, n_ll: int, n_eval: int, seed: int) -> dict:

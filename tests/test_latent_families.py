@@ -370,3 +370,15 @@ def test_poisson_vae_log_likelihood_equals_the_summed_marginal():
     est = log_likelihood(m.model, m.guide, x, 20_000)
     se = 1.0 / math.sqrt(s["min_ess"])
     assert torch.allclose(est, exact, atol=5 * se + 1e-6)
+
+
+def test_sharpness_is_the_variance_of_the_laplacian():
+    from ppl_vae.evaluate import sharpness
+    assert sharpness(torch.full((3, 1, 8, 8), 0.4)) == 0.0
+    # a ±1 checkerboard: the Laplacian is −8·c at every interior pixel, 18 of each sign on the 6×6 interior
+    i = torch.arange(8)
+    board = ((i[:, None] + i[None, :]) % 2 * 2 - 1).float().view(1, 1, 8, 8)
+    assert sharpness(board) == pytest.approx(64 * 36 / 35)
+    assert sharpness(board.expand(2, 3, 8, 8)) == pytest.approx(64 * 36 / 35)      # channels are averaged
+    with pytest.raises(ValueError, match="H, W >= 3"):
+        sharpness(torch.zeros(2, 1, 2, 8))

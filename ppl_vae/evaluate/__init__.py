@@ -4,7 +4,7 @@
 ``frechet_distance``, ``train_feature_classifier``, ``get_feature_extractor``) and the gaps
 (``elbo_per_datapoint``, ``amortisation_gap``, ``inference_gaps``) and the per-site latent analysis
 (``posterior_means``, ``active_units``, ``kl_per_site``), clustering and probes (``cluster_accuracy``,
-``cluster_scores``, ``probe_accuracy``) import without ArviZ; the diagnostics
+``cluster_scores``, ``probe_accuracy``) and ``sharpness`` import without ArviZ; the diagnostics
 (``posterior_diagnostics``, ``psis_diagnostics``, ``plot_khat``) load ArviZ on first use.
 """
 
@@ -12,6 +12,7 @@ from .fid import FIDResult, FrechetDistance, frechet_distance, get_feature_extra
 from .defensive import defended, has_compact_support
 from .clustering import cluster_accuracy, cluster_scores, probe_accuracy
 from .latents import active_units, kl_per_site, posterior_means
+from .images import sharpness
 from .gaps import amortisation_gap, elbo_per_datapoint, inference_gaps, optimised_guide
 from .likelihood import bits_per_dim, log_likelihood, log_likelihood_summary, mc_std_error
 
@@ -21,7 +22,7 @@ __all__ = ["log_likelihood", "log_likelihood_summary", "bits_per_dim", "mc_std_e
            "frechet_distance", "FIDResult", "train_feature_classifier", "get_feature_extractor", "elbo_per_datapoint",
            "amortisation_gap", "inference_gaps", "optimised_guide", "defended", "has_compact_support",
            "posterior_means", "active_units", "kl_per_site", "cluster_accuracy", "cluster_scores", "probe_accuracy",
-           *_DIAGNOSTICS]
+           "sharpness", *_DIAGNOSTICS]
 
 
 def __getattr__(name):
