@@ -32,7 +32,19 @@ class StandardNormalPrior(nn.Module):
 # --------------------------------------------------------------------------- fitted aggregate posterior
 
 
-class LearnedMixturePrior(nn.Module):
+class _MixturePrior(nn.Module):
+    """Shape of a mixture prior whose component means are ``loc`` (num_components, latent_dim)."""
+
+    @property
+    def num_components(self) -> int:
+        return self.loc.shape[0]
+
+    @property
+    def latent_dim(self) -> int:
+        return self.loc.shape[1]
+
+
+class LearnedMixturePrior(_MixturePrior):
     r"""p(z) = Σ_c π_c N(z; μ_c, diag σ_c²) with learned π (``logits``), μ (``loc``) and σ (``scale``):
     the clustering prior of VaDE / VLAC. ``prior(B)`` is the ``MixtureSameFamily`` (batch shape (B,));
     :meth:`weights` and :meth:`component` are the two halves for a model that samples c itself (and enumerates
@@ -45,14 +57,6 @@ class LearnedMixturePrior(nn.Module):
         self.logits = nn.Parameter(torch.zeros(num_components))
         self.loc = nn.Parameter(torch.randn(num_components, latent_dim, generator=g))
         self.raw_scale = nn.Parameter(torch.zeros(num_components, latent_dim))   # σ = softplus(raw) · (1/log 2)
-
-    @property
-    def num_components(self) -> int:
-        return self.loc.shape[0]
-
-    @property
-    def latent_dim(self) -> int:
-        return self.loc.shape[1]
 
     @property
     def scale(self) -> torch.Tensor:
@@ -88,7 +92,7 @@ class LearnedMixturePrior(nn.Module):
         self.raw_scale.copy_(torch.log(torch.expm1((sd * 0.6931471805599453).clamp_min(1e-6))))
 
 
-class GaussianMixturePrior(nn.Module):
+class GaussianMixturePrior(_MixturePrior):
     r"""q̂(z) = Σ_m w_m N(z; μ_m, Σ_m): a Gaussian mixture fitted to the aggregate posterior
     q(z) = (1/N) Σ_i q(z|x_i) (Lin, Roberts, Trigoni & Clark, eqs. 11-12; M = 32 for MNIST/Fashion-MNIST, 500 for
     CelebA), used to sample and, in evaluation, as p(z) (their Table 3, "Approx. Agg. Posterior").
@@ -111,14 +115,6 @@ class GaussianMixturePrior(nn.Module):
         self.register_buffer("loc", loc)
         self.register_buffer("scale_tril", scale_tril)
         self.covariance_type = covariance_type
-
-    @property
-    def num_components(self) -> int:
-        return self.loc.shape[0]
-
-    @property
-    def latent_dim(self) -> int:
-        return self.loc.shape[1]
 
     @property
     def distribution(self) -> dist.TorchDistribution:
