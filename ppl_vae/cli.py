@@ -1,10 +1,11 @@
-"""The ``ppl-vae`` command: ``train``, ``evaluate`` and ``sample``.
+"""The ``ppl-vae`` command: ``train``, ``evaluate``, ``diagnose``, ``gaps`` and ``sample``.
 
     ppl-vae train                                   # embedded digits data, default VAE
     ppl-vae train configs/vae_fashion.yaml train.epochs=5
     ppl-vae train --resume runs/vae_digits-20261122-101500
     ppl-vae evaluate RUN_DIR [--num-samples 5000]
-    ppl-vae diagnose RUN_DIR [--num-images 100]    # PSIS k-hat of the guide (ArviZ)
+    ppl-vae diagnose RUN_DIR [--num-images 100]    # PSIS k-hat of the guide (ArviZ), worst images
+    ppl-vae gaps RUN_DIR [--num-images 200] [--nuts 3]   # amortisation / approximation gaps (+ NUTS)
     ppl-vae sample RUN_DIR [--n 64] [--from aggregate]
 
 Every expected fault ends in one line, ``ppl-vae: error: <kind>: <what, which file or field, what to do>``, with exit
@@ -72,6 +73,26 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--device")
     d.add_argument("--seed", type=_int(0), default=0)
 
+    g = sub.add_parser("gaps", help="inference-gap report: amortisation and approximation gaps of the guide "
+                       "(gaps.json, gaps.png), optionally with NUTS reference posteriors")
+    g.add_argument("run_dir")
+    g.add_argument("--num-images", type=_int(1), default=200, help="test images (the first N)")
+    g.add_argument("--num-samples", type=_int(1), default=None,
+                   help="importance draws per image for log p(x) (default: the run's eval.num_samples)")
+    g.add_argument("--steps", type=_int(1), default=300, help="Adam steps of the per-image optimisation")
+    g.add_argument("--num-particles", type=_int(1), default=16, help="draws per step of that optimisation")
+    g.add_argument("--elbo-particles", type=_int(1), default=1000, help="draws for each image's ELBO")
+    g.add_argument("--family", choices=["diag", "full"], default=None,
+                   help="the per-image Gaussian family (default: the guide's own)")
+    g.add_argument("--nuts", type=_int(0), default=0, metavar="N",
+                   help="NUTS reference posteriors for the first N images (default 0: none)")
+    g.add_argument("--nuts-chains", type=_int(1), default=4)
+    g.add_argument("--nuts-samples", type=_int(2), default=500)
+    g.add_argument("--nuts-warmup", type=_int(0), default=500)
+    g.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    g.add_argument("--device")
+    g.add_argument("--seed", type=_int(0), default=0)
+
     s = sub.add_parser("sample", help="draw images from a trained run's prior into a PNG grid")
     s.add_argument("run_dir")
     s.add_argument("--n", type=_int(1), default=64)
@@ -130,6 +151,24 @@ def _diagnose(args) -> int:
     run = load_run(args.run_dir, "best" if args.checkpoint == "best" else "last", device=args.device)
     out = diagnose_run(run, args.num_images, args.num_samples, seed=args.seed)
     print(json.dumps(out, indent=2))
+    return 0
+
+
+def _gaps(args) -> int:
+    from .experiment import gaps_run, load_run
+
+    run = load_run(args.run_dir, "best" if args.checkpoint == "best" else "last", device=args.device)
+    out = gaps_run(run, args.num_images, num_samples=args.num_samples, steps=args.steps,
+                   num_particles=args.num_particles, elbo_particles=args.elbo_particles, family=args.family,
+                   nuts_images=args.nuts, seed=args.seed,
+                   nuts={"num_chains": args.nuts_chains, "num_samples": args.nuts_samples,
+                         "warmup_steps": args.nuts_warmup})
+    out["checkpoint"] = args.checkpoint
+    (run.run_dir / "gaps.json").write_text(json.dumps({k: v for k, v in out.items() if k != "files"}, indent=2))
+    brief = {k: out[k] for k in ("model", "num_images", "amortisation", "approximation", "inference")}
+    if "nuts" in out:
+        brief["nuts"] = {k: v for k, v in out["nuts"].items() if k != "images"}
+    print(json.dumps({**brief, "files": out["files"]}, indent=2))
     return 0
 
 
@@ -204,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "train":
         args.overrides = [*args.overrides, *overrides]
-    commands = {"train": _train, "evaluate": _evaluate, "diagnose": _diagnose, "sample": _sample}
+    commands = {"train": _train, "evaluate": _evaluate, "diagnose": _diagnose, "gaps": _gaps, "sample": _sample}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

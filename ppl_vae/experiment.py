@@ -30,12 +30,12 @@ from .infer.train import BEST, CHECKPOINT
 from .infer.train import check_finite
 from .models import build_model, import_methods
 from .runlock import RunLock
-from .viz import make_figures
+from .viz import make_figures, plot_reconstructions
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "metrics.json"
 
-__all__ = ["run_experiment", "load_run", "evaluate_run", "diagnose_run", "Run", "build", "build_data",
+__all__ = ["run_experiment", "load_run", "evaluate_run", "diagnose_run", "gaps_run", "Run", "build", "build_data",
            "resolve_device", "test_elbo", "write_figures", "CONFIG_FILE", "SUMMARY_FILE"]
 
 
@@ -83,7 +83,8 @@ class Run:
 # what makes a folder a run: a finished epoch or a finished run
 RUN_MARKERS = (CHECKPOINT, SUMMARY_FILE)
 # files a run writes (removed by overwrite=True before the new run starts)
-RUN_FILES = (CHECKPOINT, BEST, SUMMARY_FILE, "metrics.jsonl", "evaluation.json", "diagnostics.json", "diagnostics.nc")
+RUN_FILES = (CHECKPOINT, BEST, SUMMARY_FILE, "metrics.jsonl", "evaluation.json", "diagnostics.json", "diagnostics.nc",
+             "gaps.json")
 
 
 def run_experiment(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
@@ -247,26 +248,63 @@ def evaluate_run(run: Run, num_samples: int | None = None, max_test: int | None 
 
 
 def diagnose_run(run: Run, num_images: int = 100, num_samples: int | None = None, seed: int = 0,
-                 write: bool = True) -> dict:
+                 write: bool = True, num_worst: int = 8) -> dict:
     """PSIS k̂ and ESS of the guide on the first ``num_images`` test images (``num_samples`` guide draws each,
-    default ``eval.num_samples``): ``diagnostics.json``, the ArviZ file ``diagnostics.nc`` and ``khat.png``."""
+    default ``eval.num_samples``). Writes ``diagnostics.json`` (k̂ median, the fractions above 0.5 and 0.7, the
+    worst images), the ArviZ file ``diagnostics.nc`` (guide draws, log-weights, log-likelihoods), ``khat.png``
+    (ArviZ's own k̂ plot) and ``worst_khat.png`` (the ``num_worst`` worst images above their reconstructions)."""
     num_samples = run.cfg.eval.num_samples if num_samples is None else num_samples
     _positive("num_images", num_images)
     _positive("num_samples", num_samples, minimum=2)
+    _positive("num_worst", num_worst)
     x, y = _test_split(run, num_images)
     # ArviZ loads on first use (ppl_vae.evaluate imports it lazily)
     idata = evaluate.posterior_diagnostics(run.model.model, run.model.guide, x, num_samples=num_samples, seed=seed,
                                            y=y)
     diag = evaluate.psis_diagnostics(idata)
     khat = diag["khat"]
+    worst = [int(i) for i in np.argsort(-khat, kind="stable")[:min(num_worst, len(x))]]
     out = {"num_images": len(x), "num_samples": num_samples, "khat_median": float(np.median(khat)),
-           "fraction_khat_above_0.7": float(np.mean(khat > 0.7)), "ess_median": float(np.median(diag["ess"])),
-           "worst_images": [int(i) for i in np.argsort(-khat)[:10]]}
+           "fraction_khat_above_0.5": float(np.mean(khat > evaluate.KHAT_GOOD)),
+           "fraction_khat_above_0.7": float(np.mean(khat > evaluate.KHAT_BAD)),
+           "ess_median": float(np.median(diag["ess"])), "worst_images": worst,
+           "worst_khat": [float(khat[i]) for i in worst], "arviz": evaluate.azcompat.ARVIZ_VERSION}
     if write:
-        idata.to_netcdf(str(run.run_dir / "diagnostics.nc"))
-        evaluate.plot_khat(diag, run.run_dir / "khat.png")
-        out["files"] = ["diagnostics.nc", "khat.png"]
+        evaluate.azcompat.to_netcdf(idata, run.run_dir / "diagnostics.nc")
+        evaluate.azcompat.plot_khat(khat, run.run_dir / "khat.png",
+                                    title=f"PSIS k-hat of the guide, {len(x)} test images")
+        plot_reconstructions(run.model, x[worst], run.run_dir / "worst_khat.png",
+                             y=None if y is None else y[worst], n=len(worst),
+                             title="largest k-hat: test images " + ", ".join(str(i) for i in worst))
+        out["files"] = ["diagnostics.nc", "khat.png", "worst_khat.png"]
         (run.run_dir / "diagnostics.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+def gaps_run(run: Run, num_images: int = 200, *, num_samples: int | None = None, steps: int = 300,
+             num_particles: int = 16, elbo_particles: int = 1000, family: str | None = None, nuts_images: int = 0,
+             nuts: dict | None = None, seed: int = 0, write: bool = True) -> dict:
+    """The inference-gap report (:func:`ppl_vae.evaluate.report.gap_report`) of a run's guide on its first
+    ``num_images`` test images (``num_samples`` importance draws for log p̂, default ``eval.num_samples``), the
+    decoder frozen; ``nuts_images`` of them also get a NUTS reference. Writes ``gaps.json`` and ``gaps.png``."""
+    num_samples = run.cfg.eval.num_samples if num_samples is None else num_samples
+    _positive("num_images", num_images)
+    _positive("num_samples", num_samples)
+    for name, value in (("steps", steps), ("num_particles", num_particles), ("elbo_particles", elbo_particles)):
+        _positive(name, value)
+    _positive("nuts_images", nuts_images, minimum=0)
+    x, y = _test_split(run, num_images)
+    if nuts_images > len(x):
+        raise PplVaeError(f"nuts_images must be at most num_images ({len(x)}), got {nuts_images}")
+    out = evaluate.gap_report(run.model.model, run.model.guide, x, y=y, num_samples=num_samples, family=family,
+                              steps=steps, num_particles=num_particles, elbo_particles=elbo_particles,
+                              parameters=list(run.model.parameters()), seed=seed, nuts_images=nuts_images,
+                              nuts=nuts)
+    out = {"model": run.cfg.model.name, **out}
+    if write:
+        (run.run_dir / "gaps.json").write_text(json.dumps(out, indent=2))
+        evaluate.plot_gaps(out, run.run_dir / "gaps.png", title=f"Inference gaps of {run.cfg.model.name}")
+        out["files"] = ["gaps.json", "gaps.png"]
     return out
 
 

@@ -243,7 +243,7 @@ def save_image_grid(images, path, nrow: int = 8, pad: int = 2, upscale: int | No
     return path
 
 
-def plot_reconstructions(model, x, path, y=None, n: int = 8) -> str:
+def plot_reconstructions(model, x, path, y=None, n: int = 8, title: str = "Reconstructions") -> str:
     """Originals (top row) above their reconstructions (bottom row) for the first ``n`` inputs."""
     x = torch.as_tensor(x)[:n]
     n = x.shape[0]
@@ -254,7 +254,7 @@ def plot_reconstructions(model, x, path, y=None, n: int = 8) -> str:
     with _inference(model):
         recon = model.reconstruct(x.to(device, torch.float32), y=yb)
     tiles = torch.stack([_to_image_tensor(x), _to_image_tensor(recon)])
-    return _tile_figure(tiles, path, title="Reconstructions", row_labels=["original", "reconstruction"])
+    return _tile_figure(tiles, path, title=title, row_labels=["original", "reconstruction"])
 
 
 def plot_prior_samples(model, path, n: int = 64, seed: int = 0, y=None, nrow: int | None = None) -> str:

@@ -43,10 +43,13 @@ def test_evaluate_with_importance_sampling(tmp_path):
     assert main(["diagnose", str(run), "--num-images", "12", "--num-samples", "200"]) == 0
     diag = json.loads((run / "diagnostics.json").read_text())
     assert diag["num_images"] == 12 and 0 < diag["ess_median"] <= 200
-    import arviz as az
-    idata = az.from_netcdf(str(run / "diagnostics.nc"))
-    assert idata.posterior["z"].shape[:3] == (1, 200, 12)
-    assert (run / "khat.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 0 <= diag["fraction_khat_above_0.7"] <= diag["fraction_khat_above_0.5"] <= 1
+    assert len(diag["worst_images"]) == 8 and diag["worst_khat"] == sorted(diag["worst_khat"], reverse=True)
+    from ppl_vae.evaluate import azcompat
+    idata = azcompat.from_netcdf(run / "diagnostics.nc")
+    assert idata["posterior"]["z"].shape[:3] == (1, 200, 12)
+    for png in ("khat.png", "worst_khat.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # log p(x) ≥ ELBO in expectation: with 50 samples the estimate sits above the one-sample bound
     assert ev["test_log_likelihood"] > ev["test_elbo"]
 

@@ -5,7 +5,9 @@
 (``elbo_per_datapoint``, ``amortisation_gap``, ``inference_gaps``) and the per-site latent analysis
 (``posterior_means``, ``active_units``, ``kl_per_site``), clustering and probes (``cluster_accuracy``,
 ``cluster_scores``, ``probe_accuracy``) and ``sharpness`` import without ArviZ; the diagnostics
-(``posterior_diagnostics``, ``psis_diagnostics``, ``plot_khat``) load ArviZ on first use.
+(``posterior_diagnostics``, ``psis_diagnostics``, ``plot_khat``), the NUTS reference posteriors
+(``nuts_posterior``, ``compare_to_reference``), the gap report (``gap_report``, ``plot_gaps``) and the ArviZ
+compatibility layer (``azcompat``) load ArviZ on first use.
 """
 
 from .fid import FIDResult, FrechetDistance, frechet_distance, get_feature_extractor, train_feature_classifier
@@ -13,21 +15,36 @@ from .defensive import defended, has_compact_support
 from .clustering import cluster_accuracy, cluster_scores, probe_accuracy
 from .latents import active_units, kl_per_site, posterior_means
 from .images import sharpness
-from .gaps import amortisation_gap, elbo_per_datapoint, inference_gaps, optimised_guide
+from .gaps import amortisation_gap, elbo_per_datapoint, guide_latent_site, inference_gaps, optimised_guide
 from .likelihood import bits_per_dim, log_likelihood, log_likelihood_summary, mc_std_error
 
-_DIAGNOSTICS = ("posterior_diagnostics", "psis_diagnostics", "plot_khat")
+_DIAGNOSTICS = ("posterior_diagnostics", "psis_diagnostics", "plot_khat", "KHAT_GOOD", "KHAT_BAD")
+_REPORT = ("gap_report", "plot_gaps")
+_REFERENCE = ("nuts_posterior", "compare_to_reference")
+_LAZY_MODULES = ("azcompat", "diagnostics", "reference", "report")
 
 __all__ = ["log_likelihood", "log_likelihood_summary", "bits_per_dim", "mc_std_error", "FrechetDistance",
            "frechet_distance", "FIDResult", "train_feature_classifier", "get_feature_extractor", "elbo_per_datapoint",
            "amortisation_gap", "inference_gaps", "optimised_guide", "defended", "has_compact_support",
            "posterior_means", "active_units", "kl_per_site", "cluster_accuracy", "cluster_scores", "probe_accuracy",
-           "sharpness", *_DIAGNOSTICS]
+           "sharpness", "guide_latent_site", *_DIAGNOSTICS, *_REPORT, *_REFERENCE]
 
 
 def __getattr__(name):
+    if name in _LAZY_MODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
     if name in _DIAGNOSTICS:
         from . import diagnostics   # ArviZ is imported on first use: it is slow to import, and optional here
 
         return getattr(diagnostics, name)
+    if name in _REPORT:
+        from . import report
+
+        return getattr(report, name)
+    if name in _REFERENCE:
+        from . import reference
+
+        return getattr(reference, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

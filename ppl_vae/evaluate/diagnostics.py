@@ -1,8 +1,7 @@
-r"""Posterior diagnostics of an amortised guide as ArviZ ``InferenceData``, and PSIS k̂ of its importance weights.
+r"""Posterior diagnostics of an amortised guide as an ArviZ container, and PSIS k̂ of its importance weights.
 
-Supported ArviZ: **0.23.x** (the ``InferenceData``/xarray API). ArviZ 1.x restructured the library (DataTree
-instead of InferenceData, and a different sign convention for the PSIS inputs), so importing this module with
-ArviZ ≥ 1 raises an ImportError that says which version to install.
+Works on both current ArviZ lines (0.23.x: ``InferenceData``; 1.x: ``xarray.DataTree``) through
+:mod:`ppl_vae.evaluate.azcompat`, which also handles 1.x's flipped PSIS sign.
 
 For chosen datapoints x_i, S draws z_is ~ q(z | x_i) give the self-normalised importance sampler of p(z | x_i)
 with weights w_is = p(x_i, z_is)/q(z_is | x_i). How trustworthy it is (and how good q is as a posterior
@@ -12,42 +11,18 @@ importance sampling", JMLR 2024): k̂ < 0.5 good, 0.5–0.7 usable, > 0.7 unreli
 estimates, including log p̂(x) of :func:`ppl_vae.evaluate.log_likelihood`, then have a huge or infinite
 variance). ESS = (Σ w)² / Σ w² = 1 / Σ w̃² (normalised weights w̃) is the number of equally weighted draws the
 weighted sample is worth.
-
-``arviz.psislw`` (0.23) takes **log importance weights** (larger = more weight) with the sample dim last; the
-``-log_likelihood`` in its docstring example is the special case of leave-one-out weights 1/p(y_i | θ).
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 
 import numpy as np
 import torch
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)  # arviz 0.23 announces its 1.x refactor at import
-    import arviz as az
-
 from ..infer.importance import IWAEError, fork_rng, importance_log_weights
+from . import azcompat
 from .likelihood import eval_mode
-
-SUPPORTED_ARVIZ = "0.23"
-
-
-def _check_arviz_version(version: str) -> None:
-    major, minor = (int(p) for p in version.split(".")[:2])
-    if major >= 1:
-        raise ImportError(
-            f"ppl_vae.evaluate.diagnostics supports arviz {SUPPORTED_ARVIZ}.x (InferenceData API), but arviz "
-            f"{version} is installed; ArviZ 1.x changed the data structures and psislw's sign convention. "
-            f"Install a supported version: pip install 'arviz>={SUPPORTED_ARVIZ},<0.24'")
-    if (major, minor) < (0, 23):
-        warnings.warn(f"ppl_vae.evaluate.diagnostics is tested with arviz {SUPPORTED_ARVIZ}.x; found {version}",
-                      stacklevel=3)
-
-
-_check_arviz_version(az.__version__)
 
 __all__ = ["posterior_diagnostics", "psis_diagnostics", "plot_khat", "KHAT_GOOD", "KHAT_BAD"]
 
@@ -62,8 +37,9 @@ def _np(t: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def posterior_diagnostics(model, guide, x: torch.Tensor, num_samples: int = 1000, seed: int = 0, y=None, *,
                           data_plate: str = "data", vectorize_particles: bool = True,
-                          max_plate_nesting: int | None = None, datapoint_index=None) -> az.InferenceData:
-    """S guide draws per datapoint of ``x`` (the chosen datapoints, shape (B, ...)) as ``InferenceData``.
+                          max_plate_nesting: int | None = None, datapoint_index=None):
+    """S guide draws per datapoint of ``x`` (the chosen datapoints, shape (B, ...)) as an ArviZ container
+    (``InferenceData`` on arviz 0.23, ``DataTree`` on 1.x; ``data[group][var]`` reads both).
 
     Groups (dims ``chain`` = 1, ``draw`` = S, ``datapoint`` = B, then each variable's own dims):
 
@@ -96,14 +72,13 @@ def posterior_diagnostics(model, guide, x: torch.Tensor, num_samples: int = 1000
     log_q = sum((lw.guide_terms[n] for n in lw.guide_terms), torch.zeros_like(lw.log_w))
     sample_stats = {"log_weight": _np(lw.log_w)[None], "log_joint": _np(log_joint)[None], "log_q": _np(log_q)[None]}
     observed = {name: _np(v) for name, v in lw.observed.items()}
-    dims = {name: ["datapoint"] for name in [*posterior, *log_lik, *sample_stats]}
-    for name in observed:
-        dims.setdefault(name, ["datapoint"])
-    return az.from_dict(
-        posterior=posterior,
-        log_likelihood=log_lik,
-        sample_stats=sample_stats,
-        observed_data=observed,
+    dims = {}   # (chain, draw,) datapoint, then <name>_dim_0, ... (the same names on both ArviZ lines)
+    for group, skip in ((posterior, 3), (log_lik, 3), (sample_stats, 3), (observed, 1)):
+        for name, v in group.items():
+            dims.setdefault(name, ["datapoint", *(f"{name}_dim_{i}" for i in range(v.ndim - skip))])
+    return azcompat.from_dict(
+        {"posterior": posterior, "log_likelihood": log_lik, "sample_stats": sample_stats,
+         "observed_data": observed},
         coords={"datapoint": datapoint_index},
         dims=dims,
         attrs={"inference_library": "pyro", "method": "importance sampling from the guide",
@@ -113,12 +88,12 @@ def posterior_diagnostics(model, guide, x: torch.Tensor, num_samples: int = 1000
 
 
 def _log_weight_matrix(obj) -> tuple[np.ndarray, np.ndarray]:
-    """(S, B) float64 log-weights and datapoint labels from InferenceData, a DataArray or an array."""
-    if isinstance(obj, az.InferenceData):
-        if "sample_stats" not in obj.groups() or "log_weight" not in obj.sample_stats:
-            raise IWAEError("this InferenceData has no sample_stats.log_weight; build it with "
+    """(S, B) float64 log-weights and datapoint labels from an ArviZ container, a DataArray or an array."""
+    if azcompat.is_arviz_data(obj):
+        if "sample_stats" not in azcompat.groups(obj) or "log_weight" not in obj["sample_stats"]:
+            raise IWAEError("this ArviZ data has no sample_stats.log_weight; build it with "
                             "posterior_diagnostics or pass the (S, B) log-weights directly")
-        obj = obj.sample_stats["log_weight"]
+        obj = obj["sample_stats"]["log_weight"]
     if hasattr(obj, "dims") and hasattr(obj, "stack"):  # xarray.DataArray (chain, draw, datapoint)
         da = obj.stack(__sample__=("chain", "draw")).transpose("__sample__", ...)
         labels = da["datapoint"].values if "datapoint" in da.coords else np.arange(da.shape[1])
@@ -136,10 +111,10 @@ def _log_weight_matrix(obj) -> tuple[np.ndarray, np.ndarray]:
 def psis_diagnostics(obj, reff: float = 1.0, const_rtol: float = 1e-6) -> dict:
     """Per-datapoint PSIS Pareto k̂ and importance-sampling ESS of the guide's log-weights.
 
-    ``obj``: the ``InferenceData`` of :func:`posterior_diagnostics` (its ``sample_stats.log_weight``), or
+    ``obj``: the ArviZ data of :func:`posterior_diagnostics` (its ``sample_stats.log_weight``), or
     log-weights of shape (S, B) (samples first, as :class:`~ppl_vae.infer.importance.LogWeights`), (S,) or
     (chain, draw, B), as a tensor or array. Returns a dict of numpy arrays over datapoints: ``khat``
-    (``arviz.psislw``), ``ess`` = 1/Σ w̃² of the raw weights, ``ess_fraction`` = ess/S, ``datapoint``; and
+    (:func:`ppl_vae.evaluate.azcompat.psislw`, the right tail of the weights on either ArviZ line), ``ess`` = 1/Σ w̃² of the raw weights, ``ess_fraction`` = ess/S, ``datapoint``; and
     ``num_samples`` = S. Degenerate case: if a datapoint's log-weights are all equal up to rounding
     (spread ≤ ``const_rtol``·max(1, max|log w|), i.e. q equals the posterior there), there is no tail to fit
     (``psislw`` would report k̂ = inf): k̂ is reported as −inf (bounded weights) and ESS = S.
@@ -150,10 +125,7 @@ def psis_diagnostics(obj, reff: float = 1.0, const_rtol: float = 1e-6) -> dict:
         raise IWAEError(f"PSIS needs several draws per datapoint, got S = {S}")
     if not np.all(np.isfinite(lw) | (lw == -np.inf)):
         raise IWAEError("log-weights contain NaN or +inf")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # arviz warns on k̂ > 0.7 itself; we report k̂ instead
-        _, khat = az.psislw(np.ascontiguousarray(lw.T), reff=reff)
-    khat = np.asarray(khat, dtype=np.float64).reshape(B)
+    _, khat = azcompat.psislw(lw, r_eff=reff)
     finite = np.where(np.isfinite(lw), lw, np.nan)
     spread = np.nanmax(finite, 0) - np.nanmin(finite, 0)
     degenerate = spread <= const_rtol * np.maximum(1.0, np.nanmax(np.abs(finite), 0))

@@ -22,11 +22,13 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 
 from ..infer.importance import IWAEError, fork_rng, importance_log_weights
 from ..plate import DATA_PLATE
 
-__all__ = ["elbo_per_datapoint", "optimised_guide", "amortisation_gap", "inference_gaps", "FAMILIES"]
+__all__ = ["elbo_per_datapoint", "optimised_guide", "amortisation_gap", "inference_gaps", "guide_latent_site",
+           "FAMILIES"]
 
 FAMILIES = ("diag", "full")
 
@@ -49,10 +51,26 @@ def elbo_per_datapoint(model, guide, x: torch.Tensor, num_particles: int = 1000,
     return torch.cat(out)
 
 
-def _guide_site(guide, x, site: str):
+def _args(x, y):
+    return (x,) if y is None else (x, y)
+
+
+def guide_latent_site(guide, x, y=None) -> str:
+    """The name of the guide's one latent sample site (an error naming them if there are several)."""
+    with torch.no_grad(), fork_rng(), poutine.block():
+        tr = poutine.trace(guide).get_trace(*_args(x, y))
+    names = [n for n, s in tr.nodes.items() if s["type"] == "sample" and not s["is_observed"]
+             and not site_is_subsample(s)]
+    if len(names) != 1:
+        raise IWAEError(f"the gap analysis optimises one latent site per datapoint; this guide has "
+                        f"{names or 'none'}: pass site=<name> for a model with one latent site")
+    return names[0]
+
+
+def _guide_site(guide, x, site: str, y=None):
     """(distribution, data-plate size) of ``site`` in one guide run (values discarded, caller's RNG untouched)."""
     with torch.no_grad(), fork_rng(), poutine.block():
-        tr = poutine.trace(guide).get_trace(x)
+        tr = poutine.trace(guide).get_trace(*_args(x, y))
     if site not in tr.nodes:
         raise IWAEError(f"the guide has no sample site {site!r}")
     node = tr.nodes[site]
@@ -61,7 +79,7 @@ def _guide_site(guide, x, site: str):
     return node["fn"], size
 
 
-def _gaussian(fn):
+def _gaussian(fn, family=None):
     d = fn
     while isinstance(d, dist.Independent):
         d = d.base_dist
@@ -69,17 +87,25 @@ def _gaussian(fn):
         return "full", d.loc, d.scale_tril
     if isinstance(d, dist.Normal):
         return "diag", d.loc, d.scale
+    if family is not None:   # another family (e.g. a mixture): the per-datapoint Gaussian starts at its moments
+        try:
+            return "diag", fn.mean, fn.variance.sqrt()
+        except NotImplementedError:
+            pass
     raise IWAEError(f"the gap analysis needs a Gaussian guide site (Normal or MultivariateNormal), got "
-                    f"{type(fn).__name__}")
+                    f"{type(fn).__name__}; for another family give family='diag' or 'full' (a per-datapoint "
+                    f"Gaussian started at the guide's mean and variance)")
 
 
 def optimised_guide(model, guide, x: torch.Tensor, *, family: str | None = None, steps: int = 300,
-                    num_particles: int = 16, lr: float = 1e-2, site: str = "z", parameters=()):
+                    num_particles: int = 16, lr: float = 1e-2, site: str | None = None, parameters=(), y=None):
     """A per-datapoint Gaussian guide for ``x`` (``family`` "diag" or "full", default: that of the amortised
     guide), started at the amortised q and optimised with Adam (cosine-decayed ``lr``) on the ELBO estimated
-    with ``num_particles`` draws, the model's ``parameters`` frozen meanwhile. Returns the guide function."""
-    fn, size = _guide_site(guide, x, site)
-    kind, loc, scale = _gaussian(fn)
+    with ``num_particles`` draws, the model's ``parameters`` frozen meanwhile. ``site``: the latent site
+    (default: the guide's only one). Returns the guide function."""
+    site = guide_latent_site(guide, x, y) if site is None else site
+    fn, size = _guide_site(guide, x, site, y)
+    kind, loc, scale = _gaussian(fn, family)
     family = kind if family is None else family
     if family not in FAMILIES:
         raise IWAEError(f"family must be one of {list(FAMILIES)}, got {family!r}")
@@ -107,7 +133,8 @@ def optimised_guide(model, guide, x: torch.Tensor, *, family: str | None = None,
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         for _ in range(steps):
             opt.zero_grad()
-            lw = importance_log_weights(model, local, (x,), num_particles=num_particles, max_plate_nesting=1).log_w
+            lw = importance_log_weights(model, local, _args(x, y), num_particles=num_particles,
+                                        max_plate_nesting=1).log_w
             (-lw.mean(0).sum()).backward()
             opt.step()
             sched.step()
@@ -118,8 +145,8 @@ def optimised_guide(model, guide, x: torch.Tensor, *, family: str | None = None,
 
 
 def amortisation_gap(model, guide, x: torch.Tensor, *, family: str | None = None, steps: int = 300,
-                     num_particles: int = 16, elbo_particles: int = 1000, lr: float = 1e-2, site: str = "z",
-                     parameters=()) -> dict:
+                     num_particles: int = 16, elbo_particles: int = 1000, lr: float = 1e-2, site: str | None = None,
+                     parameters=(), y=None) -> dict:
     """ELBO of q optimised per datapoint minus the amortised ELBO, per datapoint and summarised.
 
     Returns ``amortised`` and ``optimised`` (per-datapoint ELBOs, tensors), ``gap`` (their difference, a tensor)
@@ -127,10 +154,10 @@ def amortisation_gap(model, guide, x: torch.Tensor, *, family: str | None = None
     ``datapoints_where_optimisation_lost`` (Monte Carlo noise when the amortised q is already optimal).
     ``parameters``: the model's parameters, frozen during the optimisation (e.g. ``module.parameters()``).
     """
-    amortised = elbo_per_datapoint(model, guide, x, elbo_particles)
+    amortised = elbo_per_datapoint(model, guide, x, elbo_particles, y=y)
     local = optimised_guide(model, guide, x, family=family, steps=steps, num_particles=num_particles, lr=lr,
-                            site=site, parameters=list(parameters))
-    optimised = elbo_per_datapoint(model, local, x, elbo_particles, batch_size=len(x))
+                            site=site, parameters=list(parameters), y=y)
+    optimised = elbo_per_datapoint(model, local, x, elbo_particles, batch_size=len(x), y=y)
     gap = optimised - amortised
     return {"amortised": amortised, "optimised": optimised, "gap": gap,
             "amortised_elbo": float(amortised.mean()), "optimised_elbo": float(optimised.mean()),

@@ -1,0 +1,136 @@
+r"""The inference-gap report (Cremer, Li & Duvenaud 2018) as one call, with NUTS reference posteriors as an option.
+
+For test images x_i and any model/guide pair with one Gaussian latent site (another family: give ``family``),
+
+    inference gap  log p(x) − ELBO[q_φ]  =  approximation gap  (log p(x) − ELBO[q*])
+                                          +  amortisation gap  (ELBO[q*] − ELBO[q_φ])
+
+with q* the best member of the guide's family for each image (:func:`ppl_vae.evaluate.optimised_guide`) and
+log p(x) the importance-sampled estimate from the amortised guide (:func:`ppl_vae.evaluate.log_likelihood`,
+``num_samples`` draws). With ``nuts_images`` > 0, the first images also get a NUTS reference posterior
+(:func:`ppl_vae.evaluate.reference.nuts_posterior`) and the approximation gap a second time, with log p(x)
+estimated by importance sampling from a Student-t fitted to the NUTS draws — independent of the guide — and the
+guide's means and variances beside the reference's.
+
+:func:`gap_report` returns a JSON-ready dict; :func:`plot_gaps` draws its bar chart (PNG);
+``ppl_vae.experiment.gaps_run`` / ``ppl-vae gaps RUN_DIR`` write both into a run folder.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from .gaps import guide_latent_site, inference_gaps
+from .likelihood import log_likelihood
+from .reference import compare_to_reference, nuts_posterior
+
+__all__ = ["gap_report", "plot_gaps", "GAPS"]
+
+GAPS = ("amortisation", "approximation", "inference")
+
+
+def _summary(v: torch.Tensor) -> dict:
+    v = v.double().cpu()
+    n = v.numel()
+    return {"mean": float(v.mean()), "std_error": float(v.std() / math.sqrt(n)) if n > 1 else float("nan")}
+
+
+def gap_report(model, guide, x: torch.Tensor, *, y=None, num_samples: int = 1000, family: str | None = None,
+               steps: int = 300, num_particles: int = 16, lr: float = 1e-2, elbo_particles: int = 1000,
+               site: str | None = None, parameters=(), seed: int = 0, nuts_images: int = 0,
+               nuts: dict | None = None, image_index=None) -> dict:
+    """Amortisation, approximation and inference gaps of ``guide`` on the images ``x`` (mean and standard error
+    over images, and per image), in nats.
+
+    ``num_samples``: importance draws for log p̂(x). ``family``/``steps``/``num_particles``/``lr``: the per-image
+    optimisation (:func:`ppl_vae.evaluate.optimised_guide`); ``elbo_particles``: draws for each ELBO.
+    ``parameters``: the model's parameters, frozen while q* is fitted. ``nuts_images``: how many of the first
+    images get a NUTS reference (``nuts``: keyword arguments of :func:`nuts_posterior`, e.g. ``num_chains``,
+    ``num_samples``, ``warmup_steps``). Reproducible from ``seed``; the caller's RNG is left as it was.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or len(x) < 1:
+        raise ValueError(f"gap_report needs a tensor of images (N, ...), got {type(x).__name__}")
+    if nuts_images < 0 or nuts_images > len(x):
+        raise ValueError(f"nuts_images must be between 0 and the number of images ({len(x)}), got {nuts_images}")
+    parameters = list(parameters)
+    site = guide_latent_site(guide, x[:1], None if y is None else y[:1]) if site is None else site
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        log_px = log_likelihood(model, guide, x, num_samples=num_samples, seed=seed, y=y).detach()
+        t_ll = time.perf_counter()
+        g = inference_gaps(model, guide, x, log_px, family=family, steps=steps, num_particles=num_particles,
+                           elbo_particles=elbo_particles, lr=lr, site=site, parameters=parameters, y=y)
+    t_gap = time.perf_counter()
+    gaps = {"amortisation": g["gap"], "approximation": g["approximation"], "inference": g["inference"]}
+    index = list(range(len(x))) if image_index is None else [int(i) for i in image_index]
+    out = {"num_images": len(x), "site": site, "family": family or "the guide's", "num_samples": num_samples,
+           "steps": steps, "num_particles": num_particles, "elbo_particles": elbo_particles, "seed": seed,
+           "log_likelihood": _summary(log_px), "amortised_elbo": _summary(g["amortised"]),
+           "optimised_elbo": _summary(g["optimised"]),
+           **{k: _summary(v) for k, v in gaps.items()},
+           "images_where_optimisation_lost": g["datapoints_where_optimisation_lost"],
+           "seconds": {"log_likelihood": t_ll - t0, "optimisation": t_gap - t_ll},
+           "per_image": {"index": index, "log_likelihood": log_px.cpu().tolist(),
+                         "amortised_elbo": g["amortised"].cpu().tolist(),
+                         "optimised_elbo": g["optimised"].cpu().tolist(),
+                         **{k: v.cpu().tolist() for k, v in gaps.items()}}}
+    if nuts_images:
+        rows = []
+        for i in range(nuts_images):
+            xi, yi = x[i:i + 1], None if y is None else y[i:i + 1]
+            ref = nuts_posterior(model, xi, y=yi, guide=guide, seed=seed + 1000 * i, parameters=parameters,
+                                 **(nuts or {}))
+            cmp = compare_to_reference(model, guide, xi, ref, y=yi, num_samples=num_samples, seed=seed + i)
+            opt = float(g["optimised"][i])
+            rows.append({"index": index[i], "max_rhat": ref["max_rhat"], "min_ess": ref["min_ess"],
+                         "divergences": ref["divergences"], "nuts_seconds": ref["seconds"], **cmp,
+                         "optimised_elbo": opt,
+                         "approximation_gap_guide_is": float(log_px[i]) - opt,
+                         "approximation_gap_nuts_is": cmp["log_px_nuts_is"] - opt})
+        out["nuts"] = {"images": rows, "settings": dict(nuts or {}),
+                       "approximation_gap_guide_is": float(np.mean([r["approximation_gap_guide_is"] for r in rows])),
+                       "approximation_gap_nuts_is": float(np.mean([r["approximation_gap_nuts_is"] for r in rows])),
+                       "max_rhat": float(max(r["max_rhat"] for r in rows)),
+                       "divergences": int(sum(r["divergences"] for r in rows))}
+    return out
+
+
+def plot_gaps(report: dict, path, *, title: str | None = None) -> str:
+    """Bar chart of the three gaps (mean ± 2 standard errors over images) and, with NUTS images, the
+    approximation gap of those images with log p̂(x) from the guide and from the NUTS fit. Saves a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(GAPS)
+    means = [report[k]["mean"] for k in names]
+    errs = [2 * report[k]["std_error"] if np.isfinite(report[k]["std_error"]) else 0.0 for k in names]
+    fig = Figure(figsize=(6.5 if "nuts" in report else 4.5, 3.4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(range(3), means, yerr=errs, color=["tab:orange", "tab:blue", "tab:gray"], capsize=4)
+    labels = [f"{k}\n({report['num_images']} images)" for k in names]
+    if "nuts" in report:
+        rows = report["nuts"]["images"]
+        a = [r["approximation_gap_guide_is"] for r in rows]
+        b = [r["approximation_gap_nuts_is"] for r in rows]
+        ax.bar([3.5, 4.5], [np.mean(a), np.mean(b)], color=["tab:blue", "tab:green"], alpha=0.7,
+               yerr=[2 * np.std(v) / math.sqrt(len(v)) if len(v) > 1 else 0.0 for v in (a, b)], capsize=4)
+        labels += [f"approx., log p from guide\n({len(rows)} NUTS images)",
+                   f"approx., log p from NUTS\n({len(rows)} NUTS images)"]
+        ax.set_xticks([0, 1, 2, 3.5, 4.5])
+    else:
+        ax.set_xticks(range(3))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_ylabel("nats per image")
+    ax.set_title(title or "Inference gaps (mean ± 2 s.e.)", fontsize=9)
+    fig.tight_layout()
+    path = os.fspath(path)
+    fig.savefig(path, format="png")
+    return path
