@@ -20,7 +20,7 @@ from .errors import ConfigError
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "kmnist", "omniglot", "celeba")
 PIXELS = ("continuous", "dequantized", "binary_static", "binary_dynamic")
-LIKELIHOODS = ("bernoulli", "gaussian", "laplace")
+LIKELIHOODS = ("bernoulli", "gaussian", "laplace", "pixelcnn")
 ARCHS = ("mlp", "conv", "burda1", "burda2")
 OBJECTIVES = ("auto", "elbo", "meanfield", "iwae")
 SCHEDULES = ("none", "exponential", "step", "cosine")
@@ -83,6 +83,8 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [256, 256])
     activation: str = "relu"
     channels: int = 32
+    pixelcnn_window: int = 0      # likelihood 'pixelcnn': 0 = full receptive field, k = the local k×k window
+    pixelcnn_layers: int = 5
     options: dict = field(default_factory=dict)
 
     def validate(self, p="model"):
@@ -95,6 +97,11 @@ class ModelConfig:
         _one_of(f"{p}.activation", self.activation, ("relu", "tanh", "elu", "softplus", "leaky_relu"))
         _positive_int(f"{p}.latent_dim", self.latent_dim)
         _positive_int(f"{p}.channels", self.channels)
+        _positive_int(f"{p}.pixelcnn_layers", self.pixelcnn_layers)
+        _check(_is_int(self.pixelcnn_window) and (self.pixelcnn_window == 0 or
+                                                   (self.pixelcnn_window >= 3 and self.pixelcnn_window % 2 == 1)),
+               f"{p}.pixelcnn_window", "0 (full receptive field) or an odd integer >= 3 (a local window)",
+               self.pixelcnn_window)
         _check(_is_num(self.sigma2) and self.sigma2 > 0, f"{p}.sigma2", "a positive number", self.sigma2)
         _check(_is_num(self.laplace_scale) and self.laplace_scale > 0, f"{p}.laplace_scale", "a positive number",
                self.laplace_scale)

@@ -222,10 +222,41 @@ def _positive(name: str, value, minimum: int = 1) -> None:
         raise PplVaeError(f"{name} must be {what}, got {value!r}")
 
 
+def latent_metrics(run: Run, x: torch.Tensor, y=None, *, max_images: int = 1000, probe_train: int = 2000,
+                   seed: int = 0) -> dict:
+    """What the code carries, on the first ``max_images`` of ``x``: KL(q ‖ p) per latent site (Monte Carlo, so any
+    prior), active units per site, I_q(x; z) (models with one latent site; None otherwise) and the accuracy of a
+    logistic probe of the class from E_q[z | x] (all sites concatenated), fitted on ``probe_train`` training
+    images (datasets with labels; None otherwise)."""
+    m = run.model
+    x, y = x[:max_images], None if y is None else y[:max_images]
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yc = y if _conditional(m) else None
+        kl = evaluate.kl_per_site(m.model, m.guide, x, num_samples=4, y=yc)
+        au = evaluate.active_units(m.guide, x, y=yc)
+        mi = evaluate.mutual_information(m.guide, x, y=yc) if len(au) == 1 else None
+        probe = None
+        if run.data.train_y is not None and y is not None and not _conditional(m):
+            xtr = run.data.train_x[:probe_train].to(run.device)
+            ztr = torch.cat(list(evaluate.posterior_means(m.guide, xtr).values()), -1)
+            zte = torch.cat(list(evaluate.posterior_means(m.guide, x).values()), -1)
+            n = len(xtr)
+            probe = evaluate.probe_accuracy(ztr, run.data.train_y[:n], zte, y, num_labels=(n,))[n]
+    return {"num_images": len(x), "kl": {k: float(v) for k, v in kl.items()}, "kl_total": float(sum(kl.values())),
+            "active_units": {k: v["active"] for k, v in au.items()},
+            "latent_dims": {k: v["dims"] for k, v in au.items()}, "mutual_information": mi, "probe_accuracy": probe}
+
+
+def _conditional(model) -> bool:
+    return bool(getattr(model, "conditional", False))
+
+
 def evaluate_run(run: Run, num_samples: int | None = None, max_test: int | None = None, seed: int = 0,
-                 write: bool = True) -> dict:
+                 write: bool = True, latents: bool = True) -> dict:
     """Test ELBO and, with ``num_samples`` > 0 (default ``eval.num_samples``), the importance-sampled test
-    log-likelihood with its standard errors; the first ``max_test`` test images (default ``eval.max_test``).
+    log-likelihood with its standard errors; the first ``max_test`` test images (default ``eval.max_test``);
+    with ``latents``, :func:`latent_metrics` (KL, active units, I(x; z), probe accuracy) under ``latents``.
     Writes ``evaluation.json`` into the run folder (``write=False``: only returns the numbers)."""
     num_samples = run.cfg.eval.num_samples if num_samples is None else num_samples
     max_test = run.cfg.eval.max_test if max_test is None else max_test
@@ -242,6 +273,8 @@ def evaluate_run(run: Run, num_samples: int | None = None, max_test: int | None 
         out.update({"num_samples": num_samples, "test_log_likelihood": float(ll.mean()),
                     "test_log_likelihood_sem": float(ll.std() / len(ll) ** 0.5) if len(ll) > 1 else 0.0,
                     "bits_per_dim": float(bits_per_dim(ll, run.data.data_dim).mean())})
+    if latents:
+        out["latents"] = latent_metrics(run, x, y, seed=seed)
     if write:
         (run.run_dir / "evaluation.json").write_text(json.dumps(out, indent=2))
     return out

@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributions import constraints, transform_to
 
 from .errors import ConfigError
+from .pixelcnn import PixelCNNLikelihood
 
 _LINKS = {"sigmoid": torch.sigmoid, "identity": lambda t: t}
 
@@ -255,13 +256,22 @@ class FlooredLaplace(nn.Module):
 
 
 def build_likelihood(name: str, *, sigma2: float = 1.0, laplace_scale: float = 0.1, link: str = "sigmoid",
-                     sigma2_mode: str = "fixed") -> nn.Module:
+                     sigma2_mode: str = "fixed", data_shape=None, pixelcnn_window: int = 0, pixelcnn_layers: int = 5,
+                     channels: int = 32) -> nn.Module:
     """A likelihood by name: ``bernoulli``, ``gaussian`` (σ² ``fixed``, ``learned`` or ``closed_form``, see
-    :class:`GaussianLikelihood`) or ``laplace``."""
+    :class:`GaussianLikelihood`), ``laplace`` or ``pixelcnn`` (binary images of ``data_shape`` (C, H, W); full
+    receptive field or a local ``pixelcnn_window``; :mod:`ppl_vae.pixelcnn`)."""
+    if name == "pixelcnn":
+        if data_shape is None or len(data_shape) != 3:
+            raise ConfigError(f"model.likelihood='pixelcnn' needs image data of shape (C, H, W), got "
+                              f"{None if data_shape is None else tuple(data_shape)}")
+        return PixelCNNLikelihood(int(data_shape[0]), window=pixelcnn_window, channels=channels,
+                                  layers=pixelcnn_layers)
     if name == "bernoulli":
         return BernoulliLikelihood()
     if name == "gaussian":
         return GaussianLikelihood(sigma2=sigma2, link=link, mode=sigma2_mode)
     if name == "laplace":
         return LaplaceLikelihood(scale=laplace_scale, link=link)
-    raise ConfigError(f"model.likelihood must be one of ['bernoulli', 'gaussian', 'laplace'], got {name!r}")
+    raise ConfigError(f"model.likelihood must be one of ['bernoulli', 'gaussian', 'laplace', 'pixelcnn'], got "
+                      f"{name!r}")

@@ -29,6 +29,48 @@ class StandardNormalPrior(nn.Module):
         return self._cached[1]
 
 
+class AutoregressiveFlowPrior(nn.Module):
+    r"""p_AF(z): N(0, I) pushed through ``num_flows`` affine autoregressive flows (MADE networks,
+    Pyro's ``AffineAutoregressive`` / ``AutoRegressiveNN``), with the dimensions reversed between flows.
+
+    Direction (Chen et al. 2017, "Variational Lossy Autoencoder", §3.2): ε = f(z) with
+    ε_d = (z_d − μ_d(z_{<d})) / σ_d(z_{<d}) is Pyro's *forward* (parallel) pass of each ``AffineAutoregressive``,
+    so the prior is ``TransformedDistribution(N(0, I), [flow.inv, ...])``: scoring any z (the guide's draws, every
+    step) is one parallel pass per flow, log p(z) = log N(f(z)) + log |det ∂f/∂z|; sampling the prior is the
+    sequential direction (D passes per flow), used only for generation. The flows are submodules, so
+    ``pyro.module`` / a ``PyroModule`` parent registers their parameters (they train and checkpoint)."""
+
+    def __init__(self, latent_dim: int, num_flows: int = 2, hidden: tuple[int, ...] = (64, 64)):
+        super().__init__()
+        from pyro.distributions.transforms import AffineAutoregressive
+        from pyro.nn import AutoRegressiveNN
+
+        if latent_dim < 2:
+            raise ConfigError(f"an autoregressive-flow prior needs latent_dim >= 2, got {latent_dim}")
+        if num_flows < 1:
+            raise ConfigError(f"num_flows must be a positive integer, got {num_flows}")
+        self.latent_dim = latent_dim
+        self.flows = nn.ModuleList(AffineAutoregressive(AutoRegressiveNN(latent_dim, list(hidden)))
+                                   for _ in range(num_flows))
+        self.register_buffer("_zero", torch.zeros(()))
+        self.register_buffer("_reverse", torch.arange(latent_dim - 1, -1, -1))
+
+    def transforms(self) -> list:
+        from pyro.distributions.transforms import Permute
+
+        out = []
+        for i, flow in enumerate(self.flows):
+            if i:
+                out.append(Permute(self._reverse))
+            out.append(flow.inv)
+        return out
+
+    def forward(self, batch_size: int) -> dist.TorchDistribution:
+        loc = self._zero.new_zeros(batch_size, self.latent_dim)
+        base = dist.Normal(loc, torch.ones_like(loc)).to_event(1)
+        return dist.TransformedDistribution(base, self.transforms())
+
+
 # --------------------------------------------------------------------------- fitted aggregate posterior
 
 

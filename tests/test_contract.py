@@ -47,7 +47,7 @@ def shipped_config(name: str):
 def tiny_data(cfg, n=48):
     g = torch.Generator().manual_seed(0)
     shape = SHAPES[cfg.data.name]
-    binary = cfg.model.likelihood == "bernoulli"
+    binary = cfg.model.likelihood in ("bernoulli", "pixelcnn")
 
     def images(k):
         x = torch.rand(k, *shape, generator=g)

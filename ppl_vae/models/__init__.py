@@ -15,6 +15,7 @@ from .gamix import GAMIX
 from .hvae import HVAE
 from .ladder import LaDDer
 from .linear_gaussian import LinearGaussianVAE
+from .mae import MAE
 from .registry import get_method, import_methods, model_names, register_model, resolve_name
 from .rme import RME
 from .sigma_vae import SigmaVAE
@@ -25,11 +26,12 @@ from .vae_poisson import VAEPoisson
 from .vlae import VLAE
 from .vladder import VLadder
 from .vlac import VLAC
+from .vlossy import VLossy
 from .wise_ale import WiseALE
 
 __all__ = ["build_model", "register_model", "model_names", "get_method", "resolve_name", "import_methods", "VAE", "VAE2",
            "LinearGaussianVAE", "VLAE", "RME", "GAMIX", "LaDDer", "WiseALE", "SigmaVAE",
-           "VAEEpanechnikov", "VAEPoisson", "HVAE", "VLadder", "VLAC"]
+           "VAEEpanechnikov", "VAEPoisson", "HVAE", "VLadder", "VLAC", "MAE", "VLossy"]
 
 
 def build_model(cfg: ModelConfig, data_shape, num_data: int | None = None, num_classes: int | None = None):

@@ -56,12 +56,15 @@ def outer_parts(cfg, data_shape, likelihood: str = "floored_laplace", laplace_in
                                      channels=cfg.channels)
     if likelihood == "floored_laplace":
         return enc, dec, FlooredLaplace(laplace_init_scale, link=cfg.link)
-    return enc, dec, config_likelihood(cfg)
+    return enc, dec, config_likelihood(cfg, data_shape)
 
 
-def config_likelihood(cfg):
-    """The likelihood named by ``model.likelihood`` with ``model.sigma2``, ``laplace_scale`` and ``link``."""
-    return build_likelihood(cfg.likelihood, sigma2=cfg.sigma2, laplace_scale=cfg.laplace_scale, link=cfg.link)
+def config_likelihood(cfg, data_shape=None):
+    """The likelihood named by ``model.likelihood`` with ``model.sigma2``, ``laplace_scale``, ``link`` and, for
+    ``pixelcnn``, ``pixelcnn_window``, ``pixelcnn_layers`` and ``channels`` on images of ``data_shape``."""
+    return build_likelihood(cfg.likelihood, sigma2=cfg.sigma2, laplace_scale=cfg.laplace_scale, link=cfg.link,
+                            data_shape=data_shape, pixelcnn_window=cfg.pixelcnn_window,
+                            pixelcnn_layers=cfg.pixelcnn_layers, channels=cfg.channels)
 
 
 class LadderFigures:

@@ -118,7 +118,7 @@ class GAMIXOptions(Options):
 @register_model("gamix", options=GAMIXOptions, aliases=("vae_gamix",))
 def build_gamix(cfg, options: GAMIXOptions, data_shape, num_data, num_classes) -> GAMIX:
     require_arch(cfg, "mlp")
-    lik = config_likelihood(cfg)
+    lik = config_likelihood(cfg, data_shape)
     _, dec = build_encoder_decoder("mlp", data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation)
     enc = MixtureEncoder(data_shape, cfg.latent_dim, options.num_components, tuple(cfg.hidden), cfg.activation)
     return GAMIX(enc, dec, lik, cfg.latent_dim, var_reg=options.var_reg, kl=options.kl, num_data=num_data)

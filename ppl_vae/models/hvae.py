@@ -101,5 +101,5 @@ class HVAEOptions(Options):
 @register_model("hvae", options=HVAEOptions)
 def build_hvae(cfg, o: HVAEOptions, data_shape, num_data, num_classes) -> HVAE:
     require_arch(cfg, "mlp")
-    return HVAE(data_shape, config_likelihood(cfg), [cfg.latent_dim] * o.layers, tuple(cfg.hidden),
+    return HVAE(data_shape, config_likelihood(cfg, data_shape), [cfg.latent_dim] * o.layers, tuple(cfg.hidden),
                            cfg.activation, num_data=num_data)

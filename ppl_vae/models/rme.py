@@ -112,7 +112,7 @@ class RMEOptions(Options):
 @register_model("rme", options=RMEOptions, aliases=("vae_recursive",))
 def build_rme(cfg, options: RMEOptions, data_shape, num_data, num_classes) -> RME:
     require_arch(cfg, "mlp")
-    lik = config_likelihood(cfg)
+    lik = config_likelihood(cfg, data_shape)
     _, dec = build_encoder_decoder("mlp", data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation)
     enc = RecursiveMixtureEncoder(data_shape, cfg.latent_dim, options.num_components, tuple(cfg.hidden),
                                   cfg.activation)

@@ -96,7 +96,7 @@ class VAE(PyroModule):
 @register_model("cvae", options=NoOptions)
 def build_vae(cfg: ModelConfig, options, data_shape, num_data, num_classes) -> VAE:
     """``vae``, and ``cvae`` (labels enter encoder and decoder as one-hot vectors)."""
-    lik = config_likelihood(cfg)
+    lik = config_likelihood(cfg, data_shape)
     cond = cfg.name == "cvae"
     if cond and not num_classes:
         raise ConfigError("model.name='cvae' needs a dataset with class labels (num_classes), got none")

@@ -82,7 +82,7 @@ class VAE2(PyroModule):
 def build_vae2(cfg: ModelConfig, options, data_shape, num_data, num_classes) -> VAE2:
     """``arch: burda2`` is Burda et al.'s 784-100-100-100(z1)-50-50-50(z2) tanh network; ``arch: mlp`` uses
     ``hidden`` for x↔z1 (z1 of 2·latent_dim) and half of it for z1↔z2."""
-    lik = config_likelihood(cfg)
+    lik = config_likelihood(cfg, data_shape)
     if cfg.arch == "burda2":
         b = BURDA["burda2"]
         return VAE2(data_shape, lik, b["latent_dim"], b["latent_dim2"], b["hidden"], b["hidden2"], b["act"],

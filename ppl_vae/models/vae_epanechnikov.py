@@ -127,5 +127,5 @@ def build_vae_epanechnikov(cfg, o: VAEEpanechnikovOptions, data_shape, num_data,
     require_arch(cfg, "mlp", "conv")
     enc, dec = build_encoder_decoder(cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation,
                                      channels=cfg.channels)
-    return VAEEpanechnikov(enc, dec, config_likelihood(cfg), cfg.latent_dim, num_data=num_data,
+    return VAEEpanechnikov(enc, dec, config_likelihood(cfg, data_shape), cfg.latent_dim, num_data=num_data,
                            objective=o.objective, support_length=o.support_length)

@@ -159,6 +159,6 @@ def build_vae_poisson(cfg, o: VAEPoissonOptions, data_shape, num_data, num_class
                                      channels=cfg.channels)
     if o.decoder == "linear":
         dec = LinearDecoder(cfg.latent_dim, data_shape)
-    return VAEPoisson(enc, dec, config_likelihood(cfg), cfg.latent_dim, prior_rate=o.prior_rate, hard=o.hard,
+    return VAEPoisson(enc, dec, config_likelihood(cfg, data_shape), cfg.latent_dim, prior_rate=o.prior_rate, hard=o.hard,
                       temperature=(o.temperature_start, o.temperature_end), anneal_fraction=o.anneal_fraction,
                       num_data=num_data)

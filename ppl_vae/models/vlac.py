@@ -196,6 +196,6 @@ class VLACOptions(Options):
 def build_vlac(cfg, o: VLACOptions, data_shape, num_data, num_classes) -> VLAC:
     require_arch(cfg, "mlp", "conv")
     require_hidden(cfg)
-    return VLAC(data_shape, config_likelihood(cfg), [cfg.latent_dim] * o.layers, cfg.hidden, cfg.activation,
+    return VLAC(data_shape, config_likelihood(cfg, data_shape), [cfg.latent_dim] * o.layers, cfg.hidden, cfg.activation,
                 o.combination, cfg.arch, cfg.channels, o.mixture_layers, o.num_components, o.coding, o.warmup_epochs,
                 o.fit_points, num_data=num_data)

@@ -90,5 +90,5 @@ class VLadderOptions(Options):
 def build_vladder(cfg, o: VLadderOptions, data_shape, num_data, num_classes) -> VLadder:
     require_arch(cfg, "mlp", "conv")
     require_hidden(cfg)
-    return VLadder(data_shape, config_likelihood(cfg), [cfg.latent_dim] * o.layers, cfg.hidden, cfg.activation,
+    return VLadder(data_shape, config_likelihood(cfg, data_shape), [cfg.latent_dim] * o.layers, cfg.hidden, cfg.activation,
                    o.combination, cfg.arch, cfg.channels, num_data=num_data)

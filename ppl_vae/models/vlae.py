@@ -105,7 +105,7 @@ def build_vlae(cfg, options: VLAEOptions, data_shape, num_data, num_classes) -> 
         raise ConfigError(f"model.likelihood must be 'bernoulli' or 'gaussian' for model.name={cfg.name!r} (the "
                           f"Laplace guide needs a twice-differentiable likelihood), got {cfg.likelihood!r}")
     require_arch(cfg, "mlp", "burda1")
-    lik = config_likelihood(cfg)
+    lik = config_likelihood(cfg, data_shape)
     if cfg.arch == "burda1":
         b = BURDA["burda1"]
         latent_dim, hidden, act = b["latent_dim"], b["hidden"], b["act"]
