@@ -1,6 +1,7 @@
 """The `ppl-vae` command end to end on the embedded digits: train, evaluate, sample, errors."""
 
 import json
+import math
 
 import pytest
 from PIL import Image
@@ -40,6 +41,10 @@ def test_evaluate_with_importance_sampling(tmp_path):
     assert main(["evaluate", str(run), "--num-samples", "50", "--max-test", "40"]) == 0
     ev = json.loads((run / "evaluation.json").read_text())
     assert ev["num_test"] == 40 and ev["num_samples"] == 50
+    lat = ev["latents"]                           # what the code carries (2 latents on the digits default)
+    assert lat["latent_dims"] == {"z": 2} and 0 <= lat["active_units"]["z"] <= 2 and lat["kl_total"] > 0
+    # I(x; z) lies in [0, log N] up to Monte Carlo noise (a barely trained code: near 0, either side)
+    assert -0.05 < lat["mutual_information"] <= math.log(40) and 0.0 <= lat["probe_accuracy"] <= 1.0
     assert main(["diagnose", str(run), "--num-images", "12", "--num-samples", "200"]) == 0
     diag = json.loads((run / "diagnostics.json").read_text())
     assert diag["num_images"] == 12 and 0 < diag["ess_median"] <= 200

@@ -105,18 +105,22 @@ class RecursiveMixtureEncoder(nn.Module):
                 lin.weight.zero_()
                 lin.bias.fill_(-math.log(m))          # logit(1/(m+1)) = −log m
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None, num_active: int | None = None):
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None, num_active: int | None = None,
+                num_frozen: int = 0):
+        """``num_frozen``: components h_0 … h_{num_frozen − 1} and their mixing heads run without gradients (the
+        stage-wise schedule's frozen part: their parameters get no gradient, so the optimiser leaves them)."""
         A = self.num_components if num_active is None else int(num_active)
         h = x.reshape(x.shape[0], -1)
         if c is not None:
             h = torch.cat([h, c.to(h.dtype)], dim=-1)
         locs, scales, eps = [], [], []
         for m in range(A):
-            f, loc, scale = self.components[m](h)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and m >= num_frozen):
+                f, loc, scale = self.components[m](h)
+                if m > 0:
+                    eps.append(self.mixing[m - 1](f.detach()))
             locs.append(loc)
             scales.append(scale)
-            if m > 0:
-                eps.append(self.mixing[m - 1](f.detach()))
         eps_logits = torch.cat(eps, dim=-1) if eps else h.new_zeros(h.shape[0], 0)
         return torch.stack(locs, dim=1), torch.stack(scales, dim=1), eps_logits
 

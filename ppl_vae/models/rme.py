@@ -2,12 +2,22 @@
 NeurIPS 2020): q(z|x) = Σ_k α_k(x) N(μ_k(x), diag σ_k²(x)), grown as q_m = (1 − ε_m) q_{m−1} + ε_m h_m, each
 component chosen by the functional-gradient criterion of :mod:`ppl_vae.guides.recursive` (exact objective and
 deviations there). Registered as ``rme`` (recursive mixture estimation; formerly ``vae_recursive``) with options
-``num_components`` (K, default 3), ``divergence_weight`` (λ, 0.5), ``log_ratio_cap`` (κ nats, 5.0) and
-``grow_every`` (epochs between activating components; 0 = all active from the start).
+``num_components`` (K, default 3), ``divergence_weight`` (λ, 0.5), ``log_ratio_cap`` (κ nats, 5.0; 0 = no cap),
+``grow_every`` (epochs between activating components; 0 = all active from the start), ``schedule`` and
+``freeze_decoder``.
+
+Schedules. ``concurrent`` (default): every component trains from the first step, each against the current
+q_{m−1}. ``stagewise``: the recursion as the issue tracker states it (the paper's method section was not available
+to us, so its own epochs per stage, λ and ε could not be checked): stage 0 trains the VAE (h_0 and the decoder);
+stage m = 1 … K − 1 adds h_m and its weight head ε_m, freezes h_{<m} and ε_{<m} (they run without gradients, so
+the optimiser leaves them exactly as they were) and trains h_m, ε_m and the decoder (unless ``freeze_decoder``).
+The K stages share ``train.epochs`` (⌊E/K⌋ each, the remainder to stage 0), the same total as the concurrent
+schedule; each earlier stage writes its own folder ``component_<m>`` in the run folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +27,7 @@ from torch.func import functional_call
 from ..errors import ConfigError
 from ..guides.mixture import MixtureGuideMixin
 from ..guides.recursive import RecursiveMixtureEncoder, recursive_mixture_distribution, recursive_mixture_terms
-from ..infer.plan import TrainingPlan, training_plan
+from ..infer.plan import Stage, TrainingPlan, training_plan
 from ..infer.recursive_mixture import RecursiveMixtureELBO
 from ..nets import build_encoder_decoder
 from ..options import Options, option
@@ -25,7 +35,9 @@ from ._common import config_likelihood, require_arch
 from .registry import register_model
 from .vae import VAE
 
-__all__ = ["RME", "RMEOptions", "RMEPlan"]
+__all__ = ["RME", "RMEOptions", "RMEPlan", "SCHEDULES"]
+
+SCHEDULES = ("concurrent", "stagewise")
 
 
 class RME(MixtureGuideMixin, VAE):
@@ -39,12 +51,21 @@ class RME(MixtureGuideMixin, VAE):
 
     def __init__(self, encoder: RecursiveMixtureEncoder, decoder, likelihood, latent_dim: int, *,
                  divergence_weight: float = 0.5, log_ratio_cap: float = 5.0, grow_every: int = 0,
+                 schedule: str = "concurrent", freeze_decoder: bool = False,
                  num_data: int | None = None, num_classes: int | None = None):
         super().__init__(encoder, decoder, likelihood, latent_dim, num_data=num_data, num_classes=num_classes)
         self.num_components = encoder.num_components
         self.divergence_weight, self.log_ratio_cap = float(divergence_weight), float(log_ratio_cap)
         self.grow_every = int(grow_every)
-        self.register_buffer("num_active", torch.tensor(1 if self.grow_every > 0 else self.num_components))
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"model.options.schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
+        if schedule == "stagewise" and self.grow_every:
+            raise ConfigError("model.options.grow_every must be 0 with schedule='stagewise' (the stages grow the "
+                              f"mixture), got {self.grow_every}")
+        self.schedule, self.freeze_decoder = schedule, bool(freeze_decoder)
+        start = 1 if (self.grow_every > 0 or schedule == "stagewise") else self.num_components
+        self.register_buffer("num_active", torch.tensor(start))
+        self.register_buffer("num_frozen", torch.tensor(0))   # components h_{<num_frozen} get no gradient
 
     def guide_dist(self, x, c=None):
         locs, scales, eps_logits = self.encoder(x, c, int(self.num_active))
@@ -69,10 +90,12 @@ class RME(MixtureGuideMixin, VAE):
     def recursive_terms(self, x: torch.Tensor, y: torch.Tensor | None = None):
         """Per-datapoint (surrogate, ELBO(q_M)) of the recursive objective (see ppl_vae.guides.recursive)."""
         c = self._c(y)
-        locs, scales, eps_logits = self.encoder(x, c, int(self.num_active))
-        return recursive_mixture_terms(locs, scales, eps_logits, lambda z: self._log_joint(x, z, c, False),
+        locs, scales, eps_logits = self.encoder(x, c, int(self.num_active), int(self.num_frozen))
+        cap = self.log_ratio_cap if self.log_ratio_cap > 0 else float("inf")
+        return recursive_mixture_terms(locs, scales, eps_logits,
+                                       lambda z: self._log_joint(x, z, c, self.freeze_decoder),
                                        lambda z: self._log_joint(x, z, c, True),
-                                       divergence_weight=self.divergence_weight, log_ratio_cap=self.log_ratio_cap)
+                                       divergence_weight=self.divergence_weight, log_ratio_cap=cap)
 
 
 @training_plan(RME)
@@ -94,19 +117,42 @@ class RMEPlan(TrainingPlan):
             raise ConfigError("train.jit must be false for model.name='rme' (its objective is not compiled), got true")
         return RecursiveMixtureELBO(self.model)
 
+    def stages(self, train):
+        m = self.model
+        if m.schedule != "stagewise":
+            return [Stage("train", train)]
+        K, E = m.num_components, train.epochs
+        if E < K:
+            raise ConfigError(f"train.epochs must be at least model.options.num_components ({K}) for "
+                              f"schedule='stagewise' (one stage per component), got {E}")
+        each = E // K
+        return [Stage(f"component_{k}", dataclasses.replace(train, epochs=each + (E - K * each if k == 0 else 0)))
+                for k in range(K)]
+
+    def begin_stage(self, stage):
+        m = self.model
+        if m.schedule == "stagewise":
+            k = int(stage.name.rsplit("_", 1)[1])
+            m.num_active.fill_(k + 1)
+            m.num_frozen.fill_(k)
+
     def on_epoch_end(self, epoch, record, data):
         m = self.model
         if m.grow_every > 0:
             m.num_active.fill_(min(m.num_components, 1 + (epoch + 1) // m.grow_every))
         record["num_components_active"] = int(m.num_active)
+        record["num_components_frozen"] = int(m.num_frozen)
 
 
 @dataclass
 class RMEOptions(Options):
     num_components: int = option(3, gt=0, doc="K, mixture components")
     divergence_weight: float = option(0.5, ge=0.0, le=1.0, doc="λ of the component criterion")
-    log_ratio_cap: float = option(5.0, ge=0.0, doc="κ, nats")
+    log_ratio_cap: float = option(5.0, ge=0.0, doc="κ, nats (0: no cap)")
     grow_every: int = option(0, ge=0, doc="epochs between activating components (0: all from the start)")
+    schedule: str = option("concurrent", choices=SCHEDULES, doc="'concurrent' or 'stagewise' (one stage per "
+                           "component, earlier ones frozen)")
+    freeze_decoder: bool = option(False, doc="train no decoder parameter (inference on a fixed decoder)")
 
 
 @register_model("rme", options=RMEOptions, aliases=("vae_recursive",))
@@ -117,4 +163,5 @@ def build_rme(cfg, options: RMEOptions, data_shape, num_data, num_classes) -> RM
     enc = RecursiveMixtureEncoder(data_shape, cfg.latent_dim, options.num_components, tuple(cfg.hidden),
                                   cfg.activation)
     return RME(enc, dec, lik, cfg.latent_dim, divergence_weight=options.divergence_weight,
-               log_ratio_cap=options.log_ratio_cap, grow_every=options.grow_every, num_data=num_data)
+               log_ratio_cap=options.log_ratio_cap, grow_every=options.grow_every, schedule=options.schedule,
+               freeze_decoder=options.freeze_decoder, num_data=num_data)
