@@ -26,7 +26,11 @@ from torch.func import functional_call
 
 from ..errors import ConfigError
 from ..guides.mixture import MixtureGuideMixin
-from ..guides.recursive import RecursiveMixtureEncoder, recursive_mixture_distribution, recursive_mixture_terms
+from ..guides.recursive import (
+    RecursiveMixtureEncoder,
+    recursive_mixture_distribution,
+    recursive_mixture_terms,
+)
 from ..infer.plan import Stage, TrainingPlan, training_plan
 from ..infer.recursive_mixture import RecursiveMixtureELBO
 from ..nets import build_encoder_decoder

@@ -1,0 +1,213 @@
+"""Recursive mixture guide (Kim & Pavlovic 2020): its inference claim on a fixed decoder, its joint-training
+sweep, and its inference time — dynamically binarised Fashion-MNIST, the sizes of bench/guides.py
+(784–200–200–16 ReLU MLPs, Bernoulli likelihood, Adam 1e-3, batch 100; ``bench/_guide_runs.py``).
+
+Parts (``--parts``, default all three):
+  fixed_decoder     train a VAE; freeze its decoder; on it train the K = 5 recursive mixture stage-wise
+                    (``options.schedule: stagewise, freeze_decoder: true``: stage 0 its own h_0, stage m adds h_m
+                    with h_{<m} frozen). Per test image: ELBO(q_m) − ELBO(q_0) for m = 1 … 4; beside them, on the
+                    same decoder, the VAE's amortised q, the per-image optimised diagonal and full-covariance
+                    Gaussians (``ppl_vae.evaluate.amortisation_gap``: Adam from the amortised q) and the Laplace
+                    guide (4 damped Newton steps from the VAE encoder's mean); log p̂(x) by importance sampling
+                    from the Laplace guide. Reported: the amortisation gap (optimised diagonal − amortised VAE),
+                    the share of it the mixture closes, the approximation gaps (log p̂ − each ELBO).
+  inference_seconds per image: the amortised guides (VAE, 5-component mixture, Laplace guide) and the per-image
+                    optimisation, timed side by side in one process (one torch thread).
+  joint             λ ∈ lambdas × cap ∈ caps × K ∈ joint_K trained jointly (concurrent schedule) for every seed in
+                    ``--seeds``, with the VAE and the capacity-matched wide VAE (``bench/guides_large.py``'s
+                    ``vae_wide`` rule at K = 5) as controls; paired differences of the test log p̂(x) to the VAE of
+                    the same seed, combined over seeds (``_common.over_seeds``). The full sweep is 30 mixtures × 10
+                    seeds ≈ 5 CPU-hours; ``bench/recursive_seeds.py`` (the concurrent and grown K = 5 schedule over
+                    seeds 3–12) is its λ = 0.5, cap = 5 row at K = 5.
+
+    python bench/recursive.py --threads 1                          # full (all parts, seeds 0–9)
+    python bench/recursive.py --parts fixed_decoder,inference_seconds --seeds 0   # the fixed-decoder study
+    python bench/recursive.py --quick                              # < 5 min
+The last line of stdout is the JSON summary (full mode also writes bench/results/recursive.json).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pyro
+import torch
+from _common import finish, over_seeds, paired, parser, start
+from _guide_runs import HIDDEN, LATENT
+
+import ppl_vae
+from ppl_vae import ModelConfig, build_model
+from ppl_vae.config import TrainConfig
+from ppl_vae.data import load_data
+from ppl_vae.evaluate import amortisation_gap, elbo_per_datapoint, log_likelihood
+from ppl_vae.guides.laplace import LaplaceGuide
+from ppl_vae.nets import MLPEncoder
+
+FULL = dict(limit=10000, epochs=20, stage_epochs=4, n_test=200, S=2000, gap_steps=300, gap_particles=16,
+            elbo_particles=1000, K=5, lambdas=(0.25, 0.5, 1.0), caps=(5.0, 0.0), joint_K=(1, 2, 3, 4, 5),
+            n_ll=1000, ll_S=1000, timing_images=100)
+QUICK = dict(limit=600, epochs=2, stage_epochs=1, n_test=20, S=200, gap_steps=20, gap_particles=4,
+             elbo_particles=100, K=3, lambdas=(0.5,), caps=(5.0,), joint_K=(3,), n_ll=50, ll_S=100, timing_images=20)
+PARTS = ("fixed_decoder", "inference_seconds", "joint")
+
+
+def model(name: str, data, seed: int, hidden=None, **options):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    cfg = ModelConfig(name=name, likelihood="bernoulli", arch="mlp", latent_dim=LATENT,
+                      hidden=list(hidden or HIDDEN), activation="relu", options=options)
+    return build_model(cfg, data.shape, num_data=len(data.train_x))
+
+
+def fit(m, data, epochs: int, seed: int):
+    ppl_vae.train(m, data, TrainConfig(objective="elbo", epochs=epochs, batch_size=100, lr=1e-3), seed=seed,
+                  progress=False)
+    m.eval()
+    return m
+
+
+def laplace_on(vae, num_data: int) -> LaplaceGuide:
+    """The Laplace guide on the VAE's decoder, started at the VAE encoder's mean (no parameters of its own)."""
+    return LaplaceGuide(lambda x: vae.encoder(x)[0], lambda z: vae.decoder(z).reshape(z.shape[0], -1), LATENT,
+                        likelihood="bernoulli", num_data=num_data)
+
+
+def _mean_se(v: torch.Tensor) -> dict:
+    v = v.double()
+    return {"mean": round(float(v.mean()), 4), "std_error": round(float(v.std() / math.sqrt(len(v))), 4)}
+
+
+def fixed_decoder(data, s: dict, seed: int) -> tuple[dict, dict]:
+    x = data.test_x[: s["n_test"]]
+    vae = fit(model("vae", data, seed), data, s["epochs"], seed)
+    rme = model("rme", data, seed, num_components=s["K"], schedule="stagewise", freeze_decoder=True)
+    rme.decoder.load_state_dict(vae.decoder.state_dict())
+    elbos: dict[str, torch.Tensor] = {}
+    plan = ppl_vae.plan_for(rme)
+    begin = plan.begin_stage
+
+    def record(stage):          # q_{k−1}, as stage k finds it
+        k = int(stage.name.rsplit("_", 1)[1])
+        if k > 0:
+            rme.eval()
+            elbos[f"mixture_{k}"] = elbo_per_datapoint(rme.model, rme.guide, x, s["elbo_particles"]).double()
+            rme.train()
+        begin(stage)
+
+    plan.begin_stage = record
+    ppl_vae.train(rme, data, TrainConfig(objective="elbo", epochs=s["K"] * s["stage_epochs"], batch_size=100,
+                                         lr=1e-3), plan=plan, seed=seed, progress=False)
+    rme.eval()
+    elbos[f"mixture_{s['K']}"] = elbo_per_datapoint(rme.model, rme.guide, x, s["elbo_particles"]).double()
+    assert all(torch.equal(a, b) for a, b in zip(rme.decoder.state_dict().values(),
+                                                 vae.decoder.state_dict().values()))   # the decoder did not move
+    lap = laplace_on(vae, len(data.train_x))
+    elbos["vae"] = elbo_per_datapoint(vae.model, vae.guide, x, s["elbo_particles"]).double()
+    elbos["laplace"] = elbo_per_datapoint(vae.model, lap, x, s["elbo_particles"]).double()
+    timing = {}
+    for family in ("diag", "full"):
+        t0 = time.perf_counter()
+        g = amortisation_gap(vae.model, vae.guide, x, family=family, steps=s["gap_steps"],
+                             num_particles=s["gap_particles"], elbo_particles=s["elbo_particles"],
+                             parameters=list(vae.parameters()))
+        timing[f"optimised_{family}"] = (time.perf_counter() - t0) / len(x)
+        elbos[f"optimised_{family}"] = g["optimised"].double()
+    log_px = log_likelihood(vae.model, lap, x, num_samples=s["S"], seed=seed).double()
+    q0 = elbos["mixture_1"]                                 # h_0 alone, trained on the fixed decoder
+    amort = elbos["optimised_diag"] - elbos["vae"]
+    out = {"num_images": len(x), "K": s["K"], "stage_epochs": s["stage_epochs"],
+           "elbo": {k: _mean_se(v) for k, v in elbos.items()},
+           "gain_over_q0": {k: _mean_se(v - q0) for k, v in elbos.items() if k.startswith("mixture_")},
+           "amortisation_gap_vae": _mean_se(amort),
+           "amortisation_gap_h0": _mean_se(elbos["optimised_diag"] - q0),
+           "share_of_amortisation_gap_closed": round(float((elbos[f"mixture_{s['K']}"] - q0).mean()
+                                                           / (elbos["optimised_diag"] - q0).mean()), 4),
+           "log_likelihood_laplace_is": _mean_se(log_px),
+           "approximation_gap": {k: _mean_se(log_px - v) for k, v in elbos.items()},
+           "mixture_beats_optimised_diag": float((elbos[f"mixture_{s['K']}"] - elbos["optimised_diag"]).mean()) > 0}
+    return out, {"vae": vae, "rme": rme, "laplace": lap, "timing": timing}
+
+
+def inference_seconds(parts: dict, data, s: dict) -> dict:
+    x = data.test_x[: s["timing_images"]]
+    out = {k: v for k, v in parts["timing"].items()}
+    with torch.no_grad():
+        for name, fn in (("vae", lambda: parts["vae"].guide_dist(x)),
+                         ("mixture", lambda: parts["rme"].guide_dist(x))):
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(5):
+                fn()
+            out[name] = (time.perf_counter() - t0) / 5 / len(x)
+    parts["laplace"].posterior(x)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        parts["laplace"].posterior(x)
+    out["laplace"] = (time.perf_counter() - t0) / 5 / len(x)
+    out = {k: round(v, 7) for k, v in out.items()}
+    out["relative_to_vae"] = {k: round(v / out["vae"], 2) for k, v in out.items() if isinstance(v, float)}
+    return out
+
+
+def wide_hidden(data, K: int) -> int:
+    enc = model("rme", data, 0, num_components=K).encoder
+    target = sum(p.numel() for p in enc.parameters())
+    d, o = math.prod(data.shape), 2 * LATENT
+    b = d + 2 + o
+    return math.ceil((-b + math.sqrt(b * b + 4 * (target - o))) / 2)
+
+
+def joint(data, s: dict, seeds) -> dict:
+    x = data.test_x[: s["n_ll"]]
+    lls: dict[str, dict[int, torch.Tensor]] = {}
+
+    def score(name, m, seed):
+        lls.setdefault(name, {})[seed] = log_likelihood(m.model, m.guide, x, num_samples=s["ll_S"],
+                                                        seed=0).double()
+        print(f"[joint {name} seed {seed}] {float(lls[name][seed].mean()):.3f}", flush=True)
+
+    width = wide_hidden(data, max(s["joint_K"]))
+    for seed in seeds:
+        score("vae", fit(model("vae", data, seed), data, s["epochs"], seed), seed)
+        wide = model("vae", data, seed)
+        wide.encoder = MLPEncoder(data.shape, LATENT, (width, width), "relu")
+        score("vae_wide", fit(wide, data, s["epochs"], seed), seed)
+        for lam in s["lambdas"]:
+            for cap in s["caps"]:
+                for K in s["joint_K"]:
+                    m = model("rme", data, seed, num_components=K, divergence_weight=lam, log_ratio_cap=cap)
+                    score(f"rme_K{K}_lambda{lam}_cap{cap or 'none'}", fit(m, data, s["epochs"], seed), seed)
+    out = {"test_ll": {k: round(float(torch.stack(list(v.values())).mean()), 3) for k, v in lls.items()},
+           "diff_vs_vae": {}, "seeds": list(seeds), "vae_wide_hidden": width, "n_test": len(x), "S": s["ll_S"]}
+    for name, d in lls.items():
+        if name == "vae":
+            continue
+        m, se = over_seeds([paired(d[sd], lls["vae"][sd]) for sd in seeds])
+        out["diff_vs_vae"][name] = {"mean": round(m, 3), "std_error": round(se, 3)}
+    return out
+
+
+def main(argv=None):
+    ap = parser(__doc__, seeds="0,1,2,3,4,5,6,7,8,9")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {list(PARTS)}")
+    args = start(ap, argv)
+    parts = [p for p in args.parts.split(",") if p]
+    if any(p not in PARTS for p in parts):
+        ap.error(f"--parts must name some of {list(PARTS)}, got {args.parts!r}")
+    s = QUICK if args.quick else FULL
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    data = load_data("fashion_mnist", pixels="binary_dynamic", limit=s["limit"], seed=0)
+    out = {"settings": {k: v for k, v in s.items()}, "fixed_decoder": None, "inference_seconds": None, "joint": None}
+    if "fixed_decoder" in parts or "inference_seconds" in parts:
+        fd, models = fixed_decoder(data, s, seeds[0])
+        out["fixed_decoder"] = {**fd, "seed": seeds[0]}
+        if "inference_seconds" in parts:
+            out["inference_seconds"] = inference_seconds(models, data, s)
+    if "joint" in parts:
+        out["joint"] = joint(data, s, seeds)
+    finish("recursive", out, args, device="cpu")
+
+
+if __name__ == "__main__":
+    main()
