@@ -4,8 +4,8 @@ sweep, and its inference time — dynamically binarised Fashion-MNIST, the sizes
 
 Parts (``--parts``, default all three):
   fixed_decoder     train a VAE; freeze its decoder; on it train the K = 5 recursive mixture stage-wise
-                    (``options.schedule: stagewise, freeze_decoder: true``: stage 0 its own h_0, stage m adds h_m
-                    with h_{<m} frozen). Per test image: ELBO(q_m) − ELBO(q_0) for m = 1 … 4; beside them, on the
+                    (``options.schedule: stagewise, freeze_decoder: true``: stage 0 fine-tunes h_0, initialised as
+                    the VAE's encoder; stage m adds h_m with h_{<m} frozen). Per test image: ELBO(q_m) − ELBO(q_0) for m = 1 … 4; beside them, on the
                     same decoder, the VAE's amortised q, the per-image optimised diagonal and full-covariance
                     Gaussians (``ppl_vae.evaluate.amortisation_gap``: Adam from the amortised q) and the Laplace
                     guide (4 damped Newton steps from the VAE encoder's mean); log p̂(x) by importance sampling
@@ -83,6 +83,11 @@ def fixed_decoder(data, s: dict, seed: int) -> tuple[dict, dict]:
     vae = fit(model("vae", data, seed), data, s["epochs"], seed)
     rme = model("rme", data, seed, num_components=s["K"], schedule="stagewise", freeze_decoder=True)
     rme.decoder.load_state_dict(vae.decoder.state_dict())
+    # h_0 starts as the VAE's encoder (the same 784-200-200-32 layers, softplus scale): q_0 = the VAE's q
+    src = [m for m in vae.encoder.modules() if isinstance(m, torch.nn.Linear)]
+    dst = [m for m in rme.encoder.components[0].modules() if isinstance(m, torch.nn.Linear)]
+    for a, b in zip(src, dst, strict=True):
+        b.load_state_dict(a.state_dict())
     elbos: dict[str, torch.Tensor] = {}
     plan = ppl_vae.plan_for(rme)
     begin = plan.begin_stage
