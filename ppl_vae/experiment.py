@@ -227,29 +227,25 @@ def latent_metrics(run: Run, x: torch.Tensor, y=None, *, max_images: int = 1000,
     """What the code carries, on the first ``max_images`` of ``x``: KL(q ‖ p) per latent site (Monte Carlo, so any
     prior), active units per site, I_q(x; z) (models with one latent site; None otherwise) and the accuracy of a
     logistic probe of the class from E_q[z | x] (all sites concatenated), fitted on ``probe_train`` training
-    images (datasets with labels; None otherwise)."""
+    images (datasets with labels; None otherwise; for a conditional model the code is probed given the label)."""
     m = run.model
     x, y = x[:max_images], None if y is None else y[:max_images]
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        yc = y if _conditional(m) else None
-        kl = evaluate.kl_per_site(m.model, m.guide, x, num_samples=4, y=yc)
-        au = evaluate.active_units(m.guide, x, y=yc)
-        mi = evaluate.mutual_information(m.guide, x, y=yc) if len(au) == 1 else None
+        kl = evaluate.kl_per_site(m.model, m.guide, x, num_samples=4, y=y)   # y as everywhere: the programs
+        au = evaluate.active_units(m.guide, x, y=y)                          # take it (and may ignore it)
+        mi = evaluate.mutual_information(m.guide, x, y=y) if len(au) == 1 else None
         probe = None
-        if run.data.train_y is not None and y is not None and not _conditional(m):
+        if run.data.train_y is not None and y is not None:
             xtr = run.data.train_x[:probe_train].to(run.device)
-            ztr = torch.cat(list(evaluate.posterior_means(m.guide, xtr).values()), -1)
-            zte = torch.cat(list(evaluate.posterior_means(m.guide, x).values()), -1)
+            ytr = run.data.train_y[:probe_train].to(run.device)
+            ztr = torch.cat(list(evaluate.posterior_means(m.guide, xtr, y=ytr).values()), -1)
+            zte = torch.cat(list(evaluate.posterior_means(m.guide, x, y=y).values()), -1)
             n = len(xtr)
-            probe = evaluate.probe_accuracy(ztr, run.data.train_y[:n], zte, y, num_labels=(n,))[n]
+            probe = evaluate.probe_accuracy(ztr, ytr.cpu(), zte, y.cpu(), num_labels=(n,))[n]
     return {"num_images": len(x), "kl": {k: float(v) for k, v in kl.items()}, "kl_total": float(sum(kl.values())),
             "active_units": {k: v["active"] for k, v in au.items()},
             "latent_dims": {k: v["dims"] for k, v in au.items()}, "mutual_information": mi, "probe_accuracy": probe}
-
-
-def _conditional(model) -> bool:
-    return bool(getattr(model, "conditional", False))
 
 
 def evaluate_run(run: Run, num_samples: int | None = None, max_test: int | None = None, seed: int = 0,
