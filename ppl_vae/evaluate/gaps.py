@@ -28,7 +28,7 @@ from ..infer.importance import IWAEError, fork_rng, importance_log_weights
 from ..plate import DATA_PLATE
 
 __all__ = ["elbo_per_datapoint", "optimised_guide", "amortisation_gap", "inference_gaps", "guide_latent_site",
-           "FAMILIES"]
+           "guide_latent_sites", "FAMILIES"]
 
 FAMILIES = ("diag", "full")
 
@@ -55,15 +55,22 @@ def _args(x, y):
     return (x,) if y is None else (x, y)
 
 
-def guide_latent_site(guide, x, y=None) -> str:
-    """The name of the guide's one latent sample site (an error naming them if there are several)."""
+def guide_latent_sites(guide, x, y=None) -> list[str]:
+    """The names of the guide's latent sample sites, in the order the guide samples them."""
     with torch.no_grad(), fork_rng(), poutine.block():
         tr = poutine.trace(guide).get_trace(*_args(x, y))
     names = [n for n, s in tr.nodes.items() if s["type"] == "sample" and not s["is_observed"]
              and not site_is_subsample(s)]
+    if not names:
+        raise IWAEError("the guide has no latent sample site")
+    return names
+
+
+def guide_latent_site(guide, x, y=None) -> str:
+    """The name of the guide's one latent sample site (an error naming them if there are several)."""
+    names = guide_latent_sites(guide, x, y)
     if len(names) != 1:
-        raise IWAEError(f"the gap analysis optimises one latent site per datapoint; this guide has "
-                        f"{names or 'none'}: pass site=<name> for a model with one latent site")
+        raise IWAEError(f"this guide has several latent sites {names}; name one (site=...) where one is needed")
     return names[0]
 
 
@@ -97,14 +104,8 @@ def _gaussian(fn, family=None):
                     f"Gaussian started at the guide's mean and variance)")
 
 
-def optimised_guide(model, guide, x: torch.Tensor, *, family: str | None = None, steps: int = 300,
-                    num_particles: int = 16, lr: float = 1e-2, site: str | None = None, parameters=(), y=None):
-    """A per-datapoint Gaussian guide for ``x`` (``family`` "diag" or "full", default: that of the amortised
-    guide), started at the amortised q and optimised with Adam (cosine-decayed ``lr``) on the ELBO estimated
-    with ``num_particles`` draws, the model's ``parameters`` frozen meanwhile. ``site``: the latent site
-    (default: the guide's only one). Returns the guide function."""
-    site = guide_latent_site(guide, x, y) if site is None else site
-    fn, size = _guide_site(guide, x, site, y)
+def _start(fn, family):
+    """(family, loc, raw) of a per-datapoint Gaussian started at the guide's distribution ``fn``."""
     kind, loc, scale = _gaussian(fn, family)
     family = kind if family is None else family
     if family not in FAMILIES:
@@ -115,21 +116,37 @@ def optimised_guide(model, guide, x: torch.Tensor, *, family: str | None = None,
         else:
             tril = scale if kind == "full" else torch.diag_embed(scale)
             raw = torch.tril(tril, -1) + torch.diag_embed(tril.diagonal(dim1=-2, dim2=-1).log())
-    loc, raw = loc.detach().clone().requires_grad_(), raw.detach().clone().requires_grad_()
+    return family, loc.detach().clone().requires_grad_(), raw.detach().clone().requires_grad_()
+
+
+def optimised_guide(model, guide, x: torch.Tensor, *, family: str | None = None, steps: int = 300,
+                    num_particles: int = 16, lr: float = 1e-2, site=None, parameters=(), y=None):
+    """A per-datapoint Gaussian guide for ``x`` (``family`` "diag" or "full", default: that of the amortised
+    guide's site), started at the amortised q and optimised with Adam (cosine-decayed ``lr``) on the ELBO
+    estimated with ``num_particles`` draws, the model's ``parameters`` frozen meanwhile. ``site``: a latent site
+    name or a list of them (default: all the guide's latent sites; several sites get independent per-datapoint
+    Gaussians — mean field across sites —, each started at its amortised distribution in one guide run).
+    Returns the guide function."""
+    sites = guide_latent_sites(guide, x, y) if site is None else ([site] if isinstance(site, str) else list(site))
+    parts, size = [], None
+    for name in sites:
+        fn, size = _guide_site(guide, x, name, y)
+        parts.append((name, *_start(fn, family)))
 
     def local(xb, y=None):
         with pyro.plate(DATA_PLATE, size, subsample=torch.arange(len(xb), device=xb.device)):
-            if family == "diag":
-                pyro.sample(site, dist.Normal(loc, raw.exp()).to_event(1))
-            else:
-                L = torch.tril(raw, -1) + torch.diag_embed(raw.diagonal(dim1=-2, dim2=-1).exp())
-                pyro.sample(site, dist.MultivariateNormal(loc, scale_tril=L))
+            for name, fam, loc, raw in parts:
+                if fam == "diag":
+                    pyro.sample(name, dist.Normal(loc, raw.exp()).to_event(1))
+                else:
+                    L = torch.tril(raw, -1) + torch.diag_embed(raw.diagonal(dim1=-2, dim2=-1).exp())
+                    pyro.sample(name, dist.MultivariateNormal(loc, scale_tril=L))
 
     frozen = [p for p in parameters if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     try:
-        opt = torch.optim.Adam([loc, raw], lr=lr)
+        opt = torch.optim.Adam([t for _, _, loc, raw in parts for t in (loc, raw)], lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         for _ in range(steps):
             opt.zero_grad()
@@ -145,7 +162,7 @@ def optimised_guide(model, guide, x: torch.Tensor, *, family: str | None = None,
 
 
 def amortisation_gap(model, guide, x: torch.Tensor, *, family: str | None = None, steps: int = 300,
-                     num_particles: int = 16, elbo_particles: int = 1000, lr: float = 1e-2, site: str | None = None,
+                     num_particles: int = 16, elbo_particles: int = 1000, lr: float = 1e-2, site=None,
                      parameters=(), y=None) -> dict:
     """ELBO of q optimised per datapoint minus the amortised ELBO, per datapoint and summarised.
 
