@@ -4,6 +4,7 @@ each run, and how a run is built, trained (``ppl_vae.train``) and scored (``ppl_
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -62,6 +63,20 @@ def make_model(run: str, data, seed: int = 0, latent: int = LATENT, hidden=None)
     cfg = ModelConfig(name=name, likelihood="bernoulli", arch="mlp", latent_dim=latent,
                       hidden=list(HIDDEN if hidden is None else hidden), activation="relu", options=dict(opts))
     return build_model(cfg, data.shape, num_data=len(data.train_x))
+
+
+def n_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def wide_width(data, components: int = 5, latent: int = LATENT, hidden=None) -> int:
+    """Hidden width H of a d-H-H-2·latent encoder with at least as many parameters as the recursive mixture's
+    ``components`` encoders (plus its mixing heads): the capacity-matched control ``vae_wide``."""
+    target = n_params(make_model(f"recursive_{components}", data, latent=latent, hidden=hidden).encoder)
+    d, out = math.prod(data.shape), 2 * latent
+    # parameters of d-H-H-out: (d+1)H + (H+1)H + (H+1)out = H^2 + (d+2+out)H + out; smallest H reaching target
+    b = d + 2 + out
+    return math.ceil((-b + math.sqrt(b * b + 4 * (target - out))) / 2)
 
 
 def train(run, data, tc, seed=0, latent: int = LATENT, hidden=None, prepare=None):

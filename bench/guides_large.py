@@ -40,7 +40,7 @@ from _common import (
     parser,
     start,
 )
-from _guide_runs import beats_vae, gap_report, make_model, train
+from _guide_runs import beats_vae, gap_report, n_params, train, wide_width
 
 from ppl_vae.config import TrainConfig
 from ppl_vae.data import load_data
@@ -55,21 +55,6 @@ ORDER = ("recursive_5", "recursive_3", "gamix", "vae")   # longest first: two wo
 ALL = ("vae", "recursive_3", "recursive_5", "gamix", "gamix_noreg", "vae_wide")
 
 
-def n_params(module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def wide_width(data, components: int = 5) -> int:
-    """Hidden width H of a 784-H-H-2L encoder with at least as many parameters as the recursive mixture's
-    ``components`` encoders (plus its mixing heads): the capacity-matched control ``vae_wide``."""
-    target = n_params(make_model(f"recursive_{components}", data, latent=LATENT, hidden=HIDDEN).encoder)
-    d, out = math.prod(data.shape), 2 * LATENT
-    # parameters of d-H-H-out: (d+1)H + (H+1)H + (H+1)out = H^2 + (d+2+out)H + out; smallest H reaching target
-    b = d + 2 + out
-    h = math.ceil((-b + math.sqrt(b * b + 4 * (target - out))) / 2)
-    return h
-
-
 def _data(s):
     return load_data("fashion_mnist", pixels="binary_dynamic", limit=s["limit"], seed=0)
 
@@ -81,7 +66,7 @@ def work(run: str, s: dict, seed: int) -> dict:
     tc = TrainConfig(objective="elbo", epochs=s["epochs"], batch_size=100, lr=1e-3)
     t0 = time.perf_counter()
     if run == "vae_wide":
-        width = wide_width(data)
+        width = wide_width(data, latent=LATENT, hidden=HIDDEN)
 
         def widen(model):
             model.encoder = MLPEncoder(data.shape, LATENT, (width, width), "relu")

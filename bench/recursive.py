@@ -34,7 +34,7 @@ import time
 import pyro
 import torch
 from _common import finish, over_seeds, paired, parser, start
-from _guide_runs import HIDDEN, LATENT
+from _guide_runs import HIDDEN, LATENT, wide_width
 
 import ppl_vae
 from ppl_vae import ModelConfig, build_model
@@ -155,14 +155,6 @@ def inference_seconds(parts: dict, data, s: dict) -> dict:
     return out
 
 
-def wide_hidden(data, K: int) -> int:
-    enc = model("rme", data, 0, num_components=K).encoder
-    target = sum(p.numel() for p in enc.parameters())
-    d, o = math.prod(data.shape), 2 * LATENT
-    b = d + 2 + o
-    return math.ceil((-b + math.sqrt(b * b + 4 * (target - o))) / 2)
-
-
 def joint(data, s: dict, seeds) -> dict:
     x = data.test_x[: s["n_ll"]]
     lls: dict[str, dict[int, torch.Tensor]] = {}
@@ -172,7 +164,7 @@ def joint(data, s: dict, seeds) -> dict:
                                                         seed=0).double()
         print(f"[joint {name} seed {seed}] {float(lls[name][seed].mean()):.3f}", flush=True)
 
-    width = wide_hidden(data, max(s["joint_K"]))
+    width = wide_width(data, max(s["joint_K"]))
     for seed in seeds:
         score("vae", fit(model("vae", data, seed), data, s["epochs"], seed), seed)
         wide = model("vae", data, seed)

@@ -34,14 +34,7 @@ import ppl_vae
 from ppl_vae import ModelConfig, build_model
 from ppl_vae.config import TrainConfig
 from ppl_vae.data import load_data
-from ppl_vae.evaluate import (
-    active_units,
-    kl_per_site,
-    log_likelihood,
-    mutual_information,
-    posterior_means,
-    probe_accuracy,
-)
+from ppl_vae.evaluate import kl_per_site, latent_summary, log_likelihood
 from ppl_vae.viz import save_image_grid
 
 FULL = dict(limit=6000, epochs=8, n_test=500, S=100, probe_train=2000)
@@ -82,17 +75,11 @@ def one_run(run: str, data, s: dict, seed: int) -> tuple[dict, object]:
     model.eval()
     x, y = data.test_x[: s["n_test"]], data.test_y[: s["n_test"]]
     ll, ess = log_likelihood(model.model, model.guide, x, num_samples=s["S"], seed=seed, return_ess=True)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        kl = sum(kl_per_site(model.model, model.guide, x, num_samples=4).values())
-        au = active_units(model.guide, x)["z"]["active"]
-        mi = mutual_information(model.guide, x)
-        xtr, ytr = data.train_x[: s["probe_train"]], data.train_y[: s["probe_train"]]
-        n = len(xtr)
-        probe = probe_accuracy(posterior_means(model.guide, xtr)["z"], ytr, posterior_means(model.guide, x)["z"], y,
-                               num_labels=(n,))[n]
-    r = {"test_ll": float(ll.mean()), "test_ll_mc_std_error": ll_mc_std_error(ess, s["S"]), "kl": float(kl),
-         "active_units": au, "mutual_information": mi, "probe_acc": probe, "seconds_per_epoch": sec,
+    n = s["probe_train"]
+    lat = latent_summary(model.model, model.guide, x, y, data.train_x[:n], data.train_y[:n], seed=seed)
+    r = {"test_ll": float(ll.mean()), "test_ll_mc_std_error": ll_mc_std_error(ess, s["S"]), "kl": lat["kl_total"],
+         "active_units": lat["active_units"]["z"], "mutual_information": lat["mutual_information"],
+         "probe_acc": lat["probe_accuracy"], "seconds_per_epoch": sec,
          "final_val_elbo": history[-1]["val_elbo"], "kl_by_epoch": kl_by_epoch}
     print(f"[{run} seed {seed}] " + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if k != "kl_by_epoch")
           + f", KL by epoch {kl_by_epoch}", flush=True)

@@ -162,9 +162,7 @@ def _gaps(args) -> int:
                    num_particles=args.num_particles, elbo_particles=args.elbo_particles, family=args.family,
                    nuts_images=args.nuts, seed=args.seed,
                    nuts={"num_chains": args.nuts_chains, "num_samples": args.nuts_samples,
-                         "warmup_steps": args.nuts_warmup})
-    out["checkpoint"] = args.checkpoint
-    (run.run_dir / "gaps.json").write_text(json.dumps({k: v for k, v in out.items() if k != "files"}, indent=2))
+                         "warmup_steps": args.nuts_warmup}, checkpoint=args.checkpoint)
     brief = {k: out[k] for k in ("model", "num_images", "amortisation", "approximation", "inference")}
     if "nuts" in out:
         brief["nuts"] = {k: v for k, v in out["nuts"].items() if k != "images"}

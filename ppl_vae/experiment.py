@@ -224,28 +224,12 @@ def _positive(name: str, value, minimum: int = 1) -> None:
 
 def latent_metrics(run: Run, x: torch.Tensor, y=None, *, max_images: int = 1000, probe_train: int = 2000,
                    seed: int = 0) -> dict:
-    """What the code carries, on the first ``max_images`` of ``x``: KL(q ‖ p) per latent site (Monte Carlo, so any
-    prior), active units per site, I_q(x; z) (models with one latent site; None otherwise) and the accuracy of a
-    logistic probe of the class from E_q[z | x] (all sites concatenated), fitted on ``probe_train`` training
-    images (datasets with labels; None otherwise; for a conditional model the code is probed given the label)."""
-    m = run.model
+    """:func:`ppl_vae.evaluate.latent_summary` (KL per site, active units, I_q(x; z), probe accuracy) on the first
+    ``max_images`` of ``x``, the probe fitted on the run's first ``probe_train`` training images."""
     x, y = x[:max_images], None if y is None else y[:max_images]
-    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        kl = evaluate.kl_per_site(m.model, m.guide, x, num_samples=4, y=y)   # y as everywhere: the programs
-        au = evaluate.active_units(m.guide, x, y=y)                          # take it (and may ignore it)
-        mi = evaluate.mutual_information(m.guide, x, y=y) if len(au) == 1 else None
-        probe = None
-        if run.data.train_y is not None and y is not None:
-            xtr = run.data.train_x[:probe_train].to(run.device)
-            ytr = run.data.train_y[:probe_train].to(run.device)
-            ztr = torch.cat(list(evaluate.posterior_means(m.guide, xtr, y=ytr).values()), -1)
-            zte = torch.cat(list(evaluate.posterior_means(m.guide, x, y=y).values()), -1)
-            n = len(xtr)
-            probe = evaluate.probe_accuracy(ztr, ytr.cpu(), zte, y.cpu(), num_labels=(n,))[n]
-    return {"num_images": len(x), "kl": {k: float(v) for k, v in kl.items()}, "kl_total": float(sum(kl.values())),
-            "active_units": {k: v["active"] for k, v in au.items()},
-            "latent_dims": {k: v["dims"] for k, v in au.items()}, "mutual_information": mi, "probe_accuracy": probe}
+    train_y = None if run.data.train_y is None else run.data.train_y[:probe_train].to(run.device)
+    return evaluate.latent_summary(run.model.model, run.model.guide, x, y,
+                                   run.data.train_x[:probe_train].to(run.device), train_y, seed=seed)
 
 
 def evaluate_run(run: Run, num_samples: int | None = None, max_test: int | None = None, seed: int = 0,
@@ -312,10 +296,11 @@ def diagnose_run(run: Run, num_images: int = 100, num_samples: int | None = None
 
 def gaps_run(run: Run, num_images: int = 200, *, num_samples: int | None = None, steps: int = 300,
              num_particles: int = 16, elbo_particles: int = 1000, family: str | None = None, nuts_images: int = 0,
-             nuts: dict | None = None, seed: int = 0, write: bool = True) -> dict:
+             nuts: dict | None = None, seed: int = 0, write: bool = True, checkpoint: str = "best") -> dict:
     """The inference-gap report (:func:`ppl_vae.evaluate.report.gap_report`) of a run's guide on its first
     ``num_images`` test images (``num_samples`` importance draws for log p̂, default ``eval.num_samples``), the
-    decoder frozen; ``nuts_images`` of them also get a NUTS reference. Writes ``gaps.json`` and ``gaps.png``."""
+    decoder frozen; ``nuts_images`` of them also get a NUTS reference. Writes ``gaps.json`` and ``gaps.png``;
+    ``checkpoint`` names the checkpoint the run was loaded from, for the record."""
     num_samples = run.cfg.eval.num_samples if num_samples is None else num_samples
     _positive("num_images", num_images)
     _positive("num_samples", num_samples)
@@ -329,7 +314,7 @@ def gaps_run(run: Run, num_images: int = 200, *, num_samples: int | None = None,
                               steps=steps, num_particles=num_particles, elbo_particles=elbo_particles,
                               parameters=list(run.model.parameters()), seed=seed, nuts_images=nuts_images,
                               nuts=nuts)
-    out = {"model": run.cfg.model.name, **out}
+    out = {"model": run.cfg.model.name, "checkpoint": checkpoint, **out}
     if write:
         (run.run_dir / "gaps.json").write_text(json.dumps(out, indent=2))
         evaluate.plot_gaps(out, run.run_dir / "gaps.png", title=f"Inference gaps of {run.cfg.model.name}")

@@ -13,7 +13,7 @@ compatibility layer (``azcompat``) load ArviZ on first use.
 from .fid import FIDResult, FrechetDistance, frechet_distance, get_feature_extractor, train_feature_classifier
 from .defensive import defended, has_compact_support
 from .clustering import cluster_accuracy, cluster_scores, probe_accuracy
-from .latents import active_units, kl_per_site, mutual_information, posterior_means
+from .latents import active_units, kl_per_site, latent_summary, mutual_information, posterior_means
 from .images import sharpness
 from .gaps import amortisation_gap, elbo_per_datapoint, guide_latent_site, inference_gaps, optimised_guide
 from .likelihood import bits_per_dim, log_likelihood, log_likelihood_summary, mc_std_error
@@ -26,8 +26,8 @@ _LAZY_MODULES = ("azcompat", "diagnostics", "reference", "report")
 __all__ = ["log_likelihood", "log_likelihood_summary", "bits_per_dim", "mc_std_error", "FrechetDistance",
            "frechet_distance", "FIDResult", "train_feature_classifier", "get_feature_extractor", "elbo_per_datapoint",
            "amortisation_gap", "inference_gaps", "optimised_guide", "defended", "has_compact_support",
-           "posterior_means", "active_units", "kl_per_site", "mutual_information", "cluster_accuracy",
-           "cluster_scores", "probe_accuracy",
+           "posterior_means", "active_units", "kl_per_site", "mutual_information", "latent_summary",
+           "cluster_accuracy", "cluster_scores", "probe_accuracy",
            "sharpness", "guide_latent_site", *_DIAGNOSTICS, *_REPORT, *_REFERENCE]
 
 

@@ -130,10 +130,7 @@ def rhat(draws) -> np.ndarray:
 def to_netcdf(data, path) -> str:
     """Write an ArviZ container to a netCDF file (h5netcdf engine); returns the path."""
     path = os.fspath(path)
-    if ARVIZ_1:
-        data.to_netcdf(path, engine="h5netcdf")
-    else:
-        data.to_netcdf(path, engine="h5netcdf")
+    data.to_netcdf(path, engine="h5netcdf")   # InferenceData and DataTree share the call
     return path
 
 

@@ -22,13 +22,13 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.poutine.util import site_is_subsample
 
 from ..infer.importance import IWAEError, fork_rng, importance_log_weights
 from ..plate import DATA_PLATE
+from .latents import _latent_sites
 
 __all__ = ["elbo_per_datapoint", "optimised_guide", "amortisation_gap", "inference_gaps", "guide_latent_site",
-           "guide_latent_sites", "FAMILIES"]
+           "guide_latent_sites", "data_plate_size", "FAMILIES"]
 
 FAMILIES = ("diag", "full")
 
@@ -55,15 +55,34 @@ def _args(x, y):
     return (x,) if y is None else (x, y)
 
 
-def guide_latent_sites(guide, x, y=None) -> list[str]:
-    """The names of the guide's latent sample sites, in the order the guide samples them."""
+def _trace(fn, x, y=None):
+    """One run of ``fn`` traced (gradients off, values discarded, the caller's RNG untouched)."""
     with torch.no_grad(), fork_rng(), poutine.block():
-        tr = poutine.trace(guide).get_trace(*_args(x, y))
-    names = [n for n, s in tr.nodes.items() if s["type"] == "sample" and not s["is_observed"]
-             and not site_is_subsample(s)]
+        return poutine.trace(fn).get_trace(*_args(x, y))
+
+
+def data_plate_size(trace, site: str | None = None, default: int = 1) -> int:
+    """The full size N of the data plate around ``site`` (default: the first sample site inside it) in
+    ``trace``; ``default`` when there is no such plate."""
+    for name, node in trace.nodes.items():
+        if node["type"] != "sample" or (site is not None and name != site):
+            continue
+        frame = next((f for f in node["cond_indep_stack"] if f.name == DATA_PLATE), None)
+        if frame is not None and frame.full_size is not None:
+            return int(frame.full_size)
+    return default
+
+
+def _latent_names(trace) -> list[str]:
+    names = _latent_sites(trace)
     if not names:
         raise IWAEError("the guide has no latent sample site")
     return names
+
+
+def guide_latent_sites(guide, x, y=None) -> list[str]:
+    """The names of the guide's latent sample sites, in the order the guide samples them."""
+    return _latent_names(_trace(guide, x, y))
 
 
 def guide_latent_site(guide, x, y=None) -> str:
@@ -72,18 +91,6 @@ def guide_latent_site(guide, x, y=None) -> str:
     if len(names) != 1:
         raise IWAEError(f"this guide has several latent sites {names}; name one (site=...) where one is needed")
     return names[0]
-
-
-def _guide_site(guide, x, site: str, y=None):
-    """(distribution, data-plate size) of ``site`` in one guide run (values discarded, caller's RNG untouched)."""
-    with torch.no_grad(), fork_rng(), poutine.block():
-        tr = poutine.trace(guide).get_trace(*_args(x, y))
-    if site not in tr.nodes:
-        raise IWAEError(f"the guide has no sample site {site!r}")
-    node = tr.nodes[site]
-    frame = next((f for f in node["cond_indep_stack"] if f.name == DATA_PLATE), None)
-    size = int(frame.full_size) if frame is not None and frame.full_size is not None else len(x)
-    return node["fn"], size
 
 
 def _gaussian(fn, family=None):
@@ -127,11 +134,13 @@ def optimised_guide(model, guide, x: torch.Tensor, *, family: str | None = None,
     name or a list of them (default: all the guide's latent sites; several sites get independent per-datapoint
     Gaussians — mean field across sites —, each started at its amortised distribution in one guide run).
     Returns the guide function."""
-    sites = guide_latent_sites(guide, x, y) if site is None else ([site] if isinstance(site, str) else list(site))
-    parts, size = [], None
+    tr = _trace(guide, x, y)      # one guide run gives every site's amortised distribution
+    sites = _latent_names(tr) if site is None else ([site] if isinstance(site, str) else list(site))
     for name in sites:
-        fn, size = _guide_site(guide, x, name, y)
-        parts.append((name, *_start(fn, family)))
+        if name not in tr.nodes:
+            raise IWAEError(f"the guide has no sample site {name!r}")
+    parts = [(name, *_start(tr.nodes[name]["fn"], family)) for name in sites]
+    size = data_plate_size(tr, sites[-1], len(x))
 
     def local(xb, y=None):
         with pyro.plate(DATA_PLATE, size, subsample=torch.arange(len(xb), device=xb.device)):

@@ -24,9 +24,10 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from .clustering import probe_accuracy
 from .likelihood import eval_mode
 
-__all__ = ["posterior_means", "active_units", "kl_per_site", "mutual_information"]
+__all__ = ["posterior_means", "active_units", "kl_per_site", "mutual_information", "latent_summary"]
 
 
 def _latent_sites(trace) -> list[str]:
@@ -133,3 +134,25 @@ def mutual_information(guide, x: torch.Tensor, num_samples: int = 1, chunk: int 
                 agg.append(torch.logsumexp(fn.log_prob(zi), dim=1) - math.log(N))
             total += float((own - torch.cat(agg)).double().mean())
     return total / num_samples
+
+
+def latent_summary(model, guide, x: torch.Tensor, y=None, train_x=None, train_y=None, *, seed: int = 0) -> dict:
+    """What the code carries on ``x``: KL(q ‖ p) per latent site (:func:`kl_per_site`, 4 draws), active units per
+    site, I_q(x; z) (one latent site; None otherwise) and, given labelled training images ``train_x``/``train_y``
+    and labels ``y``, the accuracy of a logistic probe of the class from E_q[z | x] (all sites concatenated; None
+    otherwise). ``y`` goes to the programs as everywhere (a conditional model's code is probed given the label).
+    Reproducible from ``seed``; the caller's RNG is left as it was."""
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        kl = kl_per_site(model, guide, x, num_samples=4, y=y)
+        au = active_units(guide, x, y=y)
+        mi = mutual_information(guide, x, y=y) if len(au) == 1 else None
+        probe = None
+        if train_y is not None and y is not None:
+            ztr = torch.cat(list(posterior_means(guide, train_x, y=train_y).values()), -1)
+            zte = torch.cat(list(posterior_means(guide, x, y=y).values()), -1)
+            n = len(train_x)
+            probe = probe_accuracy(ztr, train_y.cpu(), zte, y.cpu(), num_labels=(n,))[n]
+    return {"num_images": len(x), "kl": {k: float(v) for k, v in kl.items()}, "kl_total": float(sum(kl.values())),
+            "active_units": {k: v["active"] for k, v in au.items()},
+            "latent_dims": {k: v["dims"] for k, v in au.items()}, "mutual_information": mi, "probe_accuracy": probe}

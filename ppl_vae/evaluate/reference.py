@@ -42,6 +42,7 @@ from ..infer.importance import IWAEError, fork_rng, importance_log_weights
 from ..plate import DATA_PLATE
 from . import azcompat
 from .diagnostics import psis_diagnostics
+from .gaps import _args, _trace, data_plate_size
 from .likelihood import eval_mode
 
 __all__ = ["Unscaled", "nuts_posterior", "compare_to_reference", "latent_sites"]
@@ -58,15 +59,6 @@ class Unscaled(Messenger):
             msg["scale"] = 1.0
 
 
-def _args(x, y):
-    return (x,) if y is None else (x, y)
-
-
-def _trace(fn, x, y):
-    with torch.no_grad(), fork_rng(), poutine.block():
-        return poutine.trace(fn).get_trace(*_args(x, y))
-
-
 def latent_sites(model, x, y=None) -> dict[str, torch.Tensor]:
     """Names and values of the model's latent (unobserved, non-subsample) sample sites in one prior run."""
     tr = _trace(model, x, y)
@@ -75,25 +67,11 @@ def latent_sites(model, x, y=None) -> dict[str, torch.Tensor]:
             and not site_is_subsample(s)}
 
 
-def _plate_size(fn, x, y, site=None) -> int:
-    """The full size N of the data plate around ``site`` (default: the first site inside it) in one run."""
-    tr = _trace(fn, x, y)
-    for name, node in tr.nodes.items():
-        if node["type"] != "sample" or (site is not None and name != site):
-            continue
-        frame = next((f for f in node["cond_indep_stack"] if f.name == DATA_PLATE), None)
-        if frame is not None and frame.full_size is not None:
-            return int(frame.full_size)
-    return len(x)
-
-
-def _guide_draws(guide, x, y, names, n) -> list[dict[str, torch.Tensor]]:
-    out = []
+def _guide_draw(guide, x, y, names) -> dict[str, torch.Tensor]:
+    """One draw of the guide's ``names`` (from the current RNG: it starts a chain)."""
     with torch.no_grad(), poutine.block():
-        for _ in range(n):
-            tr = poutine.trace(guide).get_trace(*_args(x, y))
-            out.append({k: tr.nodes[k]["value"].detach().clone() for k in names if k in tr.nodes})
-    return out
+        tr = poutine.trace(guide).get_trace(*_args(x, y))
+    return {k: tr.nodes[k]["value"].detach().clone() for k in names if k in tr.nodes}
 
 
 def _check_one(x, y):
@@ -108,7 +86,7 @@ def _check_one(x, y):
 def _log_lik_of_draws(model, x, y, draws: dict[str, np.ndarray], chunk: int = 256) -> dict[str, np.ndarray]:
     """log p(x | z) of every draw (chain, draw, ...) per observed site: x repeated along the batch dim (in
     chunks no larger than the data plate)."""
-    chunk = max(1, min(chunk, _plate_size(model, x, y)))
+    chunk = max(1, min(chunk, data_plate_size(_trace(model, x, y), default=len(x))))
     some = next(iter(draws.values()))
     C, T = some.shape[:2]
     flat = {k: torch.as_tensor(v.reshape(C * T, *v.shape[3:]), dtype=x.dtype, device=x.device)
@@ -157,7 +135,7 @@ def nuts_posterior(model, x: torch.Tensor, *, y=None, guide=None, num_chains: in
         try:
             for c in range(num_chains):
                 pyro.set_rng_seed(seed + c)
-                init = _guide_draws(guide, x, y, names, 1)[0] if guide is not None else {}
+                init = _guide_draw(guide, x, y, names) if guide is not None else {}
                 kernel = NUTS(unscaled, target_accept_prob=target_accept_prob, max_tree_depth=max_tree_depth,
                               init_strategy=init_to_value(values=init) if init else
                               pyro.infer.autoguide.initialization.init_to_sample, jit_compile=False)
@@ -172,14 +150,13 @@ def nuts_posterior(model, x: torch.Tensor, *, y=None, guide=None, num_chains: in
                  for k in names}
         loglik = _log_lik_of_draws(model, x, y, draws)
     squeezed = {k: v.reshape(v.shape[0], v.shape[1], *v.shape[3:]) for k, v in draws.items()}
-    dims = {k: [f"{k}_dim_{i}" for i in range(v.ndim - 2)] for k, v in squeezed.items()}
-    data = azcompat.from_pyro_mcmc(runs, log_likelihood=loglik, dims=None,
+    data = azcompat.from_pyro_mcmc(runs, log_likelihood=loglik,
                                    attrs={"method": "NUTS on p(z | x), parameters fixed, unscaled",
                                           "num_chains": num_chains, "seed": int(seed)})
     rhat = {k: azcompat.rhat(v) for k, v in squeezed.items()}
     ess = {k: azcompat.ess(v) for k, v in squeezed.items()}
     divergences = int(np.asarray(data["sample_stats"]["diverging"].values).sum())
-    return {"data": data, "draws": squeezed, "dims": dims, "rhat": rhat, "ess": ess,
+    return {"data": data, "draws": squeezed, "rhat": rhat, "ess": ess,
             "max_rhat": float(max(np.nanmax(r) for r in rhat.values())),
             "min_ess": float(min(np.nanmin(e) for e in ess.values())), "divergences": divergences,
             "num_chains": num_chains, "num_samples": num_samples, "seconds": time.perf_counter() - t0}
@@ -221,7 +198,7 @@ def compare_to_reference(model, guide, x: torch.Tensor, reference: dict, *, y=No
                                     keep_values=True)
         zq = lw.values[site].reshape(elbo_samples, -1).double()
         elbo = float(lw.log_w.mean())
-        size = _plate_size(guide, x, y, site)
+        size = data_plate_size(_trace(guide, x, y), site, len(x))
         proposal = _t_proposal(mean.to(x.dtype), cov.to(x.dtype), site, size)
         out = {}
         for name, q in (("guide_is", guide), ("nuts_is", proposal)):
