@@ -33,7 +33,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-_HARNESS_FLAGS = ("quick", "out", "threads", "device")
+_HARNESS_FLAGS = ("quick", "out", "threads", "device", "workers")   # execution details, not study options
 
 
 def parser(description: str, *, seeds: str | None = "0", threads: int = 2) -> argparse.ArgumentParser:

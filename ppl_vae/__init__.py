@@ -6,6 +6,7 @@ The public entry points::
     ppl_vae.train(model, data, config)      # any model/guide pair, by its training plan (ppl_vae.infer.plan)
     ppl_vae.build_model(model_config, data.shape, num_data=...)
     ppl_vae.load_data("digits")
+    ppl_vae.make_multimodal(data, "poly")   # PolyFashion-style or image + label multimodal data (with masks)
     ppl_vae.run_experiment(config)          # what `ppl-vae train` does: data, model, train, figures, run folder
     ppl_vae.load_run(run_dir)               # a trained run back
     ppl_vae.evaluate_run(run)               # `ppl-vae evaluate`: test ELBO, importance-sampled log p(x)
@@ -21,9 +22,11 @@ from .data import DataBundle, load_data
 from .distributions import DefensiveMixture, Epanechnikov, RelaxedPoisson
 from .errors import ConfigError, PplVaeError, TrainingDiverged
 from .experiment import Run, diagnose_run, evaluate_run, load_run, run_experiment
-from .infer import (AggregateKLObjective, PenalisedELBO, RecursiveMixtureELBO, Stage, TraceIWAE, TrainingPlan,
-                    TrainResult, WiseAleELBO, build_objective, fit, plan_for, train, training_plan)
+from .infer import (AggregateKLObjective, PenalisedELBO, RecursiveMixtureELBO, Stage, StratifiedIWAE, SubsetELBO,
+                    TraceIWAE, TrainingPlan, TrainResult, WiseAleELBO, build_objective, fit, plan_for, train,
+                    training_plan)
 from .models import build_model, model_names, register_model
+from .multimodal import Layout, MultimodalData, make_multimodal
 from .options import Options, option
 from .plate import data_plate
 
@@ -33,4 +36,5 @@ __all__ = ["train", "fit", "build_model", "load_data", "run_experiment", "load_r
            "register_model", "model_names", "Options", "option", "data_plate", "TraceIWAE", "WiseAleELBO", "AggregateKLObjective",
            "RecursiveMixtureELBO", "PenalisedELBO", "Config", "DataConfig", "ModelConfig", "TrainConfig",
            "EvalConfig", "load_config", "DataBundle", "ConfigError", "PplVaeError", "TrainingDiverged",
-           "Epanechnikov", "RelaxedPoisson", "DefensiveMixture", "__version__"]
+           "Epanechnikov", "RelaxedPoisson", "DefensiveMixture", "StratifiedIWAE", "SubsetELBO", "Layout",
+           "MultimodalData", "make_multimodal", "__version__"]

@@ -19,9 +19,10 @@ import yaml
 from .errors import ConfigError
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "kmnist", "omniglot", "celeba")
+MULTIMODAL_KINDS = ("poly", "image_label")   # ppl_vae.multimodal
 PIXELS = ("continuous", "dequantized", "binary_static", "binary_dynamic")
 LIKELIHOODS = ("bernoulli", "gaussian", "laplace", "pixelcnn")
-ARCHS = ("mlp", "conv", "burda1", "burda2")
+ARCHS = ("mlp", "conv", "resnet", "burda1", "burda2")
 OBJECTIVES = ("auto", "elbo", "meanfield", "iwae")
 SCHEDULES = ("none", "exponential", "step", "cosine")
 WARMUP_SHAPES = ("linear", "exp")
@@ -57,6 +58,9 @@ class DataConfig:
     val_fraction: float = 0.1
     limit: int | None = None
     image_size: int | None = None
+    multimodal: str | None = None     # 'poly' (PolyFashion-style) or 'image_label': ppl_vae.multimodal
+    num_modalities: int = 3
+    missing_rate: float = 0.0
 
     def validate(self, p="data"):
         _one_of(f"{p}.name", self.name, DATASETS)
@@ -69,6 +73,12 @@ class DataConfig:
             _positive_int(f"{p}.limit", self.limit)
         if self.image_size is not None:
             _positive_int(f"{p}.image_size", self.image_size)
+        if self.multimodal is not None:
+            _one_of(f"{p}.multimodal", self.multimodal, MULTIMODAL_KINDS)
+        _check(isinstance(self.num_modalities, int) and not isinstance(self.num_modalities, bool)
+               and self.num_modalities >= 2, f"{p}.num_modalities", "an integer >= 2", self.num_modalities)
+        _check(_is_num(self.missing_rate) and 0 <= self.missing_rate < 1, f"{p}.missing_rate", "a number in [0, 1)",
+               self.missing_rate)
 
 
 @dataclass

@@ -29,8 +29,9 @@ from .infer.plan import plan_for, train
 from .infer.train import BEST, CHECKPOINT
 from .infer.train import check_finite
 from .models import build_model, import_methods
+from .multimodal import MultimodalData, make_multimodal
 from .runlock import RunLock
-from .viz import make_figures, plot_reconstructions
+from .viz import make_figures, plot_cross_generation, plot_reconstructions, plot_training_curves
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "metrics.json"
@@ -53,8 +54,12 @@ def resolve_device(name: str) -> torch.device:
 
 def build_data(cfg: Config) -> DataBundle:
     d = cfg.data
-    return load_data(d.name, root=d.root, download=d.download, pixels=d.pixels, val_fraction=d.val_fraction,
+    data = load_data(d.name, root=d.root, download=d.download, pixels=d.pixels, val_fraction=d.val_fraction,
                      seed=cfg.seed, limit=d.limit, image_size=d.image_size)
+    if d.multimodal is not None:
+        data = make_multimodal(data, d.multimodal, num_modalities=d.num_modalities, missing_rate=d.missing_rate,
+                               seed=cfg.seed)
+    return data
 
 
 def build(cfg: Config, data: DataBundle, device: torch.device):
@@ -147,7 +152,9 @@ def _write_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-_SAME = {"model": None, "data": ("name", "pixels", "limit", "image_size", "val_fraction", "root"), "seed": None}
+_SAME = {"model": None, "data": ("name", "pixels", "limit", "image_size", "val_fraction", "root", "multimodal",
+                                  "num_modalities", "missing_rate"), "seed": None}
+_ADDED_LATER = {"multimodal", "num_modalities", "missing_rate"}
 
 
 def check_same_config(ckpt: dict, cfg: Config, where) -> None:
@@ -165,6 +172,8 @@ def check_same_config(ckpt: dict, cfg: Config, where) -> None:
                 diffs.append(f"{section}: {a!r} in the checkpoint, {b!r} now")
             continue
         for k in keys or sorted(set(a or {}) | set(b or {})):
+            if keys is not None and isinstance(a, dict) and k not in a and k in _ADDED_LATER:
+                continue   # a field newer than the checkpoint: it was at its default then
             if (a or {}).get(k) != (b or {}).get(k):
                 diffs.append(f"{section}.{k}: {(a or {}).get(k)!r} in the checkpoint, {(b or {}).get(k)!r} now")
     if diffs:
@@ -247,6 +256,12 @@ def evaluate_run(run: Run, num_samples: int | None = None, max_test: int | None 
     data = dataclasses.replace(run.data, test_x=run.data.test_x[: len(x)],
                                test_y=None if run.data.test_y is None else run.data.test_y[: len(x)])
     out = {"num_test": len(x), "test_elbo": test_elbo(dataclasses.replace(run, data=data))}
+    if isinstance(run.data, MultimodalData):   # coherence, probes, imputation, joint log-likelihood
+        out.update(evaluate.multimodal_summary(run.model, run.data, num_samples=num_samples, max_test=len(x),
+                                               seed=seed))
+        if write:
+            (run.run_dir / "evaluation.json").write_text(json.dumps(out, indent=2))
+        return out
     if num_samples > 0:
         ll = log_likelihood(run.model.model, run.model.guide, x, y=y, num_samples=num_samples,
                             batch_size=run.cfg.eval.batch_size, seed=seed, progress=True)
@@ -286,9 +301,13 @@ def diagnose_run(run: Run, num_images: int = 100, num_samples: int | None = None
         evaluate.azcompat.to_netcdf(idata, run.run_dir / "diagnostics.nc")
         evaluate.azcompat.plot_khat(khat, run.run_dir / "khat.png",
                                     title=f"PSIS k-hat of the guide, {len(x)} test images")
-        plot_reconstructions(run.model, x[worst], run.run_dir / "worst_khat.png",
-                             y=None if y is None else y[worst], n=len(worst),
-                             title="largest k-hat: test images " + ", ".join(str(i) for i in worst))
+        title = "largest k-hat: test images " + ", ".join(str(i) for i in worst)
+        if isinstance(run.data, MultimodalData):
+            plot_cross_generation(run.model, x[worst], run.run_dir / "worst_khat.png", n=len(worst), seed=seed,
+                                  title=title)
+        else:
+            plot_reconstructions(run.model, x[worst], run.run_dir / "worst_khat.png",
+                                 y=None if y is None else y[worst], n=len(worst), title=title)
         out["files"] = ["diagnostics.nc", "khat.png", "worst_khat.png"]
         (run.run_dir / "diagnostics.json").write_text(json.dumps(out, indent=2))
     return out
@@ -328,5 +347,10 @@ def write_figures(run: Run, history: list[dict]) -> list[str]:
     x = run.data.test_x[:n].to(run.device)
     y = run.data.test_y[:n].to(run.device) if run.data.test_y is not None else None
     with torch.no_grad():
-        paths = make_figures(run.model, x, y, history, run.run_dir, seed=run.cfg.seed)
+        if isinstance(run.data, MultimodalData):
+            paths = [plot_cross_generation(run.model, x, run.run_dir / "cross_generation.png", seed=run.cfg.seed)]
+            if history:
+                paths.append(plot_training_curves(history, run.run_dir / "training_curves.png"))
+        else:
+            paths = make_figures(run.model, x, y, history, run.run_dir, seed=run.cfg.seed)
         return paths + plan_for(run.model).figures(x, y, run.run_dir, seed=run.cfg.seed)

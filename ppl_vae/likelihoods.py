@@ -51,6 +51,17 @@ class BernoulliLikelihood(nn.Module):
         return torch.sigmoid(out)
 
 
+class CategoricalLikelihood(nn.Module):
+    """p(y|z) = OneHotCategorical(y; softmax(out)) for a label modality stored one-hot (event dim 1); ``mean`` is
+    the vector of class probabilities."""
+
+    def forward(self, out: torch.Tensor, event_dim: int | None = None, x=None) -> dist.TorchDistribution:
+        return dist.OneHotCategorical(logits=out, validate_args=False)
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(out, dim=-1)
+
+
 SIGMA2_MODES = ("fixed", "learned", "closed_form")
 
 

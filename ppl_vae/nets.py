@@ -149,6 +149,124 @@ class ConvDecoder(nn.Module):
         return self.deconv(h).reshape(*batch, *self.data_shape)
 
 
+class PreActBlock(nn.Module):
+    """A pre-activation residual block (He et al. 2016, "Identity Mappings in Deep Residual Networks"):
+    x + conv(act(norm(conv(act(norm(x)))))), with a stride-2 convolution (``down``) or a nearest ×2 upsampling
+    (``up``) and a 1×1 projection on the skip path when the shape changes. GroupNorm, not BatchNorm: a datapoint's
+    output never depends on the rest of its batch, so per-datapoint bounds (IWAE, DReG, log p(x)) stay exact."""
+
+    def __init__(self, in_ch: int, out_ch: int, resample: str = "none", act: str = "relu"):
+        super().__init__()
+        if resample not in ("none", "down", "up"):
+            raise ValueError(f"resample must be 'none', 'down' or 'up', got {resample!r}")
+        self.resample = resample
+        stride = 2 if resample == "down" else 1
+        self.norm1, self.norm2 = nn.GroupNorm(_groups(in_ch), in_ch), nn.GroupNorm(_groups(out_ch), out_ch)
+        self.act = activation(act)()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1, stride=stride) if (in_ch != out_ch or resample == "down") else None
+
+    def forward(self, x):
+        if self.resample == "up":
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        h = self.act(self.norm1(x))
+        skip = x if self.skip is None else self.skip(h)
+        h = self.conv1(h)
+        return skip + self.conv2(self.act(self.norm2(h)))
+
+
+def _groups(ch: int) -> int:
+    return next(g for g in (8, 4, 2, 1) if ch % g == 0)
+
+
+class ResNetEncoder(nn.Module):
+    """A 3×3 stem, then one down-sampling pre-activation block per stride-2 step (channels doubling), then a
+    Gaussian head on the flattened feature map."""
+
+    def __init__(self, data_shape, latent_dim: int, channels: int = 32, hidden=(256,), act="relu", cond_dim: int = 0):
+        super().__init__()
+        c, h, w = data_shape
+        n = min(_num_downsamples(h), _num_downsamples(w))
+        layers: list[nn.Module] = [nn.Conv2d(c, channels, 3, padding=1)]
+        ch = channels
+        for i in range(n):
+            layers.append(PreActBlock(ch, channels * 2 ** (i + 1), "down", act))
+            ch = channels * 2 ** (i + 1)
+        layers += [nn.GroupNorm(_groups(ch), ch), activation(act)()]
+        self.net = nn.Sequential(*layers)
+        self.feat_dim = ch * (h // 2**n) * (w // 2**n)
+        self.head = GaussianHead(self.feat_dim + cond_dim, hidden, latent_dim, act)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None):
+        return self.head(self.net(x).flatten(1), c)
+
+
+class ResNetDecoder(nn.Module):
+    """A linear map to the smallest feature map, one up-sampling pre-activation block per stride-2 step
+    (channels halving), then a 3×3 convolution to the data's channels (the raw output)."""
+
+    def __init__(self, data_shape, latent_dim: int, channels: int = 32, hidden=(256,), act="relu", cond_dim: int = 0):
+        super().__init__()
+        c, h, w = data_shape
+        self.data_shape = tuple(data_shape)
+        n = min(_num_downsamples(h), _num_downsamples(w))
+        self.ch0, self.hw0 = channels * 2**n, (h // 2**n, w // 2**n)
+        self.fc = mlp(latent_dim + cond_dim, hidden, self.ch0 * self.hw0[0] * self.hw0[1], act)
+        layers: list[nn.Module] = []
+        ch = self.ch0
+        for _ in range(n):
+            layers.append(PreActBlock(ch, ch // 2, "up", act))
+            ch //= 2
+        layers += [nn.GroupNorm(_groups(ch), ch), activation(act)(), nn.Conv2d(ch, c, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None = None):
+        batch = z.shape[:-1]
+        h = self.fc(_cat(z, c)).reshape(-1, self.ch0, *self.hw0)
+        return self.net(h).reshape(*batch, *self.data_shape)
+
+
+def image_trunk(arch: str, data_shape, channels: int = 32, act: str = "relu") -> tuple[nn.Module, int]:
+    """The feature extractor of the ``conv`` or ``resnet`` encoder (without its Gaussian head); (trunk, flat size)."""
+    if arch == "conv":
+        return conv_trunk(data_shape, channels, act)
+    if arch == "resnet":
+        enc = ResNetEncoder(data_shape, 1, channels, (1,), act)
+        return enc.net, enc.feat_dim
+    raise ConfigError(f"model.arch must be 'conv' or 'resnet' for an image trunk, got {arch!r}")
+
+
+class PatchGAN(nn.Module):
+    """A fully convolutional patch discriminator (Isola et al. 2017's PatchGAN; Rivera 2023's widths
+    128-128-128-64-64-1 with strides 2-2-2-1-1-1, BatchNorm and leaky ReLU): one logit per image patch, shape
+    (B, 1, h, w). ``width`` scales the channel counts (1.0 = the author's); a stride-2 layer whose input is
+    smaller than 8 pixels keeps stride 1, so 8×8 to 256×256 images all get a patch map of at least 2×2."""
+
+    WIDTHS = (128, 128, 128, 64, 64)
+    STRIDES = (2, 2, 2, 1, 1)
+
+    def __init__(self, data_shape, width: float = 1.0):
+        super().__init__()
+        c, h, w = data_shape
+        layers: list[nn.Module] = []
+        ch, size = c, min(h, w)
+        for i, (out, stride) in enumerate(zip(self.WIDTHS, self.STRIDES)):
+            out = max(4, int(round(out * width)))
+            stride = stride if size >= 8 else 1
+            layers.append(nn.Conv2d(ch, out, 4 if stride == 2 else 3, stride=stride, padding=1))
+            if i > 0:
+                layers.append(nn.BatchNorm2d(out))
+            layers.append(nn.LeakyReLU(0.2))
+            size = (size + 2 - (4 if stride == 2 else 3)) // stride + 1
+            ch = out
+        layers.append(nn.Conv2d(ch, 1, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 # Burda et al. (2016), section 5: one stochastic layer = 2×200 tanh units and 50 latents;
 # two stochastic layers = 2×100 tanh → 100 latents → 2×50 tanh → 50 latents (and the mirror image to decode).
 BURDA = {
@@ -159,7 +277,8 @@ BURDA = {
 
 def build_encoder_decoder(arch: str, data_shape, latent_dim: int, hidden=(256, 256), act="relu", cond_dim: int = 0,
                           channels: int = 32):
-    """(encoder, decoder) for ``arch`` in {"mlp", "conv", "burda1"}; Burda sizes override latent_dim/hidden."""
+    """(encoder, decoder) for ``arch`` in {"mlp", "conv", "resnet", "burda1"}; Burda sizes override
+    latent_dim/hidden."""
     if arch == "mlp":
         return (MLPEncoder(data_shape, latent_dim, hidden, act, cond_dim),
                 MLPDecoder(data_shape, latent_dim, hidden, act, cond_dim))
@@ -167,11 +286,15 @@ def build_encoder_decoder(arch: str, data_shape, latent_dim: int, hidden=(256, 2
         hid = tuple(hidden[:1]) if hidden else (256,)
         return (ConvEncoder(data_shape, latent_dim, channels, hid, act, cond_dim),
                 ConvDecoder(data_shape, latent_dim, channels, hid, act, cond_dim))
+    if arch == "resnet":
+        hid = tuple(hidden[:1]) if hidden else (256,)
+        return (ResNetEncoder(data_shape, latent_dim, channels, hid, act, cond_dim),
+                ResNetDecoder(data_shape, latent_dim, channels, hid, act, cond_dim))
     if arch == "burda1":
         b = BURDA["burda1"]
         return (MLPEncoder(data_shape, b["latent_dim"], b["hidden"], b["act"], cond_dim),
                 MLPDecoder(data_shape, b["latent_dim"], b["hidden"], b["act"], cond_dim))
-    raise ConfigError(f"model.arch must be one of ['mlp', 'conv', 'burda1', 'burda2'], got {arch!r}")
+    raise ConfigError(f"model.arch must be one of ['mlp', 'conv', 'resnet', 'burda1', 'burda2'], got {arch!r}")
 
 
 # ------------------------------------------------------------------------------------------------ ladders

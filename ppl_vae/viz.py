@@ -28,6 +28,9 @@ from torchvision.utils import make_grid, save_image
 
 __all__ = [
     "save_image_grid",
+    "plot_interpolations",
+    "plot_perturbations",
+    "plot_cross_generation",
     "plot_reconstructions",
     "plot_prior_samples",
     "plot_class_conditional",
@@ -541,3 +544,79 @@ def plot_component_generation(model, path, layer: int, per_component: int = 8, s
     tiles = _to_image_tensor(images).reshape(k, per_component, *images.shape[1:])
     return _tile_figure(tiles, path, title=f"Component-wise generation, layer {layer}",
                         row_labels=[str(c) for c in range(k)], ylabel="component")
+
+
+def _generate(model, x, i: int, j: int) -> torch.Tensor:
+    given = torch.zeros(len(x), model.layout.num_modalities, dtype=torch.bool, device=x.device)
+    given[:, i] = True
+    return model.decode(model.conditional(x, given).sample(), j)
+
+
+@torch.no_grad()
+def plot_cross_generation(model, x: torch.Tensor, path, n: int = 6, seed: int = 0, title: str | None = None) -> str:
+    """A grid: row i = generated from modality i alone, column j = generated modality j, each cell ``n``
+    datapoints (their true modality j in the top row); labels are shown as the most probable class."""
+    layout = model.layout
+    x = x[:n]
+    parts = layout.split(x)
+    m_count = layout.num_modalities
+    fig = _new_figure(0.5 * n * m_count + 0.6, 0.62 * (m_count + 1) + 0.5 + (0.3 if title else 0))
+    axes = fig.subplots(m_count + 1, m_count, squeeze=False)
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for j in range(m_count):
+            cells = [parts[layout.names[j]]] + [_generate(model, x, i, j)
+                                                for i in range(m_count)]
+            for r, vals in enumerate(cells):
+                ax = axes[r, j]
+                ax.set_xticks([]), ax.set_yticks([])
+                if layout.kinds[j] == "label":
+                    ax.text(0.5, 0.5, " ".join(str(int(c)) for c in vals.argmax(-1).tolist()), ha="center",
+                            va="center", fontsize=9)
+                else:
+                    imgs = vals.clamp(0, 1).cpu()
+                    row = torch.cat(list(imgs.permute(0, 2, 3, 1)), dim=1)
+                    ax.imshow(row.squeeze(-1).numpy() if row.shape[-1] == 1 else row.numpy(), cmap="gray",
+                              vmin=0, vmax=1)
+                if r == 0:
+                    ax.set_title(f"{layout.names[j]}", fontsize=9)
+                if j == 0:
+                    ax.set_ylabel("data" if r == 0 else f"from {layout.names[r - 1]}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save_figure(fig, _prepare_path(path))
+
+
+@torch.no_grad()
+def plot_interpolations(model, xa, xb, path, steps: int = 8, data_range=(0.0, 1.0)) -> str:
+    """One row per pair: x_a, the decoded (1 − t) μ_a + t μ_b for ``steps`` values of t in [0, 1], x_b (images
+    in ``data_range`` shown on [0, 1])."""
+    device = _model_device(model)
+    xa, xb = torch.as_tensor(xa).to(device), torch.as_tensor(xb).to(device)
+    with _inference(model):
+        la, lb = model.encode(xa)[0], model.encode(xb)[0]
+        t = torch.linspace(0, 1, steps, device=device).view(1, -1, 1)
+        z = (1 - t) * la[:, None] + t * lb[:, None]
+        strip = model.decode(z.reshape(-1, z.shape[-1])).reshape(len(xa), steps, *xa.shape[1:])
+    lo, hi = data_range
+    rows = (torch.cat([xa[:, None], strip, xb[:, None]], 1) - lo) / (hi - lo)
+    return save_image_grid(rows.reshape(-1, *xa.shape[1:]), path, nrow=steps + 2)
+
+
+@torch.no_grad()
+def plot_perturbations(model, x, path, dims: int = 8, steps: int = 7, radius: float = 2.0,
+                       data_range=(0.0, 1.0)) -> str:
+    """Latent perturbations of one encoded image: row j moves z = μ(x) along the j-th of the ``dims`` latent
+    dimensions with the largest posterior mean magnitude by δ ∈ [−radius, radius] (``steps`` values), decoded."""
+    device = _model_device(model)
+    x = torch.as_tensor(x).to(device)[:1]
+    with _inference(model):
+        loc = model.encode(x)[0][0]
+        order = loc.abs().argsort(descending=True)[:dims]
+        deltas = torch.linspace(-radius, radius, steps, device=device)
+        z = loc.repeat(len(order) * steps, 1)
+        for r, j in enumerate(order.tolist()):
+            z[r * steps:(r + 1) * steps, j] += deltas
+        images = model.decode(z)
+    lo, hi = data_range
+    return save_image_grid((images - lo) / (hi - lo), path, nrow=steps)

@@ -8,6 +8,7 @@ from ppl_vae.config import Config, apply_overrides, load_config, parse_override
 from ppl_vae.errors import ConfigError
 from ppl_vae.infer import plan_for
 from ppl_vae.models import build_model, get_method, model_names
+from ppl_vae.multimodal import Layout
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -23,8 +24,13 @@ SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28
 def build_from_config(cfg):
     """Everything a run builds from a config before the first step: the model (its typed options validated), its
     plan, every stage's settings and objective."""
-    model = build_model(cfg.model, SHAPES[cfg.data.name], num_data=1000,
-                        num_classes=None if cfg.data.name == "celeba" else 10)
+    shape = SHAPES[cfg.data.name]
+    if cfg.data.multimodal == "poly":
+        shape = Layout(tuple(f"m{m}" for m in range(cfg.data.num_modalities)), (shape,) * cfg.data.num_modalities,
+                       ("image",) * cfg.data.num_modalities)
+    elif cfg.data.multimodal == "image_label":
+        shape = Layout(("image", "label"), (shape, (10,)), ("image", "label"))
+    model = build_model(cfg.model, shape, num_data=1000, num_classes=None if cfg.data.name == "celeba" else 10)
     plan = plan_for(model)
     for stage in plan.stages(cfg.train):
         stage.train.validate()

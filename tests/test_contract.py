@@ -13,6 +13,7 @@ from pyro.infer import SVI, Predictive
 
 from ppl_vae import load_config, plan_for, train
 from ppl_vae.data import DataBundle
+from ppl_vae.multimodal import make_multimodal
 from ppl_vae.evaluate import log_likelihood
 from ppl_vae.experiment import Run, build, load_params
 from ppl_vae.infer import TraceIWAE
@@ -56,8 +57,12 @@ def tiny_data(cfg, n=48):
     def labels(k):
         return torch.randint(0, 10, (k,), generator=g)
 
-    return DataBundle.from_tensors(images(n), labels(n), images(16), labels(16), images(16), labels(16),
+    data = DataBundle.from_tensors(images(n), labels(n), images(16), labels(16), images(16), labels(16),
                                    num_classes=10)
+    if cfg.data.multimodal is not None:   # the packed modalities and their masks (some missing)
+        data = make_multimodal(data, cfg.data.multimodal, num_modalities=cfg.data.num_modalities, missing_rate=0.25,
+                               seed=0)
+    return data
 
 
 def library_methods():

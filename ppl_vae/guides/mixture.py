@@ -188,21 +188,23 @@ def variance_collapse_penalty(scales: torch.Tensor) -> torch.Tensor:
 
 
 class MixtureEncoder(nn.Module):
-    """q(z|x) = Σ_k π_k(x) N(μ_k(x), diag σ_k²(x)) from one MLP trunk with K heads.
+    """q(z|x) = Σ_k π_k(x) N(μ_k(x), diag σ_k²(x)) from one MLP trunk with K heads (on the pixels, or on the
+    features of an image ``trunk``).
 
     ``forward(x, c=None) -> (logits (B, K), locs (B, K, d), scales (B, K, d))``; σ = softplus(·) + 1e-4.
     """
 
     def __init__(self, data_shape, latent_dim: int, num_components: int, hidden=(256, 256), act: str = "relu",
-                 cond_dim: int = 0):
+                 cond_dim: int = 0, trunk: nn.Module | None = None, trunk_dim: int | None = None):
         super().__init__()
         self.data_shape = tuple(data_shape)
         self.latent_dim, self.num_components = latent_dim, num_components
-        in_dim = math.prod(self.data_shape) + cond_dim
+        self.trunk = trunk   # optional image features (a conv or ResNet trunk) under the MLP heads
+        in_dim = (trunk_dim if trunk is not None else math.prod(self.data_shape)) + cond_dim
         self.net = mlp(in_dim, hidden, num_components * (2 * latent_dim + 1), act)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None):
-        h = x.reshape(x.shape[0], -1)
+        h = (self.trunk(x) if self.trunk is not None else x).reshape(x.shape[0], -1)
         if c is not None:
             h = torch.cat([h, c.to(h.dtype)], dim=-1)
         out = self.net(h)

@@ -1,7 +1,7 @@
 r"""The training plan: everything a method declares about *how* it trains, and :func:`train`, the one way to train.
 
 A method trains as "SVI on ``model.model`` / ``model.guide`` with the configured ELBO" unless its
-:class:`TrainingPlan` says otherwise. The protocol has five parts, each with a default:
+:class:`TrainingPlan` says otherwise. The protocol has these parts, each with a default:
 
 ===========================  ====================================================  ============================
 hook                         what it decides                                       default
@@ -13,6 +13,10 @@ hook                         what it decides                                    
 ``on_epoch_end(epoch, ...)`` work after every epoch (refit a prior, anneal, grow   nothing
                              a mixture); may add keys to the epoch's record
 ``figures(x, y, ...)``       extra PNG figures of a trained model                  none
+``on_step_end(x, y)``        work after every optimiser step (a discriminator's    nothing
+                             own step with its own optimiser)
+``state_dict()`` /           what the plan trains besides the model (a second      nothing
+``load_state_dict(state)``   optimiser's state), saved in every checkpoint
 ===========================  ====================================================  ============================
 
 A method's file subclasses :class:`TrainingPlan` and registers it for its model class with
@@ -116,6 +120,16 @@ class TrainingPlan:
         """Extra PNG figures of the trained model in ``run_dir`` (paths written)."""
         return []
 
+    def on_step_end(self, x: torch.Tensor, y) -> None:
+        """Called after every optimiser step of the model with that step's minibatch."""
+
+    def state_dict(self) -> dict:
+        """What the plan trains besides the model (e.g. a second optimiser), stored in every checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Restore :meth:`state_dict` when a killed run resumes (``None``: a checkpoint without plan state)."""
+
 
 _PLANS: dict[type, type[TrainingPlan]] = {}
 
@@ -202,6 +216,7 @@ def train(model, data, config: Config | TrainConfig | None = None, *, plan: Trai
         results.append(fit(plan.model_fn, plan.guide_fn, data, plan.objective(stage.train), stage.train,
                            run_dir=dirs[i], resume=resuming, seed=seed, device=device, progress=progress,
                            extra_state=extra_state, on_epoch_end=hook, module=plan.module,
+                           on_step_end=plan.on_step_end, plan_state=(plan.state_dict, plan.load_state_dict),
                            first_scored_epoch=stage.first_scored_epoch))
     return _combine(stages, results)
 

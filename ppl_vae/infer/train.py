@@ -209,7 +209,7 @@ def evaluate_elbo(model, guide, data, elbo, split: str, batch_size: int, device,
 def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run_dir: str | Path | None = None,
         resume: bool = False, seed: int = 0, device=None, progress: bool = True, extra_state: dict | None = None,
         on_epoch_end=None, module: torch.nn.Module | None = None, first_scored_epoch: int = 1,
-        data_plate: str | None = None) -> FitResult:
+        data_plate: str | None = None, on_step_end=None, plan_state=None) -> FitResult:
     """Train ``model``/``guide`` with ``elbo.loss_and_grads`` and one Adam over all their parameters
     (:class:`~ppl_vae.infer.optim.ParamOptimizer`: the updates of ``pyro.infer.SVI`` with ``pyro.optim.Adam``,
     without one optimiser per tensor).
@@ -227,6 +227,9 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
     ``extra_state`` (e.g. the configuration) is stored in every checkpoint, and so is the ``state_dict`` of
     ``module`` (default: the ``nn.Module`` that ``model`` is a method of), which carries buffers such as a fitted
     mixture prior. ``on_epoch_end(epoch, record)`` runs after each epoch, before the checkpoint.
+    ``on_step_end(x, y)`` runs after every optimiser step (e.g. a discriminator's own step); ``plan_state`` is a
+    pair ``(get, set)``: ``get()`` is stored in every checkpoint and ``set(state)`` restores it on resume (the
+    state of what the plan trains besides the model, such as a second optimiser).
     ``config.stop_delta`` stops once an epoch improves the (validation) ELBO by less than that, after
     ``config.min_epochs`` epochs (the δELBO < ε rule of Lin et al.'s Algorithm 1).
     Pyro's validation (argument and shape checks, when enabled) runs on the first step of the run and is switched
@@ -270,6 +273,8 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
         bad_epochs = ckpt["bad_epochs"]
         result.stopped_early = ckpt.get("stopped_early", False)
         result.data_plate = ckpt.get("data_plate")
+        if plan_state is not None:
+            plan_state[1](ckpt.get("plan_state"))
         set_rng_state(ckpt["rng"])
         _rewrite_metrics(run_dir, result.history)
     else:
@@ -321,6 +326,8 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
                 if not math.isfinite(loss):
                     raise _diverged(loss, epoch, step, run_dir)
                 optim.step()
+                if on_step_end is not None:
+                    on_step_end(x, y)
                 total += -loss / divisor(x, y) * x.shape[0]
                 if result.data_plate is None:
                     result.data_plate = data_plate_summary(divisor.probe, num_data)
@@ -359,7 +366,8 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
                          "best_epoch": result.best_epoch, "best_val_elbo": result.best_val_elbo,
                          "bad_epochs": bad_epochs, "stopped_early": result.stopped_early, "train_config": cfg.__dict__,
                          "module": module.state_dict() if module is not None else None,
-                         "data_plate": result.data_plate, **(extra_state or {})}
+                         "data_plate": result.data_plate,
+                         "plan_state": plan_state[0]() if plan_state is not None else None, **(extra_state or {})}
                 atomic_save(state, run_dir / CHECKPOINT)
                 if improved:
                     atomic_save(state, run_dir / BEST)

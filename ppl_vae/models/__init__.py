@@ -11,27 +11,34 @@ import importlib
 import pkgutil
 
 from ..config import ModelConfig
+from ..multimodal import Layout
 from .gamix import GAMIX
 from .hvae import HVAE
 from .ladder import LaDDer
 from .linear_gaussian import LinearGaussianVAE
 from .mae import MAE
+from .mmvae import MMVAE
+from .mmvm import MMVM
+from .mopoe import MoPoE
+from .mvae import MVAE
 from .registry import get_method, import_methods, model_names, register_model, resolve_name
 from .rme import RME
 from .sigma_vae import SigmaVAE
+from .sumpool import SumPool
 from .vae import VAE
 from .vae2 import VAE2
 from .vae_epanechnikov import VAEEpanechnikov
 from .vae_poisson import VAEPoisson
-from .vlae import VLAE
-from .vladder import VLadder
 from .vlac import VLAC
+from .vladder import VLadder
+from .vlae import VLAE
 from .vlossy import VLossy
 from .wise_ale import WiseALE
 
 __all__ = ["build_model", "register_model", "model_names", "get_method", "resolve_name", "import_methods", "VAE", "VAE2",
            "LinearGaussianVAE", "VLAE", "RME", "GAMIX", "LaDDer", "WiseALE", "SigmaVAE",
-           "VAEEpanechnikov", "VAEPoisson", "HVAE", "VLadder", "VLAC", "MAE", "VLossy"]
+           "VAEEpanechnikov", "VAEPoisson", "HVAE", "VLadder", "VLAC", "MAE", "VLossy", "MVAE",
+           "MMVAE", "MoPoE", "SumPool", "MMVM"]
 
 
 def build_model(cfg: ModelConfig, data_shape, num_data: int | None = None, num_classes: int | None = None):
@@ -40,7 +47,8 @@ def build_model(cfg: ModelConfig, data_shape, num_data: int | None = None, num_c
     cfg.validate()
     method = get_method(cfg.name)
     options = method.options.parse(cfg.options, method=cfg.name)
-    return method.build(cfg, options, tuple(data_shape), num_data, num_classes)
+    shape = data_shape if isinstance(data_shape, Layout) else tuple(data_shape)   # multimodal data: its Layout
+    return method.build(cfg, options, shape, num_data, num_classes)
 
 
 # a method file added to this folder registers itself when the package is imported

@@ -2,7 +2,8 @@
 the configuration's ``model.name`` picks it.
 
 A builder takes ``(cfg: ModelConfig, options, data_shape, num_data, num_classes)`` and returns the model, a
-``PyroModule`` with ``model(x, y=None)`` and ``guide(x, y=None)``; ``options`` is the method's options dataclass
+``PyroModule`` with ``model(x, y=None)`` and ``guide(x, y=None)`` (``data_shape`` is a tuple, or for multimodal
+data its :class:`~ppl_vae.multimodal.Layout`, and y the modalities' mask); ``options`` is the method's options dataclass
 (:class:`ppl_vae.options.Options`), already validated from ``cfg.options``. Old names stay loadable as
 ``aliases`` (a ``DeprecationWarning`` names the new one).
 """

@@ -1,0 +1,99 @@
+r"""The stratified importance-weighted bound of a mixture guide (Shi, Siddharth, Paige & Torr, "Variational
+Mixture-of-Experts Autoencoders for Multi-Modal Deep Generative Models", NeurIPS 2019, eq. 3 with the IWAE
+bound inside):
+
+    L(X) = Σ_s w_s(X) · E_{z^{1:K} ~ q_s}[ log (1/K) Σ_k p(z^k, X) / q(z^k | X) ],    q(z | X) = Σ_s w_s q_s(z | X)
+
+with fixed stratum weights w_s (MMVAE: w_m = 1/|S| for each observed modality m; MoPoE: one weight per non-empty
+subset of the observed modalities). Each stratum s is one importance-weighted pass of the model and the guide
+called with ``stratum=s``: the guide draws from its component s and scores the draw with the *whole* mixture
+density (:class:`ppl_vae.experts.ExpertMixture`), so the weights are those of q(z | X). Every term is computed by
+:class:`~ppl_vae.infer.iwae.TraceIWAE`'s machinery (:func:`~ppl_vae.infer.importance.importance_log_weights`),
+with its IWAE or DReG gradient (Tucker et al. 2018; MMVAE trains with DReG). With K = 1 the bound is the
+stratified Monte Carlo estimate of the ELBO of the mixture guide.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from pyro.infer.elbo import ELBO
+from pyro.util import warn_if_nan
+
+from .importance import IWAEError
+from .iwae import TraceIWAE
+
+__all__ = ["StratifiedIWAE"]
+
+
+class StratifiedIWAE(ELBO):
+    """``loss = −(N/B) Σ_i Σ_s w_si L_K^s(x_i)`` (module docstring).
+
+    :param strata: ``strata(x, mask) -> (S, B)`` tensor of stratum weights (columns sum to 1), e.g.
+        ``MMVAE.strata``; the model and guide take the keyword ``stratum``.
+    :param int num_particles: K per stratum.
+    :param str estimator: ``"dreg"`` (default, as MMVAE) or ``"iwae"``.
+
+    ``SVI(mmvae.model, mmvae.guide, optim, StratifiedIWAE(mmvae.strata, num_particles=8))``.
+    """
+
+    def __init__(self, strata: Callable, num_particles: int = 1, estimator: str = "dreg", data_plate: str = "data",
+                 vectorize_particles: bool = True):
+        if not callable(strata):
+            raise IWAEError(f"StratifiedIWAE strata must be a function (x, mask) -> (S, B) weights, got {strata!r}")
+        self.iwae = TraceIWAE(num_particles=num_particles, vectorize_particles=vectorize_particles,
+                              estimator=estimator, data_plate=data_plate)
+        super().__init__(num_particles=self.iwae.num_particles, vectorize_particles=vectorize_particles)
+        self.strata = strata
+        self.estimator = estimator
+
+    def _get_trace(self, model, guide, args, kwargs):
+        """Pyro's ELBO interface (not used by the loss): one importance trace pair."""
+        return self.iwae._get_trace(model, guide, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"StratifiedIWAE(num_particles={self.num_particles}, estimator={self.estimator!r})"
+
+    def bound(self, model, guide, x, mask=None, *args, _grad: bool = False, **kwargs) -> torch.Tensor:
+        """The minibatch estimate of Σ_i L(x_i) (scaled by N/B); with ``_grad`` its gradient is the estimator's."""
+        weights = torch.as_tensor(self.strata(x, mask))
+        if weights.dim() != 2 or weights.shape[1] != len(x):
+            raise IWAEError(f"StratifiedIWAE: strata(x, mask) must return (S, {len(x)}) weights, got "
+                            f"{tuple(weights.shape)}")
+        total = None
+        for s in range(weights.shape[0]):
+            w_s = weights[s]
+            if not bool((w_s > 0).any()):
+                continue
+            lw = self.iwae.log_weights(model, guide, x, mask, *args, stratum=s, _grad=_grad, **kwargs)
+            if lw.global_terms:
+                raise IWAEError("StratifiedIWAE does not take observed sites outside the data plate "
+                                f"({sorted(lw.global_terms)})")
+            w_s = w_s.to(lw.log_w)
+            term = lw.scale * (w_s * lw.per_datapoint_bound()).sum()
+            if _grad and self.estimator == "dreg":
+                wt = torch.softmax(lw.log_w.detach(), dim=0)
+                sur = lw.scale * (w_s * ((wt * lw.dreg_w_term).sum(0) + (wt.pow(2) * lw.dreg_w2_term).sum(0))).sum()
+                term = term.detach() + sur - sur.detach()
+            total = term if total is None else total + term
+        if total is None:
+            raise IWAEError("StratifiedIWAE: every stratum weight is zero")
+        return total
+
+    @torch.no_grad()
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        loss = -self.bound(model, guide, *args, **kwargs).item()
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        loss = -self.bound(model, guide, *args, _grad=True, **kwargs)
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        if loss.requires_grad:
+            loss.backward()
+        return loss.item()

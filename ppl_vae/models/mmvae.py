@@ -1,0 +1,55 @@
+r"""Mixture-of-experts multimodal VAE, MMVAE (Shi, Siddharth, Paige & Torr, "Variational Mixture-of-Experts
+Autoencoders for Multi-Modal Deep Generative Models", NeurIPS 2019).
+
+Generative story (:class:`~ppl_vae.experts.MultimodalVAE`): z ~ N(0, I), x_m ~ p_m(x_m | z).
+Guide: q(z | X) = (1/|S|) Σ_{m∈S} q_m(z | x_m) over the observed modalities S.
+Objective (eq. 3, stratified, trained with DReG): (1/|S|) Σ_{m∈S} E_{z^{1:K} ~ q_m}[log (1/K) Σ_k
+p(z^k, X) / q(z^k | X)] — :class:`~ppl_vae.infer.stratified.StratifiedIWAE` with K = ``train.num_particles`` and
+``train.estimator`` (the shipped config: DReG). Where we differ: Gaussian experts and prior (the paper uses
+Laplace ones).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..experts import (
+    ExpertMixture,
+    MultimodalVAE,
+    StratifiedMixturePlan,
+    modality_networks,
+    require_layout,
+    uniform_weights,
+)
+from ..infer.plan import training_plan
+from ..options import NoOptions
+from .registry import register_model
+
+__all__ = ["MMVAE"]
+
+
+class MMVAE(MultimodalVAE):
+    """Uniform mixture of the observed experts; stratum m draws from expert m."""
+
+    def posterior(self, xs, mask, stratum=None):
+        locs, scales = self.experts(xs)
+        return ExpertMixture(locs, scales, self.weights(mask), component=stratum)
+
+    @staticmethod
+    def weights(mask: torch.Tensor) -> torch.Tensor:
+        return uniform_weights(mask)
+
+    def strata(self, x, mask=None) -> torch.Tensor:
+        """(M, B): 1/|S| for each observed modality of each datapoint."""
+        _, _, mask = self.inputs(x, mask)
+        return self.weights(mask).T
+
+
+training_plan(MMVAE)(StratifiedMixturePlan)
+
+
+@register_model("mmvae", options=NoOptions)
+def build_mmvae(cfg, options, data_shape, num_data, num_classes) -> MMVAE:
+    layout = require_layout(cfg.name, data_shape)
+    enc, dec, lik = modality_networks(cfg, layout, cfg.latent_dim)
+    return MMVAE(layout, enc, dec, lik, cfg.latent_dim, num_data=num_data)
