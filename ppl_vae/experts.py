@@ -297,6 +297,9 @@ class MultimodalVAE(PyroModule):
     def conditional(self, x, given) -> dist.TorchDistribution:
         """q(z | x_given) with ``given`` (B, M) bool (the modalities the code may read)."""
         xs, _, given = self.inputs(x, given)
+        if not bool(given.any(-1).all()):
+            raise ValueError(f"{type(self).__name__}.conditional: every row of given must name at least one modality "
+                             f"(rows {given.any(-1).logical_not().nonzero().flatten()[:5].tolist()} name none)")
         return self.posterior(xs, given)
 
     def decode(self, z, modality) -> torch.Tensor:

@@ -159,3 +159,9 @@ def test_generation_report_oracles(tmp_path):
     assert out["sharpness"]["midpoint"] < out["sharpness"]["data"]    # averaging two noise images smooths
     assert plot_interpolations(model, x[:2], x[2:4], tmp_path / "i.png").endswith(".png")
     assert plot_perturbations(model, x[:1], tmp_path / "p.png", dims=3).endswith(".png")
+
+
+def test_the_gan_validates_without_its_critic():
+    plan = plan_for(_gan())
+    assert type(plan.objective(TrainConfig())).__name__ == "AdversarialELBO"
+    assert type(plan.validation_objective(TrainConfig())).__name__ == "AggregateKLObjective"

@@ -350,3 +350,16 @@ def test_conditional_log_likelihood_matches_the_exact_gaussian_conditional():
     # log p̂(x_1, x_2) is exact; log p̂(x_1) draws from q(z | x_1, x_1), narrower than p(z | x_1) but with
     # variance ratio (1 + a)/(1 + 2a) > 1/2, so the weights have finite variance: 20000 draws, a few hundredths
     assert torch.allclose(est, exact, atol=0.05), (est, exact)
+
+
+def test_subset_objectives_validate_with_the_full_elbo_and_empty_conditions_are_refused(digits):
+    data = make_multimodal(digits, "poly", num_modalities=3, seed=0)
+    for name in ("mvae", "sumpool"):
+        plan = plan_for(_model(name, data))
+        assert type(plan.objective(TrainConfig())).__name__ == "SubsetELBO"
+        assert type(plan.validation_objective(TrainConfig())).__name__ != "SubsetELBO"
+    model = _model("mmvae", data)
+    with pytest.raises(ValueError, match="at least one modality"):
+        model.conditional(data.test_x[:2], torch.zeros(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="no joint likelihood"):
+        conditional_log_likelihood(_model("mmvm", data), data.test_x[:2], 0, 1, num_samples=4)

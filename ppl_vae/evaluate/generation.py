@@ -4,8 +4,11 @@ Laplacian), and the share of collapsed posterior variances.
 
 The model is any of the library's VAEs: ``encode(x) -> (loc, scale)`` of q(z|x) (a mixture guide gives its
 moments), ``decode(z)`` and ``sample(n)`` in data space. Midpoints: test images paired (0, 1), (2, 3), …, decoded
-at ½(μ_a + μ_b). A posterior variance σ_ij² counts as collapsed when it is below ``collapse_threshold`` (default
-0.01, i.e. σ < 0.1 against the prior's 1). Images in [−1, 1] (``data_range=(-1, 1)``) are mapped to [0, 1] for the
+at ½(μ_a + μ_b) — N/2 images against N for the other two FIDs, and FID is biased upwards at small n, so compare
+midpoint FIDs with each other (rows of a study), not with the reconstruction FID. A posterior variance σ_ij²
+counts as collapsed when it is below ``collapse_threshold`` (default 0.01, i.e. σ < 0.1 against the prior's 1);
+for a mixture guide (K > 1) σ² is the mixture's marginal variance, which includes the spread between components
+(exact for K = 1, the author's method). Images in [−1, 1] (``data_range=(-1, 1)``) are mapped to [0, 1] for the
 FID feature extractor and the sharpness.
 """
 

@@ -175,7 +175,11 @@ def joint_log_likelihood(model, x: torch.Tensor, num_samples: int = 1000, seed: 
 
 def conditional_log_likelihood(model, x: torch.Tensor, given: int, target: int, num_samples: int = 1000,
                                seed: int = 0, **kwargs) -> torch.Tensor:
-    """log p̂(x_target | x_given) = log p̂(x_given, x_target) − log p̂(x_given) per datapoint."""
+    """log p̂(x_target | x_given) = log p̂(x_given, x_target) − log p̂(x_given) per datapoint (a model whose
+    program is not a normalised density of X, ``has_joint_likelihood = False``, has none: ValueError)."""
+    if not model.has_joint_likelihood:
+        raise ValueError(f"{type(model).__name__} has no joint likelihood (its prior depends on the data), so no "
+                         "conditional log-likelihood either")
     layout = model.layout
     pair = only(layout, given, len(x), x.device) | only(layout, target, len(x), x.device)
     both = log_likelihood(model.model, model.guide, x, num_samples, y=pair, seed=seed, **kwargs)

@@ -7,6 +7,10 @@ A method trains as "SVI on ``model.model`` / ``model.guide`` with the configured
 hook                         what it decides                                       default
 ===========================  ====================================================  ============================
 ``objective(train)``         the Pyro ELBO of a stage (``pyro.infer.ELBO``)        ``train.objective``
+``validation_objective(      what the validation score (best checkpoint, early     the stage's objective
+train)``                     stopping) is measured with, when training adds a
+                             term that is not the model's (a critic, random
+                             subsets)
 ``stages(train)``            the list of :class:`Stage` (their settings, the       one stage, ``train``
                              first epoch that counts for best/early stopping)
 ``begin_stage(stage)``       work when a stage starts afresh (freeze a σ²)         nothing
@@ -105,6 +109,10 @@ class TrainingPlan:
     # -- the protocol ---------------------------------------------------------------------------------------
     def objective(self, train: TrainConfig) -> ELBO:
         return build_objective(train)
+
+    def validation_objective(self, train: TrainConfig) -> ELBO | None:
+        """The ELBO that scores validation epochs (``None``: the stage's :meth:`objective`)."""
+        return None
 
     def stages(self, train: TrainConfig) -> list[Stage]:
         return [Stage("train", train)]
@@ -217,6 +225,7 @@ def train(model, data, config: Config | TrainConfig | None = None, *, plan: Trai
                            run_dir=dirs[i], resume=resuming, seed=seed, device=device, progress=progress,
                            extra_state=extra_state, on_epoch_end=hook, module=plan.module,
                            on_step_end=plan.on_step_end, plan_state=(plan.state_dict, plan.load_state_dict),
+                           val_elbo=plan.validation_objective(stage.train),
                            first_scored_epoch=stage.first_scored_epoch))
     return _combine(stages, results)
 

@@ -10,7 +10,10 @@ called with ``stratum=s``: the guide draws from its component s and scores the d
 density (:class:`ppl_vae.experts.ExpertMixture`), so the weights are those of q(z | X). Every term is computed by
 :class:`~ppl_vae.infer.iwae.TraceIWAE`'s machinery (:func:`~ppl_vae.infer.importance.importance_log_weights`),
 with its IWAE or DReG gradient (Tucker et al. 2018; MMVAE trains with DReG). With K = 1 the bound is the
-stratified Monte Carlo estimate of the ELBO of the mixture guide.
+stratified Monte Carlo estimate of the ELBO of the mixture guide. Caveat: Tucker et al.'s identity behind DReG
+needs the score of the density the draws come from (q_s), while the weights carry the mixture's q(z | X); so for
+K > 1 the DReG gradient of a stratum is not exactly unbiased for the stratified bound — the estimator MMVAE's
+official code uses, kept for fidelity; ``estimator="iwae"`` is the exact gradient.
 """
 
 from __future__ import annotations

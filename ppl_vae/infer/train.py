@@ -209,7 +209,7 @@ def evaluate_elbo(model, guide, data, elbo, split: str, batch_size: int, device,
 def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run_dir: str | Path | None = None,
         resume: bool = False, seed: int = 0, device=None, progress: bool = True, extra_state: dict | None = None,
         on_epoch_end=None, module: torch.nn.Module | None = None, first_scored_epoch: int = 1,
-        data_plate: str | None = None, on_step_end=None, plan_state=None) -> FitResult:
+        data_plate: str | None = None, on_step_end=None, plan_state=None, val_elbo=None) -> FitResult:
     """Train ``model``/``guide`` with ``elbo.loss_and_grads`` and one Adam over all their parameters
     (:class:`~ppl_vae.infer.optim.ParamOptimizer`: the updates of ``pyro.infer.SVI`` with ``pyro.optim.Adam``,
     without one optimiser per tensor).
@@ -227,6 +227,7 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
     ``extra_state`` (e.g. the configuration) is stored in every checkpoint, and so is the ``state_dict`` of
     ``module`` (default: the ``nn.Module`` that ``model`` is a method of), which carries buffers such as a fitted
     mixture prior. ``on_epoch_end(epoch, record)`` runs after each epoch, before the checkpoint.
+    ``val_elbo`` (default ``elbo``) is the objective of the validation ELBO.
     ``on_step_end(x, y)`` runs after every optimiser step (e.g. a discriminator's own step); ``plan_state`` is a
     pair ``(get, set)``: ``get()`` is stored in every checkpoint and ``set(state)`` restores it on resume (the
     state of what the plan trains besides the model, such as a second optimiser).
@@ -342,8 +343,9 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
                                 f"train.min_elbo = {cfg.min_elbo:g})", epoch, step, run_dir, absurd=True)
             if has_val:
                 with contextlib.nullcontext() if cfg.validate_every_step else pyro.validation_enabled(False):
-                    record["val_elbo"] = evaluate_elbo(model, guide, data, elbo, "val", cfg.eval_batch_size, device,
-                                                       num_data, data_plate=data_plate)
+                    record["val_elbo"] = evaluate_elbo(model, guide, data, val_elbo if val_elbo is not None else elbo,
+                                                       "val", cfg.eval_batch_size, device, num_data,
+                                                       data_plate=data_plate)
             record["seconds"] = time.perf_counter() - t0
             score = record.get("val_elbo", record["train_elbo"])
             scored = warmup.beta == 1.0 and epoch + 1 >= first_scored

@@ -128,6 +128,10 @@ class GAMIXPlan(TrainingPlan):
                                           lambda: m.num_data)
         return self._objective
 
+    def validation_objective(self, train):
+        """Without the adversarial term: a score against a moving critic would choose checkpoints by the critic."""
+        return self._base_objective(train) if self.model.discriminator is not None else None
+
     def on_step_end(self, x, y):
         if self.disc_step is not None:
             self.disc_step(x, y)

@@ -54,6 +54,10 @@ class MVAEPlan(TrainingPlan):
     def objective(self, train):
         return SubsetELBO(build_objective(train), self.model.subsets, self.model.layout.num_modalities)
 
+    def validation_objective(self, train):
+        """The ELBO of all observed modalities (no random subsets: a noisy score would choose checkpoints)."""
+        return build_objective(train)
+
 
 @dataclass
 class MVAEOptions(Options):

@@ -9,7 +9,10 @@ Objective, for a random subset S of the observed modalities M (each kept with pr
 
     [E_{q(z|x_S)} log p(x_S | z) − KL(q(z|x_S) ‖ p(z))] + [E_{q(z|x_M)} log p(x_{M∖S} | z) − KL(q(z|x_M) ‖ q(z|x_S))],
 
-a lower bound on log p(x_S) + log p(x_{M∖S} | x_S) = log p(x_M). With ``subset`` given, the Pyro program holds
+whose first part bounds log p(x_S) and whose second bounds log ∫ p(x_{M∖S} | z) q(z | x_S) dz — so the sum bounds
+log p(x_M) = log p(x_S) + log p(x_{M∖S} | x_S) only where q(z | x_S) is the exact posterior p(z | x_S); in general
+it is not a lower bound on log p(x_M) (what we report as the model's likelihood is the importance-sampled
+log p̂(X)). With ``subset`` given, the Pyro program holds
 both parts: ``z_subset`` ~ p(z) explains x_S, and ``z`` ~ q(z | x_S) — the conditional prior, computed by the
 encoder inside the model — explains x_{M∖S}; the guide draws ``z_subset`` ~ q(z|x_S) and ``z`` ~ q(z|x_M). So any
 Pyro ELBO of the pair is the bound (:class:`~ppl_vae.infer.subsets.SubsetELBO` draws S). Without ``subset`` it
@@ -80,6 +83,10 @@ class SumPool(MultimodalVAE):
 class SumPoolPlan(TrainingPlan):
     def objective(self, train):
         return SubsetELBO(build_objective(train), self.model.subsets, self.model.layout.num_modalities)
+
+    def validation_objective(self, train):
+        """The ELBO of all observed modalities (no random subsets: a noisy score would choose checkpoints)."""
+        return build_objective(train)
 
 
 @register_model("sumpool", options=NoOptions)
