@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import platform
 import shlex
@@ -138,6 +139,15 @@ def finish(study: str, result: dict, args, device: str | None = None) -> dict:
         path.write_text(json.dumps(written, indent=2) + "\n")
     print(json.dumps(result))
     return result
+
+
+def run_jobs(fn, jobs: list, workers: int) -> list:
+    """``[fn(job) for job in jobs]``, in ``workers`` spawned processes when ``workers`` > 1 (``fn`` at a module's top
+    level; each job should set its own torch threads). The order of the results is the order of the jobs."""
+    if workers > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            return pool.map(fn, jobs, chunksize=1)
+    return [fn(job) for job in jobs]
 
 
 # ------------------------------------------------------------------------------------------------ timing

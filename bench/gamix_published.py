@@ -28,13 +28,12 @@ The last line of stdout is the JSON summary (full mode also writes bench/results
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing as mp
 import statistics
 import time
 
 import pyro
 import torch
-from _common import RESULTS, finish, parser, start
+from _common import RESULTS, finish, parser, run_jobs, start
 from pyro.infer import Trace_ELBO
 
 import ppl_vae
@@ -114,11 +113,7 @@ def main(argv=None):
     train_feature_classifier(load_data("fashion_mnist", limit=s["limit"], seed=0), epochs=s["fid_epochs"], seed=0,
                              cache_dir=CACHE)
     jobs = [(c, r, sd, s, sd == seeds[0] and not args.quick) for sd in seeds for r in scales for c in cells]
-    if args.workers > 1:
-        with mp.get_context("spawn").Pool(args.workers) as pool:
-            done = pool.map(one_run, jobs, chunksize=1)
-    else:
-        done = [one_run(j) for j in jobs]
+    done = run_jobs(one_run, jobs, args.workers)
     by = {f"{c}/{r}": {} for r in scales for c in cells}
     for c, r, sd, res in done:
         by[f"{c}/{r}"][str(sd)] = res

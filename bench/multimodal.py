@@ -30,20 +30,18 @@ The last line of stdout is the JSON summary (full mode also writes bench/results
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import statistics
 import time
 
 import pyro
 import torch
-from _common import finish, parser, start
+from _common import finish, parser, run_jobs, start
 
 import ppl_vae
 from ppl_vae import ModelConfig, build_model
 from ppl_vae.config import TrainConfig
 from ppl_vae.data import load_data
 from ppl_vae.evaluate import fit_classifiers, joint_log_likelihood, model_generator, multimodal_summary, sharpness
-from ppl_vae.evaluate.multimodal import only
 from ppl_vae.multimodal import make_multimodal
 
 FULL = dict(limit=6000, epochs=12, n_test=1000, n_ll=500, S=100, probe_train=2000, classifier_train=5000)
@@ -81,7 +79,7 @@ def generated_sharpness(model, data, x) -> float:
                 continue
             for i in range(layout.num_modalities):
                 if i != j:
-                    vals.append(sharpness(gen(x, only(layout, i, len(x)), j)))
+                    vals.append(sharpness(gen(x, layout.only(i, len(x)), j)))
     return statistics.mean(vals)
 
 
@@ -146,11 +144,7 @@ def main(argv=None):
         s["epochs"] = args.epochs
     seeds = args.seeds[:1] if args.quick else args.seeds
     jobs = [(k, m, sd, s) for sd in seeds for k in keys for m in models]
-    if args.workers > 1:
-        with mp.get_context("spawn").Pool(args.workers) as pool:
-            done = pool.map(one_run, jobs, chunksize=1)
-    else:
-        done = [one_run(j) for j in jobs]
+    done = run_jobs(one_run, jobs, args.workers)
     by = {k: {m: {} for m in models} for k in keys}
     for k, m, sd, r in done:
         by[k][m][str(sd)] = r

@@ -154,7 +154,6 @@ def _write_text(path: Path, text: str) -> None:
 
 _SAME = {"model": None, "data": ("name", "pixels", "limit", "image_size", "val_fraction", "root", "multimodal",
                                   "num_modalities", "missing_rate"), "seed": None}
-_ADDED_LATER = {"multimodal", "num_modalities", "missing_rate"}
 
 
 def check_same_config(ckpt: dict, cfg: Config, where) -> None:
@@ -164,6 +163,7 @@ def check_same_config(ckpt: dict, cfg: Config, where) -> None:
     if not isinstance(saved, dict):
         return   # written by fit() without a configuration: nothing to compare
     now = cfg.to_dict()
+    defaults = Config().to_dict()   # a field newer than the checkpoint was at its default when it was written
     diffs = []
     for section, keys in _SAME.items():
         a, b = saved.get(section), now.get(section)
@@ -172,10 +172,9 @@ def check_same_config(ckpt: dict, cfg: Config, where) -> None:
                 diffs.append(f"{section}: {a!r} in the checkpoint, {b!r} now")
             continue
         for k in keys or sorted(set(a or {}) | set(b or {})):
-            if keys is not None and isinstance(a, dict) and k not in a and k in _ADDED_LATER:
-                continue   # a field newer than the checkpoint: it was at its default then
-            if (a or {}).get(k) != (b or {}).get(k):
-                diffs.append(f"{section}.{k}: {(a or {}).get(k)!r} in the checkpoint, {(b or {}).get(k)!r} now")
+            then = (a or {}).get(k, defaults[section].get(k)) if keys is not None else (a or {}).get(k)
+            if then != (b or {}).get(k):
+                diffs.append(f"{section}.{k}: {then!r} in the checkpoint, {(b or {}).get(k)!r} now")
     if diffs:
         raise CheckpointError(f"the checkpoint in {str(where)!r} was made with another configuration — "
                               f"{'; '.join(diffs)}. Restore those fields in config.yaml, or start a new run")

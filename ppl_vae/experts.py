@@ -27,8 +27,9 @@ from torch import nn
 from torch.distributions import constraints
 
 from .errors import ConfigError
-from .infer.plan import TrainingPlan
+from .infer.plan import TrainingPlan, build_objective, training_plan
 from .infer.stratified import StratifiedIWAE
+from .infer.subsets import SubsetELBO
 from .likelihoods import CategoricalLikelihood, build_likelihood
 from .multimodal import Layout
 from .nets import MIN_SCALE, MLPDecoder, MLPEncoder, build_encoder_decoder, mlp
@@ -36,7 +37,7 @@ from .plate import data_plate
 
 __all__ = ["product_of_experts", "ExpertMixture", "ExpertPrior", "MultimodalVAE", "modality_networks",
            "nonempty_subsets", "require_layout", "random_subsets", "StratifiedMixturePlan",
-           "uniform_weights"]
+           "uniform_weights", "ExpertMixtureVAE", "SubsetPlan"]
 
 
 def require_layout(name: str, data_shape) -> Layout:
@@ -308,9 +309,44 @@ class MultimodalVAE(PyroModule):
         return self.likelihoods[m].mean(self.decoders[m](z))
 
 
+class ExpertMixtureVAE(MultimodalVAE):
+    """A :class:`MultimodalVAE` whose guide is a mixture with mask-fixed weights (MMVAE, MoPoE): a method defines
+    ``components(xs, mask) -> (locs, scales)`` (B, C, D) and ``weights(mask) -> (B, C)``; the guide is their
+    :class:`ExpertMixture` (stratum s = component s) and ``strata`` what
+    :class:`~ppl_vae.infer.stratified.StratifiedIWAE` weighs the components by. Trained by
+    :class:`StratifiedMixturePlan`."""
+
+    def posterior(self, xs, mask, stratum=None):
+        return ExpertMixture(*self.components(xs, mask), self.weights(mask), component=stratum)
+
+    def components(self, xs, mask):
+        raise NotImplementedError(f"{type(self).__name__} must define components(xs, mask)")
+
+    def weights(self, mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define weights(mask)")
+
+    def strata(self, x, mask=None) -> torch.Tensor:
+        """(C, B): the mixture weight of each component for each datapoint."""
+        _, _, mask = self.inputs(x, mask)
+        return self.weights(mask).T
+
+
+@training_plan(ExpertMixtureVAE)
 class StratifiedMixturePlan(TrainingPlan):
     """The plan of a mixture-guide model with ``strata(x, mask)`` (MMVAE, MoPoE): the stratified bound
     :class:`~ppl_vae.infer.stratified.StratifiedIWAE` with ``train.num_particles`` and ``train.estimator``."""
 
     def objective(self, train):
         return StratifiedIWAE(self.model.strata, num_particles=train.num_particles, estimator=train.estimator)
+
+
+class SubsetPlan(TrainingPlan):
+    """The plan of a model trained on subsets of its modalities (``subsets(mask)``: MVAE, sum pooling): the
+    average of ``train.objective``'s ELBO over the subsets (:class:`~ppl_vae.infer.subsets.SubsetELBO`), scored on
+    the ELBO of all observed modalities (random subsets would make a noisy score choose the checkpoints)."""
+
+    def objective(self, train):
+        return SubsetELBO(build_objective(train), self.model.subsets, self.model.layout.num_modalities)
+
+    def validation_objective(self, train):
+        return build_objective(train)

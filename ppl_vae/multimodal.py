@@ -95,6 +95,16 @@ class Layout:
     def full_mask(self, batch: int, device=None) -> torch.Tensor:
         return torch.ones(batch, self.num_modalities, dtype=torch.bool, device=device)
 
+    def only(self, m: int, batch: int, device=None) -> torch.Tensor:
+        """(B, M) mask with modality m alone."""
+        mask = torch.zeros(batch, self.num_modalities, dtype=torch.bool, device=device)
+        mask[:, m] = True
+        return mask
+
+    def all_but(self, m: int, batch: int, device=None) -> torch.Tensor:
+        """(B, M) mask with every modality but m."""
+        return ~self.only(m, batch, device)
+
 
 @dataclass(eq=False, repr=False)
 class MultimodalData(DataBundle):

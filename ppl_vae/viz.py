@@ -547,9 +547,7 @@ def plot_component_generation(model, path, layer: int, per_component: int = 8, s
 
 
 def _generate(model, x, i: int, j: int) -> torch.Tensor:
-    given = torch.zeros(len(x), model.layout.num_modalities, dtype=torch.bool, device=x.device)
-    given[:, i] = True
-    return model.decode(model.conditional(x, given).sample(), j)
+    return model.decode(model.conditional(x, model.layout.only(i, len(x), x.device)).sample(), j)
 
 
 @torch.no_grad()

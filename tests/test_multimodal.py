@@ -363,3 +363,17 @@ def test_subset_objectives_validate_with_the_full_elbo_and_empty_conditions_are_
         model.conditional(data.test_x[:2], torch.zeros(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="no joint likelihood"):
         conditional_log_likelihood(_model("mmvm", data), data.test_x[:2], 0, 1, num_samples=4)
+
+
+def test_a_checkpoint_older_than_the_multimodal_fields_compares_them_at_their_defaults():
+    from ppl_vae.config import Config
+    from ppl_vae.errors import CheckpointError
+    from ppl_vae.experiment import check_same_config
+
+    old = Config().to_dict()
+    for k in ("multimodal", "num_modalities", "missing_rate"):
+        del old["data"][k]
+    check_same_config({"config": old}, Config(), "old")            # the same run: fields at their defaults
+    now = load_config(None, ["data.multimodal=poly"])
+    with pytest.raises(CheckpointError, match=r"data.multimodal: None in the checkpoint, 'poly' now"):
+        check_same_config({"config": old}, now, "old")

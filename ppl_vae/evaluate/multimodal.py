@@ -33,20 +33,7 @@ from .clustering import probe_accuracy
 from .likelihood import log_likelihood
 
 __all__ = ["fit_classifiers", "model_generator", "coherence", "latent_probe", "imputation_error",
-           "joint_log_likelihood", "conditional_log_likelihood", "multimodal_summary", "only",
-           "all_but"]
-
-
-def only(layout: Layout, m: int, batch: int, device=None) -> torch.Tensor:
-    """(B, M) mask with modality m alone."""
-    g = torch.zeros(batch, layout.num_modalities, dtype=torch.bool, device=device)
-    g[:, m] = True
-    return g
-
-
-def all_but(layout: Layout, m: int, batch: int, device=None) -> torch.Tensor:
-    """(B, M) mask with every modality but m."""
-    return ~only(layout, m, batch, device)
+           "joint_log_likelihood", "conditional_log_likelihood", "multimodal_summary"]
 
 
 def _chunks(n: int, size: int):
@@ -112,9 +99,9 @@ def coherence(generate, layout: Layout, x: torch.Tensor, labels: torch.Tensor, c
             xb, b = x[sl], sl.stop - sl.start
             for j in range(m_count):
                 for i in range(m_count):
-                    hits[i, j] += (classifiers[j](generate(xb, only(layout, i, b, x.device), j)) == y[sl]).sum()
+                    hits[i, j] += (classifiers[j](generate(xb, layout.only(i, b, x.device), j)) == y[sl]).sum()
                 if m_count > 1:
-                    rest[j] += (classifiers[j](generate(xb, all_but(layout, j, b, x.device), j)) == y[sl]).sum()
+                    rest[j] += (classifiers[j](generate(xb, layout.all_but(j, b, x.device), j)) == y[sl]).sum()
     matrix = hits / len(x)
     off = matrix[~np.eye(m_count, dtype=bool)]
     return {"matrix": matrix.tolist(), "rest_to": (rest / len(x)).tolist(), "cross_mean": float(off.mean()),
@@ -142,7 +129,7 @@ def latent_probe(model, train_x, train_labels, test_x, test_labels, num_train: i
         return probe_accuracy(ztr, tr_y.cpu(), zte, test_labels.cpu(), num_labels=(n,))[n]
 
     joint = acc(lambda b, d: layout.full_mask(b, d))
-    uni = [acc(lambda b, d, m=m: only(layout, m, b, d)) for m in range(layout.num_modalities)]
+    uni = [acc(lambda b, d, m=m: layout.only(m, b, d)) for m in range(layout.num_modalities)]
     return {"joint": joint, "unimodal": uni, "unimodal_mean": float(np.mean(uni))}
 
 
@@ -156,7 +143,7 @@ def imputation_error(model, x: torch.Tensor, batch_size: int = 500) -> dict:
         total = 0.0
         for sl in _chunks(len(x), batch_size):
             xb = x[sl]
-            z = model.conditional(xb, all_but(layout, j, len(xb), x.device)).mean
+            z = model.conditional(xb, layout.all_but(j, len(xb), x.device)).mean
             pred, truth = model.decode(z, j), parts[name][sl]
             if kind == "label":
                 total += float((pred.argmax(-1) != truth.argmax(-1)).float().sum())
@@ -181,9 +168,9 @@ def conditional_log_likelihood(model, x: torch.Tensor, given: int, target: int, 
         raise ValueError(f"{type(model).__name__} has no joint likelihood (its prior depends on the data), so no "
                          "conditional log-likelihood either")
     layout = model.layout
-    pair = only(layout, given, len(x), x.device) | only(layout, target, len(x), x.device)
+    pair = layout.only(given, len(x), x.device) | layout.only(target, len(x), x.device)
     both = log_likelihood(model.model, model.guide, x, num_samples, y=pair, seed=seed, **kwargs)
-    one = log_likelihood(model.model, model.guide, x, num_samples, y=only(layout, given, len(x), x.device),
+    one = log_likelihood(model.model, model.guide, x, num_samples, y=layout.only(given, len(x), x.device),
                          seed=seed + 1, **kwargs)
     return both - one
 

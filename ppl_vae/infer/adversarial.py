@@ -45,19 +45,31 @@ class AdversarialELBO(ELBO):
         self.base, self.reconstruct, self.discriminator = base, reconstruct, discriminator
         self.weight = float(weight)
         self.num_data = num_data
-        self.totals = {"g_adv": 0.0, "n": 0}   # the adversarial term per image over the training steps
+        self._sum, self._count = 0.0, 0   # the adversarial term per image over this epoch's training steps
 
     def _get_trace(self, model, guide, args, kwargs):
         return self.base._get_trace(model, guide, args, kwargs)
 
-    def adversarial(self, x, y=None) -> torch.Tensor:
-        """(N/B) Σ_i mean_patches BCE(1, D(x̂_i)), D's parameters detached."""
+    def per_image(self, x, y=None) -> torch.Tensor:
+        """mean_patches BCE(1, D(x̂_i)) per image, shape (B,), D's parameters detached."""
         params = {k: v.detach() for k, v in self.discriminator.named_parameters()}
         logits = functional_call(self.discriminator, params, (self.reconstruct(x, y),))
-        per_image = F.binary_cross_entropy_with_logits(logits, _real_target(logits, 1.0),
-                                                       reduction="none").flatten(1).mean(1)
+        return F.binary_cross_entropy_with_logits(logits, _real_target(logits, 1.0),
+                                                  reduction="none").flatten(1).mean(1)
+
+    def _scale(self, x) -> float:
         n = self.num_data() if self.num_data is not None else None
-        return ((n or len(x)) / len(x)) * per_image.sum()
+        return (n or len(x)) / len(x)
+
+    def adversarial(self, x, y=None) -> torch.Tensor:
+        """(N/B) Σ_i mean_patches BCE(1, D(x̂_i))."""
+        return self._scale(x) * self.per_image(x, y).sum()
+
+    def epoch_mean(self) -> float:
+        """The adversarial term per image over the training steps since the last call (then reset)."""
+        mean = self._sum / max(self._count, 1)
+        self._sum, self._count = 0.0, 0
+        return mean
 
     def loss(self, model, guide, x, y=None, *args, **kwargs) -> float:
         with torch.no_grad():
@@ -68,25 +80,33 @@ class AdversarialELBO(ELBO):
         loss = float(self.base.loss_and_grads(model, guide, x, y, *args, **kwargs))
         if self.weight == 0:
             return loss
-        adv = self.adversarial(x, y)
+        per = self.per_image(x, y)
+        adv = self._scale(x) * per.sum()
         (self.weight * adv).backward()
-        value = float(adv.detach())
-        n = self.num_data() if self.num_data is not None else None
-        self.totals["g_adv"] += value * len(x) / (n or len(x))
-        self.totals["n"] += len(x)
-        return loss + self.weight * value
+        self._sum += float(per.detach().sum())
+        self._count += len(x)
+        return loss + self.weight * float(adv.detach())
 
 
 class DiscriminatorStep:
     """One Adam step of the discriminator on a minibatch: λ_D [BCE(1, D(x)) + BCE(0, D(x̂))] with x̂ =
     ``generate(x, y)`` (no gradient to the model). ``state_dict``/``load_state_dict`` carry the optimiser (its
-    weights live in the model's module). ``totals`` accumulate the loss per step for the epoch's record."""
+    weights live in the model's module). :meth:`epoch_means` gives the epoch's record."""
 
     def __init__(self, discriminator: torch.nn.Module, generate: Callable, weight: float = 1.0, lr: float = 1e-4,
                  betas=(0.5, 0.999)):
         self.discriminator, self.generate, self.weight = discriminator, generate, float(weight)
         self.optim = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=tuple(betas))
-        self.totals = {"d_loss": 0.0, "d_real": 0.0, "d_fake": 0.0, "steps": 0}
+        self._totals = self._zeros()
+
+    @staticmethod
+    def _zeros() -> dict:
+        return {"d_loss": 0.0, "d_real": 0.0, "d_fake": 0.0, "steps": 0}
+
+    def epoch_means(self) -> dict:
+        """Mean loss, D(x) and D(x̂) over the steps since the last call (then reset)."""
+        t, self._totals = self._totals, self._zeros()
+        return {k: t[k] / max(t["steps"], 1) for k in ("d_loss", "d_real", "d_fake")}
 
     def __call__(self, x, y=None) -> float:
         with torch.no_grad():
@@ -100,7 +120,7 @@ class DiscriminatorStep:
         loss.backward()
         self.optim.step()
         self.optim.zero_grad(set_to_none=True)
-        t = self.totals
+        t = self._totals
         t["d_loss"] += float(loss.detach())
         t["d_real"] += float(torch.sigmoid(real_logits).mean())
         t["d_fake"] += float(torch.sigmoid(fake_logits).mean())

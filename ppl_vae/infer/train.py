@@ -240,6 +240,7 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
     cfg = config or TrainConfig()
     cfg.validate()
     elbo = elbo if elbo is not None else Trace_ELBO()
+    val_elbo = val_elbo if val_elbo is not None else elbo
     device = torch.device(device) if device is not None else _device_of(model)
     module = module if module is not None else _owner(model)
     num_data = int(data.train_x.shape[0])
@@ -343,9 +344,8 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
                                 f"train.min_elbo = {cfg.min_elbo:g})", epoch, step, run_dir, absurd=True)
             if has_val:
                 with contextlib.nullcontext() if cfg.validate_every_step else pyro.validation_enabled(False):
-                    record["val_elbo"] = evaluate_elbo(model, guide, data, val_elbo if val_elbo is not None else elbo,
-                                                       "val", cfg.eval_batch_size, device, num_data,
-                                                       data_plate=data_plate)
+                    record["val_elbo"] = evaluate_elbo(model, guide, data, val_elbo, "val", cfg.eval_batch_size, device,
+                                                       num_data, data_plate=data_plate)
             record["seconds"] = time.perf_counter() - t0
             score = record.get("val_elbo", record["train_elbo"])
             scored = warmup.beta == 1.0 and epoch + 1 >= first_scored

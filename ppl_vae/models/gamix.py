@@ -139,14 +139,8 @@ class GAMIXPlan(TrainingPlan):
     def on_epoch_end(self, epoch, record, data):
         if self.disc_step is None:
             return
-        d = self.disc_step.totals
-        for k in ("d_loss", "d_real", "d_fake"):
-            record[k] = d[k] / max(d["steps"], 1)
-        g = self._objective.totals if self._objective is not None else {"g_adv": 0.0, "n": 0}
-        record["g_adv"] = g["g_adv"] / max(g["n"], 1)
-        for t in (d, g):
-            for k in t:
-                t[k] = 0 if k in ("steps", "n") else 0.0
+        record.update(self.disc_step.epoch_means())
+        record["g_adv"] = self._objective.epoch_mean() if self._objective is not None else 0.0
 
     def state_dict(self):
         return self.disc_step.state_dict() if self.disc_step is not None else {}

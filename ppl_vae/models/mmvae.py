@@ -14,38 +14,26 @@ from __future__ import annotations
 import torch
 
 from ..experts import (
-    ExpertMixture,
-    MultimodalVAE,
-    StratifiedMixturePlan,
+    ExpertMixtureVAE,
     modality_networks,
     require_layout,
     uniform_weights,
 )
-from ..infer.plan import training_plan
 from ..options import NoOptions
 from .registry import register_model
 
 __all__ = ["MMVAE"]
 
 
-class MMVAE(MultimodalVAE):
-    """Uniform mixture of the observed experts; stratum m draws from expert m."""
+class MMVAE(ExpertMixtureVAE):
+    """Uniform mixture of the observed experts; stratum m draws from expert m (plan: the stratified bound)."""
 
-    def posterior(self, xs, mask, stratum=None):
-        locs, scales = self.experts(xs)
-        return ExpertMixture(locs, scales, self.weights(mask), component=stratum)
+    def components(self, xs, mask):
+        return self.experts(xs)
 
-    @staticmethod
-    def weights(mask: torch.Tensor) -> torch.Tensor:
+    def weights(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, M): 1/|S| for each observed modality."""
         return uniform_weights(mask)
-
-    def strata(self, x, mask=None) -> torch.Tensor:
-        """(M, B): 1/|S| for each observed modality of each datapoint."""
-        _, _, mask = self.inputs(x, mask)
-        return self.weights(mask).T
-
-
-training_plan(MMVAE)(StratifiedMixturePlan)
 
 
 @register_model("mmvae", options=NoOptions)

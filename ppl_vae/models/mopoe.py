@@ -16,46 +16,36 @@ from __future__ import annotations
 import torch
 
 from ..experts import (
-    ExpertMixture,
-    MultimodalVAE,
-    StratifiedMixturePlan,
+    ExpertMixtureVAE,
     modality_networks,
     nonempty_subsets,
     product_of_experts,
     require_layout,
     uniform_weights,
 )
-from ..infer.plan import training_plan
 from ..options import NoOptions
 from .registry import register_model
 
 __all__ = ["MoPoE"]
 
 
-class MoPoE(MultimodalVAE):
-    """Mixture over the non-empty subsets of the observed modalities of their products of experts."""
+class MoPoE(ExpertMixtureVAE):
+    """Mixture over the non-empty subsets of the observed modalities of their products of experts (plan: the
+    stratified bound)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_buffer("subset_table", nonempty_subsets(self.layout.num_modalities), persistent=False)
 
-    def posterior(self, xs, mask, stratum=None):
+    def components(self, xs, mask):
         locs, scales = self.experts(xs)                              # (B, M, D)
         members = self.subset_table                                  # (C, M)
-        loc, scale = product_of_experts(locs.unsqueeze(-3), scales.unsqueeze(-3),
-                                        members & mask.unsqueeze(-2), prior=False)   # (B, C, D)
-        return ExpertMixture(loc, scale, self.weights(mask), component=stratum)
+        return product_of_experts(locs.unsqueeze(-3), scales.unsqueeze(-3), members & mask.unsqueeze(-2),
+                                  prior=False)                       # (B, C, D)
 
     def weights(self, mask: torch.Tensor) -> torch.Tensor:
         """(B, C): uniform over the subsets made only of observed modalities."""
         return uniform_weights(~(self.subset_table.unsqueeze(0) & ~mask.unsqueeze(-2)).any(-1))   # A ⊆ S
-
-    def strata(self, x, mask=None) -> torch.Tensor:
-        _, _, mask = self.inputs(x, mask)
-        return self.weights(mask).T
-
-
-training_plan(MoPoE)(StratifiedMixturePlan)
 
 
 @register_model("mopoe", options=NoOptions)

@@ -18,17 +18,17 @@ import torch
 
 from ..experts import (
     MultimodalVAE,
+    SubsetPlan,
     modality_networks,
     product_of_experts,
     random_subsets,
     require_layout,
 )
-from ..infer.plan import TrainingPlan, build_objective, training_plan
-from ..infer.subsets import SubsetELBO
+from ..infer.plan import training_plan
 from ..options import Options, option
 from .registry import register_model
 
-__all__ = ["MVAE", "MVAEOptions", "MVAEPlan"]
+__all__ = ["MVAE", "MVAEOptions"]
 
 
 class MVAE(MultimodalVAE):
@@ -44,19 +44,11 @@ class MVAE(MultimodalVAE):
 
     def subsets(self, mask: torch.Tensor) -> list[torch.Tensor]:
         """{all observed, each single modality, k random subsets} of a minibatch's mask."""
-        singles = [torch.zeros_like(mask).index_fill_(1, torch.tensor([m], device=mask.device), True)
-                   for m in range(mask.shape[1])]
+        singles = [self.layout.only(m, len(mask), mask.device) for m in range(mask.shape[1])]
         return [mask, *singles, *(random_subsets(mask) for _ in range(self.num_random_subsets))]
 
 
-@training_plan(MVAE)
-class MVAEPlan(TrainingPlan):
-    def objective(self, train):
-        return SubsetELBO(build_objective(train), self.model.subsets, self.model.layout.num_modalities)
-
-    def validation_objective(self, train):
-        """The ELBO of all observed modalities (no random subsets: a noisy score would choose checkpoints)."""
-        return build_objective(train)
+training_plan(MVAE)(SubsetPlan)   # the average ELBO over its subsets, scored on all modalities
 
 
 @dataclass

@@ -30,17 +30,17 @@ from pyro.nn import pyro_method
 from ..experts import (
     GaussianFromSum,
     MultimodalVAE,
+    SubsetPlan,
     modality_networks,
     random_subsets,
     require_layout,
 )
-from ..infer.plan import TrainingPlan, build_objective, training_plan
-from ..infer.subsets import SubsetELBO
+from ..infer.plan import training_plan
 from ..options import NoOptions
 from ..plate import data_plate
 from .registry import register_model
 
-__all__ = ["SumPool", "SumPoolPlan"]
+__all__ = ["SumPool"]
 
 
 class SumPool(MultimodalVAE):
@@ -79,14 +79,7 @@ class SumPool(MultimodalVAE):
         return [random_subsets(mask)]
 
 
-@training_plan(SumPool)
-class SumPoolPlan(TrainingPlan):
-    def objective(self, train):
-        return SubsetELBO(build_objective(train), self.model.subsets, self.model.layout.num_modalities)
-
-    def validation_objective(self, train):
-        """The ELBO of all observed modalities (no random subsets: a noisy score would choose checkpoints)."""
-        return build_objective(train)
+training_plan(SumPool)(SubsetPlan)   # the average ELBO over its subsets, scored on all modalities
 
 
 @register_model("sumpool", options=NoOptions)
