@@ -13,14 +13,16 @@ Parts (``--parts``, default all three):
                     the share of it the mixture closes, the approximation gaps (log p̂ − each ELBO).
   inference_seconds per image: the amortised guides (VAE, 5-component mixture, Laplace guide) and the per-image
                     optimisation, timed side by side in one process (one torch thread).
-  joint             λ ∈ lambdas × cap ∈ caps × K ∈ joint_K trained jointly (concurrent schedule) for every seed in
-                    ``--seeds``, with the VAE and the capacity-matched wide VAE (``bench/guides_large.py``'s
-                    ``vae_wide`` rule at K = 5) as controls; paired differences of the test log p̂(x) to the VAE of
-                    the same seed, combined over seeds (``_common.over_seeds``). The full sweep is 30 mixtures × 10
-                    seeds ≈ 5 CPU-hours; ``bench/recursive_seeds.py`` (the concurrent and grown K = 5 schedule over
-                    seeds 3–12) is its λ = 0.5, cap = 5 row at K = 5.
+  joint             λ ∈ lambdas × cap ∈ caps × K ∈ joint_K trained jointly (concurrent schedule, ``joint_epochs``
+                    epochs) for every seed in ``--seeds``, with the VAE and the capacity-matched wide VAE
+                    (``bench/guides_large.py``'s ``vae_wide`` rule at the largest K) as controls, and at λ = 0.5,
+                    cap = 5 and the largest K the two other schedules: ``grown`` (component m switched on after
+                    m·grow_every epochs) and ``stagewise`` (one stage per component, earlier ones frozen) — the study
+                    the former ``recursive_seeds.py`` ran. Paired differences of the test log p̂(x) to the VAE and to
+                    the wide VAE of the same seed, combined over seeds (``_common.over_seeds``). The runs go to
+                    ``--workers`` processes of one torch thread each; the full sweep is 34 runs × 10 seeds.
 
-    python bench/recursive.py --threads 1                          # full (all parts, seeds 0–9)
+    python bench/recursive.py --threads 1 --workers 2              # full (all parts, seeds 0–9)
     python bench/recursive.py --parts fixed_decoder,inference_seconds --seeds 0   # the fixed-decoder study
     python bench/recursive.py --quick                              # < 5 min
 The last line of stdout is the JSON summary (full mode also writes bench/results/recursive.json).
@@ -29,11 +31,12 @@ The last line of stdout is the JSON summary (full mode also writes bench/results
 from __future__ import annotations
 
 import math
+import statistics
 import time
 
 import pyro
 import torch
-from _common import finish, over_seeds, paired, parser, start
+from _common import finish, over_seeds, paired, parser, run_jobs, start
 from _guide_runs import HIDDEN, LATENT, wide_width
 
 import ppl_vae
@@ -46,9 +49,10 @@ from ppl_vae.nets import MLPEncoder
 
 FULL = dict(limit=10000, epochs=20, stage_epochs=4, n_test=200, S=2000, gap_steps=300, gap_particles=16,
             elbo_particles=1000, K=5, lambdas=(0.25, 0.5, 1.0), caps=(5.0, 0.0), joint_K=(1, 2, 3, 4, 5),
-            n_ll=1000, ll_S=1000, timing_images=100)
+            joint_epochs=10, grow_every=1, n_ll=500, ll_S=1000, timing_images=100)
 QUICK = dict(limit=600, epochs=2, stage_epochs=1, n_test=20, S=200, gap_steps=20, gap_particles=4,
-             elbo_particles=100, K=3, lambdas=(0.5,), caps=(5.0,), joint_K=(3,), n_ll=50, ll_S=100, timing_images=20)
+             elbo_particles=100, K=3, lambdas=(0.5,), caps=(5.0,), joint_K=(3,), joint_epochs=3, grow_every=1,
+             n_ll=50, ll_S=100, timing_images=20)
 PARTS = ("fixed_decoder", "inference_seconds", "joint")
 
 
@@ -155,38 +159,75 @@ def inference_seconds(parts: dict, data, s: dict) -> dict:
     return out
 
 
-def joint(data, s: dict, seeds) -> dict:
+def joint_run(job: tuple) -> dict:
+    """One joint-training run of the sweep (a worker's job): train, then the per-image test log p̂(x)."""
+    s, seed, name, opts, width = job
+    torch.set_num_threads(1)
+    data = load_data("fashion_mnist", pixels="binary_dynamic", limit=s["limit"], seed=0)
     x = data.test_x[: s["n_ll"]]
-    lls: dict[str, dict[int, torch.Tensor]] = {}
+    m = model("vae" if name.startswith("vae") else "rme", data, seed, **opts)
+    if name == "vae_wide":
+        m.encoder = MLPEncoder(data.shape, LATENT, (width, width), "relu")
+    t0 = time.perf_counter()
+    fit(m, data, s["joint_epochs"], seed)
+    seconds = time.perf_counter() - t0
+    ll = log_likelihood(m.model, m.guide, x, num_samples=s["ll_S"], seed=0).double()
+    print(f"[joint {name} seed {seed}] {seconds:.0f}s  test LL {float(ll.mean()):.3f}", flush=True)
+    return {"name": name, "seed": seed, "ll": ll, "seconds_per_epoch": seconds / s["joint_epochs"]}
 
-    def score(name, m, seed):
-        lls.setdefault(name, {})[seed] = log_likelihood(m.model, m.guide, x, num_samples=s["ll_S"],
-                                                        seed=0).double()
-        print(f"[joint {name} seed {seed}] {float(lls[name][seed].mean()):.3f}", flush=True)
 
+def joint_runs(s: dict) -> dict[str, dict]:
+    """The runs of one seed: the VAE, the wide VAE, the λ × cap × K grid (concurrent schedule) and, at the default
+    λ = 0.5, cap = 5 and the largest K, the grown and the stage-wise schedules (the former recursive_seeds.py)."""
+    runs = {"vae": {}, "vae_wide": {}}
+    for lam in s["lambdas"]:
+        for cap in s["caps"]:
+            for K in s["joint_K"]:
+                runs[f"rme_K{K}_lambda{lam}_cap{cap or 'none'}"] = dict(num_components=K, divergence_weight=lam,
+                                                                        log_ratio_cap=cap)
+    K = max(s["joint_K"])
+    runs[f"rme_K{K}_grown"] = dict(num_components=K, grow_every=s["grow_every"])
+    runs[f"rme_K{K}_stagewise"] = dict(num_components=K, schedule="stagewise")
+    return runs
+
+
+def joint(data, s: dict, seeds, workers: int) -> dict:
     width = wide_width(data, max(s["joint_K"]))
-    for seed in seeds:
-        score("vae", fit(model("vae", data, seed), data, s["epochs"], seed), seed)
-        wide = model("vae", data, seed)
-        wide.encoder = MLPEncoder(data.shape, LATENT, (width, width), "relu")
-        score("vae_wide", fit(wide, data, s["epochs"], seed), seed)
-        for lam in s["lambdas"]:
-            for cap in s["caps"]:
-                for K in s["joint_K"]:
-                    m = model("rme", data, seed, num_components=K, divergence_weight=lam, log_ratio_cap=cap)
-                    score(f"rme_K{K}_lambda{lam}_cap{cap or 'none'}", fit(m, data, s["epochs"], seed), seed)
-    out = {"test_ll": {k: round(float(torch.stack(list(v.values())).mean()), 3) for k, v in lls.items()},
-           "diff_vs_vae": {}, "seeds": list(seeds), "vae_wide_hidden": width, "n_test": len(x), "S": s["ll_S"]}
+    runs = joint_runs(s)
+    # the most expensive runs first, so the workers finish close together
+    jobs = sorted(((s, seed, name, opts, width) for seed in seeds for name, opts in runs.items()),
+                  key=lambda j: (-j[3].get("num_components", 4 if j[2] == "vae_wide" else 0), j[1]))
+    lls: dict[str, dict[int, torch.Tensor]] = {}
+    seconds: dict[str, list[float]] = {}
+    for r in run_jobs(joint_run, jobs, workers):
+        lls.setdefault(r["name"], {})[r["seed"]] = r["ll"]
+        seconds.setdefault(r["name"], []).append(r["seconds_per_epoch"])
+    out = {"runs": {k: v for k, v in runs.items()}, "seeds": list(seeds), "epochs": s["joint_epochs"],
+           "vae_wide_hidden": width, "n_test": s["n_ll"], "S": s["ll_S"],
+           "test_ll": {k: round(float(torch.stack([v[sd].mean() for sd in seeds]).mean()), 3) for k, v in lls.items()},
+           "diff_vs_vae": {}, "diff_vs_vae_by_seed": {},
+           "relative_seconds_per_epoch": {k: round(statistics.mean(v) / statistics.mean(seconds["vae"]), 2)
+                                          for k, v in seconds.items()}}
     for name, d in lls.items():
         if name == "vae":
             continue
-        m, se = over_seeds([paired(d[sd], lls["vae"][sd]) for sd in seeds])
-        out["diff_vs_vae"][name] = {"mean": round(m, 3), "std_error": round(se, 3)}
+        per_seed = [paired(d[sd], lls["vae"][sd]) for sd in seeds]
+        m, se = over_seeds(per_seed)
+        out["diff_vs_vae"][name] = {"mean": round(m, 3), "std_error": round(se, 3),
+                                    "seeds_better": f"{sum(p[0] > 0 for p in per_seed)}/{len(seeds)}"}
+        out["diff_vs_vae_by_seed"][name] = [round(p[0], 3) for p in per_seed]
+    # each mixture against the capacity-matched wide VAE of the same seed
+    out["diff_vs_vae_wide"] = {}
+    for name, d in lls.items():
+        if name.startswith("rme"):
+            m, se = over_seeds([paired(d[sd], lls["vae_wide"][sd]) for sd in seeds])
+            out["diff_vs_vae_wide"][name] = {"mean": round(m, 3), "std_error": round(se, 3)}
     return out
 
 
 def main(argv=None):
     ap = parser(__doc__, seeds="0,1,2,3,4,5,6,7,8,9")
+    ap.add_argument("--workers", type=int, default=2, help="joint-sweep runs in parallel (processes, one thread each)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {list(PARTS)}")
     args = start(ap, argv)
     parts = [p for p in args.parts.split(",") if p]
@@ -202,7 +243,7 @@ def main(argv=None):
         if "inference_seconds" in parts:
             out["inference_seconds"] = inference_seconds(models, data, s)
     if "joint" in parts:
-        out["joint"] = joint(data, s, seeds)
+        out["joint"] = joint(data, s, seeds, args.workers)
     finish("recursive", out, args, device="cpu")
 
 
