@@ -128,6 +128,8 @@ def _train(args) -> int:
         run_dir = Path(args.run_dir) if args.run_dir else None
     run = run_experiment(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite, device=args.device,
                          progress=not args.no_progress, figures=not args.no_figures)
+    if run.rank > 0:   # another process of a multi-process job: rank 0 reports
+        return 0
     summary = json.loads((run.run_dir / "metrics.json").read_text())
     print(f"test ELBO: {summary['test_elbo']:.3f} nats per image (best epoch {summary['best_epoch']})")
     print(f"run folder: {run.run_dir}")

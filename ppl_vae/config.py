@@ -26,6 +26,11 @@ ARCHS = ("mlp", "conv", "resnet", "burda1", "burda2")
 OBJECTIVES = ("auto", "elbo", "meanfield", "iwae")
 SCHEDULES = ("none", "exponential", "step", "cosine")
 WARMUP_SHAPES = ("linear", "exp")
+# the Lightning path (ppl_vae.infer.distributed) and the experiment loggers (ppl_vae.infer.loggers)
+STRATEGIES = ("auto", "single_device", "ddp")
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu")
+PRECISIONS = ("32-true", "64-true", "16-mixed", "bf16-mixed")
+LOGGERS = ("none", "csv", "tensorboard", "mlflow")
 
 
 def _is_int(v) -> bool:
@@ -146,6 +151,11 @@ class TrainConfig:
     validate_every_step: bool = False
     jit: bool = False
     min_elbo: float | None = -1e6
+    devices: int = 1
+    strategy: str = "auto"
+    accelerator: str = "auto"
+    precision: str = "32-true"
+    logger: str = "csv"
 
     def validate(self, p="train"):
         _positive_int(f"{p}.epochs", self.epochs)
@@ -177,6 +187,14 @@ class TrainConfig:
         _check(isinstance(self.jit, bool), f"{p}.jit", "true or false", self.jit)
         if self.min_elbo is not None:
             _check(_is_num(self.min_elbo), f"{p}.min_elbo", "a number (nats per datapoint) or null", self.min_elbo)
+        _positive_int(f"{p}.devices", self.devices)
+        _one_of(f"{p}.strategy", self.strategy, STRATEGIES)
+        _one_of(f"{p}.accelerator", self.accelerator, ACCELERATORS)
+        _one_of(f"{p}.precision", self.precision, PRECISIONS)
+        _one_of(f"{p}.logger", self.logger, LOGGERS)
+        if self.devices > 1 and self.batch_size < self.devices:
+            raise ConfigError(f"{p}.batch_size must be at least {p}.devices ({self.devices}): each process takes a "
+                              f"share of the global batch, got {self.batch_size}")
         if self.jit and self.objective == "iwae":
             raise ConfigError(f"{p}.jit must be false with {p}.objective='iwae' (TraceIWAE is not compiled), got true")
         if self.jit and self.kl_warmup_epochs > 0:
@@ -357,8 +375,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 # fields that a resumed run may change: how long and how it runs, not what it trains
-RESUMABLE = ("train.epochs", "train.patience", "train.eval_batch_size", "train.validate_every_step", "device",
-             "output_dir", "eval.num_samples", "eval.batch_size", "eval.max_test")
+RESUMABLE = ("train.epochs", "train.patience", "train.eval_batch_size", "train.validate_every_step", "train.logger",
+             "device", "output_dir", "eval.num_samples", "eval.batch_size", "eval.max_test")
 
 
 def check_resume_overrides(overrides: list[str]) -> None:

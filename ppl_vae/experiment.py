@@ -7,6 +7,7 @@ functions are the Python API (``ppl_vae.run_experiment``, ``ppl_vae.load_run``, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -25,6 +26,8 @@ from . import evaluate
 from .evaluate import bits_per_dim, log_likelihood
 from .infer import evaluate_elbo, load_checkpoint, restore_params
 from .infer.checkpoint import load_module_state
+from .infer import distributed
+from .infer.loggers import log_figures
 from .infer.plan import plan_for, train
 from .infer.train import BEST, CHECKPOINT
 from .infer.train import check_finite
@@ -83,6 +86,7 @@ class Run:
     model: torch.nn.Module
     run_dir: Path
     device: torch.device
+    rank: int = 0          # this process's rank in a multi-process job (rank 0 writes the folder)
 
 
 # what makes a folder a run: a finished epoch or a finished run
@@ -99,37 +103,54 @@ def run_experiment(cfg: Config, run_dir: str | Path | None = None, *, resume: bo
     Everything that can be checked is checked before anything is written: the device, the data (finite values),
     the model's options, the run folder (another process writing it is refused — :class:`~ppl_vae.runlock.RunLock`
     is held for the whole run —, and so is a folder that holds a run unless ``resume`` or ``overwrite``) and, on
-    ``resume``, that the checkpoint was made by this configuration."""
+    ``resume``, that the checkpoint was made by this configuration.
+
+    With ``train.devices`` > 1 (:mod:`ppl_vae.infer.distributed`) the processes start here (``strategy: ddp``
+    re-runs the command in each); rank 0 holds the lock, checks and writes the folder, the others train beside it
+    and return after training."""
     dev = resolve_device(device or cfg.device)
+    cfg.train.validate()
+    fabric = distributed.launch(cfg.train, dev)
+    dev = fabric.device if fabric is not None else dev
     data = build_data(cfg)
     check_finite(data)
     model = build(cfg, data, dev)
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    with RunLock(run_dir):   # first: a folder another process is writing is refused as such
-        if resume and not (run_dir / CHECKPOINT).is_file() and not _stage_checkpoints(run_dir):
-            raise RunFolderError(f"--resume: {str(run_dir)!r} has no checkpoint yet: there is nothing to resume; "
-                                 "start the run again without --resume")
-        if not resume and any((run_dir / f).exists() for f in RUN_MARKERS) and not overwrite:
-            raise RunFolderError(f"{str(run_dir)!r} holds a run already: continue it with --resume {run_dir}, choose "
-                                 "another --run-dir, or pass --overwrite to replace it")
-        if resume:
-            ck = load_checkpoint(run_dir / CHECKPOINT if (run_dir / CHECKPOINT).is_file()
-                                 else _stage_checkpoints(run_dir)[-1], map_location="cpu")
-            check_same_config(ck, cfg, run_dir)
-        elif overwrite:
-            _remove_run_files(run_dir)
-        save_config(cfg, run_dir / CONFIG_FILE)
+    run_dir = Path(distributed.on_lead(fabric, lambda: str(run_dir if run_dir is not None
+                                                           else default_run_dir(cfg))))
+    with contextlib.ExitStack() as held:
+        distributed.on_lead(fabric, lambda: _prepare_folder(held, cfg, run_dir, resume, overwrite))
         result = train(model, data, cfg, run_dir=run_dir, resume=resume, device=dev, progress=progress,
-                       extra_state={"config": cfg.to_dict()})
-        run = Run(cfg, data, model, run_dir, dev)
+                       extra_state={"config": cfg.to_dict()}, fabric=fabric)
+        run = Run(cfg, data, model, run_dir, dev, rank=result.rank)
+        if result.rank > 0:
+            return run
         load_params(run, BEST if (run_dir / BEST).exists() else CHECKPOINT)
         summary = {"best_epoch": result.best_epoch, "best_val_elbo": result.best_val_elbo,
                    "epochs_run": len(result.history), "stopped_early": result.stopped_early,
                    "test_elbo": test_elbo(run), "data_plate": result.data_plate}
         _write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
         if figures:
-            write_figures(run, result.history)
+            log_figures(cfg.train.logger, run_dir, write_figures(run, result.history), step=len(result.history))
     return run
+
+
+def _prepare_folder(held: contextlib.ExitStack, cfg: Config, run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Lock the run folder (``held`` keeps the lock until the run ends), refuse one that holds another run, check
+    a resumed checkpoint against ``cfg`` and write config.yaml."""
+    held.enter_context(RunLock(run_dir))   # first: a folder another process is writing is refused as such
+    if resume and not (run_dir / CHECKPOINT).is_file() and not _stage_checkpoints(run_dir):
+        raise RunFolderError(f"--resume: {str(run_dir)!r} has no checkpoint yet: there is nothing to resume; "
+                             "start the run again without --resume")
+    if not resume and any((run_dir / f).exists() for f in RUN_MARKERS) and not overwrite:
+        raise RunFolderError(f"{str(run_dir)!r} holds a run already: continue it with --resume {run_dir}, choose "
+                             "another --run-dir, or pass --overwrite to replace it")
+    if resume:
+        ck = load_checkpoint(run_dir / CHECKPOINT if (run_dir / CHECKPOINT).is_file()
+                             else _stage_checkpoints(run_dir)[-1], map_location="cpu")
+        check_same_config(ck, cfg, run_dir)
+    elif overwrite:
+        _remove_run_files(run_dir)
+    save_config(cfg, run_dir / CONFIG_FILE)
 
 
 def _stage_checkpoints(run_dir: Path) -> list[Path]:

@@ -37,6 +37,11 @@ class DirectObjective(ELBO):
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         return self._terms(args, kwargs, grad=True)[0]
 
+    def loss_and_surrogate(self, model, guide, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the differentiable surrogate, the loss's value): what a caller that runs ``backward`` itself needs."""
+        loss, value = self._terms(args, kwargs, grad=True)
+        return loss, value.detach()
+
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         loss, value = self._terms(args, kwargs, grad=True)
         loss.backward()

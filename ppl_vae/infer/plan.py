@@ -44,10 +44,12 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.elbo import ELBO
 
 from ..config import Config, TrainConfig
+from . import distributed
 from .analytic_kl import AnalyticKLELBO
 from .checkpoint import load_checkpoint
 from .iwae import TraceIWAE
 from .jit import JitELBO
+from .loggers import close_loggers, make_loggers
 from .train import CHECKPOINT, FitResult, fit
 
 __all__ = ["TrainingPlan", "Stage", "TrainResult", "training_plan", "plan_for", "train", "build_objective"]
@@ -169,6 +171,8 @@ class TrainResult(FitResult):
 
     stages: dict[str, FitResult] = field(default_factory=dict)
     data_plate: dict | None = None
+    rank: int = 0
+    world_size: int = 1
 
 
 def _settings(config) -> tuple[TrainConfig, int | None]:
@@ -181,7 +185,7 @@ def _settings(config) -> tuple[TrainConfig, int | None]:
 
 def train(model, data, config: Config | TrainConfig | None = None, *, plan: TrainingPlan | None = None,
           seed: int | None = None, run_dir: str | Path | None = None, resume: bool = False, device=None,
-          progress: bool = True, extra_state: dict | None = None) -> TrainResult:
+          progress: bool = True, extra_state: dict | None = None, fabric=None) -> TrainResult:
     """Train ``model`` on ``data`` (a :class:`~ppl_vae.data.DataBundle`) by its training plan.
 
     ``config`` is a :class:`~ppl_vae.config.Config` (its ``train`` section and ``seed``) or a
@@ -189,8 +193,20 @@ def train(model, data, config: Config | TrainConfig | None = None, *, plan: Trai
     :func:`plan_for(model) <plan_for>`. ``run_dir`` receives checkpoints and ``metrics.jsonl``; ``resume=True``
     continues a killed run there and reproduces the uninterrupted one. The CLI, the benchmarks and the notebooks
     all train through this function.
+
+    With ``train.devices`` > 1 (or ``train.strategy`` / ``train.precision`` other than the defaults) it runs on
+    Lightning Fabric (:mod:`ppl_vae.infer.distributed`): ``strategy: ddp`` starts one process per device, each
+    re-running the calling script from its start, as Lightning does; ``fabric`` passes one already launched. The
+    result's ``rank`` tells a script which process it is in. ``train.logger`` loggers write under ``run_dir``.
     """
     train_cfg, cfg_seed = _settings(config)
+    train_cfg.validate()
+    if fabric is None:
+        where = torch.device(device) if device is not None else next(
+            (p.device for p in (model.parameters() if isinstance(model, torch.nn.Module) else ())),
+            torch.device("cpu"))
+        fabric = distributed.launch(train_cfg, where)
+    lead = fabric is None or fabric.global_rank == 0
     seed = seed if seed is not None else (cfg_seed if cfg_seed is not None else 0)
     plan = plan if plan is not None else plan_for(model)
     stages = plan.stages(train_cfg)
@@ -221,13 +237,22 @@ def train(model, data, config: Config | TrainConfig | None = None, *, plan: Trai
         resuming = resume and i == current and dirs[i] is not None and (dirs[i] / CHECKPOINT).exists()
         if not resuming:
             plan.begin_stage(stage)
-        results.append(fit(plan.model_fn, plan.guide_fn, data, plan.objective(stage.train), stage.train,
-                           run_dir=dirs[i], resume=resuming, seed=seed, device=device, progress=progress,
-                           extra_state=extra_state, on_epoch_end=hook, module=plan.module,
-                           on_step_end=plan.on_step_end, plan_state=(plan.state_dict, plan.load_state_dict),
-                           val_elbo=plan.validation_objective(stage.train),
-                           first_scored_epoch=stage.first_scored_epoch))
-    return _combine(stages, results)
+        loggers = make_loggers(stage.train.logger, dirs[i]) if lead else []
+        try:
+            results.append(fit(plan.model_fn, plan.guide_fn, data, plan.objective(stage.train), stage.train,
+                               run_dir=dirs[i], resume=resuming, seed=seed, device=device, progress=progress,
+                               extra_state=extra_state, on_epoch_end=hook, module=plan.module,
+                               on_step_end=plan.on_step_end, plan_state=(plan.state_dict, plan.load_state_dict),
+                               val_elbo=plan.validation_objective(stage.train),
+                               first_scored_epoch=stage.first_scored_epoch, fabric=fabric, loggers=loggers))
+        except BaseException:
+            close_loggers(loggers, "failed")
+            raise
+        close_loggers(loggers)
+    out = _combine(stages, results)
+    if fabric is not None:
+        out.rank, out.world_size = fabric.global_rank, fabric.world_size
+    return out
 
 
 def _combine(stages: list[Stage], results: list[FitResult]) -> TrainResult:

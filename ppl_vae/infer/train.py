@@ -28,11 +28,13 @@ from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig
-from ..errors import DataError, TrainingDiverged
+from ..errors import CheckpointError, DataError, TrainingDiverged
 from ..plate import DATA_PLATE
 from .checkpoint import SCHEMA, atomic_save, load_checkpoint, load_module_state, restore_params, rng_state, \
     set_rng_state
+from .distributed import RANK_SEED, Sharded, shard
 from .importance import fork_rng
+from .loggers import log_history
 from .optim import ParamOptimizer
 
 CHECKPOINT = "checkpoint.pt"
@@ -189,27 +191,35 @@ def _device_of(fn) -> torch.device:
 
 
 def evaluate_elbo(model, guide, data, elbo, split: str, batch_size: int, device, num_data: int | None = None,
-                  *, data_plate: str | None = None) -> float:
+                  *, data_plate: str | None = None, sharded: Sharded | None = None) -> float:
     """Mean ELBO per datapoint over a split, whichever data-plate convention the pair uses (the plate's size is
     read during every call, see :class:`PlateProbe`). Batches are at most ``num_data`` (default: the training-set
-    size) long, so a plate subsampled to N never sees a minibatch larger than N."""
+    size) long, so a plate subsampled to N never sees a minibatch larger than N. With ``sharded`` (several ranks)
+    each rank scores its share of every batch and the sums are reduced over ranks."""
     cap = min(batch_size, int(num_data) if num_data is not None else len(data.train_x))
     divisor = _Divisor(model, guide, data_plate)
     m, g = divisor.wrap(model), divisor.wrap(guide)
     total, count = 0.0, 0
     with torch.no_grad():
         for x, y in data.batches(split, cap, shuffle=False, device=device):
+            if sharded is not None:
+                x, y = shard(x, y, sharded.rank, sharded.world)
+                if x.shape[0] == 0:
+                    continue
             divisor.start(x.shape[0])
             loss = elbo.loss(m, g, x, y)
             total += -loss / divisor(x, y) * x.shape[0]
             count += x.shape[0]
+    if sharded is not None:
+        total, count = sharded.total(total, count)
     return total / max(count, 1)
 
 
 def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run_dir: str | Path | None = None,
         resume: bool = False, seed: int = 0, device=None, progress: bool = True, extra_state: dict | None = None,
         on_epoch_end=None, module: torch.nn.Module | None = None, first_scored_epoch: int = 1,
-        data_plate: str | None = None, on_step_end=None, plan_state=None, val_elbo=None) -> FitResult:
+        data_plate: str | None = None, on_step_end=None, plan_state=None, val_elbo=None, fabric=None,
+        loggers=None) -> FitResult:
     """Train ``model``/``guide`` with ``elbo.loss_and_grads`` and one Adam over all their parameters
     (:class:`~ppl_vae.infer.optim.ParamOptimizer`: the updates of ``pyro.infer.SVI`` with ``pyro.optim.Adam``,
     without one optimiser per tensor).
@@ -231,6 +241,10 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
     ``on_step_end(x, y)`` runs after every optimiser step (e.g. a discriminator's own step); ``plan_state`` is a
     pair ``(get, set)``: ``get()`` is stored in every checkpoint and ``set(state)`` restores it on resume (the
     state of what the plan trains besides the model, such as a second optimiser).
+    ``fabric`` (a launched :class:`lightning.fabric.Fabric`, see :mod:`ppl_vae.infer.distributed`) runs the same
+    loop on its ranks: each takes its share of every global batch, DDP averages the gradients, the epoch's ELBOs
+    are reduced over ranks, rank 0 alone writes checkpoints (with every rank's RNG state), ``metrics.jsonl``, the
+    progress bar and ``loggers`` (Lightning loggers that receive every epoch's record).
     ``config.stop_delta`` stops once an epoch improves the (validation) ELBO by less than that, after
     ``config.min_epochs`` epochs (the δELBO < ε rule of Lin et al.'s Algorithm 1).
     Pyro's validation (argument and shape checks, when enabled) runs on the first step of the run and is switched
@@ -241,8 +255,11 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
     cfg.validate()
     elbo = elbo if elbo is not None else Trace_ELBO()
     val_elbo = val_elbo if val_elbo is not None else elbo
-    device = torch.device(device) if device is not None else _device_of(model)
+    device = fabric.device if fabric is not None else (torch.device(device) if device is not None
+                                                       else _device_of(model))
     module = module if module is not None else _owner(model)
+    rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
+    lead = rank == 0
     num_data = int(data.train_x.shape[0])
     first_scored = max(cfg.best_from_epoch, int(first_scored_epoch))
     has_val = data.val_x is not None and len(data.val_x) > 0
@@ -261,6 +278,10 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
         if run_dir is None:
             raise ValueError("resume=True needs run_dir")
         ckpt = load_checkpoint(run_dir / CHECKPOINT, map_location=device)
+        if ckpt.get("world_size", 1) != world:
+            raise CheckpointError(f"the checkpoint in {str(run_dir)!r} was written by {ckpt.get('world_size', 1)} "
+                                  f"process(es), this job has {world}: resume with train.devices = "
+                                  f"{ckpt.get('world_size', 1)} to continue exactly")
         x0, y0 = next(iter(data.batches("train", min(cfg.batch_size, num_data), shuffle=False, device=device)))
         pyro.clear_param_store()
         if module is not None and ckpt.get("module") is not None:
@@ -277,20 +298,28 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
         result.data_plate = ckpt.get("data_plate")
         if plan_state is not None:
             plan_state[1](ckpt.get("plan_state"))
-        set_rng_state(ckpt["rng"])
-        _rewrite_metrics(run_dir, result.history)
+        set_rng_state(ckpt["rng_ranks"][rank] if "rng_ranks" in ckpt else ckpt["rng"])
+        if lead:
+            _rewrite_metrics(run_dir, result.history)
     else:
         pyro.clear_param_store()
-        pyro.set_rng_seed(seed)
+        pyro.set_rng_seed(seed + RANK_SEED * rank)
         optim = ParamOptimizer(module, lr_now["lr"], cfg.clip_norm)
-        if run_dir is not None:
+        if run_dir is not None and lead:
             (run_dir / METRICS).write_text("")
+    sharded = None
+    if fabric is not None:   # after any restore: DDP starts every rank from rank 0's parameters
+        sharded = Sharded(fabric, module, elbo, train_model, train_guide)
+        if cfg.precision == "16-mixed":   # the loss scaler steps with the optimiser
+            optim.optim = fabric.setup_optimizers(optim.optim)
+    if loggers:
+        log_history(loggers, result.history)
     data_checked = False
     skip_checks = False   # Pyro's checks run on the first step only, unless validate_every_step (see the docstring)
 
     check_finite(data)
     steps_per_epoch = data.num_batches("train", cfg.batch_size)
-    bar = tqdm(total=(cfg.epochs - start_epoch) * steps_per_epoch, disable=not progress, desc="training",
+    bar = tqdm(total=(cfg.epochs - start_epoch) * steps_per_epoch, disable=not (progress and lead), desc="training",
                unit="step", dynamic_ncols=True, mininterval=0.5)
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -306,10 +335,13 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
             total, seen = 0.0, 0
             for step, (x, y) in enumerate(data.batches("train", cfg.batch_size, shuffle=True, seed=seed, epoch=epoch,
                                                        device=device)):
-                divisor.start(x.shape[0])
                 try:
                     with pyro.validation_enabled(False) if skip_checks else contextlib.nullcontext():
-                        loss = elbo.loss_and_grads(train_model, train_guide, x, y)
+                        if sharded is None:
+                            divisor.start(x.shape[0])
+                            loss = elbo.loss_and_grads(train_model, train_guide, x, y)
+                        else:   # this rank's share of the global batch x
+                            loss, x, y, rows = sharded.loss_and_grads(x, y, divisor)
                 except ValueError as e:   # Pyro's argument validation meets NaN parameters or NaN outputs
                     if "nan" not in str(e).lower():
                         raise
@@ -325,18 +357,21 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
                         check_unit_interval(data, divisor.probe.unit_interval_sites)
                 skip_checks = not cfg.validate_every_step
                 loss = float(loss)
-                if not math.isfinite(loss):
+                if not math.isfinite(loss if sharded is None else sharded.total(loss)[0]):   # every rank stops
                     raise _diverged(loss, epoch, step, run_dir)
                 optim.step()
                 if on_step_end is not None:
                     on_step_end(x, y)
-                total += -loss / divisor(x, y) * x.shape[0]
+                rows = x.shape[0] if sharded is None else rows
+                total += -loss / divisor(x, y) * rows
                 if result.data_plate is None:
                     result.data_plate = data_plate_summary(divisor.probe, num_data)
-                seen += x.shape[0]
+                seen += rows
                 bar.update(1)
                 if progress:
                     bar.set_postfix(epoch=epoch + 1, elbo=f"{total / seen:.2f}", refresh=False)
+            if sharded is not None:
+                total, seen = sharded.total(total, seen)
             record = {"epoch": epoch + 1, "train_elbo": total / seen, "beta": warmup.beta, "lr": lr_now["lr"],
                       "steps": step + 1}
             if cfg.min_elbo is not None and record["train_elbo"] < cfg.min_elbo:
@@ -345,7 +380,7 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
             if has_val:
                 with contextlib.nullcontext() if cfg.validate_every_step else pyro.validation_enabled(False):
                     record["val_elbo"] = evaluate_elbo(model, guide, data, val_elbo, "val", cfg.eval_batch_size, device,
-                                                       num_data, data_plate=data_plate)
+                                                       num_data, data_plate=data_plate, sharded=sharded)
             record["seconds"] = time.perf_counter() - t0
             score = record.get("val_elbo", record["train_elbo"])
             scored = warmup.beta == 1.0 and epoch + 1 >= first_scored
@@ -362,9 +397,13 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
                             val=f"{record.get('val_elbo', float('nan')):.2f}")
             result.stopped_early = (cfg.stop_delta is not None and previous is not None and epoch + 1 >= cfg.min_epochs
                                     and score - previous.get("val_elbo", previous["train_elbo"]) < cfg.stop_delta)
-            if run_dir is not None:
+            if loggers and lead:
+                log_history(loggers, [record])
+            rngs = [rng_state()] if sharded is None else sharded.gather(rng_state())
+            if run_dir is not None and lead:
                 state = {"schema": SCHEMA, "epoch": epoch + 1, "param_store": pyro.get_param_store().get_state(),
-                         "optim": optim.state(), "rng": rng_state(), "history": result.history,
+                         "optim": optim.state(), "rng": rngs[0], "rng_ranks": rngs, "world_size": world,
+                         "history": result.history,
                          "best_epoch": result.best_epoch, "best_val_elbo": result.best_val_elbo,
                          "bad_epochs": bad_epochs, "stopped_early": result.stopped_early, "train_config": cfg.__dict__,
                          "module": module.state_dict() if module is not None else None,

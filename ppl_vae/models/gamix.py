@@ -39,6 +39,7 @@ from ..guides.mixture import (
     mixture_moments,
     variance_collapse_penalty,
 )
+from ..infer import distributed
 from ..infer.adversarial import AdversarialELBO, DiscriminatorStep
 from ..infer.aggregate_kl import AggregateKLObjective, batch_moment_kl
 from ..infer.penalised import PenalisedELBO
@@ -124,6 +125,10 @@ class GAMIXPlan(TrainingPlan):
         m = self.model
         if m.discriminator is None:
             return base
+        if distributed.wanted(train):
+            raise ConfigError("model.options.adversarial must be 0 with train.devices > 1 (or another train.strategy "
+                              "or train.precision): the discriminator's own optimiser steps outside DDP, so the "
+                              f"ranks' critics would drift apart; got adversarial={m.adversarial}")
         self._objective = AdversarialELBO(base, m.reconstruct_draw, m.discriminator, m.adversarial,
                                           lambda: m.num_data)
         return self._objective

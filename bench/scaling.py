@@ -1,0 +1,135 @@
+"""Scale-out on Lightning Fabric (``train.devices``, ``train.strategy``): its cost in one process and its gain on two.
+
+Rows (ratios of epoch times measured side by side in one run, interleaved rounds, one torch thread per process;
+the epoch time is ``metrics`` ``seconds`` of the epochs after the first, whose first step runs Pyro's checks):
+
+  fabric_over_plain       ``train.strategy: single_device`` (the Fabric path in one process: the objective as a
+                          module, the collectives' code) ÷ the default plain loop, batch 100 — must be ≤ 1.05
+  csv_logger_over_none    the default ``train.logger: csv`` ÷ ``train.logger: none`` (both write checkpoints)
+  two_over_one_process    a 2-process DDP job (gloo, each process one thread, each half of the global batch) ÷ the
+                          1-process job with the same global batch, for batch 128, 256, 512 and 1024; samples/s
+                          of both (CPU; two processes on a 2-core machine can at best halve the time)
+  gpu                     1 GPU ÷ the single-process CPU path and samples/s at batch 128–1024, when CUDA is present
+
+Model: the 784-200-200-16 ReLU MLP VAE with a Bernoulli likelihood (``ppl_vae.build_model``), the default
+objective; data: random binary 28×28 images (timing does not depend on pixel values), no validation set.
+
+    python bench/scaling.py            # full: 5 rounds; 4,096 images; 4 epochs per job
+    python bench/scaling.py --quick    # 2 rounds, 2,048 images, batch 256 only
+The last line of stdout is the JSON summary (full mode also writes bench/results/scaling.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pyro
+import torch
+from _common import ROOT, finish, parser, start
+
+import ppl_vae
+from ppl_vae import ModelConfig, build_model
+from ppl_vae.config import TrainConfig
+from ppl_vae.data import DataBundle
+
+FULL = dict(rounds=5, n=4096, epochs=4, batches=(128, 256, 512, 1024), overhead_batch=100)
+QUICK = dict(rounds=2, n=2048, epochs=3, batches=(256,), overhead_batch=100)
+
+
+def make_data(n: int) -> DataBundle:
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(n, 1, 28, 28, generator=g) < 0.3).float()
+    return DataBundle.from_tensors(x, name="random_binary")
+
+
+def epoch_seconds(devices: int, batch: int, n: int, epochs: int, device: str = "cpu", strategy: str = "auto",
+                  logger: str = "none", run_dir=None) -> float:
+    """Median seconds of the epochs after the first of one ``ppl_vae.train`` job (rank 0's clock)."""
+    data = make_data(n)
+    pyro.set_rng_seed(0)
+    model = build_model(ModelConfig(name="vae", likelihood="bernoulli", arch="mlp", latent_dim=16, hidden=[200, 200],
+                                    activation="relu"), data.shape, num_data=n).to(device)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch, devices=devices, logger=logger,
+                      strategy="ddp" if devices > 1 else strategy, accelerator="cuda" if device == "cuda" else "cpu")
+    res = ppl_vae.train(model, data, cfg, seed=0, progress=False, device=device, run_dir=run_dir)
+    return statistics.median(r["seconds"] for r in res.history[1:]) if res.rank == 0 else float("nan")
+
+
+def job(devices: int, batch: int, s: dict) -> float:
+    """Epoch seconds of a job in its own process(es), as a user starts it (``python script.py``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.json"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", f"{devices},{batch},{s['n']},{s['epochs']}",
+               "--worker-out", str(out)]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+        if res.returncode != 0:
+            raise RuntimeError(f"the {devices}-process job failed:\n{res.stderr[-3000:]}")
+        return json.loads(out.read_text())["seconds"]
+
+
+def worker(spec: str, out: str) -> None:
+    devices, batch, n, epochs = (int(v) for v in spec.split(","))
+    torch.set_num_threads(1)
+    sec = epoch_seconds(devices, batch, n, epochs)
+    if sec == sec:   # rank 0
+        Path(out).write_text(json.dumps({"seconds": sec}))
+
+
+def ratio_rows(a, b, rounds: int) -> dict:
+    """Median over interleaved rounds of a()/b() (a and b return seconds)."""
+    ratios, ta, tb = [], [], []
+    for r in range(rounds):
+        x, y = (a(), b()) if r % 2 == 0 else tuple(reversed((b(), a())))
+        ta.append(x)
+        tb.append(y)
+        ratios.append(x / y)
+    return {"ratio_median": round(statistics.median(ratios), 4), "ratios": [round(v, 4) for v in ratios],
+            "seconds_a": [round(v, 4) for v in ta], "seconds_b": [round(v, 4) for v in tb]}
+
+
+def main(argv=None):
+    ap = parser(__doc__, seeds=None, threads=1)
+    ap.add_argument("--worker", default=None, help="(internal) devices,batch,n,epochs of one timed job")
+    ap.add_argument("--worker-out", default=None, help="(internal) where the worker writes its seconds")
+    args = start(ap, argv)
+    if args.worker:
+        return worker(args.worker, args.worker_out)
+    s = QUICK if args.quick else FULL
+    out = {"settings": dict(s)}
+    b = s["overhead_batch"]
+    out["fabric_over_plain"] = ratio_rows(lambda: epoch_seconds(1, b, s["n"], s["epochs"], strategy="single_device"),
+                                          lambda: epoch_seconds(1, b, s["n"], s["epochs"]), s["rounds"])
+    print("fabric/plain", out["fabric_over_plain"], flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out["csv_logger_over_none"] = ratio_rows(
+            lambda: epoch_seconds(1, b, s["n"], s["epochs"], logger="csv", run_dir=Path(tmp) / "csv"),
+            lambda: epoch_seconds(1, b, s["n"], s["epochs"], logger="none", run_dir=Path(tmp) / "none"), s["rounds"])
+    print("csv/none", out["csv_logger_over_none"], flush=True)
+    out["two_over_one_process"] = {}
+    for batch in s["batches"]:
+        row = ratio_rows(lambda: job(2, batch, s), lambda: job(1, batch, s), s["rounds"])
+        row["samples_per_second_two"] = round(s["n"] / statistics.median(row["seconds_a"]), 1)
+        row["samples_per_second_one"] = round(s["n"] / statistics.median(row["seconds_b"]), 1)
+        out["two_over_one_process"][str(batch)] = row
+        print(f"2/1 processes, batch {batch}", row, flush=True)
+    if torch.cuda.is_available():
+        out["gpu"] = {}
+        for batch in s["batches"]:
+            row = ratio_rows(lambda: epoch_seconds(1, batch, s["n"], s["epochs"], device="cuda"),
+                             lambda: epoch_seconds(1, batch, s["n"], s["epochs"]), s["rounds"])
+            row["samples_per_second_gpu"] = round(s["n"] / statistics.median(row["seconds_a"]), 1)
+            out["gpu"][str(batch)] = row
+    else:
+        out["gpu"] = None   # no CUDA device on this machine
+    finish("scaling", out, args)
+
+
+if __name__ == "__main__":
+    main()

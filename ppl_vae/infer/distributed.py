@@ -1,0 +1,184 @@
+"""Several processes or devices through Lightning Fabric, inside the library's own training loop.
+
+:func:`~ppl_vae.infer.train.fit` stays the one loop of every method (plan hooks, schedules, checkpoints, exact
+resume). With ``train.devices`` > 1, ``train.strategy`` ≠ ``auto`` or ``train.precision`` ≠ ``32-true`` it runs
+under a :class:`lightning.fabric.Fabric`, which brings what a home-made loop should not: the launch of one process
+per device (``strategy: ddp`` re-runs the command or script in each, Lightning's subprocess launcher), the process
+group (gloo on CPU, NCCL on CUDA), DDP (the gradients averaged over ranks during ``backward``), device placement,
+precision and the collectives used here. ``strategy: single_device`` runs the Fabric path in one process.
+
+Each rank builds the same global minibatch (order and binarisation are pure functions of (seed, epoch, batch)) and
+keeps its contiguous shard (:func:`shard`). A rank's loss is scaled so that DDP's average of the ranks' gradients
+is the single-process estimator of the global batch whichever data-plate convention the objective uses
+(:meth:`Sharded.loss_and_grads`); the epoch's ELBOs are summed over ranks. Each rank draws its own noise
+(seed ``seed + RANK_SEED * rank``; rank 0 draws what a single process draws) and every rank's RNG state goes into
+the checkpoint, so ``--resume`` with the same layout continues exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ACCELERATORS, PRECISIONS, STRATEGIES
+from ..errors import ConfigError, PplVaeError
+from .direct import DirectObjective
+
+__all__ = ["STRATEGIES", "ACCELERATORS", "PRECISIONS", "RankLost", "wanted", "launch", "shard", "on_lead",
+           "Sharded", "RANK_SEED"]
+
+RANK_SEED = 1_000_003          # rank r starts its RNG from seed + RANK_SEED·r
+
+_LAUNCHED: dict[tuple, object] = {}   # one process group per job: the Fabric of each layout already launched
+
+
+class RankLost(PplVaeError):
+    """A process of a multi-process job stopped (killed, out of memory, crashed): the others cannot go on."""
+
+
+def wanted(train) -> bool:
+    """Whether ``train`` (a TrainConfig) asks for the Fabric path."""
+    return train.devices > 1 or train.strategy != "auto" or train.precision != "32-true"
+
+
+def launch(train, device: torch.device):
+    """The launched :class:`~lightning.fabric.Fabric` for ``train``'s layout, or None for the plain one-process
+    loop. With ``strategy: ddp`` the first call starts the other processes, each re-running this command."""
+    if not wanted(train):
+        return None
+    accelerator = train.accelerator
+    if accelerator == "auto":
+        accelerator = "cuda" if device.type == "cuda" else "cpu"
+    if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise ConfigError(f"train.accelerator must be available on this machine: got {train.accelerator!r} (device "
+                          f"{device}), but CUDA is not available")
+    if accelerator == "cpu" and train.precision == "16-mixed":
+        raise ConfigError("train.precision must be '32-true', '64-true' or 'bf16-mixed' on the CPU, got '16-mixed'")
+    key = (accelerator, train.devices, train.strategy, train.precision)
+    if key in _LAUNCHED:
+        return _LAUNCHED[key]
+    if _LAUNCHED:
+        raise ConfigError(f"a job runs one process layout: this process already launched "
+                          f"{next(iter(_LAUNCHED))}, now asked for {key}")
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
+
+    if train.strategy == "single_device" and train.devices != 1:
+        raise ConfigError(f"train.devices must be 1 with train.strategy='single_device', got {train.devices}")
+    if train.strategy == "single_device" or (train.strategy == "auto" and train.devices == 1):
+        strategy = "auto"
+    else:   # DDP; unused parameters allowed (frozen stages, detached critics)
+        strategy = DDPStrategy(find_unused_parameters=True,
+                               process_group_backend="gloo" if accelerator == "cpu" else None)
+    fabric = Fabric(accelerator=accelerator, devices=train.devices, strategy=strategy, precision=train.precision)
+    fabric.launch()
+    _LAUNCHED[key] = fabric
+    return fabric
+
+
+def shard(x: torch.Tensor, y, rank: int, world: int):
+    """Rank ``rank``'s contiguous part of a global batch (sizes differ by at most one)."""
+    idx = torch.tensor_split(torch.arange(x.shape[0]), world)[rank]
+    lo, hi = (int(idx[0]), int(idx[-1]) + 1) if len(idx) else (0, 0)
+    return x[lo:hi], (None if y is None else y[lo:hi])
+
+
+def on_lead(fabric, fn):
+    """``fn()`` on rank 0 only, its result given to every rank; an error on rank 0 is raised on every rank (so no
+    rank waits for a job that will not start)."""
+    if fabric is None or fabric.world_size == 1:
+        return fn()
+    out, err = None, None
+    if fabric.global_rank == 0:
+        try:
+            out = fn()
+        except Exception as e:   # noqa: BLE001 - re-raised below, on every rank
+            err = e
+    out, message = _collective(fabric, lambda: fabric.broadcast((out, None if err is None else str(err)), src=0))
+    if err is not None:
+        raise err
+    if message is not None:
+        raise PplVaeError(message)
+    return out
+
+
+_LOST = ("gloo", "NCCL", "Connection reset", "Connection closed", "Broken pipe", "connection refused")
+
+
+def _collective(fabric, fn, where: str = ""):
+    try:
+        return fn()
+    except RuntimeError as e:   # a lost peer: a DistError, or a RuntimeError from the transport (gloo, NCCL)
+        if not (isinstance(e, torch.distributed.DistError) or any(w in str(e) for w in _LOST)):
+            raise
+        raise RankLost(f"rank {fabric.global_rank} of {fabric.world_size} lost the other processes{where}: a process "
+                       f"of this job stopped (killed, out of memory or crashed), so the job stops too ({e}). The "
+                       "last complete epoch is in the run folder's checkpoint.pt: continue exactly with the same "
+                       "command and --resume <run folder>") from e
+
+
+class _Objective(torch.nn.Module):
+    """The objective as a module (what DDP wraps): ``forward(x, y)`` → (differentiable loss, loss value)."""
+
+    def __init__(self, module: torch.nn.Module, elbo, model, guide):
+        super().__init__()
+        self.module = module
+        self._elbo, self._model, self._guide = elbo, model, guide
+
+    def forward(self, x, y):
+        if isinstance(self._elbo, DirectObjective):
+            return self._elbo.loss_and_surrogate(self._model, self._guide, x, y)
+        loss = self._elbo.differentiable_loss(self._model, self._guide, x, y)
+        return loss, loss.detach()
+
+
+class Sharded:
+    """What :func:`~ppl_vae.infer.train.fit` does differently on several ranks: shard, scale, backward through DDP,
+    reduce, gather the RNG states."""
+
+    def __init__(self, fabric, module: torch.nn.Module | None, elbo, model, guide):
+        if module is None:
+            raise ConfigError("train.devices > 1 (or another train.strategy / train.precision) needs the model to be "
+                              "a method of an nn.Module holding every trainable parameter (DDP averages the "
+                              "module's gradients); this model/guide pair has none")
+        self.fabric = fabric
+        self.rank, self.world = fabric.global_rank, fabric.world_size
+        self.wrapped = fabric.setup_module(_Objective(module, elbo, model, guide))
+
+    def device(self) -> torch.device:
+        return self.fabric.device
+
+    def loss_and_grads(self, x, y, divisor) -> tuple[float, torch.Tensor, object, int]:
+        """One rank's share of a step on the global batch ``x``: returns (its loss value, its rows x_r, y_r, their
+        number). The rank's loss L_r = −(S_r/B_r) Σ_{i∈r} ELBO_i (S_r the data plate's size) is multiplied by
+        c_r = W·(B_r/B)·(S/S_r), S = N for a plate subsampled to N and the batch size otherwise, so that DDP's mean
+        over ranks (1/W) Σ_r c_r ∇L_r is ∇L of one process with the global batch B."""
+        xs, ys = shard(x, y, self.rank, self.world)
+        rows = xs.shape[0]
+        if rows == 0:   # a last batch smaller than the ranks: this rank takes part with weight 0
+            xs, ys = x[:1], (None if y is None else y[:1])
+        divisor.start(xs.shape[0])
+
+        def step():   # DDP's forward broadcasts buffers, its backward averages the gradients
+            surrogate, value = self.wrapped(xs, ys)
+            size = divisor(xs, ys)
+            full = x.shape[0] if size == xs.shape[0] else size
+            self.fabric.backward(surrogate * (self.world * (rows / x.shape[0]) * (full / size)))
+            return value
+
+        value = _collective(self.fabric, step, " during a training step")
+        return float(value) * (rows > 0), xs, ys, rows
+
+    def total(self, *values: float) -> list[float]:
+        """Sums over ranks of each value (float64)."""
+        if self.world == 1:
+            return [float(v) for v in values]
+        t = torch.tensor(values, dtype=torch.float64, device=self.fabric.device)
+        return [float(v) for v in _collective(self.fabric, lambda: self.fabric.all_reduce(t, reduce_op="sum"))]
+
+    def gather(self, obj) -> list:
+        """``obj`` of every rank, in rank order (e.g. RNG states for the checkpoint)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        _collective(self.fabric, lambda: torch.distributed.all_gather_object(out, obj), " saving a checkpoint")
+        return out
