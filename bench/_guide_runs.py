@@ -1,5 +1,5 @@
 """The runs of the guide studies (``guides.py``, ``guides_2d.py``, ``guides_large.py``, ``gamix_samples.py``,
-``laplace_ls.py``, ``recursive_seeds.py``, ``laplace_2d.py``): their sizes, the registered method and options of
+``laplace_ls.py``, ``laplace_2d.py``): their sizes, the registered method and options of
 each run, and how a run is built, trained (``ppl_vae.train``) and scored (``ppl_vae.evaluate``)."""
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ RUNS = {
     "gamix_noreg": ("gamix", {"num_components": 3, "var_reg": 0.0}),
 }
 # Runs that other scripts train through make_model/train but bench/guides.py itself does not (its outputs keep their
-# keys): bench/laplace_ls.py's line-searched Laplace steps, bench/recursive_seeds.py's grown recursive mixture,
+# keys): bench/laplace_ls.py's line-searched Laplace steps, the grown recursive mixture (once bench/recursive_seeds.py's,
+# now bench/recursive.py's joint part),
 # bench/gamix_samples.py's one-component GAMIX (the variance-collapse regulariser alone) and Rivera's own objective.
 EXTRA_RUNS = {
     "laplace_ls": ("vlae", {"num_steps": 4, "damping": "line_search"}),

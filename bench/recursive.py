@@ -18,7 +18,8 @@ Parts (``--parts``, default all three):
                     (``bench/guides_large.py``'s ``vae_wide`` rule at the largest K) as controls, and at λ = 0.5,
                     cap = 5 and the largest K the two other schedules: ``grown`` (component m switched on after
                     m·grow_every epochs) and ``stagewise`` (one stage per component, earlier ones frozen) — the study
-                    the former ``recursive_seeds.py`` ran. Paired differences of the test log p̂(x) to the VAE and to
+                    the former ``recursive_seeds.py`` ran (20 epochs there; its results stay in
+                    ``bench/results/recursive_seeds.json``). Paired differences of the test log p̂(x) to the VAE and to
                     the wide VAE of the same seed, combined over seeds (``_common.over_seeds``). The runs go to
                     ``--workers`` processes of one torch thread each; the full sweep is 34 runs × 10 seeds.
 

@@ -3,9 +3,13 @@
 Rows (ratios of epoch times measured side by side in one run, interleaved rounds, one torch thread per process;
 the epoch time is ``metrics`` ``seconds`` of the epochs after the first, whose first step runs Pyro's checks):
 
+  plain_over_baseline     the default one-process loop now ÷ the same loop at ``--baseline`` (the commit before the
+                          Fabric path: a git worktree of it, run in its own process beside this one) — the
+                          single-process default must stay as fast
   fabric_over_plain       ``train.strategy: single_device`` (the Fabric path in one process: the objective as a
                           module, the collectives' code) ÷ the default plain loop, batch 100 — must be ≤ 1.05
-  csv_logger_over_none    the default ``train.logger: csv`` ÷ ``train.logger: none`` (both write checkpoints)
+  csv_logger_over_none    the default ``train.logger: csv`` ÷ ``train.logger: none``: wall-clock time of the whole
+                          ``ppl_vae.train`` call per epoch, both writing checkpoints to a run folder
   two_over_one_process    a 2-process DDP job (gloo, each process one thread, each half of the global batch) ÷ the
                           1-process job with the same global batch, for batch 128, 256, 512 and 1024; samples/s
                           of both (CPU; two processes on a 2-core machine can at best halve the time)
@@ -27,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pyro
@@ -49,23 +54,32 @@ def make_data(n: int) -> DataBundle:
 
 
 def epoch_seconds(devices: int, batch: int, n: int, epochs: int, device: str = "cpu", strategy: str = "auto",
-                  logger: str = "none", run_dir=None) -> float:
-    """Median seconds of the epochs after the first of one ``ppl_vae.train`` job (rank 0's clock)."""
+                  logger: str = "none", run_dir=None, wall: bool = False) -> float:
+    """Median seconds of the epochs after the first of one ``ppl_vae.train`` job (rank 0's clock; ``wall``: the
+    whole call's wall-clock time per epoch, checkpoints and logs included). Without
+    devices/strategy/logger settings the configuration is one an older ppl_vae also reads (the baseline row)."""
     data = make_data(n)
     pyro.set_rng_seed(0)
     model = build_model(ModelConfig(name="vae", likelihood="bernoulli", arch="mlp", latent_dim=16, hidden=[200, 200],
                                     activation="relu"), data.shape, num_data=n).to(device)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch, devices=devices, logger=logger,
-                      strategy="ddp" if devices > 1 else strategy, accelerator="cuda" if device == "cuda" else "cpu")
+    extra = {} if (devices, strategy, logger, device) == (1, "auto", "none", "cpu") else dict(
+        devices=devices, logger=logger, strategy="ddp" if devices > 1 else strategy,
+        accelerator="cuda" if device == "cuda" else "cpu")
+    cfg = TrainConfig(epochs=epochs, batch_size=batch, **extra)
+    t0 = time.perf_counter()
     res = ppl_vae.train(model, data, cfg, seed=0, progress=False, device=device, run_dir=run_dir)
-    return statistics.median(r["seconds"] for r in res.history[1:]) if res.rank == 0 else float("nan")
+    if wall:
+        return (time.perf_counter() - t0) / epochs
+    rank = getattr(res, "rank", 0)   # the baseline tree's result has no rank
+    return statistics.median(r["seconds"] for r in res.history[1:]) if rank == 0 else float("nan")
 
 
-def job(devices: int, batch: int, s: dict) -> float:
-    """Epoch seconds of a job in its own process(es), as a user starts it (``python script.py``)."""
+def job(devices: int, batch: int, s: dict, tree: Path = ROOT) -> float:
+    """Epoch seconds of a job in its own process(es), as a user starts it (``python script.py``), with the
+    ppl_vae of ``tree``."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", f"{devices},{batch},{s['n']},{s['epochs']}",
                "--worker-out", str(out)]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
@@ -96,21 +110,33 @@ def ratio_rows(a, b, rounds: int) -> dict:
 
 def main(argv=None):
     ap = parser(__doc__, seeds=None, threads=1)
+    ap.add_argument("--baseline", default="c3db871", help="git revision of the baseline loop (default: the commit "
+                    "before the Fabric path)")
     ap.add_argument("--worker", default=None, help="(internal) devices,batch,n,epochs of one timed job")
     ap.add_argument("--worker-out", default=None, help="(internal) where the worker writes its seconds")
     args = start(ap, argv)
     if args.worker:
         return worker(args.worker, args.worker_out)
     s = QUICK if args.quick else FULL
-    out = {"settings": dict(s)}
+    out = {"settings": dict(s), "baseline": args.baseline}
     b = s["overhead_batch"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "baseline"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.baseline], check=True,
+                       capture_output=True)
+        try:
+            out["plain_over_baseline"] = ratio_rows(lambda: job(1, b, s), lambda: job(1, b, s, tree), 2 * s["rounds"])
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    print("plain/baseline", out["plain_over_baseline"], flush=True)
     out["fabric_over_plain"] = ratio_rows(lambda: epoch_seconds(1, b, s["n"], s["epochs"], strategy="single_device"),
                                           lambda: epoch_seconds(1, b, s["n"], s["epochs"]), s["rounds"])
     print("fabric/plain", out["fabric_over_plain"], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         out["csv_logger_over_none"] = ratio_rows(
-            lambda: epoch_seconds(1, b, s["n"], s["epochs"], logger="csv", run_dir=Path(tmp) / "csv"),
-            lambda: epoch_seconds(1, b, s["n"], s["epochs"], logger="none", run_dir=Path(tmp) / "none"), s["rounds"])
+            lambda: epoch_seconds(1, b, s["n"], s["epochs"], logger="csv", run_dir=Path(tmp) / "csv", wall=True),
+            lambda: epoch_seconds(1, b, s["n"], s["epochs"], logger="none", run_dir=Path(tmp) / "none", wall=True),
+            s["rounds"])
     print("csv/none", out["csv_logger_over_none"], flush=True)
     out["two_over_one_process"] = {}
     for batch in s["batches"]:

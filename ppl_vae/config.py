@@ -29,7 +29,7 @@ WARMUP_SHAPES = ("linear", "exp")
 # the Lightning path (ppl_vae.infer.distributed) and the experiment loggers (ppl_vae.infer.loggers)
 STRATEGIES = ("auto", "single_device", "ddp")
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu")
-PRECISIONS = ("32-true", "64-true", "16-mixed", "bf16-mixed")
+PRECISIONS = ("32-true", "bf16-mixed")
 LOGGERS = ("none", "csv", "tensorboard", "mlflow")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +162,7 @@ def _stage_checkpoints(run_dir: Path) -> list[Path]:
 def _remove_run_files(run_dir: Path) -> None:
     for name in RUN_FILES:
         (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "logs", ignore_errors=True)   # the loggers' files (csv, tensorboard, mlflow)
     for ck in _stage_checkpoints(run_dir):
         for name in (CHECKPOINT, BEST, "metrics.jsonl"):
             (ck.parent / name).unlink(missing_ok=True)

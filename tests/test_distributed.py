@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -79,6 +80,21 @@ def test_two_epochs_on_two_ranks_give_the_single_process_metrics(case, one_rank,
     assert _max_diff(p1, p2) < TOL
 
 
+def test_the_module_objective_reports_what_loss_and_grads_reports():
+    """A penalised ELBO reports the base ELBO's value (the penalty only in the gradient), through DDP's module too."""
+    from pyro.infer import Trace_ELBO
+
+    from ppl_vae.infer.distributed import _Objective
+    from ppl_vae.infer.penalised import PenalisedELBO
+
+    data, vae = prog.make_data(), prog.FixedNoiseVAE(prog.N, 1)
+    elbo = PenalisedELBO(Trace_ELBO(), lambda x, y: vae.log_scale.sum().expand(len(x)) + 1.0, 0.5, lambda: prog.N)
+    x, y = data.train_x[:8], data.train_y[:8]
+    surrogate, value = _Objective(vae, elbo, vae.model, vae.guide)(x, y)
+    assert float(value) == pytest.approx(elbo.loss_and_grads(vae.model, vae.guide, x, y), abs=1e-12)
+    assert float((surrogate - value).detach()) == pytest.approx(0.5 * prog.N / 8 * 8 * 1.0, abs=1e-12)   # (N/B)·Σ penalty
+
+
 def test_the_fabric_path_in_one_process_is_the_plain_loop():
     data = prog.make_data()
     runs = []
@@ -92,6 +108,21 @@ def test_the_fabric_path_in_one_process_is_the_plain_loop():
     assert [r["train_elbo"] for r in runs[0][1]] == [r["train_elbo"] for r in runs[1][1]]
 
 
+def test_bf16_mixed_precision_trains_a_library_model_on_the_cpu():
+    """The forward under bfloat16 autocast (Fabric's precision plugin), validation in float32; ELBOs finite and
+    within a few nats of the float32 run's."""
+    from ppl_vae import ModelConfig, build_model
+    from ppl_vae.data import load_data
+
+    data = load_data("digits", limit=300)
+    elbos = []
+    for precision in ("32-true", "bf16-mixed"):
+        m = build_model(ModelConfig(name="vae", latent_dim=2, hidden=[64]), data.shape, num_data=len(data.train_x))
+        res = ppl_vae.train(m, data, TrainConfig(epochs=2, precision=precision, logger="none"), seed=0, progress=False)
+        elbos.append(res.history[-1]["val_elbo"])
+    assert all(map(math.isfinite, elbos)) and abs(elbos[0] - elbos[1]) < 2.0
+
+
 def test_settings_are_checked_with_the_field_and_the_value():
     with pytest.raises(ConfigError, match=r"train.devices must be a positive integer, got 0"):
         TrainConfig(devices=0).validate()
@@ -99,9 +130,17 @@ def test_settings_are_checked_with_the_field_and_the_value():
         TrainConfig(strategy="dp").validate()
     with pytest.raises(ConfigError, match=r"train.batch_size must be at least train.devices \(4\)"):
         TrainConfig(devices=4, batch_size=3).validate()
-    with pytest.raises(ConfigError, match=r"train.precision must be .* on the CPU, got '16-mixed'"):
-        ppl_vae.infer.distributed.launch(TrainConfig(precision="16-mixed"), torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"train.precision must be one of \['32-true', 'bf16-mixed'\], got '16-mixed'"):
+        TrainConfig(precision="16-mixed").validate()
     from ppl_vae import ModelConfig, build_model, plan_for
+
+    for name, options, what in (("wise_ale", {}, "kl_scale='batch'"), ("gamix", {"kl": "aggregate"}, "kl='aggregate'"),
+                                ("vae_epanechnikov", {}, "objective='kernel_bound'")):
+        m = build_model(ModelConfig(name=name, arch="mlp", latent_dim=2, hidden=[8], options=options), (1, 8, 8),
+                        num_data=10)
+        with pytest.raises(ConfigError, match=rf"train.devices must be 1 with model.options.{what}.*couples"):
+            plan_for(m).objective(TrainConfig(devices=2))
+        plan_for(m).objective(TrainConfig())                                  # one process: fine
 
     gan = build_model(ModelConfig(name="gamix", arch="conv", latent_dim=4, hidden=[8],
                                   options={"adversarial": 1.0, "disc_width": 0.125}), (1, 16, 16), num_data=10)
@@ -217,3 +256,21 @@ def test_mlflow_logs_the_scalars_and_the_figures(tmp_path):
 def test_an_unknown_logger_is_refused():
     with pytest.raises(ConfigError, match=r"train.logger must be one of .*got 'wandb'"):
         TrainConfig(logger="wandb").validate()
+
+
+def test_a_staged_plan_with_frozen_parts_trains_on_two_ranks(tmp_path):
+    """The recursive mixture's stage-wise schedule on 2 processes: frozen components get no gradient (DDP's unused
+    parameters), every stage writes its folder, and the frozen component ends exactly where its stage left it."""
+    run = tmp_path / "rme"
+    res = subprocess.run(_cli("model.name=rme", "model.options.num_components=2", "model.options.schedule=stagewise",
+                              "train.epochs=4", "train.devices=2", "train.strategy=ddp", "train.accelerator=cpu",
+                              "data.limit=300", run_dir=run), env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    first = torch.load(run / "component_0" / "checkpoint.pt", weights_only=False)["module"]
+    last = torch.load(run / "checkpoint.pt", weights_only=False)["module"]
+    h0 = [k for k in first if k.startswith("encoder.components.0.")]
+    h1 = [k for k in first if k.startswith("encoder.components.1.")]
+    assert h0 and h1
+    assert all(torch.equal(first[k], last[k]) for k in h0)          # frozen in stage 1 on both ranks
+    assert not all(torch.equal(first[k], last[k]) for k in h1)      # trained in stage 1
+    assert len(_epochs(run)) == 2 and len(_epochs(run / "component_0")) == 2

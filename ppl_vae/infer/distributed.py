@@ -17,14 +17,19 @@ the checkpoint, so ``--resume`` with the same layout continues exactly.
 
 from __future__ import annotations
 
+import math
+import sys
+
+import pyro
 import torch
 
 from ..config import ACCELERATORS, PRECISIONS, STRATEGIES
 from ..errors import ConfigError, PplVaeError
 from .direct import DirectObjective
+from .penalised import PenalisedELBO
 
 __all__ = ["STRATEGIES", "ACCELERATORS", "PRECISIONS", "RankLost", "wanted", "launch", "shard", "on_lead",
-           "Sharded", "RANK_SEED"]
+           "Sharded", "RANK_SEED", "refuse_sharding"]
 
 RANK_SEED = 1_000_003          # rank r starts its RNG from seed + RANK_SEED·r
 
@@ -51,13 +56,11 @@ def launch(train, device: torch.device):
     if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
         raise ConfigError(f"train.accelerator must be available on this machine: got {train.accelerator!r} (device "
                           f"{device}), but CUDA is not available")
-    if accelerator == "cpu" and train.precision == "16-mixed":
-        raise ConfigError("train.precision must be '32-true', '64-true' or 'bf16-mixed' on the CPU, got '16-mixed'")
     key = (accelerator, train.devices, train.strategy, train.precision)
     if key in _LAUNCHED:
         return _LAUNCHED[key]
-    if _LAUNCHED:
-        raise ConfigError(f"a job runs one process layout: this process already launched "
+    if _LAUNCHED and train.devices > 1:
+        raise ConfigError(f"a job runs one multi-process layout: this process already launched "
                           f"{next(iter(_LAUNCHED))}, now asked for {key}")
     from lightning.fabric import Fabric
     from lightning.fabric.strategies import DDPStrategy
@@ -70,9 +73,18 @@ def launch(train, device: torch.device):
         strategy = DDPStrategy(find_unused_parameters=True,
                                process_group_backend="gloo" if accelerator == "cpu" else None)
     fabric = Fabric(accelerator=accelerator, devices=train.devices, strategy=strategy, precision=train.precision)
+    _say_why_before_lightning_stops_the_job()
     fabric.launch()
-    _LAUNCHED[key] = fabric
+    if train.devices > 1:   # one process group per job; one-process Fabrics are made afresh
+        _LAUNCHED[key] = fabric
     return fabric
+
+
+def refuse_sharding(train, what: str) -> None:
+    """A ConfigError when ``train`` splits minibatches over processes and the objective needs the whole one."""
+    if train.devices > 1:
+        raise ConfigError(f"train.devices must be 1 with {what}: it couples the datapoints of a minibatch, which one "
+                          f"shard per process would change; got train.devices={train.devices}")
 
 
 def shard(x: torch.Tensor, y, rank: int, world: int):
@@ -82,9 +94,31 @@ def shard(x: torch.Tensor, y, rank: int, world: int):
     return x[lo:hi], (None if y is None else y[lo:hi])
 
 
-def on_lead(fabric, fn):
-    """``fn()`` on rank 0 only, its result given to every rank; an error on rank 0 is raised on every rank (so no
-    rank waits for a job that will not start)."""
+def _say_why_before_lightning_stops_the_job() -> None:
+    """Lightning's launcher kills every process (SIGKILL) a few seconds after a child process ends with an error;
+    rank 0 may then have no chance to raise :class:`RankLost` (NCCL waits instead of failing): print its message
+    first."""
+    try:
+        from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+    except ImportError:   # another Lightning: its own message only
+        return
+    original = _ChildProcessObserver._terminate_all
+    if original.__name__ == "terminate_all":
+        return
+
+    def terminate_all(self):
+        sys.stderr.write("ppl-vae: error: RankLost: a process of this job stopped (killed, out of memory or crashed), "
+                         "so Lightning stops the others. The last complete epoch is in the run folder's "
+                         "checkpoint.pt: continue exactly with the same command and --resume <run folder>\n")
+        sys.stderr.flush()
+        original(self)
+
+    _ChildProcessObserver._terminate_all = terminate_all
+
+
+def on_lead(fabric, fn, share: bool = True):
+    """``fn()`` on rank 0 only, its result given to every rank (``share=False``: the others get None); an error on
+    rank 0 is raised on every rank (so no rank waits in a collective for a rank that has stopped)."""
     if fabric is None or fabric.world_size == 1:
         return fn()
     out, err = None, None
@@ -93,12 +127,13 @@ def on_lead(fabric, fn):
             out = fn()
         except Exception as e:   # noqa: BLE001 - re-raised below, on every rank
             err = e
-    out, message = _collective(fabric, lambda: fabric.broadcast((out, None if err is None else str(err)), src=0))
+    sent = out if share else None
+    sent, message = _collective(fabric, lambda: fabric.broadcast((sent, None if err is None else str(err)), src=0))
     if err is not None:
         raise err
     if message is not None:
-        raise PplVaeError(message)
-    return out
+        raise PplVaeError(f"rank 0 stopped the job: {message}")
+    return out if fabric.global_rank == 0 else sent
 
 
 _LOST = ("gloo", "NCCL", "Connection reset", "Connection closed", "Broken pipe", "connection refused")
@@ -125,7 +160,7 @@ class _Objective(torch.nn.Module):
         self._elbo, self._model, self._guide = elbo, model, guide
 
     def forward(self, x, y):
-        if isinstance(self._elbo, DirectObjective):
+        if isinstance(self._elbo, (DirectObjective, PenalisedELBO)):   # their reported value is not the surrogate's
             return self._elbo.loss_and_surrogate(self._model, self._guide, x, y)
         loss = self._elbo.differentiable_loss(self._model, self._guide, x, y)
         return loss, loss.detach()
@@ -140,16 +175,18 @@ class Sharded:
             raise ConfigError("train.devices > 1 (or another train.strategy / train.precision) needs the model to be "
                               "a method of an nn.Module holding every trainable parameter (DDP averages the "
                               "module's gradients); this model/guide pair has none")
-        self.fabric = fabric
+        self.fabric, self.module = fabric, module
         self.rank, self.world = fabric.global_rank, fabric.world_size
         self.wrapped = fabric.setup_module(_Objective(module, elbo, model, guide))
+        self._checked = False
 
     def device(self) -> torch.device:
         return self.fabric.device
 
-    def loss_and_grads(self, x, y, divisor) -> tuple[float, torch.Tensor, object, int]:
-        """One rank's share of a step on the global batch ``x``: returns (its loss value, its rows x_r, y_r, their
-        number). The rank's loss L_r = −(S_r/B_r) Σ_{i∈r} ELBO_i (S_r the data plate's size) is multiplied by
+    def loss_and_grads(self, x, y, divisor) -> tuple[float, float, torch.Tensor, object, int]:
+        """One rank's share of a step on the global batch ``x``: returns (its loss value, the sum over ranks, its
+        rows x_r, y_r, their number); no backward when the sum is not finite (every rank then stops as diverged).
+        A forward that fails on one rank stops every rank at this step. The rank's loss L_r = −(S_r/B_r) Σ_{i∈r} ELBO_i (S_r the data plate's size) is multiplied by
         c_r = W·(B_r/B)·(S/S_r), S = N for a plate subsampled to N and the batch size otherwise, so that DDP's mean
         over ranks (1/W) Σ_r c_r ∇L_r is ∇L of one process with the global batch B."""
         xs, ys = shard(x, y, self.rank, self.world)
@@ -157,16 +194,39 @@ class Sharded:
         if rows == 0:   # a last batch smaller than the ranks: this rank takes part with weight 0
             xs, ys = x[:1], (None if y is None else y[:1])
         divisor.start(xs.shape[0])
+        err, value = None, 0.0
+        try:   # DDP's forward broadcasts the buffers
+            surrogate, value = _collective(self.fabric, lambda: self.wrapped(xs, ys), " during a training step")
+            value = float(value) * (rows > 0)
+        except RankLost:
+            raise
+        except Exception as e:   # noqa: BLE001 - raised below, after every rank knows
+            err = e
+        failed, total = self.total(float(err is not None), value)
+        if failed:
+            if err is not None:
+                raise err
+            raise PplVaeError(f"rank {self.rank} of {self.world}: another process failed at this training step (its "
+                              "message says why), so the job stops")
+        if not math.isfinite(total):
+            return value, total, xs, ys, rows
+        size = divisor(xs, ys)
+        full = x.shape[0] if size == xs.shape[0] else size
+        scaled = surrogate * (self.world * (rows / x.shape[0]) * (full / size))
+        _collective(self.fabric, lambda: self.fabric.backward(scaled), " during a training step")  # DDP's mean
+        if not self._checked:
+            self._checked = True
+            self.check_parameters()
+        return value, total, xs, ys, rows
 
-        def step():   # DDP's forward broadcasts buffers, its backward averages the gradients
-            surrogate, value = self.wrapped(xs, ys)
-            size = divisor(xs, ys)
-            full = x.shape[0] if size == xs.shape[0] else size
-            self.fabric.backward(surrogate * (self.world * (rows / x.shape[0]) * (full / size)))
-            return value
-
-        value = _collective(self.fabric, step, " during a training step")
-        return float(value) * (rows > 0), xs, ys, rows
+    def check_parameters(self) -> None:
+        """Every parameter of the param store is one of the module's: DDP averages only those."""
+        own = {id(p) for p in self.module.parameters()}
+        stray = sorted(n for n, p in pyro.get_param_store().named_parameters() if id(p) not in own)
+        if stray:
+            raise ConfigError(f"train.devices > 1 needs every trainable parameter inside the model's nn.Module (DDP "
+                              f"averages only those), but the param store also holds {stray}: make them "
+                              "nn.Parameters of the module (or PyroParams of a PyroModule)")
 
     def total(self, *values: float) -> list[float]:
         """Sums over ranks of each value (float64)."""

@@ -44,9 +44,10 @@ def _mlflow(root: Path, name: str, run_id: str | None = None):
         raise ConfigError(f"train.logger='mlflow' needs the mlflow package (pip install mlflow): {e}") from e
 
 
-def make_loggers(kind: str, run_dir: Path | None, name: str = "ppl_vae") -> list:
+def make_loggers(kind: str, run_dir: Path | None, name: str = "ppl_vae", resuming: bool = False) -> list:
     """The Lightning loggers of ``kind`` for a run folder (none without one, or for ``kind='none'``); any earlier
-    CSV/TensorBoard log of the folder is removed (the caller replays the history it continues from)."""
+    CSV/TensorBoard log of the folder is removed (the caller replays the history it continues from). A resumed run
+    continues its MLflow run; a new one starts another."""
     if run_dir is None or kind == "none":
         return []
     from lightning.fabric.loggers import CSVLogger
@@ -58,7 +59,7 @@ def make_loggers(kind: str, run_dir: Path | None, name: str = "ppl_vae") -> list
     if kind == "tensorboard":
         out.append(_tensorboard(root))
     elif kind == "mlflow":
-        lg = _mlflow(root, name, _read(root / MLFLOW_RUN))
+        lg = _mlflow(root, name, _read(root / MLFLOW_RUN) if resuming else None)
         out.append(lg)
         root.mkdir(parents=True, exist_ok=True)
         (root / MLFLOW_RUN).write_text(lg.run_id)

@@ -9,7 +9,10 @@ VAE", 2023; ``ppl_vae.models.gamix``), with any base ELBO (``Trace_ELBO``, ``Tra
 
 from __future__ import annotations
 
+import torch
 from pyro.infer.elbo import ELBO
+
+from .direct import DirectObjective
 
 __all__ = ["PenalisedELBO"]
 
@@ -40,6 +43,15 @@ class PenalisedELBO(ELBO):
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         return self.base.differentiable_loss(model, guide, *args, **kwargs) + self._scaled_penalty(args, kwargs)
+
+    def loss_and_surrogate(self, model, guide, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the differentiable loss with the penalty, the base loss's value — what :meth:`loss_and_grads` reports)."""
+        if isinstance(self.base, (DirectObjective, PenalisedELBO)):
+            surrogate, value = self.base.loss_and_surrogate(model, guide, *args, **kwargs)
+        else:
+            surrogate = self.base.differentiable_loss(model, guide, *args, **kwargs)
+            value = surrogate.detach()
+        return surrogate + self._scaled_penalty(args, kwargs), value
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         value = self.base.loss_and_grads(model, guide, *args, **kwargs)

@@ -49,7 +49,6 @@ from .analytic_kl import AnalyticKLELBO
 from .checkpoint import load_checkpoint
 from .iwae import TraceIWAE
 from .jit import JitELBO
-from .loggers import close_loggers, make_loggers
 from .train import CHECKPOINT, FitResult, fit
 
 __all__ = ["TrainingPlan", "Stage", "TrainResult", "training_plan", "plan_for", "train", "build_objective"]
@@ -206,7 +205,6 @@ def train(model, data, config: Config | TrainConfig | None = None, *, plan: Trai
             (p.device for p in (model.parameters() if isinstance(model, torch.nn.Module) else ())),
             torch.device("cpu"))
         fabric = distributed.launch(train_cfg, where)
-    lead = fabric is None or fabric.global_rank == 0
     seed = seed if seed is not None else (cfg_seed if cfg_seed is not None else 0)
     plan = plan if plan is not None else plan_for(model)
     stages = plan.stages(train_cfg)
@@ -237,18 +235,12 @@ def train(model, data, config: Config | TrainConfig | None = None, *, plan: Trai
         resuming = resume and i == current and dirs[i] is not None and (dirs[i] / CHECKPOINT).exists()
         if not resuming:
             plan.begin_stage(stage)
-        loggers = make_loggers(stage.train.logger, dirs[i]) if lead else []
-        try:
-            results.append(fit(plan.model_fn, plan.guide_fn, data, plan.objective(stage.train), stage.train,
-                               run_dir=dirs[i], resume=resuming, seed=seed, device=device, progress=progress,
-                               extra_state=extra_state, on_epoch_end=hook, module=plan.module,
-                               on_step_end=plan.on_step_end, plan_state=(plan.state_dict, plan.load_state_dict),
-                               val_elbo=plan.validation_objective(stage.train),
-                               first_scored_epoch=stage.first_scored_epoch, fabric=fabric, loggers=loggers))
-        except BaseException:
-            close_loggers(loggers, "failed")
-            raise
-        close_loggers(loggers)
+        results.append(fit(plan.model_fn, plan.guide_fn, data, plan.objective(stage.train), stage.train,
+                           run_dir=dirs[i], resume=resuming, seed=seed, device=device, progress=progress,
+                           extra_state=extra_state, on_epoch_end=hook, module=plan.module,
+                           on_step_end=plan.on_step_end, plan_state=(plan.state_dict, plan.load_state_dict),
+                           val_elbo=plan.validation_objective(stage.train),
+                           first_scored_epoch=stage.first_scored_epoch, fabric=fabric))
     out = _combine(stages, results)
     if fabric is not None:
         out.rank, out.world_size = fabric.global_rank, fabric.world_size

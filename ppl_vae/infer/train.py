@@ -32,9 +32,9 @@ from ..errors import CheckpointError, DataError, TrainingDiverged
 from ..plate import DATA_PLATE
 from .checkpoint import SCHEMA, atomic_save, load_checkpoint, load_module_state, restore_params, rng_state, \
     set_rng_state
-from .distributed import RANK_SEED, Sharded, shard
+from .distributed import RANK_SEED, Sharded, on_lead, shard
 from .importance import fork_rng
-from .loggers import log_history
+from .loggers import close_loggers, log_history, make_loggers
 from .optim import ParamOptimizer
 
 CHECKPOINT = "checkpoint.pt"
@@ -218,8 +218,8 @@ def evaluate_elbo(model, guide, data, elbo, split: str, batch_size: int, device,
 def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run_dir: str | Path | None = None,
         resume: bool = False, seed: int = 0, device=None, progress: bool = True, extra_state: dict | None = None,
         on_epoch_end=None, module: torch.nn.Module | None = None, first_scored_epoch: int = 1,
-        data_plate: str | None = None, on_step_end=None, plan_state=None, val_elbo=None, fabric=None,
-        loggers=None) -> FitResult:
+        data_plate: str | None = None, on_step_end=None, plan_state=None, val_elbo=None,
+        fabric=None) -> FitResult:
     """Train ``model``/``guide`` with ``elbo.loss_and_grads`` and one Adam over all their parameters
     (:class:`~ppl_vae.infer.optim.ParamOptimizer`: the updates of ``pyro.infer.SVI`` with ``pyro.optim.Adam``,
     without one optimiser per tensor).
@@ -244,7 +244,8 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
     ``fabric`` (a launched :class:`lightning.fabric.Fabric`, see :mod:`ppl_vae.infer.distributed`) runs the same
     loop on its ranks: each takes its share of every global batch, DDP averages the gradients, the epoch's ELBOs
     are reduced over ranks, rank 0 alone writes checkpoints (with every rank's RNG state), ``metrics.jsonl``, the
-    progress bar and ``loggers`` (Lightning loggers that receive every epoch's record).
+    progress bar and the ``config.logger`` loggers (:mod:`ppl_vae.infer.loggers`: every epoch's record, written
+    under ``run_dir``; on resume the restored history first).
     ``config.stop_delta`` stops once an epoch improves the (validation) ELBO by less than that, after
     ``config.min_epochs`` epochs (the δELBO < ε rule of Lin et al.'s Algorithm 1).
     Pyro's validation (argument and shape checks, when enabled) runs on the first step of the run and is switched
@@ -310,8 +311,8 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
     sharded = None
     if fabric is not None:   # after any restore: DDP starts every rank from rank 0's parameters
         sharded = Sharded(fabric, module, elbo, train_model, train_guide)
-        if cfg.precision == "16-mixed":   # the loss scaler steps with the optimiser
-            optim.optim = fabric.setup_optimizers(optim.optim)
+    # after the checks of a resume, so a refused one leaves the logs as they were; rank 0 only
+    loggers = on_lead(fabric, lambda: make_loggers(cfg.logger, run_dir, resuming=resume), share=False) or []
     if loggers:
         log_history(loggers, result.history)
     data_checked = False
@@ -341,7 +342,7 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
                             divisor.start(x.shape[0])
                             loss = elbo.loss_and_grads(train_model, train_guide, x, y)
                         else:   # this rank's share of the global batch x
-                            loss, x, y, rows = sharded.loss_and_grads(x, y, divisor)
+                            loss, loss_sum, x, y, rows = sharded.loss_and_grads(x, y, divisor)
                 except ValueError as e:   # Pyro's argument validation meets NaN parameters or NaN outputs
                     if "nan" not in str(e).lower():
                         raise
@@ -357,8 +358,8 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
                         check_unit_interval(data, divisor.probe.unit_interval_sites)
                 skip_checks = not cfg.validate_every_step
                 loss = float(loss)
-                if not math.isfinite(loss if sharded is None else sharded.total(loss)[0]):   # every rank stops
-                    raise _diverged(loss, epoch, step, run_dir)
+                if not math.isfinite(loss if sharded is None else loss_sum):   # every rank stops
+                    raise _diverged(loss if sharded is None else loss_sum, epoch, step, run_dir)
                 optim.step()
                 if on_step_end is not None:
                     on_step_end(x, y)
@@ -397,28 +398,39 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
                             val=f"{record.get('val_elbo', float('nan')):.2f}")
             result.stopped_early = (cfg.stop_delta is not None and previous is not None and epoch + 1 >= cfg.min_epochs
                                     and score - previous.get("val_elbo", previous["train_elbo"]) < cfg.stop_delta)
-            if loggers and lead:
-                log_history(loggers, [record])
-            rngs = [rng_state()] if sharded is None else sharded.gather(rng_state())
-            if run_dir is not None and lead:
-                state = {"schema": SCHEMA, "epoch": epoch + 1, "param_store": pyro.get_param_store().get_state(),
-                         "optim": optim.state(), "rng": rngs[0], "rng_ranks": rngs, "world_size": world,
-                         "history": result.history,
-                         "best_epoch": result.best_epoch, "best_val_elbo": result.best_val_elbo,
-                         "bad_epochs": bad_epochs, "stopped_early": result.stopped_early, "train_config": cfg.__dict__,
-                         "module": module.state_dict() if module is not None else None,
-                         "data_plate": result.data_plate,
-                         "plan_state": plan_state[0]() if plan_state is not None else None, **(extra_state or {})}
-                atomic_save(state, run_dir / CHECKPOINT)
-                if improved:
-                    atomic_save(state, run_dir / BEST)
-                with open(run_dir / METRICS, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+            rngs = None if run_dir is None else [rng_state()] if sharded is None else sharded.gather(rng_state())
+            on_lead(fabric, lambda: _write_epoch(run_dir, loggers, record, improved, lambda: {
+                "schema": SCHEMA, "epoch": epoch + 1, "param_store": pyro.get_param_store().get_state(),
+                "optim": optim.state(), "rng": rngs[0], "rng_ranks": rngs, "world_size": world,
+                "history": result.history, "best_epoch": result.best_epoch, "best_val_elbo": result.best_val_elbo,
+                "bad_epochs": bad_epochs, "stopped_early": result.stopped_early, "train_config": cfg.__dict__,
+                "module": module.state_dict() if module is not None else None, "data_plate": result.data_plate,
+                "plan_state": plan_state[0]() if plan_state is not None else None, **(extra_state or {})}),
+                    share=False)
             if result.stopped_early:
                 break
+    except BaseException:
+        close_loggers(loggers, "failed")
+        raise
     finally:
         bar.close()
+    close_loggers(loggers)
     return result
+
+
+def _write_epoch(run_dir: Path | None, loggers: list, record: dict, improved: bool, state) -> None:
+    """Rank 0's files of an epoch: the loggers, ``checkpoint.pt`` (the dict ``state()``, also ``best.pt`` when
+    ``improved``) and a line of ``metrics.jsonl``."""
+    if loggers:
+        log_history(loggers, [record])
+    if run_dir is None:
+        return
+    state = state()
+    atomic_save(state, run_dir / CHECKPOINT)
+    if improved:
+        atomic_save(state, run_dir / BEST)
+    with open(run_dir / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def _diverged(loss, epoch: int, step: int, run_dir: Path | None, absurd: bool = False) -> TrainingDiverged:

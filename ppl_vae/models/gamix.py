@@ -157,6 +157,7 @@ class GAMIXPlan(TrainingPlan):
     def _base_objective(self, train):
         m = self.model
         if m.kl == "aggregate":
+            distributed.refuse_sharding(train, "model.options.kl='aggregate' (the KL of the minibatch's moments)")
             for field, value, ok in (("objective", train.objective, ("auto", "elbo")),
                                      ("num_particles", train.num_particles, (1,)),
                                      ("kl_warmup_epochs", train.kl_warmup_epochs, (0,)), ("jit", train.jit, (False,))):

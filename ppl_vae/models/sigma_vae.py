@@ -32,6 +32,7 @@ from pyro.nn import pyro_method
 
 from ..config import ModelConfig, TrainConfig
 from ..errors import ConfigError
+from ..infer import distributed
 from ..infer.plan import Stage, TrainingPlan, training_plan
 from ..likelihoods import GaussianLikelihood, PixelVarianceNet, closed_form_sigma2
 from ..nets import build_encoder_decoder
@@ -147,6 +148,12 @@ class SigmaVAEPlan(TrainingPlan):
     """One stage for a global σ²; Algorithm 1's two stages for ``sigma2_mode: per_pixel`` (stage 1 until
     δELBO < ε₁ under ``train``, then σ²_dataset is frozen and stage 2 runs under the ``stage2_*`` options). After
     every epoch: the epoch-wise closed-form σ² (``closed_form_every: epoch``) and σ² in the record."""
+
+    def objective(self, train):
+        m = self.model
+        if m.likelihood.mode == "closed_form" and m.closed_form_every == "step":
+            distributed.refuse_sharding(train, "model.options.closed_form_every='step' (σ² from the minibatch)")
+        return super().objective(train)
 
     def stages(self, train: TrainConfig) -> list[Stage]:
         if self.model.variance_net is None:

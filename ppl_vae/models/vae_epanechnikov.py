@@ -38,6 +38,7 @@ from pyro.infer.enum import get_importance_trace
 
 from ..distributions import Epanechnikov
 from ..errors import ConfigError
+from ..infer import distributed
 from ..infer.plan import TrainingPlan, build_objective, training_plan
 from ..nets import build_encoder_decoder
 from ..options import Options, option
@@ -112,6 +113,7 @@ class VAEEpanechnikovPlan(TrainingPlan):
     def objective(self, train):
         if self.model.objective == "exact":
             return build_objective(train)
+        distributed.refuse_sharding(train, "model.options.objective='kernel_bound' (its bound uses M = the batch)")
         return KernelBoundELBO(self.model.support_length, train.batch_size, train.num_particles)
 
 

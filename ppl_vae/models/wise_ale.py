@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig
+from ..infer import distributed
 from ..infer.plan import TrainingPlan, training_plan
 from ..infer.wise_ale import KL_APPROX, KL_SCALES, WiseAleELBO
 from ..likelihoods import FlooredLaplace
@@ -55,6 +56,8 @@ class WiseALEPlan(TrainingPlan):
     (the MAE of reconstructions from z ~ q(z|x) on up to ``fit_points`` training images)."""
 
     def objective(self, train):
+        if self.model.kl_scale == "batch":
+            distributed.refuse_sharding(train, "model.options.kl_scale='batch' (one KL per minibatch)")
         m = self.model
         return WiseAleELBO(num_particles=train.num_particles, kl_approx=m.kl_approx, kl_scale=m.kl_scale)
 
