@@ -18,7 +18,7 @@ the epoch time is ``metrics`` ``seconds`` of the epochs after the first, whose f
 Model: the 784-200-200-16 ReLU MLP VAE with a Bernoulli likelihood (``ppl_vae.build_model``), the default
 objective; data: random binary 28×28 images (timing does not depend on pixel values), no validation set.
 
-    python bench/scaling.py            # full: 5 rounds; 4,096 images; 4 epochs per job
+    python bench/scaling.py            # full: 3 rounds; 4,096 images; 4 epochs per job
     python bench/scaling.py --quick    # 2 rounds, 2,048 images, batch 256 only
 The last line of stdout is the JSON summary (full mode also writes bench/results/scaling.json).
 """
@@ -43,7 +43,7 @@ from ppl_vae import ModelConfig, build_model
 from ppl_vae.config import TrainConfig
 from ppl_vae.data import DataBundle
 
-FULL = dict(rounds=5, n=4096, epochs=4, batches=(128, 256, 512, 1024), overhead_batch=100)
+FULL = dict(rounds=3, n=4096, epochs=4, batches=(128, 256, 512, 1024), overhead_batch=100)
 QUICK = dict(rounds=2, n=2048, epochs=3, batches=(256,), overhead_batch=100)
 
 
