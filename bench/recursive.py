@@ -44,6 +44,7 @@ import ppl_vae
 from ppl_vae import ModelConfig, build_model
 from ppl_vae.config import TrainConfig
 from ppl_vae.data import load_data
+from ppl_vae.errors import TrainingDiverged
 from ppl_vae.evaluate import amortisation_gap, elbo_per_datapoint, log_likelihood
 from ppl_vae.guides.laplace import LaplaceGuide
 from ppl_vae.nets import MLPEncoder
@@ -170,7 +171,11 @@ def joint_run(job: tuple) -> dict:
     if name == "vae_wide":
         m.encoder = MLPEncoder(data.shape, LATENT, (width, width), "relu")
     t0 = time.perf_counter()
-    fit(m, data, s["joint_epochs"], seed)
+    try:
+        fit(m, data, s["joint_epochs"], seed)
+    except TrainingDiverged as e:   # a result of the setting, not a failure of the sweep
+        print(f"[joint {name} seed {seed}] diverged: {e}", flush=True)
+        return {"name": name, "seed": seed, "ll": None, "seconds_per_epoch": None, "diverged": str(e)}
     seconds = time.perf_counter() - t0
     ll = log_likelihood(m.model, m.guide, x, num_samples=s["ll_S"], seed=0).double()
     print(f"[joint {name} seed {seed}] {seconds:.0f}s  test LL {float(ll.mean()):.3f}", flush=True)
@@ -200,28 +205,33 @@ def joint(data, s: dict, seeds, workers: int) -> dict:
                   key=lambda j: (-j[3].get("num_components", 4 if j[2] == "vae_wide" else 0), j[1]))
     lls: dict[str, dict[int, torch.Tensor]] = {}
     seconds: dict[str, list[float]] = {}
+    diverged: dict[str, list[int]] = {}
     for r in run_jobs(joint_run, jobs, workers):
+        if r["ll"] is None:
+            diverged.setdefault(r["name"], []).append(r["seed"])
+            continue
         lls.setdefault(r["name"], {})[r["seed"]] = r["ll"]
         seconds.setdefault(r["name"], []).append(r["seconds_per_epoch"])
     out = {"runs": {k: v for k, v in runs.items()}, "seeds": list(seeds), "epochs": s["joint_epochs"],
+           "diverged": diverged,
            "vae_wide_hidden": width, "n_test": s["n_ll"], "S": s["ll_S"],
-           "test_ll": {k: round(float(torch.stack([v[sd].mean() for sd in seeds]).mean()), 3) for k, v in lls.items()},
+           "test_ll": {k: round(float(torch.stack([x.mean() for x in v.values()]).mean()), 3) for k, v in lls.items()},
            "diff_vs_vae": {}, "diff_vs_vae_by_seed": {},
            "relative_seconds_per_epoch": {k: round(statistics.mean(v) / statistics.mean(seconds["vae"]), 2)
                                           for k, v in seconds.items()}}
     for name, d in lls.items():
         if name == "vae":
             continue
-        per_seed = [paired(d[sd], lls["vae"][sd]) for sd in seeds]
+        per_seed = [paired(d[sd], lls["vae"][sd]) for sd in seeds if sd in d]   # seeds that did not diverge
         m, se = over_seeds(per_seed)
         out["diff_vs_vae"][name] = {"mean": round(m, 3), "std_error": round(se, 3),
-                                    "seeds_better": f"{sum(p[0] > 0 for p in per_seed)}/{len(seeds)}"}
+                                    "seeds_better": f"{sum(p[0] > 0 for p in per_seed)}/{len(per_seed)}"}
         out["diff_vs_vae_by_seed"][name] = [round(p[0], 3) for p in per_seed]
     # each mixture against the capacity-matched wide VAE of the same seed
     out["diff_vs_vae_wide"] = {}
     for name, d in lls.items():
         if name.startswith("rme"):
-            m, se = over_seeds([paired(d[sd], lls["vae_wide"][sd]) for sd in seeds])
+            m, se = over_seeds([paired(d[sd], lls["vae_wide"][sd]) for sd in seeds if sd in d])
             out["diff_vs_vae_wide"][name] = {"mean": round(m, 3), "std_error": round(se, 3)}
     return out
 
