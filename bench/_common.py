@@ -37,9 +37,11 @@ RESULTS = ROOT / "bench" / "results"
 _HARNESS_FLAGS = ("quick", "out", "threads", "device", "workers")   # execution details, not study options
 
 
-def parser(description: str, *, seeds: str | None = "0", threads: int = 2) -> argparse.ArgumentParser:
+def parser(description: str, *, seeds: str | None = "0", threads: int = 2,
+           workers: int | None = None) -> argparse.ArgumentParser:
     """The shared command line; ``seeds`` is the default of ``--seeds`` (comma-separated; None: the script's
-    own default in both modes), ``threads`` that of ``--threads``."""
+    own default in both modes), ``threads`` that of ``--threads``; ``workers`` adds ``--workers`` with that default
+    (jobs in parallel for :func:`run_jobs`)."""
     p = argparse.ArgumentParser(description=description.strip().split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a small run (< 5 min on 2 CPU cores); prints the JSON only")
     p.add_argument("--seeds", type=_seeds, default=None if seeds is None else _seeds(seeds),
@@ -47,6 +49,9 @@ def parser(description: str, *, seeds: str | None = "0", threads: int = 2) -> ar
     p.add_argument("--out", default=None, help="result file (default bench/results/<study>.json)")
     p.add_argument("--threads", type=int, default=threads, help=f"torch threads (default {threads})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    if workers is not None:
+        p.add_argument("--workers", type=int, default=workers,
+                       help=f"jobs in parallel (processes, one torch thread each; default {workers})")
     return p
 
 
@@ -176,17 +181,26 @@ def time_calls(fn, items) -> float:
     return (time.perf_counter() - t0) / len(items)
 
 
-def interleaved(a, b, items, rounds: int):
-    """Median over rounds of time(a) / time(b), timed A B, B A, ... (machine noise hits both sides); returns
-    (median ratio, median seconds per call of a, of b, the per-round ratios)."""
-    ratios, ta, tb = [], [], []
+def alternate(a, b, rounds: int) -> list[tuple[float, float]]:
+    """``(a(), b())`` for each round, called A B, B A, ... (machine noise hits both sides); ``a`` and ``b`` return
+    seconds."""
+    pairs = []
     for r in range(rounds):
         if r % 2 == 0:
-            x, y = time_calls(a, items), time_calls(b, items)
+            x, y = a(), b()
         else:
-            y, x = time_calls(b, items), time_calls(a, items)
-        ratios.append(x / y), ta.append(x), tb.append(y)
-    return statistics.median(ratios), statistics.median(ta), statistics.median(tb), ratios
+            y, x = b(), a()
+        pairs.append((x, y))
+    return pairs
+
+
+def interleaved(a, b, items, rounds: int):
+    """Median over rounds of time(a) / time(b), timed A B, B A, ... (:func:`alternate`); returns (median ratio,
+    median seconds per call of a, of b, the per-round ratios)."""
+    pairs = alternate(lambda: time_calls(a, items), lambda: time_calls(b, items), rounds)
+    ratios = [x / y for x, y in pairs]
+    return (statistics.median(ratios), statistics.median(x for x, _ in pairs), statistics.median(y for _, y in pairs),
+            ratios)
 
 
 def measured_chunks(num_data: int, num_samples: int, batch_size: int | None = None) -> dict:

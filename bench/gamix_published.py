@@ -92,12 +92,11 @@ def one_run(job):
 
 
 def main(argv=None):
-    ap = parser(__doc__, seeds="0,1,2", threads=1)
+    ap = parser(__doc__, seeds="0,1,2", threads=1, workers=2)
     ap.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated subset of {list(CELLS)}")
     ap.add_argument("--scales", default="author", help=f"comma-separated subset of {list(SCALES)}")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default: the mode's)")
     ap.add_argument("--lr", type=float, default=1e-3, help="the model's Adam learning rate (the author's: 1e-4)")
-    ap.add_argument("--workers", type=int, default=2, help="jobs in parallel (processes, one torch thread each)")
     args = start(ap, argv)
     cells = [c for c in args.cells.split(",") if c]
     scales = [c for c in args.scales.split(",") if c]

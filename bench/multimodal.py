@@ -127,13 +127,12 @@ def _mean(values):
 
 
 def main(argv=None):
-    ap = parser(__doc__, seeds="0,1,2", threads=1)
+    ap = parser(__doc__, seeds="0,1,2", threads=1, workers=2)
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
     ap.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated subset of {list(DATASETS)}")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default: the mode's)")
     ap.add_argument("--missing-rate", type=float, default=0.0, help="share of training modalities dropped")
     ap.add_argument("--mmvm-kl", default="pairwise", choices=("pairwise", "mixture"), help="MMVM's KL term")
-    ap.add_argument("--workers", type=int, default=2, help="jobs in parallel (processes, one torch thread each)")
     args = start(ap, argv)
     models = [m for m in args.models.split(",") if m]
     keys = [d for d in args.datasets.split(",") if d]

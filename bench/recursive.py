@@ -237,8 +237,7 @@ def joint(data, s: dict, seeds, workers: int) -> dict:
 
 
 def main(argv=None):
-    ap = parser(__doc__, seeds="0,1,2,3,4,5,6,7,8,9")
-    ap.add_argument("--workers", type=int, default=2, help="joint-sweep runs in parallel (processes, one thread each)")
+    ap = parser(__doc__, seeds="0,1,2,3,4,5,6,7,8,9", workers=2)
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {list(PARTS)}")
     args = start(ap, argv)
     parts = [p for p in args.parts.split(",") if p]

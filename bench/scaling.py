@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pyro
 import torch
-from _common import ROOT, finish, parser, start
+from _common import ROOT, alternate, finish, parser, start
 
 import ppl_vae
 from ppl_vae import ModelConfig, build_model
@@ -97,13 +97,9 @@ def worker(spec: str, out: str) -> None:
 
 
 def ratio_rows(a, b, rounds: int) -> dict:
-    """Median over interleaved rounds of a()/b() (a and b return seconds)."""
-    ratios, ta, tb = [], [], []
-    for r in range(rounds):
-        x, y = (a(), b()) if r % 2 == 0 else tuple(reversed((b(), a())))
-        ta.append(x)
-        tb.append(y)
-        ratios.append(x / y)
+    """Median over interleaved rounds (:func:`_common.alternate`) of a()/b() (a and b return seconds)."""
+    pairs = alternate(a, b, rounds)
+    ratios, ta, tb = [x / y for x, y in pairs], [x for x, _ in pairs], [y for _, y in pairs]
     return {"ratio_median": round(statistics.median(ratios), 4), "ratios": [round(v, 4) for v in ratios],
             "seconds_a": [round(v, 4) for v in ta], "seconds_b": [round(v, 4) for v in tb]}
 

@@ -13,6 +13,8 @@ from ppl_vae.infer.train import CHECKPOINT
 from ppl_vae.models import build_model
 from ppl_vae.nets import PatchGAN, build_encoder_decoder
 
+from _interrupt import train_killed_after
+
 
 @pytest.mark.parametrize("shape,patches", [((1, 28, 28), (7, 7)), ((3, 64, 64), (8, 8)), ((1, 8, 8), (4, 4)),
                                            ((3, 256, 256), (32, 32))])
@@ -74,19 +76,7 @@ def test_a_killed_gan_run_resumes_both_optimisers_exactly(tmp_path):
     res = train(whole, data, cfg, run_dir=tmp_path / "whole", progress=False)
     assert {"d_loss", "g_adv", "d_real", "d_fake"} <= set(res.history[-1])
 
-    killed = _gan()
-    plan = plan_for(killed)
-    original, calls = plan.on_epoch_end, []
-
-    def dies(epoch, record, d):
-        original(epoch, record, d)
-        calls.append(epoch)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    plan.on_epoch_end = dies
-    with pytest.raises(KeyboardInterrupt):
-        train(killed, data, cfg, plan=plan, run_dir=tmp_path / "killed", progress=False)
+    train_killed_after(2, _gan(), data, cfg, run_dir=tmp_path / "killed", progress=False)
     assert torch.load(tmp_path / "killed" / CHECKPOINT, weights_only=False)["plan_state"]["optim"]["state"]
     resumed = _gan(seed=1)     # other initial weights: everything must come from the checkpoint
     res2 = train(resumed, data, cfg, run_dir=tmp_path / "killed", resume=True, progress=False)

@@ -20,6 +20,8 @@ from ppl_vae.infer import TraceIWAE
 from ppl_vae.infer.train import CHECKPOINT
 from ppl_vae.models import get_method, model_names
 
+from _interrupt import train_killed_after
+
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "kmnist": (1, 28, 28),
           "omniglot": (1, 28, 28), "celeba": (3, 64, 64)}
@@ -113,19 +115,7 @@ def test_every_registered_method_keeps_the_contract(method, device, tmp_path):
     # an uninterrupted two-epoch run ...
     whole = train(build(cfg, data, dev), data, cfg, run_dir=tmp_path / "whole", device=dev, progress=False)
     # ... and one killed at the end of its second epoch, before that epoch's checkpoint
-    killed_model = build(cfg, data, dev)
-    plan = plan_for(killed_model)
-    original, calls = plan.on_epoch_end, []
-
-    def dies(epoch, record, d):
-        original(epoch, record, d)
-        calls.append(epoch)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    plan.on_epoch_end = dies
-    with pytest.raises(KeyboardInterrupt):
-        train(killed_model, data, cfg, plan=plan, run_dir=tmp_path / "killed", device=dev, progress=False)
+    train_killed_after(2, build(cfg, data, dev), data, cfg, run_dir=tmp_path / "killed", device=dev, progress=False)
     resumed_model = build(cfg, data, dev)
     resumed = train(resumed_model, data, cfg, run_dir=tmp_path / "killed", resume=True, device=dev,
                     progress=False)

@@ -25,8 +25,7 @@ import torch
 
 from ..config import ACCELERATORS, PRECISIONS, STRATEGIES
 from ..errors import ConfigError, PplVaeError
-from .direct import DirectObjective
-from .penalised import PenalisedELBO
+from .penalised import surrogate_and_value
 
 __all__ = ["STRATEGIES", "ACCELERATORS", "PRECISIONS", "RankLost", "wanted", "launch", "shard", "on_lead",
            "Sharded", "RANK_SEED", "refuse_sharding"]
@@ -160,10 +159,7 @@ class _Objective(torch.nn.Module):
         self._elbo, self._model, self._guide = elbo, model, guide
 
     def forward(self, x, y):
-        if isinstance(self._elbo, (DirectObjective, PenalisedELBO)):   # their reported value is not the surrogate's
-            return self._elbo.loss_and_surrogate(self._model, self._guide, x, y)
-        loss = self._elbo.differentiable_loss(self._model, self._guide, x, y)
-        return loss, loss.detach()
+        return surrogate_and_value(self._elbo, self._model, self._guide, x, y)
 
 
 class Sharded:

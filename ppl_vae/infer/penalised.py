@@ -14,7 +14,7 @@ from pyro.infer.elbo import ELBO
 
 from .direct import DirectObjective
 
-__all__ = ["PenalisedELBO"]
+__all__ = ["PenalisedELBO", "surrogate_and_value"]
 
 
 class PenalisedELBO(ELBO):
@@ -46,11 +46,7 @@ class PenalisedELBO(ELBO):
 
     def loss_and_surrogate(self, model, guide, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """(the differentiable loss with the penalty, the base loss's value — what :meth:`loss_and_grads` reports)."""
-        if isinstance(self.base, (DirectObjective, PenalisedELBO)):
-            surrogate, value = self.base.loss_and_surrogate(model, guide, *args, **kwargs)
-        else:
-            surrogate = self.base.differentiable_loss(model, guide, *args, **kwargs)
-            value = surrogate.detach()
+        surrogate, value = surrogate_and_value(self.base, model, guide, *args, **kwargs)
         return surrogate + self._scaled_penalty(args, kwargs), value
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
@@ -58,3 +54,13 @@ class PenalisedELBO(ELBO):
         if self.weight != 0.0:
             self._scaled_penalty(args, kwargs).backward()
         return value
+
+
+def surrogate_and_value(elbo, model, guide, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the differentiable loss, the value ``loss_and_grads`` reports) of any ELBO, for a caller that runs
+    ``backward`` itself: the objective's own ``loss_and_surrogate`` where the two differ (:class:`DirectObjective`,
+    :class:`PenalisedELBO`), else ``differentiable_loss`` and its value."""
+    if isinstance(elbo, (DirectObjective, PenalisedELBO)):
+        return elbo.loss_and_surrogate(model, guide, *args, **kwargs)
+    loss = elbo.differentiable_loss(model, guide, *args, **kwargs)
+    return loss, loss.detach()
