@@ -18,7 +18,8 @@ import yaml
 
 from .errors import ConfigError
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "kmnist", "omniglot", "celeba")
+DATASETS = ("digits", "mnist", "fashion_mnist", "kmnist", "omniglot", "celeba", "image_folder")
+STORAGES = ("memory", "uint8", "mmap", "files")   # ppl_vae.images
 MULTIMODAL_KINDS = ("poly", "image_label")   # ppl_vae.multimodal
 PIXELS = ("continuous", "dequantized", "binary_static", "binary_dynamic")
 LIKELIHOODS = ("bernoulli", "gaussian", "laplace", "pixelcnn")
@@ -63,6 +64,8 @@ class DataConfig:
     val_fraction: float = 0.1
     limit: int | None = None
     image_size: int | None = None
+    storage: str = "memory"           # memory | uint8 | mmap (IDX files) | files (folder datasets): ppl_vae.images
+    workers: int = 0                  # DataLoader processes reading the batches (storage != memory)
     multimodal: str | None = None     # 'poly' (PolyFashion-style) or 'image_label': ppl_vae.multimodal
     num_modalities: int = 3
     missing_rate: float = 0.0
@@ -78,8 +81,17 @@ class DataConfig:
             _positive_int(f"{p}.limit", self.limit)
         if self.image_size is not None:
             _positive_int(f"{p}.image_size", self.image_size)
+        _one_of(f"{p}.storage", self.storage, STORAGES)
+        _check(_is_int(self.workers) and self.workers >= 0, f"{p}.workers", "an integer >= 0", self.workers)
+        if self.workers and self.storage == "memory" and self.name not in ("omniglot", "celeba", "image_folder"):
+            raise ConfigError(f"{p}.workers = {self.workers} reads batches in worker processes, but {p}.storage = "
+                              f"'memory' holds {self.name!r} as float32 tensors already: set data.storage to uint8, "
+                              "mmap or files (or workers to 0)")
         if self.multimodal is not None:
             _one_of(f"{p}.multimodal", self.multimodal, MULTIMODAL_KINDS)
+            if self.storage != "memory":
+                raise ConfigError(f"{p}.storage = {self.storage!r} is not available with {p}.multimodal (its "
+                                  "modalities are built in memory from the images): use data.storage: memory")
         _check(isinstance(self.num_modalities, int) and not isinstance(self.num_modalities, bool)
                and self.num_modalities >= 2, f"{p}.num_modalities", "an integer >= 2", self.num_modalities)
         _check(_is_num(self.missing_rate) and 0 <= self.missing_rate < 1, f"{p}.missing_rate", "a number in [0, 1)",

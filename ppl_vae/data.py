@@ -20,7 +20,16 @@ Datasets (see :data:`DATASETS`):
 * ``omniglot`` -- torchvision ``Omniglot``: background set = train, evaluation set = test;
   resized to 28x28 (or ``image_size``) and inverted so strokes are 1.
 * ``celeba`` -- torchvision ``CelebA`` (aligned faces): centre crop 148, resize to 64x64
-  (or ``image_size``), RGB. Stored as float32, so the full set needs ~8 GB: use ``limit``.
+  (or ``image_size``), RGB. As float32 the official train + test images need ~9 GB: use ``storage="files"``
+  (decoded per batch) or ``"uint8"`` (~2.2 GB), or ``limit``.
+* ``image_folder`` -- your own images with torchvision ``ImageFolder``: ``root`` holds one
+  subfolder per class; RGB, resized (shorter side) and centre-cropped to 64x64 (or
+  ``image_size``). No official test split: a fixed 20% is drawn from a constant seed.
+
+Storage (``storage``, see :mod:`ppl_vae.images`): ``memory`` (float32 tensors, the default);
+``uint8`` (8-bit in memory, converted per batch); ``mmap`` (IDX datasets: the files
+memory-mapped); ``files`` (folder datasets: each image decoded when its batch is drawn, by
+``workers`` DataLoader processes). A batch is bit-identical whatever the storage.
 
 Splits: ``val_fraction`` of the official training set (drawn from ``seed``) is held out
 for validation; test is the official test set.
@@ -40,20 +49,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .errors import DataError, PplVaeError  # noqa: F401  (DataError: data.py is where users look for it)
+from .images import STORAGES, FileRows, Images, MemmapRows, TensorRows, read_batches, read_raw
 
-__all__ = ["DATASETS", "PIXEL_MODES", "SPLITS", "DataBundle", "DataError", "load_data"]
+__all__ = ["DATASETS", "PIXEL_MODES", "SPLITS", "STORAGES", "DataBundle", "DataError", "Images", "load_data",
+           "part_bounds"]
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "kmnist", "omniglot", "celeba")
+DATASETS = ("digits", "mnist", "fashion_mnist", "kmnist", "omniglot", "celeba", "image_folder")
 PIXEL_MODES = ("continuous", "dequantized", "binary_static", "binary_dynamic")
 SPLITS = ("train", "val", "test")
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_SPLIT_SEED = 20_240_601  # fixed: the digits test split never changes
+_FOLDER_SPLIT_SEED = 20_261_202  # fixed: an image folder's test split depends on its files only
+_DECODE_CHUNK = 256
 
 Labels = torch.Tensor | None
+Split = torch.Tensor | Images
 
 
 # --------------------------------------------------------------------------- bundle
@@ -75,20 +90,26 @@ class DataBundle:
     With ``pixels="binary_dynamic"``, ``train_x`` holds the *continuous* probabilities and
     :meth:`batches` draws a fresh binarisation per ``(seed, epoch)``; ``val_x``/``test_x``
     are binarised once at load time. Every other mode is applied once at load time.
+
+    With ``storage`` other than ``memory`` a split's ``x`` is an :class:`~ppl_vae.images.Images`
+    (8-bit values converted when read; indexing gives float32 tensors) and :meth:`batches`
+    reads only each batch's rows, through ``workers`` DataLoader processes when ``workers > 0``.
     """
 
     name: str
     pixels: str
     shape: tuple[int, int, int]
     num_classes: int | None
-    train_x: torch.Tensor
+    train_x: Split
     train_y: Labels
-    val_x: torch.Tensor
+    val_x: Split
     val_y: Labels
-    test_x: torch.Tensor
+    test_x: Split
     test_y: Labels
     class_names: tuple[str, ...] | None = None
     source: str = ""
+    storage: str = "memory"
+    workers: int = 0
 
     @classmethod
     def from_tensors(cls, train_x: torch.Tensor, train_y: Labels = None, val_x: torch.Tensor | None = None,
@@ -108,7 +129,7 @@ class DataBundle:
         """Number of values per image, C*H*W."""
         return math.prod(self.shape)
 
-    def split(self, split: str) -> tuple[torch.Tensor, Labels]:
+    def split(self, split: str) -> tuple[Split, Labels]:
         """``(x, y)`` of a split as stored (binary_dynamic train: the probabilities)."""
         _check_split(split)
         return getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
@@ -128,6 +149,7 @@ class DataBundle:
         epoch: int = 0,
         device: torch.device | str | None = None,
         start: int = 0,
+        part: tuple[int, int] | None = None,
     ) -> Iterator[tuple[torch.Tensor, Labels]]:
         """Iterate over ``(x, y)`` batches of ``split`` on ``device`` (``y`` may be ``None``).
 
@@ -135,33 +157,48 @@ class DataBundle:
         draws are a pure function of ``(seed, epoch)`` for a given ``batch_size`` (local
         generators only), so a resumed run sees the same batches. ``start`` skips the first
         ``start`` batches cheaply (resuming mid-epoch). The last partial batch is included.
+        ``part=(rank, world)`` yields rank ``rank``'s contiguous share of every batch
+        (:func:`part_bounds`; possibly empty) and reads only those rows: the shares of the
+        ``world`` ranks, put together, are the batches of ``part=None``, draws included.
         Arguments are checked at the call, not at the first ``next()``.
         """
         x, y = self.split(split)
         _check_batch_size(batch_size)
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
             raise DataError(f"start must be an integer >= 0, got start={start!r}")
+        rank, world = (0, 1) if part is None else part
+        if isinstance(rank, bool) or not isinstance(rank, int) or isinstance(world, bool) \
+                or not isinstance(world, int) or not 0 <= rank < world:
+            raise DataError(f"part must be (rank, world) with 0 <= rank < world, got part={part!r}")
         if shuffle:
             order = torch.randperm(len(x), generator=_generator(seed, epoch, "order", split))
         else:
             order = torch.arange(len(x))
         dynamic = self.pixels == "binary_dynamic" and split == "train"
-        return self._iterate(x, y, order, batch_size, start, device, (seed, epoch) if dynamic else None)
+        return self._iterate(x, y, order, batch_size, start, device, (seed, epoch) if dynamic else None, rank, world)
 
-    @staticmethod
-    def _iterate(x, y, order, batch_size, start, device, binarize_key):
-        for b in range(start, math.ceil(len(order) / batch_size)):
-            idx = order[b * batch_size : (b + 1) * batch_size]
-            xb = x[idx]
-            if binarize_key is not None:
-                xb = _bernoulli(xb, _generator(*binarize_key, "binarize", b))
-            yield xb.to(device), (None if y is None else y[idx].to(device))
+    def _iterate(self, x, y, order, batch_size, start, device, binarize_key, rank, world):
+        steps = range(start, math.ceil(len(order) / batch_size))
+        batches = [order[b * batch_size: (b + 1) * batch_size] for b in steps]
+        shares = [idx[slice(*part_bounds(len(idx), rank, world))] for idx in batches]
+        if isinstance(x, Images):
+            pin = device is not None and torch.device(device).type == "cuda"
+            rows = read_batches(x, shares, self.workers, pin_memory=pin)
+        else:
+            rows = (x[idx] for idx in shares)
+        for b, idx, share, xb in zip(steps, batches, shares, rows):
+            if binarize_key is not None:   # the draws of the whole batch, then this rank's rows of them
+                lo, hi = part_bounds(len(idx), rank, world)
+                u = torch.rand((len(idx), *xb.shape[1:]), generator=_generator(*binarize_key, "binarize", b))
+                xb = (u[lo:hi].to(xb.device) < xb).to(xb.dtype)
+            yield xb.to(device), (None if y is None else y[share].to(device))
 
     def __repr__(self) -> str:
+        stored = "" if self.storage == "memory" else f", storage={self.storage!r}, workers={self.workers}"
         return (
             f"DataBundle({self.name!r}, pixels={self.pixels!r}, shape={self.shape}, "
             f"num_classes={self.num_classes}, train={len(self.train_x)}, "
-            f"val={len(self.val_x)}, test={len(self.test_x)})"
+            f"val={len(self.val_x)}, test={len(self.test_x)}{stored})"
         )
 
     def summary(self) -> str:
@@ -169,7 +206,7 @@ class DataBundle:
         lines = [repr(self), f"  source: {self.source or '-'}"]
         for s in SPLITS:
             x, y = self.split(s)
-            mean = f"{x.mean().item():.4f}" if len(x) else "-"
+            mean = f"{float(x.mean()):.4f}" if len(x) else "-"
             labels = "none" if y is None else f"{tuple(y.shape)} {y.dtype}"
             lines.append(f"  {s:5s}: {len(x):7d} images, pixel mean {mean}, labels {labels}")
         return "\n".join(lines)
@@ -188,6 +225,8 @@ def load_data(
     seed: int = 0,
     limit: int | None = None,
     image_size: int | None = None,
+    storage: str = "memory",
+    workers: int = 0,
 ) -> DataBundle:
     """Load dataset ``name`` into a :class:`DataBundle`.
 
@@ -207,10 +246,20 @@ def load_data(
         limit: keep at most ``limit`` training images; val and test are cut by the same
             factor ``limit / full_train_size`` (rounded up). Subsets are drawn from ``seed``.
         image_size: resize images to ``image_size`` squared (default: native size; 28 for
-            omniglot, 64 for celeba).
+            omniglot, 64 for celeba and image_folder).
+        storage: ``memory`` (float32 tensors), ``uint8`` (8-bit in memory, converted per batch),
+            ``mmap`` (mnist-like IDX files memory-mapped), ``files`` (celeba, omniglot,
+            image_folder: decoded when a batch is drawn). Not ``memory``: ``pixels`` must be
+            ``continuous``, ``binary_dynamic`` or ``binary_static`` (a binarised split is
+            kept as 0/1 bytes); ``dequantized`` noise is drawn once per image, so it needs
+            ``memory``.
+        workers: DataLoader worker processes that read (decode) batches, and for folder
+            datasets with ``memory``/``uint8`` decode the files at load time; 0 = this process.
     """
     _check_args(name, pixels, val_fraction, seed, limit, image_size)
-    src = _LOADERS[name](name, None if root is None else Path(root).expanduser(), bool(download), image_size)
+    _check_storage(name, pixels, storage, workers)
+    src = _LOADERS[name](name, None if root is None else Path(root).expanduser(), bool(download), image_size,
+                         storage == "mmap")
 
     g = _generator(seed, "split")
     perm = torch.randperm(src.sizes["train"], generator=g)
@@ -226,8 +275,20 @@ def load_data(
 
     arrays = {}
     for split, official, idx in (("train", "train", train_idx), ("val", "train", val_idx), ("test", "test", test_idx)):
-        x, y = src.get(official, torch.sort(idx).values)
-        arrays[split] = (_apply_pixels(x, pixels, split, seed), y)
+        idx = torch.sort(idx).values
+        images = Images(src.rows[official], idx, src.shape, src.scale, src.post, workers)
+        if storage in ("memory", "uint8") and not isinstance(src.rows[official], TensorRows | MemmapRows):
+            images = _decoded(name, images, workers, split)
+        elif storage == "uint8":   # this split's rows only
+            images = Images(TensorRows(images.raw(slice(None))), torch.arange(len(idx)), src.shape, src.scale,
+                            src.post, workers)
+        if storage == "memory":
+            x = _apply_pixels(images.float(), pixels, split, seed)
+        elif pixels == "continuous" or (pixels == "binary_dynamic" and split == "train"):
+            x = images
+        else:   # binarised once: 0/1 bytes
+            x = Images.from_uint8(_apply_pixels(images.float(), pixels, split, seed).to(torch.uint8), scale=1.0)
+        arrays[split] = (x, src.labels[official][idx])
 
     return DataBundle(
         name=name,
@@ -242,7 +303,28 @@ def load_data(
         test_y=arrays["test"][1],
         class_names=src.class_names,
         source=src.location,
+        storage=storage,
+        workers=workers,
     )
+
+
+def part_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """``(lo, hi)``: rank ``rank``'s contiguous share of ``n`` rows split over ``world`` ranks, the first ``n %
+    world`` ranks one row longer (``torch.tensor_split``'s rule)."""
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
+
+
+def _decoded(name: str, images: Images, workers: int, split: str) -> Images:
+    """A file-backed split decoded once into uint8 memory (by ``workers`` DataLoader processes)."""
+    chunks = [torch.arange(s, min(s + _DECODE_CHUNK, len(images))) for s in range(0, len(images), _DECODE_CHUNK)]
+    raws = read_raw(images, chunks, workers)
+    bar = tqdm(raws, total=len(chunks), desc=f"{name} {split}: decoding", unit="chunk", disable=len(images) < 2000,
+               leave=False)
+    values = torch.cat(list(bar)) if chunks else torch.empty((0, *images.item_shape), dtype=torch.uint8)
+    return Images(TensorRows(values), torch.arange(len(images)), images.item_shape, images.scale, images.post,
+                  workers)
 
 
 # --------------------------------------------------------------------------- checks & rng
@@ -267,6 +349,23 @@ def _check_args(name, pixels, val_fraction, seed, limit, image_size) -> None:
         isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
     ):
         raise DataError(f"image_size must be None or an integer >= 1, got image_size={image_size!r}")
+
+
+def _check_storage(name, pixels, storage, workers) -> None:
+    if storage not in STORAGES:
+        raise DataError(f"unknown storage={storage!r}; known storages: {', '.join(STORAGES)}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise DataError(f"workers must be an integer >= 0, got workers={workers!r}")
+    if storage == "mmap" and name not in _IDX_NAMES:
+        raise DataError(f"storage='mmap' maps IDX files in place, which dataset {name!r} does not have; use it with "
+                        f"{', '.join(_IDX_NAMES)}, or storage='uint8'" + (" or 'files'" if name in _FOLDER_NAMES else ""))
+    if storage == "files" and name not in _FOLDER_NAMES:
+        raise DataError(f"storage='files' decodes image files per batch, which dataset {name!r} does not have; use it "
+                        f"with {', '.join(_FOLDER_NAMES)}, or storage='uint8'"
+                        + (" or 'mmap'" if name in _IDX_NAMES else ""))
+    if storage != "memory" and pixels == "dequantized":
+        raise DataError(f"pixels='dequantized' draws its noise once per image at load time, so the images are no "
+                        f"longer 8-bit: it needs storage='memory', got storage={storage!r}")
 
 
 def _check_split(split: str) -> None:
@@ -305,14 +404,21 @@ def _apply_pixels(x: torch.Tensor, pixels: str, split: str, seed: int) -> torch.
 
 @dataclass
 class _Source:
-    """What a loader returns: official train/test sizes and a decoder for index sets."""
+    """What a loader returns: per official split ("train", "test") its uint8 rows (a backing of
+    :mod:`ppl_vae.images`) and labels; the images are ``post(rows / scale)``."""
 
     shape: tuple[int, int, int]
     num_classes: int | None
     class_names: tuple[str, ...] | None
     location: str
-    sizes: dict[str, int]
-    get: Callable[[str, torch.Tensor], tuple[torch.Tensor, Labels]]
+    rows: dict
+    labels: dict[str, torch.Tensor]
+    scale: float = 255.0
+    post: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.labels.items()}
 
 
 def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -322,34 +428,46 @@ def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
     return y.clamp_(0.0, 1.0)
 
 
-def _tensor_source(name, location, images, labels, class_names, image_size) -> _Source:
-    """Source over in-memory uint8 ``(N, H, W)`` or float ``(N, C, H, W)`` images."""
-
-    def get(official: str, idx: torch.Tensor):
-        x = images[official][idx]
-        x = x.unsqueeze(1).float().div_(255) if x.dtype == torch.uint8 else x.float()
-        return _resize(x, image_size), labels[official][idx]
-
-    h, w = images["train"].shape[-2:]
-    c = 1 if images["train"].dim() == 3 else images["train"].shape[1]
-    shape = (c, image_size or h, image_size or w)
-    sizes = {k: len(v) for k, v in images.items()}
-    return _Source(shape, len(class_names), tuple(class_names), location, sizes, get)
+def _tensor_source(name, location, rows, labels, class_names, image_size, scale=255.0) -> _Source:
+    """Source over uint8 rows ``(N, 1, H, W)`` (in memory or memory-mapped) read as ``rows / scale``."""
+    h, w = rows["train"].data.shape[-2:]
+    shape = (1, image_size or h, image_size or w)
+    post = None if image_size is None or (h, w) == (image_size, image_size) else _resize_to(image_size)
+    return _Source(shape, len(class_names), tuple(class_names), location, rows, labels, scale, post)
 
 
-def _load_digits(name, root, download, image_size) -> _Source:
+class _resize_to:
+    """``post`` of a resized dataset (a class, so a spawned DataLoader worker can unpickle it)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _resize(x, self.size)
+
+
+def _invert(x: torch.Tensor) -> torch.Tensor:
+    return 1.0 - x
+
+
+def _split_off_test(n: int, seed: int, tag: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed 20% test split of ``n`` datapoints (sorted (train, test) indices), from a constant seed."""
+    perm = torch.randperm(n, generator=_generator(seed, tag))
+    n_test = int(round(_DIGITS_TEST_FRACTION * n))
+    return torch.sort(perm[n_test:]).values, torch.sort(perm[:n_test]).values
+
+
+def _load_digits(name, root, download, image_size, mapped) -> _Source:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    x = torch.as_tensor(bunch.images, dtype=torch.float32).div_(16).unsqueeze(1)
+    x = torch.as_tensor(bunch.images).to(torch.uint8).unsqueeze(1)   # integer grey levels 0..16
     y = torch.as_tensor(bunch.target, dtype=torch.int64)
-    perm = torch.randperm(len(x), generator=_generator(_DIGITS_SPLIT_SEED, "digits-test"))
-    n_test = int(round(_DIGITS_TEST_FRACTION * len(x)))
-    test, train = torch.sort(perm[:n_test]).values, torch.sort(perm[n_test:]).values
-    images = {"train": x[train], "test": x[test]}
+    train, test = _split_off_test(len(x), _DIGITS_SPLIT_SEED, "digits-test")
+    rows = {"train": TensorRows(x[train]), "test": TensorRows(x[test])}
     labels = {"train": y[train], "test": y[test]}
     names = [str(i) for i in range(10)]
-    return _tensor_source(name, "sklearn.datasets.load_digits", images, labels, names, image_size)
+    return _tensor_source(name, "sklearn.datasets.load_digits", rows, labels, names, image_size, scale=16.0)
 
 
 # ---- MNIST-like IDX datasets
@@ -507,7 +625,7 @@ def _read_idx(reader, path: Path, shown: Path, kind: str) -> torch.Tensor:
         ) from exc
 
 
-def _load_idx(name, root, download, image_size) -> _Source:
+def _load_idx(name, root, download, image_size, mapped) -> _Source:
     from torchvision.datasets.mnist import read_image_file, read_label_file
 
     cls = _idx_class(name)
@@ -532,9 +650,13 @@ def _load_idx(name, root, download, image_size) -> _Source:
     paths = _arrange(name, cls.__name__, folder, found)
     images, labels = {}, {}
     for split, (img_stem, lab_stem) in _IDX_FILES.items():
-        x = _read_idx(read_image_file, paths[img_stem], found[img_stem], "image")
+        if mapped:
+            rows = MemmapRows(paths[img_stem], found[img_stem])
+            x = rows.data
+        else:
+            x = _read_idx(read_image_file, paths[img_stem], found[img_stem], "image")
         y = _read_idx(read_label_file, paths[lab_stem], found[lab_stem], "label")
-        if x.dim() != 3 or tuple(x.shape[1:]) != (28, 28):
+        if len(x.shape) != 3 or tuple(x.shape[1:]) != (28, 28):
             raise DataError(f"{found[img_stem]}: expected 28x28 images, got an array of shape {tuple(x.shape)}")
         if len(y) != len(x):
             raise DataError(
@@ -542,7 +664,7 @@ def _load_idx(name, root, download, image_size) -> _Source:
             )
         if len(y) and not (0 <= int(y.min()) and int(y.max()) < len(cls.classes)):
             raise DataError(f"{found[lab_stem]}: labels outside 0..{len(cls.classes) - 1}")
-        images[split], labels[split] = x, y
+        images[split], labels[split] = rows if mapped else TensorRows(x), y.long()
     return _tensor_source(name, str(folder), images, labels, cls.classes, image_size)
 
 
@@ -569,19 +691,7 @@ def _make(name: str, root: Path, ctor: Callable):
         raise DataError(f"{name}: torchvision could not open the data under {root}: {type(exc).__name__}: {exc}") from exc
 
 
-def _decode(name: str, dataset, idx: torch.Tensor, what: Callable[[int], str]):
-    xs, ys = [], []
-    for i in idx.tolist():
-        try:
-            x, y = dataset[i]
-        except Exception as exc:
-            raise DataError(f"{name}: cannot read {what(i)}: {type(exc).__name__}: {exc}") from exc
-        xs.append(x)
-        ys.append(torch.as_tensor(y, dtype=torch.int64))
-    return xs, ys
-
-
-def _load_omniglot(name, root, download, image_size) -> _Source:
+def _load_omniglot(name, root, download, image_size, mapped) -> _Source:
     from torchvision import datasets, transforms
 
     class _Omniglot(datasets.Omniglot):
@@ -596,26 +706,23 @@ def _load_omniglot(name, root, download, image_size) -> _Source:
     )
     folders = ["omniglot-py/images_background", "omniglot-py/images_evaluation"]
     root = _folder_root(name, root, download, folders, how)
-    tf = transforms.Compose([transforms.Resize((size, size), antialias=True), transforms.ToTensor()])
+    tf = transforms.Compose([transforms.Resize((size, size), antialias=True), transforms.PILToTensor()])
     sets = {
         split: _make(name, root, lambda bg=bg: _Omniglot(str(root), background=bg, transform=tf, download=download))
         for split, bg in (("train", True), ("test", False))
     }
 
-    def get(official: str, idx: torch.Tensor):
-        ds = sets[official]
-
+    def where(ds):
         def what(i):
             image, char = ds._flat_character_images[i]
             return os.path.join(ds.target_folder, ds._characters[char], image)
+        return what
 
-        xs, ys = _decode(name, ds, idx, what)
-        x = 1.0 - torch.stack(xs) if xs else torch.empty(0, 1, size, size)
-        return x, torch.stack(ys) if ys else torch.empty(0, dtype=torch.int64)
-
+    rows = {k: FileRows(name, ds, where(ds), (1, size, size)) for k, ds in sets.items()}
+    labels = {k: torch.as_tensor([c for _, c in ds._flat_character_images], dtype=torch.int64).reshape(-1)
+              for k, ds in sets.items()}
     chars = tuple(sets["train"]._characters)
-    sizes = {k: len(v) for k, v in sets.items()}
-    return _Source((1, size, size), len(chars), chars, str(root / "omniglot-py"), sizes, get)
+    return _Source((1, size, size), len(chars), chars, str(root / "omniglot-py"), rows, labels, post=_invert)
 
 
 _CELEBA_FILES = [
@@ -628,7 +735,7 @@ _CELEBA_FILES = [
 ]
 
 
-def _load_celeba(name, root, download, image_size) -> _Source:
+def _load_celeba(name, root, download, image_size, mapped) -> _Source:
     from torchvision import datasets, transforms
 
     size = image_size or 64
@@ -638,24 +745,56 @@ def _load_celeba(name, root, download, image_size) -> _Source:
     )
     root = _folder_root(name, root, download, _CELEBA_FILES, how)
     tf = transforms.Compose(
-        [transforms.CenterCrop(148), transforms.Resize(size, antialias=True), transforms.ToTensor()]
+        [transforms.CenterCrop(148), transforms.Resize(size, antialias=True), transforms.PILToTensor()]
     )
     sets = {
         split: _make(name, root, lambda s=split: datasets.CelebA(str(root), split=s, target_type="attr", transform=tf, download=download))
         for split in ("train", "test")
     }
 
-    def get(official: str, idx: torch.Tensor):
-        ds = sets[official]
-        xs, ys = _decode(name, ds, idx, lambda i: os.path.join(ds.root, ds.base_folder, "img_align_celeba", ds.filename[i]))
-        if any(x.shape != (3, size, size) for x in xs):
-            raise DataError(f"{name}: expected RGB images giving 3x{size}x{size} crops under {root / 'celeba'}")
-        x = torch.stack(xs) if xs else torch.empty(0, 3, size, size)
-        return x, torch.stack(ys) if ys else torch.empty(0, len(ds.attr_names), dtype=torch.int64)
+    def where(ds):
+        return lambda i: os.path.join(ds.root, ds.base_folder, "img_align_celeba", ds.filename[i])
 
+    rows = {k: FileRows(name, ds, where(ds), (3, size, size), "RGB images giving 3x{s}x{s} crops".format(s=size))
+            for k, ds in sets.items()}
+    labels = {k: torch.as_tensor(ds.attr, dtype=torch.int64).reshape(len(ds.filename), len(ds.attr_names))
+              for k, ds in sets.items()}
     attrs = tuple(sets["train"].attr_names)
-    sizes = {k: len(v) for k, v in sets.items()}
-    return _Source((3, size, size), None, attrs, str(root / "celeba"), sizes, get)
+    return _Source((3, size, size), None, attrs, str(root / "celeba"), rows, labels)
+
+
+def _load_image_folder(name, root, download, image_size, mapped) -> _Source:
+    from torchvision import datasets, transforms
+
+    if root is None:
+        raise DataError("data.name='image_folder' needs data.root: a folder with one subfolder of images per class "
+                        "(torchvision.datasets.ImageFolder's layout, e.g. root/cats/001.png, root/dogs/002.jpg)")
+    if not root.is_dir():
+        raise DataError(f"image_folder: root {root} is not a folder")
+    size = image_size or 64
+    tf = transforms.Compose([transforms.Resize(size, antialias=True), transforms.CenterCrop(size),
+                             transforms.PILToTensor()])
+    ds = _make(name, root, lambda: datasets.ImageFolder(str(root), transform=tf))
+    targets = torch.as_tensor(ds.targets, dtype=torch.int64)
+    train, test = _split_off_test(len(targets), _FOLDER_SPLIT_SEED, "image-folder-test")
+    files = FileRows(name, ds, lambda i: ds.samples[i][0], (3, size, size))
+    rows = {"train": _Subset(files, train), "test": _Subset(files, test)}
+    labels = {"train": targets[train], "test": targets[test]}
+    return _Source((3, size, size), len(ds.classes), tuple(ds.classes), str(root), rows, labels)
+
+
+class _Subset:
+    """The rows ``index`` of another backing (a split carved out of one set of files)."""
+
+    def __init__(self, rows, index: torch.Tensor):
+        self.rows, self.index, self.kind = rows, index, rows.kind
+
+    def read(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.rows.read(self.index[idx])
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes
 
 
 _LOADERS: dict[str, Callable[..., _Source]] = {
@@ -665,4 +804,7 @@ _LOADERS: dict[str, Callable[..., _Source]] = {
     "kmnist": _load_idx,
     "omniglot": _load_omniglot,
     "celeba": _load_celeba,
+    "image_folder": _load_image_folder,
 }
+_IDX_NAMES = ("mnist", "fashion_mnist", "kmnist")
+_FOLDER_NAMES = ("omniglot", "celeba", "image_folder")

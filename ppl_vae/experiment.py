@@ -59,7 +59,7 @@ def resolve_device(name: str) -> torch.device:
 def build_data(cfg: Config) -> DataBundle:
     d = cfg.data
     data = load_data(d.name, root=d.root, download=d.download, pixels=d.pixels, val_fraction=d.val_fraction,
-                     seed=cfg.seed, limit=d.limit, image_size=d.image_size)
+                     seed=cfg.seed, limit=d.limit, image_size=d.image_size, storage=d.storage, workers=d.workers)
     if d.multimodal is not None:
         data = make_multimodal(data, d.multimodal, num_modalities=d.num_modalities, missing_rate=d.missing_rate,
                                seed=cfg.seed)

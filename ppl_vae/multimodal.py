@@ -200,6 +200,9 @@ def make_multimodal(base: DataBundle, kind: str = "poly", *, num_modalities: int
     """A :class:`MultimodalData` from a labelled image bundle (see the module docstring)."""
     if kind not in MULTIMODAL_KINDS:
         raise DataError(f"data.multimodal must be one of {list(MULTIMODAL_KINDS)}, got {kind!r}")
+    if base.storage != "memory":
+        raise DataError(f"data.multimodal={kind!r} builds its modalities in memory from float32 images, but the "
+                        f"bundle was loaded with storage={base.storage!r}: load it with storage='memory'")
     if base.train_y is None or base.train_y.dim() != 1 or not base.num_classes:
         raise DataError(f"data.multimodal={kind!r} needs a dataset with one class label per image, but "
                         f"{base.name!r} has {'none' if base.train_y is None else tuple(base.train_y.shape[1:])}")

@@ -406,6 +406,11 @@ def test_omniglot_synthetic_folder(tmp_path):
     x = data.test_x[0, 0]
     assert x[0, 0] == 0.0 and x[14, 14] > 0.9  # inverted: background 0, stroke 1
     assert load_data("omniglot", root=tmp_path, image_size=20).shape == (1, 20, 20)
+    for storage in ("uint8", "files"):   # decoded per batch (or once, to bytes): the same images
+        other = load_data("omniglot", root=tmp_path, val_fraction=0.25, storage=storage, workers=1)
+        for split in ("train", "val", "test"):
+            assert torch.equal(other.split(split)[0][:], data.split(split)[0])
+            assert torch.equal(other.split(split)[1], data.split(split)[1])
 
 
 def test_celeba_synthetic_folder(tmp_path, monkeypatch):
@@ -441,6 +446,11 @@ def test_celeba_synthetic_folder(tmp_path, monkeypatch):
     assert data.train_x.shape == (3, 3, 64, 64) and data.train_x.dtype == torch.float32
     assert torch.equal(data.test_y, torch.tensor([[1, 1], [1, 0]]))  # {-1, 1} attributes as {0, 1}
     assert data.train_y.shape == (3, 2) and data.train_y.dtype == torch.int64
+    files = load_data("celeba", root=tmp_path, val_fraction=0.25, storage="files")
+    assert files.train_x.kind == "files"
+    for split in ("train", "val", "test"):
+        assert torch.equal(files.split(split)[0][:], data.split(split)[0])
+        assert torch.equal(files.split(split)[1], data.split(split)[1])
 
 
 # --------------------------------------------------------------------------- system data

@@ -23,6 +23,7 @@ from ppl_vae.runlock import RunLock
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 import _dist_program as prog  # noqa: E402
+from _images import write_idx  # noqa: E402
 
 TOL = 1e-12   # float64: the two ranks' sums are added in another order than one process's (rounding ~1e-16)
 
@@ -199,6 +200,24 @@ def test_a_killed_rank_stops_the_job_clearly_and_resume_continues_exactly(tmp_pa
     assert _epochs(run) == _epochs(tmp_path / "ref")                   # the same numbers as the unbroken job
     rows = list(csv.DictReader(open(run / "logs" / "csv" / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == list(range(1, 31))         # each epoch once in the CSV log
+
+
+def test_two_processes_streaming_their_shares_from_memory_mapped_files_train_as_from_float32(tmp_path):
+    """Each rank reads only its share of every batch from the memory-mapped IDX files, through its own DataLoader
+    worker: the 2-process run's metrics equal, bit for bit, those of the 2-process run on float32 tensors (which
+    equal one process's to float tolerance: the tests above)."""
+    root = write_idx(tmp_path / "idx", n_train=150, n_test=40)
+    env = {**_env(), "PPL_VAE_CACHE_DIR": str(tmp_path / "cache")}
+    runs = {}
+    for storage in ("memory", "mmap"):
+        extra = [f"data.storage={storage}"] + (["data.workers=1"] if storage != "memory" else [])
+        res = subprocess.run(_cli("data.name=fashion_mnist", f"data.root={root}", "data.pixels=binary_dynamic",
+                                  "train.epochs=2", "train.batch_size=25", "train.devices=2", "train.strategy=ddp",
+                                  "train.accelerator=cpu", "eval.num_samples=2", "train.logger=none", *extra,
+                                  run_dir=tmp_path / storage), env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[storage] = _epochs(tmp_path / storage)
+    assert len(runs["memory"]) == 2 and runs["mmap"] == runs["memory"]
 
 
 def test_resume_with_another_number_of_processes_is_refused(tmp_path):

@@ -7,8 +7,9 @@ per device (``strategy: ddp`` re-runs the command or script in each, Lightning's
 group (gloo on CPU, NCCL on CUDA), DDP (the gradients averaged over ranks during ``backward``), device placement,
 precision and the collectives used here. ``strategy: single_device`` runs the Fabric path in one process.
 
-Each rank builds the same global minibatch (order and binarisation are pure functions of (seed, epoch, batch)) and
-keeps its contiguous shard (:func:`shard`). A rank's loss is scaled so that DDP's average of the ranks' gradients
+Each rank reads only its contiguous share of every global minibatch (``DataBundle.batches(..., part=(rank,
+world))``: the order and the binarisation stay pure functions of (seed, epoch, batch), and with ``data.storage`` ≠
+``memory`` only the share's rows are read, by that rank's own DataLoader workers). A rank's loss is scaled so that DDP's average of the ranks' gradients
 is the single-process estimator of the global batch whichever data-plate convention the objective uses
 (:meth:`Sharded.loss_and_grads`); the epoch's ELBOs are summed over ranks. Each rank draws its own noise
 (seed ``seed + RANK_SEED * rank``; rank 0 draws what a single process draws) and every rank's RNG state goes into
@@ -23,12 +24,10 @@ import sys
 import pyro
 import torch
 
-from ..config import ACCELERATORS, PRECISIONS, STRATEGIES
 from ..errors import ConfigError, PplVaeError
 from .penalised import surrogate_and_value
 
-__all__ = ["STRATEGIES", "ACCELERATORS", "PRECISIONS", "RankLost", "wanted", "launch", "shard", "on_lead",
-           "Sharded", "RANK_SEED", "refuse_sharding"]
+__all__ = ["RankLost", "wanted", "launch", "on_lead", "Sharded", "RANK_SEED", "refuse_sharding"]
 
 RANK_SEED = 1_000_003          # rank r starts its RNG from seed + RANK_SEED·r
 
@@ -84,13 +83,6 @@ def refuse_sharding(train, what: str) -> None:
     if train.devices > 1:
         raise ConfigError(f"train.devices must be 1 with {what}: it couples the datapoints of a minibatch, which one "
                           f"shard per process would change; got train.devices={train.devices}")
-
-
-def shard(x: torch.Tensor, y, rank: int, world: int):
-    """Rank ``rank``'s contiguous part of a global batch (sizes differ by at most one)."""
-    idx = torch.tensor_split(torch.arange(x.shape[0]), world)[rank]
-    lo, hi = (int(idx[0]), int(idx[-1]) + 1) if len(idx) else (0, 0)
-    return x[lo:hi], (None if y is None else y[lo:hi])
 
 
 def _say_why_before_lightning_stops_the_job() -> None:
@@ -166,7 +158,7 @@ class Sharded:
     """What :func:`~ppl_vae.infer.train.fit` does differently on several ranks: shard, scale, backward through DDP,
     reduce, gather the RNG states."""
 
-    def __init__(self, fabric, module: torch.nn.Module | None, elbo, model, guide):
+    def __init__(self, fabric, module: torch.nn.Module | None, elbo, model, guide, spare=None):
         if module is None:
             raise ConfigError("train.devices > 1 (or another train.strategy / train.precision) needs the model to be "
                               "a method of an nn.Module holding every trainable parameter (DDP averages the "
@@ -174,21 +166,24 @@ class Sharded:
         self.fabric, self.module = fabric, module
         self.rank, self.world = fabric.global_rank, fabric.world_size
         self.wrapped = fabric.setup_module(_Objective(module, elbo, model, guide))
+        self.spare = spare   # (x, y) of one datapoint: what a rank with an empty share runs (with weight 0)
         self._checked = False
 
     def device(self) -> torch.device:
         return self.fabric.device
 
-    def loss_and_grads(self, x, y, divisor) -> tuple[float, float, torch.Tensor, object, int]:
-        """One rank's share of a step on the global batch ``x``: returns (its loss value, the sum over ranks, its
+    def loss_and_grads(self, xs, ys, batch: int, divisor) -> tuple[float, float, torch.Tensor, object, int]:
+        """One rank's share ``xs, ys`` of a step on a global batch of ``batch`` rows
+        (:meth:`~ppl_vae.data.DataBundle.batches` with ``part``): returns (its loss value, the sum over ranks, its
         rows x_r, y_r, their number); no backward when the sum is not finite (every rank then stops as diverged).
         A forward that fails on one rank stops every rank at this step. The rank's loss L_r = −(S_r/B_r) Σ_{i∈r} ELBO_i (S_r the data plate's size) is multiplied by
         c_r = W·(B_r/B)·(S/S_r), S = N for a plate subsampled to N and the batch size otherwise, so that DDP's mean
         over ranks (1/W) Σ_r c_r ∇L_r is ∇L of one process with the global batch B."""
-        xs, ys = shard(x, y, self.rank, self.world)
         rows = xs.shape[0]
         if rows == 0:   # a last batch smaller than the ranks: this rank takes part with weight 0
-            xs, ys = x[:1], (None if y is None else y[:1])
+            if self.spare is None:
+                raise PplVaeError("a rank with an empty share of a batch needs Sharded(..., spare=(x, y))")
+            xs, ys = self.spare
         divisor.start(xs.shape[0])
         err, value = None, 0.0
         try:   # DDP's forward broadcasts the buffers
@@ -207,8 +202,8 @@ class Sharded:
         if not math.isfinite(total):
             return value, total, xs, ys, rows
         size = divisor(xs, ys)
-        full = x.shape[0] if size == xs.shape[0] else size
-        scaled = surrogate * (self.world * (rows / x.shape[0]) * (full / size))
+        full = batch if size == xs.shape[0] else size
+        scaled = surrogate * (self.world * (rows / batch) * (full / size))
         _collective(self.fabric, lambda: self.fabric.backward(scaled), " during a training step")  # DDP's mean
         if not self._checked:
             self._checked = True

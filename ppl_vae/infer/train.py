@@ -29,10 +29,11 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..errors import CheckpointError, DataError, TrainingDiverged
+from ..images import Images
 from ..plate import DATA_PLATE
 from .checkpoint import SCHEMA, atomic_save, load_checkpoint, load_module_state, restore_params, rng_state, \
     set_rng_state
-from .distributed import RANK_SEED, Sharded, on_lead, shard
+from .distributed import RANK_SEED, Sharded, on_lead
 from .importance import fork_rng
 from .loggers import close_loggers, log_history, make_loggers
 from .optim import ParamOptimizer
@@ -107,10 +108,11 @@ def _base(fn):
 
 
 def check_finite(data) -> None:
-    """Every value of every split is finite: a NaN or inf in the data is reported as data, before training."""
+    """Every value of every split is finite: a NaN or inf in the data is reported as data, before training
+    (8-bit :class:`~ppl_vae.images.Images` are by construction)."""
     for split in ("train", "val", "test"):
         x = data.split(split)[0]
-        if len(x) == 0 or bool(torch.isfinite(x).all()):
+        if isinstance(x, Images) or len(x) == 0 or bool(torch.isfinite(x).all()):
             continue
         bad = ~torch.isfinite(x.reshape(len(x), -1))
         rows = bad.any(1).nonzero().flatten()
@@ -124,7 +126,7 @@ def check_unit_interval(data, sites) -> None:
     probability, and training on 0–255 pixels gives meaningless ELBOs."""
     for split in ("train", "val", "test"):
         x = data.split(split)[0]
-        if len(x) == 0:
+        if isinstance(x, Images) or len(x) == 0:   # 8-bit images are read into [0, 1]
             continue
         lo, hi = float(x.min()), float(x.max())
         if lo < 0 or hi > 1:
@@ -201,11 +203,10 @@ def evaluate_elbo(model, guide, data, elbo, split: str, batch_size: int, device,
     m, g = divisor.wrap(model), divisor.wrap(guide)
     total, count = 0.0, 0
     with torch.no_grad():
-        for x, y in data.batches(split, cap, shuffle=False, device=device):
-            if sharded is not None:
-                x, y = shard(x, y, sharded.rank, sharded.world)
-                if x.shape[0] == 0:
-                    continue
+        for x, y in data.batches(split, cap, shuffle=False, device=device,
+                                 part=None if sharded is None else (sharded.rank, sharded.world)):
+            if x.shape[0] == 0:
+                continue
             divisor.start(x.shape[0])
             loss = elbo.loss(m, g, x, y)
             total += -loss / divisor(x, y) * x.shape[0]
@@ -310,7 +311,8 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
             (run_dir / METRICS).write_text("")
     sharded = None
     if fabric is not None:   # after any restore: DDP starts every rank from rank 0's parameters
-        sharded = Sharded(fabric, module, elbo, train_model, train_guide)
+        spare = next(iter(data.batches("train", 1, shuffle=False, device=device)))   # for a rank's empty share
+        sharded = Sharded(fabric, module, elbo, train_model, train_guide, spare)
     # after the checks of a resume, so a refused one leaves the logs as they were; rank 0 only
     loggers = on_lead(fabric, lambda: make_loggers(cfg.logger, run_dir, resuming=resume), share=False) or []
     if loggers:
@@ -335,14 +337,15 @@ def fit(model, guide, data, elbo=None, config: TrainConfig | None = None, *, run
             warmup.beta = cfg.beta_at(epoch)
             total, seen = 0.0, 0
             for step, (x, y) in enumerate(data.batches("train", cfg.batch_size, shuffle=True, seed=seed, epoch=epoch,
-                                                       device=device)):
+                                                       device=device, part=None if sharded is None else (rank, world))):
                 try:
                     with pyro.validation_enabled(False) if skip_checks else contextlib.nullcontext():
                         if sharded is None:
                             divisor.start(x.shape[0])
                             loss = elbo.loss_and_grads(train_model, train_guide, x, y)
-                        else:   # this rank's share of the global batch x
-                            loss, loss_sum, x, y, rows = sharded.loss_and_grads(x, y, divisor)
+                        else:   # x: this rank's share of the global batch
+                            batch = min(cfg.batch_size, num_data - step * cfg.batch_size)
+                            loss, loss_sum, x, y, rows = sharded.loss_and_grads(x, y, batch, divisor)
                 except ValueError as e:   # Pyro's argument validation meets NaN parameters or NaN outputs
                     if "nan" not in str(e).lower():
                         raise
