@@ -220,6 +220,18 @@ def test_two_processes_streaming_their_shares_from_memory_mapped_files_train_as_
     assert len(runs["memory"]) == 2 and runs["mmap"] == runs["memory"]
 
 
+def test_the_process_group_is_released_at_exit(tmp_path):
+    """A launched job destroys its process group before the interpreter's finalisation (gloo's threads abort the
+    process otherwise): what the exit handler runs, on a one-process gloo group."""
+    from ppl_vae.infer.distributed import release_process_group
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert torch.distributed.is_initialized()
+    release_process_group()
+    assert not torch.distributed.is_initialized()
+    release_process_group()   # nothing to release: a no-op
+
+
 def test_resume_with_another_number_of_processes_is_refused(tmp_path):
     data = prog.make_data()
     cfg = TrainConfig(epochs=1, batch_size=7, lr=1e-2, objective="elbo", logger="none")

@@ -18,6 +18,7 @@ the checkpoint, so ``--resume`` with the same layout continues exactly.
 
 from __future__ import annotations
 
+import atexit
 import math
 import sys
 
@@ -27,7 +28,7 @@ import torch
 from ..errors import ConfigError, PplVaeError
 from .penalised import surrogate_and_value
 
-__all__ = ["RankLost", "wanted", "launch", "on_lead", "Sharded", "RANK_SEED", "refuse_sharding"]
+__all__ = ["RankLost", "wanted", "launch", "on_lead", "Sharded", "RANK_SEED", "refuse_sharding", "release_process_group"]
 
 RANK_SEED = 1_000_003          # rank r starts its RNG from seed + RANK_SEED·r
 
@@ -75,7 +76,16 @@ def launch(train, device: torch.device):
     fabric.launch()
     if train.devices > 1:   # one process group per job; one-process Fabrics are made afresh
         _LAUNCHED[key] = fabric
+        atexit.register(release_process_group)
     return fabric
+
+
+def release_process_group() -> None:
+    """Destroy this process's process group (at exit): left to the interpreter's finalisation, gloo's worker threads
+    can abort the process ("terminate called without an active exception", pytorch/pytorch#190489), and Lightning's
+    launcher then stops the whole job as failed after it finished."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def refuse_sharding(train, what: str) -> None:
