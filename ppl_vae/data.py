@@ -186,7 +186,7 @@ class DataBundle:
             rows = read_batches(x, shares, self.workers, pin_memory=pin)
         else:
             rows = (x[idx] for idx in shares)
-        for b, idx, share, xb in zip(steps, batches, shares, rows):
+        for xb, b, idx, share in zip(rows, steps, batches, shares):   # rows first: its reader ends, workers stop
             if binarize_key is not None:   # the draws of the whole batch, then this rank's rows of them
                 lo, hi = part_bounds(len(idx), rank, world)
                 u = torch.rand((len(idx), *xb.shape[1:]), generator=_generator(*binarize_key, "binarize", b))

@@ -179,6 +179,9 @@ class Images:
             if not key:
                 return self.float()
             rows, rest = self[key[0]], key[1:]
+            if any(not isinstance(k, int | slice) or isinstance(k, bool) for k in rest):
+                raise IndexError(f"Images take ints and slices after the rows (x[rows, c, h, w]), got {key!r}: index "
+                                 "the rows first (x[rows]) and the tensor it returns after")
             single = isinstance(key[0], int | np.integer) and not isinstance(key[0], bool)
             return rows[rest] if single else rows[(slice(None), *rest)]
         return self.convert(self.raw(key))
@@ -254,10 +257,15 @@ def read_raw(images: Images, index_sets: Sequence[torch.Tensor], workers: int = 
         for idx in index_sets:
             yield images.raw(idx)
         return
-    yield from torch.utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(
         _Rows(images), batch_sampler=[idx.tolist() for idx in index_sets], num_workers=workers,
         collate_fn=_as_is, pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(0))   # its workers' seeds: not a draw from the global RNG
+    batches = iter(loader)
+    try:
+        yield from batches
+    finally:   # also when the caller stops early: the workers are shut down here, not by a later garbage collection
+        del batches
 
 
 def read_batches(images: Images, index_sets: Sequence[torch.Tensor], workers: int = 0,

@@ -103,6 +103,18 @@ def test_an_image_folder_streams_from_its_files_through_dataloader_workers(tmp_p
             list(broken.batches(split, 4, shuffle=False))
 
 
+def test_dataloader_workers_are_shut_down_when_an_epoch_ends_or_the_caller_stops(tmp_path):
+    import multiprocessing
+
+    data = load_data("mnist", root=_write_idx(tmp_path / "idx"), storage="mmap", workers=2)
+    assert len(_epoch(data)) == 6 and multiprocessing.active_children() == []
+    batches = data.batches("train", 8, shuffle=True)
+    next(batches)
+    assert len(multiprocessing.active_children()) == 2
+    batches.close()   # what a garbage collection of an unfinished generator does
+    assert multiprocessing.active_children() == []
+
+
 def test_storage_settings_are_checked_with_the_field_and_the_value(tmp_path):
     root = _write_idx(tmp_path / "idx")
     with pytest.raises(DataError, match=r"unknown storage='disk'"):
@@ -151,6 +163,8 @@ def test_images_index_like_the_float_tensor(tmp_path):
         x[30]
     with pytest.raises(IndexError, match=r"indexed by an int, a slice.*float32"):
         x[torch.tensor([0.5])]
+    with pytest.raises(IndexError, match=r"ints and slices after the rows"):
+        x[torch.tensor([2, 0]), torch.tensor([0, 0])]
 
 
 def test_training_on_streamed_images_gives_the_float32_run(tmp_path):
