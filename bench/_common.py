@@ -194,6 +194,15 @@ def alternate(a, b, rounds: int) -> list[tuple[float, float]]:
     return pairs
 
 
+def ratio_rounds(a, b, rounds: int) -> dict:
+    """Median over interleaved rounds (:func:`alternate`) of a()/b() (a and b return seconds), with every round's
+    ratio and seconds."""
+    pairs = alternate(a, b, rounds)
+    ratios = [x / y for x, y in pairs]
+    return {"ratio_median": round(statistics.median(ratios), 4), "ratios": [round(v, 4) for v in ratios],
+            "seconds_a": [round(x, 4) for x, _ in pairs], "seconds_b": [round(y, 4) for _, y in pairs]}
+
+
 def interleaved(a, b, items, rounds: int):
     """Median over rounds of time(a) / time(b), timed A B, B A, ... (:func:`alternate`); returns (median ratio,
     median seconds per call of a, of b, the per-round ratios)."""

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pyro
 import torch
-from _common import ROOT, alternate, finish, parser, start
+from _common import ROOT, finish, parser, ratio_rounds, start
 
 import ppl_vae
 from ppl_vae import ModelConfig, build_model
@@ -99,14 +99,6 @@ def worker(spec: str, out: str) -> None:
         Path(out).write_text(json.dumps({"seconds": sec}))
 
 
-def ratio_rows(a, b, rounds: int) -> dict:
-    """Median over interleaved rounds (:func:`_common.alternate`) of a()/b() (a and b return seconds)."""
-    pairs = alternate(a, b, rounds)
-    ratios, ta, tb = [x / y for x, y in pairs], [x for x, _ in pairs], [y for _, y in pairs]
-    return {"ratio_median": round(statistics.median(ratios), 4), "ratios": [round(v, 4) for v in ratios],
-            "seconds_a": [round(v, 4) for v in ta], "seconds_b": [round(v, 4) for v in tb]}
-
-
 def main(argv=None):
     ap = parser(__doc__, seeds=None, threads=1)
     ap.add_argument("--baseline", default="c3db871", help="git revision of the baseline loop (default: the commit "
@@ -125,23 +117,23 @@ def main(argv=None):
                        capture_output=True)
         try:
             n = s["baseline_n"]
-            out["plain_over_baseline"] = ratio_rows(lambda: job(1, b, s, n=n), lambda: job(1, b, s, tree, n=n),
+            out["plain_over_baseline"] = ratio_rounds(lambda: job(1, b, s, n=n), lambda: job(1, b, s, tree, n=n),
                                                     s["baseline_rounds"])
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
     print("plain/baseline", out["plain_over_baseline"], flush=True)
-    out["fabric_over_plain"] = ratio_rows(lambda: epoch_seconds(1, b, s["n"], s["epochs"], strategy="single_device"),
+    out["fabric_over_plain"] = ratio_rounds(lambda: epoch_seconds(1, b, s["n"], s["epochs"], strategy="single_device"),
                                           lambda: epoch_seconds(1, b, s["n"], s["epochs"]), s["overhead_rounds"])
     print("fabric/plain", out["fabric_over_plain"], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        out["csv_logger_over_none"] = ratio_rows(
+        out["csv_logger_over_none"] = ratio_rounds(
             lambda: epoch_seconds(1, b, s["n"], s["epochs"], logger="csv", run_dir=Path(tmp) / "csv", wall=True),
             lambda: epoch_seconds(1, b, s["n"], s["epochs"], logger="none", run_dir=Path(tmp) / "none", wall=True),
             s["rounds"])
     print("csv/none", out["csv_logger_over_none"], flush=True)
     out["two_over_one_process"] = {}
     for batch in s["batches"]:
-        row = ratio_rows(lambda: job(2, batch, s), lambda: job(1, batch, s), s["rounds"])
+        row = ratio_rounds(lambda: job(2, batch, s), lambda: job(1, batch, s), s["rounds"])
         row["samples_per_second_two"] = round(s["n"] / statistics.median(row["seconds_a"]), 1)
         row["samples_per_second_one"] = round(s["n"] / statistics.median(row["seconds_b"]), 1)
         out["two_over_one_process"][str(batch)] = row
@@ -149,7 +141,7 @@ def main(argv=None):
     if torch.cuda.is_available():
         out["gpu"] = {}
         for batch in s["batches"]:
-            row = ratio_rows(lambda: epoch_seconds(1, batch, s["n"], s["epochs"], device="cuda"),
+            row = ratio_rounds(lambda: epoch_seconds(1, batch, s["n"], s["epochs"], device="cuda"),
                              lambda: epoch_seconds(1, batch, s["n"], s["epochs"]), s["rounds"])
             row["samples_per_second_gpu"] = round(s["n"] / statistics.median(row["seconds_a"]), 1)
             out["gpu"][str(batch)] = row

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pyro
 import torch
-from _common import alternate, finish, parser, start
+from _common import finish, parser, ratio_rounds, start
 
 import ppl_vae
 from ppl_vae import ModelConfig, build_model
@@ -77,13 +77,6 @@ def epoch_seconds(data, epochs: int, batch: int) -> float:
     res = ppl_vae.train(model, data, TrainConfig(epochs=epochs, batch_size=batch, logger="none"), seed=0,
                         progress=False)
     return statistics.median(r["seconds"] for r in res.history[1:])
-
-
-def ratio_row(a, b, rounds: int) -> dict:
-    pairs = alternate(a, b, rounds)
-    ratios = [x / y for x, y in pairs]
-    return {"ratio_median": round(statistics.median(ratios), 4), "ratios": [round(v, 4) for v in ratios],
-            "seconds_a": [round(x, 4) for x, _ in pairs], "seconds_b": [round(y, 4) for _, y in pairs]}
 
 
 def _rss_kb() -> int:
@@ -137,7 +130,7 @@ def main(argv=None):
         out["idx_epoch_over_memory"] = {}
         for storage, workers in IDX_ROWS:
             data = load(storage, workers)
-            row = ratio_row(lambda: epoch_seconds(data, s["epochs"], s["batch"]),
+            row = ratio_rounds(lambda: epoch_seconds(data, s["epochs"], s["batch"]),
                             lambda: epoch_seconds(ref, s["epochs"], s["batch"]), s["rounds"])
             out["idx_epoch_over_memory"][f"{storage}_workers{workers}"] = row
             print(f"{storage} (workers {workers}) / memory", row, flush=True)
@@ -154,7 +147,7 @@ def main(argv=None):
         out["folder_epoch_over_uint8"] = {}
         for workers in (0, 2):
             files = folder_data("files", workers)
-            row = ratio_row(lambda: epoch_seconds(files, s["folder_epochs"], s["batch"]),
+            row = ratio_rounds(lambda: epoch_seconds(files, s["folder_epochs"], s["batch"]),
                             lambda: epoch_seconds(decoded, s["folder_epochs"], s["batch"]), s["rounds"])
             out["folder_epoch_over_uint8"][f"files_workers{workers}"] = row
             print(f"files (workers {workers}) / uint8", row, flush=True)

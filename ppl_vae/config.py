@@ -19,6 +19,8 @@ import yaml
 from .errors import ConfigError
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "kmnist", "omniglot", "celeba", "image_folder")
+IDX_DATASETS = ("mnist", "fashion_mnist", "kmnist")           # data.storage: mmap reads their files in place
+FOLDER_DATASETS = ("omniglot", "celeba", "image_folder")       # data.storage: files decodes them per batch
 STORAGES = ("memory", "uint8", "mmap", "files")   # ppl_vae.images
 MULTIMODAL_KINDS = ("poly", "image_label")   # ppl_vae.multimodal
 PIXELS = ("continuous", "dequantized", "binary_static", "binary_dynamic")
@@ -83,7 +85,7 @@ class DataConfig:
             _positive_int(f"{p}.image_size", self.image_size)
         _one_of(f"{p}.storage", self.storage, STORAGES)
         _check(_is_int(self.workers) and self.workers >= 0, f"{p}.workers", "an integer >= 0", self.workers)
-        if self.workers and self.storage == "memory" and self.name not in ("omniglot", "celeba", "image_folder"):
+        if self.workers and self.storage == "memory" and self.name not in FOLDER_DATASETS:
             raise ConfigError(f"{p}.workers = {self.workers} reads batches in worker processes, but {p}.storage = "
                               f"'memory' holds {self.name!r} as float32 tensors already: set data.storage to uint8, "
                               "mmap or files (or workers to 0)")

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .config import FOLDER_DATASETS, IDX_DATASETS
 from .errors import DataError, PplVaeError  # noqa: F401  (DataError: data.py is where users look for it)
 from .images import STORAGES, FileRows, Images, MemmapRows, TensorRows, read_batches, read_raw
 
@@ -177,19 +178,23 @@ class DataBundle:
         dynamic = self.pixels == "binary_dynamic" and split == "train"
         return self._iterate(x, y, order, batch_size, start, device, (seed, epoch) if dynamic else None, rank, world)
 
-    def _iterate(self, x, y, order, batch_size, start, device, binarize_key, rank, world):
-        steps = range(start, math.ceil(len(order) / batch_size))
-        batches = [order[b * batch_size: (b + 1) * batch_size] for b in steps]
-        shares = [idx[slice(*part_bounds(len(idx), rank, world))] for idx in batches]
+    @staticmethod
+    def _iterate(x, y, order, batch_size, start, device, binarize_key, rank, world):
+        def plan():   # lazily, per batch: (batch number, its size, this rank's bounds in it, its rows)
+            for b in range(start, math.ceil(len(order) / batch_size)):
+                idx = order[b * batch_size: (b + 1) * batch_size]
+                lo, hi = part_bounds(len(idx), rank, world)
+                yield b, len(idx), lo, hi, idx[lo:hi]
+
+        shares = (share for *_, share in plan())
         if isinstance(x, Images):
             pin = device is not None and torch.device(device).type == "cuda"
-            rows = read_batches(x, shares, self.workers, pin_memory=pin)
+            rows = read_batches(x, shares, x.workers, pin_memory=pin)
         else:
-            rows = (x[idx] for idx in shares)
-        for xb, b, idx, share in zip(rows, steps, batches, shares):   # rows first: its reader ends, workers stop
+            rows = (x[share] for share in shares)
+        for xb, (b, n, lo, hi, share) in zip(rows, plan()):   # rows first: its reader ends, its workers stop
             if binarize_key is not None:   # the draws of the whole batch, then this rank's rows of them
-                lo, hi = part_bounds(len(idx), rank, world)
-                u = torch.rand((len(idx), *xb.shape[1:]), generator=_generator(*binarize_key, "binarize", b))
+                u = torch.rand((n, *xb.shape[1:]), generator=_generator(*binarize_key, "binarize", b))
                 xb = (u[lo:hi].to(xb.device) < xb).to(xb.dtype)
             yield xb.to(device), (None if y is None else y[share].to(device))
 
@@ -356,13 +361,14 @@ def _check_storage(name, pixels, storage, workers) -> None:
         raise DataError(f"unknown storage={storage!r}; known storages: {', '.join(STORAGES)}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise DataError(f"workers must be an integer >= 0, got workers={workers!r}")
-    if storage == "mmap" and name not in _IDX_NAMES:
+    if storage == "mmap" and name not in IDX_DATASETS:
         raise DataError(f"storage='mmap' maps IDX files in place, which dataset {name!r} does not have; use it with "
-                        f"{', '.join(_IDX_NAMES)}, or storage='uint8'" + (" or 'files'" if name in _FOLDER_NAMES else ""))
-    if storage == "files" and name not in _FOLDER_NAMES:
+                        f"{', '.join(IDX_DATASETS)}, or storage='uint8'"
+                        + (" or 'files'" if name in FOLDER_DATASETS else ""))
+    if storage == "files" and name not in FOLDER_DATASETS:
         raise DataError(f"storage='files' decodes image files per batch, which dataset {name!r} does not have; use it "
-                        f"with {', '.join(_FOLDER_NAMES)}, or storage='uint8'"
-                        + (" or 'mmap'" if name in _IDX_NAMES else ""))
+                        f"with {', '.join(FOLDER_DATASETS)}, or storage='uint8'"
+                        + (" or 'mmap'" if name in IDX_DATASETS else ""))
     if storage != "memory" and pixels == "dequantized":
         raise DataError(f"pixels='dequantized' draws its noise once per image at load time, so the images are no "
                         f"longer 8-bit: it needs storage='memory', got storage={storage!r}")
@@ -806,5 +812,3 @@ _LOADERS: dict[str, Callable[..., _Source]] = {
     "celeba": _load_celeba,
     "image_folder": _load_image_folder,
 }
-_IDX_NAMES = ("mnist", "fashion_mnist", "kmnist")
-_FOLDER_NAMES = ("omniglot", "celeba", "image_folder")

@@ -21,17 +21,16 @@ a resize, Omniglot's inversion), so a batch is bit-identical whatever the storag
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .config import STORAGES
 from .errors import DataError
 
 __all__ = ["STORAGES", "Images", "read_batches", "read_raw"]
-
-STORAGES = ("memory", "uint8", "mmap", "files")
 
 
 # --------------------------------------------------------------------------- backings: official index -> uint8 rows
@@ -69,7 +68,7 @@ class MemmapRows:
         if path.stat().st_size != 16 + n * h * w:
             raise DataError(f"{shown}: the header says {n} images of {h}x{w}, so {16 + n * h * w} bytes, but the file "
                             f"holds {path.stat().st_size}: it is truncated or corrupt — get a fresh copy")
-        self.path, self.shape = path, (n, h, w)
+        self.path = path
         self.data = np.memmap(path, dtype=np.uint8, mode="r", offset=16, shape=(n, h, w))
 
     def read(self, idx: torch.Tensor) -> torch.Tensor:
@@ -249,16 +248,16 @@ def _as_is(batch):
     return batch
 
 
-def read_raw(images: Images, index_sets: Sequence[torch.Tensor], workers: int = 0,
+def read_raw(images: Images, index_sets: Iterable[torch.Tensor], workers: int = 0,
              pin_memory: bool = False) -> Iterator[torch.Tensor]:
-    """The stored uint8 rows of each index set, in order: read in this process (``workers=0``) or by ``workers``
-    DataLoader processes, each fetching a whole set at a time."""
-    if workers == 0 or not index_sets:
+    """The stored uint8 rows of each index set (taken lazily), in order: read in this process (``workers=0``) or by
+    ``workers`` DataLoader processes, each fetching a whole set at a time."""
+    if workers == 0:
         for idx in index_sets:
             yield images.raw(idx)
         return
     loader = torch.utils.data.DataLoader(
-        _Rows(images), batch_sampler=[idx.tolist() for idx in index_sets], num_workers=workers,
+        _Rows(images), batch_sampler=(idx.tolist() for idx in index_sets), num_workers=workers,
         collate_fn=_as_is, pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(0))   # its workers' seeds: not a draw from the global RNG
     batches = iter(loader)
@@ -268,9 +267,9 @@ def read_raw(images: Images, index_sets: Sequence[torch.Tensor], workers: int = 
         del batches
 
 
-def read_batches(images: Images, index_sets: Sequence[torch.Tensor], workers: int = 0,
+def read_batches(images: Images, index_sets: Iterable[torch.Tensor], workers: int = 0,
                  pin_memory: bool = False) -> Iterator[torch.Tensor]:
-    """The float32 rows of each index set, in order (:func:`read_raw`, converted in this process). An empty set
+    """The float32 rows of each index set, in order (:func:`read_raw`, converted in this process); an empty set
     gives an empty batch."""
-    for idx, raw in zip(index_sets, read_raw(images, index_sets, workers, pin_memory), strict=True):
-        yield images.convert(raw) if len(idx) else torch.empty((0, *images.item_shape))
+    for raw in read_raw(images, index_sets, workers, pin_memory):
+        yield images.convert(raw)

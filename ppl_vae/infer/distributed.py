@@ -168,7 +168,7 @@ class Sharded:
     """What :func:`~ppl_vae.infer.train.fit` does differently on several ranks: shard, scale, backward through DDP,
     reduce, gather the RNG states."""
 
-    def __init__(self, fabric, module: torch.nn.Module | None, elbo, model, guide, spare=None):
+    def __init__(self, fabric, module: torch.nn.Module | None, elbo, model, guide, spare):
         if module is None:
             raise ConfigError("train.devices > 1 (or another train.strategy / train.precision) needs the model to be "
                               "a method of an nn.Module holding every trainable parameter (DDP averages the "
@@ -191,8 +191,6 @@ class Sharded:
         over ranks (1/W) Σ_r c_r ∇L_r is ∇L of one process with the global batch B."""
         rows = xs.shape[0]
         if rows == 0:   # a last batch smaller than the ranks: this rank takes part with weight 0
-            if self.spare is None:
-                raise PplVaeError("a rank with an empty share of a batch needs Sharded(..., spare=(x, y))")
             xs, ys = self.spare
         divisor.start(xs.shape[0])
         err, value = None, 0.0
