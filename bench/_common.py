@@ -34,24 +34,33 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-_HARNESS_FLAGS = ("quick", "out", "threads", "device", "workers")   # execution details, not study options
+_HARNESS_FLAGS = ("quick", "out", "threads", "device", "workers")  # execution details, not study options
 
 
-def parser(description: str, *, seeds: str | None = "0", threads: int = 2,
-           workers: int | None = None) -> argparse.ArgumentParser:
+def parser(
+    description: str, *, seeds: str | None = "0", threads: int = 2, workers: int | None = None
+) -> argparse.ArgumentParser:
     """The shared command line; ``seeds`` is the default of ``--seeds`` (comma-separated; None: the script's
     own default in both modes), ``threads`` that of ``--threads``; ``workers`` adds ``--workers`` with that default
     (jobs in parallel for :func:`run_jobs`)."""
     p = argparse.ArgumentParser(description=description.strip().split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a small run (< 5 min on 2 CPU cores); prints the JSON only")
-    p.add_argument("--seeds", type=_seeds, default=None if seeds is None else _seeds(seeds),
-                   help=f"comma-separated training seeds (default {seeds or 'the study`s own'})")
+    p.add_argument(
+        "--seeds",
+        type=_seeds,
+        default=None if seeds is None else _seeds(seeds),
+        help=f"comma-separated training seeds (default {seeds or 'the study`s own'})",
+    )
     p.add_argument("--out", default=None, help="result file (default bench/results/<study>.json)")
     p.add_argument("--threads", type=int, default=threads, help=f"torch threads (default {threads})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     if workers is not None:
-        p.add_argument("--workers", type=int, default=workers,
-                       help=f"jobs in parallel (processes, one torch thread each; default {workers})")
+        p.add_argument(
+            "--workers",
+            type=int,
+            default=workers,
+            help=f"jobs in parallel (processes, one torch thread each; default {workers})",
+        )
     return p
 
 
@@ -80,8 +89,10 @@ def start(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
 def one_seed(args) -> int:
     """The training seed of a study that trains one seed per run (each other seed is a variant of its file)."""
     if len(args.seeds) != 1:
-        args._parser.error(f"this study trains one seed per run (--seeds N; each seed is stored as its own "
-                           f"variant), got --seeds {','.join(map(str, args.seeds))}")
+        args._parser.error(
+            f"this study trains one seed per run (--seeds N; each seed is stored as its own "
+            f"variant), got --seeds {','.join(map(str, args.seeds))}"
+        )
     return args.seeds[0]
 
 
@@ -109,13 +120,22 @@ def _git(*cmd) -> str | None:
 def metadata(args, device: str | None = None) -> dict:
     """Command, versions, hardware, date and git commit of this run (one record for every study)."""
     device = device or args.device
-    env = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "mode": "quick" if args.quick else "full",
-           "variant": variant(args), "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
-           "torch": torch.__version__, "platform": platform.platform(),
-           "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "device": device,
-           "git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain", "--", "ppl_vae")),
-           "seconds": round(time.perf_counter() - args._t0, 1)}
+    env = {
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "mode": "quick" if args.quick else "full",
+        "variant": variant(args),
+        "date": time.strftime("%Y-%m-%d"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--", "ppl_vae")),
+        "seconds": round(time.perf_counter() - args._t0, 1),
+    }
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(0)
     for pkg in ("pyro", "arviz"):
@@ -199,8 +219,12 @@ def ratio_rounds(a, b, rounds: int) -> dict:
     ratio and seconds."""
     pairs = alternate(a, b, rounds)
     ratios = [x / y for x, y in pairs]
-    return {"ratio_median": round(statistics.median(ratios), 4), "ratios": [round(v, 4) for v in ratios],
-            "seconds_a": [round(x, 4) for x, _ in pairs], "seconds_b": [round(y, 4) for _, y in pairs]}
+    return {
+        "ratio_median": round(statistics.median(ratios), 4),
+        "ratios": [round(v, 4) for v in ratios],
+        "seconds_a": [round(x, 4) for x, _ in pairs],
+        "seconds_b": [round(y, 4) for _, y in pairs],
+    }
 
 
 def interleaved(a, b, items, rounds: int):
@@ -208,8 +232,12 @@ def interleaved(a, b, items, rounds: int):
     median seconds per call of a, of b, the per-round ratios)."""
     pairs = alternate(lambda: time_calls(a, items), lambda: time_calls(b, items), rounds)
     ratios = [x / y for x, y in pairs]
-    return (statistics.median(ratios), statistics.median(x for x, _ in pairs), statistics.median(y for _, y in pairs),
-            ratios)
+    return (
+        statistics.median(ratios),
+        statistics.median(x for x, _ in pairs),
+        statistics.median(y for _, y in pairs),
+        ratios,
+    )
 
 
 def measured_chunks(num_data: int, num_samples: int, batch_size: int | None = None) -> dict:
@@ -242,4 +270,4 @@ def over_seeds(per_seed: list[tuple[float, float]]) -> tuple[float, float]:
     n = len(means)
     spread = statistics.stdev(means) / math.sqrt(n) if n > 1 else 0.0
     test_se = statistics.mean(se for _, se in per_seed)
-    return statistics.mean(means), math.sqrt(spread ** 2 + test_se ** 2 / n)
+    return statistics.mean(means), math.sqrt(spread**2 + test_se**2 / n)

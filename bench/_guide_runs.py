@@ -15,10 +15,32 @@ import ppl_vae
 from ppl_vae import ModelConfig, build_model, plan_for
 from ppl_vae.evaluate import inference_gaps
 
-FULL = dict(limit=10000, epochs=20, n_ll=1000, S=5000, n_gap=200, gap_steps=300, gap_particles=16,
-            elbo_particles=1000, timing_rounds=5, timing_steps=3, seeds=(0, 1, 2))
-QUICK = dict(limit=1000, epochs=2, n_ll=60, S=5000, n_gap=60, gap_steps=40, gap_particles=8, elbo_particles=200,
-             timing_rounds=2, timing_steps=2, seeds=(0, 1))
+FULL = dict(
+    limit=10000,
+    epochs=20,
+    n_ll=1000,
+    S=5000,
+    n_gap=200,
+    gap_steps=300,
+    gap_particles=16,
+    elbo_particles=1000,
+    timing_rounds=5,
+    timing_steps=3,
+    seeds=(0, 1, 2),
+)
+QUICK = dict(
+    limit=1000,
+    epochs=2,
+    n_ll=60,
+    S=5000,
+    n_gap=60,
+    gap_steps=40,
+    gap_particles=8,
+    elbo_particles=200,
+    timing_rounds=2,
+    timing_steps=2,
+    seeds=(0, 1),
+)
 LATENT, HIDDEN = 16, [200, 200]
 RUNS = {
     "vae": ("vae", {}),
@@ -30,7 +52,8 @@ RUNS = {
     "gamix_noreg": ("gamix", {"num_components": 3, "var_reg": 0.0}),
 }
 # Runs that other scripts train through make_model/train but bench/guides.py itself does not (its outputs keep their
-# keys): bench/laplace_ls.py's line-searched Laplace steps, the grown recursive mixture (once bench/recursive_seeds.py's,
+# keys): bench/laplace_ls.py's line-searched Laplace steps, the grown recursive mixture (once
+# bench/recursive_seeds.py's,
 # now bench/recursive.py's joint part),
 # bench/gamix_samples.py's one-component GAMIX (the variance-collapse regulariser alone) and Rivera's own objective.
 EXTRA_RUNS = {
@@ -61,8 +84,15 @@ def make_model(run: str, data, seed: int = 0, latent: int = LATENT, hidden=None)
     name, opts = run_config(run)
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    cfg = ModelConfig(name=name, likelihood="bernoulli", arch="mlp", latent_dim=latent,
-                      hidden=list(HIDDEN if hidden is None else hidden), activation="relu", options=dict(opts))
+    cfg = ModelConfig(
+        name=name,
+        likelihood="bernoulli",
+        arch="mlp",
+        latent_dim=latent,
+        hidden=list(HIDDEN if hidden is None else hidden),
+        activation="relu",
+        options=dict(opts),
+    )
     return build_model(cfg, data.shape, num_data=len(data.train_x))
 
 
@@ -98,7 +128,7 @@ def step_timing(runs, data, tc, rounds: int, steps: int) -> dict:
     for run in runs:
         m = make_model(run, data)
         svis[run] = pyro.infer.SVI(m.model, m.guide, pyro.optim.Adam({"lr": 1e-3}), plan_for(m).objective(tc))
-        svis[run].step(x)   # warm-up (and parameter registration)
+        svis[run].step(x)  # warm-up (and parameter registration)
     times = {run: [] for run in runs}
     for _ in range(rounds):
         for run, svi in svis.items():
@@ -112,8 +142,10 @@ def step_timing(runs, data, tc, rounds: int, steps: int) -> dict:
 def beats_vae(out: dict, richer) -> dict:
     """The claim flags of the guide benchmarks: each richer guide's mean difference to the VAE is > 0, > 2 s.e."""
     diff, se = out["test_ll_diff_vs_vae"], out["test_ll_diff_vs_vae_std_error"]
-    return {"richer_guide_beats_vae_test_ll": {r: diff[r] > 0 for r in richer},
-            "richer_guide_beats_vae_by_2_std_errors": {r: diff[r] > 2 * se[r] for r in richer}}
+    return {
+        "richer_guide_beats_vae_test_ll": {r: diff[r] > 0 for r in richer},
+        "richer_guide_beats_vae_by_2_std_errors": {r: diff[r] > 2 * se[r] for r in richer},
+    }
 
 
 def gap_report(model, x, family: str, s: dict, ll: torch.Tensor) -> dict:
@@ -121,13 +153,26 @@ def gap_report(model, x, family: str, s: dict, ll: torch.Tensor) -> dict:
     approximation gap log p̂ − optimised ELBO with the importance-sampled log p̂(x) ``ll`` of the same images, and
     ``_amortised`` (per image, for the inference gap) — ``ppl_vae.evaluate.inference_gaps`` rounded for a result
     file."""
-    g = inference_gaps(model.model, model.guide, x, ll, family=family, steps=s["gap_steps"],
-                       num_particles=s["gap_particles"], elbo_particles=s["elbo_particles"],
-                       parameters=model.parameters())
+    g = inference_gaps(
+        model.model,
+        model.guide,
+        x,
+        ll,
+        family=family,
+        steps=s["gap_steps"],
+        num_particles=s["gap_particles"],
+        elbo_particles=s["elbo_particles"],
+        parameters=model.parameters(),
+    )
     n = len(x)
-    return {"family": "diagonal Gaussian" if family == "diag" else "full-covariance Gaussian",
-            "amortised_elbo": round(g["amortised_elbo"], 3), "optimised_elbo": round(g["optimised_elbo"], 3),
-            "gap": round(g["gap_mean"], 3), "gap_std_error": round(float(g["gap"].std() / n ** 0.5), 3),
-            "images_where_optimisation_lost": g["datapoints_where_optimisation_lost"],
-            "log_likelihood": round(g["log_likelihood"], 3), "approximation_gap": round(g["approximation_gap"], 3),
-            "_amortised": g["amortised"].double()}
+    return {
+        "family": "diagonal Gaussian" if family == "diag" else "full-covariance Gaussian",
+        "amortised_elbo": round(g["amortised_elbo"], 3),
+        "optimised_elbo": round(g["optimised_elbo"], 3),
+        "gap": round(g["gap_mean"], 3),
+        "gap_std_error": round(float(g["gap"].std() / n**0.5), 3),
+        "images_where_optimisation_lost": g["datapoints_where_optimisation_lost"],
+        "log_likelihood": round(g["log_likelihood"], 3),
+        "approximation_gap": round(g["approximation_gap"], 3),
+        "_amortised": g["amortised"].double(),
+    }

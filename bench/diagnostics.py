@@ -30,12 +30,34 @@ from ppl_vae.config import TrainConfig
 from ppl_vae.data import load_data
 from ppl_vae.evaluate import gap_report, posterior_diagnostics, psis_diagnostics
 
-FULL = dict(limit=10000, epochs=20, n_khat=500, S=1000, n_gap=100, gap_S=1000, gap_steps=300, gap_particles=16,
-            elbo_particles=500, nuts_images=3, nuts=dict(num_chains=4, num_samples=500, warmup_steps=500))
-QUICK = dict(limit=600, epochs=2, n_khat=40, S=400, n_gap=8, gap_S=200, gap_steps=30, gap_particles=8,
-             elbo_particles=100, nuts_images=1, nuts=dict(num_chains=2, num_samples=100, warmup_steps=100))
+FULL = dict(
+    limit=10000,
+    epochs=20,
+    n_khat=500,
+    S=1000,
+    n_gap=100,
+    gap_S=1000,
+    gap_steps=300,
+    gap_particles=16,
+    elbo_particles=500,
+    nuts_images=3,
+    nuts=dict(num_chains=4, num_samples=500, warmup_steps=500),
+)
+QUICK = dict(
+    limit=600,
+    epochs=2,
+    n_khat=40,
+    S=400,
+    n_gap=8,
+    gap_S=200,
+    gap_steps=30,
+    gap_particles=8,
+    elbo_particles=100,
+    nuts_images=1,
+    nuts=dict(num_chains=2, num_samples=100, warmup_steps=100),
+)
 KHAT_RUNS = ("vae", "laplace", "gamix")
-GAP_RUNS = {"vae": None, "laplace": None}   # each guide's own family (diagonal; full covariance)
+GAP_RUNS = {"vae": None, "laplace": None}  # each guide's own family (diagonal; full covariance)
 
 
 def _round(d, nd=4):
@@ -62,26 +84,45 @@ def main(argv=None):
         idata = posterior_diagnostics(model.model, model.guide, x[: s["n_khat"]], num_samples=s["S"], seed=seed)
         d = psis_diagnostics(idata)
         k = d["khat"]
-        out["khat"][run] = _round({"num_images": len(k), "num_samples": s["S"],
-                                   "fraction_above_0.5": float((k > 0.5).mean()),
-                                   "fraction_above_0.7": float((k > 0.7).mean()),
-                                   "median": float(sorted(k)[len(k) // 2]),
-                                   "median_ess_fraction": float(sorted(d["ess_fraction"])[len(k) // 2])}, 3)
+        out["khat"][run] = _round(
+            {
+                "num_images": len(k),
+                "num_samples": s["S"],
+                "fraction_above_0.5": float((k > 0.5).mean()),
+                "fraction_above_0.7": float((k > 0.7).mean()),
+                "median": float(sorted(k)[len(k) // 2]),
+                "median_ess_fraction": float(sorted(d["ess_fraction"])[len(k) // 2]),
+            },
+            3,
+        )
         print(f"[khat {run}] {out['khat'][run]}", flush=True)
         if run in GAP_RUNS:
             t0 = time.perf_counter()
-            r = gap_report(model.model, model.guide, x[: s["n_gap"]], num_samples=s["gap_S"], family=GAP_RUNS[run],
-                           steps=s["gap_steps"], num_particles=s["gap_particles"],
-                           elbo_particles=s["elbo_particles"], parameters=list(model.parameters()), seed=seed,
-                           nuts_images=s["nuts_images"], nuts=s["nuts"])
+            r = gap_report(
+                model.model,
+                model.guide,
+                x[: s["n_gap"]],
+                num_samples=s["gap_S"],
+                family=GAP_RUNS[run],
+                steps=s["gap_steps"],
+                num_particles=s["gap_particles"],
+                elbo_particles=s["elbo_particles"],
+                parameters=list(model.parameters()),
+                seed=seed,
+                nuts_images=s["nuts_images"],
+                nuts=s["nuts"],
+            )
             r.pop("per_image")
             for row in r.get("nuts", {}).get("images", []):
                 for key in ("nuts_mean", "guide_mean", "nuts_var", "guide_var"):
                     row.pop(key)
             r["seconds_total"] = time.perf_counter() - t0
             out["gaps"][run] = _round(r)
-            print(f"[gaps {run}] amortisation {r['amortisation']} approximation {r['approximation']} "
-                  f"nuts {_round({k: v for k, v in r.get('nuts', {}).items() if k != 'images'})}", flush=True)
+            print(
+                f"[gaps {run}] amortisation {r['amortisation']} approximation {r['approximation']} "
+                f"nuts {_round({k: v for k, v in r.get('nuts', {}).items() if k != 'images'})}",
+                flush=True,
+            )
     laplace, vae = out["gaps"]["laplace"], out["gaps"]["vae"]
     out["claims"] = {
         "laplace_smaller_amortisation_gap": laplace["amortisation"]["mean"] < vae["amortisation"]["mean"],

@@ -23,8 +23,8 @@ from pyro.infer import Trace_ELBO
 import ppl_vae
 from ppl_vae.config import ModelConfig, TrainConfig
 from ppl_vae.data import load_data
-from ppl_vae.infer import evaluate_elbo
 from ppl_vae.models import build_model
+from ppl_vae.training import evaluate_elbo
 
 
 def main(argv=None):
@@ -41,18 +41,38 @@ def main(argv=None):
     model = build_model(ModelConfig(name="vae", arch="burda1"), data.shape, num_data=len(data.train_x))
     model.to(args.device)
     t0 = time.perf_counter()
-    res = ppl_vae.train(model, data, TrainConfig(objective="elbo", epochs=epochs, batch_size=100, lr=1e-3), seed=seed,
-                        device=args.device, progress=not args.quick)
+    res = ppl_vae.train(
+        model,
+        data,
+        TrainConfig(objective="elbo", epochs=epochs, batch_size=100, lr=1e-3),
+        seed=seed,
+        device=args.device,
+        progress=not args.quick,
+    )
     train_seconds = time.perf_counter() - t0
     with torch.random.fork_rng():
         pyro.set_rng_seed(seed)
-        test = evaluate_elbo(model.model, model.guide, data, Trace_ELBO(max_plate_nesting=1), "test", 1000,
-                             args.device, len(data.train_x))
-    out = {"test_elbo": round(test, 3), "val_elbo_last": round(res.history[-1]["val_elbo"], 3),
-           "train_elbo_last": round(res.history[-1]["train_elbo"], 3),
-           "seconds_per_epoch": round(train_seconds / epochs, 2), "epochs": epochs,
-           "train_images": len(data.train_x), "test_images": len(data.test_x), "data": repr(data),
-           "model": "burda1 MLP 784-200-200-50 tanh, Bernoulli, Trace_ELBO, Adam 1e-3, batch 100"}
+        test = evaluate_elbo(
+            model.model,
+            model.guide,
+            data,
+            Trace_ELBO(max_plate_nesting=1),
+            "test",
+            1000,
+            args.device,
+            len(data.train_x),
+        )
+    out = {
+        "test_elbo": round(test, 3),
+        "val_elbo_last": round(res.history[-1]["val_elbo"], 3),
+        "train_elbo_last": round(res.history[-1]["train_elbo"], 3),
+        "seconds_per_epoch": round(train_seconds / epochs, 2),
+        "epochs": epochs,
+        "train_images": len(data.train_x),
+        "test_images": len(data.test_x),
+        "data": repr(data),
+        "model": "burda1 MLP 784-200-200-50 tanh, Bernoulli, Trace_ELBO, Adam 1e-3, batch 100",
+    }
     finish("fashion_vae", out, args)
 
 

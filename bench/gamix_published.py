@@ -41,14 +41,18 @@ from ppl_vae import ModelConfig, build_model
 from ppl_vae.config import TrainConfig
 from ppl_vae.data import load_data
 from ppl_vae.evaluate import FrechetDistance, generation_report, train_feature_classifier
-from ppl_vae.infer import evaluate_elbo
+from ppl_vae.training import evaluate_elbo
 from ppl_vae.viz import plot_interpolations, plot_perturbations, plot_reconstructions
 
 FULL = dict(limit=3000, epochs=5, n_test=500, channels=16, latent=32, disc_width=0.25, fid_epochs=3)
 QUICK = dict(limit=300, epochs=1, n_test=64, channels=8, latent=8, disc_width=0.125, fid_epochs=1)
 SCALES = {"author": 196608 / 5000 / 2, "b1": 1.0, "b0.1": 0.1}
-CELLS = {"per_image": ("elbo", 0.0, 0.0), "per_image_gan": ("elbo", 0.0, 100.0),
-         "aggregate": ("aggregate", 0.1, 0.0), "aggregate_gan": ("aggregate", 0.1, 100.0)}
+CELLS = {
+    "per_image": ("elbo", 0.0, 0.0),
+    "per_image_gan": ("elbo", 0.0, 100.0),
+    "aggregate": ("aggregate", 0.1, 0.0),
+    "aggregate_gan": ("aggregate", 0.1, 100.0),
+}
 KEYS = ("recon_fid", "midpoint_fid", "prior_fid", "sharpness", "collapsed_fraction", "test_elbo")
 CACHE = RESULTS / ".cache"
 
@@ -60,10 +64,24 @@ def one_run(job):
     kl, var_reg, adv = CELLS[cell]
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    cfg = ModelConfig(name="gamix", arch="resnet", channels=s["channels"], latent_dim=s["latent"], hidden=[256],
-                      likelihood="laplace", link="identity", laplace_scale=SCALES[scale],
-                      options={"num_components": 1, "kl": kl, "var_reg": var_reg, "adversarial": adv,
-                               "disc_weight": 100.0, "disc_width": s["disc_width"]})
+    cfg = ModelConfig(
+        name="gamix",
+        arch="resnet",
+        channels=s["channels"],
+        latent_dim=s["latent"],
+        hidden=[256],
+        likelihood="laplace",
+        link="identity",
+        laplace_scale=SCALES[scale],
+        options={
+            "num_components": 1,
+            "kl": kl,
+            "var_reg": var_reg,
+            "adversarial": adv,
+            "disc_weight": 100.0,
+            "disc_width": s["disc_width"],
+        },
+    )
     model = build_model(cfg, data.shape, num_data=len(data.train_x))
     tc = TrainConfig(epochs=s["epochs"], batch_size=64, lr=s["lr"], objective="elbo")
     t0 = time.perf_counter()
@@ -77,17 +95,24 @@ def one_run(job):
         torch.manual_seed(seed)
         small = dataclasses.replace(data, test_x=x, test_y=data.test_y[: len(x)])
         elbo = evaluate_elbo(model.model, model.guide, small, Trace_ELBO(), "test", 250, "cpu")
-    r = {**{k: rep[k] for k in ("recon_fid", "midpoint_fid", "prior_fid", "collapsed_fraction")},
-         "sharpness": rep["sharpness"]["recon"], "sharpness_all": rep["sharpness"], "test_elbo": elbo,
-         "seconds_per_epoch": sec, "last_record": {k: v for k, v in hist[-1].items() if isinstance(v, float)},
-         "fid_classifier_acc": feats.info.get("test_accuracy")}
+    r = {
+        **{k: rep[k] for k in ("recon_fid", "midpoint_fid", "prior_fid", "collapsed_fraction")},
+        "sharpness": rep["sharpness"]["recon"],
+        "sharpness_all": rep["sharpness"],
+        "test_elbo": elbo,
+        "seconds_per_epoch": sec,
+        "last_record": {k: v for k, v in hist[-1].items() if isinstance(v, float)},
+        "fid_classifier_acc": feats.info.get("test_accuracy"),
+    }
     if figures:
         tag = f"{cell}_{scale}"
         plot_reconstructions(model, x[:8], RESULTS / f"gamix_published_{tag}_recon.png")
         plot_interpolations(model, x[0:12:2][:6], x[1:12:2][:6], RESULTS / f"gamix_published_{tag}_interp.png")
         plot_perturbations(model, x[:1], RESULTS / f"gamix_published_{tag}_perturb.png", dims=6)
-    print(f"[{cell} {scale} seed {seed}] " + ", ".join(f"{k} {v:.4g}" for k, v in r.items()
-                                                      if isinstance(v, float)), flush=True)
+    print(
+        f"[{cell} {scale} seed {seed}] " + ", ".join(f"{k} {v:.4g}" for k, v in r.items() if isinstance(v, float)),
+        flush=True,
+    )
     return cell, scale, seed, r
 
 
@@ -109,8 +134,9 @@ def main(argv=None):
     if args.quick:
         scales = scales[:1]
     # the FID features once, before the workers share the cache
-    train_feature_classifier(load_data("fashion_mnist", limit=s["limit"], seed=0), epochs=s["fid_epochs"], seed=0,
-                             cache_dir=CACHE)
+    train_feature_classifier(
+        load_data("fashion_mnist", limit=s["limit"], seed=0), epochs=s["fid_epochs"], seed=0, cache_dir=CACHE
+    )
     jobs = [(c, r, sd, s, sd == seeds[0] and not args.quick) for sd in seeds for r in scales for c in cells]
     done = run_jobs(one_run, jobs, args.workers)
     by = {f"{c}/{r}": {} for r in scales for c in cells}
@@ -128,7 +154,7 @@ def main(argv=None):
                 "higher_sharpness": out["sharpness"][a] > out["sharpness"][b],
                 "no_collapsed_variances": out["collapsed_fraction"][a] < 0.01,
             }
-        except KeyError:   # a claim whose rows were not all trained is left out
+        except KeyError:  # a claim whose rows were not all trained is left out
             pass
     out["claims"] = claims
     finish("gamix_published", out, args, device="cpu")

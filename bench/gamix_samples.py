@@ -92,10 +92,14 @@ def posterior_stats(model, x: torch.Tensor) -> dict:
         comp_var = marg_var = base.scale.pow(2)
         mean = base.loc
         effective = 1.0
-    return {"component_var": float(comp_var.mean()), "collapsed_share": float((comp_var < 0.01).double().mean()),
-            "marginal_var": float(marg_var.mean()), "active_units": int((mean.var(0) > 0.01).sum()),
-            "effective_components": effective,
-            "between_component_share": float(((marg_var - comp_var) / marg_var).clamp_min(0).mean())}
+    return {
+        "component_var": float(comp_var.mean()),
+        "collapsed_share": float((comp_var < 0.01).double().mean()),
+        "marginal_var": float(marg_var.mean()),
+        "active_units": int((mean.var(0) > 0.01).sum()),
+        "effective_components": effective,
+        "between_component_share": float(((marg_var - comp_var) / marg_var).clamp_min(0).mean()),
+    }
 
 
 @torch.no_grad()
@@ -103,13 +107,16 @@ def prior_samples(model, n: int, seed: int) -> torch.Tensor:
     """Decoded means of ``n`` prior draws, flattened to images in [0, 1]."""
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(n, model.latent_dim, generator=gen)
-    return torch.cat([model.decode(z[i:i + 500]) for i in range(0, n, 500)]).clamp(0, 1)
+    return torch.cat([model.decode(z[i : i + 500]) for i in range(0, n, 500)]).clamp(0, 1)
 
 
 def main(argv=None):
     ap = parser(__doc__, seeds=None)
-    ap.add_argument("--runs", default=",".join(RUNS),
-                    help="comma-separated runs of _guide_runs.py's RUNS/EXTRA_RUNS; 'vae' first (the pairing baseline)")
+    ap.add_argument(
+        "--runs",
+        default=",".join(RUNS),
+        help="comma-separated runs of _guide_runs.py's RUNS/EXTRA_RUNS; 'vae' first (the pairing baseline)",
+    )
     args = start(ap, argv)
     runs = tuple(args.runs.split(","))
     if runs[0] != "vae":
@@ -125,8 +132,11 @@ def main(argv=None):
     fd = FrechetDistance(clf, real)
     n_ref = min(len(real), len(grey.train_x))
     reference_fid = fd.score(grey.train_x[:n_ref]).value
-    print(f"classifier test accuracy {clf.info['test_accuracy']:.4f}; FID of {n_ref} greyscale training images "
-          f"{reference_fid:.3f}", flush=True)
+    print(
+        f"classifier test accuracy {clf.info['test_accuracy']:.4f}; FID of {n_ref} greyscale training images "
+        f"{reference_fid:.3f}",
+        flush=True,
+    )
     x_ll = data.test_x[: s["n_ll"]]
     seeds = list(args.seeds or s["seeds"])
     per, lls = {}, {}
@@ -135,35 +145,68 @@ def main(argv=None):
             t0 = time.perf_counter()
             model, hist = train(run, data, tc, seed)
             fids = [fd.score(prior_samples(model, s["fid_images"], 1000 + j)).value for j in range(2)]
-            r = {"sample_fid": statistics.mean(fids), "sample_fid_draw_spread": abs(fids[0] - fids[1]) / 2,
-                 **posterior_stats(model, data.test_x),
-                 "final_train_elbo": hist[-1]["train_elbo"], "seconds": time.perf_counter() - t0}
-            ll, ess = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], **measured_chunks(len(x_ll), s["S"], 10), seed=0,
-                                     return_ess=True)
+            r = {
+                "sample_fid": statistics.mean(fids),
+                "sample_fid_draw_spread": abs(fids[0] - fids[1]) / 2,
+                **posterior_stats(model, data.test_x),
+                "final_train_elbo": hist[-1]["train_elbo"],
+                "seconds": time.perf_counter() - t0,
+            }
+            ll, ess = log_likelihood(
+                model.model,
+                model.guide,
+                x_ll,
+                num_samples=s["S"],
+                **measured_chunks(len(x_ll), s["S"], 10),
+                seed=0,
+                return_ess=True,
+            )
             lls[run, seed] = ll.double()
             r["test_ll"] = float(ll.mean())
             r["test_ll_mc_std_error"] = ll_mc_std_error(ess, s["S"])
             r["test_elbo"] = float(elbo_per_datapoint(model.model, model.guide, x_ll, 100).mean())
             per[run, seed] = r
-            print(f"[{run} seed {seed}] {r['seconds']:.0f}s  FID {fids[0]:.2f}/{fids[1]:.2f}  "
-                  f"comp var {r['component_var']:.4f}  collapsed {r['collapsed_share']:.3f}  AU {r['active_units']}  "
-                  f"K_eff {r['effective_components']:.2f}  between {r['between_component_share']:.4f}  "
-                  f"test LL {r['test_ll']:.2f} (MC s.e. {r['test_ll_mc_std_error']:.3f})", flush=True)
-    out = {"sample_fid": {}, "sample_fid_diff_vs_vae": {}, "sample_fid_diff_vs_vae_std_error": {},
-           "sample_fid_seeds_better": {}, "component_var": {}, "collapsed_share": {}, "marginal_var": {},
-           "effective_components": {}, "between_component_share": {}, "active_units": {}, "test_ll": {},
-           "test_ll_mc_std_error": {}, "test_ll_diff_vs_vae": {}, "test_ll_diff_vs_vae_std_error": {},
-           "test_elbo": {}, "by_seed": {}}
+            print(
+                f"[{run} seed {seed}] {r['seconds']:.0f}s  FID {fids[0]:.2f}/{fids[1]:.2f}  "
+                f"comp var {r['component_var']:.4f}  collapsed {r['collapsed_share']:.3f}  AU {r['active_units']}  "
+                f"K_eff {r['effective_components']:.2f}  between {r['between_component_share']:.4f}  "
+                f"test LL {r['test_ll']:.2f} (MC s.e. {r['test_ll_mc_std_error']:.3f})",
+                flush=True,
+            )
+    out = {
+        "sample_fid": {},
+        "sample_fid_diff_vs_vae": {},
+        "sample_fid_diff_vs_vae_std_error": {},
+        "sample_fid_seeds_better": {},
+        "component_var": {},
+        "collapsed_share": {},
+        "marginal_var": {},
+        "effective_components": {},
+        "between_component_share": {},
+        "active_units": {},
+        "test_ll": {},
+        "test_ll_mc_std_error": {},
+        "test_ll_diff_vs_vae": {},
+        "test_ll_diff_vs_vae_std_error": {},
+        "test_elbo": {},
+        "by_seed": {},
+    }
     for (run, seed), r in per.items():
         r["test_ll_diff_vs_vae"], r["test_ll_diff_vs_vae_std_error"] = paired(lls[run, seed], lls["vae", seed])
         r["sample_fid_diff_vs_vae"] = r["sample_fid"] - per["vae", seed]["sample_fid"]
         out["by_seed"].setdefault(run, {})[str(seed)] = {k: round(v, 4) for k, v in r.items()}
     for run in runs:
         rs = [per[run, sd] for sd in seeds]
-        mean = lambda k: statistics.mean(r[k] for r in rs)  # noqa: E731
+        mean = lambda k, rs=rs: statistics.mean(r[k] for r in rs)  # noqa: E731
         out["sample_fid"][run] = round(mean("sample_fid"), 3)
-        for k in ("component_var", "collapsed_share", "marginal_var", "effective_components",
-                  "between_component_share", "test_ll_mc_std_error"):
+        for k in (
+            "component_var",
+            "collapsed_share",
+            "marginal_var",
+            "effective_components",
+            "between_component_share",
+            "test_ll_mc_std_error",
+        ):
             out[k][run] = round(mean(k), 4)
         out["active_units"][run] = round(mean("active_units"), 1)
         out["test_ll"][run] = round(mean("test_ll"), 3)
@@ -173,8 +216,9 @@ def main(argv=None):
         # FID differences: spread over training seeds (the draw spread is reported separately and is much smaller)
         d = [r["sample_fid_diff_vs_vae"] for r in rs]
         out["sample_fid_diff_vs_vae"][run] = round(statistics.mean(d), 3)
-        out["sample_fid_diff_vs_vae_std_error"][run] = (round(statistics.stdev(d) / math.sqrt(len(d)), 3)
-                                                        if len(d) > 1 else None)
+        out["sample_fid_diff_vs_vae_std_error"][run] = (
+            round(statistics.stdev(d) / math.sqrt(len(d)), 3) if len(d) > 1 else None
+        )
         out["sample_fid_seeds_better"][run] = f"{sum(v < 0 for v in d)}/{len(d)}"
         m, se = over_seeds([(r["test_ll_diff_vs_vae"], r["test_ll_diff_vs_vae_std_error"]) for r in rs])
         out["test_ll_diff_vs_vae"][run], out["test_ll_diff_vs_vae_std_error"][run] = round(m, 3), round(se, 3)
@@ -184,31 +228,60 @@ def main(argv=None):
         se = out["sample_fid_diff_vs_vae_std_error"][run]
         return se is not None and out["sample_fid_diff_vs_vae"][run] < -2 * se
 
-    out["claims"] = {"lower_sample_fid_than_vae": {r: out["sample_fid_diff_vs_vae"][r] < 0 for r in runs[1:]},
-                     "lower_sample_fid_by_2_std_errors": {r: better(r) for r in runs[1:]},
-                     "less_variance_collapse_than_vae": {r: out["collapsed_share"][r] < out["collapsed_share"]["vae"]
-                                                         for r in runs[1:]}}
-    out.update({
-        "training_seeds": seeds, "epochs": s["epochs"],
-        "runs_trained": list(runs), "run_options": {r: run_config(r) for r in runs},
-        "runs": {"vae": "diagonal Gaussian, ELBO", "gamix": "K=3 mixture, ELBO + var_reg 0.1",
-                 "gamix_noreg": "K=3 mixture, ELBO, var_reg 0", "gamix_k1": "K=1 (diagonal Gaussian), ELBO + var_reg 0.1",
-                 "rivera": "K=1, Rivera's objective (aggregate KL of the batch's codes + var_reg 0.1), no PatchGAN",
-                 "rivera_k3": "K=3 mixture, Rivera's objective",
-                 "rivera_g05": "K=1, Rivera's objective with var_reg 0.5 (the ELBO's own variance pull: only the "
-                               "aggregate mean term differs from the VAE)",
-                 "rivera_g25": "K=1, Rivera's objective with var_reg 2.5 (5x the ELBO's variance pull)",
-                 "recursive_5": "5-component recursive mixture (bench/guides.py's row)"},
-        "data": {"name": "fashion_mnist", "pixels": "binary_dynamic for training and test LL; greyscale (continuous) "
-                 "test images as the real set of the FID and greyscale training images for its classifier",
-                 "limit": s["limit"], "train": len(data.train_x), "test": len(data.test_x), "test_used_for_ll": len(x_ll),
-                 "source": data.source},
-        "fid": {"extractor": fd.name, "classifier_test_accuracy": round(clf.info["test_accuracy"], 4),
-                "real_images": len(real), "generated_images": s["fid_images"],
-                "reference_fid_greyscale_training_images": round(reference_fid, 3), "reference_images": n_ref},
-        "sizes": {"latent_dim": LATENT, "hidden": HIDDEN, "activation": "relu", "likelihood": "bernoulli",
-                  "batch_size": 100, "lr": 1e-3, "ll_num_samples": s["S"]},
-    })
+    out["claims"] = {
+        "lower_sample_fid_than_vae": {r: out["sample_fid_diff_vs_vae"][r] < 0 for r in runs[1:]},
+        "lower_sample_fid_by_2_std_errors": {r: better(r) for r in runs[1:]},
+        "less_variance_collapse_than_vae": {
+            r: out["collapsed_share"][r] < out["collapsed_share"]["vae"] for r in runs[1:]
+        },
+    }
+    out.update(
+        {
+            "training_seeds": seeds,
+            "epochs": s["epochs"],
+            "runs_trained": list(runs),
+            "run_options": {r: run_config(r) for r in runs},
+            "runs": {
+                "vae": "diagonal Gaussian, ELBO",
+                "gamix": "K=3 mixture, ELBO + var_reg 0.1",
+                "gamix_noreg": "K=3 mixture, ELBO, var_reg 0",
+                "gamix_k1": "K=1 (diagonal Gaussian), ELBO + var_reg 0.1",
+                "rivera": "K=1, Rivera's objective (aggregate KL of the batch's codes + var_reg 0.1), no PatchGAN",
+                "rivera_k3": "K=3 mixture, Rivera's objective",
+                "rivera_g05": "K=1, Rivera's objective with var_reg 0.5 (the ELBO's own variance pull: only the "
+                "aggregate mean term differs from the VAE)",
+                "rivera_g25": "K=1, Rivera's objective with var_reg 2.5 (5x the ELBO's variance pull)",
+                "recursive_5": "5-component recursive mixture (bench/guides.py's row)",
+            },
+            "data": {
+                "name": "fashion_mnist",
+                "pixels": "binary_dynamic for training and test LL; greyscale (continuous) "
+                "test images as the real set of the FID and greyscale training images for its classifier",
+                "limit": s["limit"],
+                "train": len(data.train_x),
+                "test": len(data.test_x),
+                "test_used_for_ll": len(x_ll),
+                "source": data.source,
+            },
+            "fid": {
+                "extractor": fd.name,
+                "classifier_test_accuracy": round(clf.info["test_accuracy"], 4),
+                "real_images": len(real),
+                "generated_images": s["fid_images"],
+                "reference_fid_greyscale_training_images": round(reference_fid, 3),
+                "reference_images": n_ref,
+            },
+            "sizes": {
+                "latent_dim": LATENT,
+                "hidden": HIDDEN,
+                "activation": "relu",
+                "likelihood": "bernoulli",
+                "batch_size": 100,
+                "lr": 1e-3,
+                "ll_num_samples": s["S"],
+            },
+        }
+    )
     finish("gamix_samples", out, args, device="cpu")
 
 

@@ -65,10 +65,22 @@ def main(argv=None):
     tc = TrainConfig(objective="elbo", epochs=s["epochs"], batch_size=100, lr=1e-3)
     x_ll = data.test_x[: s["n_ll"]]
     x_gap = x_ll[: s["n_gap"]]
-    out = {"test_ll": {}, "test_ll_std_error": {}, "test_ll_mc_std_error": {}, "test_ll_diff_vs_vae": {},
-           "test_ll_diff_vs_vae_std_error": {}, "test_elbo": {}, "final_train_elbo": {}, "final_val_elbo": {},
-           "seconds_per_epoch": {}, "relative_seconds_per_epoch": {}, "step_seconds": {}, "relative_step_seconds": {},
-           "amortisation_gap": {}, "by_seed": {}}
+    out = {
+        "test_ll": {},
+        "test_ll_std_error": {},
+        "test_ll_mc_std_error": {},
+        "test_ll_diff_vs_vae": {},
+        "test_ll_diff_vs_vae_std_error": {},
+        "test_elbo": {},
+        "final_train_elbo": {},
+        "final_val_elbo": {},
+        "seconds_per_epoch": {},
+        "relative_seconds_per_epoch": {},
+        "step_seconds": {},
+        "relative_step_seconds": {},
+        "amortisation_gap": {},
+        "by_seed": {},
+    }
     seeds = list(args.seeds or s["seeds"])
     lls, models, per = {}, {}, {}
     for seed in seeds:
@@ -79,18 +91,31 @@ def main(argv=None):
             model, hist = train(run, data, tc, seed)
             if seed == seeds[0]:
                 models[run] = model
-            r = {"seconds_per_epoch": statistics.mean(h["seconds"] for h in hist),
-                 "final_train_elbo": hist[-1]["train_elbo"], "final_val_elbo": hist[-1]["val_elbo"]}
-            ll, ess = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], **measured_chunks(len(x_ll), s["S"], 10), seed=0,
-                                     return_ess=True)
+            r = {
+                "seconds_per_epoch": statistics.mean(h["seconds"] for h in hist),
+                "final_train_elbo": hist[-1]["train_elbo"],
+                "final_val_elbo": hist[-1]["val_elbo"],
+            }
+            ll, ess = log_likelihood(
+                model.model,
+                model.guide,
+                x_ll,
+                num_samples=s["S"],
+                **measured_chunks(len(x_ll), s["S"], 10),
+                seed=0,
+                return_ess=True,
+            )
             lls[run, seed] = ll.double()
             r["test_ll"] = float(ll.mean())
             r["test_ll_std_error"] = float(ll.std() / math.sqrt(len(ll)))
             r["test_ll_mc_std_error"] = ll_mc_std_error(ess, s["S"])
             r["test_elbo"] = float(elbo_per_datapoint(model.model, model.guide, x_ll, 100).mean())
             per[run, seed] = r
-            print(f"[{run} seed {seed}] {time.perf_counter() - t0:.0f}s  {r['seconds_per_epoch']:.2f} s/epoch  "
-                  f"test LL {r['test_ll']:.3f}  test ELBO {r['test_elbo']:.3f}", flush=True)
+            print(
+                f"[{run} seed {seed}] {time.perf_counter() - t0:.0f}s  {r['seconds_per_epoch']:.2f} s/epoch  "
+                f"test LL {r['test_ll']:.3f}  test ELBO {r['test_elbo']:.3f}",
+                flush=True,
+            )
     # per seed: each run's LL and its paired difference to the VAE trained with the same seed (same test images)
     for (run, seed), r in per.items():
         r["diff_vs_vae"], r["diff_vs_vae_std_error"] = paired(lls[run, seed], lls["vae", seed])
@@ -100,7 +125,7 @@ def main(argv=None):
     out["diff_vs_vae_seeds_positive"] = {}
     for run in RUNS:
         rs = [per[run, sd] for sd in out["seeds"][run]]
-        mean = lambda k: statistics.mean(r[k] for r in rs)  # noqa: E731
+        mean = lambda k, rs=rs: statistics.mean(r[k] for r in rs)  # noqa: E731
         out["test_ll"][run] = round(mean("test_ll"), 3)
         out["test_ll_std_error"][run] = round(mean("test_ll_std_error"), 3)
         out["test_ll_mc_std_error"][run] = round(mean("test_ll_mc_std_error"), 4)
@@ -114,8 +139,9 @@ def main(argv=None):
         out["test_ll_diff_vs_vae_std_error"][run] = round(se, 3)
         out["diff_vs_vae_seeds_positive"][run] = f"{sum(v > 0 for v, _ in d)}/{len(d)}"
     for run in RUNS:
-        out["relative_seconds_per_epoch"][run] = round(out["seconds_per_epoch"][run] / out["seconds_per_epoch"]["vae"],
-                                                       2)
+        out["relative_seconds_per_epoch"][run] = round(
+            out["seconds_per_epoch"][run] / out["seconds_per_epoch"]["vae"], 2
+        )
     lls = {run: lls[run, seeds[0]] for run in RUNS}
     for run, family in (("vae", "diag"), ("laplace", "full")):
         t0 = time.perf_counter()
@@ -132,28 +158,48 @@ def main(argv=None):
         "laplace_shrinks_amortisation_gap": out["amortisation_gap"]["laplace"]["gap"]
         < out["amortisation_gap"]["vae"]["gap"],
     }
-    out.update({
-        "training_seeds": seeds, "seeded_runs": list(SEEDED),
-        "diff_std_error_note": "paired difference to the VAE of the same seed on the same test images; over seeds "
-                               "sqrt(stdev(diffs)^2/n + mean(paired s.e.)^2/n)",
-        "data": {"name": "fashion_mnist", "pixels": "binary_dynamic (train re-binarised every epoch; val/test "
-                 "binarised once, seed 0)", "limit": s["limit"], "train": len(data.train_x), "val": len(data.val_x),
-                 "test": len(data.test_x), "test_used_for_ll": len(x_ll), "test_used_for_gap": len(x_gap),
-                 "source": data.source},
-        "sizes": {"latent_dim": LATENT, "hidden": HIDDEN, "activation": "relu", "likelihood": "bernoulli",
-                  "encoders": "recursive_K: K encoders of this size; gamix: one trunk with K heads; laplace: a mean "
-                              "encoder + T=4 damped Newton steps (eta_t = 0.5/(t+1))",
-                  "recursive_options": {"divergence_weight": 0.5, "log_ratio_cap": 5.0, "grow_every": 0},
-                  "gamix_options": {"num_components": 3, "var_reg": 0.1},
-                  "gamix_noreg_options": {"num_components": 3, "var_reg": 0.0}, "batch_size": 100, "lr": 1e-3,
-                  "ll_num_samples": s["S"], "elbo_particles": s["elbo_particles"], "gap_steps": s["gap_steps"],
-                  "gap_particles": s["gap_particles"], "gap_optimiser": "Adam lr 1e-2, cosine decay",
-                  "note": "VLAE's 2x500 hidden / 50 latents is too heavy for 2 shared CPU cores; 2x200 / 16 used"},
-        "epochs": s["epochs"],
-        "timing_note": "seconds_per_epoch: mean epoch time of each run's fit loop (training pass + validation "
-                       "ELBO), runs one after the other in this process on a shared 2-core machine; step_seconds: "
-                       "median SVI step on one minibatch over interleaved rounds (same process)",
-    })
+    out.update(
+        {
+            "training_seeds": seeds,
+            "seeded_runs": list(SEEDED),
+            "diff_std_error_note": "paired difference to the VAE of the same seed on the same test images; over seeds "
+            "sqrt(stdev(diffs)^2/n + mean(paired s.e.)^2/n)",
+            "data": {
+                "name": "fashion_mnist",
+                "pixels": "binary_dynamic (train re-binarised every epoch; val/test binarised once, seed 0)",
+                "limit": s["limit"],
+                "train": len(data.train_x),
+                "val": len(data.val_x),
+                "test": len(data.test_x),
+                "test_used_for_ll": len(x_ll),
+                "test_used_for_gap": len(x_gap),
+                "source": data.source,
+            },
+            "sizes": {
+                "latent_dim": LATENT,
+                "hidden": HIDDEN,
+                "activation": "relu",
+                "likelihood": "bernoulli",
+                "encoders": "recursive_K: K encoders of this size; gamix: one trunk with K heads; laplace: a mean "
+                "encoder + T=4 damped Newton steps (eta_t = 0.5/(t+1))",
+                "recursive_options": {"divergence_weight": 0.5, "log_ratio_cap": 5.0, "grow_every": 0},
+                "gamix_options": {"num_components": 3, "var_reg": 0.1},
+                "gamix_noreg_options": {"num_components": 3, "var_reg": 0.0},
+                "batch_size": 100,
+                "lr": 1e-3,
+                "ll_num_samples": s["S"],
+                "elbo_particles": s["elbo_particles"],
+                "gap_steps": s["gap_steps"],
+                "gap_particles": s["gap_particles"],
+                "gap_optimiser": "Adam lr 1e-2, cosine decay",
+                "note": "VLAE's 2x500 hidden / 50 latents is too heavy for 2 shared CPU cores; 2x200 / 16 used",
+            },
+            "epochs": s["epochs"],
+            "timing_note": "seconds_per_epoch: mean epoch time of each run's fit loop (training pass + validation "
+            "ELBO), runs one after the other in this process on a shared 2-core machine; step_seconds: "
+            "median SVI step on one minibatch over interleaved rounds (same process)",
+        }
+    )
     finish("guides", out, args, device="cpu")
 
 

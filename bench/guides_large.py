@@ -45,13 +45,12 @@ from _guide_runs import beats_vae, gap_report, n_params, train, wide_width
 from ppl_vae.config import TrainConfig
 from ppl_vae.data import load_data
 from ppl_vae.evaluate import elbo_per_datapoint, log_likelihood
-from ppl_vae.nets import MLPEncoder
+from ppl_vae.nn.networks import MLPEncoder
 
 LATENT, HIDDEN = 50, [500, 500]
-FULL = dict(limit=None, epochs=40, n_ll=500, S=5000, n_gap=100, gap_steps=300, gap_particles=16,
-            elbo_particles=1000)
+FULL = dict(limit=None, epochs=40, n_ll=500, S=5000, n_gap=100, gap_steps=300, gap_particles=16, elbo_particles=1000)
 QUICK = dict(limit=1000, epochs=2, n_ll=40, S=1000, n_gap=20, gap_steps=20, gap_particles=4, elbo_particles=100)
-ORDER = ("recursive_5", "recursive_3", "gamix", "vae")   # longest first: two workers finish close together
+ORDER = ("recursive_5", "recursive_3", "gamix", "vae")  # longest first: two workers finish close together
 ALL = ("vae", "recursive_3", "recursive_5", "gamix", "gamix_noreg", "vae_wide")
 
 
@@ -76,20 +75,26 @@ def work(run: str, s: dict, seed: int) -> dict:
         model, hist = train(run, data, tc, seed, latent=LATENT, hidden=HIDDEN)
     train_s = time.perf_counter() - t0
     x_ll = data.test_x[: s["n_ll"]]
-    ll = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], **measured_chunks(len(x_ll), s["S"], 10), seed=0)
-    res = {"ll": ll.double().numpy(), "test_elbo": float(elbo_per_datapoint(model.model, model.guide, x_ll, 100).mean()),
-           "train_seconds": train_s, "seconds_per_epoch": statistics.mean(h["seconds"] for h in hist),
-           "final_train_elbo": hist[-1]["train_elbo"], "final_val_elbo": hist[-1]["val_elbo"],
-           "sizes": {"train": len(data.train_x), "test_used_for_ll": len(x_ll)},
-           "encoder_parameters": n_params(model.encoder)}
+    ll = log_likelihood(
+        model.model, model.guide, x_ll, num_samples=s["S"], **measured_chunks(len(x_ll), s["S"], 10), seed=0
+    )
+    res = {
+        "ll": ll.double().numpy(),
+        "test_elbo": float(elbo_per_datapoint(model.model, model.guide, x_ll, 100).mean()),
+        "train_seconds": train_s,
+        "seconds_per_epoch": statistics.mean(h["seconds"] for h in hist),
+        "final_train_elbo": hist[-1]["train_elbo"],
+        "final_val_elbo": hist[-1]["val_elbo"],
+        "sizes": {"train": len(data.train_x), "test_used_for_ll": len(x_ll)},
+        "encoder_parameters": n_params(model.encoder),
+    }
     if run == "vae_wide":
         res["encoder_hidden"] = [width, width]
     if run == "vae":
         g = gap_report(model, x_ll[: s["n_gap"]], "diag", s, ll[: s["n_gap"]])
         del g["_amortised"]
         res["gaps"] = g
-    print(f"[{run}] train {train_s:.0f}s  test LL {float(ll.mean()):.3f}  test ELBO {res['test_elbo']:.3f}",
-          flush=True)
+    print(f"[{run}] train {train_s:.0f}s  test LL {float(ll.mean()):.3f}  test ELBO {res['test_elbo']:.3f}", flush=True)
     return res
 
 
@@ -112,9 +117,14 @@ def combine(results: dict) -> dict:
             if run != "vae":
                 per.setdefault(run, {})[d["training_seed"]] = (diff, d["test_ll_diff_vs_vae_std_error"][run])
         per.setdefault("vae", {})[d["training_seed"]] = (d["test_ll"]["vae"], 0.0)
-    out = {"test_ll_vae_by_seed": {str(k): v[0] for k, v in sorted(per.pop("vae").items())},
-           "test_ll_diff_vs_vae": {}, "test_ll_diff_vs_vae_std_error": {}, "seeds_positive": {}, "t_statistic": {},
-           "by_seed": {}}
+    out = {
+        "test_ll_vae_by_seed": {str(k): v[0] for k, v in sorted(per.pop("vae").items())},
+        "test_ll_diff_vs_vae": {},
+        "test_ll_diff_vs_vae_std_error": {},
+        "seeds_positive": {},
+        "t_statistic": {},
+        "by_seed": {},
+    }
     for run, by in per.items():
         pairs = [by[k] for k in sorted(by)]
         m, se = over_seeds(pairs)
@@ -122,8 +132,11 @@ def combine(results: dict) -> dict:
         out["test_ll_diff_vs_vae"][run] = round(m, 3)
         out["test_ll_diff_vs_vae_std_error"][run] = round(se, 3)
         out["seeds_positive"][run] = f"{sum(a > 0 for a in means)}/{len(means)}"
-        out["t_statistic"][run] = (round(statistics.mean(means) / (statistics.stdev(means) / math.sqrt(len(means))), 2)
-                                   if len(means) > 1 and statistics.stdev(means) > 0 else None)
+        out["t_statistic"][run] = (
+            round(statistics.mean(means) / (statistics.stdev(means) / math.sqrt(len(means))), 2)
+            if len(means) > 1 and statistics.stdev(means) > 0
+            else None
+        )
         out["by_seed"][run] = {str(k): {"diff": v[0], "std_error": v[1]} for k, v in sorted(by.items())}
     out["claims"] = beats_vae(out, [r for r in per if r != "vae_wide"])
     out["sources"] = sorted(results)
@@ -133,11 +146,16 @@ def combine(results: dict) -> dict:
 
 def main(argv=None):
     ap = parser(__doc__, seeds="0")
-    ap.add_argument("--combine", action="store_true",
-                    help="combine every seed stored in the result file over training seeds into its 'combined' "
-                         "entry (no training)")
-    ap.add_argument("--runs", default=",".join(ORDER),
-                    help=f"comma-separated runs, submitted in this order to two workers; from {', '.join(ALL)}")
+    ap.add_argument(
+        "--combine",
+        action="store_true",
+        help="combine every seed stored in the result file over training seeds into its 'combined' entry (no training)",
+    )
+    ap.add_argument(
+        "--runs",
+        default=",".join(ORDER),
+        help=f"comma-separated runs, submitted in this order to two workers; from {', '.join(ALL)}",
+    )
     args = start(ap, argv)
     seed = one_seed(args)
     if args.combine:
@@ -156,9 +174,17 @@ def main(argv=None):
         futures = {run: pool.submit(work, run, s, seed) for run in runs}
         res = {run: f.result() for run, f in futures.items()}
     vae = res["vae"]["ll"]
-    out = {"test_ll": {}, "test_ll_diff_vs_vae": {}, "test_ll_diff_vs_vae_std_error": {}, "test_elbo": {},
-           "final_train_elbo": {}, "final_val_elbo": {}, "seconds_per_epoch": {}, "relative_seconds_per_epoch": {},
-           "encoder_parameters": {}}
+    out = {
+        "test_ll": {},
+        "test_ll_diff_vs_vae": {},
+        "test_ll_diff_vs_vae_std_error": {},
+        "test_elbo": {},
+        "final_train_elbo": {},
+        "final_val_elbo": {},
+        "seconds_per_epoch": {},
+        "relative_seconds_per_epoch": {},
+        "encoder_parameters": {},
+    }
     richer = [r for r in ALL if r in res and r not in ("vae", "vae_wide")]
     for run in ["vae", *richer, *(["vae_wide"] if "vae_wide" in res else [])]:
         r = res[run]
@@ -174,18 +200,27 @@ def main(argv=None):
         out["encoder_parameters"][run] = r["encoder_parameters"]
     out["vae_gaps"] = res["vae"]["gaps"]
     out["claims"] = beats_vae(out, richer)
-    out.update({
-        "training_seed": seed,
-        "data": {"name": "fashion_mnist", "pixels": "binary_dynamic", "limit": s["limit"], **res["vae"]["sizes"]},
-        "sizes": {"latent_dim": LATENT, "hidden": HIDDEN, "epochs": s["epochs"], "batch_size": 100, "lr": 1e-3,
-                  "ll_num_samples": s["S"], "recursive_options": {"divergence_weight": 0.5, "log_ratio_cap": 5.0},
-                  "gamix_options": {"num_components": 3, "var_reg": 0.1},
-                  "gamix_noreg_options": {"num_components": 3, "var_reg": 0.0},
-                  **({"vae_wide_encoder_hidden": res["vae_wide"]["encoder_hidden"]} if "vae_wide" in res else {})},
-        "timing_note": "seconds_per_epoch: each run's fit loop in one of two worker processes running side by side "
-                       "(one torch thread each) on a shared 2-core machine; ratios are indicative",
-        "workers": {"processes": 2, "torch_threads_per_worker": 1},
-    })
+    out.update(
+        {
+            "training_seed": seed,
+            "data": {"name": "fashion_mnist", "pixels": "binary_dynamic", "limit": s["limit"], **res["vae"]["sizes"]},
+            "sizes": {
+                "latent_dim": LATENT,
+                "hidden": HIDDEN,
+                "epochs": s["epochs"],
+                "batch_size": 100,
+                "lr": 1e-3,
+                "ll_num_samples": s["S"],
+                "recursive_options": {"divergence_weight": 0.5, "log_ratio_cap": 5.0},
+                "gamix_options": {"num_components": 3, "var_reg": 0.1},
+                "gamix_noreg_options": {"num_components": 3, "var_reg": 0.0},
+                **({"vae_wide_encoder_hidden": res["vae_wide"]["encoder_hidden"]} if "vae_wide" in res else {}),
+            },
+            "timing_note": "seconds_per_epoch: each run's fit loop in one of two worker processes running side by side "
+            "(one torch thread each) on a shared 2-core machine; ratios are indicative",
+            "workers": {"processes": 2, "torch_threads_per_worker": 1},
+        }
+    )
     finish("guides_large", out, args, device="cpu")
 
 

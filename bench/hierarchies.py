@@ -43,25 +43,41 @@ from ppl_vae.evaluate import (
 )
 from ppl_vae.models import build_model
 
-HIER = {"vladder": dict(name="vladder", latent_dim=2, options={"layers": 3, "combination": "gated"}),
-        "hvae": dict(name="hvae", latent_dim=2, options={"layers": 3}),
-        "vae": dict(name="vae", latent_dim=6, options={})}
+HIER = {
+    "vladder": dict(name="vladder", latent_dim=2, options={"layers": 3, "combination": "gated"}),
+    "hvae": dict(name="hvae", latent_dim=2, options={"layers": 3}),
+    "vae": dict(name="vae", latent_dim=6, options={}),
+}
 
 
 def fit(cfg: ModelConfig, data, epochs: int, seed: int, args, warmup_kl: int = 0, shape: str = "linear"):
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     m = build_model(cfg, data.shape, num_data=len(data.train_x)).to(args.device)
-    ppl_vae.train(m, data, TrainConfig(epochs=epochs, batch_size=100, lr=1e-3, kl_warmup_epochs=warmup_kl,
-                                       kl_warmup_shape=shape), seed=seed, device=args.device, progress=False)
+    ppl_vae.train(
+        m,
+        data,
+        TrainConfig(epochs=epochs, batch_size=100, lr=1e-3, kl_warmup_epochs=warmup_kl, kl_warmup_shape=shape),
+        seed=seed,
+        device=args.device,
+        progress=False,
+    )
     return m.eval()
 
 
 def per_layer_run(method, data, epochs, seed, args, n_eval, n_ll, S) -> dict:
     spec = HIER[method]
     options = {**spec["options"], **({"combination": args.combination} if method == "vladder" else {})}
-    cfg = ModelConfig(name=spec["name"], likelihood="gaussian", sigma2=0.125, link="sigmoid", arch="mlp",
-                      hidden=[256, 256], latent_dim=spec["latent_dim"], options=options)
+    cfg = ModelConfig(
+        name=spec["name"],
+        likelihood="gaussian",
+        sigma2=0.125,
+        link="sigmoid",
+        arch="mlp",
+        hidden=[256, 256],
+        latent_dim=spec["latent_dim"],
+        options=options,
+    )
     m = fit(cfg, data, epochs, seed, args, warmup_kl=min(args.kl_warmup, epochs - 1), shape=args.kl_shape)
     xt = data.test_x[:n_eval].to(args.device)
     xtr = data.train_x[:5000].to(args.device)
@@ -75,11 +91,20 @@ def per_layer_run(method, data, epochs, seed, args, n_eval, n_ll, S) -> dict:
     n = len(ytr)
     layers = {}
     for site in sorted(kl):
-        layers[site] = {"kl": round(kl[site], 3), "active_units": au[site]["active"], "dims": au[site]["dims"],
-                        "probe_logistic": round(probe_accuracy(mtr[site], ytr, mte[site], yte, (n,))[n], 4),
-                        "probe_knn": round(probe_accuracy(mtr[site], ytr, mte[site], yte, (n,), "knn")[n], 4)}
-    return {"method": method, "seed": seed, "layers": layers, "test_ll": round(ll["log_likelihood"], 3),
-            "test_ll_mc_se": round(ll["mc_std_error"], 4)}
+        layers[site] = {
+            "kl": round(kl[site], 3),
+            "active_units": au[site]["active"],
+            "dims": au[site]["dims"],
+            "probe_logistic": round(probe_accuracy(mtr[site], ytr, mte[site], yte, (n,))[n], 4),
+            "probe_knn": round(probe_accuracy(mtr[site], ytr, mte[site], yte, (n,), "knn")[n], 4),
+        }
+    return {
+        "method": method,
+        "seed": seed,
+        "layers": layers,
+        "test_ll": round(ll["log_likelihood"], 3),
+        "test_ll_mc_se": round(ll["mc_std_error"], 4),
+    }
 
 
 def cluster_run(method, data, epochs, seed, args) -> dict:
@@ -89,8 +114,12 @@ def cluster_run(method, data, epochs, seed, args) -> dict:
         cfg = ModelConfig(name="vae", latent_dim=10, **common)
     else:
         layers = 1 if method == "mixture_vae" else 3
-        cfg = ModelConfig(name="vlac", latent_dim=10 if layers == 1 else 4, **common,
-                          options={"layers": layers, "num_components": 10, "warmup_epochs": warm})
+        cfg = ModelConfig(
+            name="vlac",
+            latent_dim=10 if layers == 1 else 4,
+            **common,
+            options={"layers": layers, "num_components": 10, "warmup_epochs": warm},
+        )
     m = fit(cfg, data, epochs, seed, args)
     xt, yt = data.test_x.to(args.device), data.test_y
     with torch.no_grad():
@@ -119,10 +148,16 @@ def summarise(per_layer_rows, cluster_rows) -> dict:
         rows = [r for r in per_layer_rows if r["method"] == method]
         if not rows:
             continue
-        per_layer[method] = {"test_ll": _ms(r["test_ll"] for r in rows), "layers": {
-            site: {k: _ms(r["layers"][site][k] for r in rows) for k in ("kl", "active_units", "probe_logistic",
-                                                                        "probe_knn")}
-            for site in rows[0]["layers"]}}
+        per_layer[method] = {
+            "test_ll": _ms(r["test_ll"] for r in rows),
+            "layers": {
+                site: {
+                    k: _ms(r["layers"][site][k] for r in rows)
+                    for k in ("kl", "active_units", "probe_logistic", "probe_knn")
+                }
+                for site in rows[0]["layers"]
+            },
+        }
     clusters = {}
     for dataset, rows in cluster_rows.items():
         if not rows:
@@ -130,8 +165,10 @@ def summarise(per_layer_rows, cluster_rows) -> dict:
         clusters[dataset] = {}
         for method in ("vae_gmm", "mixture_vae", "vlac"):
             mine = [r for r in rows if r["method"] == method]
-            clusters[dataset][method] = {k: {s: _ms(r["scores"][k][s] for r in mine) for s in ("accuracy", "nmi", "ari")}
-                                         for k in mine[0]["scores"]}
+            clusters[dataset][method] = {
+                k: {s: _ms(r["scores"][k][s] for r in mine) for s in ("accuracy", "nmi", "ari")}
+                for k in mine[0]["scores"]
+            }
     return {"per_layer": per_layer, "cluster_acc": clusters}
 
 
@@ -140,14 +177,19 @@ def verdicts(s) -> dict:
     top = "z3"
     if not {"vladder", "hvae"} <= set(pl):
         return out
-    out["hvae_top_kl_below_vladder"] = pl["hvae"]["layers"][top]["kl"]["mean"] < pl["vladder"]["layers"][top]["kl"]["mean"]
-    out["hvae_top_au_below_vladder"] = (pl["hvae"]["layers"][top]["active_units"]["mean"]
-                                        < pl["vladder"]["layers"][top]["active_units"]["mean"])
+    out["hvae_top_kl_below_vladder"] = (
+        pl["hvae"]["layers"][top]["kl"]["mean"] < pl["vladder"]["layers"][top]["kl"]["mean"]
+    )
+    out["hvae_top_au_below_vladder"] = (
+        pl["hvae"]["layers"][top]["active_units"]["mean"] < pl["vladder"]["layers"][top]["active_units"]["mean"]
+    )
     probes = {site: v["probe_logistic"]["mean"] for site, v in pl["vladder"]["layers"].items()}
     out["vladder_most_informative_layer"] = max(probes, key=probes.get)
     d = pl["vladder"]["test_ll"]["mean"] - pl["hvae"]["test_ll"]["mean"]
-    spread = max(statistics.stdev(pl[m]["test_ll"]["per_seed"]) if len(pl[m]["test_ll"]["per_seed"]) > 1 else 0.0
-                 for m in ("vladder", "hvae"))
+    spread = max(
+        statistics.stdev(pl[m]["test_ll"]["per_seed"]) if len(pl[m]["test_ll"]["per_seed"]) > 1 else 0.0
+        for m in ("vladder", "hvae")
+    )
     out["vladder_minus_hvae_test_ll"] = round(d, 3)
     out["ll_within_seed_spread"] = d > -spread
     for dataset, c in s["cluster_acc"].items():
@@ -180,9 +222,11 @@ def main(argv=None):
     if not set(methods) <= set(HIER):
         p.error(f"--methods must name rows among {sorted(HIER)}, got {args.methods!r}")
     clusters = ("vae_gmm", "mixture_vae", "vlac") if args.clusters == "yes" else ()
-    jobs = ([("per_layer", m, s) for s in seeds for m in methods]
-            + [("digits", m, s) for s in seeds for m in clusters]
-            + [("fashion_mnist", m, s) for s in seeds for m in clusters])
+    jobs = (
+        [("per_layer", m, s) for s in seeds for m in methods]
+        + [("digits", m, s) for s in seeds for m in clusters]
+        + [("fashion_mnist", m, s) for s in seeds for m in clusters]
+    )
     per_layer_rows, cluster_rows = [], {"digits": [], "fashion_mnist": []}
     for part, method, seed in tqdm(jobs, desc="hierarchies", disable=args.quick):
         if part == "per_layer":
@@ -191,10 +235,17 @@ def main(argv=None):
             data, e = (digits, d_epochs) if part == "digits" else (fashion, epochs)
             cluster_rows[part].append(cluster_run(method, data, e, seed, args))
     summary = summarise(per_layer_rows, cluster_rows)
-    out = {**summary, "test_ll": {m: v["test_ll"] for m, v in summary["per_layer"].items()},
-           "verdicts": verdicts(summary), "runs": {"per_layer": per_layer_rows, "cluster": cluster_rows},
-           "seeds": list(seeds), "epochs": epochs, "digits_epochs": d_epochs, "ll": {"images": n_ll, "samples": S},
-           "data": {"fashion_mnist": repr(fashion), "digits": repr(digits)}}
+    out = {
+        **summary,
+        "test_ll": {m: v["test_ll"] for m, v in summary["per_layer"].items()},
+        "verdicts": verdicts(summary),
+        "runs": {"per_layer": per_layer_rows, "cluster": cluster_rows},
+        "seeds": list(seeds),
+        "epochs": epochs,
+        "digits_epochs": d_epochs,
+        "ll": {"images": n_ll, "samples": S},
+        "data": {"fashion_mnist": repr(fashion), "digits": repr(digits)},
+    }
     finish("hierarchies", out, args)
 
 

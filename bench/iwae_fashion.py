@@ -44,9 +44,18 @@ ARCHS = {"1layer": ModelConfig(name="vae", arch="burda1"), "2layer": ModelConfig
 
 
 def subset(data: DataBundle, n_train: int, n_test: int) -> DataBundle:
-    return DataBundle(name=data.name, pixels=data.pixels, shape=data.shape, num_classes=data.num_classes,
-                      train_x=data.train_x[:n_train], train_y=data.train_y[:n_train], val_x=data.val_x[:0],
-                      val_y=data.val_y[:0], test_x=data.test_x[:n_test], test_y=data.test_y[:n_test])
+    return DataBundle(
+        name=data.name,
+        pixels=data.pixels,
+        shape=data.shape,
+        num_classes=data.num_classes,
+        train_x=data.train_x[:n_train],
+        train_y=data.train_y[:n_train],
+        val_x=data.val_x[:0],
+        val_y=data.val_y[:0],
+        test_x=data.test_x[:n_test],
+        test_y=data.test_y[:n_test],
+    )
 
 
 def main(argv=None):
@@ -65,13 +74,20 @@ def main(argv=None):
     epochs = args.epochs or (1 if q else 10)
     k_eval = args.k or (500 if q else 5000)
     dev = torch.device(args.device)
-    data = subset(load_data("fashion_mnist", pixels="binary_dynamic", seed=seed, val_fraction=0.0),
-                  n_train, n_test)
+    data = subset(load_data("fashion_mnist", pixels="binary_dynamic", seed=seed, val_fraction=0.0), n_train, n_test)
     x_test = data.test_x.to(dev)
-    out = {"test_ll": {}, "test_ll_sem": {}, "seconds_per_epoch": {}, "final_train_bound": {},
-           "train_images": n_train, "test_images": n_test, "epochs": epochs, "k_eval": k_eval,
-           "data": "Fashion-MNIST (Debian dataset-fashion-mnist), dynamically binarised",
-           "optimiser": "Adam lr 1e-3, batch 100"}
+    out = {
+        "test_ll": {},
+        "test_ll_sem": {},
+        "seconds_per_epoch": {},
+        "final_train_bound": {},
+        "train_images": n_train,
+        "test_images": n_test,
+        "epochs": epochs,
+        "k_eval": k_eval,
+        "data": "Fashion-MNIST (Debian dataset-fashion-mnist), dynamically binarised",
+        "optimiser": "Adam lr 1e-3, batch 100",
+    }
     models = {}
     for arch, mcfg in ARCHS.items():
         for obj_name, objective in OBJECTIVES.items():
@@ -84,8 +100,9 @@ def main(argv=None):
             res = ppl_vae.train(model, data, tc, seed=seed, device=dev, progress=False)
             out["seconds_per_epoch"][run] = round((time.perf_counter() - t0) / epochs, 2)
             out["final_train_bound"][run] = round(res.history[-1]["train_elbo"], 3)
-            ll = log_likelihood(model.model, model.guide, x_test, num_samples=k_eval, seed=seed,
-                                **measured_chunks(len(x_test), k_eval))
+            ll = log_likelihood(
+                model.model, model.guide, x_test, num_samples=k_eval, seed=seed, **measured_chunks(len(x_test), k_eval)
+            )
             out["test_ll"][run] = round(ll.mean().item(), 3)
             out["test_ll_sem"][run] = round((ll.std() / math.sqrt(len(ll))).item(), 3)
             models[run] = model
@@ -97,8 +114,7 @@ def main(argv=None):
     out["eval_seconds_vs_k"] = {"images": n_cost, "model": "1layer_vae"}
     for k in ks:
         t0 = time.perf_counter()
-        log_likelihood(m.model, m.guide, x_test[:n_cost], num_samples=k, seed=seed,
-                       **measured_chunks(n_cost, k))
+        log_likelihood(m.model, m.guide, x_test[:n_cost], num_samples=k, seed=seed, **measured_chunks(n_cost, k))
         out["eval_seconds_vs_k"][str(k)] = round(time.perf_counter() - t0, 3)
     finish("iwae_fashion", out, args)
 

@@ -10,7 +10,8 @@ not depend on pixel values).
     model's parameters) ÷ one hand-written IWAE step (z = μ + σ·ε for K particles, log w = log p(x|z) + log p(z) −
     log q(z|x), −(N/B) Σ_i logmeanexp_k log w, torch.optim.Adam), batch 100, K = 1, 5, 50. ``ratio_svi_*``: plain
     ``pyro.infer.SVI`` + ``pyro.optim.Adam`` (one optimiser per tensor, validation on) at K = 5.
-(b) ``dreg``: the same with ``TraceIWAE(num_particles=K, estimator="dreg")`` ÷ a hand-written one-pass DReG step (Tucker et al.
+(b) ``dreg``: the same with ``TraceIWAE(num_particles=K, estimator="dreg")`` ÷ a hand-written one-pass DReG step
+(Tucker et al.
     2018): log q at the live z with detached μ, σ, and a tensor hook on the decoder's copy of z that multiplies its
     gradient by w̃, so the surrogate Σ w̃ log p(x, z) − Σ w̃² log q(z; sg φ) gives the decoder Σ w̃ ∇θ log p and the
     encoder Σ w̃² ∂log w/∂z ∂z/∂φ in one forward and one backward pass. K = 1, 5, 50.
@@ -91,7 +92,7 @@ def hand_step_fn(model, K: int, dreg: bool):
         B = x.shape[0]
         loc, scale = model.encoder(x)
         z = loc + scale * torch.randn((K,) + loc.shape)
-        zm = z.view_as(z) if dreg else z                          # the decoder's copy of z (hooked for DReG)
+        zm = z.view_as(z) if dreg else z  # the decoder's copy of z (hooked for DReG)
         logits = model.decoder(zm)
         log_px = td.Bernoulli(logits=logits, validate_args=False).log_prob(x).flatten(-3).sum(-1)
         log_p = log_px + td.Normal(0.0, 1.0).log_prob(zm).sum(-1)
@@ -134,7 +135,7 @@ def hand_log_likelihood(model, data, S: int, batch_size: int, chunk_size: int, s
     torch.manual_seed(seed)
     out = []
     for start_ in range(0, data.shape[0], batch_size):
-        xb = data[start_:start_ + batch_size]
+        xb = data[start_ : start_ + batch_size]
         loc, scale = model.encoder(xb)
         q = td.Normal(loc, scale)
         acc, done = None, 0
@@ -142,8 +143,11 @@ def hand_log_likelihood(model, data, S: int, batch_size: int, chunk_size: int, s
             c = min(chunk_size, S - done)
             z = loc + scale * torch.randn((c,) + loc.shape)
             logits = model.decoder(z)
-            log_w = (td.Bernoulli(logits=logits, validate_args=False).log_prob(xb).flatten(-3).sum(-1)
-                     + td.Normal(0.0, 1.0).log_prob(z).sum(-1) - q.log_prob(z).sum(-1))
+            log_w = (
+                td.Bernoulli(logits=logits, validate_args=False).log_prob(xb).flatten(-3).sum(-1)
+                + td.Normal(0.0, 1.0).log_prob(z).sum(-1)
+                - q.log_prob(z).sum(-1)
+            )
             s1 = torch.logsumexp(log_w.double(), 0)
             acc = s1 if acc is None else torch.logaddexp(acc, s1)
             done += c
@@ -173,15 +177,16 @@ def _memory_child(kind: str, seed: int, n: int, S: int, threads: int, queue) -> 
             return log_likelihood(model.model, model.guide, data, num_samples=samples)
         if kind == "old_rule":
             import warnings
+
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 return log_likelihood(model.model, model.guide, data, num_samples=samples, max_elements=100_000)
         return hand_log_likelihood(model, data, samples, *default_plan(data, samples))
 
-    run(x[:1], 10)                                            # warm-up: imports, lazy initialisations
+    run(x[:1], 10)  # warm-up: imports, lazy initialisations
     ru0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     try:
-        Path("/proc/self/clear_refs").write_text("5")        # reset VmHWM to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         method, before = "VmHWM", _rss("VmRSS")
     except OSError:
         method, before = "ru_maxrss", None
@@ -193,8 +198,9 @@ def _memory_child(kind: str, seed: int, n: int, S: int, threads: int, queue) -> 
     queue.put((method, peak))
 
 
-def peak_extra_mib(kind: str, seed: int, n: int, S: int, threads: int, repeats: int,
-                   live: bool = False) -> tuple[str, list]:
+def peak_extra_mib(
+    kind: str, seed: int, n: int, S: int, threads: int, repeats: int, live: bool = False
+) -> tuple[str, list]:
     """The peak RSS growth in MiB of ``repeats`` fresh processes (glibc's heap makes it vary from run to run).
     ``live``: with a fixed mmap threshold (MALLOC_MMAP_THRESHOLD_=131072), so that every large block goes back to
     the system when freed and the RSS follows the live tensors (deterministic)."""
@@ -203,7 +209,7 @@ def peak_extra_mib(kind: str, seed: int, n: int, S: int, threads: int, repeats: 
     saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     try:
         if live:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"      # read by the child's malloc at start-up
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # read by the child's malloc at start-up
         for _ in range(repeats):
             queue = ctx.Queue()
             proc = ctx.Process(target=_memory_child, args=(kind, seed, n, S, threads, queue))
@@ -229,21 +235,28 @@ def main(argv=None):
     quick = args.quick
     rounds, steps = (3, 4) if quick else (11, 10)
     ll_rounds, ll_n, ll_S, old_n, all_n = (3, 50, 500, 10, 20) if quick else (3, 500, 5000, 50, 100)
-    out = {"model": "burda1 MLP 784-200-200-50 tanh, Bernoulli", "batch": BATCH, "rounds": rounds,
-           "steps_per_round": steps, "ratio_iwae_over_handwritten": {}, "ratio_dreg_over_handwritten": {},
-           "sec_per_step": {}, "per_round_ratios": {}}
+    out = {
+        "model": "burda1 MLP 784-200-200-50 tanh, Bernoulli",
+        "batch": BATCH,
+        "rounds": rounds,
+        "steps_per_round": steps,
+        "ratio_iwae_over_handwritten": {},
+        "ratio_dreg_over_handwritten": {},
+        "sec_per_step": {},
+        "per_round_ratios": {},
+    }
     xs = [images(BATCH, seed + 10 + i) for i in range(steps)]
     for est, key in (("iwae", "ratio_iwae_over_handwritten"), ("dreg", "ratio_dreg_over_handwritten")):
         for K in KS:
             model = make_model(seed)
             lib, hand = library_step_fn(model, K, est), hand_step_fn(model, K, dreg=est == "dreg")
-            time_calls(lib, xs[:2]), time_calls(hand, xs[:2])                         # warm-up
+            time_calls(lib, xs[:2]), time_calls(hand, xs[:2])  # warm-up
             n = steps if K < 50 else max(2, steps // 2)
             ratio, t_lib, t_hand, per_round = interleaved(lib, hand, xs[:n], rounds)
             out[key][f"K{K}"] = round(ratio, 3)
             out["sec_per_step"][f"{est}_K{K}"] = {"library": t_lib, "handwritten": t_hand}
             out["per_round_ratios"][f"{est}_K{K}"] = [round(r, 3) for r in per_round]
-        model = make_model(seed)                                                      # plain SVI, K = 5
+        model = make_model(seed)  # plain SVI, K = 5
         svi, hand = svi_step_fn(model, 5, est), hand_step_fn(model, 5, dreg=est == "dreg")
         time_calls(svi, xs[:2]), time_calls(hand, xs[:2])
         out[f"ratio_svi_{est}_over_handwritten"] = {"K5": round(interleaved(svi, hand, xs, rounds)[0], 3)}
@@ -252,40 +265,54 @@ def main(argv=None):
     model = make_model(seed).eval()
     x = images(ll_n, seed + 1)
     bs, cs = default_plan(x, ll_S)
-    lib = lambda data: log_likelihood(model.model, model.guide, data, num_samples=ll_S)       # noqa: E731
-    hand = lambda data: hand_log_likelihood(model, data, ll_S, bs, cs)                         # noqa: E731
-    hand_all = lambda data: hand_log_likelihood(model, data, ll_S, 1, ll_S)                     # noqa: E731
-    lib(x[:2]), hand(x[:2]), hand_all(x[:2])                                                    # warm-up
+    lib = lambda data: log_likelihood(model.model, model.guide, data, num_samples=ll_S)  # noqa: E731
+    hand = lambda data: hand_log_likelihood(model, data, ll_S, bs, cs)  # noqa: E731
+    hand_all = lambda data: hand_log_likelihood(model, data, ll_S, 1, ll_S)  # noqa: E731
+    lib(x[:2]), hand(x[:2]), hand_all(x[:2])  # warm-up
     ratio, t_lib, t_hand, per_round = interleaved(lib, hand, [x], ll_rounds)
     ratio_all, _, t_hand_all, _ = interleaved(lib, hand_all, [x[:all_n]], ll_rounds)
     lp_lib, lp_hand = lib(x[:20]).double(), hand(x[:20]).double()
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        old = lambda data: log_likelihood(model.model, model.guide, data, num_samples=ll_S,  # noqa: E731
-                                          max_elements=100_000)
+        old = lambda data: log_likelihood(  # noqa: E731
+            model.model,
+            model.guide,
+            data,
+            num_samples=ll_S,  # noqa: E731
+            max_elements=100_000,
+        )
         ratio_old, t_old, t_new, _ = interleaved(old, lib, [x[:old_n]], ll_rounds)
-    mem = {kind: peak_extra_mib(kind, seed, 20, ll_S, args.threads, 1 if quick else 3)
-           for kind in ("library", "handwritten", "old_rule")}
-    live = {kind: peak_extra_mib(kind, seed, 20, ll_S, args.threads, 1, live=True)[1][0]
-            for kind in ("library", "handwritten", "old_rule")}
-    out.update({
-        "loglik_num_samples": ll_S, "loglik_num_images": ll_n, "loglik_plan": {"batch_size": bs, "chunk_size": cs},
-        "ratio_loglik_over_handwritten": round(ratio, 3),
-        "sec_loglik": {"library": t_lib, "handwritten": t_hand},
-        "per_round_ratios_loglik": [round(r, 3) for r in per_round],
-        "loglik_mean_first20": {"library": lp_lib.mean().item(), "handwritten": lp_hand.mean().item()},
-        "ratio_loglik_over_handwritten_all_samples": round(ratio_all, 3),
-        "loglik_all_samples_images": all_n,
-        "ratio_loglik_old_rule_over_default": round(ratio_old, 3),
-        "loglik_old_rule_images": old_n,
-        "loglik_peak_extra_mib": statistics.median(mem["library"][1]),
-        "loglik_peak_extra_mib_handwritten": statistics.median(mem["handwritten"][1]),
-        "loglik_peak_extra_mib_old_rule": statistics.median(mem["old_rule"][1]),
-        "loglik_peak_extra_mib_runs": {k: v[1] for k, v in mem.items()},
-        "loglik_peak_live_mib": live,
-        "loglik_memory_method": mem["library"][0] + " growth in fresh processes (median), 20 images",
-    })
+    mem = {
+        kind: peak_extra_mib(kind, seed, 20, ll_S, args.threads, 1 if quick else 3)
+        for kind in ("library", "handwritten", "old_rule")
+    }
+    live = {
+        kind: peak_extra_mib(kind, seed, 20, ll_S, args.threads, 1, live=True)[1][0]
+        for kind in ("library", "handwritten", "old_rule")
+    }
+    out.update(
+        {
+            "loglik_num_samples": ll_S,
+            "loglik_num_images": ll_n,
+            "loglik_plan": {"batch_size": bs, "chunk_size": cs},
+            "ratio_loglik_over_handwritten": round(ratio, 3),
+            "sec_loglik": {"library": t_lib, "handwritten": t_hand},
+            "per_round_ratios_loglik": [round(r, 3) for r in per_round],
+            "loglik_mean_first20": {"library": lp_lib.mean().item(), "handwritten": lp_hand.mean().item()},
+            "ratio_loglik_over_handwritten_all_samples": round(ratio_all, 3),
+            "loglik_all_samples_images": all_n,
+            "ratio_loglik_old_rule_over_default": round(ratio_old, 3),
+            "loglik_old_rule_images": old_n,
+            "loglik_peak_extra_mib": statistics.median(mem["library"][1]),
+            "loglik_peak_extra_mib_handwritten": statistics.median(mem["handwritten"][1]),
+            "loglik_peak_extra_mib_old_rule": statistics.median(mem["old_rule"][1]),
+            "loglik_peak_extra_mib_runs": {k: v[1] for k, v in mem.items()},
+            "loglik_peak_live_mib": live,
+            "loglik_memory_method": mem["library"][0] + " growth in fresh processes (median), 20 images",
+        }
+    )
     out["targets"] = {
         "iwae_K5_le_1.10": out["ratio_iwae_over_handwritten"]["K5"] <= 1.10,
         "dreg_K5_le_1.15": out["ratio_dreg_over_handwritten"]["K5"] <= 1.15,

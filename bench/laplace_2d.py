@@ -62,11 +62,13 @@ from ppl_vae.guides.laplace import (
 from ppl_vae.guides.laplace import log_joint as lib_log_joint
 
 LATENT = 2
-FULL = dict(limit=10000, epochs=20, n=200, S=5000, radius=8.0, grid=1601, gap_steps=300, gap_particles=16,
-            elbo_particles=1000)
+FULL = dict(
+    limit=10000, epochs=20, n=200, S=5000, radius=8.0, grid=1601, gap_steps=300, gap_particles=16, elbo_particles=1000
+)
 RUNS = ("vae", "laplace", "laplace_detached", "laplace_ls")
-QUICK = dict(limit=1000, epochs=2, n=20, S=1000, radius=8.0, grid=481, gap_steps=30, gap_particles=8,
-             elbo_particles=200)
+QUICK = dict(
+    limit=1000, epochs=2, n=20, S=1000, radius=8.0, grid=481, gap_steps=30, gap_particles=8, elbo_particles=200
+)
 
 
 @torch.no_grad()
@@ -78,7 +80,7 @@ def grid_posterior(model, x: torch.Tensor, radius: float, n: int, chunk: int = 2
     w1 = torch.full((n,), math.log(h))
     w1[0] = w1[-1] = math.log(h / 2)
     zs = torch.cartesian_prod(g, g)
-    log_prior = -0.5 * (zs ** 2).sum(-1) - math.log(2 * math.pi)
+    log_prior = -0.5 * (zs**2).sum(-1) - math.log(2 * math.pi)
     log_quad = torch.cartesian_prod(w1, w1).sum(-1)
     xf = x.reshape(len(x), -1)
     B = len(x)
@@ -88,10 +90,10 @@ def grid_posterior(model, x: torch.Tensor, radius: float, n: int, chunk: int = 2
     s2 = torch.zeros(B, 2, 2, dtype=torch.float64)
     best, mode = torch.full((B,), -math.inf), torch.zeros(B, 2)
     for i in range(0, len(zs), chunk):
-        z = zs[i:i + chunk]
+        z = zs[i : i + chunk]
         f = model.decoder(z).reshape(len(z), -1)
-        lj = xf @ f.T - F.softplus(f).sum(-1) + log_prior[i:i + chunk]       # (B, C): log p(x, z)
-        lw = (lj + log_quad[i:i + chunk]).double()                            # log of each quadrature term
+        lj = xf @ f.T - F.softplus(f).sum(-1) + log_prior[i : i + chunk]  # (B, C): log p(x, z)
+        lw = (lj + log_quad[i : i + chunk]).double()  # log of each quadrature term
         cmax, arg = lj.max(-1)
         upd = cmax > best
         best = torch.where(upd, cmax, best)
@@ -121,7 +123,7 @@ def gaussian_elbo(model, x, loc, scale_tril, particles: int, batch: int = 20) ->
     """Monte Carlo ELBO E_q[log p(x, z) − log q(z)] of q = N(loc, L Lᵀ) per image (float64)."""
     q = torch.distributions.MultivariateNormal(loc.float(), scale_tril=scale_tril.float())
     z = q.sample((particles,))
-    out = torch.cat([log_joint(model, x[i:i + batch], z[:, i:i + batch]) for i in range(0, len(x), batch)], 1)
+    out = torch.cat([log_joint(model, x[i : i + batch], z[:, i : i + batch]) for i in range(0, len(x), batch)], 1)
     return (out - q.log_prob(z)).double().mean(0)
 
 
@@ -133,19 +135,28 @@ def mahalanobis(d: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
 def laplace_q(model, x, mu0: torch.Tensor, num_steps: int = 4, damping=vlae_damping):
     """(μ, scale_tril) of the Laplace guide on ``model``'s decoder: ``num_steps`` steps from ``mu0`` with the VLAE
     schedule or ``damping="line_search"`` (0 steps: the Laplace approximation N(mu0, Λ(mu0)⁻¹) at that point)."""
-    mu, prec = laplace_posterior(x, mu0, lambda z: model.decoder(z).reshape(len(z), -1), likelihood="bernoulli",
-                                 num_steps=num_steps, layers=relu_mlp_layers(model.decoder), damping=damping)
+    mu, prec = laplace_posterior(
+        x,
+        mu0,
+        lambda z: model.decoder(z).reshape(len(z), -1),
+        likelihood="bernoulli",
+        num_steps=num_steps,
+        layers=relu_mlp_layers(model.decoder),
+        damping=damping,
+    )
     return mu, precision_to_scale_tril(prec)
 
 
 def detach_decoder_in_guide(model) -> None:
     """Ablation ``laplace_detached``: the guide's iterations and Λ read the decoder's weights detached, so the decoder
     learns only through E_q[log p(x|z)] as in a VAE, while μ₀'s encoder still learns through the iterations."""
+
     def posterior(x, c=None):
         params = {k: v.detach() for k, v in model.decoder.named_parameters()}
-        fn = lambda z: functional_call(model.decoder, params, (z,)).reshape(z.shape[0], -1)   # noqa: E731
-        mu, prec = laplace_posterior(x, model.encoder(x, c), fn, likelihood="bernoulli", num_steps=model.num_steps,
-                                     damping=model.damping)
+        fn = lambda z: functional_call(model.decoder, params, (z,)).reshape(z.shape[0], -1)  # noqa: E731
+        mu, prec = laplace_posterior(
+            x, model.encoder(x, c), fn, likelihood="bernoulli", num_steps=model.num_steps, damping=model.damping
+        )
         return mu, precision_to_scale_tril(prec)
 
     model.posterior = posterior
@@ -163,24 +174,35 @@ def evaluate(run: str, model, x, s: dict) -> tuple[dict, dict]:
     coarse = grid_posterior(model, x, s["radius"], (s["grid"] + 1) // 2)
     wide = grid_posterior(model, x, s["radius"] + 2, (s["grid"] + 1) // 2 + int(2 / coarse["spacing"]) * 2)
     post_sd = torch.linalg.eigvalsh(exact["cov"]).clamp_min(0).sqrt()
-    ll_is = log_likelihood(model.model, model.guide, x, num_samples=s["S"], **measured_chunks(len(x), s["S"], 10), seed=0).double()
+    ll_is = log_likelihood(
+        model.model, model.guide, x, num_samples=s["S"], **measured_chunks(len(x), s["S"], 10), seed=0
+    ).double()
     elbo = elbo_per_datapoint(model.model, model.guide, x, s["elbo_particles"]).double()
     with torch.no_grad():
         q = model.guide_dist(x)
-        q_loc, q_cov = q.mean.double(), (q.covariance_matrix if run != "vae"
-                                         else torch.diag_embed(q.variance)).double()
+        q_loc, q_cov = q.mean.double(), (q.covariance_matrix if run != "vae" else torch.diag_embed(q.variance)).double()
     # the guide's own family optimised per image, from the amortised q (as in bench/guides.py)
-    optimised = amortisation_gap(model.model, model.guide, x, family="diag" if run == "vae" else "full",
-                                 steps=s["gap_steps"], num_particles=s["gap_particles"],
-                                 elbo_particles=s["elbo_particles"], parameters=model.parameters())["optimised"].double()
+    optimised = amortisation_gap(
+        model.model,
+        model.guide,
+        x,
+        family="diag" if run == "vae" else "full",
+        steps=s["gap_steps"],
+        num_particles=s["gap_particles"],
+        elbo_particles=s["elbo_particles"],
+        parameters=model.parameters(),
+    )["optimised"].double()
     lp = exact["log_px"]
     rep = {
         "exact_log_px": mean_se(lp),
-        "quadrature_check": {"spacing": round(exact["spacing"], 4), "coarse_spacing": round(coarse["spacing"], 4),
-                             "max_abs_diff_log_px": float((lp - coarse["log_px"]).abs().max()),
-                             "wider_box_radius": s["radius"] + 2,
-                             "max_abs_diff_log_px_wider_box": float((wide["log_px"] - coarse["log_px"]).abs().max()),
-                             "min_posterior_sd": float(post_sd.min())},
+        "quadrature_check": {
+            "spacing": round(exact["spacing"], 4),
+            "coarse_spacing": round(coarse["spacing"], 4),
+            "max_abs_diff_log_px": float((lp - coarse["log_px"]).abs().max()),
+            "wider_box_radius": s["radius"] + 2,
+            "max_abs_diff_log_px_wider_box": float((wide["log_px"] - coarse["log_px"]).abs().max()),
+            "min_posterior_sd": float(post_sd.min()),
+        },
         "is_log_px_minus_exact": mean_se(ll_is - lp),
         "elbo": mean_se(elbo),
         "kl_q_posterior": mean_se(lp - elbo),
@@ -205,7 +227,8 @@ def evaluate(run: str, model, x, s: dict) -> tuple[dict, dict]:
         z_star, tril = laplace_q(model, x, exact["mode"].float(), num_steps=0)
         rep["laplace_at_mode_elbo"] = mean_se(gaussian_elbo(model, x, z_star, tril, s["elbo_particles"]))
         rep["laplace_at_mode_logdet_ratio"] = mean_se(
-            2 * tril.double().diagonal(dim1=-2, dim2=-1).log().sum(-1) - torch.logdet(exact["cov"]))
+            2 * tril.double().diagonal(dim1=-2, dim2=-1).log().sum(-1) - torch.logdet(exact["cov"])
+        )
         rep["mode_to_mean_offset"] = mean_se(mahalanobis(exact["mode"] - exact["mean"], exact["cov"]))
     rep["seconds"] = round(time.perf_counter() - t0, 1)
     return rep, {"log_px": lp, "is": ll_is, "elbo": elbo}
@@ -231,15 +254,24 @@ def main(argv=None):
     out, per = {"by_run": {}}, {}
     for run in runs:
         t0 = time.perf_counter()
-        model, hist = train("laplace" if run == "laplace_detached" else run, data, tc, seed, latent=LATENT,
-                            prepare=detach_decoder_in_guide if run == "laplace_detached" else None)
+        model, hist = train(
+            "laplace" if run == "laplace_detached" else run,
+            data,
+            tc,
+            seed,
+            latent=LATENT,
+            prepare=detach_decoder_in_guide if run == "laplace_detached" else None,
+        )
         train_s = time.perf_counter() - t0
         # the matrix form of log p(x|z) used on the grid must be the model's own likelihood
         with torch.no_grad():
             z = torch.randn(3, 4, LATENT)
-            ref = model.likelihood(model.decoder(z.reshape(-1, LATENT)), event_dim=x.dim() - 1).log_prob(
-                x[:4].repeat(3, *([1] * (x.dim() - 1)))).reshape(3, 4)
-            mine = log_joint(model, x[:4], z) + 0.5 * (z ** 2).sum(-1) + math.log(2 * math.pi)
+            ref = (
+                model.likelihood(model.decoder(z.reshape(-1, LATENT)), event_dim=x.dim() - 1)
+                .log_prob(x[:4].repeat(3, *([1] * (x.dim() - 1))))
+                .reshape(3, 4)
+            )
+            mine = log_joint(model, x[:4], z) + 0.5 * (z**2).sum(-1) + math.log(2 * math.pi)
             assert torch.allclose(ref, mine, atol=1e-3), "grid likelihood differs from the model's"
         rep, per[run] = evaluate(run, model, x, s)
         rep["train_seconds"] = round(train_s, 1)
@@ -248,20 +280,40 @@ def main(argv=None):
         rep["final_val_elbo"] = round(hist[-1]["val_elbo"], 3)
         rep["train_elbo_by_epoch"] = [round(h["train_elbo"], 2) for h in hist]
         out["by_run"][run] = rep
-        print(f"[{run}] exact log p(x) {rep['exact_log_px'][0]:.3f}  ELBO {rep['elbo'][0]:.3f}  "
-              f"KL(q||p) {rep['kl_q_posterior'][0]:.3f}", flush=True)
-    out["minus_vae"] = {run: {k: [round(v, 3) for v in paired(per[run][k], per["vae"][k])]
-                              for k in ("log_px", "is", "elbo")} for run in runs if run != "vae"}
+        print(
+            f"[{run}] exact log p(x) {rep['exact_log_px'][0]:.3f}  ELBO {rep['elbo'][0]:.3f}  "
+            f"KL(q||p) {rep['kl_q_posterior'][0]:.3f}",
+            flush=True,
+        )
+    out["minus_vae"] = {
+        run: {k: [round(v, 3) for v in paired(per[run][k], per["vae"][k])] for k in ("log_px", "is", "elbo")}
+        for run in runs
+        if run != "vae"
+    }
     out["test_ll_exact"] = {run: out["by_run"][run]["exact_log_px"][0] for run in out["by_run"]}
-    out.update({
-        "training_seed": seed,
-        "data": {"name": "fashion_mnist", "pixels": "binary_dynamic", "limit": s["limit"],
-                 "train": len(data.train_x), "test_images": len(x)},
-        "sizes": {"latent_dim": LATENT, "hidden": [200, 200], "epochs": s["epochs"], "batch_size": 100, "lr": 1e-3,
-                  "ll_num_samples": s["S"], "grid": f"{s['grid']}x{s['grid']} on [-{s['radius']}, {s['radius']}]^2",
-                  "laplace_options": {"num_steps": 4, "damping": "vlae"},
-                  "laplace_ls_options": {"num_steps": 4, "damping": "line_search"}},
-    })
+    out.update(
+        {
+            "training_seed": seed,
+            "data": {
+                "name": "fashion_mnist",
+                "pixels": "binary_dynamic",
+                "limit": s["limit"],
+                "train": len(data.train_x),
+                "test_images": len(x),
+            },
+            "sizes": {
+                "latent_dim": LATENT,
+                "hidden": [200, 200],
+                "epochs": s["epochs"],
+                "batch_size": 100,
+                "lr": 1e-3,
+                "ll_num_samples": s["S"],
+                "grid": f"{s['grid']}x{s['grid']} on [-{s['radius']}, {s['radius']}]^2",
+                "laplace_options": {"num_steps": 4, "damping": "vlae"},
+                "laplace_ls_options": {"num_steps": 4, "damping": "line_search"},
+            },
+        }
+    )
     finish("laplace_2d", out, args, device="cpu")
 
 

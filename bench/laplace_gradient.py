@@ -47,22 +47,34 @@ def main(argv=None):
     tc = TrainConfig(objective="elbo", epochs=s["epochs"], batch_size=100, lr=1e-3)
     x_ll = data.test_x[: s["n_ll"]]
     x_gap = x_ll[: s["n_gap"]]
-    out = {k: {} for k in ("test_ll", "test_ll_diff_vs_unrolled", "test_elbo", "seconds_per_epoch",
-                           "amortisation_gap", "final_train_elbo")}
+    out = {
+        k: {}
+        for k in (
+            "test_ll",
+            "test_ll_diff_vs_unrolled",
+            "test_elbo",
+            "seconds_per_epoch",
+            "amortisation_gap",
+            "final_train_elbo",
+        )
+    }
     lls, diverged = {}, {}
     for run in RUNS:
         t0 = time.perf_counter()
         try:
             model, hist = train(run, data, tc, seed)
-        except TrainingDiverged as e:   # a result: this way of passing the gradient does not train
+        except TrainingDiverged as e:  # a result: this way of passing the gradient does not train
             diverged[run] = str(e)
             print(f"[{run}] diverged: {e}", flush=True)
             continue
-        ll = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], **measured_chunks(len(x_ll), s["S"], 10), seed=0).double()
+        ll = log_likelihood(
+            model.model, model.guide, x_ll, num_samples=s["S"], **measured_chunks(len(x_ll), s["S"], 10), seed=0
+        ).double()
         lls[run] = ll
         out["test_ll"][run] = [round(float(ll.mean()), 3), round(float(ll.std() / math.sqrt(len(ll))), 3)]
-        out["test_elbo"][run] = round(float(elbo_per_datapoint(model.model, model.guide, x_ll,
-                                                               s["elbo_particles"]).mean()), 3)
+        out["test_elbo"][run] = round(
+            float(elbo_per_datapoint(model.model, model.guide, x_ll, s["elbo_particles"]).mean()), 3
+        )
         out["seconds_per_epoch"][run] = round(statistics.mean(h["seconds"] for h in hist), 3)
         out["final_train_elbo"][run] = round(hist[-1]["train_elbo"], 3)
         g = gap_report(model, x_gap, "diag" if run == "vae" else "full", s, ll[: s["n_gap"]])
@@ -77,17 +89,35 @@ def main(argv=None):
     out["step_seconds"] = {k: round(v, 4) for k, v in steps.items()}
     out["step_time_over_vae"] = {k: round(v / steps["vae"], 2) for k, v in steps.items()}
     out["step_time_over_unrolled"] = {k: round(v / steps["laplace"], 2) for k, v in steps.items() if k != "vae"}
-    out["claims"] = {run: ({"within_one_paired_se_of_unrolled": False, "not_worse_by_more_than_one_se": False}
-                           if run in diverged else
-                           {"within_one_paired_se_of_unrolled": abs(out["test_ll_diff_vs_unrolled"][run][0])
-                            <= out["test_ll_diff_vs_unrolled"][run][1],
-                            "not_worse_by_more_than_one_se": out["test_ll_diff_vs_unrolled"][run][0]
-                            >= -out["test_ll_diff_vs_unrolled"][run][1]})
-                     for run in ("laplace_last_step", "laplace_implicit")}
-    out.update({"training_seed": seed, "epochs": s["epochs"], "options": {r: run_config(r)[1] for r in RUNS},
-                "data": {"name": "fashion_mnist", "pixels": "binary_dynamic", "limit": s["limit"],
-                         "train": len(data.train_x), "test_used_for_ll": len(x_ll), "test_used_for_gap": len(x_gap)},
-                "threads": torch.get_num_threads()})
+    out["claims"] = {
+        run: (
+            {"within_one_paired_se_of_unrolled": False, "not_worse_by_more_than_one_se": False}
+            if run in diverged
+            else {
+                "within_one_paired_se_of_unrolled": abs(out["test_ll_diff_vs_unrolled"][run][0])
+                <= out["test_ll_diff_vs_unrolled"][run][1],
+                "not_worse_by_more_than_one_se": out["test_ll_diff_vs_unrolled"][run][0]
+                >= -out["test_ll_diff_vs_unrolled"][run][1],
+            }
+        )
+        for run in ("laplace_last_step", "laplace_implicit")
+    }
+    out.update(
+        {
+            "training_seed": seed,
+            "epochs": s["epochs"],
+            "options": {r: run_config(r)[1] for r in RUNS},
+            "data": {
+                "name": "fashion_mnist",
+                "pixels": "binary_dynamic",
+                "limit": s["limit"],
+                "train": len(data.train_x),
+                "test_used_for_ll": len(x_ll),
+                "test_used_for_gap": len(x_gap),
+            },
+            "threads": torch.get_num_threads(),
+        }
+    )
     finish("laplace_gradient", out, args, device="cpu")
 
 

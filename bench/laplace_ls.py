@@ -6,7 +6,8 @@ same T = 4 Newton directions but, per image, the step η ∈ {1, ½, ¼, ⅛, 0}
 the iterations. Same data, networks, optimiser and epochs as ``bench/guides.py`` (784-200-200-16 ReLU MLP,
 Bernoulli, dynamically binarised Fashion-MNIST, 10,000 training images, 20 epochs, Adam 1e-3, batch 100); each run
 reports its k = 5000 test log-likelihood on the first 1,000 test images (paired difference to the VAE), the test
-ELBO, the amortisation and approximation gaps on the first 200 (``_guide_runs.gap_report``, i.e. ``ppl_vae.evaluate.inference_gaps``), seconds per
+ELBO, the amortisation and approximation gaps on the first 200 (``_guide_runs.gap_report``, i.e.
+``ppl_vae.evaluate.inference_gaps``), seconds per
 epoch relative to the VAE (runs one after the other in one process), the training ELBO of every epoch and its
 largest epoch-on-epoch drop (a measure of the training instability seen with 2 latents, ``bench/laplace_2d.py``).
 
@@ -33,7 +34,7 @@ LS_RUNS = ("vae", "laplace", "laplace_ls")
 
 def largest_drop(curve: list[float]) -> float:
     """max_e (ELBO_{e−1} − ELBO_e) over consecutive epochs (0 if the curve never goes down)."""
-    return max([0.0] + [a - b for a, b in zip(curve, curve[1:])])
+    return max([0.0] + [a - b for a, b in zip(curve, curve[1:], strict=False)])
 
 
 def main(argv=None):
@@ -49,38 +50,71 @@ def main(argv=None):
     tc = TrainConfig(objective="elbo", epochs=s["epochs"], batch_size=100, lr=1e-3)
     x_ll = data.test_x[: s["n_ll"]]
     x_gap = x_ll[: s["n_gap"]]
-    out = {k: {} for k in ("test_ll", "test_ll_diff_vs_vae", "test_elbo", "seconds_per_epoch",
-                           "relative_seconds_per_epoch", "amortisation_gap", "train_elbo_by_epoch",
-                           "largest_train_elbo_drop")}
+    out = {
+        k: {}
+        for k in (
+            "test_ll",
+            "test_ll_diff_vs_vae",
+            "test_elbo",
+            "seconds_per_epoch",
+            "relative_seconds_per_epoch",
+            "amortisation_gap",
+            "train_elbo_by_epoch",
+            "largest_train_elbo_drop",
+        )
+    }
     lls = {}
     for run in runs:
         t0 = time.perf_counter()
         model, hist = train(run, data, tc, seed)
         curve = [round(h["train_elbo"], 2) for h in hist]
-        ll = log_likelihood(model.model, model.guide, x_ll, num_samples=s["S"], **measured_chunks(len(x_ll), s["S"], 10), seed=0).double()
+        ll = log_likelihood(
+            model.model, model.guide, x_ll, num_samples=s["S"], **measured_chunks(len(x_ll), s["S"], 10), seed=0
+        ).double()
         lls[run] = ll
         out["test_ll"][run] = [round(float(ll.mean()), 3), round(float(ll.std() / math.sqrt(len(ll))), 3)]
-        out["test_elbo"][run] = round(float(elbo_per_datapoint(model.model, model.guide, x_ll, s["elbo_particles"]).mean()), 3)
+        out["test_elbo"][run] = round(
+            float(elbo_per_datapoint(model.model, model.guide, x_ll, s["elbo_particles"]).mean()), 3
+        )
         out["seconds_per_epoch"][run] = round(statistics.mean(h["seconds"] for h in hist), 3)
         out["train_elbo_by_epoch"][run] = curve
         out["largest_train_elbo_drop"][run] = round(largest_drop(curve), 2)
         g = gap_report(model, x_gap, "diag" if run == "vae" else "full", s, ll[: s["n_gap"]])
         g["inference_gap"] = round(float((ll[: s["n_gap"]] - g.pop("_amortised")).mean()), 3)
         out["amortisation_gap"][run] = g
-        print(f"[{run}] {time.perf_counter() - t0:.0f}s  test LL {out['test_ll'][run][0]:.3f}  "
-              f"amortisation gap {g['gap']:.3f}  largest drop {out['largest_train_elbo_drop'][run]}", flush=True)
+        print(
+            f"[{run}] {time.perf_counter() - t0:.0f}s  test LL {out['test_ll'][run][0]:.3f}  "
+            f"amortisation gap {g['gap']:.3f}  largest drop {out['largest_train_elbo_drop'][run]}",
+            flush=True,
+        )
     for run in runs:
         out["test_ll_diff_vs_vae"][run] = [round(v, 3) for v in paired(lls[run], lls["vae"])]
-        out["relative_seconds_per_epoch"][run] = round(out["seconds_per_epoch"][run] / out["seconds_per_epoch"]["vae"],
-                                                       2)
-    out.update({
-        "training_seed": seed,
-        "data": {"name": "fashion_mnist", "pixels": "binary_dynamic", "limit": s["limit"],
-                 "train": len(data.train_x), "test_used_for_ll": len(x_ll), "test_used_for_gap": len(x_gap)},
-        "sizes": {"latent_dim": LATENT, "hidden": HIDDEN, "epochs": s["epochs"], "batch_size": 100, "lr": 1e-3,
-                  "ll_num_samples": s["S"], "gap_steps": s["gap_steps"],
-                  "options": {r: run_config(r)[1] for r in runs}},
-    })
+        out["relative_seconds_per_epoch"][run] = round(
+            out["seconds_per_epoch"][run] / out["seconds_per_epoch"]["vae"], 2
+        )
+    out.update(
+        {
+            "training_seed": seed,
+            "data": {
+                "name": "fashion_mnist",
+                "pixels": "binary_dynamic",
+                "limit": s["limit"],
+                "train": len(data.train_x),
+                "test_used_for_ll": len(x_ll),
+                "test_used_for_gap": len(x_gap),
+            },
+            "sizes": {
+                "latent_dim": LATENT,
+                "hidden": HIDDEN,
+                "epochs": s["epochs"],
+                "batch_size": 100,
+                "lr": 1e-3,
+                "ll_num_samples": s["S"],
+                "gap_steps": s["gap_steps"],
+                "options": {r: run_config(r)[1] for r in runs},
+            },
+        }
+    )
     finish("laplace_ls", out, args, device="cpu")
 
 

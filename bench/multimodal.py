@@ -41,8 +41,8 @@ import ppl_vae
 from ppl_vae import ModelConfig, build_model
 from ppl_vae.config import TrainConfig
 from ppl_vae.data import load_data
+from ppl_vae.data.multimodal import make_multimodal
 from ppl_vae.evaluate import fit_classifiers, joint_log_likelihood, model_generator, multimodal_summary, sharpness
-from ppl_vae.multimodal import make_multimodal
 
 FULL = dict(limit=6000, epochs=12, n_test=1000, n_ll=500, S=100, probe_train=2000, classifier_train=5000)
 QUICK = dict(limit=400, epochs=1, n_test=100, n_ll=30, S=8, probe_train=200, classifier_train=400)
@@ -96,28 +96,49 @@ def one_run(job) -> tuple:
     ppl_vae.train(model, data, tc, seed=seed, progress=False)
     sec = (time.perf_counter() - t0) / s["epochs"]
     model.eval()
-    full = data.train_y.all(1)   # complete training datapoints (all of them when nothing is missing)
+    full = data.train_y.all(1)  # complete training datapoints (all of them when nothing is missing)
     clf_x, clf_y = data.train_x[full][: s["classifier_train"]], data.train_labels[full][: s["classifier_train"]]
     classifiers = fit_classifiers(data.layout, clf_x, clf_y, max_train=s["classifier_train"])
-    summary = multimodal_summary(model, data, num_samples=0, max_test=s["n_test"], probe_train=s["probe_train"],
-                                 classifiers=classifiers, seed=seed)
+    summary = multimodal_summary(
+        model,
+        data,
+        num_samples=0,
+        max_test=s["n_test"],
+        probe_train=s["probe_train"],
+        classifiers=classifiers,
+        seed=seed,
+    )
     ll = None
     if model.has_joint_likelihood:
         ll = float(joint_log_likelihood(model, data.test_x[: s["n_ll"]], num_samples=s["S"], seed=seed).mean())
     x = data.test_x[:500]
     layout = data.layout
-    real = statistics.mean(sharpness(layout.split(x)[n]) for n, k in zip(layout.names, layout.kinds) if k == "image")
+    real = statistics.mean(
+        sharpness(layout.split(x)[n]) for n, k in zip(layout.names, layout.kinds, strict=False) if k == "image"
+    )
     imp = summary["imputation"]
-    r = {"coherence": summary["coherence"]["cross_mean"], "coherence_rest": summary["coherence"]["rest_mean"],
-         "coherence_matrix": summary["coherence"]["matrix"], "probe_acc": summary["probe_acc"]["unimodal_mean"],
-         "probe_acc_joint": summary["probe_acc"]["joint"],
-         "probe_acc_per_modality": summary["probe_acc"]["unimodal"], "test_ll": ll, "imputation": imp["image_mse_mean"],
-         "label_error": imp["per_modality"].get("label"), "sharpness": generated_sharpness(model, data, x),
-         "real_sharpness": real, "seconds_per_epoch": sec,
-         "classifier_acc": [float((c(layout.split(x)[n]) == data.test_labels[:500].numpy()).mean())
-                            for c, n in zip(classifiers, layout.names)]}
-    print(f"[{key} {name} seed {seed}] " + ", ".join(f"{k} {v:.4g}" for k, v in r.items()
-                                                      if isinstance(v, float)), flush=True)
+    r = {
+        "coherence": summary["coherence"]["cross_mean"],
+        "coherence_rest": summary["coherence"]["rest_mean"],
+        "coherence_matrix": summary["coherence"]["matrix"],
+        "probe_acc": summary["probe_acc"]["unimodal_mean"],
+        "probe_acc_joint": summary["probe_acc"]["joint"],
+        "probe_acc_per_modality": summary["probe_acc"]["unimodal"],
+        "test_ll": ll,
+        "imputation": imp["image_mse_mean"],
+        "label_error": imp["per_modality"].get("label"),
+        "sharpness": generated_sharpness(model, data, x),
+        "real_sharpness": real,
+        "seconds_per_epoch": sec,
+        "classifier_acc": [
+            float((c(layout.split(x)[n]) == data.test_labels[:500].numpy()).mean())
+            for c, n in zip(classifiers, layout.names, strict=False)
+        ],
+    }
+    print(
+        f"[{key} {name} seed {seed}] " + ", ".join(f"{k} {v:.4g}" for k, v in r.items() if isinstance(v, float)),
+        flush=True,
+    )
     return key, name, seed, r
 
 
@@ -147,8 +168,7 @@ def main(argv=None):
     by = {k: {m: {} for m in models} for k in keys}
     for k, m, sd, r in done:
         by[k][m][str(sd)] = r
-    out = {key: {k: {m: _mean([by[k][m][str(sd)][key] for sd in seeds]) for m in models} for k in keys}
-           for key in KEYS}
+    out = {key: {k: {m: _mean([by[k][m][str(sd)][key] for sd in seeds]) for m in models} for k in keys} for key in KEYS}
     out["by_seed"] = by
     out["seeds"] = list(seeds)
     out["settings"] = {**s, **COMMON, "batch_size": 128, "lr": 1e-3, "workers": args.workers}
@@ -156,15 +176,15 @@ def main(argv=None):
     for k in keys:
         coh, probe, sharp, ll = (out[key][k] for key in ("coherence", "probe_acc", "sharpness", "test_ll"))
         tests = {
-            "mmvm_best_probe": lambda: all(probe["mmvm"] > probe[m] for m in models if m != "mmvm"),
-            "poe_less_coherent_than_moe": lambda: coh["mvae"] < coh["mmvae"],
-            "poe_sharper_than_moe": lambda: sharp["mvae"] > sharp["mmvae"],
-            "mopoe_more_coherent_than_poe": lambda: coh["mopoe"] > coh["mvae"],
-            "mopoe_sharper_than_moe": lambda: sharp["mopoe"] > sharp["mmvae"],
-            "mopoe_ll_above_moe": lambda: ll["mopoe"] > ll["mmvae"],
+            "mmvm_best_probe": lambda probe=probe: all(probe["mmvm"] > probe[m] for m in models if m != "mmvm"),
+            "poe_less_coherent_than_moe": lambda coh=coh: coh["mvae"] < coh["mmvae"],
+            "poe_sharper_than_moe": lambda sharp=sharp: sharp["mvae"] > sharp["mmvae"],
+            "mopoe_more_coherent_than_poe": lambda coh=coh: coh["mopoe"] > coh["mvae"],
+            "mopoe_sharper_than_moe": lambda sharp=sharp: sharp["mopoe"] > sharp["mmvae"],
+            "mopoe_ll_above_moe": lambda ll=ll: ll["mopoe"] > ll["mmvae"],
         }
         claims[k] = {}
-        for name, test in tests.items():   # a claim whose runs were not all trained is left out
+        for name, test in tests.items():  # a claim whose runs were not all trained is left out
             try:
                 claims[k][name] = bool(test())
             except KeyError:

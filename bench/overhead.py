@@ -159,12 +159,21 @@ def main(argv=None):
     if args.profile:
         return profile(args, device)
     rounds = 5 if args.quick else 15
-    out = {"ratio_pyro_over_torch": {}, "ratio_sampled_kl_over_torch": {}, "ratio_jit_over_torch": {},
-           "ratio_svi_over_torch": {}, "sec_per_step_torch": {}, "fit_epoch_over_bare": {},
-           "rounds": rounds, "steps_per_round": STEPS,
-           "model": "burda1 MLP 784-200-200-50 tanh, Bernoulli, Adam 1e-3",
-           "estimators": {"ratio_pyro_over_torch": "default objective (auto: closed-form KL) vs hand-written "
-                                                   "closed-form KL", "others": "sampled KL on both sides"}}
+    out = {
+        "ratio_pyro_over_torch": {},
+        "ratio_sampled_kl_over_torch": {},
+        "ratio_jit_over_torch": {},
+        "ratio_svi_over_torch": {},
+        "sec_per_step_torch": {},
+        "fit_epoch_over_bare": {},
+        "rounds": rounds,
+        "steps_per_round": STEPS,
+        "model": "burda1 MLP 784-200-200-50 tanh, Bernoulli, Adam 1e-3",
+        "estimators": {
+            "ratio_pyro_over_torch": "default objective (auto: closed-form KL) vs hand-written closed-form KL",
+            "others": "sampled KL on both sides",
+        },
+    }
     quiet = dict(progress=False)
     for batch in (100, 256, 1024):
         key = f"{device.type}_b{batch}"
@@ -173,43 +182,62 @@ def main(argv=None):
         m = vae(device=device)
         out["ratio_pyro_over_torch"][key] = _r(ratio_vs(m, torch_step(m, True), xs, TrainConfig(), rounds, **quiet))
         m = vae(device=device)
-        out["ratio_sampled_kl_over_torch"][key] = _r(ratio_vs(m, torch_step(m, False), xs,
-                                                            TrainConfig(objective="elbo"), rounds, **quiet))
+        out["ratio_sampled_kl_over_torch"][key] = _r(
+            ratio_vs(m, torch_step(m, False), xs, TrainConfig(objective="elbo"), rounds, **quiet)
+        )
         m = vae(device=device)
-        out["ratio_jit_over_torch"][key] = _r(ratio_vs(m, torch_step(m, False), xs,
-                                                     TrainConfig(objective="elbo", jit=True), rounds, **quiet))
+        out["ratio_jit_over_torch"][key] = _r(
+            ratio_vs(m, torch_step(m, False), xs, TrainConfig(objective="elbo", jit=True), rounds, **quiet)
+        )
         m, m2 = vae(device=device), vae(device=device)
         r = pair_ratio(svi_step(m), torch_step(m2, False), xs, rounds)
         out["ratio_svi_over_torch"][key] = _r(r)
         out["sec_per_step_torch"][key] = round(pair_ratio(torch_step(m2, False), torch_step(m2, False), xs, 1)[3], 5)
         if device.type == "cuda":
             out.setdefault("ms_per_step_library", {})[key] = round(
-                1000 * pair_ratio(library_step(m, Trace_ELBO(max_plate_nesting=1)), torch_step(m2, False), xs, 3)[3], 3)
+                1000 * pair_ratio(library_step(m, Trace_ELBO(max_plate_nesting=1)), torch_step(m2, False), xs, 3)[3], 3
+            )
     # the epoch's bookkeeping: quiet, with the bar (to /dev/null), with checkpoints
     pyro.set_rng_seed(seed)
     xs = [images(100, seed * 1000 + k, device) for k in range(STEPS)]
     tc = TrainConfig(objective="elbo")
     m = vae(device=device)
-    out["fit_epoch_over_bare"]["quiet"] = _r(ratio_vs(m, library_step(vae(device=device), Trace_ELBO(max_plate_nesting=1)),
-                                                      xs, tc, rounds, **quiet))
+    out["fit_epoch_over_bare"]["quiet"] = _r(
+        ratio_vs(m, library_step(vae(device=device), Trace_ELBO(max_plate_nesting=1)), xs, tc, rounds, **quiet)
+    )
     with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
         m = vae(device=device)
-        out["fit_epoch_over_bare"]["progress_bar"] = _r(ratio_vs(
-            m, library_step(vae(device=device), Trace_ELBO(max_plate_nesting=1)), xs, tc, rounds, progress=True))
+        out["fit_epoch_over_bare"]["progress_bar"] = _r(
+            ratio_vs(
+                m, library_step(vae(device=device), Trace_ELBO(max_plate_nesting=1)), xs, tc, rounds, progress=True
+            )
+        )
     with tempfile.TemporaryDirectory() as tmp:
         m = vae(device=device)
-        out["fit_epoch_over_bare"]["checkpoints"] = _r(ratio_vs(
-            m, library_step(vae(device=device), Trace_ELBO(max_plate_nesting=1)), xs, tc, rounds, progress=False,
-            run_dir=tmp))
+        out["fit_epoch_over_bare"]["checkpoints"] = _r(
+            ratio_vs(
+                m,
+                library_step(vae(device=device), Trace_ELBO(max_plate_nesting=1)),
+                xs,
+                tc,
+                rounds,
+                progress=False,
+                run_dir=tmp,
+            )
+        )
     # the Laplace guide's step against the VAE's (784-200-200-16 ReLU)
     lap, v = vae("mlp", name="vlae", device=device), vae("mlp", device=device)
     lap_elbo, vae_elbo = plan_for(lap).objective(tc), plan_for(v).objective(tc)
-    out["laplace_step_over_vae"] = _r(pair_ratio(library_step(lap, lap_elbo), library_step(v, vae_elbo), xs[:5],
-                                                 max(3, rounds // 2)))
+    out["laplace_step_over_vae"] = _r(
+        pair_ratio(library_step(lap, lap_elbo), library_step(v, vae_elbo), xs[:5], max(3, rounds // 2))
+    )
     out["laplace_model"] = "vlae (T = 4 damped steps) vs vae, MLP 784-200-200-16 ReLU, Bernoulli, batch 100"
-    out["targets"] = {"ratio_pyro_over_torch": "<= 1.10 at batch 100, <= 1.05 at 256",
-                      "ratio_jit_over_torch": "<= 1.00", "fit_epoch_over_bare.progress_bar": "<= 1.05",
-                      "laplace_step_over_vae": "<= 12"}
+    out["targets"] = {
+        "ratio_pyro_over_torch": "<= 1.10 at batch 100, <= 1.05 at 256",
+        "ratio_jit_over_torch": "<= 1.00",
+        "fit_epoch_over_bare.progress_bar": "<= 1.05",
+        "laplace_step_over_vae": "<= 12",
+    }
     finish("overhead", out, args)
 
 

@@ -5,7 +5,8 @@ sweep, and its inference time — dynamically binarised Fashion-MNIST, the sizes
 Parts (``--parts``, default all three):
   fixed_decoder     train a VAE; freeze its decoder; on it train the K = 5 recursive mixture stage-wise
                     (``options.schedule: stagewise, freeze_decoder: true``: stage 0 fine-tunes h_0, initialised as
-                    the VAE's encoder; stage m adds h_m with h_{<m} frozen). Per test image: ELBO(q_m) − ELBO(q_0) for m = 1 … 4; beside them, on the
+                    the VAE's encoder; stage m adds h_m with h_{<m} frozen). Per test image: ELBO(q_m) − ELBO(q_0) for
+                    m = 1 … 4; beside them, on the
                     same decoder, the VAE's amortised q, the per-image optimised diagonal and full-covariance
                     Gaussians (``ppl_vae.evaluate.amortisation_gap``: Adam from the amortised q) and the Laplace
                     guide (4 damped Newton steps from the VAE encoder's mean); log p̂(x) by importance sampling
@@ -47,36 +48,81 @@ from ppl_vae.data import load_data
 from ppl_vae.errors import TrainingDiverged
 from ppl_vae.evaluate import amortisation_gap, elbo_per_datapoint, log_likelihood
 from ppl_vae.guides.laplace import LaplaceGuide
-from ppl_vae.nets import MLPEncoder
+from ppl_vae.nn.networks import MLPEncoder
 
-FULL = dict(limit=10000, epochs=20, stage_epochs=4, n_test=200, S=2000, gap_steps=300, gap_particles=16,
-            elbo_particles=1000, K=5, lambdas=(0.25, 0.5, 1.0), caps=(5.0, 0.0), joint_K=(1, 2, 3, 4, 5),
-            joint_epochs=10, grow_every=1, n_ll=500, ll_S=1000, timing_images=100)
-QUICK = dict(limit=600, epochs=2, stage_epochs=1, n_test=20, S=200, gap_steps=20, gap_particles=4,
-             elbo_particles=100, K=3, lambdas=(0.5,), caps=(5.0,), joint_K=(3,), joint_epochs=3, grow_every=1,
-             n_ll=50, ll_S=100, timing_images=20)
+FULL = dict(
+    limit=10000,
+    epochs=20,
+    stage_epochs=4,
+    n_test=200,
+    S=2000,
+    gap_steps=300,
+    gap_particles=16,
+    elbo_particles=1000,
+    K=5,
+    lambdas=(0.25, 0.5, 1.0),
+    caps=(5.0, 0.0),
+    joint_K=(1, 2, 3, 4, 5),
+    joint_epochs=10,
+    grow_every=1,
+    n_ll=500,
+    ll_S=1000,
+    timing_images=100,
+)
+QUICK = dict(
+    limit=600,
+    epochs=2,
+    stage_epochs=1,
+    n_test=20,
+    S=200,
+    gap_steps=20,
+    gap_particles=4,
+    elbo_particles=100,
+    K=3,
+    lambdas=(0.5,),
+    caps=(5.0,),
+    joint_K=(3,),
+    joint_epochs=3,
+    grow_every=1,
+    n_ll=50,
+    ll_S=100,
+    timing_images=20,
+)
 PARTS = ("fixed_decoder", "inference_seconds", "joint")
 
 
 def model(name: str, data, seed: int, hidden=None, **options):
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    cfg = ModelConfig(name=name, likelihood="bernoulli", arch="mlp", latent_dim=LATENT,
-                      hidden=list(hidden or HIDDEN), activation="relu", options=options)
+    cfg = ModelConfig(
+        name=name,
+        likelihood="bernoulli",
+        arch="mlp",
+        latent_dim=LATENT,
+        hidden=list(hidden or HIDDEN),
+        activation="relu",
+        options=options,
+    )
     return build_model(cfg, data.shape, num_data=len(data.train_x))
 
 
 def fit(m, data, epochs: int, seed: int):
-    ppl_vae.train(m, data, TrainConfig(objective="elbo", epochs=epochs, batch_size=100, lr=1e-3), seed=seed,
-                  progress=False)
+    ppl_vae.train(
+        m, data, TrainConfig(objective="elbo", epochs=epochs, batch_size=100, lr=1e-3), seed=seed, progress=False
+    )
     m.eval()
     return m
 
 
 def laplace_on(vae, num_data: int) -> LaplaceGuide:
     """The Laplace guide on the VAE's decoder, started at the VAE encoder's mean (no parameters of its own)."""
-    return LaplaceGuide(lambda x: vae.encoder(x)[0], lambda z: vae.decoder(z).reshape(z.shape[0], -1), LATENT,
-                        likelihood="bernoulli", num_data=num_data)
+    return LaplaceGuide(
+        lambda x: vae.encoder(x)[0],
+        lambda z: vae.decoder(z).reshape(z.shape[0], -1),
+        LATENT,
+        likelihood="bernoulli",
+        num_data=num_data,
+    )
 
 
 def _mean_se(v: torch.Tensor) -> dict:
@@ -98,7 +144,7 @@ def fixed_decoder(data, s: dict, seed: int) -> tuple[dict, dict]:
     plan = ppl_vae.plan_for(rme)
     begin = plan.begin_stage
 
-    def record(stage):          # q_{k−1}, as stage k finds it
+    def record(stage):  # q_{k−1}, as stage k finds it
         k = int(stage.name.rsplit("_", 1)[1])
         if k > 0:
             rme.eval()
@@ -107,36 +153,56 @@ def fixed_decoder(data, s: dict, seed: int) -> tuple[dict, dict]:
         begin(stage)
 
     plan.begin_stage = record
-    ppl_vae.train(rme, data, TrainConfig(objective="elbo", epochs=s["K"] * s["stage_epochs"], batch_size=100,
-                                         lr=1e-3), plan=plan, seed=seed, progress=False)
+    ppl_vae.train(
+        rme,
+        data,
+        TrainConfig(objective="elbo", epochs=s["K"] * s["stage_epochs"], batch_size=100, lr=1e-3),
+        plan=plan,
+        seed=seed,
+        progress=False,
+    )
     rme.eval()
     elbos[f"mixture_{s['K']}"] = elbo_per_datapoint(rme.model, rme.guide, x, s["elbo_particles"]).double()
-    assert all(torch.equal(a, b) for a, b in zip(rme.decoder.state_dict().values(),
-                                                 vae.decoder.state_dict().values()))   # the decoder did not move
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(rme.decoder.state_dict().values(), vae.decoder.state_dict().values(), strict=False)
+    )  # the decoder did not move
     lap = laplace_on(vae, len(data.train_x))
     elbos["vae"] = elbo_per_datapoint(vae.model, vae.guide, x, s["elbo_particles"]).double()
     elbos["laplace"] = elbo_per_datapoint(vae.model, lap, x, s["elbo_particles"]).double()
     timing = {}
     for family in ("diag", "full"):
         t0 = time.perf_counter()
-        g = amortisation_gap(vae.model, vae.guide, x, family=family, steps=s["gap_steps"],
-                             num_particles=s["gap_particles"], elbo_particles=s["elbo_particles"],
-                             parameters=list(vae.parameters()))
+        g = amortisation_gap(
+            vae.model,
+            vae.guide,
+            x,
+            family=family,
+            steps=s["gap_steps"],
+            num_particles=s["gap_particles"],
+            elbo_particles=s["elbo_particles"],
+            parameters=list(vae.parameters()),
+        )
         timing[f"optimised_{family}"] = (time.perf_counter() - t0) / len(x)
         elbos[f"optimised_{family}"] = g["optimised"].double()
     log_px = log_likelihood(vae.model, lap, x, num_samples=s["S"], seed=seed).double()
-    q0 = elbos["mixture_1"]                                 # h_0 alone, trained on the fixed decoder
+    q0 = elbos["mixture_1"]  # h_0 alone, trained on the fixed decoder
     amort = elbos["optimised_diag"] - elbos["vae"]
-    out = {"num_images": len(x), "K": s["K"], "stage_epochs": s["stage_epochs"],
-           "elbo": {k: _mean_se(v) for k, v in elbos.items()},
-           "gain_over_q0": {k: _mean_se(v - q0) for k, v in elbos.items() if k.startswith("mixture_")},
-           "amortisation_gap_vae": _mean_se(amort),
-           "amortisation_gap_h0": _mean_se(elbos["optimised_diag"] - q0),
-           "share_of_amortisation_gap_closed": round(float((elbos[f"mixture_{s['K']}"] - q0).mean()
-                                                           / (elbos["optimised_diag"] - q0).mean()), 4),
-           "log_likelihood_laplace_is": _mean_se(log_px),
-           "approximation_gap": {k: _mean_se(log_px - v) for k, v in elbos.items()},
-           "mixture_beats_optimised_diag": float((elbos[f"mixture_{s['K']}"] - elbos["optimised_diag"]).mean()) > 0}
+    out = {
+        "num_images": len(x),
+        "K": s["K"],
+        "stage_epochs": s["stage_epochs"],
+        "elbo": {k: _mean_se(v) for k, v in elbos.items()},
+        "gain_over_q0": {k: _mean_se(v - q0) for k, v in elbos.items() if k.startswith("mixture_")},
+        "amortisation_gap_vae": _mean_se(amort),
+        "amortisation_gap_h0": _mean_se(elbos["optimised_diag"] - q0),
+        "share_of_amortisation_gap_closed": round(
+            float((elbos[f"mixture_{s['K']}"] - q0).mean() / (elbos["optimised_diag"] - q0).mean()), 4
+        ),
+        "log_likelihood_laplace_is": _mean_se(log_px),
+        "approximation_gap": {k: _mean_se(log_px - v) for k, v in elbos.items()},
+        "mixture_beats_optimised_diag": float((elbos[f"mixture_{s['K']}"] - elbos["optimised_diag"]).mean()) > 0,
+    }
     return out, {"vae": vae, "rme": rme, "laplace": lap, "timing": timing}
 
 
@@ -144,8 +210,7 @@ def inference_seconds(parts: dict, data, s: dict) -> dict:
     x = data.test_x[: s["timing_images"]]
     out = {k: v for k, v in parts["timing"].items()}
     with torch.no_grad():
-        for name, fn in (("vae", lambda: parts["vae"].guide_dist(x)),
-                         ("mixture", lambda: parts["rme"].guide_dist(x))):
+        for name, fn in (("vae", lambda: parts["vae"].guide_dist(x)), ("mixture", lambda: parts["rme"].guide_dist(x))):
             fn()
             t0 = time.perf_counter()
             for _ in range(5):
@@ -173,7 +238,7 @@ def joint_run(job: tuple) -> dict:
     t0 = time.perf_counter()
     try:
         fit(m, data, s["joint_epochs"], seed)
-    except TrainingDiverged as e:   # a result of the setting, not a failure of the sweep
+    except TrainingDiverged as e:  # a result of the setting, not a failure of the sweep
         print(f"[joint {name} seed {seed}] diverged: {e}", flush=True)
         return {"name": name, "seed": seed, "ll": None, "seconds_per_epoch": None, "diverged": str(e)}
     seconds = time.perf_counter() - t0
@@ -189,8 +254,9 @@ def joint_runs(s: dict) -> dict[str, dict]:
     for lam in s["lambdas"]:
         for cap in s["caps"]:
             for K in s["joint_K"]:
-                runs[f"rme_K{K}_lambda{lam}_cap{cap or 'none'}"] = dict(num_components=K, divergence_weight=lam,
-                                                                        log_ratio_cap=cap)
+                runs[f"rme_K{K}_lambda{lam}_cap{cap or 'none'}"] = dict(
+                    num_components=K, divergence_weight=lam, log_ratio_cap=cap
+                )
     K = max(s["joint_K"])
     runs[f"rme_K{K}_grown"] = dict(num_components=K, grow_every=s["grow_every"])
     runs[f"rme_K{K}_stagewise"] = dict(num_components=K, schedule="stagewise")
@@ -201,8 +267,10 @@ def joint(data, s: dict, seeds, workers: int) -> dict:
     width = wide_width(data, max(s["joint_K"]))
     runs = joint_runs(s)
     # the most expensive runs first, so the workers finish close together
-    jobs = sorted(((s, seed, name, opts, width) for seed in seeds for name, opts in runs.items()),
-                  key=lambda j: (-j[3].get("num_components", 4 if j[2] == "vae_wide" else 0), j[1]))
+    jobs = sorted(
+        ((s, seed, name, opts, width) for seed in seeds for name, opts in runs.items()),
+        key=lambda j: (-j[3].get("num_components", 4 if j[2] == "vae_wide" else 0), j[1]),
+    )
     lls: dict[str, dict[int, torch.Tensor]] = {}
     seconds: dict[str, list[float]] = {}
     diverged: dict[str, list[int]] = {}
@@ -212,20 +280,31 @@ def joint(data, s: dict, seeds, workers: int) -> dict:
             continue
         lls.setdefault(r["name"], {})[r["seed"]] = r["ll"]
         seconds.setdefault(r["name"], []).append(r["seconds_per_epoch"])
-    out = {"runs": {k: v for k, v in runs.items()}, "seeds": list(seeds), "epochs": s["joint_epochs"],
-           "diverged": diverged,
-           "vae_wide_hidden": width, "n_test": s["n_ll"], "S": s["ll_S"],
-           "test_ll": {k: round(float(torch.stack([x.mean() for x in v.values()]).mean()), 3) for k, v in lls.items()},
-           "diff_vs_vae": {}, "diff_vs_vae_by_seed": {},
-           "relative_seconds_per_epoch": {k: round(statistics.mean(v) / statistics.mean(seconds["vae"]), 2)
-                                          for k, v in seconds.items()}}
+    out = {
+        "runs": {k: v for k, v in runs.items()},
+        "seeds": list(seeds),
+        "epochs": s["joint_epochs"],
+        "diverged": diverged,
+        "vae_wide_hidden": width,
+        "n_test": s["n_ll"],
+        "S": s["ll_S"],
+        "test_ll": {k: round(float(torch.stack([x.mean() for x in v.values()]).mean()), 3) for k, v in lls.items()},
+        "diff_vs_vae": {},
+        "diff_vs_vae_by_seed": {},
+        "relative_seconds_per_epoch": {
+            k: round(statistics.mean(v) / statistics.mean(seconds["vae"]), 2) for k, v in seconds.items()
+        },
+    }
     for name, d in lls.items():
         if name == "vae":
             continue
-        per_seed = [paired(d[sd], lls["vae"][sd]) for sd in seeds if sd in d]   # seeds that did not diverge
+        per_seed = [paired(d[sd], lls["vae"][sd]) for sd in seeds if sd in d]  # seeds that did not diverge
         m, se = over_seeds(per_seed)
-        out["diff_vs_vae"][name] = {"mean": round(m, 3), "std_error": round(se, 3),
-                                    "seeds_better": f"{sum(p[0] > 0 for p in per_seed)}/{len(per_seed)}"}
+        out["diff_vs_vae"][name] = {
+            "mean": round(m, 3),
+            "std_error": round(se, 3),
+            "seeds_better": f"{sum(p[0] > 0 for p in per_seed)}/{len(per_seed)}",
+        }
         out["diff_vs_vae_by_seed"][name] = [round(p[0], 3) for p in per_seed]
     # each mixture against the capacity-matched wide VAE of the same seed
     out["diff_vs_vae_wide"] = {}

@@ -44,10 +44,26 @@ from ppl_vae import ModelConfig, build_model
 from ppl_vae.config import TrainConfig
 from ppl_vae.data import DataBundle
 
-FULL = dict(rounds=3, n=4096, epochs=4, batches=(128, 256, 512, 1024), overhead_batch=100, baseline_n=16384,
-            baseline_rounds=8, overhead_rounds=8)
-QUICK = dict(rounds=2, n=2048, epochs=3, batches=(256,), overhead_batch=100, baseline_n=2048, baseline_rounds=2,
-             overhead_rounds=2)
+FULL = dict(
+    rounds=3,
+    n=4096,
+    epochs=4,
+    batches=(128, 256, 512, 1024),
+    overhead_batch=100,
+    baseline_n=16384,
+    baseline_rounds=8,
+    overhead_rounds=8,
+)
+QUICK = dict(
+    rounds=2,
+    n=2048,
+    epochs=3,
+    batches=(256,),
+    overhead_batch=100,
+    baseline_n=2048,
+    baseline_rounds=2,
+    overhead_rounds=2,
+)
 
 
 def make_data(n: int) -> DataBundle:
@@ -56,24 +72,45 @@ def make_data(n: int) -> DataBundle:
     return DataBundle.from_tensors(x, name="random_binary")
 
 
-def epoch_seconds(devices: int, batch: int, n: int, epochs: int, device: str = "cpu", strategy: str = "auto",
-                  logger: str = "none", run_dir=None, wall: bool = False) -> float:
+def epoch_seconds(
+    devices: int,
+    batch: int,
+    n: int,
+    epochs: int,
+    device: str = "cpu",
+    strategy: str = "auto",
+    logger: str = "none",
+    run_dir=None,
+    wall: bool = False,
+) -> float:
     """Median seconds of the epochs after the first of one ``ppl_vae.train`` job (rank 0's clock; ``wall``: the
     whole call's wall-clock time per epoch, checkpoints and logs included). Without
     devices/strategy/logger settings the configuration is one an older ppl_vae also reads (the baseline row)."""
     data = make_data(n)
     pyro.set_rng_seed(0)
-    model = build_model(ModelConfig(name="vae", likelihood="bernoulli", arch="mlp", latent_dim=16, hidden=[200, 200],
-                                    activation="relu"), data.shape, num_data=n).to(device)
-    extra = {} if (devices, strategy, logger, device) == (1, "auto", "none", "cpu") else dict(
-        devices=devices, logger=logger, strategy="ddp" if devices > 1 else strategy,
-        accelerator="cuda" if device == "cuda" else "cpu")
+    model = build_model(
+        ModelConfig(
+            name="vae", likelihood="bernoulli", arch="mlp", latent_dim=16, hidden=[200, 200], activation="relu"
+        ),
+        data.shape,
+        num_data=n,
+    ).to(device)
+    extra = (
+        {}
+        if (devices, strategy, logger, device) == (1, "auto", "none", "cpu")
+        else dict(
+            devices=devices,
+            logger=logger,
+            strategy="ddp" if devices > 1 else strategy,
+            accelerator="cuda" if device == "cuda" else "cpu",
+        )
+    )
     cfg = TrainConfig(epochs=epochs, batch_size=batch, **extra)
     t0 = time.perf_counter()
     res = ppl_vae.train(model, data, cfg, seed=0, progress=False, device=device, run_dir=run_dir)
     if wall:
         return (time.perf_counter() - t0) / epochs
-    rank = getattr(res, "rank", 0)   # the baseline tree's result has no rank
+    rank = getattr(res, "rank", 0)  # the baseline tree's result has no rank
     return statistics.median(r["seconds"] for r in res.history[1:]) if rank == 0 else float("nan")
 
 
@@ -83,8 +120,14 @@ def job(devices: int, batch: int, s: dict, tree: Path = ROOT, n: int | None = No
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", f"{devices},{batch},{n or s['n']},{s['epochs']}",
-               "--worker-out", str(out)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            f"{devices},{batch},{n or s['n']},{s['epochs']}",
+            "--worker-out",
+            str(out),
+        ]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
         if res.returncode != 0:
             raise RuntimeError(f"the {devices}-process job failed:\n{res.stderr[-3000:]}")
@@ -95,14 +138,17 @@ def worker(spec: str, out: str) -> None:
     devices, batch, n, epochs = (int(v) for v in spec.split(","))
     torch.set_num_threads(1)
     sec = epoch_seconds(devices, batch, n, epochs)
-    if sec == sec:   # rank 0
+    if sec == sec:  # rank 0
         Path(out).write_text(json.dumps({"seconds": sec}))
 
 
 def main(argv=None):
     ap = parser(__doc__, seeds=None, threads=1)
-    ap.add_argument("--baseline", default="c3db871", help="git revision of the baseline loop (default: the commit "
-                    "before the Fabric path)")
+    ap.add_argument(
+        "--baseline",
+        default="c3db871",
+        help="git revision of the baseline loop (default: the commit before the Fabric path)",
+    )
     ap.add_argument("--worker", default=None, help="(internal) devices,batch,n,epochs of one timed job")
     ap.add_argument("--worker-out", default=None, help="(internal) where the worker writes its seconds")
     args = start(ap, argv)
@@ -113,27 +159,35 @@ def main(argv=None):
     b = s["overhead_batch"]
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "baseline"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.baseline], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.baseline],
+            check=True,
+            capture_output=True,
+        )
         try:
             n = s["baseline_n"]
-            out["plain_over_baseline"] = ratio_rounds(lambda: job(1, b, s, n=n), lambda: job(1, b, s, tree, n=n),
-                                                    s["baseline_rounds"])
+            out["plain_over_baseline"] = ratio_rounds(
+                lambda: job(1, b, s, n=n), lambda: job(1, b, s, tree, n=n), s["baseline_rounds"]
+            )
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
     print("plain/baseline", out["plain_over_baseline"], flush=True)
-    out["fabric_over_plain"] = ratio_rounds(lambda: epoch_seconds(1, b, s["n"], s["epochs"], strategy="single_device"),
-                                          lambda: epoch_seconds(1, b, s["n"], s["epochs"]), s["overhead_rounds"])
+    out["fabric_over_plain"] = ratio_rounds(
+        lambda: epoch_seconds(1, b, s["n"], s["epochs"], strategy="single_device"),
+        lambda: epoch_seconds(1, b, s["n"], s["epochs"]),
+        s["overhead_rounds"],
+    )
     print("fabric/plain", out["fabric_over_plain"], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         out["csv_logger_over_none"] = ratio_rounds(
             lambda: epoch_seconds(1, b, s["n"], s["epochs"], logger="csv", run_dir=Path(tmp) / "csv", wall=True),
             lambda: epoch_seconds(1, b, s["n"], s["epochs"], logger="none", run_dir=Path(tmp) / "none", wall=True),
-            s["rounds"])
+            s["rounds"],
+        )
     print("csv/none", out["csv_logger_over_none"], flush=True)
     out["two_over_one_process"] = {}
     for batch in s["batches"]:
-        row = ratio_rounds(lambda: job(2, batch, s), lambda: job(1, batch, s), s["rounds"])
+        row = ratio_rounds(lambda batch=batch: job(2, batch, s), lambda batch=batch: job(1, batch, s), s["rounds"])
         row["samples_per_second_two"] = round(s["n"] / statistics.median(row["seconds_a"]), 1)
         row["samples_per_second_one"] = round(s["n"] / statistics.median(row["seconds_b"]), 1)
         out["two_over_one_process"][str(batch)] = row
@@ -141,12 +195,15 @@ def main(argv=None):
     if torch.cuda.is_available():
         out["gpu"] = {}
         for batch in s["batches"]:
-            row = ratio_rounds(lambda: epoch_seconds(1, batch, s["n"], s["epochs"], device="cuda"),
-                             lambda: epoch_seconds(1, batch, s["n"], s["epochs"]), s["rounds"])
+            row = ratio_rounds(
+                lambda batch=batch: epoch_seconds(1, batch, s["n"], s["epochs"], device="cuda"),
+                lambda batch=batch: epoch_seconds(1, batch, s["n"], s["epochs"]),
+                s["rounds"],
+            )
             row["samples_per_second_gpu"] = round(s["n"] / statistics.median(row["seconds_a"]), 1)
             out["gpu"][str(batch)] = row
     else:
-        out["gpu"] = None   # no CUDA device on this machine
+        out["gpu"] = None  # no CUDA device on this machine
     finish("scaling", out, args)
 
 

@@ -46,7 +46,7 @@ def patches(n: int, seed: int, eps: float) -> torch.Tensor:
     for i in range(n):
         im = imgs[i % len(imgs)]
         r, c = rng.integers(0, im.shape[0] - SIZE), rng.integers(0, im.shape[1] - SIZE)
-        out[i] = im[r:r + SIZE, c:c + SIZE].ravel()
+        out[i] = im[r : r + SIZE, c : c + SIZE].ravel()
     out -= out.mean(1, keepdims=True)
     evals, evecs = np.linalg.eigh(np.cov(out, rowvar=False))
     evals = evals.clip(min=0)
@@ -57,20 +57,27 @@ def patches(n: int, seed: int, eps: float) -> torch.Tensor:
 def excess_kurtosis(w: np.ndarray) -> float:
     """Mean over filters (columns) of the excess kurtosis of their weights."""
     w = w - w.mean(0, keepdims=True)
-    return float(((w ** 4).mean(0) / (w ** 2).mean(0) ** 2 - 3.0).mean())
+    return float(((w**4).mean(0) / (w**2).mean(0) ** 2 - 3.0).mean())
 
 
 def top_energy(w: np.ndarray, share: float = 0.1) -> float:
     """Mean over filters of the fraction of squared weight in the largest ``share`` of pixels."""
-    e = np.sort(w ** 2, axis=0)[::-1]
+    e = np.sort(w**2, axis=0)[::-1]
     k = max(1, round(share * w.shape[0]))
     return float((e[:k].sum(0) / e.sum(0)).mean())
 
 
 def build(method: str, K: int, num_data: int, sigma2: float):
-    cfg = ModelConfig(name="vae_poisson" if method == "poisson" else "vae", likelihood="gaussian", sigma2=sigma2,
-                      link="identity", arch="mlp", hidden=[256], latent_dim=K,
-                      options={"decoder": "linear"} if method == "poisson" else {})
+    cfg = ModelConfig(
+        name="vae_poisson" if method == "poisson" else "vae",
+        likelihood="gaussian",
+        sigma2=sigma2,
+        link="identity",
+        arch="mlp",
+        hidden=[256],
+        latent_dim=K,
+        options={"decoder": "linear"} if method == "poisson" else {},
+    )
     m = build_model(cfg, (SIZE * SIZE,), num_data=num_data)
     if method == "gaussian":
         m.decoder = LinearDecoder(K, (SIZE * SIZE,))
@@ -79,8 +86,10 @@ def build(method: str, K: int, num_data: int, sigma2: float):
 
 def figure(filters: dict, stats: dict, K: int, png: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(filters), figsize=(6 * len(filters), 6.4))
     step = SIZE + 1
     for ax, (method, W) in zip(axes, filters.items(), strict=True):
@@ -89,10 +98,12 @@ def figure(filters: dict, stats: dict, K: int, png: Path) -> None:
         for j, k in enumerate(order):
             f = W[:, k].reshape(SIZE, SIZE)
             r, c = divmod(j, 8)
-            tiles[1 + step * r:step * (r + 1), 1 + step * c:step * (c + 1)] = f / (np.abs(f).max() + 1e-12)
+            tiles[1 + step * r : step * (r + 1), 1 + step * c : step * (c + 1)] = f / (np.abs(f).max() + 1e-12)
         ax.imshow(tiles, cmap="gray", vmin=-1, vmax=1)
-        ax.set_title(f"{method} VAE, linear decoder: 64 of {K} filters\nexcess kurtosis "
-                     f"{stats[method]['filter_kurtosis']:.2f}, top-10% energy {stats[method]['filter_top10_energy']:.2f}")
+        ax.set_title(
+            f"{method} VAE, linear decoder: 64 of {K} filters\nexcess kurtosis "
+            f"{stats[method]['filter_kurtosis']:.2f}, top-10% energy {stats[method]['filter_top10_energy']:.2f}"
+        )
         ax.axis("off")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -118,12 +129,21 @@ def main(argv=None):
     for method in ("poisson", "gaussian"):
         pyro.set_rng_seed(seed)
         m = build(method, K, len(data.train_x), args.sigma2).to(args.device)
-        res = ppl_vae.train(m, data, TrainConfig(objective="auto", epochs=epochs, batch_size=100, lr=args.lr),
-                            seed=seed, device=args.device, progress=not args.quick)
-        W = m.decoder.linear.weight.detach().cpu().numpy()          # (256, K): one filter per column
+        res = ppl_vae.train(
+            m,
+            data,
+            TrainConfig(objective="auto", epochs=epochs, batch_size=100, lr=args.lr),
+            seed=seed,
+            device=args.device,
+            progress=not args.quick,
+        )
+        W = m.decoder.linear.weight.detach().cpu().numpy()  # (256, K): one filter per column
         filters[method] = W
-        stats[method] = {"filter_kurtosis": round(excess_kurtosis(W), 3), "filter_top10_energy": round(top_energy(W), 4),
-                         "val_elbo_last": round(res.history[-1]["val_elbo"], 3)}
+        stats[method] = {
+            "filter_kurtosis": round(excess_kurtosis(W), 3),
+            "filter_top10_energy": round(top_energy(W), 4),
+            "val_elbo_last": round(res.history[-1]["val_elbo"], 3),
+        }
         if method == "poisson":
             m.eval()
             with torch.no_grad():
@@ -131,13 +151,24 @@ def main(argv=None):
             stats[method]["sparsity"] = round(float((z == 0).float().mean()), 4)
     png = (Path(tempfile.mkdtemp()) if args.quick else RESULTS) / "sparse_coding_filters.png"
     figure(filters, stats, K, png)
-    out = {"filter_kurtosis": {k: v["filter_kurtosis"] for k, v in stats.items()},
-           "filter_top10_energy": {k: v["filter_top10_energy"] for k, v in stats.items()},
-           "sparsity": stats["poisson"]["sparsity"], "methods": stats,
-           "poisson_more_localised": stats["poisson"]["filter_top10_energy"] > stats["gaussian"]["filter_top10_energy"],
-           "figure": png.name if not args.quick else str(png),
-           "settings": {"patches": n, "epochs": epochs, "K": K, "whiten_eps": args.whiten_eps, "sigma2": args.sigma2,
-                        "lr": args.lr, "encoder": "MLP 256-256", "batch_size": 100}}
+    out = {
+        "filter_kurtosis": {k: v["filter_kurtosis"] for k, v in stats.items()},
+        "filter_top10_energy": {k: v["filter_top10_energy"] for k, v in stats.items()},
+        "sparsity": stats["poisson"]["sparsity"],
+        "methods": stats,
+        "poisson_more_localised": stats["poisson"]["filter_top10_energy"] > stats["gaussian"]["filter_top10_energy"],
+        "figure": png.name if not args.quick else str(png),
+        "settings": {
+            "patches": n,
+            "epochs": epochs,
+            "K": K,
+            "whiten_eps": args.whiten_eps,
+            "sigma2": args.sigma2,
+            "lr": args.lr,
+            "encoder": "MLP 256-256",
+            "batch_size": 100,
+        },
+    }
     finish("sparse_coding", out, args)
 
 

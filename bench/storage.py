@@ -51,10 +51,12 @@ def idx_root(tmp: Path) -> tuple[Path, str]:
         return DEBIAN_FASHION_MNIST, "fashion-mnist (Debian package dataset-fashion-mnist)"
     rng = np.random.default_rng(0)
     for stem, n in (("train", 60000), ("t10k", 10000)):
-        (tmp / f"{stem}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, n, 28, 28)
-                                                         + rng.integers(0, 256, n * 784, dtype=np.uint8).tobytes())
-        (tmp / f"{stem}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, n)
-                                                         + rng.integers(0, 10, n, dtype=np.uint8).tobytes())
+        (tmp / f"{stem}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 0x803, n, 28, 28) + rng.integers(0, 256, n * 784, dtype=np.uint8).tobytes()
+        )
+        (tmp / f"{stem}-labels-idx1-ubyte").write_bytes(
+            struct.pack(">II", 0x801, n) + rng.integers(0, 10, n, dtype=np.uint8).tobytes()
+        )
     return tmp, "random IDX files (Fashion-MNIST's sizes; the Debian package is absent)"
 
 
@@ -72,10 +74,16 @@ def write_folder(root: Path, n: int) -> Path:
 
 def epoch_seconds(data, epochs: int, batch: int) -> float:
     pyro.set_rng_seed(0)
-    model = build_model(ModelConfig(name="vae", likelihood="bernoulli", arch="mlp", latent_dim=16, hidden=[200, 200],
-                                    activation="relu"), data.shape, num_data=len(data.train_x))
-    res = ppl_vae.train(model, data, TrainConfig(epochs=epochs, batch_size=batch, logger="none"), seed=0,
-                        progress=False)
+    model = build_model(
+        ModelConfig(
+            name="vae", likelihood="bernoulli", arch="mlp", latent_dim=16, hidden=[200, 200], activation="relu"
+        ),
+        data.shape,
+        num_data=len(data.train_x),
+    )
+    res = ppl_vae.train(
+        model, data, TrainConfig(epochs=epochs, batch_size=batch, logger="none"), seed=0, progress=False
+    )
     return statistics.median(r["seconds"] for r in res.history[1:])
 
 
@@ -91,19 +99,32 @@ def memory_worker(spec: str) -> None:
     root, storage, limit = spec.split(",")
     torch.set_num_threads(1)
     before = _rss_kb()
-    data = load_data("fashion_mnist", root=root, pixels="binary_dynamic", storage=storage, val_fraction=0.0,
-                     limit=None if limit == "none" else int(limit))
+    data = load_data(
+        "fashion_mnist",
+        root=root,
+        pixels="binary_dynamic",
+        storage=storage,
+        val_fraction=0.0,
+        limit=None if limit == "none" else int(limit),
+    )
     x = data.train_x
     nbytes = x.nbytes if storage != "memory" else x.numel() * x.element_size()
-    print(json.dumps({"rss_mb": round((_rss_kb() - before) / 1024, 1), "nbytes_mb": round(nbytes / 2**20, 1),
-                      "images": len(x)}))
+    print(
+        json.dumps(
+            {"rss_mb": round((_rss_kb() - before) / 1024, 1), "nbytes_mb": round(nbytes / 2**20, 1), "images": len(x)}
+        )
+    )
 
 
 def memory_rows(root: Path) -> dict:
     out = {}
     for storage in ("memory", "uint8", "mmap"):
-        res = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--memory-worker",
-                              f"{root},{storage},none"], capture_output=True, text=True, timeout=600)
+        res = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--memory-worker", f"{root},{storage},none"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if res.returncode != 0:
             raise RuntimeError(f"the memory worker for storage={storage} failed:\n{res.stderr[-2000:]}")
         out[storage] = json.loads(res.stdout.strip().splitlines()[-1])
@@ -123,32 +144,46 @@ def main(argv=None):
         out["idx_data"] = what
 
         def load(storage, workers=0):
-            return load_data("fashion_mnist", root=root, pixels="binary_dynamic", storage=storage, workers=workers,
-                             limit=s["limit"], val_fraction=0.0)
+            return load_data(
+                "fashion_mnist",
+                root=root,
+                pixels="binary_dynamic",
+                storage=storage,
+                workers=workers,
+                limit=s["limit"],
+                val_fraction=0.0,
+            )
 
         ref = load("memory")
         out["idx_epoch_over_memory"] = {}
         for storage, workers in IDX_ROWS:
             data = load(storage, workers)
-            row = ratio_rounds(lambda: epoch_seconds(data, s["epochs"], s["batch"]),
-                            lambda: epoch_seconds(ref, s["epochs"], s["batch"]), s["rounds"])
+            row = ratio_rounds(
+                lambda data=data: epoch_seconds(data, s["epochs"], s["batch"]),
+                lambda: epoch_seconds(ref, s["epochs"], s["batch"]),
+                s["rounds"],
+            )
             out["idx_epoch_over_memory"][f"{storage}_workers{workers}"] = row
             print(f"{storage} (workers {workers}) / memory", row, flush=True)
-        out["idx_memory_mb"] = memory_rows(root)   # the full training split (60,000 images)
+        out["idx_memory_mb"] = memory_rows(root)  # the full training split (60,000 images)
         print("memory", out["idx_memory_mb"], flush=True)
 
         folder = write_folder(Path(tmp) / "folder", s["folder_images"])
 
         def folder_data(storage, workers):
-            return load_data("image_folder", root=folder, image_size=32, storage=storage, workers=workers,
-                             val_fraction=0.0)
+            return load_data(
+                "image_folder", root=folder, image_size=32, storage=storage, workers=workers, val_fraction=0.0
+            )
 
         decoded = folder_data("uint8", 2)
         out["folder_epoch_over_uint8"] = {}
         for workers in (0, 2):
             files = folder_data("files", workers)
-            row = ratio_rounds(lambda: epoch_seconds(files, s["folder_epochs"], s["batch"]),
-                            lambda: epoch_seconds(decoded, s["folder_epochs"], s["batch"]), s["rounds"])
+            row = ratio_rounds(
+                lambda files=files: epoch_seconds(files, s["folder_epochs"], s["batch"]),
+                lambda: epoch_seconds(decoded, s["folder_epochs"], s["batch"]),
+                s["rounds"],
+            )
             out["folder_epoch_over_uint8"][f"files_workers{workers}"] = row
             print(f"files (workers {workers}) / uint8", row, flush=True)
     finish("storage", out, args, device="cpu")

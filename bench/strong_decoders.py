@@ -12,7 +12,8 @@ guide, nats, with its Monte Carlo s.e.), kl (KL(q ‖ p) per image, Monte Carlo:
 active_units (of 16; Burda et al.'s 0.01 threshold), mutual_information I_q(x; z), probe_acc (logistic probe of
 the class from E_q[z | x], fitted on 2000 training images) and seconds per epoch; means over the training seeds.
 ``kl_by_epoch`` (per run and seed): KL(q ‖ p) on 200 test images after every epoch (one draw).
-Figure: "lossy" reconstructions of (c) — one z = E_q[z | x] decoded four times (bench/results/strong_decoders_lossy.png).
+Figure: "lossy" reconstructions of (c) — one z = E_q[z | x] decoded four times
+(bench/results/strong_decoders_lossy.png).
 
     python bench/strong_decoders.py --threads 1          # full (3 seeds)
     python bench/strong_decoders.py --runs vae_pixel --epochs 30 --seeds 0   # an ablation: a variant
@@ -43,15 +44,21 @@ COMMON = dict(latent_dim=16, hidden=[256], arch="mlp", channels=32)
 RUNS = {
     "vae": dict(name="vae", likelihood="bernoulli"),
     "vae_pixel": dict(name="vae", likelihood="pixelcnn", pixelcnn_window=0, pixelcnn_layers=5),
-    "vlossy": dict(name="vlossy", likelihood="pixelcnn", pixelcnn_window=3, pixelcnn_layers=3,
-                   options={"prior": "af", "num_flows": 2, "flow_hidden": [64, 64]}),
-    "vlossy_n": dict(name="vlossy", likelihood="pixelcnn", pixelcnn_window=3, pixelcnn_layers=3,
-                     options={"prior": "normal"}),
-    "mae": dict(name="mae", likelihood="pixelcnn", pixelcnn_window=0, pixelcnn_layers=5,
-                options={"eta": 1.0, "gamma": 0.5}),
+    "vlossy": dict(
+        name="vlossy",
+        likelihood="pixelcnn",
+        pixelcnn_window=3,
+        pixelcnn_layers=3,
+        options={"prior": "af", "num_flows": 2, "flow_hidden": [64, 64]},
+    ),
+    "vlossy_n": dict(
+        name="vlossy", likelihood="pixelcnn", pixelcnn_window=3, pixelcnn_layers=3, options={"prior": "normal"}
+    ),
+    "mae": dict(
+        name="mae", likelihood="pixelcnn", pixelcnn_window=0, pixelcnn_layers=5, options={"eta": 1.0, "gamma": 0.5}
+    ),
 }
-KEYS = ("test_ll", "test_ll_mc_std_error", "kl", "active_units", "mutual_information", "probe_acc",
-        "seconds_per_epoch")
+KEYS = ("test_ll", "test_ll_mc_std_error", "kl", "active_units", "mutual_information", "probe_acc", "seconds_per_epoch")
 
 
 def one_run(run: str, data, s: dict, seed: int) -> tuple[dict, object]:
@@ -62,7 +69,7 @@ def one_run(run: str, data, s: dict, seed: int) -> tuple[dict, object]:
     plan, kl_by_epoch = ppl_vae.plan_for(model), []
     x_kl = data.test_x[:200]
 
-    def track(epoch, record, data_, _hook=plan.on_epoch_end):   # KL(q ‖ p) on 200 test images after each epoch
+    def track(epoch, record, data_, _hook=plan.on_epoch_end):  # KL(q ‖ p) on 200 test images after each epoch
         _hook(epoch, record, data_)
         with torch.random.fork_rng():
             torch.manual_seed(0)
@@ -77,19 +84,30 @@ def one_run(run: str, data, s: dict, seed: int) -> tuple[dict, object]:
     ll, ess = log_likelihood(model.model, model.guide, x, num_samples=s["S"], seed=seed, return_ess=True)
     n = s["probe_train"]
     lat = latent_summary(model.model, model.guide, x, y, data.train_x[:n], data.train_y[:n], seed=seed)
-    r = {"test_ll": float(ll.mean()), "test_ll_mc_std_error": ll_mc_std_error(ess, s["S"]), "kl": lat["kl_total"],
-         "active_units": lat["active_units"]["z"], "mutual_information": lat["mutual_information"],
-         "probe_acc": lat["probe_accuracy"], "seconds_per_epoch": sec,
-         "final_val_elbo": history[-1]["val_elbo"], "kl_by_epoch": kl_by_epoch}
-    print(f"[{run} seed {seed}] " + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if k != "kl_by_epoch")
-          + f", KL by epoch {kl_by_epoch}", flush=True)
+    r = {
+        "test_ll": float(ll.mean()),
+        "test_ll_mc_std_error": ll_mc_std_error(ess, s["S"]),
+        "kl": lat["kl_total"],
+        "active_units": lat["active_units"]["z"],
+        "mutual_information": lat["mutual_information"],
+        "probe_acc": lat["probe_accuracy"],
+        "seconds_per_epoch": sec,
+        "final_val_elbo": history[-1]["val_elbo"],
+        "kl_by_epoch": kl_by_epoch,
+    }
+    print(
+        f"[{run} seed {seed}] "
+        + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if k != "kl_by_epoch")
+        + f", KL by epoch {kl_by_epoch}",
+        flush=True,
+    )
     return r, model
 
 
 def lossy_figure(model, x: torch.Tensor, path: Path) -> str:
     """Row per image: the input, then four decodings of the same z = E_q[z | x]."""
     torch.manual_seed(0)
-    rec = model.lossy_reconstructions(x, repeats=4)                  # (B, 4, C, H, W)
+    rec = model.lossy_reconstructions(x, repeats=4)  # (B, 4, C, H, W)
     tiles = torch.cat([x[:, None], rec], 1).reshape(-1, *x.shape[1:])
     return save_image_grid(tiles, path, nrow=5)
 
@@ -121,15 +139,16 @@ def main(argv=None):
     ll, kl, au, probe = out["test_ll"], out["kl"], out["active_units"], out["probe_acc"]
     claims = {
         "pixelcnn_collapses": lambda: kl["vae_pixel"] < 1.0 and au["vae_pixel"] <= 1,
-        "vlossy_and_mae_keep_the_code": lambda: kl["vlossy"] > 1.0 and au["vlossy"] > 0 and kl["mae"] > 1.0
-        and au["mae"] > 0,
+        "vlossy_and_mae_keep_the_code": lambda: (
+            kl["vlossy"] > 1.0 and au["vlossy"] > 0 and kl["mae"] > 1.0 and au["mae"] > 0
+        ),
         "vlossy_beats_factorised_vae_ll": lambda: ll["vlossy"] > ll["vae"],
         "af_prior_beats_normal_prior_ll": lambda: ll["vlossy"] > ll["vlossy_n"],
         "mae_probe_above_collapsed": lambda: probe["mae"] > probe["vae_pixel"] + 0.05,
         "mae_ll_within_3_nats_of_pixelcnn_vae": lambda: abs(ll["mae"] - ll["vae_pixel"]) < 3.0,
     }
     out["claims"] = {}
-    for name, test in claims.items():    # a claim whose runs were not all trained is left out
+    for name, test in claims.items():  # a claim whose runs were not all trained is left out
         try:
             out["claims"][name] = bool(test())
         except KeyError:

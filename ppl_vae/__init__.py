@@ -3,7 +3,7 @@ importance-sampled likelihoods and diagnosed with ArviZ.
 
 The public entry points::
 
-    ppl_vae.train(model, data, config)      # any model/guide pair, by its training plan (ppl_vae.infer.plan)
+    ppl_vae.train(model, data, config)      # any model/guide pair, by its training plan (ppl_vae.training)
     ppl_vae.build_model(model_config, data.shape, num_data=...)
     ppl_vae.load_data("digits")
     ppl_vae.make_multimodal(data, "poly")   # PolyFashion-style or image + label multimodal data (with masks)
@@ -13,28 +13,74 @@ The public entry points::
     ppl_vae.diagnose_run(run)               # `ppl-vae diagnose`: PSIS k-hat / ESS of the guide (ArviZ)
 
 the latent distributions (``Epanechnikov``, ``RelaxedPoisson``, ``DefensiveMixture``), the objectives
-(``TraceIWAE``, ``WiseAleELBO``, ...), the plan protocol (``TrainingPlan``,
-``training_plan``) and ``register_model`` for methods defined outside the package.
+(``TraceIWAE``, ``WiseAleELBO``, ...), the plan protocol (``TrainingPlan``, ``training_plan``;
+:mod:`ppl_vae.training`) and ``register_model`` for methods defined outside the package.
 """
 
-from .config import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig, load_config
-from .data import DataBundle, load_data
-from .distributions import DefensiveMixture, Epanechnikov, RelaxedPoisson
+from . import _deprecated
+from .config import Config, DataConfig, EvalConfig, ModelConfig, Options, TrainConfig, load_config, option
+from .data import DataBundle, Layout, MultimodalData, load_data, make_multimodal
+from .distributions import DefensiveMixture, Epanechnikov, RelaxedPoisson, data_plate
 from .errors import ConfigError, PplVaeError, TrainingDiverged
 from .experiment import Run, diagnose_run, evaluate_run, load_run, run_experiment
-from .infer import (AggregateKLObjective, PenalisedELBO, RecursiveMixtureELBO, Stage, StratifiedIWAE, SubsetELBO,
-                    TraceIWAE, TrainingPlan, TrainResult, WiseAleELBO, build_objective, fit, plan_for, train,
-                    training_plan)
+from .infer import (
+    AggregateKLObjective,
+    PenalisedELBO,
+    RecursiveMixtureELBO,
+    StratifiedIWAE,
+    SubsetELBO,
+    TraceIWAE,
+    WiseAleELBO,
+)
 from .models import build_model, model_names, register_model
-from .multimodal import Layout, MultimodalData, make_multimodal
-from .options import Options, option
-from .plate import data_plate
+from .training import Stage, TrainingPlan, TrainResult, build_objective, fit, plan_for, train, training_plan
+
+_deprecated.install()
 
 __version__ = "0.1.0"
-__all__ = ["train", "fit", "build_model", "load_data", "run_experiment", "load_run", "evaluate_run", "diagnose_run",
-           "Run", "TrainResult", "TrainingPlan", "Stage", "training_plan", "plan_for", "build_objective",
-           "register_model", "model_names", "Options", "option", "data_plate", "TraceIWAE", "WiseAleELBO", "AggregateKLObjective",
-           "RecursiveMixtureELBO", "PenalisedELBO", "Config", "DataConfig", "ModelConfig", "TrainConfig",
-           "EvalConfig", "load_config", "DataBundle", "ConfigError", "PplVaeError", "TrainingDiverged",
-           "Epanechnikov", "RelaxedPoisson", "DefensiveMixture", "StratifiedIWAE", "SubsetELBO", "Layout",
-           "MultimodalData", "make_multimodal", "__version__"]
+__all__ = [
+    "train",
+    "fit",
+    "build_model",
+    "load_data",
+    "run_experiment",
+    "load_run",
+    "evaluate_run",
+    "diagnose_run",
+    "Run",
+    "TrainResult",
+    "TrainingPlan",
+    "Stage",
+    "training_plan",
+    "plan_for",
+    "build_objective",
+    "register_model",
+    "model_names",
+    "Options",
+    "option",
+    "data_plate",
+    "TraceIWAE",
+    "WiseAleELBO",
+    "AggregateKLObjective",
+    "RecursiveMixtureELBO",
+    "PenalisedELBO",
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "load_config",
+    "DataBundle",
+    "ConfigError",
+    "PplVaeError",
+    "TrainingDiverged",
+    "Epanechnikov",
+    "RelaxedPoisson",
+    "DefensiveMixture",
+    "StratifiedIWAE",
+    "SubsetELBO",
+    "Layout",
+    "MultimodalData",
+    "make_multimodal",
+    "__version__",
+]

@@ -26,6 +26,7 @@ from .errors import CheckpointError, PplVaeError, TrainingDiverged
 
 def _int(minimum: int):
     """An argparse type: an integer >= ``minimum`` (no silent clamping)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -34,6 +35,7 @@ def _int(minimum: int):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
         return value
+
     return parse
 
 
@@ -45,8 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model from a YAML config (default: VAE on the embedded digits)")
     t.add_argument("config", nargs="?", help="YAML config file (optional)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 model.latent_dim=8")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its folder (overrides: only "
-                   "fields that may change, e.g. train.epochs)")
+    t.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a killed run from its folder (overrides: only fields that may change, e.g. train.epochs)",
+    )
     t.add_argument("--run-dir", help="run folder (default: <output_dir>/<name>-<timestamp>)")
     t.add_argument("--overwrite", action="store_true", help="replace the run in --run-dir instead of refusing")
     t.add_argument("--device", help="cpu, cuda or cuda:N (default: the config's device, 'auto')")
@@ -55,11 +60,19 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="test ELBO (and the importance-sampled log-likelihood) of a run")
     e.add_argument("run_dir")
-    e.add_argument("--num-samples", type=_int(0), default=None,
-                   help="importance samples per test image for log p(x) (0: ELBO only; 5000 for papers; "
-                        "default: the run's eval.num_samples)")
-    e.add_argument("--max-test", type=_int(1), default=None,
-                   help="evaluate on the first N test images only (default: the run's eval.max_test)")
+    e.add_argument(
+        "--num-samples",
+        type=_int(0),
+        default=None,
+        help="importance samples per test image for log p(x) (0: ELBO only; 5000 for papers; "
+        "default: the run's eval.num_samples)",
+    )
+    e.add_argument(
+        "--max-test",
+        type=_int(1),
+        default=None,
+        help="evaluate on the first N test images only (default: the run's eval.max_test)",
+    )
     e.add_argument("--checkpoint", choices=["best", "last"], default="best")
     e.add_argument("--device")
     e.add_argument("--seed", type=_int(0), default=0)
@@ -67,25 +80,42 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("diagnose", help="PSIS k-hat and ESS of the guide on test images, an ArviZ file and a plot")
     d.add_argument("run_dir")
     d.add_argument("--num-images", type=_int(1), default=100, help="test images to diagnose (the first N)")
-    d.add_argument("--num-samples", type=_int(2), default=None,
-                   help="guide draws per image (default: the run's eval.num_samples)")
+    d.add_argument(
+        "--num-samples", type=_int(2), default=None, help="guide draws per image (default: the run's eval.num_samples)"
+    )
     d.add_argument("--checkpoint", choices=["best", "last"], default="best")
     d.add_argument("--device")
     d.add_argument("--seed", type=_int(0), default=0)
 
-    g = sub.add_parser("gaps", help="inference-gap report: amortisation and approximation gaps of the guide "
-                       "(gaps.json, gaps.png), optionally with NUTS reference posteriors")
+    g = sub.add_parser(
+        "gaps",
+        help="inference-gap report: amortisation and approximation gaps of the guide "
+        "(gaps.json, gaps.png), optionally with NUTS reference posteriors",
+    )
     g.add_argument("run_dir")
     g.add_argument("--num-images", type=_int(1), default=200, help="test images (the first N)")
-    g.add_argument("--num-samples", type=_int(1), default=None,
-                   help="importance draws per image for log p(x) (default: the run's eval.num_samples)")
+    g.add_argument(
+        "--num-samples",
+        type=_int(1),
+        default=None,
+        help="importance draws per image for log p(x) (default: the run's eval.num_samples)",
+    )
     g.add_argument("--steps", type=_int(1), default=300, help="Adam steps of the per-image optimisation")
     g.add_argument("--num-particles", type=_int(1), default=16, help="draws per step of that optimisation")
     g.add_argument("--elbo-particles", type=_int(1), default=1000, help="draws for each image's ELBO")
-    g.add_argument("--family", choices=["diag", "full"], default=None,
-                   help="the per-image Gaussian family (default: the guide's own)")
-    g.add_argument("--nuts", type=_int(0), default=0, metavar="N",
-                   help="NUTS reference posteriors for the first N images (default 0: none)")
+    g.add_argument(
+        "--family",
+        choices=["diag", "full"],
+        default=None,
+        help="the per-image Gaussian family (default: the guide's own)",
+    )
+    g.add_argument(
+        "--nuts",
+        type=_int(0),
+        default=0,
+        metavar="N",
+        help="NUTS reference posteriors for the first N images (default 0: none)",
+    )
     g.add_argument("--nuts-chains", type=_int(1), default=4)
     g.add_argument("--nuts-samples", type=_int(2), default=500)
     g.add_argument("--nuts-warmup", type=_int(0), default=500)
@@ -98,8 +128,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=_int(1), default=64)
     s.add_argument("--seed", type=_int(0), default=0)
     s.add_argument("--out", help="PNG path (default: RUN_DIR/samples.png)")
-    s.add_argument("--from", dest="source", choices=["prior", "aggregate"], default="prior",
-                   help="z from the prior or from a Gaussian mixture fitted to the aggregate posterior q(z)")
+    s.add_argument(
+        "--from",
+        dest="source",
+        choices=["prior", "aggregate"],
+        default="prior",
+        help="z from the prior or from a Gaussian mixture fitted to the aggregate posterior q(z)",
+    )
     s.add_argument("--num-components", type=_int(1), default=32, help="mixture components for --from aggregate")
     s.add_argument("--checkpoint", choices=["best", "last"], default="best")
     s.add_argument("--device")
@@ -107,28 +142,36 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from .config import check_resume_overrides, load_config
+    from .config.sections import check_resume_overrides, load_config
     from .experiment import CONFIG_FILE, run_experiment
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not Path(config).exists():
-        overrides.insert(0, config)   # `ppl-vae train train.epochs=3`: no file, only overrides
+        overrides.insert(0, config)  # `ppl-vae train train.epochs=3`: no file, only overrides
         config = None
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / CONFIG_FILE).is_file():
             raise PplVaeError(f"--resume: {str(run_dir)!r} is not a run folder (no {CONFIG_FILE} in it)")
         if config is not None or args.run_dir or args.overwrite:
-            raise PplVaeError("--resume takes its config from the run folder: give no config file, --run-dir or "
-                              "--overwrite with it")
-        check_resume_overrides(overrides)   # before anything is read or written
+            raise PplVaeError(
+                "--resume takes its config from the run folder: give no config file, --run-dir or --overwrite with it"
+            )
+        check_resume_overrides(overrides)  # before anything is read or written
         cfg = load_config(run_dir / CONFIG_FILE, overrides)
     else:
         cfg = load_config(config, overrides)
         run_dir = Path(args.run_dir) if args.run_dir else None
-    run = run_experiment(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite, device=args.device,
-                         progress=not args.no_progress, figures=not args.no_figures)
-    if run.rank > 0:   # another process of a multi-process job: rank 0 reports
+    run = run_experiment(
+        cfg,
+        run_dir,
+        resume=bool(args.resume),
+        overwrite=args.overwrite,
+        device=args.device,
+        progress=not args.no_progress,
+        figures=not args.no_figures,
+    )
+    if run.rank > 0:  # another process of a multi-process job: rank 0 reports
         return 0
     summary = json.loads((run.run_dir / "metrics.json").read_text())
     print(f"test ELBO: {summary['test_elbo']:.3f} nats per image (best epoch {summary['best_epoch']})")
@@ -140,8 +183,10 @@ def _evaluate(args) -> int:
     from .experiment import evaluate_run, load_run
 
     run = load_run(args.run_dir, "best" if args.checkpoint == "best" else "last", device=args.device)
-    out = {"checkpoint": args.checkpoint, **evaluate_run(run, args.num_samples, args.max_test, seed=args.seed,
-                                                         write=False)}
+    out = {
+        "checkpoint": args.checkpoint,
+        **evaluate_run(run, args.num_samples, args.max_test, seed=args.seed, write=False),
+    }
     (run.run_dir / "evaluation.json").write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
     return 0
@@ -160,11 +205,19 @@ def _gaps(args) -> int:
     from .experiment import gaps_run, load_run
 
     run = load_run(args.run_dir, "best" if args.checkpoint == "best" else "last", device=args.device)
-    out = gaps_run(run, args.num_images, num_samples=args.num_samples, steps=args.steps,
-                   num_particles=args.num_particles, elbo_particles=args.elbo_particles, family=args.family,
-                   nuts_images=args.nuts, seed=args.seed,
-                   nuts={"num_chains": args.nuts_chains, "num_samples": args.nuts_samples,
-                         "warmup_steps": args.nuts_warmup}, checkpoint=args.checkpoint)
+    out = gaps_run(
+        run,
+        args.num_images,
+        num_samples=args.num_samples,
+        steps=args.steps,
+        num_particles=args.num_particles,
+        elbo_particles=args.elbo_particles,
+        family=args.family,
+        nuts_images=args.nuts,
+        seed=args.seed,
+        nuts={"num_chains": args.nuts_chains, "num_samples": args.nuts_samples, "warmup_steps": args.nuts_warmup},
+        checkpoint=args.checkpoint,
+    )
     brief = {k: out[k] for k in ("model", "num_images", "amortisation", "approximation", "inference")}
     if "nuts" in out:
         brief["nuts"] = {k: v for k, v in out["nuts"].items() if k != "images"}
@@ -176,7 +229,7 @@ def _sample(args) -> int:
     import torch
 
     from .experiment import load_run
-    from .viz import save_image_grid
+    from .viz.grids import save_image_grid
 
     if args.out is not None and Path(args.out).is_dir():
         raise PplVaeError(f"--out {args.out!r} is a folder: give the path of a .png file to write")
@@ -187,7 +240,7 @@ def _sample(args) -> int:
         if run.model.conditional:
             y = torch.arange(args.n, device=run.device) % run.model.num_classes
         if args.source == "aggregate":
-            from .priors import sample_aggregate
+            from .evaluate.aggregate import sample_aggregate
 
             images = sample_aggregate(run, args.n, seed=args.seed, num_components=args.num_components)
         else:
@@ -230,8 +283,10 @@ def _exit_code(e: BaseException) -> int:
 
 def _message(e: BaseException) -> str:
     if isinstance(e, PermissionError):
-        return (f"PermissionError: cannot write or read {e.filename!r} (permission denied or a read-only folder): "
-                "choose another --run-dir or output_dir")
+        return (
+            f"PermissionError: cannot write or read {e.filename!r} (permission denied or a read-only folder): "
+            "choose another --run-dir or output_dir"
+        )
     if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.errno == errno.ENOSPC:
         return f"OSError: the disk is full while writing {e.filename!r}: free space, or write elsewhere"
     return f"{type(e).__name__}: {e}"
@@ -247,19 +302,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:
-        print("ppl-vae: interrupted; the last complete checkpoint is kept (continue with --resume RUN_DIR)",
-              file=sys.stderr)
+        print(
+            "ppl-vae: interrupted; the last complete checkpoint is kept (continue with --resume RUN_DIR)",
+            file=sys.stderr,
+        )
         return 130
-    except (PplVaeError, OSError, ValueError) as e:   # the expected faults: bad input, files, a failed run
+    except (PplVaeError, OSError, ValueError) as e:  # the expected faults: bad input, files, a failed run
         if args.debug:
             raise
         print(f"ppl-vae: error: {_message(e)}", file=sys.stderr)
         return _exit_code(e)
-    except Exception as e:   # a fault nobody foresaw: one line, and how to see more
+    except Exception as e:  # a fault nobody foresaw: one line, and how to see more
         if args.debug:
             raise
-        print(f"ppl-vae: error: unexpected {type(e).__name__}: {e} (run again with --debug for the traceback)",
-              file=sys.stderr)
+        print(
+            f"ppl-vae: error: unexpected {type(e).__name__}: {e} (run again with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -20,28 +20,42 @@ import pyro
 import torch
 from pyro.infer import Trace_ELBO
 
-from .config import Config, load_config, save_config
-from .data import DataBundle, load_data
-from .errors import CheckpointError, ConfigError, PplVaeError, RunFolderError
 from . import evaluate
+from .config.sections import Config, load_config, save_config
+from .data.bundle import DataBundle, load_data
+from .data.multimodal import MultimodalData, make_multimodal
+from .errors import CheckpointError, ConfigError, PplVaeError, RunFolderError
 from .evaluate import bits_per_dim, log_likelihood
-from .infer import evaluate_elbo, load_checkpoint, restore_params
-from .infer.checkpoint import load_module_state
-from .infer import distributed
-from .infer.loggers import log_figures
-from .infer.plan import plan_for, train
-from .infer.train import BEST, CHECKPOINT
-from .infer.train import check_finite
 from .models import build_model, import_methods
-from .multimodal import MultimodalData, make_multimodal
-from .runlock import RunLock
-from .viz import make_figures, plot_cross_generation, plot_reconstructions, plot_training_curves
+from .training import distributed
+from .training.checkpoint import load_checkpoint, load_module_state, restore_params
+from .training.loggers import log_figures
+from .training.loop import BEST, CHECKPOINT, evaluate_elbo
+from .training.plan import plan_for
+from .training.runlock import RunLock
+from .training.stages import train
+from .viz.curves import make_figures, plot_training_curves
+from .viz.grids import plot_reconstructions
+from .viz.hierarchy import plot_cross_generation
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "metrics.json"
 
-__all__ = ["run_experiment", "load_run", "evaluate_run", "diagnose_run", "gaps_run", "Run", "build", "build_data",
-           "resolve_device", "test_elbo", "write_figures", "CONFIG_FILE", "SUMMARY_FILE"]
+__all__ = [
+    "run_experiment",
+    "load_run",
+    "evaluate_run",
+    "diagnose_run",
+    "gaps_run",
+    "Run",
+    "build",
+    "build_data",
+    "resolve_device",
+    "test_elbo",
+    "write_figures",
+    "CONFIG_FILE",
+    "SUMMARY_FILE",
+]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,23 +66,36 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device must be available on this machine: got {name!r}, but CUDA is not available")
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise ConfigError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise ConfigError(
+            f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
     return torch.device(name)
 
 
 def build_data(cfg: Config) -> DataBundle:
     d = cfg.data
-    data = load_data(d.name, root=d.root, download=d.download, pixels=d.pixels, val_fraction=d.val_fraction,
-                     seed=cfg.seed, limit=d.limit, image_size=d.image_size, storage=d.storage, workers=d.workers)
+    data = load_data(
+        d.name,
+        root=d.root,
+        download=d.download,
+        pixels=d.pixels,
+        val_fraction=d.val_fraction,
+        seed=cfg.seed,
+        limit=d.limit,
+        image_size=d.image_size,
+        storage=d.storage,
+        workers=d.workers,
+    )
     if d.multimodal is not None:
-        data = make_multimodal(data, d.multimodal, num_modalities=d.num_modalities, missing_rate=d.missing_rate,
-                               seed=cfg.seed)
+        data = make_multimodal(
+            data, d.multimodal, num_modalities=d.num_modalities, missing_rate=d.missing_rate, seed=cfg.seed
+        )
     return data
 
 
 def build(cfg: Config, data: DataBundle, device: torch.device):
     """The model for a configuration and its data, seeded by ``cfg.seed``, on ``device``."""
-    import_methods(cfg.imports)   # methods defined outside the package register themselves
+    import_methods(cfg.imports)  # methods defined outside the package register themselves
     pyro.set_rng_seed(cfg.seed)
     if cfg.model.name == "cvae" and data.train_y is None:
         raise ConfigError(f"model.name='cvae' needs labels, but data.name={cfg.data.name!r} has none")
@@ -87,26 +114,43 @@ class Run:
     model: torch.nn.Module
     run_dir: Path
     device: torch.device
-    rank: int = 0          # this process's rank in a multi-process job (rank 0 writes the folder)
+    rank: int = 0  # this process's rank in a multi-process job (rank 0 writes the folder)
 
 
 # what makes a folder a run: a finished epoch or a finished run
 RUN_MARKERS = (CHECKPOINT, SUMMARY_FILE)
 # files a run writes (removed by overwrite=True before the new run starts)
-RUN_FILES = (CHECKPOINT, BEST, SUMMARY_FILE, "metrics.jsonl", "evaluation.json", "diagnostics.json", "diagnostics.nc",
-             "gaps.json")
+RUN_FILES = (
+    CHECKPOINT,
+    BEST,
+    SUMMARY_FILE,
+    "metrics.jsonl",
+    "evaluation.json",
+    "diagnostics.json",
+    "diagnostics.nc",
+    "gaps.json",
+)
 
 
-def run_experiment(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
-                   device: str | None = None, progress: bool = True, figures: bool = True) -> Run:
+def run_experiment(
+    cfg: Config,
+    run_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+    figures: bool = True,
+) -> Run:
     """Train from a configuration: writes config.yaml, checkpoints, metrics.jsonl, metrics.json and figures.
 
     Everything that can be checked is checked before anything is written: the device, the data (finite values),
-    the model's options, the run folder (another process writing it is refused — :class:`~ppl_vae.runlock.RunLock`
+    the model's options, the run folder (another process writing it is refused —
+    :class:`~ppl_vae.training.runlock.RunLock`
     is held for the whole run —, and so is a folder that holds a run unless ``resume`` or ``overwrite``) and, on
     ``resume``, that the checkpoint was made by this configuration.
 
-    With ``train.devices`` > 1 (:mod:`ppl_vae.infer.distributed`) the processes start here (``strategy: ddp``
+    With ``train.devices`` > 1 (:mod:`ppl_vae.training.distributed`) the processes start here (``strategy: ddp``
     re-runs the command in each); rank 0 holds the lock, checks and writes the folder, the others train beside it
     and return after training."""
     dev = resolve_device(device or cfg.device)
@@ -114,21 +158,34 @@ def run_experiment(cfg: Config, run_dir: str | Path | None = None, *, resume: bo
     fabric = distributed.launch(cfg.train, dev)
     dev = fabric.device if fabric is not None else dev
     data = build_data(cfg)
-    check_finite(data)
+    data.check_finite()
     model = build(cfg, data, dev)
-    run_dir = Path(distributed.on_lead(fabric, lambda: str(run_dir if run_dir is not None
-                                                           else default_run_dir(cfg))))
+    run_dir = Path(distributed.on_lead(fabric, lambda: str(run_dir if run_dir is not None else default_run_dir(cfg))))
     with contextlib.ExitStack() as held:
         distributed.on_lead(fabric, lambda: _prepare_folder(held, cfg, run_dir, resume, overwrite))
-        result = train(model, data, cfg, run_dir=run_dir, resume=resume, device=dev, progress=progress,
-                       extra_state={"config": cfg.to_dict()}, fabric=fabric)
+        result = train(
+            model,
+            data,
+            cfg,
+            run_dir=run_dir,
+            resume=resume,
+            device=dev,
+            progress=progress,
+            extra_state={"config": cfg.to_dict()},
+            fabric=fabric,
+        )
         run = Run(cfg, data, model, run_dir, dev, rank=result.rank)
         if result.rank > 0:
             return run
         load_params(run, BEST if (run_dir / BEST).exists() else CHECKPOINT)
-        summary = {"best_epoch": result.best_epoch, "best_val_elbo": result.best_val_elbo,
-                   "epochs_run": len(result.history), "stopped_early": result.stopped_early,
-                   "test_elbo": test_elbo(run), "data_plate": result.data_plate}
+        summary = {
+            "best_epoch": result.best_epoch,
+            "best_val_elbo": result.best_val_elbo,
+            "epochs_run": len(result.history),
+            "stopped_early": result.stopped_early,
+            "test_elbo": test_elbo(run),
+            "data_plate": result.data_plate,
+        }
         _write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
         if figures:
             log_figures(cfg.train.logger, run_dir, write_figures(run, result.history), step=len(result.history))
@@ -138,16 +195,22 @@ def run_experiment(cfg: Config, run_dir: str | Path | None = None, *, resume: bo
 def _prepare_folder(held: contextlib.ExitStack, cfg: Config, run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Lock the run folder (``held`` keeps the lock until the run ends), refuse one that holds another run, check
     a resumed checkpoint against ``cfg`` and write config.yaml."""
-    held.enter_context(RunLock(run_dir))   # first: a folder another process is writing is refused as such
+    held.enter_context(RunLock(run_dir))  # first: a folder another process is writing is refused as such
     if resume and not (run_dir / CHECKPOINT).is_file() and not _stage_checkpoints(run_dir):
-        raise RunFolderError(f"--resume: {str(run_dir)!r} has no checkpoint yet: there is nothing to resume; "
-                             "start the run again without --resume")
+        raise RunFolderError(
+            f"--resume: {str(run_dir)!r} has no checkpoint yet: there is nothing to resume; "
+            "start the run again without --resume"
+        )
     if not resume and any((run_dir / f).exists() for f in RUN_MARKERS) and not overwrite:
-        raise RunFolderError(f"{str(run_dir)!r} holds a run already: continue it with --resume {run_dir}, choose "
-                             "another --run-dir, or pass --overwrite to replace it")
+        raise RunFolderError(
+            f"{str(run_dir)!r} holds a run already: continue it with --resume {run_dir}, choose "
+            "another --run-dir, or pass --overwrite to replace it"
+        )
     if resume:
-        ck = load_checkpoint(run_dir / CHECKPOINT if (run_dir / CHECKPOINT).is_file()
-                             else _stage_checkpoints(run_dir)[-1], map_location="cpu")
+        ck = load_checkpoint(
+            run_dir / CHECKPOINT if (run_dir / CHECKPOINT).is_file() else _stage_checkpoints(run_dir)[-1],
+            map_location="cpu",
+        )
         check_same_config(ck, cfg, run_dir)
     elif overwrite:
         _remove_run_files(run_dir)
@@ -162,7 +225,7 @@ def _stage_checkpoints(run_dir: Path) -> list[Path]:
 def _remove_run_files(run_dir: Path) -> None:
     for name in RUN_FILES:
         (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "logs", ignore_errors=True)   # the loggers' files (csv, tensorboard, mlflow)
+    shutil.rmtree(run_dir / "logs", ignore_errors=True)  # the loggers' files (csv, tensorboard, mlflow)
     for ck in _stage_checkpoints(run_dir):
         for name in (CHECKPOINT, BEST, "metrics.jsonl"):
             (ck.parent / name).unlink(missing_ok=True)
@@ -175,8 +238,21 @@ def _write_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-_SAME = {"model": None, "data": ("name", "pixels", "limit", "image_size", "val_fraction", "root", "multimodal",
-                                  "num_modalities", "missing_rate"), "seed": None}
+_SAME = {
+    "model": None,
+    "data": (
+        "name",
+        "pixels",
+        "limit",
+        "image_size",
+        "val_fraction",
+        "root",
+        "multimodal",
+        "num_modalities",
+        "missing_rate",
+    ),
+    "seed": None,
+}
 
 
 def check_same_config(ckpt: dict, cfg: Config, where) -> None:
@@ -184,9 +260,9 @@ def check_same_config(ckpt: dict, cfg: Config, where) -> None:
     difference is a :class:`CheckpointError` that names every field that differs."""
     saved = ckpt.get("config")
     if not isinstance(saved, dict):
-        return   # written by fit() without a configuration: nothing to compare
+        return  # written by fit() without a configuration: nothing to compare
     now = cfg.to_dict()
-    defaults = Config().to_dict()   # a field newer than the checkpoint was at its default when it was written
+    defaults = Config().to_dict()  # a field newer than the checkpoint was at its default when it was written
     diffs = []
     for section, keys in _SAME.items():
         a, b = saved.get(section), now.get(section)
@@ -199,8 +275,10 @@ def check_same_config(ckpt: dict, cfg: Config, where) -> None:
             if then != (b or {}).get(k):
                 diffs.append(f"{section}.{k}: {then!r} in the checkpoint, {(b or {}).get(k)!r} now")
     if diffs:
-        raise CheckpointError(f"the checkpoint in {str(where)!r} was made with another configuration — "
-                              f"{'; '.join(diffs)}. Restore those fields in config.yaml, or start a new run")
+        raise CheckpointError(
+            f"the checkpoint in {str(where)!r} was made with another configuration — "
+            f"{'; '.join(diffs)}. Restore those fields in config.yaml, or start a new run"
+        )
 
 
 def load_params(run: Run, which: str = BEST) -> dict:
@@ -215,8 +293,9 @@ def load_params(run: Run, which: str = BEST) -> dict:
     return ckpt
 
 
-def load_run(run_dir: str | Path, which: str = "best", device: str | None = None,
-             overrides: list[str] | None = None) -> Run:
+def load_run(
+    run_dir: str | Path, which: str = "best", device: str | None = None, overrides: list[str] | None = None
+) -> Run:
     """Rebuild a trained run from its folder (config.yaml + best.pt or checkpoint.pt), in eval mode."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
@@ -236,8 +315,15 @@ def test_elbo(run: Run, seed: int | None = None, split: str = "test") -> float:
     m = run.model
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         pyro.set_rng_seed(run.cfg.seed if seed is None else seed)
-        return evaluate_elbo(m.model, m.guide, run.data, Trace_ELBO(max_plate_nesting=1), split,
-                             run.cfg.train.eval_batch_size, run.device)
+        return evaluate_elbo(
+            m.model,
+            m.guide,
+            run.data,
+            Trace_ELBO(max_plate_nesting=1),
+            split,
+            run.cfg.train.eval_batch_size,
+            run.device,
+        )
 
 
 def _test_split(run: Run, max_test: int | None):
@@ -253,18 +339,26 @@ def _positive(name: str, value, minimum: int = 1) -> None:
         raise PplVaeError(f"{name} must be {what}, got {value!r}")
 
 
-def latent_metrics(run: Run, x: torch.Tensor, y=None, *, max_images: int = 1000, probe_train: int = 2000,
-                   seed: int = 0) -> dict:
+def latent_metrics(
+    run: Run, x: torch.Tensor, y=None, *, max_images: int = 1000, probe_train: int = 2000, seed: int = 0
+) -> dict:
     """:func:`ppl_vae.evaluate.latent_summary` (KL per site, active units, I_q(x; z), probe accuracy) on the first
     ``max_images`` of ``x``, the probe fitted on the run's first ``probe_train`` training images."""
     x, y = x[:max_images], None if y is None else y[:max_images]
     train_y = None if run.data.train_y is None else run.data.train_y[:probe_train].to(run.device)
-    return evaluate.latent_summary(run.model.model, run.model.guide, x, y,
-                                   run.data.train_x[:probe_train].to(run.device), train_y, seed=seed)
+    return evaluate.latent_summary(
+        run.model.model, run.model.guide, x, y, run.data.train_x[:probe_train].to(run.device), train_y, seed=seed
+    )
 
 
-def evaluate_run(run: Run, num_samples: int | None = None, max_test: int | None = None, seed: int = 0,
-                 write: bool = True, latents: bool = True) -> dict:
+def evaluate_run(
+    run: Run,
+    num_samples: int | None = None,
+    max_test: int | None = None,
+    seed: int = 0,
+    write: bool = True,
+    latents: bool = True,
+) -> dict:
     """Test ELBO and, with ``num_samples`` > 0 (default ``eval.num_samples``), the importance-sampled test
     log-likelihood with its standard errors; the first ``max_test`` test images (default ``eval.max_test``);
     with ``latents``, :func:`latent_metrics` (KL, active units, I(x; z), probe accuracy) under ``latents``.
@@ -275,21 +369,38 @@ def evaluate_run(run: Run, num_samples: int | None = None, max_test: int | None 
     if max_test is not None:
         _positive("max_test", max_test)
     x, y = _test_split(run, max_test)
-    data = dataclasses.replace(run.data, test_x=run.data.test_x[: len(x)],
-                               test_y=None if run.data.test_y is None else run.data.test_y[: len(x)])
+    data = dataclasses.replace(
+        run.data,
+        test_x=run.data.test_x[: len(x)],
+        test_y=None if run.data.test_y is None else run.data.test_y[: len(x)],
+    )
     out = {"num_test": len(x), "test_elbo": test_elbo(dataclasses.replace(run, data=data))}
-    if isinstance(run.data, MultimodalData):   # coherence, probes, imputation, joint log-likelihood
-        out.update(evaluate.multimodal_summary(run.model, run.data, num_samples=num_samples, max_test=len(x),
-                                               seed=seed))
+    if isinstance(run.data, MultimodalData):  # coherence, probes, imputation, joint log-likelihood
+        out.update(
+            evaluate.multimodal_summary(run.model, run.data, num_samples=num_samples, max_test=len(x), seed=seed)
+        )
         if write:
             (run.run_dir / "evaluation.json").write_text(json.dumps(out, indent=2))
         return out
     if num_samples > 0:
-        ll = log_likelihood(run.model.model, run.model.guide, x, y=y, num_samples=num_samples,
-                            batch_size=run.cfg.eval.batch_size, seed=seed, progress=True)
-        out.update({"num_samples": num_samples, "test_log_likelihood": float(ll.mean()),
-                    "test_log_likelihood_sem": float(ll.std() / len(ll) ** 0.5) if len(ll) > 1 else 0.0,
-                    "bits_per_dim": float(bits_per_dim(ll, run.data.data_dim).mean())})
+        ll = log_likelihood(
+            run.model.model,
+            run.model.guide,
+            x,
+            y=y,
+            num_samples=num_samples,
+            batch_size=run.cfg.eval.batch_size,
+            seed=seed,
+            progress=True,
+        )
+        out.update(
+            {
+                "num_samples": num_samples,
+                "test_log_likelihood": float(ll.mean()),
+                "test_log_likelihood_sem": float(ll.std() / len(ll) ** 0.5) if len(ll) > 1 else 0.0,
+                "bits_per_dim": float(bits_per_dim(ll, run.data.data_dim).mean()),
+            }
+        )
     if latents:
         out["latents"] = latent_metrics(run, x, y, seed=seed)
     if write:
@@ -297,8 +408,14 @@ def evaluate_run(run: Run, num_samples: int | None = None, max_test: int | None 
     return out
 
 
-def diagnose_run(run: Run, num_images: int = 100, num_samples: int | None = None, seed: int = 0,
-                 write: bool = True, num_worst: int = 8) -> dict:
+def diagnose_run(
+    run: Run,
+    num_images: int = 100,
+    num_samples: int | None = None,
+    seed: int = 0,
+    write: bool = True,
+    num_worst: int = 8,
+) -> dict:
     """PSIS k̂ and ESS of the guide on the first ``num_images`` test images (``num_samples`` guide draws each,
     default ``eval.num_samples``). Writes ``diagnostics.json`` (k̂ median, the fractions above 0.5 and 0.7, the
     worst images), the ArviZ file ``diagnostics.nc`` (guide draws, log-weights, log-likelihoods), ``khat.png``
@@ -309,35 +426,60 @@ def diagnose_run(run: Run, num_images: int = 100, num_samples: int | None = None
     _positive("num_worst", num_worst)
     x, y = _test_split(run, num_images)
     # ArviZ loads on first use (ppl_vae.evaluate imports it lazily)
-    idata = evaluate.posterior_diagnostics(run.model.model, run.model.guide, x, num_samples=num_samples, seed=seed,
-                                           y=y)
+    idata = evaluate.posterior_diagnostics(run.model.model, run.model.guide, x, num_samples=num_samples, seed=seed, y=y)
     diag = evaluate.psis_diagnostics(idata)
     khat = diag["khat"]
-    worst = [int(i) for i in np.argsort(-khat, kind="stable")[:min(num_worst, len(x))]]
-    out = {"num_images": len(x), "num_samples": num_samples, "khat_median": float(np.median(khat)),
-           "fraction_khat_above_0.5": float(np.mean(khat > evaluate.KHAT_GOOD)),
-           "fraction_khat_above_0.7": float(np.mean(khat > evaluate.KHAT_BAD)),
-           "ess_median": float(np.median(diag["ess"])), "worst_images": worst,
-           "worst_khat": [float(khat[i]) for i in worst], "arviz": evaluate.azcompat.ARVIZ_VERSION}
+    worst = [int(i) for i in np.argsort(-khat, kind="stable")[: min(num_worst, len(x))]]
+    out = {
+        "num_images": len(x),
+        "num_samples": num_samples,
+        "khat_median": float(np.median(khat)),
+        "fraction_khat_above_0.5": float(np.mean(khat > evaluate.KHAT_GOOD)),
+        "fraction_khat_above_0.7": float(np.mean(khat > evaluate.KHAT_BAD)),
+        "ess_median": float(np.median(diag["ess"])),
+        "worst_images": worst,
+        "worst_khat": [float(khat[i]) for i in worst],
+        "arviz": evaluate.azcompat.ARVIZ_VERSION,
+    }
     if write:
         evaluate.azcompat.to_netcdf(idata, run.run_dir / "diagnostics.nc")
-        evaluate.azcompat.plot_khat(khat, run.run_dir / "khat.png",
-                                    title=f"PSIS k-hat of the guide, {len(x)} test images")
+        evaluate.azcompat.plot_khat(
+            khat, run.run_dir / "khat.png", title=f"PSIS k-hat of the guide, {len(x)} test images"
+        )
         title = "largest k-hat: test images " + ", ".join(str(i) for i in worst)
         if isinstance(run.data, MultimodalData):
-            plot_cross_generation(run.model, x[worst], run.run_dir / "worst_khat.png", n=len(worst), seed=seed,
-                                  title=title)
+            plot_cross_generation(
+                run.model, x[worst], run.run_dir / "worst_khat.png", n=len(worst), seed=seed, title=title
+            )
         else:
-            plot_reconstructions(run.model, x[worst], run.run_dir / "worst_khat.png",
-                                 y=None if y is None else y[worst], n=len(worst), title=title)
+            plot_reconstructions(
+                run.model,
+                x[worst],
+                run.run_dir / "worst_khat.png",
+                y=None if y is None else y[worst],
+                n=len(worst),
+                title=title,
+            )
         out["files"] = ["diagnostics.nc", "khat.png", "worst_khat.png"]
         (run.run_dir / "diagnostics.json").write_text(json.dumps(out, indent=2))
     return out
 
 
-def gaps_run(run: Run, num_images: int = 200, *, num_samples: int | None = None, steps: int = 300,
-             num_particles: int = 16, elbo_particles: int = 1000, family: str | None = None, nuts_images: int = 0,
-             nuts: dict | None = None, seed: int = 0, write: bool = True, checkpoint: str = "best") -> dict:
+def gaps_run(
+    run: Run,
+    num_images: int = 200,
+    *,
+    num_samples: int | None = None,
+    steps: int = 300,
+    num_particles: int = 16,
+    elbo_particles: int = 1000,
+    family: str | None = None,
+    nuts_images: int = 0,
+    nuts: dict | None = None,
+    seed: int = 0,
+    write: bool = True,
+    checkpoint: str = "best",
+) -> dict:
     """The inference-gap report (:func:`ppl_vae.evaluate.report.gap_report`) of a run's guide on its first
     ``num_images`` test images (``num_samples`` importance draws for log p̂, default ``eval.num_samples``), the
     decoder frozen; ``nuts_images`` of them also get a NUTS reference. Writes ``gaps.json`` and ``gaps.png``;
@@ -351,10 +493,21 @@ def gaps_run(run: Run, num_images: int = 200, *, num_samples: int | None = None,
     x, y = _test_split(run, num_images)
     if nuts_images > len(x):
         raise PplVaeError(f"nuts_images must be at most num_images ({len(x)}), got {nuts_images}")
-    out = evaluate.gap_report(run.model.model, run.model.guide, x, y=y, num_samples=num_samples, family=family,
-                              steps=steps, num_particles=num_particles, elbo_particles=elbo_particles,
-                              parameters=list(run.model.parameters()), seed=seed, nuts_images=nuts_images,
-                              nuts=nuts)
+    out = evaluate.gap_report(
+        run.model.model,
+        run.model.guide,
+        x,
+        y=y,
+        num_samples=num_samples,
+        family=family,
+        steps=steps,
+        num_particles=num_particles,
+        elbo_particles=elbo_particles,
+        parameters=list(run.model.parameters()),
+        seed=seed,
+        nuts_images=nuts_images,
+        nuts=nuts,
+    )
     out = {"model": run.cfg.model.name, "checkpoint": checkpoint, **out}
     if write:
         (run.run_dir / "gaps.json").write_text(json.dumps(out, indent=2))

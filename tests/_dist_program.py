@@ -18,8 +18,8 @@ import torch
 import ppl_vae
 from ppl_vae.config import TrainConfig
 from ppl_vae.data import DataBundle
-from ppl_vae.infer.optim import ParamOptimizer
-from ppl_vae.plate import data_plate
+from ppl_vae.distributions.plate import data_plate
+from ppl_vae.training.optim import ParamOptimizer
 
 N, D, Z, K = 24, 6, 2, 3
 
@@ -51,7 +51,7 @@ class FixedNoiseVAE(torch.nn.Module):
         self.num_data, self.particles = num_data, particles
 
     def model(self, x, y=None):
-        pyro.module("vae", self)   # Pyro's ELBOs backpropagate into registered parameters only
+        pyro.module("vae", self)  # Pyro's ELBOs backpropagate into registered parameters only
         with data_plate(x, self.num_data):
             z = pyro.sample("z", dist.Normal(torch.zeros(Z, dtype=x.dtype), 1.0).to_event(1))
             pyro.sample("x", dist.Normal(self.dec(z), self.log_scale.exp()).to_event(1), obs=x)
@@ -60,7 +60,7 @@ class FixedNoiseVAE(torch.nn.Module):
         pyro.module("vae", self)
         mu, log_sigma = self.enc(x).chunk(2, -1)
         sigma = log_sigma.exp()
-        eps = y[:, 0] if self.particles == 1 else y.transpose(0, 1)   # (B, Z) or (K, B, Z) under the particle plate
+        eps = y[:, 0] if self.particles == 1 else y.transpose(0, 1)  # (B, Z) or (K, B, Z) under the particle plate
         with data_plate(x, self.num_data):
             z = mu + sigma * eps
             pyro.sample("z", dist.Delta(z, log_density=dist.Normal(mu, sigma).log_prob(z).sum(-1), event_dim=1))
@@ -81,14 +81,23 @@ def run_all(devices: int) -> dict:
             step(self)
 
         ParamOptimizer.step = recording
-        cfg = TrainConfig(lr=1e-2, devices=devices, strategy="ddp" if devices > 1 else "auto", accelerator="cpu",
-                          logger="none", **fields)
+        cfg = TrainConfig(
+            lr=1e-2,
+            devices=devices,
+            strategy="ddp" if devices > 1 else "auto",
+            accelerator="cpu",
+            logger="none",
+            **fields,
+        )
         try:
             result = ppl_vae.train(vae, data, cfg, seed=0, progress=False)
         finally:
             ParamOptimizer.step = step
-        out[name] = ({k: v.detach().clone() for k, v in vae.state_dict().items()},
-                     [{k: v for k, v in r.items() if k != "seconds"} for r in result.history], grads)
+        out[name] = (
+            {k: v.detach().clone() for k, v in vae.state_dict().items()},
+            [{k: v for k, v in r.items() if k != "seconds"} for r in result.history],
+            grads,
+        )
         out["rank"] = result.rank
     return out
 

@@ -3,21 +3,22 @@
 import pyro
 import pytest
 import torch
+from _interrupt import train_killed_after
 
 from ppl_vae import train
 from ppl_vae.config import ModelConfig, TrainConfig
 from ppl_vae.data import DataBundle
-from ppl_vae.infer.optim import ParamOptimizer
-from ppl_vae.infer.plan import plan_for
-from ppl_vae.infer.train import CHECKPOINT
 from ppl_vae.models import build_model
-from ppl_vae.nets import PatchGAN, build_encoder_decoder
+from ppl_vae.nn.networks import build_encoder_decoder
+from ppl_vae.nn.patchgan import PatchGAN
+from ppl_vae.training.loop import CHECKPOINT
+from ppl_vae.training.optim import ParamOptimizer
+from ppl_vae.training.plan import plan_for
 
-from _interrupt import train_killed_after
 
-
-@pytest.mark.parametrize("shape,patches", [((1, 28, 28), (7, 7)), ((3, 64, 64), (8, 8)), ((1, 8, 8), (4, 4)),
-                                           ((3, 256, 256), (32, 32))])
+@pytest.mark.parametrize(
+    "shape,patches", [((1, 28, 28), (7, 7)), ((3, 64, 64), (8, 8)), ((1, 8, 8), (4, 4)), ((3, 256, 256), (32, 32))]
+)
 def test_patchgan_gives_one_logit_per_patch(shape, patches):
     d = PatchGAN(shape, width=0.125)
     assert d(torch.rand(2, *shape)).shape == (2, 1, *patches)
@@ -31,9 +32,23 @@ def _data(n=48, shape=(1, 8, 8)):
 
 def _gan(arch="conv", seed=0):
     pyro.set_rng_seed(seed)
-    cfg = ModelConfig(name="gamix", arch=arch, likelihood="laplace", link="identity", latent_dim=4, hidden=[16],
-                      channels=8, options={"num_components": 1, "kl": "aggregate", "adversarial": 1.0,
-                                           "disc_weight": 1.0, "disc_width": 0.125, "disc_lr": 1e-3})
+    cfg = ModelConfig(
+        name="gamix",
+        arch=arch,
+        likelihood="laplace",
+        link="identity",
+        latent_dim=4,
+        hidden=[16],
+        channels=8,
+        options={
+            "num_components": 1,
+            "kl": "aggregate",
+            "adversarial": 1.0,
+            "disc_weight": 1.0,
+            "disc_width": 0.125,
+            "disc_lr": 1e-3,
+        },
+    )
     return build_model(cfg, (1, 8, 8), num_data=48)
 
 
@@ -78,10 +93,10 @@ def test_a_killed_gan_run_resumes_both_optimisers_exactly(tmp_path):
 
     train_killed_after(2, _gan(), data, cfg, run_dir=tmp_path / "killed", progress=False)
     assert torch.load(tmp_path / "killed" / CHECKPOINT, weights_only=False)["plan_state"]["optim"]["state"]
-    resumed = _gan(seed=1)     # other initial weights: everything must come from the checkpoint
+    resumed = _gan(seed=1)  # other initial weights: everything must come from the checkpoint
     res2 = train(resumed, data, cfg, run_dir=tmp_path / "killed", resume=True, progress=False)
     assert [r["d_loss"] for r in res2.history] == [r["d_loss"] for r in res.history]
-    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=False):
         assert torch.equal(a, b), k
     # the discriminator optimiser's state after the last epoch
     ck_a = torch.load(tmp_path / "whole" / CHECKPOINT, weights_only=False)["plan_state"]["optim"]["state"]
@@ -105,8 +120,9 @@ def test_resnet_networks_keep_shapes_and_each_datapoint_to_itself(shape):
 
 
 def test_resnet_is_available_to_plain_models():
-    model = build_model(ModelConfig(name="vae", arch="resnet", latent_dim=3, hidden=[16], channels=8), (1, 8, 8),
-                        num_data=10)
+    model = build_model(
+        ModelConfig(name="vae", arch="resnet", latent_dim=3, hidden=[16], channels=8), (1, 8, 8), num_data=10
+    )
     assert type(model.encoder).__name__ == "ResNetEncoder"
 
 
@@ -137,16 +153,16 @@ def test_generation_report_oracles(tmp_path):
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(64, 1, 8, 8, generator=g)
-    scales = torch.tensor([0.05] * 16 + [1.0] * 48)          # 16 of 64 variances (0.0025) below 0.01
+    scales = torch.tensor([0.05] * 16 + [1.0] * 48)  # 16 of 64 variances (0.0025) below 0.01
     model = _Identity(x, scales)
     torch.manual_seed(0)
     fid = FrechetDistance(ClassifierFeatures(SmallClassifier((1, 8, 8), 10), "test"), x)
     out = generation_report(model, x, fid)
-    assert out["recon_fid"] < 1e-3 and out["prior_fid"] < 1e-3       # the real images themselves
+    assert out["recon_fid"] < 1e-3 and out["prior_fid"] < 1e-3  # the real images themselves
     assert out["collapsed_fraction"] == 0.25
     assert torch.allclose(midpoints(model, x), 0.5 * (x[0::2] + x[1::2]))
     assert out["sharpness"]["recon"] == pytest.approx(out["sharpness"]["data"])
-    assert out["sharpness"]["midpoint"] < out["sharpness"]["data"]    # averaging two noise images smooths
+    assert out["sharpness"]["midpoint"] < out["sharpness"]["data"]  # averaging two noise images smooths
     assert plot_interpolations(model, x[:2], x[2:4], tmp_path / "i.png").endswith(".png")
     assert plot_perturbations(model, x[:1], tmp_path / "p.png", dims=3).endswith(".png")
 

@@ -10,12 +10,17 @@ from pyro import poutine
 
 from ppl_vae.config import ModelConfig
 from ppl_vae.data import DataBundle, load_data
+from ppl_vae.distributions.priors import GaussianMixturePrior
 from ppl_vae.errors import ConfigError
 from ppl_vae.evaluate import log_likelihood
+from ppl_vae.evaluate.aggregate import (
+    encode_aggregate,
+    fit_aggregate_posterior,
+    kl_monte_carlo,
+    sample_aggregate,
+    use_prior,
+)
 from ppl_vae.models import build_model
-from ppl_vae.priors import (GaussianMixturePrior, encode_aggregate, fit_aggregate_posterior, kl_monte_carlo,
-                            sample_aggregate, use_prior)
-
 
 
 def two_blobs(n=2000, seed=0):
@@ -51,14 +56,24 @@ def test_mixture_sampler_is_reproducible_from_a_seed():
     state = torch.get_rng_state()
     a, b, c = q.sample(500, seed=7), q.sample(500, seed=7), q.sample(500, seed=8)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert torch.equal(torch.get_rng_state(), state)   # the global RNG is not touched
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is not touched
     # fitting is seeded too: same data, same seed → the same mixture and the same samples
     q2 = GaussianMixturePrior.fit(two_blobs(), num_components=4, seed=0)
     assert torch.equal(q2.sample(500, seed=7), a)
     # the draws follow the mixture: component shares within 4 binomial standard errors
     draws = q.sample(20000, seed=1)
-    resp = torch.stack([torch.distributions.MultivariateNormal(q.loc[m], scale_tril=q.scale_tril[m]).log_prob(draws)
-                        + q.weights[m].log() for m in range(4)], -1).softmax(-1).mean(0)
+    resp = (
+        torch.stack(
+            [
+                torch.distributions.MultivariateNormal(q.loc[m], scale_tril=q.scale_tril[m]).log_prob(draws)
+                + q.weights[m].log()
+                for m in range(4)
+            ],
+            -1,
+        )
+        .softmax(-1)
+        .mean(0)
+    )
     se = (q.weights * (1 - q.weights) / 20000).sqrt()
     assert ((resp - q.weights).abs() < 4 * se + 0.01).all()
     # state round trip
@@ -87,8 +102,13 @@ def small_run():
     d = load_data("digits", pixels="continuous", seed=0)
     data = DataBundle.from_tensors(d.train_x[:300], test_x=d.test_x[:20], name="digits300")
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="sigma_vae", likelihood="gaussian", latent_dim=2, hidden=[16],
-                                    options={"sigma2_mode": "learned"}), (1, 8, 8), num_data=300)
+    model = build_model(
+        ModelConfig(
+            name="sigma_vae", likelihood="gaussian", latent_dim=2, hidden=[16], options={"sigma2_mode": "learned"}
+        ),
+        (1, 8, 8),
+        num_data=300,
+    )
     return SimpleNamespace(model=model, data=data, device=torch.device("cpu"))
 
 

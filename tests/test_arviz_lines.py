@@ -28,7 +28,7 @@ def test_same_tail_length_gives_the_same_smoothed_weights_and_khat(which):
     smoothed, khat = azcompat.psislw(lines.log_weights(900))
     np.testing.assert_allclose(khat, STORED[f"{which}_S900_khat"], rtol=0, atol=1e-9)
     np.testing.assert_allclose(smoothed, STORED[f"{which}_S900_smoothed"], rtol=0, atol=1e-9)
-    assert khat[0] > 0.7 and khat[3] < 0.5            # the heavy column is flagged, the light one is not
+    assert khat[0] > 0.7 and khat[3] < 0.5  # the heavy column is flagged, the light one is not
 
 
 def test_other_sample_sizes_agree_to_a_few_hundredths():
@@ -42,7 +42,7 @@ def test_other_sample_sizes_agree_to_a_few_hundredths():
     for b in range(4):
         lw = lines.log_weights(1000)[:, b]
         body = np.argsort(lw)[:-95]
-        shift = smoothed[body[0], b] - other[body[0], b]     # the normalising constants differ by the tail
+        shift = smoothed[body[0], b] - other[body[0], b]  # the normalising constants differ by the tail
         np.testing.assert_allclose(smoothed[body, b] - shift, other[body, b], rtol=0, atol=1e-9)
         assert abs(shift) < 0.05
 
@@ -54,7 +54,8 @@ def test_a_naive_port_would_get_the_sign_wrong():
     _, k = azcompat.psislw(lw)
     if azcompat.ARVIZ_1:
         from arviz_stats.base import array_stats
+
         _, naive = array_stats.psislw(lw.T)
     else:
-        _, naive = azcompat.az.psislw(-lw.T)     # 0.23's equivalent mistake: the negated weights
+        _, naive = azcompat.az.psislw(-lw.T)  # 0.23's equivalent mistake: the negated weights
     assert k[0] > 1.0 and float(np.ravel(naive)[0]) < 0.5

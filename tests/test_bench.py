@@ -20,8 +20,9 @@ def test_every_script_uses_the_shared_harness():
         assert "argparse" not in text, f"{path.name} builds its own command line"
         assert "from _common import" in text and "finish(" in text and "start(" in text, path.name
         for other in SCRIPTS:
-            assert f"from {other.stem} import" not in text and f"import {other.stem}\n" not in text, \
+            assert f"from {other.stem} import" not in text and f"import {other.stem}\n" not in text, (
                 f"{path.name} imports the script {other.name}"
+            )
 
 
 @pytest.mark.slow
@@ -29,9 +30,14 @@ def test_every_script_uses_the_shared_harness():
 def test_quick_mode_prints_one_json_object(path, tmp_path):
     if "fashion_mnist" in path.read_text() and not FASHION.is_dir():
         pytest.skip("needs Debian's dataset-fashion-mnist")
-    out = subprocess.run([sys.executable, str(path), "--quick", "--out", str(tmp_path / "ignored.json")], cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(path), "--quick", "--out", str(tmp_path / "ignored.json")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last["environment"]["mode"] == "quick" and last["environment"]["command"]
-    assert not (tmp_path / "ignored.json").exists()          # quick mode writes no result file
+    assert not (tmp_path / "ignored.json").exists()  # quick mode writes no result file

@@ -16,22 +16,33 @@ def test_train_evaluate_sample(tmp_path, capsys):
     assert main(["train", "--run-dir", str(run), *FAST]) == 0
     out = capsys.readouterr().out
     assert f"run folder: {run}" in out
-    for name in ["config.yaml", "checkpoint.pt", "best.pt", "metrics.jsonl", "metrics.json", "reconstructions.png",
-                 "prior_samples.png", "latent_manifold.png", "latent_scatter.png", "training_curves.png"]:
+    for name in [
+        "config.yaml",
+        "checkpoint.pt",
+        "best.pt",
+        "metrics.jsonl",
+        "metrics.json",
+        "reconstructions.png",
+        "prior_samples.png",
+        "latent_manifold.png",
+        "latent_scatter.png",
+        "training_curves.png",
+    ]:
         assert (run / name).exists(), name
     summary = json.loads((run / "metrics.json").read_text())
     assert summary["epochs_run"] == 2 and summary["test_elbo"] < 0
 
     assert main(["evaluate", str(run)]) == 0
     ev = json.loads((run / "evaluation.json").read_text())
-    assert ev["test_elbo"] == pytest.approx(summary["test_elbo"], rel=1e-6)   # same checkpoint, same seed
+    assert ev["test_elbo"] == pytest.approx(summary["test_elbo"], rel=1e-6)  # same checkpoint, same seed
 
     assert main(["sample", str(run), "--n", "16", "--seed", "3"]) == 0
     img = Image.open(run / "samples.png")
     assert img.size[0] >= 4 * 8 and img.format == "PNG"
     agg = tmp_path / "aggregate.png"
-    assert main(["sample", str(run), "--from", "aggregate", "--num-components", "3", "--n", "9", "--out",
-                 str(agg)]) == 0
+    assert (
+        main(["sample", str(run), "--from", "aggregate", "--num-components", "3", "--n", "9", "--out", str(agg)]) == 0
+    )
     assert Image.open(agg).format == "PNG"
 
 
@@ -41,7 +52,7 @@ def test_evaluate_with_importance_sampling(tmp_path):
     assert main(["evaluate", str(run), "--num-samples", "50", "--max-test", "40"]) == 0
     ev = json.loads((run / "evaluation.json").read_text())
     assert ev["num_test"] == 40 and ev["num_samples"] == 50
-    lat = ev["latents"]                           # what the code carries (2 latents on the digits default)
+    lat = ev["latents"]  # what the code carries (2 latents on the digits default)
     assert lat["latent_dims"] == {"z": 2} and 0 <= lat["active_units"]["z"] <= 2 and lat["kl_total"] > 0
     # I(x; z) lies in [0, log N] up to Monte Carlo noise (a barely trained code: near 0, either side)
     assert -0.05 < lat["mutual_information"] <= math.log(40) and 0.0 <= lat["probe_accuracy"] <= 1.0
@@ -51,6 +62,7 @@ def test_evaluate_with_importance_sampling(tmp_path):
     assert 0 <= diag["fraction_khat_above_0.7"] <= diag["fraction_khat_above_0.5"] <= 1
     assert len(diag["worst_images"]) == 8 and diag["worst_khat"] == sorted(diag["worst_khat"], reverse=True)
     from ppl_vae.evaluate import azcompat
+
     idata = azcompat.from_netcdf(run / "diagnostics.nc")
     assert idata["posterior"]["z"].shape[:3] == (1, 200, 12)
     for png in ("khat.png", "worst_khat.png"):
@@ -74,12 +86,15 @@ def test_config_file_and_overrides(tmp_path):
     assert "name: mine" in text and "latent_dim: 3" in text and "- 16" in text
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["train", "model.latent_dim=-3"], "ConfigError: model.latent_dim must be a positive integer, got -3"),
-    (["train", "--resume", "/nonexistent/run"], "is not a run folder"),
-    (["evaluate", "/nonexistent/run"], "is not a run folder"),
-    (["train", "data.name=mnist", "data.root=/nonexistent/mnist"], "DataError"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "model.latent_dim=-3"], "ConfigError: model.latent_dim must be a positive integer, got -3"),
+        (["train", "--resume", "/nonexistent/run"], "is not a run folder"),
+        (["evaluate", "/nonexistent/run"], "is not a run folder"),
+        (["train", "data.name=mnist", "data.root=/nonexistent/mnist"], "DataError"),
+    ],
+)
 def test_errors_are_one_clear_line(argv, message, capsys, tmp_path):
     assert main([*argv, *(["--run-dir", str(tmp_path / "r")] if argv[0] == "train" else [])]) == 2
     err = capsys.readouterr().err

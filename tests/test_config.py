@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 
 from ppl_vae.config import Config, apply_overrides, load_config, parse_override
+from ppl_vae.data.multimodal import Layout
 from ppl_vae.errors import ConfigError
-from ppl_vae.infer import plan_for
 from ppl_vae.models import build_model, get_method, model_names
-from ppl_vae.multimodal import Layout
+from ppl_vae.training import plan_for
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -17,8 +17,14 @@ def test_defaults_are_the_digits_config():
     assert load_config(CONFIGS[0].parent / "vae_digits.yaml").to_dict() == Config().validate().to_dict()
 
 
-SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "kmnist": (1, 28, 28),
-          "omniglot": (1, 28, 28), "celeba": (3, 64, 64)}
+SHAPES = {
+    "digits": (1, 8, 8),
+    "mnist": (1, 28, 28),
+    "fashion_mnist": (1, 28, 28),
+    "kmnist": (1, 28, 28),
+    "omniglot": (1, 28, 28),
+    "celeba": (3, 64, 64),
+}
 
 
 def build_from_config(cfg):
@@ -26,8 +32,11 @@ def build_from_config(cfg):
     plan, every stage's settings and objective."""
     shape = SHAPES[cfg.data.name]
     if cfg.data.multimodal == "poly":
-        shape = Layout(tuple(f"m{m}" for m in range(cfg.data.num_modalities)), (shape,) * cfg.data.num_modalities,
-                       ("image",) * cfg.data.num_modalities)
+        shape = Layout(
+            tuple(f"m{m}" for m in range(cfg.data.num_modalities)),
+            (shape,) * cfg.data.num_modalities,
+            ("image",) * cfg.data.num_modalities,
+        )
     elif cfg.data.multimodal == "image_label":
         shape = Layout(("image", "label"), (shape, (10,)), ("image", "label"))
     model = build_model(cfg.model, shape, num_data=1000, num_classes=None if cfg.data.name == "celeba" else 10)
@@ -41,7 +50,7 @@ def build_from_config(cfg):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_builds_its_model_plan_and_objectives(path):
     cfg = load_config(path)
-    assert cfg.model.name in model_names()        # current names, not deprecated aliases
+    assert cfg.model.name in model_names()  # current names, not deprecated aliases
     build_from_config(cfg)
 
 
@@ -66,25 +75,31 @@ def test_overrides_are_parsed_as_yaml_and_nest():
     assert apply_overrides({"a": {"b": 1}}, ["a.c=2"]) == {"a": {"b": 1, "c": 2}}
 
 
-@pytest.mark.parametrize("override,message", [
-    ("model.latent_dim=-3", "model.latent_dim must be a positive integer, got -3"),
-    ("model.latent_dim=2.5", "model.latent_dim must be a positive integer, got 2.5"),
-    ("train.lr=0", "train.lr must be a positive number, got 0"),
-    ("train.epochs=true", "train.epochs must be a positive integer, got True"),
-    ("data.name=cifar", "data.name must be one of"),
-    ("data.pixels=grey", "data.pixels must be one of"),
-    ("data.val_fraction=1", "data.val_fraction must be a number in [0, 1), got 1"),
-    ("model.likelihood=poisson", "model.likelihood must be one of"),
-    ("train.objective=vi", "train.objective must be one of"),
-    ("train.lr_schedule=linear", "train.lr_schedule must be one of"),
-    ("model.hidden=[64,-1]", "model.hidden must be a list of positive integers, got [64, -1]"),
-    ("device=tpu", "device must be 'auto', 'cpu' or 'cuda[:N]', got 'tpu'"),
-    ("train.epoch=3", "unknown field 'train.epoch'"),
-    ("nonsense=1", "unknown field 'nonsense'"),
-    ("train=3", "train must be a mapping"),
-    ("model.arch=burda2", "model.arch='burda2' is the two-stochastic-layer architecture"),
-    ("train.objective=iwae train.kl_warmup_epochs=3", "train.kl_warmup_epochs must be 0 with train.objective='iwae'"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.latent_dim=-3", "model.latent_dim must be a positive integer, got -3"),
+        ("model.latent_dim=2.5", "model.latent_dim must be a positive integer, got 2.5"),
+        ("train.lr=0", "train.lr must be a positive number, got 0"),
+        ("train.epochs=true", "train.epochs must be a positive integer, got True"),
+        ("data.name=cifar", "data.name must be one of"),
+        ("data.pixels=grey", "data.pixels must be one of"),
+        ("data.val_fraction=1", "data.val_fraction must be a number in [0, 1), got 1"),
+        ("model.likelihood=poisson", "model.likelihood must be one of"),
+        ("train.objective=vi", "train.objective must be one of"),
+        ("train.lr_schedule=linear", "train.lr_schedule must be one of"),
+        ("model.hidden=[64,-1]", "model.hidden must be a list of positive integers, got [64, -1]"),
+        ("device=tpu", "device must be 'auto', 'cpu' or 'cuda[:N]', got 'tpu'"),
+        ("train.epoch=3", "unknown field 'train.epoch'"),
+        ("nonsense=1", "unknown field 'nonsense'"),
+        ("train=3", "train must be a mapping"),
+        ("model.arch=burda2", "model.arch='burda2' is the two-stochastic-layer architecture"),
+        (
+            "train.objective=iwae train.kl_warmup_epochs=3",
+            "train.kl_warmup_epochs must be 0 with train.objective='iwae'",
+        ),
+    ],
+)
 def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, override.split(" "))

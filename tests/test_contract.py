@@ -9,29 +9,46 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
+from _interrupt import train_killed_after
 from pyro.infer import SVI, Predictive
 
 from ppl_vae import load_config, plan_for, train
 from ppl_vae.data import DataBundle
-from ppl_vae.multimodal import make_multimodal
+from ppl_vae.data.multimodal import make_multimodal
 from ppl_vae.evaluate import log_likelihood
 from ppl_vae.experiment import Run, build, load_params
 from ppl_vae.infer import TraceIWAE
-from ppl_vae.infer.train import CHECKPOINT
 from ppl_vae.models import get_method, model_names
-
-from _interrupt import train_killed_after
+from ppl_vae.training.loop import CHECKPOINT
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "kmnist": (1, 28, 28),
-          "omniglot": (1, 28, 28), "celeba": (3, 64, 64)}
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                   reason="needs a CUDA device"))]
+SHAPES = {
+    "digits": (1, 8, 8),
+    "mnist": (1, 28, 28),
+    "fashion_mnist": (1, 28, 28),
+    "kmnist": (1, 28, 28),
+    "omniglot": (1, 28, 28),
+    "celeba": (3, 64, 64),
+}
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+]
 # small networks and short schedules; everything else (arch, likelihood, options, objective) as shipped
-SMALL = {"model.hidden": [16], "model.channels": 8, "train.epochs": 2, "train.batch_size": 16,
-         "train.eval_batch_size": 16, "train.patience": None, "train.min_epochs": 1,
-         "model.options.fit_points": 64, "model.options.bgm_max_iter": 20, "model.options.inner_hidden": [8],
-         "model.options.stage2_epochs": 2, "model.options.warmup_epochs": 1}
+SMALL = {
+    "model.hidden": [16],
+    "model.channels": 8,
+    "train.epochs": 2,
+    "train.batch_size": 16,
+    "train.eval_batch_size": 16,
+    "train.patience": None,
+    "train.min_epochs": 1,
+    "model.options.fit_points": 64,
+    "model.options.bgm_max_iter": 20,
+    "model.options.inner_hidden": [8],
+    "model.options.stage2_epochs": 2,
+    "model.options.warmup_epochs": 1,
+}
 
 
 def shipped_config(name: str):
@@ -42,8 +59,11 @@ def shipped_config(name: str):
     else:
         raise AssertionError(f"model {name!r} has no shipped config in configs/")
     known = {f"model.options.{k}" for k in get_method(cfg.model.name).options.describe()}
-    overrides = [f"{k}={v!r}" if not isinstance(v, list) else f"{k}={v}" for k, v in SMALL.items()
-                 if not k.startswith("model.options.") or k in known]
+    overrides = [
+        f"{k}={v!r}" if not isinstance(v, list) else f"{k}={v}"
+        for k, v in SMALL.items()
+        if not k.startswith("model.options.") or k in known
+    ]
     return path, load_config(path, [o.replace("None", "null") for o in overrides])
 
 
@@ -59,11 +79,11 @@ def tiny_data(cfg, n=48):
     def labels(k):
         return torch.randint(0, 10, (k,), generator=g)
 
-    data = DataBundle.from_tensors(images(n), labels(n), images(16), labels(16), images(16), labels(16),
-                                   num_classes=10)
-    if cfg.data.multimodal is not None:   # the packed modalities and their masks (some missing)
-        data = make_multimodal(data, cfg.data.multimodal, num_modalities=cfg.data.num_modalities, missing_rate=0.25,
-                               seed=0)
+    data = DataBundle.from_tensors(images(n), labels(n), images(16), labels(16), images(16), labels(16), num_classes=10)
+    if cfg.data.multimodal is not None:  # the packed modalities and their masks (some missing)
+        data = make_multimodal(
+            data, cfg.data.multimodal, num_modalities=cfg.data.num_modalities, missing_rate=0.25, seed=0
+        )
     return data
 
 
@@ -108,8 +128,9 @@ def test_every_registered_method_keeps_the_contract(method, device, tmp_path):
     # TraceIWAE and the importance-sampled log-likelihood are finite
     with torch.no_grad():
         assert torch.isfinite(torch.tensor(TraceIWAE(num_particles=5).loss(model.model, model.guide, x, y)))
-        ll = log_likelihood(model.model, model.guide, data.test_x[:6].to(dev), y=data.test_y[:6].to(dev),
-                            num_samples=8, seed=0)
+        ll = log_likelihood(
+            model.model, model.guide, data.test_x[:6].to(dev), y=data.test_y[:6].to(dev), num_samples=8, seed=0
+        )
     assert ll.shape == (6,) and torch.isfinite(ll).all()
 
     # an uninterrupted two-epoch run ...
@@ -117,11 +138,11 @@ def test_every_registered_method_keeps_the_contract(method, device, tmp_path):
     # ... and one killed at the end of its second epoch, before that epoch's checkpoint
     train_killed_after(2, build(cfg, data, dev), data, cfg, run_dir=tmp_path / "killed", device=dev, progress=False)
     resumed_model = build(cfg, data, dev)
-    resumed = train(resumed_model, data, cfg, run_dir=tmp_path / "killed", resume=True, device=dev,
-                    progress=False)
+    resumed = train(resumed_model, data, cfg, run_dir=tmp_path / "killed", resume=True, device=dev, progress=False)
     keys = ("epoch", "train_elbo", "val_elbo")
     assert [h[k] for h in resumed.history for k in keys] == pytest.approx(
-        [h[k] for h in whole.history for k in keys], rel=1e-5, abs=1e-4)
+        [h[k] for h in whole.history for k in keys], rel=1e-5, abs=1e-4
+    )
 
     # checkpoint round trip: a fresh model restored from the run's checkpoint gives identical outputs
     restored = build(cfg, data, dev)
@@ -149,6 +170,14 @@ def test_contract_settings_only_shrink_the_config(method):
     full = load_config(path)
     same = ("name", "likelihood", "arch", "latent_dim", "activation", "link", "sigma2")
     assert all(getattr(small.model, f) == getattr(full.model, f) for f in same)
-    assert dataclasses.replace(small.train, epochs=full.train.epochs, batch_size=full.train.batch_size,
-                               eval_batch_size=full.train.eval_batch_size, patience=full.train.patience,
-                               min_epochs=full.train.min_epochs) == full.train
+    assert (
+        dataclasses.replace(
+            small.train,
+            epochs=full.train.epochs,
+            batch_size=full.train.batch_size,
+            eval_batch_size=full.train.eval_batch_size,
+            patience=full.train.patience,
+            min_epochs=full.train.min_epochs,
+        )
+        == full.train
+    )

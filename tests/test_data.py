@@ -72,7 +72,7 @@ def make_idx_folder(folder: Path, gz: bool, n_train=30, n_test=10, size=28, seed
 
 
 def rows(x: torch.Tensor, y: torch.Tensor) -> Counter:
-    return Counter((xi.numpy().tobytes(), int(yi)) for xi, yi in zip(x, y))
+    return Counter((xi.numpy().tobytes(), int(yi)) for xi, yi in zip(x, y, strict=False))
 
 
 # --------------------------------------------------------------------------- digits
@@ -360,7 +360,7 @@ def test_batches_pairs_match_and_ignore_global_rng(digits):
     for (xa, ya), (xb, yb) in zip(a, b, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     x, y = a[0]
-    for xi, yi in zip(x, y):  # every (x, y) pair is a stored pair
+    for xi, yi in zip(x, y, strict=False):  # every (x, y) pair is a stored pair
         match = (digits.val_x == xi).flatten(1).all(1)
         assert (digits.val_y[match] == yi).any()
 
@@ -406,7 +406,7 @@ def test_omniglot_synthetic_folder(tmp_path):
     x = data.test_x[0, 0]
     assert x[0, 0] == 0.0 and x[14, 14] > 0.9  # inverted: background 0, stroke 1
     assert load_data("omniglot", root=tmp_path, image_size=20).shape == (1, 20, 20)
-    for storage in ("uint8", "files"):   # decoded per batch (or once, to bytes): the same images
+    for storage in ("uint8", "files"):  # decoded per batch (or once, to bytes): the same images
         other = load_data("omniglot", root=tmp_path, val_fraction=0.25, storage=storage, workers=1)
         for split in ("train", "val", "test"):
             assert torch.equal(other.split(split)[0][:], data.split(split)[0])
@@ -427,11 +427,12 @@ def test_celeba_synthetic_folder(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     for name in names:
         Image.fromarray(rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)).save(base / "img_align_celeba" / name)
-    (base / "list_eval_partition.txt").write_text("".join(f"{n} {p}\n" for n, p in zip(names, partition)))
+    (base / "list_eval_partition.txt").write_text("".join(f"{n} {p}\n" for n, p in zip(names, partition, strict=False)))
     (base / "identity_CelebA.txt").write_text("".join(f"{n} {i}\n" for i, n in enumerate(names)))
     attrs = [[1, -1], [-1, 1], [1, 1], [-1, -1], [1, 1], [1, -1]]
     (base / "list_attr_celeba.txt").write_text(
-        f"{len(names)}\n{' '.join(attr_names)}\n" + "".join(f"{n} {a} {b}\n" for n, (a, b) in zip(names, attrs))
+        f"{len(names)}\n{' '.join(attr_names)}\n"
+        + "".join(f"{n} {a} {b}\n" for n, (a, b) in zip(names, attrs, strict=False))
     )
     (base / "list_bbox_celeba.txt").write_text(
         f"{len(names)}\nimage_id x_1 y_1 width height\n" + "".join(f"{n} 1 2 3 4\n" for n in names)

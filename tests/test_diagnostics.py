@@ -1,17 +1,14 @@
 """ArviZ diagnostics of the guide (ppl_vae/evaluate/diagnostics.py) on whichever ArviZ line is installed."""
 
-
 import numpy as np
 import pytest
 import torch
 
-from ppl_vae.evaluate import plot_khat, posterior_diagnostics, psis_diagnostics
-from ppl_vae.evaluate import azcompat
-from ppl_vae.infer.importance import IWAEError
+from ppl_vae.evaluate import azcompat, plot_khat, posterior_diagnostics, psis_diagnostics
+from ppl_vae.infer.trace_checks import IWAEError
 from ppl_vae.models.linear_gaussian import LinearGaussianVAE
 
 D, d, B, S = 5, 2, 6, 1000
-
 
 
 def make_lg(shift=0.0, scale=1.0, num_data=None, seed=0):
@@ -34,10 +31,12 @@ def test_inference_data_groups_shapes_and_values():
     assert lw.shape == (1, S, B)
     # log_weight = log_joint − log_q, and with the exact guide every log-weight is log p(x_i) (unscaled:
     # num_data = 1000 does not enter)
-    np.testing.assert_allclose(lw.values, idata["sample_stats"]["log_joint"] - idata["sample_stats"]["log_q"],
-                               atol=1e-5)
-    np.testing.assert_allclose(lw.values[0], np.broadcast_to(m.log_marginal(x).detach().numpy(), (S, B)),
-                               rtol=1e-5, atol=1e-4)  # float32 rounding of sums of ~10 terms
+    np.testing.assert_allclose(
+        lw.values, idata["sample_stats"]["log_joint"] - idata["sample_stats"]["log_q"], atol=1e-5
+    )
+    np.testing.assert_allclose(
+        lw.values[0], np.broadcast_to(m.log_marginal(x).detach().numpy(), (S, B)), rtol=1e-5, atol=1e-4
+    )  # float32 rounding of sums of ~10 terms
     # log_likelihood holds log p(x_i | z) for the posterior draws: recompute it independently
     zv = torch.as_tensor(z.values[0])
     loglik = torch.distributions.Normal(zv @ m.W.detach().T + m.b.detach(), 1.0).log_prob(x).sum(-1)
@@ -76,15 +75,16 @@ def test_shifted_narrow_guide_has_large_khat_and_small_ess():
 def test_psislw_takes_log_weights_not_their_negation():
     """k̂ is that of the right tail of the weights on either ArviZ line (1.x's psislw smooths −input)."""
     rng = np.random.default_rng(0)
-    k_true = 1.0 / 0.6                                   # Pareto(α = 0.6) weights: k = 1/α ≈ 1.67
-    lw = np.log(rng.pareto(0.6, size=(S, 3)) + 1.0)      # (S, B): log-weights with a heavy right tail
+    k_true = 1.0 / 0.6  # Pareto(α = 0.6) weights: k = 1/α ≈ 1.67
+    lw = np.log(rng.pareto(0.6, size=(S, 3)) + 1.0)  # (S, B): log-weights with a heavy right tail
     right = psis_diagnostics(lw)["khat"]
-    wrong = psis_diagnostics(-lw)["khat"]                # the negated input sees a bounded tail
+    wrong = psis_diagnostics(-lw)["khat"]  # the negated input sees a bounded tail
     assert (right > 0.7).all() and (wrong < 0.5).all()
-    assert (np.abs(right - k_true) < 0.5).all()          # the fit is near the truth (S = 1000, prior-shrunk)
+    assert (np.abs(right - k_true) < 0.5).all()  # the fit is near the truth (S = 1000, prior-shrunk)
     if azcompat.ARVIZ_1:
         from arviz_stats.base import array_stats
-        _, k_direct = array_stats.psislw(-lw.T.copy())    # 1.x: smooths the tail of the negated input
+
+        _, k_direct = array_stats.psislw(-lw.T.copy())  # 1.x: smooths the tail of the negated input
     else:
         _, k_direct = azcompat.az.psislw(lw.T.copy())
     np.testing.assert_allclose(right, k_direct)
@@ -93,7 +93,7 @@ def test_psislw_takes_log_weights_not_their_negation():
 def test_input_formats_agree_and_ess_formula():
     m, x = make_lg(shift=0.5, scale=1.2)
     idata = posterior_diagnostics(m.model, m.guide, x, num_samples=400)
-    lw = idata["sample_stats"]["log_weight"].values            # (1, S, B)
+    lw = idata["sample_stats"]["log_weight"].values  # (1, S, B)
     ref = psis_diagnostics(idata)
     for obj in (lw, lw[0], torch.as_tensor(lw[0]), idata["sample_stats"]["log_weight"]):
         got = psis_diagnostics(obj)
@@ -101,7 +101,7 @@ def test_input_formats_agree_and_ess_formula():
         np.testing.assert_allclose(got["ess"], ref["ess"])
     w = np.exp(lw[0].astype(np.float64))
     np.testing.assert_allclose(ref["ess"], w.sum(0) ** 2 / (w**2).sum(0), rtol=1e-9)
-    one = psis_diagnostics(np.log(np.array([1.0, 1.0, 2.0, 4.0] * 10)))    # (S,) → one datapoint
+    one = psis_diagnostics(np.log(np.array([1.0, 1.0, 2.0, 4.0] * 10)))  # (S,) → one datapoint
     assert one["khat"].shape == (1,) and one["ess"][0] == pytest.approx(80**2 / (20 + 40 + 160))
     with pytest.raises(IWAEError):
         psis_diagnostics(np.zeros((2, 3, 4, 5)))

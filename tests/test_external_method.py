@@ -45,8 +45,7 @@ class TemperedScaleVAE(PyroModule):
         with data_plate(x, self.num_data):
             z = pyro.sample("z", dist.Normal(x.new_zeros(len(x), self.latent_dim), self.prior_scale).to_event(1))
             logits = self.dec(z).reshape(*z.shape[:-1], *self.data_shape)
-            pyro.sample("x", dist.Bernoulli(logits=logits, validate_args=False).to_event(len(self.data_shape)),
-                        obs=x)
+            pyro.sample("x", dist.Bernoulli(logits=logits, validate_args=False).to_event(len(self.data_shape)), obs=x)
 
     @pyro_method
     def guide(self, x, y=None):
@@ -122,20 +121,27 @@ def build_tempered(cfg, options, data_shape, num_data, num_classes):
 
 def test_the_new_method_trains_through_the_public_api(tmp_path):
     data = ppl_vae.load_data("digits", pixels="binary_static", limit=300, seed=0)
-    model = ppl_vae.build_model(ppl_vae.ModelConfig(name=NAME, latent_dim=2, hidden=[32],
-                                                    options={"temperature": 0.25}), data.shape,
-                                num_data=len(data.train_x))
+    model = ppl_vae.build_model(
+        ppl_vae.ModelConfig(name=NAME, latent_dim=2, hidden=[32], options={"temperature": 0.25}),
+        data.shape,
+        num_data=len(data.train_x),
+    )
     res = ppl_vae.train(model, data, ppl_vae.TrainConfig(epochs=3, batch_size=50), run_dir=tmp_path, progress=False)
-    assert [h["temperature"] for h in res.history] == [0.5, 0.75, 1.0]          # the plan's hook ran
+    assert [h["temperature"] for h in res.history] == [0.5, 0.75, 1.0]  # the plan's hook ran
     assert all(math.isfinite(h["val_elbo"]) for h in res.history)
-    assert res.history[-1]["prior_scale"] != 1.0                                # the prior's scale was learned
+    assert res.history[-1]["prior_scale"] != 1.0  # the prior's scale was learned
     assert float(torch.load(tmp_path / "checkpoint.pt", weights_only=False)["module"]["temperature"]) == 1.0
     with pytest.raises(ppl_vae.ConfigError, match=r"model.options.temperature must be a number in \(0.0, 1.0\]"):
         ppl_vae.build_model(ppl_vae.ModelConfig(name=NAME, options={"temperature": 2}), data.shape, num_data=10)
     # evaluation and diagnosis go through the same public calls as the library's own methods
-    run = ppl_vae.run_experiment(ppl_vae.load_config(None, [f"model.name={NAME}", "model.hidden=[32]",
-                                                           "train.epochs=2", "data.limit=300", "device=cpu"]),
-                                 tmp_path / "run", progress=False, figures=False)
+    run = ppl_vae.run_experiment(
+        ppl_vae.load_config(
+            None, [f"model.name={NAME}", "model.hidden=[32]", "train.epochs=2", "data.limit=300", "device=cpu"]
+        ),
+        tmp_path / "run",
+        progress=False,
+        figures=False,
+    )
     ev = ppl_vae.evaluate_run(run, num_samples=20, max_test=30)
     assert ev["test_log_likelihood"] > ev["test_elbo"] - 5
     assert ppl_vae.diagnose_run(run, num_images=5, num_samples=50)["num_images"] == 5
@@ -143,18 +149,28 @@ def test_the_new_method_trains_through_the_public_api(tmp_path):
 
 def test_the_new_method_trains_through_ppl_vae_train_with_a_config(tmp_path):
     cfg = tmp_path / "tempered.yaml"
-    cfg.write_text(f"name: tempered\nimports: [{Path(__file__).resolve()}]\ndevice: cpu\n"
-                   f"data: {{name: digits, pixels: binary_static, limit: 300}}\n"
-                   f"model: {{name: {NAME}, latent_dim: 2, hidden: [32], options: {{temperature: 0.5}}}}\n"
-                   "train: {epochs: 2, batch_size: 50}\n")
+    cfg.write_text(
+        f"name: tempered\nimports: [{Path(__file__).resolve()}]\ndevice: cpu\n"
+        f"data: {{name: digits, pixels: binary_static, limit: 300}}\n"
+        f"model: {{name: {NAME}, latent_dim: 2, hidden: [32], options: {{temperature: 0.5}}}}\n"
+        "train: {epochs: 2, batch_size: 50}\n"
+    )
     run = tmp_path / "run"
-    out = subprocess.run([sys.executable, "-m", "ppl_vae", "train", str(cfg), "--run-dir", str(run), "--no-progress"],
-                         cwd=tmp_path, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "ppl_vae", "train", str(cfg), "--run-dir", str(run), "--no-progress"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["temperature"] for r in records] == [0.75, 1.0]
     assert (run / "latent_manifold.png").is_file() and (run / "training_curves.png").is_file()
-    out = subprocess.run([sys.executable, "-m", "ppl_vae", "evaluate", str(run), "--num-samples", "10",
-                          "--max-test", "20"], cwd=tmp_path, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "ppl_vae", "evaluate", str(run), "--num-samples", "10", "--max-test", "20"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((run / "evaluation.json").read_text())["num_test"] == 20

@@ -14,12 +14,12 @@ from pyro.infer.util import is_validation_enabled
 import ppl_vae
 from ppl_vae import ModelConfig, TrainConfig, build_model, train
 from ppl_vae.data import DataBundle
-from ppl_vae.infer import load_checkpoint
+from ppl_vae.distributions.likelihoods import BernoulliLikelihood
 from ppl_vae.infer.analytic_kl import AnalyticKLELBO
 from ppl_vae.infer.jit import JitELBO
-from ppl_vae.infer.optim import ParamOptimizer
 from ppl_vae.models import VAE2, LinearGaussianVAE
-from ppl_vae.likelihoods import BernoulliLikelihood
+from ppl_vae.training import load_checkpoint
+from ppl_vae.training.optim import ParamOptimizer
 
 
 def _vae(num_data=60):
@@ -49,7 +49,7 @@ def test_one_adam_makes_the_same_updates_as_pyro_per_tensor_adam():
                 Trace_ELBO().loss_and_grads(m.model, m.guide, x)
                 opt.step()
         params[how] = [p.detach().clone() for p in m.parameters()]
-    for a, b in zip(params["pyro"], params["one"]):
+    for a, b in zip(params["pyro"], params["one"], strict=False):
         assert torch.equal(a, b)
 
 
@@ -78,8 +78,10 @@ def test_a_checkpoint_with_pyro_optimiser_state_resumes(tmp_path):
     train(_vae(), data, TrainConfig(**{**cfg.__dict__, "epochs": 1}), run_dir=tmp_path / "old", progress=False)
     ck = load_checkpoint(tmp_path / "old" / "checkpoint.pt")
     # rewrite the optimiser state into PyroOptim's format: {store name: a one-tensor torch Adam state_dict}
-    ck["optim"] = {name: {"state": {0: st}, "param_groups": [{"lr": 1e-3, "params": [0]}]}
-                   for name, st in ck["optim"]["state"].items()}
+    ck["optim"] = {
+        name: {"state": {0: st}, "param_groups": [{"lr": 1e-3, "params": [0]}]}
+        for name, st in ck["optim"]["state"].items()
+    }
     torch.save(ck, tmp_path / "old" / "checkpoint.pt")
     pyro.set_rng_seed(0)
     resumed = train(_vae(), data, cfg, run_dir=tmp_path / "old", resume=True, progress=False)
@@ -145,7 +147,7 @@ def test_the_default_objective_samples_where_the_guide_order_differs_from_the_mo
         values.append((elbo.loss_and_grads(m.model, m.guide, x), [p.grad.clone() for p in m.parameters()]))
     assert auto.analytic is False
     assert values[0][0] == values[1][0]
-    assert all(torch.equal(a, b) for a, b in zip(values[0][1], values[1][1]))
+    assert all(torch.equal(a, b) for a, b in zip(values[0][1], values[1][1], strict=False))
 
 
 def test_compiled_elbo_traces_once_per_batch_shape():
@@ -164,11 +166,11 @@ def test_compiled_elbo_traces_once_per_batch_shape():
         jit = JitELBO(mean_field=mean_field)
         opt = ParamOptimizer(m, 1e-3)
         for epoch in range(3):
-            for xb, _ in data.batches("train", 20, shuffle=True, epoch=epoch):   # 20, 20 and a last batch of 10
-                jit.loss_and_grads(m.model, m.guide, xb)          # a new bound method each call, as users write
+            for xb, _ in data.batches("train", 20, shuffle=True, epoch=epoch):  # 20, 20 and a last batch of 10
+                jit.loss_and_grads(m.model, m.guide, xb)  # a new bound method each call, as users write
                 opt.step()
-        assert jit.traces == 2                               # one graph per batch shape
-        assert len(calls) <= 2 * 3                           # the Python model ran only while tracing
+        assert jit.traces == 2  # one graph per batch shape
+        assert len(calls) <= 2 * 3  # the Python model ran only while tracing
         elbos[mean_field] = jit
     # Pyro's own JitTraceMeanField_ELBO would retrace on every call; ours reuses its graph
     assert calls.count(20) <= 3

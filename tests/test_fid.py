@@ -8,9 +8,16 @@ from torch import nn
 
 from ppl_vae.data import load_data
 from ppl_vae.evaluate import fid as fidmod
-from ppl_vae.evaluate.fid import (FIDError, FrechetDistance, InceptionFeatures, SmallClassifier, ClassifierFeatures,
-                                  frechet_distance, get_feature_extractor, train_feature_classifier)
-
+from ppl_vae.evaluate.fid import (
+    ClassifierFeatures,
+    FIDError,
+    FrechetDistance,
+    InceptionFeatures,
+    SmallClassifier,
+    frechet_distance,
+    get_feature_extractor,
+    train_feature_classifier,
+)
 
 
 class Flatten(nn.Module):
@@ -40,7 +47,7 @@ def test_distance_matches_the_formula():
     """‖μ₁−μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½) with scipy's sqrtm on 3×3 covariances (unbiased, N−1)."""
     g = torch.Generator().manual_seed(0)
     a = torch.rand(400, 1, 1, 3, generator=g)
-    b = (torch.rand(300, 1, 1, 3, generator=g) * 0.7 + 0.2)
+    b = torch.rand(300, 1, 1, 3, generator=g) * 0.7 + 0.2
     r = frechet_distance(a, b, Flatten(3))
     fa, fb = a.reshape(400, 3).double().numpy(), b.reshape(300, 3).double().numpy()
     s1, s2 = np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
@@ -63,10 +70,10 @@ def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise(digits, extrac
 
 
 def test_classifier_extractor_learns_and_is_cached(digits, extractor, tmp_path):
-    assert extractor.info["test_accuracy"] > 0.5   # ten classes: chance is 0.1
+    assert extractor.info["test_accuracy"] > 0.5  # ten classes: chance is 0.1
     assert extractor.num_features == 128 and extractor(digits.test_x[:4]).shape == (4, 128)
     extractor.train()
-    assert not extractor.training and not extractor.classifier.training   # stays in eval mode
+    assert not extractor.training and not extractor.classifier.training  # stays in eval mode
     a = train_feature_classifier(digits, epochs=1, seed=0, limit=200, cache_dir=tmp_path)
     files = list(tmp_path.glob("fid_classifier_digits_*.pt"))
     assert len(files) == 1
@@ -100,6 +107,7 @@ def test_errors_speak_plainly(extractor):
     with pytest.raises(FIDError, match="NaN"):
         frechet_distance(torch.rand(4, 1, 8, 8), bad, extractor)
     from ppl_vae.data import DataBundle
+
     with pytest.raises(FIDError, match="needs class labels"):
         train_feature_classifier(DataBundle.from_tensors(torch.rand(10, 1, 8, 8)))
     with pytest.raises(Exception, match="extractor must be one of"):

@@ -12,10 +12,11 @@ import pyro.distributions as dist
 import pytest
 import torch
 
+from ppl_vae.distributions.plate import data_plate
 from ppl_vae.evaluate import amortisation_gap, elbo_per_datapoint, inference_gaps
-from ppl_vae.infer.importance import IWAEError, importance_log_weights
+from ppl_vae.infer.importance import importance_log_weights
+from ppl_vae.infer.trace_checks import IWAEError
 from ppl_vae.models import LinearGaussianVAE
-from ppl_vae.plate import data_plate
 
 
 def _data(n=20):
@@ -48,16 +49,25 @@ def test_diagonal_family_gaps_match_the_exact_mean_field_optimum():
         approx = float(0.5 * (prec.diagonal().log().sum() - torch.logdet(prec)))
         amortised = m.exact_elbo(x)
     pyro.set_rng_seed(4)
-    g = inference_gaps(m.model, m.guide, x, log_px, steps=1500, lr=5e-2, num_particles=16, elbo_particles=4000,
-                       parameters=m.parameters())
+    g = inference_gaps(
+        m.model,
+        m.guide,
+        x,
+        log_px,
+        steps=1500,
+        lr=5e-2,
+        num_particles=16,
+        elbo_particles=4000,
+        parameters=m.parameters(),
+    )
     se = _mc_std_error(m, x, 4000)
     assert abs(g["amortised_elbo"] - float(amortised.mean())) < 4 * se
     assert abs(g["inference_gap"] - float((log_px - amortised).mean())) < 4 * se
     # the optimised q is (nearly) the mean-field optimum, whose log-weights vary little: its ELBO is precise, and
     # what is left is the optimiser's distance from the optimum, well under 0.01 nats here (measured 5e-5)
     assert g["approximation_gap"] == pytest.approx(approx, abs=0.01)
-    assert approx > 0.005                                    # a non-trivial gap: the posterior is correlated
-    assert all(p.requires_grad for p in m.parameters())     # the model's parameters are thawed again
+    assert approx > 0.005  # a non-trivial gap: the posterior is correlated
+    assert all(p.requires_grad for p in m.parameters())  # the model's parameters are thawed again
 
 
 def test_full_covariance_family_closes_the_approximation_gap():
@@ -97,7 +107,7 @@ def test_several_latent_sites_get_block_mean_field_gaussians_with_the_exact_gap(
             z2 = pyro.sample("z2", dist.Normal(torch.zeros(len(x), 1), 1.0).to_event(1))
             pyro.sample("x", dist.Normal(z1 @ W1.T + z2 @ W2.T, sigma).to_event(1), obs=x)
 
-    def guide(x, y=None):     # a poor amortised guide: the prior for every image
+    def guide(x, y=None):  # a poor amortised guide: the prior for every image
         with data_plate(x, 100):
             pyro.sample("z1", dist.Normal(torch.zeros(len(x), 2), 1.0).to_event(1))
             pyro.sample("z2", dist.Normal(torch.zeros(len(x), 1), 1.0).to_event(1))
@@ -107,7 +117,8 @@ def test_several_latent_sites_get_block_mean_field_gaussians_with_the_exact_gap(
     exact = 0.5 * float(torch.logdet(prec[:2, :2]) + torch.logdet(prec[2:, 2:]) - torch.logdet(prec))
     log_px = dist.MultivariateNormal(torch.zeros(5), W @ W.T + sigma**2 * torch.eye(5)).log_prob(x)
     pyro.set_rng_seed(1)
-    r = inference_gaps(model, guide, x, log_px, family="full", steps=1500, lr=5e-2, num_particles=16,
-                       elbo_particles=4000)
+    r = inference_gaps(
+        model, guide, x, log_px, family="full", steps=1500, lr=5e-2, num_particles=16, elbo_particles=4000
+    )
     assert r["approximation_gap"] == pytest.approx(exact, abs=0.02)
-    assert exact > 0.05 and r["gap_mean"] > 1.0              # the prior guide is far from every posterior
+    assert exact > 0.05 and r["gap_mean"] > 1.0  # the prior guide is far from every posterior

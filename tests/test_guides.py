@@ -20,16 +20,27 @@ from pyro.infer import SVI, Trace_ELBO
 from torch import nn
 
 from ppl_vae.config import ModelConfig, TrainConfig
+from ppl_vae.distributions.plate import data_plate
 from ppl_vae.errors import ConfigError
 from ppl_vae.evaluate.likelihood import log_likelihood
-from ppl_vae.guides import (DiagNormalMixture, LaplaceGuide, MixtureEncoder, RecursiveMixtureEncoder, batch_jacobian,
-                            laplace_posterior, log_joint, recursive_log_weights, recursive_mixture_distribution,
-                            recursive_mixture_terms, variance_collapse_penalty)
+from ppl_vae.guides import (
+    DiagNormalMixture,
+    LaplaceGuide,
+    MixtureEncoder,
+    RecursiveMixtureEncoder,
+    batch_jacobian,
+    laplace_posterior,
+    log_joint,
+    recursive_log_weights,
+    recursive_mixture_distribution,
+    recursive_mixture_terms,
+    variance_collapse_penalty,
+)
 from ppl_vae.guides.laplace import relu_mlp_layers
-from ppl_vae.infer import AggregateKLObjective, PenalisedELBO, TraceIWAE, plan_for
+from ppl_vae.infer import AggregateKLObjective, PenalisedELBO, TraceIWAE
 from ppl_vae.infer.aggregate_kl import batch_moment_kl
 from ppl_vae.models import LinearGaussianVAE, build_model
-from ppl_vae.plate import data_plate
+from ppl_vae.training import plan_for
 
 D, d = 6, 3
 
@@ -37,7 +48,7 @@ D, d = 6, 3
 def linear_model(diagonal_posterior: bool = False, sigma: float = 0.7, num_data=None):
     g = torch.Generator().manual_seed(1)
     W = torch.randn(D, d, generator=g)
-    if diagonal_posterior:   # WᵀW diagonal ⇒ p(z|x) has a diagonal covariance
+    if diagonal_posterior:  # WᵀW diagonal ⇒ p(z|x) has a diagonal covariance
         Q, _ = torch.linalg.qr(torch.randn(D, d, generator=g))
         W = Q * torch.tensor([2.0, 1.0, 0.5])
     return LinearGaussianVAE(D, d, sigma=sigma, W=W, b=torch.randn(D, generator=g), num_data=num_data)
@@ -56,29 +67,38 @@ def exact_posterior_linear(m):
     return A, -A @ m.b.detach(), cov.diagonal().sqrt()
 
 
-def _raw_for(scale):   # softplus(raw) + 1e-4 = scale
+def _raw_for(scale):  # softplus(raw) + 1e-4 = scale
     return torch.log(torch.expm1(scale - 1e-4))
 
 
 # ------------------------------------------------------------------------------------------------- Laplace guide
 
+
 def laplace_guide(m, **kw):
-    return LaplaceGuide(nn.Linear(D, d), lambda z: z @ m.W.T + m.b, d, likelihood="gaussian",
-                        sigma2=float(m.sigma) ** 2, num_data=m.num_data, **kw)
+    return LaplaceGuide(
+        nn.Linear(D, d),
+        lambda z: z @ m.W.T + m.b,
+        d,
+        likelihood="gaussian",
+        sigma2=float(m.sigma) ** 2,
+        num_data=m.num_data,
+        **kw,
+    )
 
 
 def test_laplace_guide_recovers_the_exact_posterior_and_its_elbo_is_log_evidence():
     m = linear_model()
     x = data(m)
-    guide = laplace_guide(m, num_steps=1, damping=1.0)   # one undamped Newton step: exact for a linear decoder
+    guide = laplace_guide(m, num_steps=1, damping=1.0)  # one undamped Newton step: exact for a linear decoder
     mu, tril = guide.posterior(x)
     mu_star, cov_star = m.posterior(x)
     torch.testing.assert_close(mu, mu_star, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tril @ tril.mT, cov_star.expand(8, d, d), rtol=1e-5, atol=1e-6)
     log_px = m.log_marginal(x).sum().item()
     # q = p(z|x) ⇒ log p(x,z) − log q(z|x) = log p(x) for every draw: exact up to float error
-    assert -Trace_ELBO(num_particles=5, vectorize_particles=True).loss(m.model, guide, x) == pytest.approx(log_px,
-                                                                                                         abs=2e-3)
+    assert -Trace_ELBO(num_particles=5, vectorize_particles=True).loss(m.model, guide, x) == pytest.approx(
+        log_px, abs=2e-3
+    )
     assert -TraceIWAE(num_particles=7).loss(m.model, guide, x) == pytest.approx(log_px, abs=2e-3)
     lp = log_likelihood(m.model, guide, x, num_samples=50)
     torch.testing.assert_close(lp, m.log_marginal(x).detach(), rtol=0, atol=1e-3)
@@ -88,7 +108,7 @@ def test_damped_vlae_iterations_follow_the_closed_form():
     """Linear decoder ⇒ every μ̂ is μ*, so μ_T = μ* + Π_t (1 − η_t)(μ₀ − μ*), η_t = 0.5/(t+1), T = 4."""
     m = linear_model()
     x = data(m)
-    guide = laplace_guide(m)   # VLAE defaults
+    guide = laplace_guide(m)  # VLAE defaults
     mu, tril = guide.posterior(x)
     mu_star, cov_star = m.posterior(x)
     keep = math.prod(1 - 0.5 / (t + 1) for t in range(4))
@@ -107,7 +127,7 @@ def test_laplace_guide_parameters_get_gradients_through_the_iterations():
     loss.backward()
     for name, p in guide.init.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
-    assert m.W.grad.abs().sum() > 0   # the model's W, through the guide's Jacobian and the likelihood
+    assert m.W.grad.abs().sum() > 0  # the model's W, through the guide's Jacobian and the likelihood
 
 
 def test_bernoulli_newton_step_and_precision_are_exact_for_linear_logits():
@@ -116,7 +136,7 @@ def test_bernoulli_newton_step_and_precision_are_exact_for_linear_logits():
     torch.manual_seed(0)
     W, b = torch.randn(D, d), torch.randn(D)
     x = torch.bernoulli(torch.full((4, D), 0.5))
-    fn = lambda z: z @ W.T + b   # noqa: E731
+    fn = lambda z: z @ W.T + b  # noqa: E731
 
     def log_joint(z, xi):
         f = fn(z)
@@ -125,13 +145,13 @@ def test_bernoulli_newton_step_and_precision_are_exact_for_linear_logits():
     mu0 = 0.3 * torch.randn(4, d)
     one, _ = laplace_posterior(x, mu0, fn, likelihood="bernoulli", num_steps=1, damping=1.0)
     for i in range(4):
-        g = torch.autograd.functional.jacobian(lambda z: log_joint(z, x[i]), mu0[i])
-        H = torch.autograd.functional.hessian(lambda z: log_joint(z, x[i]), mu0[i])
+        g = torch.autograd.functional.jacobian(lambda z, i=i: log_joint(z, x[i]), mu0[i])
+        H = torch.autograd.functional.hessian(lambda z, i=i: log_joint(z, x[i]), mu0[i])
         torch.testing.assert_close(one[i], mu0[i] - torch.linalg.solve(H, g), rtol=1e-4, atol=1e-5)
     mode, prec = laplace_posterior(x, mu0, fn, likelihood="bernoulli", num_steps=30, damping=1.0)
     for i in range(4):
-        g = torch.autograd.functional.jacobian(lambda z: log_joint(z, x[i]), mode[i])
-        H = torch.autograd.functional.hessian(lambda z: log_joint(z, x[i]), mode[i])
+        g = torch.autograd.functional.jacobian(lambda z, i=i: log_joint(z, x[i]), mode[i])
+        H = torch.autograd.functional.hessian(lambda z, i=i: log_joint(z, x[i]), mode[i])
         assert g.abs().max() < 1e-4
         torch.testing.assert_close(prec[i], -H, rtol=1e-4, atol=1e-5)
 
@@ -150,7 +170,7 @@ def test_line_search_is_exact_on_a_linear_decoder_and_never_lowers_the_log_joint
     torch.manual_seed(1)
     dec = nn.Sequential(nn.Linear(d, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, D))
     for p in dec[-1].parameters():
-        p.data.mul_(4.0)                                        # sharp posteriors: full Newton steps overshoot
+        p.data.mul_(4.0)  # sharp posteriors: full Newton steps overshoot
     x = torch.bernoulli(torch.sigmoid(dec(torch.randn(16, d))).detach())
     mu0 = (3 * torch.randn(16, d)).requires_grad_()
     layers = relu_mlp_layers(dec)
@@ -160,20 +180,22 @@ def test_line_search_is_exact_on_a_linear_decoder_and_never_lowers_the_log_joint
 
     path = [joint(mu0)]
     for T in range(1, 7):
-        mu_T, _ = laplace_posterior(x, mu0, dec, likelihood="bernoulli", num_steps=T, damping="line_search",
-                                    layers=layers)
+        mu_T, _ = laplace_posterior(
+            x, mu0, dec, likelihood="bernoulli", num_steps=T, damping="line_search", layers=layers
+        )
         path.append(joint(mu_T))
     path = torch.stack(path).detach()
     assert (path[1:] >= path[:-1] - 1e-4).all()
-    assert (path[-1] > path[0] + 1e-3).float().mean() > 0.5     # and it does move most points uphill
+    assert (path[-1] > path[0] + 1e-3).float().mean() > 0.5  # and it does move most points uphill
     full, _ = laplace_posterior(x, mu0, dec, likelihood="bernoulli", num_steps=6, damping=1.0, layers=layers)
-    assert (joint(full).detach() < path[-1] - 1e-3).any()        # plain Newton steps go downhill somewhere here
+    assert (joint(full).detach() < path[-1] - 1e-3).any()  # plain Newton steps go downhill somewhere here
     joint(mu_T).sum().backward()
     assert mu0.grad.abs().sum() > 0 and dec[0].weight.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="damping"):
         laplace_posterior(x, mu0, dec, likelihood="bernoulli", damping="armijo")
-    m2 = build_model(ModelConfig(name="vlae", latent_dim=2, hidden=[8], options={"damping": "line_search"}),
-                     (1, 4, 4), num_data=10)
+    m2 = build_model(
+        ModelConfig(name="vlae", latent_dim=2, hidden=[8], options={"damping": "line_search"}), (1, 4, 4), num_data=10
+    )
     assert m2.damping == "line_search"
     loss = Trace_ELBO().differentiable_loss(m2.model, m2.guide, torch.bernoulli(torch.full((3, 1, 4, 4), 0.5)))
     loss.backward()
@@ -203,12 +225,14 @@ def test_vae_laplace_model_trains_and_every_parameter_gets_a_gradient():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
     loc, scale = m.encode(x)
     assert loc.shape == scale.shape == (10, 2) and (scale > 0).all()
-    gm = build_model(ModelConfig(name="vlae", likelihood="gaussian", sigma2=0.1, latent_dim=2, hidden=[8]),
-                     (1, 4, 4), num_data=10)
+    gm = build_model(
+        ModelConfig(name="vlae", likelihood="gaussian", sigma2=0.1, latent_dim=2, hidden=[8]), (1, 4, 4), num_data=10
+    )
     assert torch.isfinite(torch.tensor(Trace_ELBO().loss(gm.model, gm.guide, x)))
 
 
 # ------------------------------------------------------------------------------------------- mixture machinery
+
 
 def test_implicit_reparameterisation_is_the_standard_one_for_one_component():
     loc = torch.randn(4, 1, d, requires_grad=True)
@@ -231,8 +255,9 @@ def test_implicit_reparameterisation_gradient_is_unbiased():
     scales = (0.3 + torch.rand(K, d)).requires_grad_()
     a = 0.5 * torch.randn(d)
     params = [logits, locs, scales]
-    exact = torch.autograd.grad((torch.softmax(logits, -1) * torch.exp(locs @ a + 0.5 * scales.pow(2) @ a.pow(2)))
-                                .sum(), params)
+    exact = torch.autograd.grad(
+        (torch.softmax(logits, -1) * torch.exp(locs @ a + 0.5 * scales.pow(2) @ a.pow(2))).sum(), params
+    )
     q = DiagNormalMixture(logits, locs, scales)
     R = 20
     grads = [torch.autograd.grad(torch.exp(q.rsample((1000,)) @ a).mean(), params) for _ in range(R)]
@@ -248,9 +273,10 @@ def test_mixture_log_prob_is_the_marginal_density_and_shapes_broadcast():
     q = DiagNormalMixture(logits, locs, scales)
     z = q.rsample((7,))
     assert z.shape == (7, 5, d) and q.batch_shape == (5,) and q.event_shape == (d,)
-    ref = torch.distributions.MixtureSameFamily(torch.distributions.Categorical(logits=logits),
-                                                torch.distributions.Independent(
-                                                    torch.distributions.Normal(locs, scales), 1))
+    ref = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(logits=logits),
+        torch.distributions.Independent(torch.distributions.Normal(locs, scales), 1),
+    )
     torch.testing.assert_close(q.log_prob(z), ref.log_prob(z))
     qe = q.expand((3, 5))
     assert qe.rsample().shape == (3, 5, d) and qe.log_prob(z[:3]).shape == (3, 5)
@@ -269,7 +295,8 @@ def test_two_identical_posterior_components_are_exact_where_an_enumerated_index_
 
     log_px = m.log_marginal(x).detach()
     assert -Trace_ELBO(num_particles=10, vectorize_particles=True).loss(m.model, guide, x) == pytest.approx(
-        log_px.sum().item(), abs=2e-3)
+        log_px.sum().item(), abs=2e-3
+    )
     # the invalid construction: component index c ~ q(c) in the guide only, log q(z|c) + log q(c) in place of
     # log q(z): E[log p(x,z) − log q(z|c) − log q(c)] = log p(x) + log 2
     z = mu + sd * torch.randn(8, d)
@@ -282,11 +309,12 @@ def _bound_checks(m, guide, x, exact_tol: float | None = None):
     """ELBO and IWAE-20 ≤ log p(x) per datapoint within 4 standard errors; with exact_tol, both equal it."""
     log_px = m.log_marginal(x).detach()
     from ppl_vae.infer.importance import importance_log_weights
+
     with torch.no_grad():
-        lw = importance_log_weights(m.model, guide, (x,), num_particles=4000).log_w        # (S, B)
+        lw = importance_log_weights(m.model, guide, (x,), num_particles=4000).log_w  # (S, B)
     elbo, se = lw.mean(0), lw.std(0) / math.sqrt(lw.shape[0])
     assert (elbo <= log_px + 4 * se + 1e-5).all(), (elbo, log_px, se)
-    iw = torch.logsumexp(lw.reshape(200, 20, -1), 1) - math.log(20)                       # 200 IWAE-20 draws
+    iw = torch.logsumexp(lw.reshape(200, 20, -1), 1) - math.log(20)  # 200 IWAE-20 draws
     assert (iw.mean(0) <= log_px + 4 * iw.std(0) / math.sqrt(200) + 1e-5).all()
     if exact_tol is not None:
         torch.testing.assert_close(elbo, log_px, rtol=0, atol=exact_tol)
@@ -298,6 +326,7 @@ def gamix_guide(m, enc):
     def guide(x, y=None):
         with data_plate(x, m.num_data):
             pyro.sample("z", DiagNormalMixture(*enc(x)))
+
     return guide
 
 
@@ -305,6 +334,7 @@ def recursive_guide(m, enc):
     def guide(x, y=None):
         with data_plate(x, m.num_data):
             pyro.sample("z", recursive_mixture_distribution(*enc(x)))
+
     return guide
 
 
@@ -328,7 +358,7 @@ def test_mixture_guides_bound_log_evidence_and_reach_it_at_the_posterior(kind):
     else:
         enc = RecursiveMixtureEncoder((D,), d, K, hidden=())
         guide = recursive_guide(m, enc)
-    elbo0, iw0 = _bound_checks(m, guide, x)            # random encoder: strictly below
+    elbo0, iw0 = _bound_checks(m, guide, x)  # random encoder: strictly below
     assert (elbo0 < m.log_marginal(x) - 0.5).all()
     A, c, sd = exact_posterior_linear(m)
     # one component equal to the posterior: the IWAE bound approaches log p(x), the ELBO stays below
@@ -353,17 +383,21 @@ def test_recursive_weights_are_the_recursion():
     e = torch.sigmoid(eps_logits)
     for m, w in enumerate(la):
         torch.testing.assert_close(w.exp().sum(-1), torch.ones(4))
-        if m:   # α^(m) = [(1 − ε_m) α^(m−1), ε_m]
-            torch.testing.assert_close(w.exp(), torch.cat([(1 - e[:, m - 1:m]) * la[m - 1].exp(), e[:, m - 1:m]], -1))
+        if m:  # α^(m) = [(1 − ε_m) α^(m−1), ε_m]
+            torch.testing.assert_close(
+                w.exp(), torch.cat([(1 - e[:, m - 1 : m]) * la[m - 1].exp(), e[:, m - 1 : m]], -1)
+            )
     init = RecursiveMixtureEncoder((D,), d, 4, hidden=(5,))
     _, _, el = init(torch.randn(2, D))
-    torch.testing.assert_close(recursive_log_weights(el)[-1].exp(), torch.full((2, 4), 0.25))   # uniform at init
+    torch.testing.assert_close(recursive_log_weights(el)[-1].exp(), torch.full((2, 4), 0.25))  # uniform at init
 
 
 def _linear_log_joint(m, x):
-    def f(z):   # (B, n, d) → (B, n)
-        return (dist.Normal(0, 1).log_prob(z).sum(-1)
-                + dist.Normal(z @ m.W.T + m.b, m.sigma).log_prob(x.unsqueeze(1)).sum(-1))
+    def f(z):  # (B, n, d) → (B, n)
+        return dist.Normal(0, 1).log_prob(z).sum(-1) + dist.Normal(z @ m.W.T + m.b, m.sigma).log_prob(
+            x.unsqueeze(1)
+        ).sum(-1)
+
     return f
 
 
@@ -375,7 +409,7 @@ def test_recursive_objective_reports_the_mixture_elbo_and_is_exact_at_the_poster
     lj = _linear_log_joint(m, x)
     # the stratified estimate has the expectation of the mixture ELBO estimated by plain Monte Carlo
     R = 1000
-    xr = x.repeat(R, 1)                                         # R independent draws per datapoint, one call
+    xr = x.repeat(R, 1)  # R independent draws per datapoint, one call
     ljr = _linear_log_joint(m, xr)
     with torch.no_grad():
         strat = recursive_mixture_terms(*enc(xr), ljr, ljr)[1].reshape(R, -1)
@@ -391,19 +425,26 @@ def test_recursive_objective_reports_the_mixture_elbo_and_is_exact_at_the_poster
     torch.testing.assert_close(elbo, m.log_marginal(x).detach(), rtol=0, atol=1e-3)
 
 
-@pytest.mark.parametrize("name,opts", [("rme", {"num_components": 3}),
-                                       ("rme", {"num_components": 1}),
-                                       ("gamix", {"num_components": 3}),
-                                       ("gamix", {"num_components": 3, "kl": "aggregate"}),
-                                       ("gamix", {"num_components": 1, "kl": "aggregate"})])
+@pytest.mark.parametrize(
+    "name,opts",
+    [
+        ("rme", {"num_components": 3}),
+        ("rme", {"num_components": 1}),
+        ("gamix", {"num_components": 3}),
+        ("gamix", {"num_components": 3, "kl": "aggregate"}),
+        ("gamix", {"num_components": 1, "kl": "aggregate"}),
+    ],
+)
 def test_mixture_models_every_parameter_gets_a_gradient(name, opts):
     torch.manual_seed(0)
     x = torch.bernoulli(torch.full((10, 1, 4, 4), 0.4))
     m = build_model(ModelConfig(name=name, latent_dim=2, hidden=[8], options=opts), (1, 4, 4), num_data=100)
     objectives = [plan_for(m).objective(TrainConfig())]
     if name == "gamix" and opts.get("kl", "elbo") == "elbo":
-        objectives += [plan_for(m).objective(TrainConfig(objective="iwae", num_particles=3)),
-                       plan_for(m).objective(TrainConfig(objective="iwae", num_particles=3, estimator="dreg"))]
+        objectives += [
+            plan_for(m).objective(TrainConfig(objective="iwae", num_particles=3)),
+            plan_for(m).objective(TrainConfig(objective="iwae", num_particles=3, estimator="dreg")),
+        ]
     for obj in objectives:
         m.zero_grad()
         value = obj.loss_and_grads(m.model, m.guide, x)
@@ -420,8 +461,9 @@ def test_mixture_models_every_parameter_gets_a_gradient(name, opts):
 def test_gamix_penalty_enters_the_gradient_but_not_the_reported_value():
     torch.manual_seed(0)
     x = torch.bernoulli(torch.full((10, 1, 4, 4), 0.4))
-    m = build_model(ModelConfig(name="gamix", latent_dim=2, hidden=[8], options={"var_reg": 0.5}), (1, 4, 4),
-                    num_data=40)
+    m = build_model(
+        ModelConfig(name="gamix", latent_dim=2, hidden=[8], options={"var_reg": 0.5}), (1, 4, 4), num_data=40
+    )
     obj = plan_for(m).objective(TrainConfig())
     assert isinstance(obj, PenalisedELBO)
     grads = {}
@@ -433,11 +475,11 @@ def test_gamix_penalty_enters_the_gradient_but_not_the_reported_value():
     assert grads[0.0][0] == pytest.approx(grads[0.5][0])
     m.zero_grad()
     (0.5 * 40 / 10 * m.variance_penalty(x).sum()).backward()
-    for g0, g1, p in zip(grads[0.0][1], grads[0.5][1], m.encoder.parameters()):
+    for g0, g1, p in zip(grads[0.0][1], grads[0.5][1], m.encoder.parameters(), strict=False):
         torch.testing.assert_close(g1 - g0, p.grad, rtol=1e-4, atol=1e-5)
     s = torch.tensor([[[1.0, 1.0]], [[0.1, 1.0]]])
     pen = variance_collapse_penalty(s)
-    assert pen[0] == 0 and pen[1] > 3   # 0.01 − log 0.01 − 1 ≈ 3.6
+    assert pen[0] == 0 and pen[1] > 3  # 0.01 − log 0.01 − 1 ≈ 3.6
 
 
 def test_batch_moment_kl_is_the_kl_of_the_moment_matched_gaussian():
@@ -446,7 +488,7 @@ def test_batch_moment_kl_is_the_kl_of_the_moment_matched_gaussian():
     m, v = codes.mean(0), codes.var(0, unbiased=False)
     want = torch.distributions.kl_divergence(dist.Normal(m, v.sqrt()), dist.Normal(0.0, 1.0)).sum()
     torch.testing.assert_close(batch_moment_kl(codes), want)
-    assert batch_moment_kl(torch.randn(200000, 2, generator=torch.Generator().manual_seed(1))) < 1e-4   # N(0, I) codes
+    assert batch_moment_kl(torch.randn(200000, 2, generator=torch.Generator().manual_seed(1))) < 1e-4  # N(0, I) codes
     with pytest.raises(ValueError, match="batch >= 2"):
         batch_moment_kl(torch.zeros(1, 3))
 
@@ -457,9 +499,13 @@ def test_rivera_objective_is_minus_elbo_without_the_pull_of_codes_to_zero():
     torch.manual_seed(0)
     x = torch.bernoulli(torch.full((12, 1, 4, 4), 0.4))
     N = 60
-    m = build_model(ModelConfig(name="gamix", latent_dim=3, hidden=[8],
-                                options={"num_components": 1, "var_reg": 0.5, "kl": "aggregate"}), (1, 4, 4),
-                    num_data=N)
+    m = build_model(
+        ModelConfig(
+            name="gamix", latent_dim=3, hidden=[8], options={"num_components": 1, "var_reg": 0.5, "kl": "aggregate"}
+        ),
+        (1, 4, 4),
+        num_data=N,
+    )
     obj = plan_for(m).objective(TrainConfig())
     assert isinstance(obj, AggregateKLObjective)
     pyro.set_rng_seed(5)
@@ -484,7 +530,7 @@ def test_rivera_objective_is_minus_elbo_without_the_pull_of_codes_to_zero():
     pyro.set_rng_seed(6)
     loss1, _ = m.aggregate_terms(x[:1])
     pyro.set_rng_seed(6)
-    q1 = m.guide_dist(x[:1])       # (the SVI step above moved the parameters)
+    q1 = m.guide_dist(x[:1])  # (the SVI step above moved the parameters)
     z1 = q1.rsample()
     mu1, v1 = q1.locs[:, 0], q1.scales[:, 0].pow(2)
     kl1 = 0.5 * (mu1.pow(2) + v1 - v1.log() - 1).sum(-1)
@@ -493,8 +539,11 @@ def test_rivera_objective_is_minus_elbo_without_the_pull_of_codes_to_zero():
 
 
 def test_recursive_growth_schedule_and_config_errors():
-    m = build_model(ModelConfig(name="rme", latent_dim=2, hidden=[8],
-                                options={"num_components": 3, "grow_every": 2}), (1, 4, 4), num_data=10)
+    m = build_model(
+        ModelConfig(name="rme", latent_dim=2, hidden=[8], options={"num_components": 3, "grow_every": 2}),
+        (1, 4, 4),
+        num_data=10,
+    )
     seen = []
     for epoch in range(6):
         rec = {}
@@ -502,12 +551,14 @@ def test_recursive_growth_schedule_and_config_errors():
         seen.append(rec["num_components_active"])
     assert seen == [1, 2, 2, 3, 3, 3]
     assert "num_active" in m.state_dict()
-    bad = [("rme", {"num_components": 0}, "num_components"),
-           ("rme", {"divergence_weight": 2.0}, "divergence_weight"),
-           ("gamix", {"components": 2}, "unknown keys"),
-           ("gamix", {"kl": "batch"}, "model.options.kl"),
-           ("vlae", {"damping": 0.0}, "damping"),
-           ("vlae", {"num_steps": -1}, "num_steps")]
+    bad = [
+        ("rme", {"num_components": 0}, "num_components"),
+        ("rme", {"divergence_weight": 2.0}, "divergence_weight"),
+        ("gamix", {"components": 2}, "unknown keys"),
+        ("gamix", {"kl": "batch"}, "model.options.kl"),
+        ("vlae", {"damping": 0.0}, "damping"),
+        ("vlae", {"num_steps": -1}, "num_steps"),
+    ]
     for name, opts, msg in bad:
         with pytest.raises(ConfigError, match=msg):
             build_model(ModelConfig(name=name, options=opts), (1, 4, 4), num_data=10)
@@ -516,9 +567,11 @@ def test_recursive_growth_schedule_and_config_errors():
     with pytest.raises(ConfigError, match="kl_warmup_epochs"):
         plan_for(m).objective(TrainConfig(kl_warmup_epochs=3))
     riv = build_model(ModelConfig(name="gamix", options={"kl": "aggregate"}), (1, 4, 4), num_data=10)
-    for tc, field in ((TrainConfig(objective="iwae", num_particles=2), "train.objective"),
-                      (TrainConfig(num_particles=2), "train.num_particles"),
-                      (TrainConfig(kl_warmup_epochs=2), "train.kl_warmup_epochs")):
+    for tc, field in (
+        (TrainConfig(objective="iwae", num_particles=2), "train.objective"),
+        (TrainConfig(num_particles=2), "train.num_particles"),
+        (TrainConfig(kl_warmup_epochs=2), "train.kl_warmup_epochs"),
+    ):
         with pytest.raises(ConfigError, match=field):
             plan_for(riv).objective(tc)
 

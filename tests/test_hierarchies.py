@@ -11,6 +11,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 
 from ppl_vae.config import ModelConfig
+from ppl_vae.distributions.likelihoods import build_likelihood
 from ppl_vae.evaluate import (
     active_units,
     kl_per_site,
@@ -18,9 +19,8 @@ from ppl_vae.evaluate import (
     posterior_means,
 )
 from ppl_vae.infer import TraceIWAE
-from ppl_vae.likelihoods import build_likelihood
 from ppl_vae.models import HVAE, VLadder, build_model
-from ppl_vae.nets import GatedAdd
+from ppl_vae.nn.ladder_nets import GatedAdd
 
 
 def linear_ladder(seed=0, combination="concat"):
@@ -33,8 +33,9 @@ def affine_map(m: VLadder):
     """b and W of the (affine) decoder mean: x = W z + b + noise, z = [z1, z2, z3]."""
     with torch.no_grad():
         b = m.decode(torch.zeros(1, m.latent_dim, dtype=torch.float64))[0]
-        W = torch.stack([m.decode(torch.eye(m.latent_dim, dtype=torch.float64)[j:j + 1])[0] - b
-                         for j in range(m.latent_dim)], 1)
+        W = torch.stack(
+            [m.decode(torch.eye(m.latent_dim, dtype=torch.float64)[j : j + 1])[0] - b for j in range(m.latent_dim)], 1
+        )
     return W, b
 
 
@@ -46,11 +47,11 @@ def test_linear_ladder_is_linear_gaussian_and_log_likelihood_converges_to_the_ex
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     svi = SVI(m.model, m.guide, pyro.optim.Adam({"lr": 0.02}), TraceMeanField_ELBO())
-    for _ in range(300):          # a reasonable guide: importance sampling needs it, the oracle does not
+    for _ in range(300):  # a reasonable guide: importance sampling needs it, the oracle does not
         svi.step(x)
     W, b = affine_map(m)
     z = torch.randn(5, m.latent_dim, dtype=torch.float64)
-    torch.testing.assert_close(m.decode(z).detach(), z @ W.T + b)                        # affine, exactly
+    torch.testing.assert_close(m.decode(z).detach(), z @ W.T + b)  # affine, exactly
     cov = W @ W.T + 0.5 * torch.eye(6, dtype=torch.float64)
     xt = x[:20]
     exact = float(dist.MultivariateNormal(b, cov).log_prob(xt).mean())
@@ -63,15 +64,18 @@ def test_linear_ladder_is_linear_gaussian_and_log_likelihood_converges_to_the_ex
 
 def test_ladder_sites_objectives_and_gradients():
     x = torch.rand(5, 1, 8, 8)
-    for name, opts in (("vladder", {"combination": "gated"}), ("vladder", {"combination": "concat", "layers": 2}),
-                       ("hvae", {"layers": 4})):
+    for name, opts in (
+        ("vladder", {"combination": "gated"}),
+        ("vladder", {"combination": "concat", "layers": 2}),
+        ("hvae", {"layers": 4}),
+    ):
         m = build_model(ModelConfig(name=name, latent_dim=2, hidden=[16, 16], options=opts), (1, 8, 8), num_data=5)
         L = opts.get("layers", 3)
         tr = pyro.poutine.trace(m.guide).get_trace(x)
         assert [n for n in tr.nodes if n.startswith("z")] == [f"z{l}" for l in range(1, L + 1)]
         for elbo in (Trace_ELBO(), TraceIWAE(num_particles=3)):
             assert math.isfinite(elbo.loss(m.model, m.guide, x))
-        if name == "vladder":     # independent layers: the mean-field ELBO is valid and Pyro agrees
+        if name == "vladder":  # independent layers: the mean-field ELBO is valid and Pyro agrees
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
                 assert math.isfinite(TraceMeanField_ELBO().loss(m.model, m.guide, x))
@@ -131,7 +135,7 @@ def test_kl_per_site_matches_the_closed_form_of_each_layer():
         q, p = dist.Normal(loc, scale), dist.Normal(torch.zeros_like(loc), torch.ones_like(loc))
         exact = float(torch.distributions.kl_divergence(q, p).sum(-1).mean())
         z = q.sample((S,))
-        per = (q.log_prob(z) - p.log_prob(z)).sum(-1)            # the estimator's terms, for its variance
+        per = (q.log_prob(z) - p.log_prob(z)).sum(-1)  # the estimator's terms, for its variance
         se = float(per.std() / math.sqrt(per.numel()))
         assert kl[f"z{l}"] == pytest.approx(exact, abs=5 * se + 1e-9)
     assert set(kl) == {"z1", "z2", "z3"}
@@ -139,8 +143,12 @@ def test_kl_per_site_matches_the_closed_form_of_each_layer():
 
 # ------------------------------------------------------------------------------------------------ VLAC
 def vlac(coding="mixture", **opts):
-    cfg = ModelConfig(name="vlac", latent_dim=2, hidden=[16],
-                      options={"warmup_epochs": 0, "num_components": 3, "coding": coding, **opts})
+    cfg = ModelConfig(
+        name="vlac",
+        latent_dim=2,
+        hidden=[16],
+        options={"warmup_epochs": 0, "num_components": 3, "coding": coding, **opts},
+    )
     return build_model(cfg, (1, 8, 8)).double()
 
 
@@ -159,6 +167,7 @@ def test_vlac_codings_are_the_same_objective_on_the_same_draws():
         assert la == pytest.approx(lb, rel=1e-12)
     from ppl_vae import plan_for
     from ppl_vae.config import TrainConfig
+
     assert isinstance(plan_for(b).objective(TrainConfig()), pyro.infer.TraceEnum_ELBO)
 
 
@@ -175,14 +184,15 @@ def test_vlac_cluster_assignment_by_bayes_rule_and_by_infer_discrete_agree():
         torch.testing.assert_close(post[f"c{l}"], direct)
         expected = m.mixtures[str(l)].cluster_log_probs(mus[l - 1]).argmax(-1)
         torch.testing.assert_close(direct, expected)
-    assert m.coding == "mixture"            # cluster_posterior leaves the model's coding alone
+    assert m.coding == "mixture"  # cluster_posterior leaves the model's coding alone
     with pytest.raises(ValueError, match="no mixture"):
         vlac(mixture_layers=[1]).cluster(x, 3)
 
 
 def test_cluster_accuracy_is_one_on_separated_mixtures_and_ignores_label_names():
+    from ppl_vae.distributions.priors import LearnedMixturePrior
     from ppl_vae.evaluate import cluster_accuracy, cluster_scores
-    from ppl_vae.priors import LearnedMixturePrior
+
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[-8.0, 0.0], [0.0, 8.0], [8.0, 0.0], [0.0, -8.0]])
     y = torch.arange(4).repeat_interleave(100)
@@ -204,12 +214,17 @@ def test_vlac_warm_up_fits_the_mixtures_then_scores(tmp_path):
     from ppl_vae import train
     from ppl_vae.config import TrainConfig
     from ppl_vae.data import DataBundle
+
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(64, 1, 8, 8, generator=g) > 0.5).float()
     data = DataBundle.from_tensors(x, None, x[:16], None, x[:16], None)
-    m = build_model(ModelConfig(name="vlac", latent_dim=2, hidden=[16],
-                                options={"warmup_epochs": 2, "num_components": 3, "fit_points": 64}), (1, 8, 8),
-                    num_data=64)
+    m = build_model(
+        ModelConfig(
+            name="vlac", latent_dim=2, hidden=[16], options={"warmup_epochs": 2, "num_components": 3, "fit_points": 64}
+        ),
+        (1, 8, 8),
+        num_data=64,
+    )
     before = m.mixtures["3"].loc.detach().clone()
     res = train(m, data, TrainConfig(epochs=4, batch_size=16), seed=0, progress=False)
     assert [r["mixture_on"] for r in res.history] == [False, True, True, True]
@@ -222,6 +237,7 @@ def test_vlac_warm_up_fits_the_mixtures_then_scores(tmp_path):
 
 def test_layer_and_component_figures(tmp_path):
     from ppl_vae.viz import plot_component_generation, plot_layer_traversal
+
     m = vlac().float()
     for l in (1, 2, 3):
         assert plot_layer_traversal(m, tmp_path / f"t{l}.png", l).endswith(".png")
@@ -233,9 +249,17 @@ def test_layer_and_component_figures(tmp_path):
 @pytest.mark.parametrize("name", ["vladder", "vlac"])
 def test_conv_ladders_train_and_keep_the_data_shape(name):
     x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    m = build_model(ModelConfig(name=name, arch="conv", channels=8, latent_dim=2, hidden=[32],
-                                options={"layers": 3, **({"warmup_epochs": 0} if name == "vlac" else {})}),
-                    (1, 28, 28))
+    m = build_model(
+        ModelConfig(
+            name=name,
+            arch="conv",
+            channels=8,
+            latent_dim=2,
+            hidden=[32],
+            options={"layers": 3, **({"warmup_epochs": 0} if name == "vlac" else {})},
+        ),
+        (1, 28, 28),
+    )
     assert isinstance(m.encoder.up[0][0][0], torch.nn.Conv2d)
     loss = TraceIWAE(num_particles=3).loss(m.model, m.guide, x)
     assert math.isfinite(loss)
@@ -248,9 +272,11 @@ def test_conv_ladders_train_and_keep_the_data_shape(name):
 def test_exponential_kl_warm_up_is_the_official_shape():
     from ppl_vae.config import TrainConfig
     from ppl_vae.errors import ConfigError
+
     cfg = TrainConfig(kl_warmup_epochs=25, kl_warmup_shape="exp")
-    assert [cfg.beta_at(e) for e in (0, 24, 99)] == pytest.approx([1 - math.exp(-1 / 25), 1 - math.exp(-1),
-                                                                     1 - math.exp(-4)])
-    assert TrainConfig(kl_warmup_epochs=4).beta_at(1) == 0.5            # the linear default is unchanged
+    assert [cfg.beta_at(e) for e in (0, 24, 99)] == pytest.approx(
+        [1 - math.exp(-1 / 25), 1 - math.exp(-1), 1 - math.exp(-4)]
+    )
+    assert TrainConfig(kl_warmup_epochs=4).beta_at(1) == 0.5  # the linear default is unchanged
     with pytest.raises(ConfigError, match="kl_warmup_shape"):
         TrainConfig(kl_warmup_shape="cosine").validate()

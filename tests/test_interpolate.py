@@ -4,11 +4,17 @@ clearly denser when the line crosses a low-density gap."""
 import pyro.distributions as dist
 import torch
 
-from ppl_vae.data import DataBundle
 from ppl_vae.config import ModelConfig
-from ppl_vae.infer import plan_for
-from ppl_vae.interpolate import interpolate_images, likelihood_path, path_stats, plot_interpolation, straight_line
+from ppl_vae.data import DataBundle
+from ppl_vae.evaluate.interpolation import (
+    interpolate_images,
+    likelihood_path,
+    path_stats,
+    plot_interpolation,
+    straight_line,
+)
 from ppl_vae.models import build_model
+from ppl_vae.training import plan_for
 
 
 def _banana_density():
@@ -49,14 +55,19 @@ def test_never_less_dense_than_line_even_when_density_is_flat_along_it():
 def test_interpolate_images_with_a_ladder_and_png(tmp_path):
     x = torch.rand(40, 1, 6, 6, generator=torch.Generator().manual_seed(0))
     data = DataBundle.from_tensors(x)
-    cfg = ModelConfig(name="ladder", latent_dim=4, hidden=[16],
-                      options={"warmup_epochs": 0, "num_components": 3, "inner_hidden": [8], "bgm_max_iter": 30})
+    cfg = ModelConfig(
+        name="ladder",
+        latent_dim=4,
+        hidden=[16],
+        options={"warmup_epochs": 0, "num_components": 3, "inner_hidden": [8], "bgm_max_iter": 30},
+    )
     model = build_model(cfg, data.shape, num_data=40)
-    plan_for(model).on_epoch_end(0, {}, data)        # fit the hyperprior to the (untrained) encodings
+    plan_for(model).on_epoch_end(0, {}, data)  # fit the hyperprior to the (untrained) encodings
     res, path_imgs, line_imgs = interpolate_images(model, x[0], x[1], n_steps=5, iters=50)
     assert path_imgs.shape == line_imgs.shape == (7, 1, 6, 6)
     va = model.encode(x[:1])[0][0]
     assert torch.allclose(res.path[0], va)
-    out = plot_interpolation(path_imgs, line_imgs, tmp_path / "strip.png", res=res,
-                             log_density=model.prior_log_density, title="test")
+    out = plot_interpolation(
+        path_imgs, line_imgs, tmp_path / "strip.png", res=res, log_density=model.prior_log_density, title="test"
+    )
     assert (tmp_path / "strip.png").stat().st_size > 0 and out.endswith("strip.png")

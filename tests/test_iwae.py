@@ -17,30 +17,29 @@ from pyro.infer import SVI, RenyiELBO, Trace_ELBO
 from pyro.optim import Adam
 from torch import nn
 
-from ppl_vae.infer.importance import (
+import ppl_vae
+from ppl_vae.distributions.likelihoods import BernoulliLikelihood
+from ppl_vae.infer.importance import LogWeights, importance_log_weights
+from ppl_vae.infer.iwae import TraceIWAE
+from ppl_vae.infer.trace_checks import (
     PARTICLE_PLATE,
     GlobalLatentError,
     IWAEError,
-    LogWeights,
     NoDataPlateError,
     NonReparameterizedError,
-    importance_log_weights,
 )
-import ppl_vae
-from ppl_vae.infer.iwae import TraceIWAE
-from ppl_vae.likelihoods import BernoulliLikelihood
 from ppl_vae.models.linear_gaussian import LinearGaussianVAE
 from ppl_vae.models.vae2 import VAE2
 
 D, d = 5, 2
 
 
-
 def make_lg(guide_type="exact", shift=0.0, scale=1.0, num_data=None, n=4, double=True, seed=0):
     """A small linear-Gaussian VAE (W scaled so the posterior sd is ≈ 0.7) and n datapoints drawn from it."""
     W = 0.7 * torch.randn(D, d, generator=torch.Generator().manual_seed(seed))
-    m = LinearGaussianVAE(D, d, 1.0, W=W, guide_type=guide_type, guide_shift=shift, guide_scale=scale,
-                          num_data=num_data, seed=seed)
+    m = LinearGaussianVAE(
+        D, d, 1.0, W=W, guide_type=guide_type, guide_shift=shift, guide_scale=scale, num_data=num_data, seed=seed
+    )
     x = m.simulate(n, torch.Generator().manual_seed(seed + 1))
     if double:
         m, x = m.double(), x.double()
@@ -69,6 +68,7 @@ def flat_grads(loss, params):
 # ---------------------------------------------------------------------------------------------------------
 # (a) exact posterior as guide: every log-weight equals log p(x_i), so the bound is Σ log p(x) for every K
 # ---------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("K", [1, 5, 50])
 @pytest.mark.parametrize("vectorize", [True, False])
@@ -106,6 +106,7 @@ def test_log_weights_shape_and_unscaled():
 # (b) a poor guide: the bound increases with K and stays below log p(x)
 # ---------------------------------------------------------------------------------------------------------
 
+
 def test_poor_guide_bound_increases_with_K_and_stays_below_log_px():
     # guide N(μ + 0.7, 1.3² Σ): worse than the posterior but wider, so the weights have finite variance
     m, x = make_lg(shift=0.7, scale=1.3, double=False)
@@ -130,6 +131,7 @@ def test_poor_guide_bound_increases_with_K_and_stays_below_log_px():
 # ---------------------------------------------------------------------------------------------------------
 # (c) subsampling: the minibatch loss is unbiased for the full-data bound; RenyiELBO(alpha=0) is not
 # ---------------------------------------------------------------------------------------------------------
+
 
 def _replayed_guide(m, z):
     """m.guide with its draw of z fixed (common random numbers for the full data and each minibatch).
@@ -156,20 +158,20 @@ def test_subsampled_minibatch_loss_is_unbiased_and_renyi_is_not():
 
 
 def _subsampling_checks(m, x, z, ours, renyi, N, B):
-    full = -ours.loss(m.model, _replayed_guide(m, z), x)          # N/B = 1: the full-data bound
+    full = -ours.loss(m.model, _replayed_guide(m, z), x)  # N/B = 1: the full-data bound
     full_renyi = -renyi.loss(m.model, _replayed_guide(m, z), x)
-    assert full_renyi == pytest.approx(full, rel=1e-10)             # the two agree without subsampling
+    assert full_renyi == pytest.approx(full, rel=1e-10)  # the two agree without subsampling
 
     def minibatch(elbo, idx):
         idx = torch.tensor(idx)
         return -elbo.loss(m.model, _replayed_guide(m, z[:, idx]), x[idx])
 
-    subsets = list(itertools.combinations(range(N), B))              # a uniformly random minibatch: E = mean
+    subsets = list(itertools.combinations(range(N), B))  # a uniformly random minibatch: E = mean
     ours_mean = sum(minibatch(ours, s) for s in subsets) / len(subsets)
     renyi_mean = sum(minibatch(renyi, s) for s in subsets) / len(subsets)
     partition = [(0, 1), (2, 3), (4, 5)]
     ours_partition = sum(B / N * minibatch(ours, s) for s in partition)
-    tol = 1e-9 * abs(full)                                           # exact identity: float64 rounding only
+    tol = 1e-9 * abs(full)  # exact identity: float64 rounding only
     assert abs(ours_mean - full) < tol and abs(ours_partition - full) < tol
     # Renyi puts N/B = 3 inside the logsumexp: LME(3a) ≥ 3 LME(a), an over-estimate by whole nats
     assert renyi_mean - full > 1.0 and abs(renyi_mean - full) > 1e6 * tol
@@ -178,6 +180,7 @@ def _subsampling_checks(m, x, z, ours, renyi, N, B):
 # ---------------------------------------------------------------------------------------------------------
 # (e) K = 1 is Trace_ELBO: same seed, same draws, same value and gradient
 # ---------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("guide_type", ["exact", "amortized"])
 @pytest.mark.parametrize("vectorize", [True, False])
@@ -199,8 +202,7 @@ def test_k1_equals_trace_elbo(guide_type, vectorize):
 
 def test_k1_equals_trace_elbo_two_layer_vae():
     torch.manual_seed(0)
-    vae = VAE2((8, 8), BernoulliLikelihood(), latent_dim1=6, latent_dim=3, hidden1=(16,), hidden2=(8,),
-                      num_data=32)
+    vae = VAE2((8, 8), BernoulliLikelihood(), latent_dim1=6, latent_dim=3, hidden1=(16,), hidden2=(8,), num_data=32)
     x = (torch.rand(8, 8, 8) < 0.3).float()
     pyro.set_rng_seed(1)
     ours = TraceIWAE(num_particles=1).loss(vae.model, vae.guide, x)
@@ -212,6 +214,7 @@ def test_k1_equals_trace_elbo_two_layer_vae():
 # ---------------------------------------------------------------------------------------------------------
 # (d) DReG
 # ---------------------------------------------------------------------------------------------------------
+
 
 def _grads_over_seeds(m, x, estimator, K, R, params):
     elbo = TraceIWAE(num_particles=K, estimator=estimator)
@@ -284,8 +287,10 @@ def _hier_model(x):
 
 
 def _hier_params():
-    return {n: pyro.param(n, torch.tensor(v, dtype=torch.float64)) for n, v in
-            [("a", 0.6), ("s1", 0.5), ("c", 0.4), ("s2", 0.8)]}
+    return {
+        n: pyro.param(n, torch.tensor(v, dtype=torch.float64))
+        for n, v in [("a", 0.6), ("s1", 0.5), ("c", 0.4), ("s2", 0.8)]
+    }
 
 
 def _hier_guide(x):
@@ -316,11 +321,15 @@ def test_dreg_hierarchical_guide_matches_independent_computation():
         z1 = a * x + s1 * eps1
         eps2 = (z2v - c.detach() * z1v) / s2.detach()
         z2 = c * z1 + s2 * eps2
-        log_p = (dist.Normal(0.0, 1.0).log_prob(z2) + dist.Normal(mm * z2, 0.7).log_prob(z1)
-                 + dist.Normal(z1, 0.5).log_prob(x))
-        log_q_sg = (dist.Normal(a.detach() * x, s1.detach()).log_prob(z1)
-                    + dist.Normal(c.detach() * z1, s2.detach()).log_prob(z2))
-        log_w = log_p - log_q_sg                      # value = log w; ∇φ = path only; ∇θ = direct
+        log_p = (
+            dist.Normal(0.0, 1.0).log_prob(z2)
+            + dist.Normal(mm * z2, 0.7).log_prob(z1)
+            + dist.Normal(z1, 0.5).log_prob(x)
+        )
+        log_q_sg = dist.Normal(a.detach() * x, s1.detach()).log_prob(z1) + dist.Normal(
+            c.detach() * z1, s2.detach()
+        ).log_prob(z2)
+        log_w = log_p - log_q_sg  # value = log w; ∇φ = path only; ∇θ = direct
         w = torch.softmax(log_w.detach(), 0)
         phi = [a, s1, c, s2]
         g_phi = torch.autograd.grad(-(w**2 * log_w).sum(), phi, retain_graph=True)
@@ -332,6 +341,7 @@ def test_dreg_hierarchical_guide_matches_independent_computation():
 # ---------------------------------------------------------------------------------------------------------
 # (d') DReG in one pass equals the two-pass surrogate, gradient by gradient, with the same draws
 # ---------------------------------------------------------------------------------------------------------
+
 
 def _reference_dreg_loss(model, guide, args, K):
     """The two-pass DReG loss of TraceIWAE before the one-pass rewrite (a copy): model and guide replayed at
@@ -359,7 +369,7 @@ def _reference_dreg_loss(model, guide, args, K):
         return out
 
     x_site = next(s for s in model_trace.nodes.values() if s["type"] == "sample" and s["is_observed"])
-    scale = float(x_site["scale"])                                          # N / B
+    scale = float(x_site["scale"])  # N / B
     log_p, log_q = total(model_trace), total(guide_trace)
     log_p_sg, log_q_sg = total(model_sg), total(guide_sg)
     log_w = log_p - log_q
@@ -371,6 +381,7 @@ def _reference_dreg_loss(model, guide, args, K):
 
 class _Shift(dist.torch_transform.TransformModule):
     """y = x + shift with a learnable shift: a transform that is an nn.Module (cannot be detached generically)."""
+
     domain = dist.constraints.real
     codomain = dist.constraints.real
     bijective = True
@@ -400,7 +411,7 @@ def _transformed_guide_pair(module_transform: bool):
         loc = x @ m.enc_A.T + m.enc_c
         scale = torch.nn.functional.softplus(m.enc_s).expand_as(loc) + 1e-4
         ts = [dist.transforms.AffineTransform(loc, scale)] + ([m.shift] if module_transform else [])
-        with ppl_vae.plate.data_plate(x, m.num_data):
+        with ppl_vae.distributions.plate.data_plate(x, m.num_data):
             pyro.sample("z", dist.TransformedDistribution(dist.Normal(torch.zeros_like(loc), 1.0), ts).to_event(1))
 
     return m, m.model, guide, x
@@ -421,17 +432,18 @@ def _dreg_case(name):
         return list(m.parameters()), m.model, m.guide, x, "one_pass"
     if name == "vae2":
         torch.manual_seed(0)
-        m = VAE2((4, 4), BernoulliLikelihood(), latent_dim1=3, latent_dim=2, hidden1=(8,), hidden2=(4,),
-                 num_data=20).double()
+        m = VAE2(
+            (4, 4), BernoulliLikelihood(), latent_dim1=3, latent_dim=2, hidden1=(8,), hidden2=(4,), num_data=20
+        ).double()
         x = (torch.rand(6, 4, 4, generator=torch.Generator().manual_seed(1)) < 0.4).double()
-        return list(m.parameters()), m.model, m.guide, x, "guide_replay"          # q(z2 | z1): hierarchical
+        return list(m.parameters()), m.model, m.guide, x, "guide_replay"  # q(z2 | z1): hierarchical
     m, model, guide, x = _transformed_guide_pair(module_transform=name == "transformed_module")
     return list(m.parameters()), model, guide, x, "guide_replay" if name == "transformed_module" else "one_pass"
 
 
 def _all_grads(loss, params):
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=False)]
 
 
 DREG_CASES = ["lg_amortized", "lg_exact", "vae", "vae2", "gamix", "transformed", "transformed_module"]
@@ -455,9 +467,9 @@ def test_one_pass_dreg_gradients_equal_the_two_pass_surrogate(case, K):
         assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
         got, expected = _all_grads(loss, params), _all_grads(ref, params)
         assert any(e.abs().sum() > 0 for e in expected)
-        for p, g, e in zip(params, got, expected):
+        for _p, g, e in zip(params, got, expected, strict=False):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)           # float64: rounding only
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)  # float64: rounding only
 
 
 @pytest.mark.parametrize("case", ["lg_exact", "vae", "vae2"])
@@ -477,7 +489,7 @@ def test_one_pass_dreg_equals_the_two_pass_fallback_for_looped_particles(case, v
     g1 = _all_grads(one.differentiable_loss(model, guide, x), params)
     torch.manual_seed(1)
     g2 = _all_grads(two.differentiable_loss(model, guide, x), params)
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
@@ -505,13 +517,14 @@ def test_one_pass_dreg_runs_the_decoder_once():
     dec1, h1 = _count_calls(v2.decoder1)
     enc1, h2 = _count_calls(v2.encoder1)
     TraceIWAE(num_particles=5, estimator="dreg", max_plate_nesting=1).loss_and_grads(v2.model, v2.guide, x2[:4])
-    assert (dec1["n"], enc1["n"]) == (1, 2)      # hierarchical guide: the guide is replayed, the model is not
+    assert (dec1["n"], enc1["n"]) == (1, 2)  # hierarchical guide: the guide is replayed, the model is not
     h1.remove(), h2.remove()
 
 
 # ---------------------------------------------------------------------------------------------------------
 # training and gradients reach every parameter
 # ---------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("estimator", ["iwae", "dreg"])
 def test_svi_with_trace_iwae_improves_linear_gaussian(estimator):
@@ -521,11 +534,11 @@ def test_svi_with_trace_iwae_improves_linear_gaussian(estimator):
     m = LinearGaussianVAE(D, d, 1.0, guide_type="amortized", num_data=64, seed=5)  # another W: must learn
     before = m.log_marginal(x).sum().item()
     svi = SVI(m.model, m.guide, Adam({"lr": 0.03}), TraceIWAE(num_particles=5, estimator=estimator))
-    losses = [svi.step(x[i % 4 * 16:(i % 4 + 1) * 16]) for i in range(200)]
+    losses = [svi.step(x[i % 4 * 16 : (i % 4 + 1) * 16]) for i in range(200)]
     after = m.log_marginal(x).sum().item()
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-20:]) / 20 < sum(losses[:20]) / 20 - 50.0  # noisy minibatch losses: compare averages
-    assert after > before + 50.0                                  # exact log p(x) of the data improves
+    assert after > before + 50.0  # exact log p(x) of the data improves
 
 
 def _guide_params(fn, *args):
@@ -535,8 +548,9 @@ def _guide_params(fn, *args):
 
 def _small_two_layer(num_data=16):
     torch.manual_seed(0)
-    vae = VAE2((8, 8), BernoulliLikelihood(), latent_dim1=6, latent_dim=3, hidden1=(16,), hidden2=(8,),
-                      num_data=num_data)
+    vae = VAE2(
+        (8, 8), BernoulliLikelihood(), latent_dim1=6, latent_dim=3, hidden1=(16,), hidden2=(8,), num_data=num_data
+    )
     x = (torch.rand(num_data, 8, 8) < 0.3).float()
     return vae, x
 
@@ -550,10 +564,10 @@ def test_two_layer_vae_trains_and_every_guide_param_gets_a_gradient(estimator, v
     assert len(guide_params) == 8  # encoder1 and encoder2: 2 linear layers each, weight and bias
     loss = elbo.differentiable_loss(vae.model, vae.guide, x[:8])
     grads = torch.autograd.grad(loss, list(guide_params.values()))
-    for name, g in zip(guide_params, grads):
+    for name, g in zip(guide_params, grads, strict=False):
         assert torch.isfinite(g).all() and g.abs().sum() > 0, name
     svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-2}), elbo)
-    losses = [svi.step(x[i % 2 * 8:(i % 2 + 1) * 8]) for i in range(6)]
+    losses = [svi.step(x[i % 2 * 8 : (i % 2 + 1) * 8]) for i in range(6)]
     assert all(math.isfinite(v) for v in losses)
 
 
@@ -561,7 +575,7 @@ def test_two_layer_vae_trains_and_every_guide_param_gets_a_gradient(estimator, v
 def test_every_amortized_guide_param_gets_a_gradient(estimator):
     m, x = make_lg(guide_type="amortized")
     loss = TraceIWAE(num_particles=5, estimator=estimator).differentiable_loss(m.model, m.guide, x)
-    for p, g in zip(enc_params(m) + [m.W, m.b], torch.autograd.grad(loss, enc_params(m) + [m.W, m.b])):
+    for _p, g in zip(enc_params(m) + [m.W, m.b], torch.autograd.grad(loss, enc_params(m) + [m.W, m.b]), strict=False):
         assert g.abs().min() > 0
 
 
@@ -578,6 +592,7 @@ def test_loss_and_grads_backpropagates_and_returns_the_bound():
 # ---------------------------------------------------------------------------------------------------------
 # global sites, custom plate names, clear errors
 # ---------------------------------------------------------------------------------------------------------
+
 
 def test_global_observed_site_is_counted_once():
     N, B = 10, 4
@@ -612,7 +627,7 @@ def test_custom_plate_name():
     assert -TraceIWAE(num_particles=5, data_plate="batch").loss(model, guide, x) == pytest.approx(log_px, rel=1e-6)
     with pytest.raises(NoDataPlateError, match=r"data_plate=") as info:
         TraceIWAE(num_particles=5).loss(model, guide, x)
-    assert "ppl_vae.plate.data_plate" in str(info.value) and "'z'" in str(info.value)
+    assert "ppl_vae.distributions.plate.data_plate" in str(info.value) and "'z'" in str(info.value)
 
 
 def test_no_plate_at_all_is_a_clear_error():
@@ -720,12 +735,15 @@ def test_vectorisation_shape_error_points_to_the_fix():
     assert math.isfinite(TraceIWAE(num_particles=4, vectorize_particles=False).loss(model, guide, x))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"estimator": "vimco"}, "estimator must be one of"),
-    ({"num_particles": 0}, "positive integer"),
-    ({"num_particles": 2.5}, "positive integer"),
-    ({"data_plate": ""}, "plate name"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"estimator": "vimco"}, "estimator must be one of"),
+        ({"num_particles": 0}, "positive integer"),
+        ({"num_particles": 2.5}, "positive integer"),
+        ({"data_plate": ""}, "plate name"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(IWAEError, match=match):
         TraceIWAE(**kwargs)
@@ -733,10 +751,8 @@ def test_bad_arguments(kwargs, match):
 
 def test_importance_log_weights_loop_and_vectorised_agree_on_exact_guide():
     m, x = make_lg(n=3)
-    a = importance_log_weights(m.model, m.guide, (x,), num_particles=6, vectorize_particles=True,
-                               keep_values=True)
-    b = importance_log_weights(m.model, m.guide, (x,), num_particles=6, vectorize_particles=False,
-                               keep_values=True)
+    a = importance_log_weights(m.model, m.guide, (x,), num_particles=6, vectorize_particles=True, keep_values=True)
+    b = importance_log_weights(m.model, m.guide, (x,), num_particles=6, vectorize_particles=False, keep_values=True)
     assert a.log_w.shape == b.log_w.shape == (6, 3)
     torch.testing.assert_close(a.log_w, b.log_w)
     assert a.values["z"].shape == b.values["z"].shape == (6, 3, d)

@@ -14,16 +14,14 @@ from torch import nn
 
 from ppl_vae.config import ModelConfig, TrainConfig
 from ppl_vae.data import DataBundle
+from ppl_vae.distributions.hyperpriors import BGMHyperprior, StickBreakingHyperprior
+from ppl_vae.distributions.likelihoods import FlooredLaplace, GaussianLikelihood
 from ppl_vae.errors import ConfigError
 from ppl_vae.evaluate.likelihood import log_likelihood
-from ppl_vae.hyperpriors import BGMHyperprior, StickBreakingHyperprior
-from ppl_vae.infer import plan_for, train
 from ppl_vae.infer.importance import importance_log_weights
 from ppl_vae.infer.iwae import TraceIWAE
-from ppl_vae.likelihoods import GaussianLikelihood
-from ppl_vae.models import build_model
-from ppl_vae.likelihoods import FlooredLaplace
-from ppl_vae.models import LaDDer
+from ppl_vae.models import LaDDer, build_model
+from ppl_vae.training import plan_for, train
 
 # ------------------------------------------------------------------------------------------------------------
 # A linear-Gaussian ladder:  t ~ Σ_k w_k N(m_k, S_k),  z = B t + σz ε,  x = A z + σx ε'
@@ -59,14 +57,14 @@ def _linear_ladder(hyper_w=None, hyper_m=None, hyper_S=None, exact_guide=True, p
     g = torch.Generator().manual_seed(1)
     Q, _ = torch.linalg.qr(torch.randn(D, D, generator=g))
     a = torch.tensor([1.5, 1.0, 0.7])
-    A = Q[:, :DZ] * a                       # orthogonal columns: AᵀA = diag(a²)
+    A = Q[:, :DZ] * a  # orthogonal columns: AᵀA = diag(a²)
     Bm = torch.diag(torch.tensor([1.2, 0.8, 0.5]))
     # exact posteriors for the single N(0, I) hyperprior (all diagonal by construction)
-    var_z = (Bm.diagonal() ** 2 + SZ**2)                                  # diag of Σ_z = BBᵀ + σz² I
+    var_z = Bm.diagonal() ** 2 + SZ**2  # diag of Σ_z = BBᵀ + σz² I
     post_var_z = 1.0 / (1.0 / var_z + a**2 / SX**2)
-    Mz = (post_var_z.unsqueeze(1) * A.T) / SX**2                         # E[z|x] = Mz x
+    Mz = (post_var_z.unsqueeze(1) * A.T) / SX**2  # E[z|x] = Mz x
     post_var_t = 1.0 / (1.0 + Bm.diagonal() ** 2 / SZ**2)
-    Mt = (post_var_t.unsqueeze(1) * Bm.T) / SZ**2                        # E[t|z] = Mt z
+    Mt = (post_var_t.unsqueeze(1) * Bm.T) / SZ**2  # E[t|z] = Mt z
     sz, st = post_var_z.sqrt(), post_var_t.sqrt()
     if not exact_guide:
         Mz, sz = Mz * (1 + perturb), sz * (1 + perturb)
@@ -77,16 +75,28 @@ def _linear_ladder(hyper_w=None, hyper_m=None, hyper_S=None, exact_guide=True, p
         hp.means.copy_(torch.as_tensor(hyper_m, dtype=torch.float))
         hp.covariances.copy_(torch.as_tensor(hyper_S, dtype=torch.float))
     lik = GaussianLikelihood(SX**2, link="identity")
-    model = LaDDer(LinearGauss(Mz, sz), Linear(A), lik, DZ, inner_encoder=LinearGauss(Mt, st),
-                   inner_decoder=Linear(Bm), hyperprior=hp, t_dim=DT, prior="ladder", warmup_epochs=0,
-                   inner_sigma=SZ, inner_sigma_bounds=(SZ, SZ), learn_inner_sigma=False)
+    model = LaDDer(
+        LinearGauss(Mz, sz),
+        Linear(A),
+        lik,
+        DZ,
+        inner_encoder=LinearGauss(Mt, st),
+        inner_decoder=Linear(Bm),
+        hyperprior=hp,
+        t_dim=DT,
+        prior="ladder",
+        warmup_epochs=0,
+        inner_sigma=SZ,
+        inner_sigma_bounds=(SZ, SZ),
+        learn_inner_sigma=False,
+    )
     return model, A, Bm
 
 
 def _exact_log_px(model, A, Bm, x):
     hp = model.hyperprior
     comps = []
-    for w, m, S in zip(hp.weights, hp.means, hp.covariances):
+    for w, m, S in zip(hp.weights, hp.means, hp.covariances, strict=False):
         cz = Bm @ S @ Bm.T + SZ**2 * torch.eye(DZ)
         cx = A @ cz @ A.T + SX**2 * torch.eye(D)
         comps.append(math.log(float(w)) + dist.MultivariateNormal(A @ Bm @ m, covariance_matrix=cx).log_prob(x))
@@ -96,7 +106,7 @@ def _exact_log_px(model, A, Bm, x):
 def _exact_log_pz(model, Bm, z):
     hp = model.hyperprior
     comps = []
-    for w, m, S in zip(hp.weights, hp.means, hp.covariances):
+    for w, m, S in zip(hp.weights, hp.means, hp.covariances, strict=False):
         cz = Bm @ S @ Bm.T + SZ**2 * torch.eye(DZ)
         comps.append(math.log(float(w)) + dist.MultivariateNormal(Bm @ m, covariance_matrix=cz).log_prob(z))
     return torch.logsumexp(torch.stack(comps), 0)
@@ -158,10 +168,11 @@ def test_nested_bound_below_exact_log_px_with_mixture_hyperprior():
 # Hyperpriors against scikit-learn
 # ------------------------------------------------------------------------------------------------------------
 
+
 def _blobs(n=600, seed=0):
     r = np.random.RandomState(seed)
     c = np.array([[-3.0, 0.0], [3.0, 1.0], [0.0, 4.0]])
-    return np.concatenate([r.randn(n // 3, 2) * s + ci for ci, s in zip(c, (0.5, 0.8, 0.3))])
+    return np.concatenate([r.randn(n // 3, 2) * s + ci for ci, s in zip(c, (0.5, 0.8, 0.3), strict=False)])
 
 
 @pytest.mark.parametrize("wtype", ["dirichlet_distribution", "dirichlet_process"])
@@ -213,6 +224,7 @@ def test_stick_breaking_is_a_normalised_mixture():
 # The model built from a configuration: schedule, checkpoints, inference tools
 # ------------------------------------------------------------------------------------------------------------
 
+
 def _tiny_data(n=120, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n, 1, 6, 6, generator=g)
@@ -251,13 +263,17 @@ def test_experiment_scores_only_ladder_epochs(tmp_path):
     from ppl_vae.config import Config, DataConfig
     from ppl_vae.experiment import run_experiment
 
-    cfg = Config(name="ladder_tiny", data=DataConfig(name="digits", limit=200), model=_tiny_cfg(warmup_epochs=2),
-                 train=TrainConfig(epochs=3, batch_size=50))
+    cfg = Config(
+        name="ladder_tiny",
+        data=DataConfig(name="digits", limit=200),
+        model=_tiny_cfg(warmup_epochs=2),
+        train=TrainConfig(epochs=3, batch_size=50),
+    )
     run = run_experiment(cfg, tmp_path / "run", progress=False, figures=False)
     assert plan_for(run.model).stages(cfg.train)[0].first_scored_epoch == 3
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert summary["best_epoch"] == 3
-    assert "best_from_epoch: 1" in (tmp_path / "run" / "config.yaml").read_text()   # the user's setting, untouched
+    assert "best_from_epoch: 1" in (tmp_path / "run" / "config.yaml").read_text()  # the user's setting, untouched
 
 
 @pytest.mark.parametrize("hyperprior", ["bgm", "stick"])
@@ -290,16 +306,21 @@ def test_normal_prior_baseline_and_floored_laplace():
     x = torch.rand(3, 1, 6, 6)
     d = lik(out, x=x)
     mae = (torch.sigmoid(out) - x).abs().mean()
-    assert torch.allclose(d.base_dist.scale, mae.expand_as(x))      # floored at the batch MAE in training
+    assert torch.allclose(d.base_dist.scale, mae.expand_as(x))  # floored at the batch MAE in training
     lik.eval()
-    assert torch.allclose(lik(out, x=x).base_dist.scale, torch.tensor(1e-3))   # stored floor (0 before any epoch)
+    assert torch.allclose(lik(out, x=x).base_dist.scale, torch.tensor(1e-3))  # stored floor (0 before any epoch)
 
 
-@pytest.mark.parametrize("opts,msg", [({"num_components": 0}, "num_components"),
-                                      ({"hyperprior": "dp"}, "hyperprior"),
-                                      ({"inner_sigma_min": 0.5, "inner_sigma_max": 0.1}, "inner_sigma_min"),
-                                      ({"warmup_epochs": -1}, "warmup_epochs"),
-                                      ({"bogus": 1}, "bogus")])
+@pytest.mark.parametrize(
+    "opts,msg",
+    [
+        ({"num_components": 0}, "num_components"),
+        ({"hyperprior": "dp"}, "hyperprior"),
+        ({"inner_sigma_min": 0.5, "inner_sigma_max": 0.1}, "inner_sigma_min"),
+        ({"warmup_epochs": -1}, "warmup_epochs"),
+        ({"bogus": 1}, "bogus"),
+    ],
+)
 def test_bad_options_are_config_errors(opts, msg):
     with pytest.raises(ConfigError, match=msg):
         build_model(_tiny_cfg(**opts), (1, 6, 6), num_data=100)

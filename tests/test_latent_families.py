@@ -20,23 +20,23 @@ from torch.distributions import kl_divergence
 from ppl_vae import train
 from ppl_vae.config import ModelConfig, TrainConfig
 from ppl_vae.data import DataBundle
-from ppl_vae.distributions import (
+from ppl_vae.distributions.families import (
     EPANECHNIKOV_ENTROPY,
     DefensiveMixture,
     Epanechnikov,
     RelaxedPoisson,
     poisson_truncation,
 )
+from ppl_vae.distributions.likelihoods import GaussianLikelihood
+from ppl_vae.distributions.plate import data_plate
 from ppl_vae.errors import ConfigError
 from ppl_vae.evaluate import log_likelihood, log_likelihood_summary
 from ppl_vae.infer.analytic_kl import AnalyticKLELBO
-from ppl_vae.infer.plan import plan_for
-from ppl_vae.likelihoods import GaussianLikelihood
 from ppl_vae.models import build_model
 from ppl_vae.models.linear_gaussian import LinearGaussianVAE
 from ppl_vae.models.vae_epanechnikov import KernelBoundELBO
 from ppl_vae.models.vae_poisson import LinearDecoder, VAEPoisson
-from ppl_vae.plate import data_plate
+from ppl_vae.training.plan import plan_for
 
 
 def quad(f, a, b):
@@ -54,7 +54,7 @@ def test_epanechnikov_sampler_matches_its_cdf():
     q = Epanechnikov(torch.tensor(0.7), torch.tensor(1.3))
     z = q.sample((20000,)).double().numpy()
     ks = stats.kstest(z, lambda v: q.cdf(torch.as_tensor(v)).numpy())
-    assert ks.statistic < 1.95 / math.sqrt(len(z))      # the 0.1 % critical value of the KS statistic
+    assert ks.statistic < 1.95 / math.sqrt(len(z))  # the 0.1 % critical value of the KS statistic
     assert z.min() >= 0.7 - 1.3 and z.max() <= 0.7 + 1.3
     p = torch.linspace(0.01, 0.99, 9)
     torch.testing.assert_close(q.cdf(q.icdf(p)), p, atol=1e-5, rtol=0)
@@ -68,7 +68,7 @@ def test_epanechnikov_moments_and_entropy():
     n = 200_000
     z = q.sample((n,)).double()
     # Var of the sample variance: (μ4 − σ⁴)/n with μ4 = 3h⁴/35 for this kernel
-    se = math.sqrt((3 / 35 - 1 / 25) * h ** 4 / n)
+    se = math.sqrt((3 / 35 - 1 / 25) * h**4 / n)
     assert abs(float(z.var()) - h * h / 5) < 5 * se
     assert quad(lambda v: epa_pdf(v, mu, h), mu - h, mu + h) == pytest.approx(1.0, abs=1e-9)
     ent = -quad(lambda v: epa_pdf(v, mu, h) * math.log(max(epa_pdf(v, mu, h), 1e-300)), mu - h, mu + h)
@@ -88,8 +88,7 @@ def test_epanechnikov_log_prob_support_and_edge():
     assert torch.isfinite(loc.grad) and torch.isfinite(scale.grad)
 
 
-@pytest.mark.parametrize("mu, h, m, s", [(0.0, math.sqrt(5), 0.0, 1.0), (0.5, 0.3, 0.0, 1.0),
-                                         (-1.2, 2.0, 0.5, 1.7)])
+@pytest.mark.parametrize("mu, h, m, s", [(0.0, math.sqrt(5), 0.0, 1.0), (0.5, 0.3, 0.0, 1.0), (-1.2, 2.0, 0.5, 1.7)])
 def test_epanechnikov_normal_kl_equals_quadrature(mu, h, m, s):
     q = Epanechnikov(torch.tensor(mu, dtype=torch.float64), torch.tensor(h, dtype=torch.float64))
     p = torch.distributions.Normal(torch.tensor(m, dtype=torch.float64), torch.tensor(s, dtype=torch.float64))
@@ -106,8 +105,10 @@ def test_epanechnikov_kl_minimum_and_mean_field_elbo_uses_it():
     kl = kl_divergence(Epanechnikov(torch.zeros_like(h), h), torch.distributions.Normal(0.0, 1.0))
     best = int(kl.argmin())
     assert float(h[best]) == pytest.approx(math.sqrt(5), abs=3e-3)
-    at_root5 = kl_divergence(Epanechnikov(torch.zeros((), dtype=torch.float64), torch.tensor(math.sqrt(5), dtype=torch.float64)),
-                             torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0))
+    at_root5 = kl_divergence(
+        Epanechnikov(torch.zeros((), dtype=torch.float64), torch.tensor(math.sqrt(5), dtype=torch.float64)),
+        torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0),
+    )
     # KL(Epa(0, h) ‖ N(0,1)) = ½log 2π + h²/10 − log(4h/3) − 5/3 + 2 log 2, minimal at h = √5
     closed = 0.5 * math.log(2 * math.pi) + 0.5 - 0.5 * math.log(5) - 5 / 3 + math.log(3)
     assert float(at_root5) == pytest.approx(closed, abs=1e-9)
@@ -127,8 +128,10 @@ def test_epanechnikov_kl_minimum_and_mean_field_elbo_uses_it():
             pyro.sample("z", Epanechnikov(loc, scale).to_event(1))
 
     x = torch.tensor([0.0])
-    expected = -dist.Normal(0.0, 1.0).log_prob(x).sum() + kl_divergence(
-        Epanechnikov(loc, scale), torch.distributions.Normal(0.0, 1.0)).sum()
+    expected = (
+        -dist.Normal(0.0, 1.0).log_prob(x).sum()
+        + kl_divergence(Epanechnikov(loc, scale), torch.distributions.Normal(0.0, 1.0)).sum()
+    )
     for elbo in (TraceMeanField_ELBO(), AnalyticKLELBO()):
         assert elbo.loss(model, guide, x) == pytest.approx(float(expected), rel=1e-6)
 
@@ -163,7 +166,7 @@ def test_relaxed_counts_approach_the_poisson_pmf():
         torch.manual_seed(3)
         relaxed = RelaxedPoisson(torch.full((n,), rate), t).rsample()
         torch.manual_seed(3)
-        hard = RelaxedPoisson(torch.full((n,), rate), t).sample()   # the same arrivals, counted
+        hard = RelaxedPoisson(torch.full((n,), rate), t).sample()  # the same arrivals, counted
         mismatch.append(float((relaxed.round() != hard).float().mean()))
         if t == 0.01:
             emp = torch.bincount(relaxed.round().long(), minlength=40)[:40].double() / n
@@ -179,10 +182,10 @@ def test_relaxed_poisson_gradients_flow():
     rate = torch.tensor([0.5, 2.0, 8.0], requires_grad=True)
     torch.manual_seed(5)
     RelaxedPoisson(rate.expand(4000, 3), 0.1).rsample().mean(0).sum().backward()
-    assert torch.isfinite(rate.grad).all() and (rate.grad > 0).all()     # more rate, more counts
+    assert torch.isfinite(rate.grad).all() and (rate.grad > 0).all()  # more rate, more counts
     rate.grad = None
     z = RelaxedPoisson(rate.expand(4000, 3), 0.1, hard=True).rsample()
-    assert torch.equal(z, z.round())                                      # straight-through: integer forward
+    assert torch.equal(z, z.round())  # straight-through: integer forward
     z.mean(0).sum().backward()
     assert (rate.grad > 0).all()
 
@@ -242,12 +245,12 @@ def test_defensive_proposal_removes_the_bias_of_a_compact_guide():
     assert float(cov[0, 1].detach().abs()) < 1e-6 * float(cov[0, 0].detach())
     S = 20_000
     plain = log_likelihood_summary(m.model, m.guide, x, S, defensive=False)
-    safe = log_likelihood_summary(m.model, m.guide, x, S)          # "auto" detects the compact support
+    safe = log_likelihood_summary(m.model, m.guide, x, S)  # "auto" detects the compact support
     assert plain["defensive_sites"] == [] and safe["defensive_sites"] == ["z"]
     tol_plain = 5 * math.hypot(plain["mc_std_error"], 1e-3)
     assert abs(plain["log_likelihood"] - (exact + log_mass)) < tol_plain
     assert abs(safe["log_likelihood"] - exact) < 5 * safe["mc_std_error"]
-    assert exact - plain["log_likelihood"] > 50 * plain["mc_std_error"]     # plain IS is far off
+    assert exact - plain["log_likelihood"] > 50 * plain["mc_std_error"]  # plain IS is far off
 
 
 def test_defensive_leaves_gaussian_guides_alone_and_true_forces_it():
@@ -273,7 +276,7 @@ def test_defensive_mixture_is_a_density():
     big = DefensiveMixture(Epanechnikov(torch.zeros(3), torch.ones(3)).to_event(1), 0.2).expand((5000,))
     z = big.sample()
     assert z.shape == (5000, 3) and big.log_prob(z).shape == (5000,)
-    outside = (z.abs() > 1).any(-1).float().mean()          # only the Gaussian component leaves [−1, 1]
+    outside = (z.abs() > 1).any(-1).float().mean()  # only the Gaussian component leaves [−1, 1]
     assert 0.0 < float(outside) < 0.2
     with pytest.raises(ValueError, match="weight"):
         DefensiveMixture(q, 1.5)
@@ -290,7 +293,7 @@ def tiny_images(n=64, seed=0):
 def test_kernel_bound_value_is_the_papers_eq_10():
     cfg = ModelConfig(name="vae_epanechnikov", arch="mlp", hidden=[16], latent_dim=3, likelihood="bernoulli")
     m = build_model(cfg, (1, 8, 8), num_data=200)
-    for p in m.decoder.parameters():   # a decoder that ignores z makes the reconstruction term deterministic
+    for p in m.decoder.parameters():  # a decoder that ignores z makes the reconstruction term deterministic
         torch.nn.init.zeros_(p)
     x = tiny_images(10).train_x
     B, M = 0.1, 10
@@ -301,24 +304,42 @@ def test_kernel_bound_value_is_the_papers_eq_10():
     expected = 200 / 10 * float((-recon + 3 * B / (5 * M) * r.reciprocal().sum(-1)).sum().detach())
     assert elbo.loss(m.model, m.guide, x) == pytest.approx(expected, rel=1e-6)
 
-    exact = build_model(ModelConfig(name="vae_epanechnikov", arch="mlp", hidden=[16], latent_dim=3,
-                                    likelihood="bernoulli", options={"objective": "exact"}), (1, 8, 8), 200)
+    exact = build_model(
+        ModelConfig(
+            name="vae_epanechnikov",
+            arch="mlp",
+            hidden=[16],
+            latent_dim=3,
+            likelihood="bernoulli",
+            options={"objective": "exact"},
+        ),
+        (1, 8, 8),
+        200,
+    )
     assert isinstance(plan_for(exact).objective(TrainConfig()), AnalyticKLELBO)
     with pytest.raises(ConfigError, match="model.options.objective"):
-        build_model(ModelConfig(name="vae_epanechnikov", arch="mlp", latent_dim=3, likelihood="bernoulli",
-                                options={"objective": "kde"}), (1, 8, 8))
+        build_model(
+            ModelConfig(
+                name="vae_epanechnikov", arch="mlp", latent_dim=3, likelihood="bernoulli", options={"objective": "kde"}
+            ),
+            (1, 8, 8),
+        )
 
     def gauss_guide(x):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 3), 1.0).to_event(1))
+
     with pytest.raises(ConfigError, match="Epanechnikov guide sites only; site 'z' is Normal"):
         elbo.loss(m.model, gauss_guide, x)
 
 
 def test_epanechnikov_vae_trains_and_sharpens_its_kernels():
     data = tiny_images()
-    m = build_model(ModelConfig(name="vae_epanechnikov", arch="mlp", hidden=[32], latent_dim=4,
-                                likelihood="bernoulli"), data.shape, num_data=64)
+    m = build_model(
+        ModelConfig(name="vae_epanechnikov", arch="mlp", hidden=[32], latent_dim=4, likelihood="bernoulli"),
+        data.shape,
+        num_data=64,
+    )
     r0 = float(m.encode(data.train_x)[1].mean())
     res = train(m, data, TrainConfig(epochs=15, batch_size=16, lr=3e-3), progress=False)
     assert res.history[-1]["train_elbo"] > res.history[0]["train_elbo"]
@@ -328,15 +349,18 @@ def test_epanechnikov_vae_trains_and_sharpens_its_kernels():
 
 def test_poisson_plan_anneals_the_temperature_over_the_first_half():
     data = tiny_images()
-    m = build_model(ModelConfig(name="vae_poisson", arch="mlp", hidden=[16], latent_dim=4, likelihood="bernoulli"),
-                    data.shape, num_data=64)
+    m = build_model(
+        ModelConfig(name="vae_poisson", arch="mlp", hidden=[16], latent_dim=4, likelihood="bernoulli"),
+        data.shape,
+        num_data=64,
+    )
     assert isinstance(m, VAEPoisson)
     res = train(m, data, TrainConfig(epochs=6, batch_size=16), progress=False)
     temps = [r["temperature"] for r in res.history]
     assert temps == pytest.approx([1.0, 1 - 0.95 / 3, 1 - 2 * 0.95 / 3, 0.05, 0.05, 0.05])
     m.eval()
     z = pyro.poutine.trace(m.guide).get_trace(data.test_x).nodes["z"]["value"]
-    assert torch.equal(z, z.round())                                       # hard counts at evaluation
+    assert torch.equal(z, z.round())  # hard counts at evaluation
     with pytest.raises(ConfigError, match="train.objective must be 'auto' or 'meanfield'"):
         plan_for(m).objective(TrainConfig(objective="elbo"))
 
@@ -362,9 +386,9 @@ def test_poisson_vae_log_likelihood_equals_the_summed_marginal():
     k = torch.arange(60, dtype=torch.float64)
     lp = dist.Poisson(torch.tensor(2.5, dtype=torch.float64)).log_prob(k)
     mean = k[:, None] * dec.linear.weight.detach().double()[:, 0] + dec.linear.bias.detach().double()
-    lik = dist.Normal(mean[:, None, :], 0.5).log_prob(x[None]).sum(-1)          # (K, N)
+    lik = dist.Normal(mean[:, None, :], 0.5).log_prob(x[None]).sum(-1)  # (K, N)
     exact = torch.logsumexp(lp[:, None] + lik, 0)
-    m.train()   # log_likelihood switches to eval() (hard counts) and back
+    m.train()  # log_likelihood switches to eval() (hard counts) and back
     s = log_likelihood_summary(m.model, m.guide, x, 20_000)
     assert m.training
     est = log_likelihood(m.model, m.guide, x, 20_000)
@@ -374,11 +398,12 @@ def test_poisson_vae_log_likelihood_equals_the_summed_marginal():
 
 def test_sharpness_is_the_variance_of_the_laplacian():
     from ppl_vae.evaluate import sharpness
+
     assert sharpness(torch.full((3, 1, 8, 8), 0.4)) == 0.0
     # a ±1 checkerboard: the Laplacian is −8·c at every interior pixel, 18 of each sign on the 6×6 interior
     i = torch.arange(8)
     board = ((i[:, None] + i[None, :]) % 2 * 2 - 1).float().view(1, 1, 8, 8)
     assert sharpness(board) == pytest.approx(64 * 36 / 35)
-    assert sharpness(board.expand(2, 3, 8, 8)) == pytest.approx(64 * 36 / 35)      # channels are averaged
+    assert sharpness(board.expand(2, 3, 8, 8)) == pytest.approx(64 * 36 / 35)  # channels are averaged
     with pytest.raises(ValueError, match="H, W >= 3"):
         sharpness(torch.zeros(2, 1, 2, 8))

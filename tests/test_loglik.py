@@ -21,17 +21,17 @@ from pyro.nn import pyro_method
 from torch import nn
 
 import ppl_vae.evaluate.likelihood as likelihood_mod
-from ppl_vae.evaluate import bits_per_dim, log_likelihood, log_likelihood_summary, mc_std_error
 from ppl_vae.config import ModelConfig
+from ppl_vae.distributions.likelihoods import BernoulliLikelihood
+from ppl_vae.evaluate import bits_per_dim, log_likelihood, log_likelihood_summary, mc_std_error
 from ppl_vae.evaluate.likelihood import DEFAULT_MAX_BYTES, bytes_per_sample, eval_mode, plan_chunks
-from ppl_vae.infer.importance import IWAEError, LogWeights, fork_rng, guess_max_plate_nesting, importance_log_weights
+from ppl_vae.infer.importance import LogWeights, fork_rng, guess_max_plate_nesting, importance_log_weights
+from ppl_vae.infer.trace_checks import IWAEError
 from ppl_vae.models import build_model
-from ppl_vae.likelihoods import BernoulliLikelihood
 from ppl_vae.models.linear_gaussian import LinearGaussianVAE
 from ppl_vae.models.vae2 import VAE2
 
 D, d = 5, 2
-
 
 
 def make_lg(shift=0.0, scale=1.0, num_data=None, n=6, double=True, seed=0, cls=LinearGaussianVAE):
@@ -47,12 +47,14 @@ def make_lg(shift=0.0, scale=1.0, num_data=None, n=6, double=True, seed=0, cls=L
 # exactness and bookkeeping
 # ---------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("batch_size, chunk_size", [(None, None), (3, 4), (7, 10), (1, 1), (2, 9), (100, 3)])
 @pytest.mark.parametrize("vectorize", [True, False])
 def test_exact_guide_gives_log_marginal_for_any_batching(batch_size, chunk_size, vectorize):
     m, x = make_lg(num_data=1000, n=7)
-    lp = log_likelihood(m.model, m.guide, x, num_samples=10, batch_size=batch_size, chunk_size=chunk_size,
-                        vectorize_particles=vectorize)
+    lp = log_likelihood(
+        m.model, m.guide, x, num_samples=10, batch_size=batch_size, chunk_size=chunk_size, vectorize_particles=vectorize
+    )
     assert lp.shape == (7,) and not lp.requires_grad
     torch.testing.assert_close(lp, m.log_marginal(x).detach(), rtol=1e-10, atol=1e-10)  # float64 rounding
 
@@ -73,13 +75,14 @@ def test_running_logsumexp_bookkeeping(monkeypatch):
         return LogWeights(log_w=f(k, xb), scale=1.0, num_data=N)
 
     monkeypatch.setattr(likelihood_mod, "importance_log_weights", fake)
-    all_w = f(torch.arange(S, dtype=torch.float64), data)                       # (S, N)
+    all_w = f(torch.arange(S, dtype=torch.float64), data)  # (S, N)
     expected = torch.logsumexp(all_w, 0) - math.log(S)
     expected_ess = torch.exp(2 * torch.logsumexp(all_w, 0) - torch.logsumexp(2 * all_w, 0))
     for bs, cs in [(None, None), (3, 4), (2, 11), (7, 1), (5, 6)]:
         offsets.clear()
-        lp, ess = log_likelihood(None, None, data, num_samples=S, batch_size=bs, chunk_size=cs,
-                                 vectorize_particles=False, return_ess=True)
+        lp, ess = log_likelihood(
+            None, None, data, num_samples=S, batch_size=bs, chunk_size=cs, vectorize_particles=False, return_ess=True
+        )
         torch.testing.assert_close(lp, expected, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(ess, expected_ess, rtol=1e-12, atol=1e-12)
         assert all(v == S for v in offsets.values())  # every datapoint got exactly S samples
@@ -89,7 +92,7 @@ def test_plan_chunks_rule():
     # E = max_bytes // bytes_per_sample datapoint-samples at once
     assert plan_chunks(1000, 5000, max_bytes=100_000 * 40, bytes_per_sample=40) == (20, 5000)
     assert plan_chunks(1000, 5000, max_bytes=2**20, bytes_per_sample=1000) == (1, 1048)
-    assert plan_chunks(3, 10, max_bytes=2**20, bytes_per_sample=1000) == (3, 10)         # all at once
+    assert plan_chunks(3, 10, max_bytes=2**20, bytes_per_sample=1000) == (3, 10)  # all at once
     assert plan_chunks(1000, 5000, batch_size=100, max_bytes=10**6, bytes_per_sample=10) == (100, 1000)
     assert plan_chunks(1000, 5000, chunk_size=500, max_bytes=10**6, bytes_per_sample=10) == (200, 500)
     assert plan_chunks(1000, 5000, batch_size=7, chunk_size=3) == (7, 3)
@@ -110,7 +113,7 @@ def test_plan_chunks_rule():
 def test_default_chunking_is_within_the_byte_budget(N, S, b):
     bs, cs = plan_chunks(N, S, bytes_per_sample=b)
     assert 1 <= bs <= N and 1 <= cs <= S
-    assert bs * cs * b <= DEFAULT_MAX_BYTES or bs * cs == 1     # one datapoint-sample is the least there is
+    assert bs * cs * b <= DEFAULT_MAX_BYTES or bs * cs == 1  # one datapoint-sample is the least there is
     # ... and uses most of it when the data allow (no needless tiny chunks)
     E = DEFAULT_MAX_BYTES // b
     assert bs * cs >= min(N * S, E // 2, S)
@@ -125,7 +128,7 @@ def test_bytes_per_sample_estimate():
 
 def test_max_elements_is_a_deprecated_alias_with_the_old_rule():
     with pytest.warns(DeprecationWarning, match="max_bytes"):
-        assert plan_chunks(1000, 5000, max_elements=100_000) == (20, 5000)   # the old default rule
+        assert plan_chunks(1000, 5000, max_elements=100_000) == (20, 5000)  # the old default rule
     with pytest.warns(DeprecationWarning):
         assert plan_chunks(1000, 5000, batch_size=100, max_elements=100_000) == (100, 1000)
     with pytest.warns(DeprecationWarning), pytest.raises(IWAEError):
@@ -134,9 +137,9 @@ def test_max_elements_is_a_deprecated_alias_with_the_old_rule():
     with pytest.warns(DeprecationWarning):
         a = log_likelihood(m.model, m.guide, x, num_samples=50, max_elements=40, seed=2)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")                                       # the new path does not warn
+        warnings.simplefilter("error")  # the new path does not warn
         b = log_likelihood(m.model, m.guide, x, num_samples=50, batch_size=1, chunk_size=40, seed=2)
-    assert torch.equal(a, b)                                                 # plan (1, 40): the same draws
+    assert torch.equal(a, b)  # plan (1, 40): the same draws
 
 
 def _spy_chunks(monkeypatch):
@@ -167,7 +170,7 @@ def test_log_likelihood_default_chunks_stay_within_the_budget(monkeypatch):
         lp = log_likelihood(vae.model, vae.guide, x, num_samples=S, **kw)
         assert lp.shape == (30,) and torch.isfinite(lp).all()
         assert max(k * b for k, b in calls) * per_sample <= max_bytes
-        assert sum(k * b for k, b in calls) == 30 * S                        # every datapoint got S samples
+        assert sum(k * b for k, b in calls) == 30 * S  # every datapoint got S samples
         monkeypatch.undo()
 
 
@@ -209,14 +212,15 @@ def test_log_likelihood_measured_peak_memory_is_within_the_budget():
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     repo = Path(__file__).resolve().parents[1]
-    run = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], cwd=repo, env=env, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT], cwd=repo, env=env, capture_output=True, text=True, timeout=300
+    )
     if run.returncode != 0 and "clear_refs" in run.stderr:
         pytest.skip("cannot reset the peak RSS here")
     assert run.returncode == 0, run.stderr[-2000:]
     peak = json.loads(run.stdout.strip().splitlines()[-1])
     assert peak["default"] <= DEFAULT_MAX_BYTES, peak
-    assert peak["old_rule"] > 4 * DEFAULT_MAX_BYTES, peak                  # the measurement does see the chunks
+    assert peak["old_rule"] > 4 * DEFAULT_MAX_BYTES, peak  # the measurement does see the chunks
 
 
 @torch.no_grad()
@@ -228,7 +232,7 @@ def _reference_log_likelihood(model, guide, data, S, batch_size, chunk_size, see
         nesting = guess_max_plate_nesting(model, guide, (data[:batch_size],)) if chunk_size > 1 else None
         torch.manual_seed(seed)
         for start in range(0, N, batch_size):
-            xb = data[start:start + batch_size]
+            xb = data[start : start + batch_size]
             acc, done = None, 0
             while done < S:
                 c = min(chunk_size, S - done)
@@ -247,8 +251,9 @@ def test_same_numbers_as_before_for_fixed_seed_batch_and_chunk(batch_size, chunk
     xi = (torch.rand(10, 1, 28, 28, generator=torch.Generator().manual_seed(1)) < 0.3).float()
     for model, guide, data in [(m.model, m.guide, x), (vae.model, vae.guide, xi)]:
         for seed in (0, 3):
-            got = log_likelihood(model, guide, data, num_samples=300, batch_size=batch_size, chunk_size=chunk_size,
-                                 seed=seed)
+            got = log_likelihood(
+                model, guide, data, num_samples=300, batch_size=batch_size, chunk_size=chunk_size, seed=seed
+            )
             ref = _reference_log_likelihood(model, guide, data, 300, batch_size, chunk_size, seed)
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
@@ -269,7 +274,7 @@ def test_validation_runs_on_the_first_pass_of_each_shape(monkeypatch):
     # batches of 2, 2, 1 datapoints, chunks of 3, 3, 1 samples: four shapes, each validated once
     assert [v for _, v in seen] == [True, False, True, False, False, False, True, False, True]
     assert {shape for shape, v in seen if v} == {(3, 2), (1, 2), (3, 1), (1, 1)}
-    assert is_validation_enabled()                                          # the caller's setting is restored
+    assert is_validation_enabled()  # the caller's setting is restored
     seen.clear()
     with pyro.validation_enabled(False):
         b = log_likelihood(m.model, m.guide, x, num_samples=7, batch_size=2, chunk_size=3)
@@ -281,7 +286,7 @@ def test_progress_bar_counts_samples_and_does_not_change_the_numbers(capsys):
     m, x = make_lg(shift=0.7, scale=1.3, n=5)
     a = log_likelihood(m.model, m.guide, x, num_samples=40, batch_size=2, chunk_size=15, progress=True)
     err = capsys.readouterr().err
-    assert "log-likelihood" in err and "200/200" in err                     # N·S datapoint-samples
+    assert "log-likelihood" in err and "200/200" in err  # N·S datapoint-samples
     b = log_likelihood(m.model, m.guide, x, num_samples=40, batch_size=2, chunk_size=15)
     assert torch.equal(a, b)
 
@@ -297,6 +302,7 @@ def test_result_does_not_depend_on_num_data():
 
 def test_conditional_model_gets_its_labels_per_batch():
     """x | z, y ~ N(z + y, 1), z ~ N(0, 1): log p(x|y) = log N(x; y, 2); the guide is the exact posterior."""
+
     def model(x, y):
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(torch.zeros_like(x), 1.0))
@@ -330,6 +336,7 @@ def test_global_observed_sites_are_left_out_with_a_warning():
 # a poor guide: convergence within the Monte Carlo error
 # ---------------------------------------------------------------------------------------------------------
 
+
 def test_poor_guide_converges_to_log_marginal_within_mc_error():
     # N(μ + 0.7, 1.3² Σ): wider than the posterior, so w = p/q is bounded and the delta method applies
     m, x = make_lg(shift=0.7, scale=1.3)
@@ -349,12 +356,13 @@ def test_determinism_and_rng_isolation():
     a = log_likelihood(m.model, m.guide, x, num_samples=300, seed=5, batch_size=4, chunk_size=64)
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
     b = log_likelihood(m.model, m.guide, x, num_samples=300, seed=5, batch_size=4, chunk_size=64)
-    assert torch.equal(a, b)                           # same seed and chunking: bit-identical
+    assert torch.equal(a, b)  # same seed and chunking: bit-identical
     c = log_likelihood(m.model, m.guide, x, num_samples=300, seed=6, batch_size=4, chunk_size=64)
     assert not torch.equal(a, c)
     # Another chunking draws other samples: not bit-identical, but the same estimate within MC error
-    a2, ess_a = log_likelihood(m.model, m.guide, x, num_samples=300, seed=5, batch_size=4, chunk_size=64,
-                               return_ess=True)
+    a2, ess_a = log_likelihood(
+        m.model, m.guide, x, num_samples=300, seed=5, batch_size=4, chunk_size=64, return_ess=True
+    )
     e, ess_e = log_likelihood(m.model, m.guide, x, num_samples=300, seed=5, chunk_size=300, return_ess=True)
     tol = 5 * torch.sqrt(mc_std_error(ess_a, 300) ** 2 + mc_std_error(ess_e, 300) ** 2)
     assert ((a2 - e).abs() < tol).all()
@@ -400,13 +408,11 @@ def test_bits_per_dim_formula():
 
 def test_two_layer_vae_log_likelihood_runs_vectorised_and_looped():
     torch.manual_seed(0)
-    vae = VAE2((8, 8), BernoulliLikelihood(), latent_dim1=6, latent_dim=3, hidden1=(16,), hidden2=(8,),
-                      num_data=100)
+    vae = VAE2((8, 8), BernoulliLikelihood(), latent_dim1=6, latent_dim=3, hidden1=(16,), hidden2=(8,), num_data=100)
     x = (torch.rand(5, 8, 8) < 0.3).float()
     S = 64
     a, ess_a = log_likelihood(vae.model, vae.guide, x, num_samples=S, chunk_size=16, return_ess=True)
-    b, ess_b = log_likelihood(vae.model, vae.guide, x, num_samples=S, vectorize_particles=False,
-                              return_ess=True)
+    b, ess_b = log_likelihood(vae.model, vae.guide, x, num_samples=S, vectorize_particles=False, return_ess=True)
     for lp in (a, b):
         assert lp.shape == (5,) and torch.isfinite(lp).all() and (lp < 0).all()
     # both ways of drawing the particles estimate the same quantity: agreement within 5 MC standard errors

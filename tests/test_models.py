@@ -10,10 +10,15 @@ from pyro import poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 
 from ppl_vae.config import ModelConfig
+from ppl_vae.distributions.likelihoods import (
+    BernoulliLikelihood,
+    GaussianLikelihood,
+    LaplaceLikelihood,
+    build_likelihood,
+)
 from ppl_vae.errors import ConfigError
-from ppl_vae.likelihoods import BernoulliLikelihood, GaussianLikelihood, LaplaceLikelihood, build_likelihood
-from ppl_vae.models import LinearGaussianVAE, VAE2, build_model
-from ppl_vae.nets import build_encoder_decoder
+from ppl_vae.models import VAE2, LinearGaussianVAE, build_model
+from ppl_vae.nn.networks import build_encoder_decoder
 
 
 def lg(num_data=None, **kw):
@@ -40,8 +45,9 @@ def test_exact_guide_makes_elbo_equal_log_evidence(num_data):
     scale = (num_data or 10) / 10
     expected = scale * m.log_marginal(x).sum()
     for elbo in (Trace_ELBO(), TraceMeanField_ELBO(), Trace_ELBO(num_particles=7, vectorize_particles=True)):
-        torch.testing.assert_close(torch.tensor(-elbo.loss(m.model, m.guide, x)), expected.detach(), rtol=1e-5,
-                                   atol=1e-3)
+        torch.testing.assert_close(
+            torch.tensor(-elbo.loss(m.model, m.guide, x)), expected.detach(), rtol=1e-5, atol=1e-3
+        )
 
 
 def test_plate_scaling_is_unbiased_for_the_full_data_elbo():
@@ -49,7 +55,7 @@ def test_plate_scaling_is_unbiased_for_the_full_data_elbo():
     m = lg(num_data=40, guide_type="exact", guide_shift=0.5, guide_scale=1.3)
     x = m.simulate(40, torch.Generator().manual_seed(3))
     full = m.exact_elbo(x).sum()
-    minibatch = torch.stack([m.exact_elbo(x[i:i + 8]).sum() * 40 / 8 for i in range(0, 40, 8)]).mean()
+    minibatch = torch.stack([m.exact_elbo(x[i : i + 8]).sum() * 40 / 8 for i in range(0, 40, 8)]).mean()
     torch.testing.assert_close(minibatch, full)
     # and the Pyro trace applies exactly that scale to every site in the data plate
     tr = poutine.trace(m.model).get_trace(x[:8])
@@ -66,22 +72,35 @@ def test_monte_carlo_elbo_matches_closed_form_for_a_poor_guide():
     with torch.no_grad():
         q = m.guide_dist(x)
         z = q.sample((200,))
-        logw = (dist.Normal(0, 1).log_prob(z).sum(-1) + dist.Normal(z @ m.W.T + m.b, m.sigma).log_prob(x).sum(-1)
-                - q.log_prob(z)).sum(-1)
+        logw = (
+            dist.Normal(0, 1).log_prob(z).sum(-1)
+            + dist.Normal(z @ m.W.T + m.b, m.sigma).log_prob(x).sum(-1)
+            - q.log_prob(z)
+        ).sum(-1)
     tol = 5 * logw.std().item() / math.sqrt(S)
     assert abs(est - exact) < tol
     assert exact < m.log_marginal(x).sum().item()
 
 
-CONFIGS = [("vae", "mlp", (1, 8, 8)), ("vae", "conv", (1, 28, 28)), ("cvae", "mlp", (1, 8, 8)),
-           ("cvae", "conv", (3, 16, 16)), ("vae2", "burda2", (1, 8, 8)), ("vae", "burda1", (1, 8, 8))]
+CONFIGS = [
+    ("vae", "mlp", (1, 8, 8)),
+    ("vae", "conv", (1, 28, 28)),
+    ("cvae", "mlp", (1, 8, 8)),
+    ("cvae", "conv", (3, 16, 16)),
+    ("vae2", "burda2", (1, 8, 8)),
+    ("vae", "burda1", (1, 8, 8)),
+]
 
 
 @pytest.mark.parametrize("name,arch,shape", CONFIGS)
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "laplace"])
 def test_models_work_with_plain_svi_and_predictive(name, arch, shape, likelihood):
-    m = build_model(ModelConfig(name=name, arch=arch, likelihood=likelihood, latent_dim=4, hidden=[32, 32]), shape,
-                    num_data=100, num_classes=10)
+    m = build_model(
+        ModelConfig(name=name, arch=arch, likelihood=likelihood, latent_dim=4, hidden=[32, 32]),
+        shape,
+        num_data=100,
+        num_classes=10,
+    )
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, *shape, generator=g).bernoulli(generator=g)
     y = torch.randint(0, 10, (6,), generator=g)

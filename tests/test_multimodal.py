@@ -15,14 +15,20 @@ from torch import nn
 from ppl_vae import evaluate_run, load_config, run_experiment
 from ppl_vae.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from ppl_vae.data import DataBundle, load_data
+from ppl_vae.data.multimodal import Layout, make_multimodal
+from ppl_vae.distributions.experts import (
+    ExpertMixture,
+    ExpertPrior,
+    nonempty_subsets,
+    product_of_experts,
+    random_subsets,
+)
+from ppl_vae.distributions.likelihoods import GaussianLikelihood
 from ppl_vae.errors import DataError
 from ppl_vae.evaluate import coherence, conditional_log_likelihood, imputation_error, latent_probe
-from ppl_vae.experts import ExpertMixture, ExpertPrior, nonempty_subsets, product_of_experts, random_subsets
-from ppl_vae.infer.plan import plan_for
 from ppl_vae.infer.stratified import StratifiedIWAE
-from ppl_vae.likelihoods import GaussianLikelihood
 from ppl_vae.models import MMVAE, MVAE, build_model
-from ppl_vae.multimodal import Layout, make_multimodal
+from ppl_vae.training.plan import plan_for
 
 MULTI = ["mvae", "mmvae", "mopoe", "sumpool", "mmvm"]
 SHARED = ["mvae", "mmvae", "mopoe", "sumpool"]
@@ -35,11 +41,13 @@ def digits():
 
 def _model(name, data, **opts):
     pyro.set_rng_seed(0)
-    return build_model(ModelConfig(name=name, latent_dim=3, hidden=[16], options=opts), data.shape,
-                       num_data=len(data.train_x))
+    return build_model(
+        ModelConfig(name=name, latent_dim=3, hidden=[16], options=opts), data.shape, num_data=len(data.train_x)
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ data
+
 
 def test_polyfashion_pairs_different_images_of_one_class_and_is_reproducible(digits):
     d = make_multimodal(digits, "poly", num_modalities=3, seed=3)
@@ -92,10 +100,13 @@ def test_image_label_layout_and_bad_arguments(digits):
 
 # ------------------------------------------------------------------------------------------- experts
 
+
 def test_product_of_experts_equals_the_normalised_product_by_quadrature():
     g = torch.Generator().manual_seed(0)
-    locs, scales = torch.randn(1, 3, 2, generator=g, dtype=torch.float64), \
-        0.5 + torch.rand(1, 3, 2, generator=g, dtype=torch.float64)
+    locs, scales = (
+        torch.randn(1, 3, 2, generator=g, dtype=torch.float64),
+        0.5 + torch.rand(1, 3, 2, generator=g, dtype=torch.float64),
+    )
     present = torch.tensor([[True, False, True]])
     loc, scale = product_of_experts(locs, scales, present, prior=True)
     grid = torch.linspace(-6, 6, 1201, dtype=torch.float64)
@@ -119,9 +130,9 @@ def test_identical_experts_reduce_to_one_expert():
     m = 3
     locs, scales = loc1.expand(4, m, 3), sc1.expand(4, m, 3)
     allm = torch.ones(4, m, dtype=torch.bool)
-    loc, scale = product_of_experts(locs, scales, allm, prior=False)       # Π of M copies: σ²/M
+    loc, scale = product_of_experts(locs, scales, allm, prior=False)  # Π of M copies: σ²/M
     assert torch.allclose(loc, loc1[:, 0]) and torch.allclose(scale, sc1[:, 0] / math.sqrt(m))
-    loc, scale = product_of_experts(locs, scales, allm, prior=True)        # with the prior: T = 1 + M/σ²
+    loc, scale = product_of_experts(locs, scales, allm, prior=True)  # with the prior: T = 1 + M/σ²
     t = 1 + m / sc1[:, 0] ** 2
     assert torch.allclose(scale, t.rsqrt()) and torch.allclose(loc, m / sc1[:, 0] ** 2 * loc1[:, 0] / t)
     mix = ExpertMixture(locs, scales, torch.full((4, m), 1 / m))
@@ -137,8 +148,9 @@ def test_mixture_components_and_masked_weights():
     torch.manual_seed(0)
     z = mix.rsample((4000,))
     assert torch.allclose(z.mean(0), locs[:, 2], atol=4 * scales[:, 2].max() / math.sqrt(4000))
-    manual = torch.logsumexp(torch.stack([dist.Normal(locs[:, c], scales[:, c]).log_prob(z[:3]).sum(-1)
-                                          + math.log(0.5) for c in (0, 2)]), 0)
+    manual = torch.logsumexp(
+        torch.stack([dist.Normal(locs[:, c], scales[:, c]).log_prob(z[:3]).sum(-1) + math.log(0.5) for c in (0, 2)]), 0
+    )
     assert torch.allclose(mix.log_prob(z[:3]), manual, atol=1e-5)
     mask = torch.rand(50, 3) < 0.6
     mask[~mask.any(1), 0] = True
@@ -147,6 +159,7 @@ def test_mixture_components_and_masked_weights():
 
 
 # ---------------------------------------------------------------------- linear-Gaussian multimodal model
+
 
 class _Linear(nn.Module):
     def __init__(self, a, c, s):
@@ -172,8 +185,8 @@ def _linear_mmvae(m=2, dx=3, dz=2, sigma2=0.5, exact=False, seed=0):
     q, _ = torch.linalg.qr(torch.randn(dx, dz, generator=g))
     w = q * torch.tensor([1.5, 0.7])
     b = 0.3 * torch.randn(dx, generator=g)
-    lam = torch.eye(dz) + m * w.T @ w / sigma2           # posterior precision given M identical copies (diagonal)
-    if exact:   # the exact posterior of X = (x, …, x) from one copy x
+    lam = torch.eye(dz) + m * w.T @ w / sigma2  # posterior precision given M identical copies (diagonal)
+    if exact:  # the exact posterior of X = (x, …, x) from one copy x
         a, c = torch.linalg.solve(lam, m * w.T / sigma2), -torch.linalg.solve(lam, m * w.T @ b / sigma2)
         s = torch.diagonal(torch.linalg.inv(lam)).sqrt()
     else:
@@ -190,34 +203,39 @@ def _linear_mmvae(m=2, dx=3, dz=2, sigma2=0.5, exact=False, seed=0):
 
 def test_stratified_bound_is_below_log_evidence_and_rises_with_k():
     model, evidence = _linear_mmvae(exact=False)
-    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))   # four distinct pairs (x_1, x_2)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))  # four distinct pairs (x_1, x_2)
     log_px = evidence.log_prob(x)
     for k, reps in ((1, 400), (16, 200)):
         obj = StratifiedIWAE(model.strata, num_particles=k, estimator="iwae")
         pyro.set_rng_seed(0)
-        vals = torch.stack([torch.stack([-torch.tensor(obj.loss(model.model, model.guide, x[i:i + 1]))
-                                         for i in range(4)]) for _ in range(reps)])
+        vals = torch.stack(
+            [
+                torch.stack([-torch.tensor(obj.loss(model.model, model.guide, x[i : i + 1])) for i in range(4)])
+                for _ in range(reps)
+            ]
+        )
         mean, se = vals.mean(0), vals.std(0) / math.sqrt(reps)
         assert (mean - 4 * se <= log_px).all(), (k, mean, log_px)
         if k == 1:
             first = mean
-    assert (mean > first).all()   # L_16 > L_1 on every datapoint (the gap is several nats here)
+    assert (mean > first).all()  # L_16 > L_1 on every datapoint (the gap is several nats here)
 
 
 def test_stratified_bound_reaches_log_evidence_with_exact_experts_and_dreg_gradient_vanishes():
     model, evidence = _linear_mmvae(exact=True)
     one = torch.randn(5, 3, generator=torch.Generator().manual_seed(2))
-    x = torch.cat([one, one], 1)                           # X = (x, x): every expert sees the whole evidence
+    x = torch.cat([one, one], 1)  # X = (x, x): every expert sees the whole evidence
     obj = StratifiedIWAE(model.strata, num_particles=3, estimator="dreg")
     pyro.set_rng_seed(0)
     loss = obj.differentiable_loss(model.model, model.guide, x)
     assert torch.allclose(-loss, evidence.log_prob(x).sum(), atol=1e-4)
     loss.backward()
-    for p in model.encoders.parameters():   # log w is constant in z: the DReG path gradient is exactly 0
+    for p in model.encoders.parameters():  # log w is constant in z: the DReG path gradient is exactly 0
         assert p.grad is None or p.grad.abs().max() < 1e-4
 
 
 # ----------------------------------------------------------------------------------------------- masking
+
 
 @pytest.mark.parametrize("name", SHARED)
 def test_masking_a_modality_removes_exactly_its_likelihood_and_the_guide_never_reads_it(name, digits):
@@ -260,8 +278,7 @@ def test_mmvm_masks_latent_and_likelihood_of_a_missing_modality_and_its_prior(di
     assert torch.allclose(prior.log_prob(z), manual, atol=1e-5)
     half = ExpertPrior(locs, scales, w, alpha=0.25, kind="mixture")
     mix = ExpertMixture(locs, scales, w).log_prob(z)
-    assert torch.allclose(half.log_prob(z), 0.25 * dist.Normal(0.0, 1.0).log_prob(z).sum(-1) + 0.75 * mix,
-                          atol=1e-5)
+    assert torch.allclose(half.log_prob(z), 0.25 * dist.Normal(0.0, 1.0).log_prob(z).sum(-1) + 0.75 * mix, atol=1e-5)
 
 
 def test_mmvm_anneals_alpha_from_one_to_zero(digits):
@@ -290,6 +307,7 @@ def test_mvae_subsets_are_all_singles_and_random():
 
 
 # -------------------------------------------------------------------------------------------- evaluation
+
 
 def test_coherence_is_one_for_identity_and_chance_for_a_constant_generator(digits):
     d = make_multimodal(digits, "image_label", seed=0)
@@ -327,9 +345,18 @@ def test_probe_and_imputation_run_on_a_model(digits):
 
 @pytest.mark.parametrize("name", ["mmvae", "mmvm"])
 def test_a_multimodal_run_trains_evaluates_and_draws_its_grid(name, tmp_path):
-    cfg = load_config(f"configs/multimodal_{name}_polyfashion.yaml",
-                      ["data.name=digits", "train.epochs=2", "model.hidden=[32]", "model.latent_dim=4",
-                       "data.missing_rate=0.2", "eval.num_samples=8", "eval.max_test=40"])
+    cfg = load_config(
+        f"configs/multimodal_{name}_polyfashion.yaml",
+        [
+            "data.name=digits",
+            "train.epochs=2",
+            "model.hidden=[32]",
+            "model.latent_dim=4",
+            "data.missing_rate=0.2",
+            "eval.num_samples=8",
+            "eval.max_test=40",
+        ],
+    )
     run = run_experiment(cfg, tmp_path / name, progress=False)
     assert (tmp_path / name / "cross_generation.png").stat().st_size > 1000
     out = evaluate_run(run)
@@ -341,7 +368,7 @@ def test_a_multimodal_run_trains_evaluates_and_draws_its_grid(name, tmp_path):
 def test_conditional_log_likelihood_matches_the_exact_gaussian_conditional():
     model, evidence = _linear_mmvae(exact=True)
     one = torch.randn(3, 3, generator=torch.Generator().manual_seed(5))
-    x = torch.cat([one, one], 1)     # the pair's proposal is then exact; x_1's alone is q(z | x_1, x_1)
+    x = torch.cat([one, one], 1)  # the pair's proposal is then exact; x_1's alone is q(z | x_1, x_1)
     mean, cov = evidence.loc, evidence.covariance_matrix
     # exact log p(x_2 | x_1) = log p(x_1, x_2) − log p(x_1) with p(x_1) the first block's marginal
     p1 = dist.MultivariateNormal(mean[:3], cov[:3, :3])
@@ -373,7 +400,7 @@ def test_a_checkpoint_older_than_the_multimodal_fields_compares_them_at_their_de
     old = Config().to_dict()
     for k in ("multimodal", "num_modalities", "missing_rate"):
         del old["data"][k]
-    check_same_config({"config": old}, Config(), "old")            # the same run: fields at their defaults
+    check_same_config({"config": old}, Config(), "old")  # the same run: fields at their defaults
     now = load_config(None, ["data.multimodal=poly"])
     with pytest.raises(CheckpointError, match=r"data.multimodal: None in the checkpoint, 'poly' now"):
         check_same_config({"config": old}, now, "old")

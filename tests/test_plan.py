@@ -19,8 +19,9 @@ from pyro.infer import Trace_ELBO
 import ppl_vae
 from ppl_vae import Stage, TrainConfig, TrainingPlan, plan_for, train, training_plan
 from ppl_vae.data import DataBundle
-from ppl_vae.infer import TraceIWAE, evaluate_elbo
+from ppl_vae.infer import TraceIWAE
 from ppl_vae.models import LinearGaussianVAE
+from ppl_vae.training import evaluate_elbo
 
 REPO = Path(__file__).resolve().parents[1]
 D, d, N, B = 5, 2, 60, 20
@@ -66,17 +67,25 @@ def test_reported_elbos_are_per_datapoint_for_every_plate_convention(convention,
     exact, data = _exact_setup()
     user = UserPPCA(convention, exact)
     cfg = TrainConfig(epochs=1, batch_size=B, lr=1e-9, eval_batch_size=7, objective=objective, num_particles=3)
-    res = train((user.model, user.guide), data, cfg, progress=False,
-                plan=None if convention != "renamed" else RenamedPlan((user.model, user.guide)))
+    res = train(
+        (user.model, user.guide),
+        data,
+        cfg,
+        progress=False,
+        plan=None if convention != "renamed" else RenamedPlan((user.model, user.guide)),
+    )
     with torch.no_grad():
         want_train = float(exact.log_marginal(data.train_x).mean())
         want_val = float(exact.log_marginal(data.val_x).mean())
     rec = res.history[0]
     # exact guide: each ELBO / IWAE bound is log p(x) for every draw, so the reports are exact (float32 error)
     assert rec["train_elbo"] == pytest.approx(want_train, abs=1e-3)
-    assert rec["val_elbo"] == pytest.approx(want_val, abs=1e-3)         # batches of 7, the last one of 2
-    expected = {"subsampled": f"subsampled to N = {N}", "minibatch": "over the minibatch only",
-                "renamed": "over the minibatch only"}[convention]
+    assert rec["val_elbo"] == pytest.approx(want_val, abs=1e-3)  # batches of 7, the last one of 2
+    expected = {
+        "subsampled": f"subsampled to N = {N}",
+        "minibatch": "over the minibatch only",
+        "renamed": "over the minibatch only",
+    }[convention]
     assert res.data_plate["convention"] == expected
     assert res.data_plate["name"] == ("batch" if convention == "renamed" else "data")
 
@@ -97,12 +106,14 @@ def test_the_old_factor_b_over_n_error_is_gone_for_a_minibatch_plate():
     for convention in ("subsampled", "minibatch"):
         user = UserPPCA(convention, exact)
         pyro.clear_param_store()
-        reports[convention] = train((user.model, user.guide), data, TrainConfig(epochs=1, batch_size=B, lr=1e-9),
-                                    progress=False).history[0]["train_elbo"]
+        reports[convention] = train(
+            (user.model, user.guide), data, TrainConfig(epochs=1, batch_size=B, lr=1e-9), progress=False
+        ).history[0]["train_elbo"]
     assert reports["minibatch"] == pytest.approx(reports["subsampled"], abs=1e-3)
     with torch.no_grad():
         assert evaluate_elbo(*_pair("minibatch", exact), data, Trace_ELBO(), "val", 9, "cpu") == pytest.approx(
-            float(exact.log_marginal(data.val_x).mean()), abs=1e-3)
+            float(exact.log_marginal(data.val_x).mean()), abs=1e-3
+        )
 
 
 def _pair(convention, exact):
@@ -131,8 +142,10 @@ class Tracked(torch.nn.Module):
 @training_plan(Tracked)
 class TrackedPlan(TrainingPlan):
     def stages(self, train):
-        return [Stage("warm", train), Stage("main", TrainConfig(**{**train.__dict__, "epochs": 3}),
-                                           first_scored_epoch=2)]
+        return [
+            Stage("warm", train),
+            Stage("main", TrainConfig(**{**train.__dict__, "epochs": 3}), first_scored_epoch=2),
+        ]
 
     def begin_stage(self, stage):
         self.model.calls.append(("begin", stage.name))
@@ -149,12 +162,19 @@ def test_a_registered_plan_is_found_by_class_and_runs_its_stages(tmp_path):
     m = Tracked()
     assert isinstance(plan_for(m), TrackedPlan) and type(plan_for(torch.nn.Linear(1, 1))) is TrainingPlan
     res = train(m, data, TrainConfig(epochs=2, batch_size=20, lr=0.1), run_dir=tmp_path, progress=False)
-    assert m.calls == [("begin", "warm"), ("epoch", 0), ("epoch", 1), ("begin", "main"), ("epoch", 0),
-                       ("epoch", 1), ("epoch", 2)]
+    assert m.calls == [
+        ("begin", "warm"),
+        ("epoch", 0),
+        ("epoch", 1),
+        ("begin", "main"),
+        ("epoch", 0),
+        ("epoch", 1),
+        ("epoch", 2),
+    ]
     assert [h["stage"] for h in res.history] == [1, 1, 2, 2, 2]
     assert [h["epoch"] for h in res.history] == [1, 2, 3, 4, 5]
     assert [h["stage_buffer"] for h in res.history] == [1, 1, 2, 2, 2]
-    assert res.best_epoch >= 4                                    # stage "main" scores from its 2nd epoch
+    assert res.best_epoch >= 4  # stage "main" scores from its 2nd epoch
     assert (tmp_path / "warm" / "checkpoint.pt").is_file() and (tmp_path / "best.pt").is_file()
     assert set(res.stages) == {"warm", "main"}
 
@@ -174,7 +194,7 @@ def test_a_killed_multi_stage_run_resumes_in_the_stage_it_was_in(tmp_path):
 
     def dies(epoch, record, data):
         original(epoch, record, data)
-        if len(m.calls) == 6:            # the second epoch of stage "main", before its checkpoint
+        if len(m.calls) == 6:  # the second epoch of stage "main", before its checkpoint
             raise Killed
 
     plan.on_epoch_end = dies
@@ -182,7 +202,7 @@ def test_a_killed_multi_stage_run_resumes_in_the_stage_it_was_in(tmp_path):
         train(m, data, cfg, plan=plan, run_dir=tmp_path / "killed", progress=False)
     fresh = Tracked()
     resumed = train(fresh, data, cfg, run_dir=tmp_path / "killed", resume=True, progress=False)
-    assert ("begin", "main") not in fresh.calls                   # the stage had begun: not begun again
+    assert ("begin", "main") not in fresh.calls  # the stage had begun: not begun again
     assert [h["train_elbo"] for h in resumed.history] == [h["train_elbo"] for h in whole.history]
     assert resumed.best_epoch == whole.best_epoch
 
@@ -192,34 +212,40 @@ def _source(path):
 
 
 def test_no_probing_of_models_in_the_training_path():
-    for path in [REPO / "ppl_vae" / "experiment.py", *sorted((REPO / "ppl_vae" / "infer").glob("*.py"))]:
+    training = [REPO / "ppl_vae" / "training" / f for f in ("loop.py", "stages.py", "plan.py", "probe.py")]
+    for path in [REPO / "ppl_vae" / "experiment.py", *training, *sorted((REPO / "ppl_vae" / "infer").glob("*.py"))]:
         for node in ast.walk(ast.parse(_source(path))):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr",
-                                                                                                   "getattr"):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("hasattr", "getattr")
+            ):
                 raise AssertionError(f"{path.name}:{node.lineno}: {node.func.id}(...) in the training path")
 
 
 def _modules():
     names = ["ppl_vae"]
     for info in pkgutil.walk_packages(ppl_vae.__path__, "ppl_vae."):
-        if info.name != "ppl_vae.__main__":   # (runs the command line)
+        if info.name != "ppl_vae.__main__":  # (runs the command line)
             names.append(info.name)
     return sorted(names)
 
 
 def test_every_module_imports_on_its_own_in_a_fresh_interpreter():
     """An import cycle shows up as an ImportError when the cycle's second module is imported first."""
-    code = ("import importlib, sys\n"
-            "for name in sys.argv[1:]:\n"
-            "    for m in [k for k in sys.modules if k == 'ppl_vae' or k.startswith('ppl_vae.')]:\n"
-            "        del sys.modules[m]\n"
-            "    importlib.import_module(name)\n")
+    code = (
+        "import importlib, sys\n"
+        "for name in sys.argv[1:]:\n"
+        "    for m in [k for k in sys.modules if k == 'ppl_vae' or k.startswith('ppl_vae.')]:\n"
+        "        del sys.modules[m]\n"
+        "    importlib.import_module(name)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code, *_modules()], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_no_imports_inside_functions_and_no_private_cross_imports_between_method_files():
-    lazy_ok = {"cli.py", "evaluate/__init__.py", "data.py"}   # optional or slow dependencies loaded on first use
+    lazy_ok = {"cli.py", "evaluate/__init__.py", "data/sources.py"}  # optional or slow dependencies loaded on first use
     pkg = REPO / "ppl_vae"
     for path in sorted(pkg.rglob("*.py")):
         rel = str(path.relative_to(pkg))
@@ -231,22 +257,31 @@ def test_no_imports_inside_functions_and_no_private_cross_imports_between_method
                         raise AssertionError(f"{rel}:{node.lineno}: a package import inside a function")
         if rel.startswith("models/") and rel != "models/__init__.py":
             for node in ast.walk(tree):
-                if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module not in (
-                        "_common", "registry", "vae"):
-                    raise AssertionError(f"{rel}:{node.lineno}: method files import only the shared parts "
-                                         f"(_common, registry) and the base VAE, not {node.module!r}")
+                if (
+                    isinstance(node, ast.ImportFrom)
+                    and node.level == 1
+                    and node.module not in ("_common", "registry", "vae", "multimodal_base")
+                ):
+                    raise AssertionError(
+                        f"{rel}:{node.lineno}: method files import only the shared parts "
+                        f"(_common, registry, multimodal_base) and the base VAE, not {node.module!r}"
+                    )
                 if isinstance(node, ast.ImportFrom):
                     for alias in node.names:
                         assert not alias.name.startswith("_") or alias.name == "annotations", (rel, alias.name)
-    assert not re.search(r"from \.+experiment|import experiment",
-                         "".join(_source(p) for p in (pkg / "models").glob("*.py")))
+    assert not re.search(
+        r"from \.+experiment|import experiment", "".join(_source(p) for p in (pkg / "models").glob("*.py"))
+    )
 
 
 def test_old_method_names_still_build_with_a_deprecation_warning():
     from ppl_vae import ModelConfig, build_model
 
-    for old, cls in (("vae_laplace", ppl_vae.models.VLAE), ("vae_recursive", ppl_vae.models.RME),
-                     ("vae_gamix", ppl_vae.models.GAMIX)):
+    for old, cls in (
+        ("vae_laplace", ppl_vae.models.VLAE),
+        ("vae_recursive", ppl_vae.models.RME),
+        ("vae_gamix", ppl_vae.models.GAMIX),
+    ):
         with pytest.warns(DeprecationWarning, match="is now called"):
             m = build_model(ModelConfig(name=old, latent_dim=2, hidden=[8]), (1, 4, 4), num_data=10)
         assert type(m) is cls
@@ -256,8 +291,18 @@ def test_models_package_exports_every_model_class():
     names = set(ppl_vae.models.__all__)
     for cls in ("VAE", "VAE2", "LinearGaussianVAE", "VLAE", "RME", "GAMIX", "LaDDer", "WiseALE", "SigmaVAE"):
         assert cls in names and isinstance(getattr(ppl_vae.models, cls), type)
-    for entry in ("train", "load_run", "evaluate_run", "diagnose_run", "build_model", "run_experiment",
-                  "TraceIWAE", "WiseAleELBO", "TrainingPlan", "register_model"):
+    for entry in (
+        "train",
+        "load_run",
+        "evaluate_run",
+        "diagnose_run",
+        "build_model",
+        "run_experiment",
+        "TraceIWAE",
+        "WiseAleELBO",
+        "TrainingPlan",
+        "register_model",
+    ):
         assert callable(getattr(ppl_vae, entry)), entry
     evaluate = importlib.import_module("ppl_vae.evaluate")
     assert callable(evaluate.FrechetDistance) and callable(evaluate.inference_gaps)

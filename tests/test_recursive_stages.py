@@ -15,7 +15,7 @@ def _data(n=60):
     g = torch.Generator().manual_seed(0)
     x = torch.bernoulli(torch.rand(n + 20, 1, 6, 6, generator=g), generator=g)
     y = torch.zeros(n + 20, dtype=torch.long)
-    return DataBundle.from_tensors(x[:n], y[:n], x[n:n + 10], y[n:n + 10], x[n + 10:], y[n + 10:], num_classes=1)
+    return DataBundle.from_tensors(x[:n], y[:n], x[n : n + 10], y[n : n + 10], x[n + 10 :], y[n + 10 :], num_classes=1)
 
 
 def _rme(**options):
@@ -35,14 +35,14 @@ def test_each_stage_freezes_the_earlier_components_exactly(freeze_decoder):
     plan = plan_for(m)
     snaps, begin = {}, plan.begin_stage
 
-    def spy(stage):                       # the parameters as the previous stage left them
+    def spy(stage):  # the parameters as the previous stage left them
         snaps[stage.name] = _snapshot(m)
         begin(stage)
 
     plan.begin_stage = spy
     res = train(m, _data(), TrainConfig(epochs=4, batch_size=20), plan=plan, progress=False)
     final = _snapshot(m)
-    assert [r["stage"] for r in res.history] == [1, 1, 2, 3]          # epochs 2 + 1 + 1: the remainder to stage 0
+    assert [r["stage"] for r in res.history] == [1, 1, 2, 3]  # epochs 2 + 1 + 1: the remainder to stage 0
     assert [r["num_components_active"] for r in res.history] == [1, 1, 2, 3]
     assert [r["num_components_frozen"] for r in res.history] == [0, 0, 1, 2]
 
@@ -72,4 +72,4 @@ def test_stagewise_settings_are_checked():
         plan_for(m).stages(TrainConfig(epochs=2))
     with pytest.raises(ConfigError, match="grow_every must be 0"):
         _rme(schedule="stagewise", grow_every=2)
-    assert len(plan_for(_rme()).stages(TrainConfig(epochs=2))) == 1    # concurrent: one stage, as before
+    assert len(plan_for(_rme()).stages(TrainConfig(epochs=2))) == 1  # concurrent: one stage, as before

@@ -11,7 +11,7 @@ import torch
 
 from ppl_vae.cli import main
 from ppl_vae.evaluate import azcompat, compare_to_reference, gap_report, nuts_posterior
-from ppl_vae.infer.importance import IWAEError
+from ppl_vae.infer.trace_checks import IWAEError
 from ppl_vae.models import LinearGaussianVAE
 
 
@@ -25,14 +25,22 @@ def _lg(shift=0.0, scale=1.0):
 @pytest.fixture(scope="module")
 def reference():
     m, x = _lg()
-    ref = nuts_posterior(m.model, x[:1], guide=m.guide, num_chains=4, num_samples=400, warmup_steps=300, seed=0,
-                         parameters=list(m.parameters()))
+    ref = nuts_posterior(
+        m.model,
+        x[:1],
+        guide=m.guide,
+        num_chains=4,
+        num_samples=400,
+        warmup_steps=300,
+        seed=0,
+        parameters=list(m.parameters()),
+    )
     return m, x, ref
 
 
 def test_nuts_matches_the_exact_posterior_within_its_monte_carlo_error(reference):
     m, x, ref = reference
-    z = ref["draws"]["z"]                       # (chain, draw, d)
+    z = ref["draws"]["z"]  # (chain, draw, d)
     assert z.shape == (4, 400, 2)
     assert ref["max_rhat"] < 1.01 and ref["divergences"] == 0
     mu, cov = (t.detach().double().numpy() for t in m.posterior(x[:1]))
@@ -62,8 +70,9 @@ def test_the_arviz_container_has_draws_divergences_and_log_likelihoods(reference
     z = torch.as_tensor(ref["draws"]["z"].reshape(-1, 2), dtype=torch.float32)
     with torch.no_grad():
         lp = torch.distributions.Normal(z @ m.W.T + m.b, 0.5).log_prob(x[:1]).sum(-1)
-    np.testing.assert_allclose(np.asarray(data["log_likelihood"]["x"].values).reshape(-1), lp.numpy(),
-                               rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(data["log_likelihood"]["x"].values).reshape(-1), lp.numpy(), rtol=1e-5, atol=1e-4
+    )
 
 
 def test_compare_to_reference_recovers_the_exact_kl_both_ways(reference):
@@ -72,7 +81,7 @@ def test_compare_to_reference_recovers_the_exact_kl_both_ways(reference):
     with torch.no_grad():
         kl = float((m.log_marginal(x[:1]) - m.exact_elbo(x[:1]))[0])
         log_px = float(m.log_marginal(x[:1])[0])
-    assert kl > 1.0                                 # the untrained amortised guide is far from the posterior
+    assert kl > 1.0  # the untrained amortised guide is far from the posterior
     # log p̂ from the NUTS-fitted Student-t is an accurate estimate (k̂ small); the ELBO's Monte Carlo error is
     # sd(log w)/sqrt(4000), a few hundredths here
     assert c["khat_nuts_is"] < 0.5
@@ -95,28 +104,65 @@ def test_gap_report_matches_the_exact_gaps_of_the_linear_gaussian_model():
     m, x = _lg()
     with torch.no_grad():
         exact_inference = (m.log_marginal(x) - m.exact_elbo(x)).double()
-    r = gap_report(m.model, m.guide, x, num_samples=2000, family="full", steps=1000, lr=5e-2, num_particles=16,
-                   elbo_particles=2000, parameters=list(m.parameters()), seed=0, nuts_images=1,
-                   nuts={"num_chains": 2, "num_samples": 300, "warmup_steps": 200})
+    r = gap_report(
+        m.model,
+        m.guide,
+        x,
+        num_samples=2000,
+        family="full",
+        steps=1000,
+        lr=5e-2,
+        num_particles=16,
+        elbo_particles=2000,
+        parameters=list(m.parameters()),
+        seed=0,
+        nuts_images=1,
+        nuts={"num_chains": 2, "num_samples": 300, "warmup_steps": 200},
+    )
     assert r["num_images"] == 4 and r["sites"] == ["z"]
     assert r["inference"]["mean"] == pytest.approx(float(exact_inference.mean()), abs=0.1)
     assert abs(r["approximation"]["mean"]) < 0.05
     assert r["amortisation"]["mean"] == pytest.approx(float(exact_inference.mean()), abs=0.1)
     per = r["per_image"]
-    np.testing.assert_allclose(np.array(per["inference"]),
-                               np.array(per["amortisation"]) + np.array(per["approximation"]), atol=1e-9)
+    np.testing.assert_allclose(
+        np.array(per["inference"]), np.array(per["amortisation"]) + np.array(per["approximation"]), atol=1e-9
+    )
     row = r["nuts"]["images"][0]
     assert row["index"] == 0 and abs(row["approximation_gap_nuts_is"]) < 0.05
-    json.dumps(r)   # JSON-ready
+    json.dumps(r)  # JSON-ready
 
 
 def test_gaps_cli_writes_json_and_png(tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "--run-dir", str(run), "--no-figures", "train.epochs=1", "model.hidden=[16]",
-                 "--no-progress"]) == 0
-    assert main(["gaps", str(run), "--num-images", "6", "--num-samples", "100", "--steps", "20",
-                 "--elbo-particles", "50", "--nuts", "1", "--nuts-chains", "2", "--nuts-samples", "30",
-                 "--nuts-warmup", "30"]) == 0
+    assert (
+        main(["train", "--run-dir", str(run), "--no-figures", "train.epochs=1", "model.hidden=[16]", "--no-progress"])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "gaps",
+                str(run),
+                "--num-images",
+                "6",
+                "--num-samples",
+                "100",
+                "--steps",
+                "20",
+                "--elbo-particles",
+                "50",
+                "--nuts",
+                "1",
+                "--nuts-chains",
+                "2",
+                "--nuts-samples",
+                "30",
+                "--nuts-warmup",
+                "30",
+            ]
+        )
+        == 0
+    )
     out = json.loads((run / "gaps.json").read_text())
     assert out["num_images"] == 6 and out["checkpoint"] == "best" and len(out["nuts"]["images"]) == 1
     for k in ("amortisation", "approximation", "inference"):

@@ -12,13 +12,12 @@ from pyro.infer import SVI, Trace_ELBO
 
 from ppl_vae.config import ModelConfig, TrainConfig, config_from_dict
 from ppl_vae.data import DataBundle, load_data
+from ppl_vae.distributions.likelihoods import GaussianLikelihood, build_likelihood, closed_form_sigma2
 from ppl_vae.errors import ConfigError
-from ppl_vae.infer import plan_for, train
-from ppl_vae.likelihoods import GaussianLikelihood, build_likelihood, closed_form_sigma2
 from ppl_vae.models import build_model
+from ppl_vae.training import plan_for, train
 
 SITE = "likelihood.sigma2"
-
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +27,13 @@ def digits():
 
 
 def sigma_vae(mode="learned", n=300, latent=2, hidden=(32,), **opts):
-    cfg = ModelConfig(name="sigma_vae", likelihood="gaussian", latent_dim=latent, hidden=list(hidden),
-                      options={"sigma2_mode": mode, **opts})
+    cfg = ModelConfig(
+        name="sigma_vae",
+        likelihood="gaussian",
+        latent_dim=latent,
+        hidden=list(hidden),
+        options={"sigma2_mode": mode, **opts},
+    )
     torch.manual_seed(0)
     return build_model(cfg, (1, 8, 8), num_data=n)
 
@@ -66,9 +70,8 @@ def test_closed_form_sigma2_equals_mse_of_current_reconstructions(digits):
     z = guide_tr.nodes["z"]["value"]
     with torch.no_grad():
         mse = (m.decode(z) - x).pow(2).mean()
-    torch.testing.assert_close(m.likelihood.sigma2_value(), mse, rtol=2e-7, atol=0)   # exp(log v): 1-2 ulp
-    torch.testing.assert_close(model_tr.nodes["x"]["fn"].base_dist.scale.pow(2).max().detach(), mse, rtol=1e-6,
-                               atol=0)
+    torch.testing.assert_close(m.likelihood.sigma2_value(), mse, rtol=2e-7, atol=0)  # exp(log v): 1-2 ulp
+    torch.testing.assert_close(model_tr.nodes["x"]["fn"].base_dist.scale.pow(2).max().detach(), mse, rtol=1e-6, atol=0)
     # stationarity: d/dσ² [−(d/2) log σ² − SSE/(2σ²)] = 0 at σ² = SSE/d
     u = pyro.get_param_store()[SITE].unconstrained()
     model_tr.compute_log_prob()
@@ -81,7 +84,7 @@ def test_closed_form_sigma2_equals_mse_of_current_reconstructions(digits):
     total = 0.0
     with torch.no_grad():
         for s in range(0, 50, 20):
-            xb = x[s:s + 20]
+            xb = x[s : s + 20]
             loc, scale = m.encode(xb)
             eps = torch.randn((3, *loc.shape), generator=gen)
             total += float((m.decode(loc + scale * eps) - xb).pow(2).sum(dtype=torch.float64))
@@ -108,11 +111,11 @@ def test_gradient_learned_sigma2_converges_to_closed_form_on_frozen_decoder(digi
     s = float(one_draw.std())
     m.train()
     frozen = pyro.optim.ClippedAdam(lambda name, p: {"lr": 0.05 if name == SITE else 0.0, "lrd": 0.985})
-    svi = SVI(m.model, m.guide, frozen, Trace_ELBO())   # lr 0 for every network weight: encoder/decoder frozen
+    svi = SVI(m.model, m.guide, frozen, Trace_ELBO())  # lr 0 for every network weight: encoder/decoder frozen
     for _ in range(300):
         svi.step(x)
     learned = float(m.likelihood.sigma2_value())
-    assert target < 0.5   # it moved a long way from the initial σ² = 1
+    assert target < 0.5  # it moved a long way from the initial σ² = 1
     assert abs(learned - target) < 3 * s + 1e-4 * target, (learned, target, s)
 
 
@@ -136,7 +139,7 @@ def test_in_place_update_keeps_adam_state(digits, mode):
         assert torch.equal(torch.as_tensor(opt.state[u][k]), torch.as_tensor(v)), k
     assert float(store[SITE].detach()) == pytest.approx(0.123, rel=1e-6)
     assert u is m.likelihood._parameters["sigma2_unconstrained"]
-    svi.step(digits.train_x[:100])   # the optimiser carries on with the same state
+    svi.step(digits.train_x[:100])  # the optimiser carries on with the same state
     assert optim.optim_objs[store[SITE].unconstrained()] is opt
     assert int(torch.as_tensor(opt.state[u]["step"])) == int(torch.as_tensor(before["step"])) + 1
     # why in place: assigning through the store replaces the tensor, and Adam's state is left behind
@@ -163,7 +166,7 @@ def test_per_pixel_variance_never_falls_below_half_the_dataset_variance(digits):
         # stage 2 starts from the stage-1 likelihood: σ²_k(z) ≈ σ²_dataset everywhere
         torch.testing.assert_close(v0, torch.full_like(v0, 0.02), rtol=0.05, atol=0)
         last = [mod for mod in m.variance_net.net.modules() if getattr(mod, "bias", None) is not None][-1]
-        last.bias.fill_(-80.0)   # drive v(z) = softplus(·) to 0
+        last.bias.fill_(-80.0)  # drive v(z) = softplus(·) to 0
         v = m.decode_variance(z)
     assert v.shape == (500, 1, 8, 8)
     assert bool((v >= floor).all()) and float(v.min()) == pytest.approx(floor, rel=1e-6)
@@ -192,12 +195,12 @@ def test_staged_training_follows_algorithm_1(digits, tmp_path):
     assert [h["stage"] for h in res.history] == [1, 1, 1, 2, 2]
     assert [h["epoch"] for h in res.history] == [1, 2, 3, 4, 5]
     assert len(res.stages["stage1"].history) == 3 and res.stages["stage1"].stopped_early
-    s2_value = res.history[2]["sigma2"]   # σ² at the end of stage 1
-    assert m.sigma2() == pytest.approx(s2_value, rel=1e-6)   # σ²_dataset
+    s2_value = res.history[2]["sigma2"]  # σ² at the end of stage 1
+    assert m.sigma2() == pytest.approx(s2_value, rel=1e-6)  # σ²_dataset
     assert float(m.variance_net.floor) == pytest.approx(s2_value / 2, rel=1e-6)
-    assert all(h["sigma2"] == pytest.approx(s2_value, rel=1e-6) for h in res.history[3:])   # frozen
+    assert all(h["sigma2"] == pytest.approx(s2_value, rel=1e-6) for h in res.history[3:])  # frozen
     assert (tmp_path / "stage1" / "checkpoint.pt").is_file() and (tmp_path / "checkpoint.pt").is_file()
-    assert res.history[3]["train_elbo"] > res.history[2]["train_elbo"] - 5.0   # no collapse at the switch
+    assert res.history[3]["train_elbo"] > res.history[2]["train_elbo"] - 5.0  # no collapse at the switch
     # a fresh model restored from the stage-2 checkpoint is in stage 2 with the same floor
     m2 = sigma_vae("per_pixel", stage2_epochs=2)
     m2.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=False)["module"])
@@ -214,18 +217,27 @@ def test_staged_plan_resumes_in_stage_2(digits, tmp_path):
     m = sigma_vae("per_pixel", n=100, stage2_epochs=3)
     res = train(m, digits, s1, run_dir=tmp_path / "b", seed=0, resume=True, progress=False)
     assert [h["stage"] for h in res.history] == [1, 1, 2, 2, 2]
-    assert [h["train_elbo"] for h in res.history] == pytest.approx([h["train_elbo"] for h in full.history],
-                                                                   rel=1e-5)
+    assert [h["train_elbo"] for h in res.history] == pytest.approx([h["train_elbo"] for h in full.history], rel=1e-5)
 
 
 def test_sigma_vae_runs_from_a_config_and_reloads_sigma2(tmp_path):
     from ppl_vae.experiment import load_run, run_experiment
 
-    cfg = config_from_dict({"name": "s", "device": "cpu", "data": {"name": "digits", "limit": 200},
-                            "model": {"name": "sigma_vae", "likelihood": "gaussian", "latent_dim": 2,
-                                      "hidden": [16], "options": {"sigma2_mode": "closed_form",
-                                                                  "closed_form_every": "epoch"}},
-                            "train": {"epochs": 2, "batch_size": 50}})
+    cfg = config_from_dict(
+        {
+            "name": "s",
+            "device": "cpu",
+            "data": {"name": "digits", "limit": 200},
+            "model": {
+                "name": "sigma_vae",
+                "likelihood": "gaussian",
+                "latent_dim": 2,
+                "hidden": [16],
+                "options": {"sigma2_mode": "closed_form", "closed_form_every": "epoch"},
+            },
+            "train": {"epochs": 2, "batch_size": 50},
+        }
+    )
     run = run_experiment(cfg, tmp_path / "run", progress=False, figures=False)
     trained = run.model.sigma2()
     assert trained < 0.5
@@ -237,15 +249,15 @@ def test_sigma_vae_runs_from_a_config_and_reloads_sigma2(tmp_path):
 def test_two_models_keep_their_own_sigma2(digits):
     """Pyro's param store is global and keyed by name: every sigma_vae's σ² is 'likelihood.sigma2'. A model run
     after another must use its own σ², and must not adopt (or overwrite) the other's."""
-    from ppl_vae.infer import fit
+    from ppl_vae.training import fit
 
     x = DataBundle.from_tensors(digits.train_x[:100])
     a, b = sigma_vae("learned", n=100), sigma_vae("learned", n=100)
-    fit(a.model, a.guide, x, None, TrainConfig(epochs=1, batch_size=50, lr=0.05), progress=False)
-    fit(b.model, b.guide, x, None, TrainConfig(epochs=3, batch_size=50, lr=0.05), progress=False)
+    fit((a.model, a.guide), x, TrainConfig(epochs=1, batch_size=50, lr=0.05), objective=Trace_ELBO(), progress=False)
+    fit((b.model, b.guide), x, TrainConfig(epochs=3, batch_size=50, lr=0.05), objective=Trace_ELBO(), progress=False)
     sa, sb = a.sigma2(), b.sigma2()
     assert sa != pytest.approx(sb)
-    tr = poutine.trace(a.model).get_trace(x.train_x[:10])   # b's σ² is in the store under the same name
+    tr = poutine.trace(a.model).get_trace(x.train_x[:10])  # b's σ² is in the store under the same name
     assert tr.nodes["x"]["fn"].base_dist.scale.pow(2).max().item() == pytest.approx(sa, rel=1e-6)
     assert a.sigma2() == pytest.approx(sa) and b.sigma2() == pytest.approx(sb)
     assert pyro.get_param_store()[SITE].unconstrained() is a.likelihood._own()

@@ -14,11 +14,11 @@ from pyro import poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO
 
 from ppl_vae import ModelConfig, build_model
+from ppl_vae.distributions.priors import AutoregressiveFlowPrior
 from ppl_vae.errors import ConfigError
 from ppl_vae.evaluate import mutual_information
-from ppl_vae.infer.mae import MAERegularisedELBO, mae_terms, pairwise_kl
-from ppl_vae.pixelcnn import GatedPixelCNN, LocalPixelCNN, PixelCNNBernoulli
-from ppl_vae.priors import AutoregressiveFlowPrior
+from ppl_vae.infer.mae_elbo import MAERegularisedELBO, mae_terms, pairwise_kl
+from ppl_vae.nn.pixelcnn import GatedPixelCNN, LocalPixelCNN, PixelCNNBernoulli
 
 H = W = 6
 
@@ -37,17 +37,23 @@ def dependencies(net, H=H, W=W):
     return dep
 
 
-@pytest.mark.parametrize("net", [GatedPixelCNN(1, 1, 8, layers=4), LocalPixelCNN(1, 1, 8, layers=2, window=3),
-                                 LocalPixelCNN(1, 1, 8, layers=1, window=5)])
+@pytest.mark.parametrize(
+    "net",
+    [
+        GatedPixelCNN(1, 1, 8, layers=4),
+        LocalPixelCNN(1, 1, 8, layers=2, window=3),
+        LocalPixelCNN(1, 1, 8, layers=1, window=5),
+    ],
+)
 def test_masked_convolutions_are_causal(net):
     dep = dependencies(net)
-    assert not torch.triu(dep).any()          # no logit sees its own pixel or a later one
+    assert not torch.triu(dep).any()  # no logit sees its own pixel or a later one
     assert torch.tril(dep, -1).any()
 
 
 def test_the_full_receptive_field_reaches_every_preceding_pixel_and_the_local_one_only_its_window():
     full = dependencies(GatedPixelCNN(1, 1, 8, layers=6), 5, 5)
-    assert full[-1, :-1].all()                 # the last pixel depends on all 24 before it: no blind spot
+    assert full[-1, :-1].all()  # the last pixel depends on all 24 before it: no blind spot
     local = dependencies(LocalPixelCNN(1, 1, 8, layers=2, window=3))
     for i in range(H * W):
         r, c = divmod(i, W)
@@ -65,7 +71,7 @@ def test_the_pixelcnn_distribution_is_normalised_and_the_sampler_draws_from_it()
     d = PixelCNNBernoulli(net, cond)
     images = torch.tensor(list(itertools.product([0.0, 1.0], repeat=4))).reshape(16, 1, 2, 2)
     with torch.no_grad():
-        p = d.log_prob(images).exp()           # (16,): cond broadcasts against the 16 images
+        p = d.log_prob(images).exp()  # (16,): cond broadcasts against the 16 images
     assert float(p.sum()) == pytest.approx(1.0, abs=1e-5)
     n = 20000
     with torch.no_grad():
@@ -79,7 +85,7 @@ def test_the_pixelcnn_distribution_is_normalised_and_the_sampler_draws_from_it()
 def test_flow_prior_density_is_the_change_of_variables_formula_and_integrates_to_one():
     torch.manual_seed(2)
     prior = AutoregressiveFlowPrior(2, num_flows=2, hidden=(16,))
-    with torch.no_grad():   # non-trivial flows: perturb the MADEs' output layers away from the identity
+    with torch.no_grad():  # non-trivial flows: perturb the MADEs' output layers away from the identity
         for f in prior.flows:
             for p in f.parameters():
                 p.add_(0.3 * torch.randn_like(p))
@@ -87,8 +93,8 @@ def test_flow_prior_density_is_the_change_of_variables_formula_and_integrates_to
     with torch.no_grad():
         lp = prior(5).log_prob(z)
 
-    def f(v):                               # z ↦ ε: the generative transforms undone in reverse order (each
-        for t in reversed(prior.transforms()):   # flow's parallel forward pass)
+    def f(v):  # z ↦ ε: the generative transforms undone in reverse order (each
+        for t in reversed(prior.transforms()):  # flow's parallel forward pass)
             v = t.inv(v)
         return v
 
@@ -97,12 +103,12 @@ def test_flow_prior_density_is_the_change_of_variables_formula_and_integrates_to
         eps = f(z[i])
         exact = (dist.Normal(0.0, 1.0).log_prob(eps).sum() + torch.linalg.slogdet(J)[1]).detach()
         assert float(lp[i]) == pytest.approx(float(exact), abs=1e-4)
-    g = torch.linspace(-25, 25, 1501)       # the perturbed flows have heavy tails: a wide grid
+    g = torch.linspace(-25, 25, 1501)  # the perturbed flows have heavy tails: a wide grid
     zz = torch.cartesian_prod(g, g)
     with torch.no_grad():
         mass = prior(len(zz)).log_prob(zz).exp().sum() * (g[1] - g[0]) ** 2
     assert float(mass) == pytest.approx(1.0, abs=1e-3)
-    with torch.no_grad():                   # and the sequential direction samples it: sample → ε is N(0, I)
+    with torch.no_grad():  # and the sequential direction samples it: sample → ε is N(0, I)
         eps = f(prior(4000).sample())
     assert eps.mean(0).abs().max() < 4 / math.sqrt(4000) and (eps.std(0) - 1).abs().max() < 0.07
 
@@ -134,8 +140,7 @@ def test_mae_terms_equal_a_double_loop_over_pairs():
 def _model(name, **kw):
     pyro.clear_param_store()
     torch.manual_seed(0)
-    cfg = ModelConfig(name=name, likelihood="pixelcnn", latent_dim=4, hidden=[16], channels=8, pixelcnn_layers=2,
-                      **kw)
+    cfg = ModelConfig(name=name, likelihood="pixelcnn", latent_dim=4, hidden=[16], channels=8, pixelcnn_layers=2, **kw)
     return build_model(cfg, (1, 6, 6), num_data=200)
 
 
@@ -151,7 +156,7 @@ def test_the_mae_regulariser_enters_the_loss_multiplied_by_the_training_set_size
     torch.manual_seed(5)
     base = Trace_ELBO().differentiable_loss(m.model, m.guide, x)
     assert float(total - base) == pytest.approx(200 * float(R), rel=1e-4)
-    assert obj.regulariser(loc[:1], scale[:1]) == 0.0          # no pairs in a minibatch of one
+    assert obj.regulariser(loc[:1], scale[:1]) == 0.0  # no pairs in a minibatch of one
 
 
 @pytest.mark.parametrize("name,kw", [("vlossy", {"pixelcnn_window": 3}), ("mae", {"pixelcnn_window": 0})])
@@ -166,10 +171,11 @@ def test_gradients_reach_every_parameter(name, kw):
         loss = elbo.differentiable_loss(m.model, m.guide, x)
     loss.backward()
     params = {n: p for n, p in m.named_parameters()}
-    assert params and all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in params.values()), \
-        [n for n, p in params.items() if p.grad is None or float(p.grad.abs().sum()) == 0]
+    assert params and all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in params.values()), [
+        n for n, p in params.items() if p.grad is None or float(p.grad.abs().sum()) == 0
+    ]
     if name == "vlossy":
-        assert any("prior.flows" in n for n in params)            # the flow prior's MADEs train too
+        assert any("prior.flows" in n for n in params)  # the flow prior's MADEs train too
         assert any(n.startswith("prior") for n in tr.trace.nodes)  # ... registered with Pyro's param store
 
 

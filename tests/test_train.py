@@ -19,9 +19,9 @@ from pyro.infer import Trace_ELBO
 from ppl_vae.config import TrainConfig
 from ppl_vae.data import DataBundle
 from ppl_vae.errors import TrainingDiverged
-from ppl_vae.infer import ScaleLatents, evaluate_elbo, fit, load_checkpoint
-from ppl_vae.infer.checkpoint import atomic_save
 from ppl_vae.models import LinearGaussianVAE
+from ppl_vae.training import ScaleLatents, TrainingPlan, evaluate_elbo, fit, load_checkpoint
+from ppl_vae.training.checkpoint import atomic_save
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def test_fit_with_exact_guide_reaches_the_maximum_likelihood_and_reports_exact_e
     model = LinearGaussianVAE(6, 2, sigma=0.5, num_data=len(data.train_x), seed=7)
     before = model.log_marginal(data.train_x).mean().item()
     cfg = TrainConfig(epochs=100, batch_size=100, lr=0.1)
-    res = fit(model.model, model.guide, data, Trace_ELBO(), cfg, run_dir=tmp_path, progress=False)
+    res = fit((model.model, model.guide), data, cfg, objective=Trace_ELBO(), run_dir=tmp_path, progress=False)
     with torch.no_grad():
         after = model.log_marginal(data.train_x).mean().item()
         best = ppca_max_loglik(data.train_x, 2, 0.5) / len(data.train_x)
@@ -77,29 +77,47 @@ def test_resume_in_process_reproduces_an_uninterrupted_run(tmp_path):
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
         m = LinearGaussianVAE(6, 2, sigma=0.5, num_data=200, guide_type="amortized", seed=3)
-        return fit(m.model, m.guide, data, Trace_ELBO(), TrainConfig(epochs=epochs, **kw), run_dir=run_dir,
-                   resume=resume, seed=5, progress=False), m
+        return fit(
+            (m.model, m.guide),
+            data,
+            TrainConfig(epochs=epochs, **kw),
+            objective=Trace_ELBO(),
+            run_dir=run_dir,
+            resume=resume,
+            seed=5,
+            progress=False,
+        ), m
 
     full, m_full = run(6, tmp_path / "full")
     run(3, tmp_path / "part")
     resumed, m_res = run(6, tmp_path / "part", resume=True)
     assert _history(resumed.history) == _history(full.history)
-    for (n1, p1), (n2, p2) in zip(m_full.named_parameters(), m_res.named_parameters()):
+    for (n1, p1), (_n2, p2) in zip(m_full.named_parameters(), m_res.named_parameters(), strict=False):
         assert torch.equal(p1, p2), n1
     assert [r["lr"] for r in full.history] == [0.02, 0.02, 0.01, 0.01, 0.005, 0.005]
     assert [r["beta"] for r in full.history] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
 
 
 def _train_cmd(run_dir, *extra):
-    return [sys.executable, "-m", "ppl_vae", "train", "--run-dir", str(run_dir), "--no-figures", "--no-progress",
-            "train.epochs=40", "model.hidden=[64,64]", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "ppl_vae",
+        "train",
+        "--run-dir",
+        str(run_dir),
+        "--no-figures",
+        "--no-progress",
+        "train.epochs=40",
+        "model.hidden=[64,64]",
+        *extra,
+    ]
 
 
 def test_resume_after_killing_a_real_process_matches_an_uninterrupted_run(tmp_path):
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_train_cmd(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     metrics = killed / "metrics.jsonl"
     while time.time() < deadline:
@@ -113,16 +131,23 @@ def test_resume_after_killing_a_real_process_matches_an_uninterrupted_run(tmp_pa
     done_before = load_checkpoint(killed / "checkpoint.pt")["epoch"]
     assert 3 <= done_before < 40, "the run was killed part-way"
 
-    subprocess.run([sys.executable, "-m", "ppl_vae", "train", "--resume", str(killed), "--no-figures",
-                    "--no-progress"], cwd=REPO, env=env, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "ppl_vae", "train", "--resume", str(killed), "--no-figures", "--no-progress"],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     whole = tmp_path / "whole"
     subprocess.run(_train_cmd(whole), cwd=REPO, env=env, check=True, capture_output=True)
     a = [json.loads(s) for s in (killed / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(s) for s in (whole / "metrics.jsonl").read_text().splitlines()]
     assert len(a) == len(b) == 40
     assert _history(a) == _history(b)
-    assert json.loads((killed / "metrics.json").read_text())["test_elbo"] == \
-        json.loads((whole / "metrics.json").read_text())["test_elbo"]
+    assert (
+        json.loads((killed / "metrics.json").read_text())["test_elbo"]
+        == json.loads((whole / "metrics.json").read_text())["test_elbo"]
+    )
 
 
 class Exploding:
@@ -147,9 +172,18 @@ class Exploding:
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path, validation):
     data = DataBundle.from_tensors(torch.randn(20, 3))
     m = Exploding()
-    with pyro.validation_enabled(validation), pytest.raises(TrainingDiverged, match=r"epoch 2, step 2;.*checkpoint\.pt"):
-        fit(m.model, m.guide, data, Trace_ELBO(), TrainConfig(epochs=5, batch_size=4), run_dir=tmp_path,
-            progress=False)
+    with (
+        pyro.validation_enabled(validation),
+        pytest.raises(TrainingDiverged, match=r"epoch 2, step 2;.*checkpoint\.pt"),
+    ):
+        fit(
+            (m.model, m.guide),
+            data,
+            TrainConfig(epochs=5, batch_size=4),
+            objective=Trace_ELBO(),
+            run_dir=tmp_path,
+            progress=False,
+        )
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["epoch"] == 1
     assert torch.isfinite(ckpt["param_store"]["params"]["loc"]).all()
@@ -158,15 +192,21 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(t
 def test_early_stopping_after_patience_epochs_without_improvement(tmp_path):
     data = DataBundle.from_tensors(torch.randn(20, 3), val_x=torch.randn(10, 3))
 
-    def model(x, y=None):   # nothing to learn: the validation ELBO never improves after epoch 1
+    def model(x, y=None):  # nothing to learn: the validation ELBO never improves after epoch 1
         with pyro.plate("data", 20, subsample=torch.arange(len(x))):
             pyro.sample("x", dist.Normal(0.0, 1.0).expand([len(x), 3]).to_event(1), obs=x)
 
     def guide(x, y=None):
         pass
 
-    res = fit(model, guide, data, Trace_ELBO(), TrainConfig(epochs=10, batch_size=10, patience=2),
-              run_dir=tmp_path, progress=False)
+    res = fit(
+        (model, guide),
+        data,
+        TrainConfig(epochs=10, batch_size=10, patience=2),
+        objective=Trace_ELBO(),
+        run_dir=tmp_path,
+        progress=False,
+    )
     assert res.stopped_early and len(res.history) == 3 and res.best_epoch == 1
 
 
@@ -181,8 +221,14 @@ def test_best_from_epoch_keeps_earlier_epochs_out_of_best_and_patience(tmp_path)
     def guide(x, y=None):
         pass
 
-    res = fit(model, guide, data, Trace_ELBO(), TrainConfig(epochs=10, batch_size=10, patience=2, best_from_epoch=4),
-              run_dir=tmp_path, progress=False)
+    res = fit(
+        (model, guide),
+        data,
+        TrainConfig(epochs=10, batch_size=10, patience=2, best_from_epoch=4),
+        objective=Trace_ELBO(),
+        run_dir=tmp_path,
+        progress=False,
+    )
     assert res.best_epoch == 4 and res.stopped_early and len(res.history) == 6
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 4
 
@@ -197,8 +243,9 @@ def test_kl_warmup_scales_only_the_latent_sites():
     gtr = poutine.trace(m.guide).get_trace(x)
     mtr = poutine.trace(poutine.replay(m.model, trace=gtr)).get_trace(x)
     z = gtr.nodes["z"]["value"]
-    expected = (mtr.nodes["x"]["fn"].log_prob(x).sum()
-                + beta * (mtr.nodes["z"]["fn"].log_prob(z).sum() - gtr.nodes["z"]["fn"].log_prob(z).sum()))
+    expected = mtr.nodes["x"]["fn"].log_prob(x).sum() + beta * (
+        mtr.nodes["z"]["fn"].log_prob(z).sum() - gtr.nodes["z"]["fn"].log_prob(z).sum()
+    )
     assert -loss == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -229,7 +276,7 @@ def test_lr_schedules_and_warmup_are_functions_of_the_epoch():
 def test_fit_on_cuda(tmp_path):
     data = lg_data(200)
     m = LinearGaussianVAE(6, 2, sigma=0.5, num_data=200, seed=7).to("cuda")
-    res = fit(m.model, m.guide, data, Trace_ELBO(), TrainConfig(epochs=2, batch_size=100), progress=False)
+    res = fit((m.model, m.guide), data, TrainConfig(epochs=2, batch_size=100), objective=Trace_ELBO(), progress=False)
     assert math.isfinite(res.history[-1]["val_elbo"])
 
 
@@ -237,11 +284,11 @@ def test_stop_delta_ends_training_when_the_elbo_stops_improving(tmp_path):
     data = lg_data(200)
     m = LinearGaussianVAE(6, 2, sigma=0.5, num_data=200, seed=7)
     cfg = TrainConfig(epochs=200, batch_size=100, lr=0.1, stop_delta=1e-3, min_epochs=5)
-    res = fit(m.model, m.guide, data, Trace_ELBO(), cfg, run_dir=tmp_path, progress=False)
+    res = fit((m.model, m.guide), data, cfg, objective=Trace_ELBO(), run_dir=tmp_path, progress=False)
     assert res.stopped_early and 5 <= len(res.history) < 200
-    gains = [b["val_elbo"] - a["val_elbo"] for a, b in zip(res.history, res.history[1:])]
+    gains = [b["val_elbo"] - a["val_elbo"] for a, b in zip(res.history, res.history[1:], strict=False)]
     assert gains[-1] < 1e-3 and all(g >= 1e-3 for g in gains[3:-1])
-    again = fit(m.model, m.guide, data, Trace_ELBO(), cfg, run_dir=tmp_path, resume=True, progress=False)
+    again = fit((m.model, m.guide), data, cfg, objective=Trace_ELBO(), run_dir=tmp_path, resume=True, progress=False)
     assert len(again.history) == len(res.history), "a finished run stays finished when resumed"
 
 
@@ -250,13 +297,50 @@ def test_module_buffers_are_checkpointed_and_restored(tmp_path):
     m = LinearGaussianVAE(6, 2, sigma=0.5, num_data=100, seed=7)
     m.register_buffer("fitted", torch.zeros(3))
 
-    def bump(epoch, record):
-        m.fitted += 1.0
+    class Bump(TrainingPlan):
+        def on_epoch_end(self, epoch, record, data):
+            m.fitted += 1.0
 
-    fit(m.model, m.guide, data, Trace_ELBO(), TrainConfig(epochs=2, batch_size=50), run_dir=tmp_path,
-        progress=False, on_epoch_end=bump)
+    fit(
+        Bump((m.model, m.guide)),
+        data,
+        TrainConfig(epochs=2, batch_size=50),
+        objective=Trace_ELBO(),
+        run_dir=tmp_path,
+        progress=False,
+    )
     m2 = LinearGaussianVAE(6, 2, sigma=0.5, num_data=100, seed=8)
     m2.register_buffer("fitted", torch.zeros(3))
-    fit(m2.model, m2.guide, data, Trace_ELBO(), TrainConfig(epochs=2, batch_size=50), run_dir=tmp_path,
-        resume=True, progress=False)
+    fit(
+        (m2.model, m2.guide),
+        data,
+        TrainConfig(epochs=2, batch_size=50),
+        objective=Trace_ELBO(),
+        run_dir=tmp_path,
+        resume=True,
+        progress=False,
+    )
     assert torch.equal(m2.fitted, torch.full((3,), 2.0)) and torch.equal(m2.W, m.W)
+
+
+def test_fit_takes_a_plan_and_the_earlier_form_still_works_with_a_warning(tmp_path):
+    """fit(plan, data, config) runs the plan's hooks; fit(model_fn, guide_fn, data, elbo, config) of earlier
+    releases gives the same run (bit for bit) and says it is deprecated."""
+    data = lg_data()
+    calls = []
+
+    class Counting(TrainingPlan):
+        def on_step_end(self, x, y):
+            calls.append("step")
+
+        def on_epoch_end(self, epoch, record, data):
+            record["mine"] = epoch
+
+    m = LinearGaussianVAE(6, 2, sigma=0.5, num_data=len(data.train_x), seed=7)
+    cfg = TrainConfig(epochs=2, batch_size=100, objective="elbo")
+    new = fit(Counting(m), data, cfg, progress=False)
+    assert [h["mine"] for h in new.history] == [0, 1] and len(calls) == 2 * data.num_batches("train", 100)
+    m2 = LinearGaussianVAE(6, 2, sigma=0.5, num_data=len(data.train_x), seed=7)
+    with pytest.warns(DeprecationWarning, match=r"fit\(model_fn, guide_fn, data, elbo, config\) is deprecated"):
+        old = fit(m2.model, m2.guide, data, Trace_ELBO(), cfg, progress=False)
+    assert [h["train_elbo"] for h in old.history] == [h["train_elbo"] for h in new.history]

@@ -200,8 +200,14 @@ def test_make_figures_conditional_2d(tmp_path, cmodel):
     history = [{"epoch": 1, "train_elbo": -90.0, "val_elbo": -95.0}]
     paths = viz.make_figures(cmodel, x, y, history, tmp_path / "run")
     names = {Path(p).name for p in paths}
-    assert names == {"reconstructions.png", "prior_samples.png", "class_conditional.png",
-                     "latent_manifold.png", "latent_scatter.png", "training_curves.png"}
+    assert names == {
+        "reconstructions.png",
+        "prior_samples.png",
+        "class_conditional.png",
+        "latent_manifold.png",
+        "latent_scatter.png",
+        "training_curves.png",
+    }
     assert len(paths) == len(names)
     assert {p.name for p in (tmp_path / "run").iterdir()} == names
     for p in paths:

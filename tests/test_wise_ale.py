@@ -12,9 +12,9 @@ from ppl_vae.config import ModelConfig, TrainConfig
 from ppl_vae.data import DataBundle
 from ppl_vae.errors import ConfigError
 from ppl_vae.evaluate.likelihood import log_likelihood
-from ppl_vae.infer import plan_for, train
-from ppl_vae.infer.wise_ale import WiseAleELBO, aggregate_posterior_kl, gaussian_kl
+from ppl_vae.infer.wise_ale_elbo import WiseAleELBO, aggregate_posterior_kl, gaussian_kl
 from ppl_vae.models import build_model
+from ppl_vae.training import plan_for, train
 
 
 def _posteriors(B=16, d=3, spread=1.5, seed=0):
@@ -28,8 +28,8 @@ def _mc_kl(loc, scale, reps=4000):
     """KL(q_B ‖ N(0, I)) by the stratified estimator (1/B)Σ_i [log q_B(z_i) − log p(z_i)], z_i ~ q_i, averaged over
     ``reps`` independent rounds (vectorised); returns (mean, standard error of the mean)."""
     g = torch.Generator().manual_seed(7)
-    z = loc + scale * torch.randn(reps, *loc.shape, generator=g)                       # (R, B, d)
-    log_qj = torch.distributions.Normal(loc, scale).log_prob(z.unsqueeze(2)).sum(-1)   # (R, B, B)
+    z = loc + scale * torch.randn(reps, *loc.shape, generator=g)  # (R, B, d)
+    log_qj = torch.distributions.Normal(loc, scale).log_prob(z.unsqueeze(2)).sum(-1)  # (R, B, B)
     log_qb = torch.logsumexp(log_qj, -1) - math.log(loc.shape[0])
     log_p = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
     vals = (log_qb - log_p).mean(-1)
@@ -47,7 +47,7 @@ def test_kl_estimators_order_against_monte_carlo(spread):
     je = aggregate_posterior_kl(loc, scale, zero, one, "jensen").item()
     mo = aggregate_posterior_kl(loc, scale, zero, one, "moment").item()
     pr = aggregate_posterior_kl(loc, scale, zero, one, "product").item()
-    assert exact <= pr + 4 * se        # the analytic (Jensen) upper bound keeps the objective a lower bound
+    assert exact <= pr + 4 * se  # the analytic (Jensen) upper bound keeps the objective a lower bound
     assert pw <= exact + 4 * se
     assert exact <= je + 4 * se
     assert mo <= exact + 4 * se
@@ -108,7 +108,7 @@ def test_wise_ale_trains_with_svi_and_config_path():
     assert sum(losses[-10:]) < sum(losses[:10])
     res = train(model, data, TrainConfig(epochs=2, batch_size=30, num_particles=2), progress=False)
     assert len(res.history) == 2 and math.isfinite(res.history[-1]["val_elbo"])
-    assert res.history[-1]["laplace_scale"] > 0 and float(model.likelihood.eval_floor) > 0   # the plan's epoch work
+    assert res.history[-1]["laplace_scale"] > 0 and float(model.likelihood.eval_floor) > 0  # the plan's epoch work
     model.eval()
     ll = log_likelihood(model.model, model.guide, data.test_x, num_samples=16)
     assert torch.isfinite(ll).all()

@@ -11,7 +11,8 @@ handled in one place:
   and smooths their right tail: 0.23's ``az.psislw(lw)`` does that; 1.x's
   ``arviz_stats.base.array_stats.psislw`` smooths the tail of its *negated* input (it expects log-likelihood
   values, as PSIS-LOO's weights are 1/p(y_i | θ)), so it is called with ``-lw``; what it returns are already
-  smoothed *log-weights* (not negated), which are then normalised as 0.23 normalises them. A naive port (``psislw(lw)`` on 1.x) fits the bounded left tail and reports k̂ < 0 for weights
+  smoothed *log-weights* (not negated), which are then normalised as 0.23 normalises them. A naive port
+  (``psislw(lw)`` on 1.x) fits the bounded left tail and reports k̂ < 0 for weights
   whose true k̂ is above 1;
 * ESS and R-hat of MCMC draws (:func:`ess`, :func:`rhat`: bulk ESS and rank-normalised split R-hat on both);
 * netCDF (:func:`to_netcdf`, :func:`from_netcdf`; the h5netcdf engine on both);
@@ -34,8 +35,21 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # arviz 0.23 announces its 1.x refactor at import
     import arviz as az
 
-__all__ = ["az", "ARVIZ_VERSION", "ARVIZ_1", "from_dict", "groups", "is_arviz_data", "psislw", "ess", "rhat",
-           "to_netcdf", "from_netcdf", "from_pyro_mcmc", "plot_khat"]
+__all__ = [
+    "az",
+    "ARVIZ_VERSION",
+    "ARVIZ_1",
+    "from_dict",
+    "groups",
+    "is_arviz_data",
+    "psislw",
+    "ess",
+    "rhat",
+    "to_netcdf",
+    "from_netcdf",
+    "from_pyro_mcmc",
+    "plot_khat",
+]
 
 ARVIZ_VERSION = az.__version__
 ARVIZ_1 = int(ARVIZ_VERSION.split(".")[0]) >= 1
@@ -57,8 +71,13 @@ def groups(data) -> list[str]:
     return list(data.children) if ARVIZ_1 else list(data.groups())
 
 
-def from_dict(data: dict[str, dict[str, np.ndarray]], *, coords: dict | None = None, dims: dict | None = None,
-              attrs: dict | None = None):
+def from_dict(
+    data: dict[str, dict[str, np.ndarray]],
+    *,
+    coords: dict | None = None,
+    dims: dict | None = None,
+    attrs: dict | None = None,
+):
     """An ArviZ container from ``{group: {var: array}}`` (arrays of the sampled groups start with (chain, draw);
     ``observed_data`` and ``constant_data`` have no sample dims). ``dims`` names each variable's dims after
     (chain, draw); ``attrs`` go on the root (1.x) or on every group (0.23, which has no root)."""
@@ -79,13 +98,13 @@ def psislw(log_weights: np.ndarray, r_eff: float = 1.0) -> tuple[np.ndarray, np.
     right tail of the *weights* is fitted on both ArviZ lines (see the module docstring for the 1.x sign). The
     lines agree to rounding when 3√(S/r_eff) is an integer (e.g. S = 400, 900, 1600); otherwise 0.23 fits
     ⌈3√(S/r_eff)⌉ tail draws and 1.x ⌊3√(S/r_eff)⌋, one draw fewer, which moves k̂ by a few hundredths."""
-    lw = np.ascontiguousarray(np.asarray(log_weights, dtype=np.float64).T)      # (B, S): samples last
+    lw = np.ascontiguousarray(np.asarray(log_weights, dtype=np.float64).T)  # (B, S): samples last
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # both lines warn on k̂ > 0.7; callers report k̂ instead
+        warnings.simplefilter("ignore")  # both lines warn on k̂ > 0.7; callers report k̂ instead
         if ARVIZ_1:
             try:
-                smoothed, khat = _array_stats.psislw(-lw, r_eff=r_eff, axis=-1)   # returns log-weights, not −
-            except ValueError:   # 1.x refuses a tail of equal values; 0.23 reports k̂ = inf: do the same
+                smoothed, khat = _array_stats.psislw(-lw, r_eff=r_eff, axis=-1)  # returns log-weights, not −
+            except ValueError:  # 1.x refuses a tail of equal values; 0.23 reports k̂ = inf: do the same
                 smoothed, khat = np.array(lw), np.full(lw.shape[0], np.inf)
                 for b in range(lw.shape[0]):
                     try:
@@ -130,7 +149,7 @@ def rhat(draws) -> np.ndarray:
 def to_netcdf(data, path) -> str:
     """Write an ArviZ container to a netCDF file (h5netcdf engine); returns the path."""
     path = os.fspath(path)
-    data.to_netcdf(path, engine="h5netcdf")   # InferenceData and DataTree share the call
+    data.to_netcdf(path, engine="h5netcdf")  # InferenceData and DataTree share the call
     return path
 
 
@@ -165,8 +184,14 @@ def _mcmc_parts(mcmcs) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return {k: np.concatenate(v, 0) for k, v in post.items()}, np.concatenate(div, 0)
 
 
-def from_pyro_mcmc(mcmc, *, log_likelihood: dict[str, np.ndarray] | None = None, coords: dict | None = None,
-                   dims: dict | None = None, attrs: dict | None = None):
+def from_pyro_mcmc(
+    mcmc,
+    *,
+    log_likelihood: dict[str, np.ndarray] | None = None,
+    coords: dict | None = None,
+    dims: dict | None = None,
+    attrs: dict | None = None,
+):
     """ArviZ container of a finished ``pyro.infer.MCMC`` run (or a list of them, stacked as chains).
 
     Groups: ``posterior`` (every sampled site), ``sample_stats.diverging`` (chain, draw) and, when given,
@@ -182,8 +207,9 @@ def from_pyro_mcmc(mcmc, *, log_likelihood: dict[str, np.ndarray] | None = None,
             parts = [az.from_pyro(m, log_likelihood=False, coords=coords, dims=dims) for m in runs]
             out = parts[0] if len(parts) == 1 else az.concat(*parts, dim="chain", reset_dim=True)
         if log_likelihood:
-            ll = az.from_dict(log_likelihood={k: np.asarray(v) for k, v in log_likelihood.items()},
-                              coords=coords, dims=dims)
+            ll = az.from_dict(
+                log_likelihood={k: np.asarray(v) for k, v in log_likelihood.items()}, coords=coords, dims=dims
+            )
             out.extend(ll)
         for g in out.groups():
             out[g].attrs.update(attrs or {})
@@ -204,21 +230,29 @@ def plot_khat(khat: np.ndarray, path, *, labels=None, title: str | None = None) 
     finite = k[np.isfinite(k)]
     lo = min(0.0, finite.min()) - 0.1 if finite.size else 0.0
     hi = max(1.0, finite.max()) + 0.1 if finite.size else 1.1
-    k = np.where(np.isnan(k), np.nan, np.clip(k, lo, hi))    # ±inf drawn at the edges
+    k = np.where(np.isnan(k), np.nan, np.clip(k, lo, hi))  # ±inf drawn at the edges
     labels = np.arange(len(k)) if labels is None else np.asarray(labels)
     before = set(plt.get_fignums())
     path = os.fspath(path)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)   # 0.23 prefers ELPDData; arrays are supported
+            warnings.simplefilter("ignore", FutureWarning)  # 0.23 prefers ELPDData; arrays are supported
             if ARVIZ_1:
                 da = xr.DataArray(k, dims=["datapoint"], coords={"datapoint": labels}, name="pareto_k")
-                elpd = az.ELPDData(elpd=float("nan"), se=float("nan"), p=float("nan"), n_samples=0,
-                                   n_data_points=len(k), scale="log", warning=bool((k > 0.7).any()), good_k=0.7,
-                                   pareto_k=da)
+                elpd = az.ELPDData(
+                    elpd=float("nan"),
+                    se=float("nan"),
+                    p=float("nan"),
+                    n_samples=0,
+                    n_data_points=len(k),
+                    scale="log",
+                    warning=bool((k > 0.7).any()),
+                    good_k=0.7,
+                    pareto_k=da,
+                )
                 pc = az.plot_khat(elpd, backend="matplotlib", hline_values=[0.5, 0.7, 1.0])
                 fig, ax = pc.viz["figure"].item(), pc.viz["plot"].item()
-                for h, ls in ((0.5, ":"), (0.7, "-."), (1.0, "--")):   # 1.x draws no threshold lines here
+                for h, ls in ((0.5, ":"), (0.7, "-."), (1.0, "--")):  # 1.x draws no threshold lines here
                     ax.axhline(h, color="C1", ls=ls, lw=1)
             else:
                 ax = az.plot_khat(k, show_hlines=True, hlines_kwargs={"hlines": [0.5, 0.7, 1.0]}, show=False)

@@ -24,8 +24,9 @@ __all__ = ["cluster_accuracy", "cluster_scores", "probe_accuracy"]
 def _labels(a, name: str) -> np.ndarray:
     arr = np.asarray(a.detach().cpu() if hasattr(a, "detach") else a)
     if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name} must be a non-empty 1-d array of integer labels, got shape {arr.shape} "
-                         f"and dtype {arr.dtype}")
+        raise ValueError(
+            f"{name} must be a non-empty 1-d array of integer labels, got shape {arr.shape} and dtype {arr.dtype}"
+        )
     return arr
 
 
@@ -45,16 +46,21 @@ def cluster_accuracy(y_true, y_pred) -> float:
 def cluster_scores(y_true, y_pred) -> dict:
     """{"accuracy", "nmi", "ari"} of a clustering against class labels."""
     t, p = _labels(y_true, "y_true"), _labels(y_pred, "y_pred")
-    return {"accuracy": cluster_accuracy(t, p), "nmi": float(normalized_mutual_info_score(t, p)),
-            "ari": float(adjusted_rand_score(t, p))}
+    return {
+        "accuracy": cluster_accuracy(t, p),
+        "nmi": float(normalized_mutual_info_score(t, p)),
+        "ari": float(adjusted_rand_score(t, p)),
+    }
 
 
-def probe_accuracy(train_codes, train_labels, test_codes, test_labels, num_labels=(200, 1000, 5000),
-                   kind: str = "logistic", k: int = 5) -> dict[int, float]:
+def probe_accuracy(
+    train_codes, train_labels, test_codes, test_labels, num_labels=(200, 1000, 5000), kind: str = "logistic", k: int = 5
+) -> dict[int, float]:
     """{n: accuracy on the test codes of a ``kind`` ("logistic" or "knn") classifier fitted on the first n
     training codes}; n larger than the training set is skipped."""
     if kind not in ("logistic", "knn"):
         raise ValueError(f"kind must be 'logistic' or 'knn', got {kind!r}")
+
     def arr(a):
         return np.asarray(a.detach().cpu() if hasattr(a, "detach") else a)
 
@@ -63,7 +69,10 @@ def probe_accuracy(train_codes, train_labels, test_codes, test_labels, num_label
     for n in num_labels:
         if n > len(ztr):
             continue
-        clf = (make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)) if kind == "logistic"
-               else KNeighborsClassifier(min(k, n)))
+        clf = (
+            make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
+            if kind == "logistic"
+            else KNeighborsClassifier(min(k, n))
+        )
         out[int(n)] = float(clf.fit(ztr[:n], ytr[:n]).score(zte, yte))
     return out

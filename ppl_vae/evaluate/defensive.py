@@ -17,7 +17,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints
 
-from ..distributions import CompactSupport, DefensiveMixture
+from ..distributions.families import CompactSupport, DefensiveMixture
 
 __all__ = ["DefensiveMessenger", "defended", "has_compact_support"]
 
@@ -52,8 +52,12 @@ class DefensiveMessenger(Messenger):
         self.sites: set[str] = set()
 
     def _pyro_sample(self, msg):
-        if (msg["is_observed"] or self.mode is False or site_is_subsample(msg)
-                or isinstance(msg["fn"], DefensiveMixture)):
+        if (
+            msg["is_observed"]
+            or self.mode is False
+            or site_is_subsample(msg)
+            or isinstance(msg["fn"], DefensiveMixture)
+        ):
             return
         fn = msg["fn"]
         if has_compact_support(fn) or (self.mode is True and _is_real(fn)):
@@ -65,6 +69,6 @@ def defended(guide, mode="auto", weight: float = 0.1, inflation: float = 4.0):
     """``(wrapped guide, messenger)``: ``guide`` with its compact-support sites (``mode``, see the module) drawn
     from the defensive mixture; ``messenger.sites`` names them once the guide has run."""
     m = DefensiveMessenger(mode, weight, inflation)
-    if mode is False or not callable(guide):     # nothing to replace (a non-callable guide fails where it is run)
+    if mode is False or not callable(guide):  # nothing to replace (a non-callable guide fails where it is run)
         return guide, m
     return m(guide), m

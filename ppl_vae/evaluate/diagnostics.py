@@ -20,7 +20,8 @@ import os
 import numpy as np
 import torch
 
-from ..infer.importance import IWAEError, fork_rng, importance_log_weights
+from ..infer.importance import fork_rng, importance_log_weights
+from ..infer.trace_checks import IWAEError
 from . import azcompat
 from .likelihood import eval_mode
 
@@ -35,9 +36,19 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def posterior_diagnostics(model, guide, x: torch.Tensor, num_samples: int = 1000, seed: int = 0, y=None, *,
-                          data_plate: str = "data", vectorize_particles: bool = True,
-                          max_plate_nesting: int | None = None, datapoint_index=None):
+def posterior_diagnostics(
+    model,
+    guide,
+    x: torch.Tensor,
+    num_samples: int = 1000,
+    seed: int = 0,
+    y=None,
+    *,
+    data_plate: str = "data",
+    vectorize_particles: bool = True,
+    max_plate_nesting: int | None = None,
+    datapoint_index=None,
+):
     """S guide draws per datapoint of ``x`` (the chosen datapoints, shape (B, ...)) as an ArviZ container
     (``InferenceData`` on arviz 0.23, ``DataTree`` on 1.x; ``data[group][var]`` reads both).
 
@@ -57,8 +68,16 @@ def posterior_diagnostics(model, guide, x: torch.Tensor, num_samples: int = 1000
     args = (x,) if y is None else (x, y)
     with eval_mode(model, guide), fork_rng():
         torch.manual_seed(seed)
-        lw = importance_log_weights(model, guide, args, num_particles=S, vectorize_particles=vectorize_particles,
-                                    max_plate_nesting=max_plate_nesting, data_plate=data_plate, keep_values=True)
+        lw = importance_log_weights(
+            model,
+            guide,
+            args,
+            num_particles=S,
+            vectorize_particles=vectorize_particles,
+            max_plate_nesting=max_plate_nesting,
+            data_plate=data_plate,
+            keep_values=True,
+        )
     B = lw.batch_size
     if datapoint_index is None:
         datapoint_index = np.arange(B)
@@ -72,18 +91,22 @@ def posterior_diagnostics(model, guide, x: torch.Tensor, num_samples: int = 1000
     log_q = sum((lw.guide_terms[n] for n in lw.guide_terms), torch.zeros_like(lw.log_w))
     sample_stats = {"log_weight": _np(lw.log_w)[None], "log_joint": _np(log_joint)[None], "log_q": _np(log_q)[None]}
     observed = {name: _np(v) for name, v in lw.observed.items()}
-    dims = {}   # (chain, draw,) datapoint, then <name>_dim_0, ... (the same names on both ArviZ lines)
+    dims = {}  # (chain, draw,) datapoint, then <name>_dim_0, ... (the same names on both ArviZ lines)
     for group, skip in ((posterior, 3), (log_lik, 3), (sample_stats, 3), (observed, 1)):
         for name, v in group.items():
             dims.setdefault(name, ["datapoint", *(f"{name}_dim_{i}" for i in range(v.ndim - skip))])
     return azcompat.from_dict(
-        {"posterior": posterior, "log_likelihood": log_lik, "sample_stats": sample_stats,
-         "observed_data": observed},
+        {"posterior": posterior, "log_likelihood": log_lik, "sample_stats": sample_stats, "observed_data": observed},
         coords={"datapoint": datapoint_index},
         dims=dims,
-        attrs={"inference_library": "pyro", "method": "importance sampling from the guide",
-               "num_samples": S, "seed": int(seed), "latent_sites": ",".join(latent_names),
-               "data_plate": data_plate},
+        attrs={
+            "inference_library": "pyro",
+            "method": "importance sampling from the guide",
+            "num_samples": S,
+            "seed": int(seed),
+            "latent_sites": ",".join(latent_names),
+            "data_plate": data_plate,
+        },
     )
 
 
@@ -91,8 +114,10 @@ def _log_weight_matrix(obj) -> tuple[np.ndarray, np.ndarray]:
     """(S, B) float64 log-weights and datapoint labels from an ArviZ container, a DataArray or an array."""
     if azcompat.is_arviz_data(obj):
         if "sample_stats" not in azcompat.groups(obj) or "log_weight" not in obj["sample_stats"]:
-            raise IWAEError("this ArviZ data has no sample_stats.log_weight; build it with "
-                            "posterior_diagnostics or pass the (S, B) log-weights directly")
+            raise IWAEError(
+                "this ArviZ data has no sample_stats.log_weight; build it with "
+                "posterior_diagnostics or pass the (S, B) log-weights directly"
+            )
         obj = obj["sample_stats"]["log_weight"]
     if hasattr(obj, "dims") and hasattr(obj, "stack"):  # xarray.DataArray (chain, draw, datapoint)
         da = obj.stack(__sample__=("chain", "draw")).transpose("__sample__", ...)
@@ -114,7 +139,8 @@ def psis_diagnostics(obj, reff: float = 1.0, const_rtol: float = 1e-6) -> dict:
     ``obj``: the ArviZ data of :func:`posterior_diagnostics` (its ``sample_stats.log_weight``), or
     log-weights of shape (S, B) (samples first, as :class:`~ppl_vae.infer.importance.LogWeights`), (S,) or
     (chain, draw, B), as a tensor or array. Returns a dict of numpy arrays over datapoints: ``khat``
-    (:func:`ppl_vae.evaluate.azcompat.psislw`, the right tail of the weights on either ArviZ line), ``ess`` = 1/Σ w̃² of the raw weights, ``ess_fraction`` = ess/S, ``datapoint``; and
+    (:func:`ppl_vae.evaluate.azcompat.psislw`, the right tail of the weights on either ArviZ line), ``ess`` = 1/Σ w̃²
+    of the raw weights, ``ess_fraction`` = ess/S, ``datapoint``; and
     ``num_samples`` = S. Degenerate case: if a datapoint's log-weights are all equal up to rounding
     (spread ≤ ``const_rtol``·max(1, max|log w|), i.e. q equals the posterior there), there is no tail to fit
     (``psislw`` would report k̂ = inf): k̂ is reported as −inf (bounded weights) and ESS = S.
@@ -160,8 +186,15 @@ def plot_khat(khat, path, *, title: str = "PSIS diagnostic of the guide", labels
     ax.scatter(idx[finite], k[finite], c=colors[finite], s=14, zorder=3)
     if (~finite).any():
         y = np.where(k[~finite] > 0, hi, lo)
-        ax.scatter(idx[~finite], y, marker="v", c=np.where(k[~finite] > 0, "tab:red", "tab:blue"), s=18, zorder=3,
-                   label="k-hat = ±inf (at the edge)")
+        ax.scatter(
+            idx[~finite],
+            y,
+            marker="v",
+            c=np.where(k[~finite] > 0, "tab:red", "tab:blue"),
+            s=18,
+            zorder=3,
+            label="k-hat = ±inf (at the edge)",
+        )
     ax.axhline(KHAT_GOOD, color="tab:orange", ls="--", lw=1, label=f"{KHAT_GOOD}: good below")
     ax.axhline(KHAT_BAD, color="tab:red", ls="--", lw=1, label=f"{KHAT_BAD}: unreliable above")
     ax.set_ylim(lo - 0.05, hi + 0.05)
@@ -176,4 +209,3 @@ def plot_khat(khat, path, *, title: str = "PSIS diagnostic of the guide", labels
     path = os.fspath(path)
     fig.savefig(path, format="png")
     return path
-

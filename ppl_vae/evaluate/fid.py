@@ -33,9 +33,18 @@ from torch import nn
 
 from ..errors import ConfigError, PplVaeError
 
-__all__ = ["FIDResult", "FrechetDistance", "frechet_distance", "SmallClassifier", "ClassifierFeatures",
-           "InceptionFeatures", "train_feature_classifier", "find_inception_weights", "get_feature_extractor",
-           "EXTRACTORS"]
+__all__ = [
+    "FIDResult",
+    "FrechetDistance",
+    "frechet_distance",
+    "SmallClassifier",
+    "ClassifierFeatures",
+    "InceptionFeatures",
+    "train_feature_classifier",
+    "find_inception_weights",
+    "get_feature_extractor",
+    "EXTRACTORS",
+]
 
 EXTRACTORS = ("classifier", "inception", "auto")
 INCEPTION_ENV = "PPL_VAE_INCEPTION_WEIGHTS"
@@ -62,8 +71,10 @@ class FIDResult:
         return asdict(self)
 
     def __str__(self) -> str:
-        return (f"FID {self.value:.3f} (features: {self.extractor}; {self.num_real} real vs {self.num_fake} "
-                f"generated images)")
+        return (
+            f"FID {self.value:.3f} (features: {self.extractor}; {self.num_real} real vs {self.num_fake} "
+            f"generated images)"
+        )
 
 
 # --------------------------------------------------------------------------- the classifier extractor
@@ -77,9 +88,15 @@ class SmallClassifier(nn.Module):
         c = data_shape[0]
         self.data_shape = tuple(data_shape)
         self.body = nn.Sequential(
-            nn.Conv2d(c, channels[0], 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(channels[0], channels[1], 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-            nn.Linear(channels[1] * 16, feature_dim), nn.ReLU(),
+            nn.Conv2d(c, channels[0], 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(channels[0], channels[1], 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(channels[1] * 16, feature_dim),
+            nn.ReLU(),
         )
         self.head = nn.Linear(feature_dim, num_classes)
         self.feature_dim = feature_dim
@@ -110,32 +127,57 @@ class ClassifierFeatures(nn.Module):
         return self.classifier.features(x.reshape(x.shape[0], *self.classifier.data_shape))
 
     def save(self, path) -> None:
-        torch.save({"state": self.classifier.state_dict(), "data_shape": self.classifier.data_shape,
-                    "num_classes": self.classifier.head.out_features, "name": self.name, "info": self.info}, path)
+        torch.save(
+            {
+                "state": self.classifier.state_dict(),
+                "data_shape": self.classifier.data_shape,
+                "num_classes": self.classifier.head.out_features,
+                "name": self.name,
+                "info": self.info,
+            },
+            path,
+        )
 
     @classmethod
-    def load(cls, path, map_location=None) -> "ClassifierFeatures":
+    def load(cls, path, map_location=None) -> ClassifierFeatures:
         ck = torch.load(path, map_location=map_location or "cpu", weights_only=False)
         clf = SmallClassifier(ck["data_shape"], ck["num_classes"])
         clf.load_state_dict(ck["state"])
         return cls(clf, ck["name"], ck.get("info"))
 
 
-def train_feature_classifier(data, epochs: int = 5, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
-                             limit: int | None = None, device=None, cache_dir: str | os.PathLike | None = None
-                             ) -> ClassifierFeatures:
+def train_feature_classifier(
+    data,
+    epochs: int = 5,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    limit: int | None = None,
+    device=None,
+    cache_dir: str | os.PathLike | None = None,
+) -> ClassifierFeatures:
     """Train :class:`SmallClassifier` on ``data``'s labelled training split (the first ``limit`` images) with
     Adam and cross-entropy; its test accuracy is in ``.info["test_accuracy"]``. Seeded (the global RNG is left
     as it was). ``cache_dir`` keeps the trained network in a file keyed by the dataset and these settings."""
     if data.train_y is None or data.num_classes is None or data.train_y.dim() != 1:
-        raise FIDError(f"the classifier feature extractor needs class labels, but dataset {data.name!r} has none; "
-                       f"use extractor='inception' with local weights (${INCEPTION_ENV})")
+        raise FIDError(
+            f"the classifier feature extractor needs class labels, but dataset {data.name!r} has none; "
+            f"use extractor='inception' with local weights (${INCEPTION_ENV})"
+        )
     x, y = data.train_x, data.train_y
     if limit is not None:
         x, y = x[:limit], y[:limit]
-    key = {"dataset": data.name, "pixels": data.pixels, "n": len(x), "shape": list(data.shape), "epochs": epochs,
-           "batch_size": batch_size, "lr": lr, "seed": seed,
-           "digest": hashlib.sha1(x[:: max(1, len(x) // 256)].numpy().tobytes()).hexdigest()[:12]}
+    key = {
+        "dataset": data.name,
+        "pixels": data.pixels,
+        "n": len(x),
+        "shape": list(data.shape),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "digest": hashlib.sha1(x[:: max(1, len(x) // 256)].numpy().tobytes()).hexdigest()[:12],
+    }
     path = None
     if cache_dir is not None:
         tag = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -152,7 +194,7 @@ def train_feature_classifier(data, epochs: int = 5, batch_size: int = 128, lr: f
         for _ in range(epochs):
             order = torch.randperm(len(x), generator=g)
             for s in range(0, len(x), batch_size):
-                idx = order[s:s + batch_size]
+                idx = order[s : s + batch_size]
                 loss = F.cross_entropy(clf(x[idx].to(dev)), y[idx].to(dev))
                 opt.zero_grad()
                 loss.backward()
@@ -161,8 +203,9 @@ def train_feature_classifier(data, epochs: int = 5, batch_size: int = 128, lr: f
     acc = None
     if data.test_y is not None and len(data.test_x):
         with torch.no_grad():
-            pred = torch.cat([clf(data.test_x[s:s + 1000].to(dev)).argmax(-1).cpu()
-                              for s in range(0, len(data.test_x), 1000)])
+            pred = torch.cat(
+                [clf(data.test_x[s : s + 1000].to(dev)).argmax(-1).cpu() for s in range(0, len(data.test_x), 1000)]
+            )
         acc = float((pred == data.test_y).float().mean())
     feats = ClassifierFeatures(clf, f"classifier:{data.name}", {**key, "test_accuracy": acc})
     if path is not None:
@@ -199,9 +242,11 @@ class InceptionFeatures(nn.Module):
 
         path = Path(weights_path) if weights_path is not None else find_inception_weights()
         if path is None or not path.is_file():
-            raise FIDError(f"no local Inception-v3 weights (looked at ${INCEPTION_ENV} and "
-                           f"{Path(torch.hub.get_dir()) / 'checkpoints'}); put torchvision's "
-                           f"{INCEPTION_FILES[0]} there or use extractor='classifier'. Nothing is downloaded.")
+            raise FIDError(
+                f"no local Inception-v3 weights (looked at ${INCEPTION_ENV} and "
+                f"{Path(torch.hub.get_dir()) / 'checkpoints'}); put torchvision's "
+                f"{INCEPTION_FILES[0]} there or use extractor='classifier'. Nothing is downloaded."
+            )
         net = inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         net.fc = nn.Identity()
@@ -223,8 +268,9 @@ class InceptionFeatures(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
-def get_feature_extractor(kind: str = "classifier", data=None, *, weights_path=None, device=None,
-                          cache_dir=None, **classifier_kwargs) -> nn.Module:
+def get_feature_extractor(
+    kind: str = "classifier", data=None, *, weights_path=None, device=None, cache_dir=None, **classifier_kwargs
+) -> nn.Module:
     """The extractor named ``kind`` (see :data:`EXTRACTORS`); ``data`` is needed to train the classifier."""
     if kind not in EXTRACTORS:
         raise ConfigError(f"FID extractor must be one of {list(EXTRACTORS)}, got {kind!r}")
@@ -271,11 +317,11 @@ class FrechetDistance:
     def _update(self, images: torch.Tensor, real: bool) -> None:
         with torch.no_grad():
             for s in range(0, images.shape[0], self.batch_size):
-                self.metric.update(images[s:s + self.batch_size], real=real)
+                self.metric.update(images[s : s + self.batch_size], real=real)
 
     def score(self, fake: torch.Tensor) -> FIDResult:
         fake = _check_images(fake, "generated images")
-        self.metric.reset()   # keeps the real statistics
+        self.metric.reset()  # keeps the real statistics
         self._update(fake, False)
         value = float(self.metric.compute())
         if not math.isfinite(value):
@@ -283,7 +329,6 @@ class FrechetDistance:
         return FIDResult(max(value, 0.0), self.name, self.num_real, fake.shape[0])
 
 
-def frechet_distance(real: torch.Tensor, fake: torch.Tensor, extractor: nn.Module,
-                     batch_size: int = 500) -> FIDResult:
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor, extractor: nn.Module, batch_size: int = 500) -> FIDResult:
     """FID between two image sets (N, C, H, W) in [0, 1] with the given feature extractor."""
     return FrechetDistance(extractor, real, batch_size).score(fake)

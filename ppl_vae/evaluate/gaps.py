@@ -23,26 +23,36 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 
-from ..infer.importance import IWAEError, fork_rng, importance_log_weights
-from ..plate import DATA_PLATE
+from ..distributions.plate import DATA_PLATE
+from ..infer.importance import fork_rng, importance_log_weights
+from ..infer.trace_checks import IWAEError
 from .latents import _latent_sites
 
-__all__ = ["elbo_per_datapoint", "optimised_guide", "amortisation_gap", "inference_gaps", "guide_latent_site",
-           "guide_latent_sites", "data_plate_size", "FAMILIES"]
+__all__ = [
+    "elbo_per_datapoint",
+    "optimised_guide",
+    "amortisation_gap",
+    "inference_gaps",
+    "guide_latent_site",
+    "guide_latent_sites",
+    "data_plate_size",
+    "FAMILIES",
+]
 
 FAMILIES = ("diag", "full")
 
 
 @torch.no_grad()
-def elbo_per_datapoint(model, guide, x: torch.Tensor, num_particles: int = 1000, batch_size: int = 50,
-                       chunk: int = 100, y=None) -> torch.Tensor:
+def elbo_per_datapoint(
+    model, guide, x: torch.Tensor, num_particles: int = 1000, batch_size: int = 50, chunk: int = 100, y=None
+) -> torch.Tensor:
     """Mean over ``num_particles`` guide draws of log p(x_i, z) − log q(z|x_i) for each datapoint (unscaled), in
     batches of ``batch_size`` datapoints (``len(x)`` for a guide with parameters per datapoint of all of x) and
     chunks of ``chunk`` draws. Draws come from the global torch RNG."""
     out = []
     for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size]
-        args = (xb,) if y is None else (xb, y[i:i + batch_size])
+        xb = x[i : i + batch_size]
+        args = (xb,) if y is None else (xb, y[i : i + batch_size])
         acc = torch.zeros(len(xb), dtype=x.dtype, device=x.device)
         for done in range(0, num_particles, chunk):
             k = min(chunk, num_particles - done)
@@ -101,14 +111,16 @@ def _gaussian(fn, family=None):
         return "full", d.loc, d.scale_tril
     if isinstance(d, dist.Normal):
         return "diag", d.loc, d.scale
-    if family is not None:   # another family (e.g. a mixture): the per-datapoint Gaussian starts at its moments
+    if family is not None:  # another family (e.g. a mixture): the per-datapoint Gaussian starts at its moments
         try:
             return "diag", fn.mean, fn.variance.sqrt()
         except NotImplementedError:
             pass
-    raise IWAEError(f"the gap analysis needs a Gaussian guide site (Normal or MultivariateNormal), got "
-                    f"{type(fn).__name__}; for another family give family='diag' or 'full' (a per-datapoint "
-                    f"Gaussian started at the guide's mean and variance)")
+    raise IWAEError(
+        f"the gap analysis needs a Gaussian guide site (Normal or MultivariateNormal), got "
+        f"{type(fn).__name__}; for another family give family='diag' or 'full' (a per-datapoint "
+        f"Gaussian started at the guide's mean and variance)"
+    )
 
 
 def _start(fn, family):
@@ -126,15 +138,26 @@ def _start(fn, family):
     return family, loc.detach().clone().requires_grad_(), raw.detach().clone().requires_grad_()
 
 
-def optimised_guide(model, guide, x: torch.Tensor, *, family: str | None = None, steps: int = 300,
-                    num_particles: int = 16, lr: float = 1e-2, site=None, parameters=(), y=None):
+def optimised_guide(
+    model,
+    guide,
+    x: torch.Tensor,
+    *,
+    family: str | None = None,
+    steps: int = 300,
+    num_particles: int = 16,
+    lr: float = 1e-2,
+    site=None,
+    parameters=(),
+    y=None,
+):
     """A per-datapoint Gaussian guide for ``x`` (``family`` "diag" or "full", default: that of the amortised
     guide's site), started at the amortised q and optimised with Adam (cosine-decayed ``lr``) on the ELBO
     estimated with ``num_particles`` draws, the model's ``parameters`` frozen meanwhile. ``site``: a latent site
     name or a list of them (default: all the guide's latent sites; several sites get independent per-datapoint
     Gaussians — mean field across sites —, each started at its amortised distribution in one guide run).
     Returns the guide function."""
-    tr = _trace(guide, x, y)      # one guide run gives every site's amortised distribution
+    tr = _trace(guide, x, y)  # one guide run gives every site's amortised distribution
     sites = _latent_names(tr) if site is None else ([site] if isinstance(site, str) else list(site))
     for name in sites:
         if name not in tr.nodes:
@@ -159,8 +182,9 @@ def optimised_guide(model, guide, x: torch.Tensor, *, family: str | None = None,
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         for _ in range(steps):
             opt.zero_grad()
-            lw = importance_log_weights(model, local, _args(x, y), num_particles=num_particles,
-                                        max_plate_nesting=1).log_w
+            lw = importance_log_weights(
+                model, local, _args(x, y), num_particles=num_particles, max_plate_nesting=1
+            ).log_w
             (-lw.mean(0).sum()).backward()
             opt.step()
             sched.step()
@@ -170,9 +194,20 @@ def optimised_guide(model, guide, x: torch.Tensor, *, family: str | None = None,
     return local
 
 
-def amortisation_gap(model, guide, x: torch.Tensor, *, family: str | None = None, steps: int = 300,
-                     num_particles: int = 16, elbo_particles: int = 1000, lr: float = 1e-2, site=None,
-                     parameters=(), y=None) -> dict:
+def amortisation_gap(
+    model,
+    guide,
+    x: torch.Tensor,
+    *,
+    family: str | None = None,
+    steps: int = 300,
+    num_particles: int = 16,
+    elbo_particles: int = 1000,
+    lr: float = 1e-2,
+    site=None,
+    parameters=(),
+    y=None,
+) -> dict:
     """ELBO of q optimised per datapoint minus the amortised ELBO, per datapoint and summarised.
 
     Returns ``amortised`` and ``optimised`` (per-datapoint ELBOs, tensors), ``gap`` (their difference, a tensor)
@@ -181,14 +216,30 @@ def amortisation_gap(model, guide, x: torch.Tensor, *, family: str | None = None
     ``parameters``: the model's parameters, frozen during the optimisation (e.g. ``module.parameters()``).
     """
     amortised = elbo_per_datapoint(model, guide, x, elbo_particles, y=y)
-    local = optimised_guide(model, guide, x, family=family, steps=steps, num_particles=num_particles, lr=lr,
-                            site=site, parameters=list(parameters), y=y)
+    local = optimised_guide(
+        model,
+        guide,
+        x,
+        family=family,
+        steps=steps,
+        num_particles=num_particles,
+        lr=lr,
+        site=site,
+        parameters=list(parameters),
+        y=y,
+    )
     optimised = elbo_per_datapoint(model, local, x, elbo_particles, batch_size=len(x), y=y)
     gap = optimised - amortised
-    return {"amortised": amortised, "optimised": optimised, "gap": gap,
-            "amortised_elbo": float(amortised.mean()), "optimised_elbo": float(optimised.mean()),
-            "gap_mean": float(gap.mean()), "gap_std_error": float(gap.std() / math.sqrt(len(x))) if len(x) > 1
-            else float("nan"), "datapoints_where_optimisation_lost": int((gap < 0).sum())}
+    return {
+        "amortised": amortised,
+        "optimised": optimised,
+        "gap": gap,
+        "amortised_elbo": float(amortised.mean()),
+        "optimised_elbo": float(optimised.mean()),
+        "gap_mean": float(gap.mean()),
+        "gap_std_error": float(gap.std() / math.sqrt(len(x))) if len(x) > 1 else float("nan"),
+        "datapoints_where_optimisation_lost": int((gap < 0).sum()),
+    }
 
 
 def inference_gaps(model, guide, x: torch.Tensor, log_px: torch.Tensor, **kwargs) -> dict:

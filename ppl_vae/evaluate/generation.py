@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .fid import FrechetDistance
-from .images import sharpness
+from .sharpness import sharpness
 
 __all__ = ["generation_report", "collapsed_fraction", "midpoints"]
 
@@ -32,7 +32,7 @@ def collapsed_fraction(model, x: torch.Tensor, threshold: float = 0.01, batch_si
     """Share of (image, latent dimension) pairs whose posterior variance σ² is below ``threshold``."""
     below, total = 0, 0
     for a in range(0, len(x), batch_size):
-        _, scale = model.encode(x[a:a + batch_size])
+        _, scale = model.encode(x[a : a + batch_size])
         below += int((scale.pow(2) < threshold).sum())
         total += scale.numel()
     return below / max(total, 1)
@@ -46,8 +46,15 @@ def midpoints(model, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generation_report(model, x: torch.Tensor, fid: FrechetDistance, *, data_range=(0.0, 1.0), seed: int = 0,
-                      collapse_threshold: float = 0.01) -> dict:
+def generation_report(
+    model,
+    x: torch.Tensor,
+    fid: FrechetDistance,
+    *,
+    data_range=(0.0, 1.0),
+    seed: int = 0,
+    collapse_threshold: float = 0.01,
+) -> dict:
     """``recon_fid``, ``midpoint_fid``, ``prior_fid`` (against the real images ``fid`` was built with), their
     ``sharpness`` (and the data's), and ``collapsed_fraction`` on test images ``x`` (module docstring)."""
     was = model.training

@@ -31,8 +31,9 @@ __all__ = ["posterior_means", "active_units", "kl_per_site", "mutual_information
 
 
 def _latent_sites(trace) -> list[str]:
-    return [n for n, s in trace.nodes.items()
-            if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)]
+    return [
+        n for n, s in trace.nodes.items() if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
+    ]
 
 
 def _flat(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -46,15 +47,16 @@ def _check(x, num_samples, what="num_samples"):
         raise ValueError(f"{what} must be a positive integer, got {num_samples!r}")
 
 
-def posterior_means(guide, x: torch.Tensor, num_samples: int = 1, batch_size: int = 500, y=None
-                    ) -> dict[str, torch.Tensor]:
+def posterior_means(
+    guide, x: torch.Tensor, num_samples: int = 1, batch_size: int = 500, y=None
+) -> dict[str, torch.Tensor]:
     """{site: (N, d) tensor of E_q[z_site | x]} (see the module docstring)."""
     _check(x, num_samples)
     out: dict[str, list[torch.Tensor]] = {}
     with eval_mode(guide), torch.no_grad():
         for s in range(0, len(x), batch_size):
-            xb = x[s:s + batch_size]
-            args = (xb,) if y is None else (xb, y[s:s + batch_size])
+            xb = x[s : s + batch_size]
+            args = (xb,) if y is None else (xb, y[s : s + batch_size])
             acc: dict[str, torch.Tensor] = {}
             for _ in range(num_samples):
                 tr = poutine.trace(guide).get_trace(*args)
@@ -71,8 +73,9 @@ def posterior_means(guide, x: torch.Tensor, num_samples: int = 1, batch_size: in
     return {name: torch.cat(parts) for name, parts in out.items()}
 
 
-def active_units(guide, x: torch.Tensor, threshold: float = 0.01, num_samples: int = 1, batch_size: int = 500,
-                 y=None) -> dict[str, dict]:
+def active_units(
+    guide, x: torch.Tensor, threshold: float = 0.01, num_samples: int = 1, batch_size: int = 500, y=None
+) -> dict[str, dict]:
     """{site: {"active": count, "dims": d, "variance": [A_u per unit]}}, A_u = Var_x(E_q[z_u | x])."""
     if not (isinstance(threshold, (int, float)) and threshold >= 0 and math.isfinite(threshold)):
         raise ValueError(f"threshold must be a non-negative number, got {threshold!r}")
@@ -82,20 +85,24 @@ def active_units(guide, x: torch.Tensor, threshold: float = 0.01, num_samples: i
     out = {}
     for name, m in means.items():
         var = m.double().var(0, unbiased=True)
-        out[name] = {"active": int((var > threshold).sum()), "dims": int(var.numel()),
-                     "variance": [float(v) for v in var]}
+        out[name] = {
+            "active": int((var > threshold).sum()),
+            "dims": int(var.numel()),
+            "variance": [float(v) for v in var],
+        }
     return out
 
 
-def kl_per_site(model, guide, x: torch.Tensor, num_samples: int = 10, batch_size: int = 500, y=None
-                ) -> dict[str, float]:
+def kl_per_site(
+    model, guide, x: torch.Tensor, num_samples: int = 10, batch_size: int = 500, y=None
+) -> dict[str, float]:
     """{site: mean over datapoints of E_q[log q(z_site | ·) − log p(z_site | ·)]}, nats (Monte Carlo)."""
     _check(x, num_samples)
     total: dict[str, float] = {}
     with eval_mode(model, guide), torch.no_grad():
         for s in range(0, len(x), batch_size):
-            xb = x[s:s + batch_size]
-            args = (xb,) if y is None else (xb, y[s:s + batch_size])
+            xb = x[s : s + batch_size]
+            args = (xb,) if y is None else (xb, y[s : s + batch_size])
             for _ in range(num_samples):
                 gt = poutine.trace(guide).get_trace(*args)
                 mt = poutine.trace(poutine.replay(model, trace=gt)).get_trace(*args)
@@ -108,8 +115,9 @@ def kl_per_site(model, guide, x: torch.Tensor, num_samples: int = 10, batch_size
     return {name: v / len(x) for name, v in total.items()}
 
 
-def mutual_information(guide, x: torch.Tensor, num_samples: int = 1, chunk: int = 256, y=None,
-                       site: str | None = None) -> float:
+def mutual_information(
+    guide, x: torch.Tensor, num_samples: int = 1, chunk: int = 256, y=None, site: str | None = None
+) -> float:
     """I_q(x; z) in nats for the guide's one latent site (or ``site``), from ``num_samples`` draws per datapoint
     (module docstring); O(N²) density evaluations, in chunks of ``chunk`` draws."""
     _check(x, num_samples)
@@ -126,11 +134,11 @@ def mutual_information(guide, x: torch.Tensor, num_samples: int = 1, chunk: int 
         N = len(x)
         total = 0.0
         for _ in range(num_samples):
-            z = fn.sample()                                     # (N, ...) one draw per datapoint
-            own = fn.log_prob(z)                                # log q(z_i | x_i)
+            z = fn.sample()  # (N, ...) one draw per datapoint
+            own = fn.log_prob(z)  # log q(z_i | x_i)
             agg = []
             for s in range(0, N, chunk):
-                zi = z[s:s + chunk].unsqueeze(1)                # (c, 1, ...) against every q(· | x_j)
+                zi = z[s : s + chunk].unsqueeze(1)  # (c, 1, ...) against every q(· | x_j)
                 agg.append(torch.logsumexp(fn.log_prob(zi), dim=1) - math.log(N))
             total += float((own - torch.cat(agg)).double().mean())
     return total / num_samples
@@ -153,6 +161,12 @@ def latent_summary(model, guide, x: torch.Tensor, y=None, train_x=None, train_y=
             zte = torch.cat(list(posterior_means(guide, x, y=y).values()), -1)
             n = len(train_x)
             probe = probe_accuracy(ztr, train_y.cpu(), zte, y.cpu(), num_labels=(n,))[n]
-    return {"num_images": len(x), "kl": {k: float(v) for k, v in kl.items()}, "kl_total": float(sum(kl.values())),
-            "active_units": {k: v["active"] for k, v in au.items()},
-            "latent_dims": {k: v["dims"] for k, v in au.items()}, "mutual_information": mi, "probe_accuracy": probe}
+    return {
+        "num_images": len(x),
+        "kl": {k: float(v) for k, v in kl.items()},
+        "kl_total": float(sum(kl.values())),
+        "active_units": {k: v["active"] for k, v in au.items()},
+        "latent_dims": {k: v["dims"] for k, v in au.items()},
+        "mutual_information": mi,
+        "probe_accuracy": probe,
+    }

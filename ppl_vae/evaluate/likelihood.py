@@ -39,21 +39,29 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import pyro
 import torch
 from torch import nn
 
-from ..infer.importance import IWAEError, fork_rng, guess_max_plate_nesting, importance_log_weights
+from ..infer.importance import fork_rng, guess_max_plate_nesting, importance_log_weights
+from ..infer.trace_checks import IWAEError
 from .defensive import defended
 
-__all__ = ["log_likelihood", "log_likelihood_summary", "bits_per_dim", "mc_std_error", "plan_chunks",
-           "bytes_per_sample", "DEFAULT_MAX_BYTES"]
+__all__ = [
+    "log_likelihood",
+    "log_likelihood_summary",
+    "bits_per_dim",
+    "mc_std_error",
+    "plan_chunks",
+    "bytes_per_sample",
+    "DEFAULT_MAX_BYTES",
+]
 
 DEFAULT_MAX_BYTES = 32 * 2**20
-_OUTPUT_COPIES = 8        # decoder-output-sized temporaries per datapoint-sample (measured ≤ 6.7; module docstring)
-_HIDDEN_ELEMENTS = 1024   # hidden activations per datapoint-sample, independent of the data size
+_OUTPUT_COPIES = 8  # decoder-output-sized temporaries per datapoint-sample (measured ≤ 6.7; module docstring)
+_HIDDEN_ELEMENTS = 1024  # hidden activations per datapoint-sample, independent of the data size
 
 
 def bytes_per_sample(data: torch.Tensor) -> int:
@@ -63,9 +71,16 @@ def bytes_per_sample(data: torch.Tensor) -> int:
     return max(int(data.element_size()), 4) * (_OUTPUT_COPIES * int(D) + _HIDDEN_ELEMENTS)
 
 
-def plan_chunks(num_data: int, num_samples: int, batch_size: int | None = None, chunk_size: int | None = None,
-                *, max_bytes: int = DEFAULT_MAX_BYTES, bytes_per_sample: int = 4 * (_OUTPUT_COPIES + _HIDDEN_ELEMENTS),
-                max_elements: int | None = None) -> tuple[int, int]:
+def plan_chunks(
+    num_data: int,
+    num_samples: int,
+    batch_size: int | None = None,
+    chunk_size: int | None = None,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    bytes_per_sample: int = 4 * (_OUTPUT_COPIES + _HIDDEN_ELEMENTS),
+    max_elements: int | None = None,
+) -> tuple[int, int]:
     """(batch_size, chunk_size) following the rule in the module docstring: at most E = max(1, ``max_bytes`` //
     ``bytes_per_sample``) datapoint-samples at once unless ``batch_size`` alone exceeds it. ``max_elements``
     (deprecated) gives E directly and overrides the byte budget."""
@@ -75,8 +90,11 @@ def plan_chunks(num_data: int, num_samples: int, batch_size: int | None = None, 
         if v is not None and (int(v) != v or v < 1):
             raise IWAEError(f"{name} must be a positive integer or None, got {v!r}")
     if max_elements is not None:
-        warnings.warn("plan_chunks/log_likelihood(max_elements=...) is deprecated: give a memory budget in bytes, "
-                      "max_bytes=...", DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            "plan_chunks/log_likelihood(max_elements=...) is deprecated: give a memory budget in bytes, max_bytes=...",
+            DeprecationWarning,
+            stacklevel=3,
+        )
         if max_elements < 1:
             raise IWAEError(f"max_elements must be positive, got {max_elements!r}")
         E = int(max_elements)
@@ -126,12 +144,28 @@ def _check_data(data, y):
 
 
 @torch.no_grad()
-def log_likelihood(model: Callable, guide: Callable, data: torch.Tensor, num_samples: int = 5000,
-                   batch_size: int | None = None, seed: int = 0, chunk_size: int | None = None, y=None,
-                   progress: bool = False, *, data_plate: str = "data", vectorize_particles: bool = True,
-                   max_plate_nesting: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
-                   max_elements: int | None = None, return_ess: bool = False, defensive="auto",
-                   defensive_weight: float = 0.1, defensive_inflation: float = 4.0, _sites: list | None = None):
+def log_likelihood(
+    model: Callable,
+    guide: Callable,
+    data: torch.Tensor,
+    num_samples: int = 5000,
+    batch_size: int | None = None,
+    seed: int = 0,
+    chunk_size: int | None = None,
+    y=None,
+    progress: bool = False,
+    *,
+    data_plate: str = "data",
+    vectorize_particles: bool = True,
+    max_plate_nesting: int | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_elements: int | None = None,
+    return_ess: bool = False,
+    defensive="auto",
+    defensive_weight: float = 0.1,
+    defensive_inflation: float = 4.0,
+    _sites: list | None = None,
+):
     """Per-datapoint importance-sampled log p̂(x_i) in nats, shape (N,), on ``data``'s device.
 
     ``model``/``guide`` are called as ``model(x_batch)`` or ``model(x_batch, y_batch)`` (e.g. ``vae.model``,
@@ -148,19 +182,40 @@ def log_likelihood(model: Callable, guide: Callable, data: torch.Tensor, num_sam
     """
     y = _check_data(data, y)
     N, S = data.shape[0], int(num_samples)
-    batch_size, chunk_size = plan_chunks(N, S, batch_size, chunk_size, max_bytes=max_bytes,
-                                         bytes_per_sample=bytes_per_sample(data), max_elements=max_elements)
+    batch_size, chunk_size = plan_chunks(
+        N,
+        S,
+        batch_size,
+        chunk_size,
+        max_bytes=max_bytes,
+        bytes_per_sample=bytes_per_sample(data),
+        max_elements=max_elements,
+    )
     bar = None
     if progress:
         try:
             from tqdm.auto import tqdm
+
             bar = tqdm(total=N * S, desc="log-likelihood", unit="sample", unit_scale=True)
         except ImportError:  # pragma: no cover
             pass
     try:
-        out, ess_out, sites = _log_likelihood_loop(model, guide, data, y, N, S, batch_size, chunk_size, seed,
-                                                   data_plate, vectorize_particles, max_plate_nesting, bar,
-                                                   (defensive, defensive_weight, defensive_inflation))
+        out, ess_out, sites = _log_likelihood_loop(
+            model,
+            guide,
+            data,
+            y,
+            N,
+            S,
+            batch_size,
+            chunk_size,
+            seed,
+            data_plate,
+            vectorize_particles,
+            max_plate_nesting,
+            bar,
+            (defensive, defensive_weight, defensive_inflation),
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -171,8 +226,22 @@ def log_likelihood(model: Callable, guide: Callable, data: torch.Tensor, num_sam
     return (log_px, ess) if return_ess else log_px
 
 
-def _log_likelihood_loop(model, guide, data, y, N, S, batch_size, chunk_size, seed, data_plate,
-                         vectorize_particles, max_plate_nesting, bar, defensive):
+def _log_likelihood_loop(
+    model,
+    guide,
+    data,
+    y,
+    N,
+    S,
+    batch_size,
+    chunk_size,
+    seed,
+    data_plate,
+    vectorize_particles,
+    max_plate_nesting,
+    bar,
+    defensive,
+):
     out, ess_out = [], []
     warned = False
     with eval_mode(model, guide), fork_rng():
@@ -184,25 +253,36 @@ def _log_likelihood_loop(model, guide, data, y, N, S, batch_size, chunk_size, se
         torch.manual_seed(seed)
         validated = set()
         for start in range(0, N, batch_size):
-            xb = data[start:start + batch_size]
-            args = (xb,) if y is None else (xb, y[start:start + batch_size])
+            xb = data[start : start + batch_size]
+            args = (xb,) if y is None else (xb, y[start : start + batch_size])
             acc = acc2 = None
             done = 0
             while done < S:
                 c = min(chunk_size, S - done)
                 shape = (c, xb.shape[0])
                 with contextlib.nullcontext() if shape not in validated else pyro.validation_enabled(False):
-                    lw = importance_log_weights(model, guide, args, num_particles=c,
-                                                vectorize_particles=vectorize_particles, max_plate_nesting=nesting,
-                                                data_plate=data_plate)
+                    lw = importance_log_weights(
+                        model,
+                        guide,
+                        args,
+                        num_particles=c,
+                        vectorize_particles=vectorize_particles,
+                        max_plate_nesting=nesting,
+                        data_plate=data_plate,
+                    )
                 validated.add(shape)
                 if lw.batch_size != xb.shape[0]:
-                    raise IWAEError(f"the plate '{data_plate}' has {lw.batch_size} datapoints but the batch has "
-                                    f"{xb.shape[0]}: the data plate must run over the batch passed to the model")
+                    raise IWAEError(
+                        f"the plate '{data_plate}' has {lw.batch_size} datapoints but the batch has "
+                        f"{xb.shape[0]}: the data plate must run over the batch passed to the model"
+                    )
                 if lw.global_terms and not warned:
-                    warnings.warn(f"log_likelihood: observed sites outside the plate '{data_plate}' "
-                                  f"{sorted(lw.global_terms)} are not part of any per-datapoint p(x_i) and are left "
-                                  "out", stacklevel=4)
+                    warnings.warn(
+                        f"log_likelihood: observed sites outside the plate '{data_plate}' "
+                        f"{sorted(lw.global_terms)} are not part of any per-datapoint p(x_i) and are left "
+                        "out",
+                        stacklevel=4,
+                    )
                     warned = True
                 out_dtype = lw.log_w.dtype
                 log_w = lw.log_w.double()
@@ -239,8 +319,9 @@ def bits_per_dim(log_px_nats, data_dim):
     return -log_px_nats / (D * math.log(2.0))
 
 
-def log_likelihood_summary(model: Callable, guide: Callable, data: torch.Tensor, num_samples: int = 5000,
-                           **kwargs) -> dict:
+def log_likelihood_summary(
+    model: Callable, guide: Callable, data: torch.Tensor, num_samples: int = 5000, **kwargs
+) -> dict:
     """Mean log p̂(x) over the data with its standard errors, as a dict of floats.
 
     Keys: ``log_likelihood`` (mean nats per datapoint), ``std_error`` (std over datapoints / √N: the sampling
@@ -270,4 +351,3 @@ def log_likelihood_summary(model: Callable, guide: Callable, data: torch.Tensor,
         "num_samples": int(num_samples),
         "defensive_sites": sites,
     }
-

@@ -38,8 +38,9 @@ from pyro.infer.autoguide.initialization import init_to_value
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-from ..infer.importance import IWAEError, fork_rng, importance_log_weights
-from ..plate import DATA_PLATE
+from ..distributions.plate import DATA_PLATE
+from ..infer.importance import fork_rng, importance_log_weights
+from ..infer.trace_checks import IWAEError
 from . import azcompat
 from .diagnostics import psis_diagnostics
 from .gaps import _args, _trace, data_plate_size
@@ -62,9 +63,14 @@ class Unscaled(Messenger):
 def latent_sites(model, x, y=None) -> dict[str, torch.Tensor]:
     """Names and values of the model's latent (unobserved, non-subsample) sample sites in one prior run."""
     tr = _trace(model, x, y)
-    return {n: s["value"] for n, s in tr.nodes.items()
-            if s["type"] == "sample" and not s["is_observed"] and not s["infer"].get("_do_not_trace")
-            and not site_is_subsample(s)}
+    return {
+        n: s["value"]
+        for n, s in tr.nodes.items()
+        if s["type"] == "sample"
+        and not s["is_observed"]
+        and not s["infer"].get("_do_not_trace")
+        and not site_is_subsample(s)
+    }
 
 
 def _guide_draw(guide, x, y, names) -> dict[str, torch.Tensor]:
@@ -76,8 +82,10 @@ def _guide_draw(guide, x, y, names) -> dict[str, torch.Tensor]:
 
 def _check_one(x, y):
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] != 1:
-        raise IWAEError(f"nuts_posterior takes one datapoint with its batch dim, shape (1, ...); got "
-                        f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        raise IWAEError(
+            f"nuts_posterior takes one datapoint with its batch dim, shape (1, ...); got "
+            f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+        )
     if y is not None and torch.as_tensor(y).shape[:1] != (1,):
         raise IWAEError(f"y must hold one label for the one datapoint, got shape {tuple(torch.as_tensor(y).shape)}")
 
@@ -89,14 +97,15 @@ def _log_lik_of_draws(model, x, y, draws: dict[str, np.ndarray], chunk: int = 25
     chunk = max(1, min(chunk, data_plate_size(_trace(model, x, y), default=len(x))))
     some = next(iter(draws.values()))
     C, T = some.shape[:2]
-    flat = {k: torch.as_tensor(v.reshape(C * T, *v.shape[3:]), dtype=x.dtype, device=x.device)
-            for k, v in draws.items()}      # draws are (chain, draw, 1, ...): drop the datapoint dim
+    flat = {
+        k: torch.as_tensor(v.reshape(C * T, *v.shape[3:]), dtype=x.dtype, device=x.device) for k, v in draws.items()
+    }  # draws are (chain, draw, 1, ...): drop the datapoint dim
     out: dict[str, list] = {}
     for i in range(0, C * T, chunk):
         n = min(chunk, C * T - i)
         xr = x.expand(n, *x.shape[1:])
         yr = None if y is None else torch.as_tensor(y, device=x.device).expand(n, *torch.as_tensor(y).shape[1:])
-        cond = poutine.condition(model, {k: v[i:i + n] for k, v in flat.items()})
+        cond = poutine.condition(model, {k: v[i : i + n] for k, v in flat.items()})
         with fork_rng(), poutine.block():
             tr = poutine.trace(Unscaled()(cond)).get_trace(*_args(xr, yr))
         for name, site in tr.nodes.items():
@@ -106,9 +115,21 @@ def _log_lik_of_draws(model, x, y, draws: dict[str, np.ndarray], chunk: int = 25
     return {k: np.concatenate(v).reshape(C, T) for k, v in out.items()}
 
 
-def nuts_posterior(model, x: torch.Tensor, *, y=None, guide=None, num_chains: int = 4, num_samples: int = 500,
-                   warmup_steps: int = 500, seed: int = 0, parameters=(), target_accept_prob: float = 0.8,
-                   max_tree_depth: int = 10, progress: bool = False) -> dict:
+def nuts_posterior(
+    model,
+    x: torch.Tensor,
+    *,
+    y=None,
+    guide=None,
+    num_chains: int = 4,
+    num_samples: int = 500,
+    warmup_steps: int = 500,
+    seed: int = 0,
+    parameters=(),
+    target_accept_prob: float = 0.8,
+    max_tree_depth: int = 10,
+    progress: bool = False,
+) -> dict:
     """NUTS draws from p(z | x) for one datapoint ``x`` (shape (1, ...)) with the model's parameters fixed.
 
     ``guide`` (optional) gives each chain its starting point (a guide draw; otherwise the prior's).
@@ -120,8 +141,10 @@ def nuts_posterior(model, x: torch.Tensor, *, y=None, guide=None, num_chains: in
     """
     _check_one(x, y)
     if num_chains < 1 or num_samples < 2 or warmup_steps < 0:
-        raise IWAEError(f"nuts_posterior needs num_chains >= 1, num_samples >= 2 and warmup_steps >= 0; got "
-                        f"{num_chains}, {num_samples}, {warmup_steps}")
+        raise IWAEError(
+            f"nuts_posterior needs num_chains >= 1, num_samples >= 2 and warmup_steps >= 0; got "
+            f"{num_chains}, {num_samples}, {warmup_steps}"
+        )
     frozen = [p for p in parameters if p.requires_grad]
     unscaled = Unscaled()(model)
     t0 = time.perf_counter()
@@ -136,30 +159,52 @@ def nuts_posterior(model, x: torch.Tensor, *, y=None, guide=None, num_chains: in
             for c in range(num_chains):
                 pyro.set_rng_seed(seed + c)
                 init = _guide_draw(guide, x, y, names) if guide is not None else {}
-                kernel = NUTS(unscaled, target_accept_prob=target_accept_prob, max_tree_depth=max_tree_depth,
-                              init_strategy=init_to_value(values=init) if init else
-                              pyro.infer.autoguide.initialization.init_to_sample, jit_compile=False)
-                mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=1,
-                            disable_progbar=not progress)
+                kernel = NUTS(
+                    unscaled,
+                    target_accept_prob=target_accept_prob,
+                    max_tree_depth=max_tree_depth,
+                    init_strategy=init_to_value(values=init)
+                    if init
+                    else pyro.infer.autoguide.initialization.init_to_sample,
+                    jit_compile=False,
+                )
+                mcmc = MCMC(
+                    kernel,
+                    num_samples=num_samples,
+                    warmup_steps=warmup_steps,
+                    num_chains=1,
+                    disable_progbar=not progress,
+                )
                 mcmc.run(*_args(x, y))
                 runs.append(mcmc)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
-        draws = {k: np.concatenate([m.get_samples(group_by_chain=True)[k].cpu().numpy() for m in runs], 0)
-                 for k in names}
+        draws = {
+            k: np.concatenate([m.get_samples(group_by_chain=True)[k].cpu().numpy() for m in runs], 0) for k in names
+        }
         loglik = _log_lik_of_draws(model, x, y, draws)
     squeezed = {k: v.reshape(v.shape[0], v.shape[1], *v.shape[3:]) for k, v in draws.items()}
-    data = azcompat.from_pyro_mcmc(runs, log_likelihood=loglik,
-                                   attrs={"method": "NUTS on p(z | x), parameters fixed, unscaled",
-                                          "num_chains": num_chains, "seed": int(seed)})
+    data = azcompat.from_pyro_mcmc(
+        runs,
+        log_likelihood=loglik,
+        attrs={"method": "NUTS on p(z | x), parameters fixed, unscaled", "num_chains": num_chains, "seed": int(seed)},
+    )
     rhat = {k: azcompat.rhat(v) for k, v in squeezed.items()}
     ess = {k: azcompat.ess(v) for k, v in squeezed.items()}
     divergences = int(np.asarray(data["sample_stats"]["diverging"].values).sum())
-    return {"data": data, "draws": squeezed, "rhat": rhat, "ess": ess,
-            "max_rhat": float(max(np.nanmax(r) for r in rhat.values())),
-            "min_ess": float(min(np.nanmin(e) for e in ess.values())), "divergences": divergences,
-            "num_chains": num_chains, "num_samples": num_samples, "seconds": time.perf_counter() - t0}
+    return {
+        "data": data,
+        "draws": squeezed,
+        "rhat": rhat,
+        "ess": ess,
+        "max_rhat": float(max(np.nanmax(r) for r in rhat.values())),
+        "min_ess": float(min(np.nanmin(e) for e in ess.values())),
+        "divergences": divergences,
+        "num_chains": num_chains,
+        "num_samples": num_samples,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _t_proposal(mean: torch.Tensor, cov: torch.Tensor, site: str, size: int):
@@ -167,14 +212,28 @@ def _t_proposal(mean: torch.Tensor, cov: torch.Tensor, site: str, size: int):
 
     def proposal(xb, y=None):
         with pyro.plate(DATA_PLATE, size, subsample=torch.arange(len(xb), device=xb.device)):
-            pyro.sample(site, dist.MultivariateStudentT(torch.tensor(PROPOSAL_DF, dtype=mean.dtype),
-                                                        mean.to(xb.device), L.to(xb.device)))
+            pyro.sample(
+                site,
+                dist.MultivariateStudentT(
+                    torch.tensor(PROPOSAL_DF, dtype=mean.dtype), mean.to(xb.device), L.to(xb.device)
+                ),
+            )
+
     return proposal
 
 
 @torch.no_grad()
-def compare_to_reference(model, guide, x: torch.Tensor, reference: dict, *, y=None, num_samples: int = 2000,
-                         elbo_samples: int = 2000, seed: int = 0) -> dict:
+def compare_to_reference(
+    model,
+    guide,
+    x: torch.Tensor,
+    reference: dict,
+    *,
+    y=None,
+    num_samples: int = 2000,
+    elbo_samples: int = 2000,
+    seed: int = 0,
+) -> dict:
     """The guide q(z | x) of one datapoint against its NUTS reference (:func:`nuts_posterior`); one latent site.
 
     Returns floats and lists: ``nuts_mean``/``guide_mean`` and ``nuts_var``/``guide_var`` (per dimension),
@@ -194,8 +253,9 @@ def compare_to_reference(model, guide, x: torch.Tensor, reference: dict, *, y=No
     args = _args(x, y)
     with eval_mode(model, guide), fork_rng():
         torch.manual_seed(seed)
-        lw = importance_log_weights(model, guide, args, num_particles=elbo_samples, max_plate_nesting=1,
-                                    keep_values=True)
+        lw = importance_log_weights(
+            model, guide, args, num_particles=elbo_samples, max_plate_nesting=1, keep_values=True
+        )
         zq = lw.values[site].reshape(elbo_samples, -1).double()
         elbo = float(lw.log_w.mean())
         size = data_plate_size(_trace(guide, x, y), site, len(x))
@@ -207,8 +267,16 @@ def compare_to_reference(model, guide, x: torch.Tensor, reference: dict, *, y=No
             out[f"log_px_{name}"] = float(torch.logsumexp(w.double(), 0).squeeze() - math.log(num_samples))
             out[f"khat_{name}"] = float(psis_diagnostics(w)["khat"][0])
     gv = zq.var(0)
-    return {"site": site, "nuts_mean": mean.tolist(), "guide_mean": zq.mean(0).tolist(),
-            "nuts_var": cov.diagonal().tolist(), "guide_var": gv.tolist(),
-            "mean_abs_error": float((zq.mean(0) - mean).abs().mean()),
-            "var_log_ratio": float((gv / cov.diagonal()).log().abs().mean()), "elbo": elbo, **out,
-            "kl_guide_is": out["log_px_guide_is"] - elbo, "kl_nuts_is": out["log_px_nuts_is"] - elbo}
+    return {
+        "site": site,
+        "nuts_mean": mean.tolist(),
+        "guide_mean": zq.mean(0).tolist(),
+        "nuts_var": cov.diagonal().tolist(),
+        "guide_var": gv.tolist(),
+        "mean_abs_error": float((zq.mean(0) - mean).abs().mean()),
+        "var_log_ratio": float((gv / cov.diagonal()).log().abs().mean()),
+        "elbo": elbo,
+        **out,
+        "kl_guide_is": out["log_px_guide_is"] - elbo,
+        "kl_nuts_is": out["log_px_nuts_is"] - elbo,
+    }

@@ -41,10 +41,25 @@ def _summary(v: torch.Tensor) -> dict:
     return {"mean": float(v.mean()), "std_error": float(v.std() / math.sqrt(n)) if n > 1 else float("nan")}
 
 
-def gap_report(model, guide, x: torch.Tensor, *, y=None, num_samples: int = 1000, family: str | None = None,
-               steps: int = 300, num_particles: int = 16, lr: float = 1e-2, elbo_particles: int = 1000,
-               site=None, parameters=(), seed: int = 0, nuts_images: int = 0,
-               nuts: dict | None = None, image_index=None) -> dict:
+def gap_report(
+    model,
+    guide,
+    x: torch.Tensor,
+    *,
+    y=None,
+    num_samples: int = 1000,
+    family: str | None = None,
+    steps: int = 300,
+    num_particles: int = 16,
+    lr: float = 1e-2,
+    elbo_particles: int = 1000,
+    site=None,
+    parameters=(),
+    seed: int = 0,
+    nuts_images: int = 0,
+    nuts: dict | None = None,
+    image_index=None,
+) -> dict:
     """Amortisation, approximation and inference gaps of ``guide`` on the images ``x`` (mean and standard error
     over images, and per image), in nats.
 
@@ -59,49 +74,93 @@ def gap_report(model, guide, x: torch.Tensor, *, y=None, num_samples: int = 1000
     if nuts_images < 0 or nuts_images > len(x):
         raise ValueError(f"nuts_images must be between 0 and the number of images ({len(x)}), got {nuts_images}")
     parameters = list(parameters)
-    sites = (guide_latent_sites(guide, x[:1], None if y is None else y[:1]) if site is None
-             else [site] if isinstance(site, str) else list(site))
+    sites = (
+        guide_latent_sites(guide, x[:1], None if y is None else y[:1])
+        if site is None
+        else [site]
+        if isinstance(site, str)
+        else list(site)
+    )
     if nuts_images and len(sites) != 1:
-        raise ValueError(f"the NUTS comparison handles one latent site; this guide has {sites}: use nuts_images=0 (ppl-vae gaps --nuts 0)")
+        raise ValueError(
+            f"the NUTS comparison handles one latent site; this guide has {sites}: use nuts_images=0 "
+            "(ppl-vae gaps --nuts 0)"
+        )
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(seed)
         log_px = log_likelihood(model, guide, x, num_samples=num_samples, seed=seed, y=y).detach()
         t_ll = time.perf_counter()
-        g = inference_gaps(model, guide, x, log_px, family=family, steps=steps, num_particles=num_particles,
-                           elbo_particles=elbo_particles, lr=lr, site=sites, parameters=parameters, y=y)
+        g = inference_gaps(
+            model,
+            guide,
+            x,
+            log_px,
+            family=family,
+            steps=steps,
+            num_particles=num_particles,
+            elbo_particles=elbo_particles,
+            lr=lr,
+            site=sites,
+            parameters=parameters,
+            y=y,
+        )
     t_gap = time.perf_counter()
     gaps = {"amortisation": g["gap"], "approximation": g["approximation"], "inference": g["inference"]}
     index = list(range(len(x))) if image_index is None else [int(i) for i in image_index]
-    out = {"num_images": len(x), "sites": sites, "family": family or "the guide's", "num_samples": num_samples,
-           "steps": steps, "num_particles": num_particles, "elbo_particles": elbo_particles, "seed": seed,
-           "log_likelihood": _summary(log_px), "amortised_elbo": _summary(g["amortised"]),
-           "optimised_elbo": _summary(g["optimised"]),
-           **{k: _summary(v) for k, v in gaps.items()},
-           "images_where_optimisation_lost": g["datapoints_where_optimisation_lost"],
-           "seconds": {"log_likelihood": t_ll - t0, "optimisation": t_gap - t_ll},
-           "per_image": {"index": index, "log_likelihood": log_px.cpu().tolist(),
-                         "amortised_elbo": g["amortised"].cpu().tolist(),
-                         "optimised_elbo": g["optimised"].cpu().tolist(),
-                         **{k: v.cpu().tolist() for k, v in gaps.items()}}}
+    out = {
+        "num_images": len(x),
+        "sites": sites,
+        "family": family or "the guide's",
+        "num_samples": num_samples,
+        "steps": steps,
+        "num_particles": num_particles,
+        "elbo_particles": elbo_particles,
+        "seed": seed,
+        "log_likelihood": _summary(log_px),
+        "amortised_elbo": _summary(g["amortised"]),
+        "optimised_elbo": _summary(g["optimised"]),
+        **{k: _summary(v) for k, v in gaps.items()},
+        "images_where_optimisation_lost": g["datapoints_where_optimisation_lost"],
+        "seconds": {"log_likelihood": t_ll - t0, "optimisation": t_gap - t_ll},
+        "per_image": {
+            "index": index,
+            "log_likelihood": log_px.cpu().tolist(),
+            "amortised_elbo": g["amortised"].cpu().tolist(),
+            "optimised_elbo": g["optimised"].cpu().tolist(),
+            **{k: v.cpu().tolist() for k, v in gaps.items()},
+        },
+    }
     if nuts_images:
         rows = []
         for i in range(nuts_images):
-            xi, yi = x[i:i + 1], None if y is None else y[i:i + 1]
-            ref = nuts_posterior(model, xi, y=yi, guide=guide, seed=seed + 1000 * i, parameters=parameters,
-                                 **(nuts or {}))
+            xi, yi = x[i : i + 1], None if y is None else y[i : i + 1]
+            ref = nuts_posterior(
+                model, xi, y=yi, guide=guide, seed=seed + 1000 * i, parameters=parameters, **(nuts or {})
+            )
             cmp = compare_to_reference(model, guide, xi, ref, y=yi, num_samples=num_samples, seed=seed + i)
             opt = float(g["optimised"][i])
-            rows.append({"index": index[i], "max_rhat": ref["max_rhat"], "min_ess": ref["min_ess"],
-                         "divergences": ref["divergences"], "nuts_seconds": ref["seconds"], **cmp,
-                         "optimised_elbo": opt,
-                         "approximation_gap_guide_is": float(log_px[i]) - opt,
-                         "approximation_gap_nuts_is": cmp["log_px_nuts_is"] - opt})
-        out["nuts"] = {"images": rows, "settings": dict(nuts or {}),
-                       "approximation_gap_guide_is": float(np.mean([r["approximation_gap_guide_is"] for r in rows])),
-                       "approximation_gap_nuts_is": float(np.mean([r["approximation_gap_nuts_is"] for r in rows])),
-                       "max_rhat": float(max(r["max_rhat"] for r in rows)),
-                       "divergences": int(sum(r["divergences"] for r in rows))}
+            rows.append(
+                {
+                    "index": index[i],
+                    "max_rhat": ref["max_rhat"],
+                    "min_ess": ref["min_ess"],
+                    "divergences": ref["divergences"],
+                    "nuts_seconds": ref["seconds"],
+                    **cmp,
+                    "optimised_elbo": opt,
+                    "approximation_gap_guide_is": float(log_px[i]) - opt,
+                    "approximation_gap_nuts_is": cmp["log_px_nuts_is"] - opt,
+                }
+            )
+        out["nuts"] = {
+            "images": rows,
+            "settings": dict(nuts or {}),
+            "approximation_gap_guide_is": float(np.mean([r["approximation_gap_guide_is"] for r in rows])),
+            "approximation_gap_nuts_is": float(np.mean([r["approximation_gap_nuts_is"] for r in rows])),
+            "max_rhat": float(max(r["max_rhat"] for r in rows)),
+            "divergences": int(sum(r["divergences"] for r in rows)),
+        }
     return out
 
 
@@ -123,10 +182,18 @@ def plot_gaps(report: dict, path, *, title: str | None = None) -> str:
         rows = report["nuts"]["images"]
         a = [r["approximation_gap_guide_is"] for r in rows]
         b = [r["approximation_gap_nuts_is"] for r in rows]
-        ax.bar([3.5, 4.5], [np.mean(a), np.mean(b)], color=["tab:blue", "tab:green"], alpha=0.7,
-               yerr=[2 * np.std(v) / math.sqrt(len(v)) if len(v) > 1 else 0.0 for v in (a, b)], capsize=4)
-        labels += [f"approx., log p from guide\n({len(rows)} NUTS images)",
-                   f"approx., log p from NUTS\n({len(rows)} NUTS images)"]
+        ax.bar(
+            [3.5, 4.5],
+            [np.mean(a), np.mean(b)],
+            color=["tab:blue", "tab:green"],
+            alpha=0.7,
+            yerr=[2 * np.std(v) / math.sqrt(len(v)) if len(v) > 1 else 0.0 for v in (a, b)],
+            capsize=4,
+        )
+        labels += [
+            f"approx., log p from guide\n({len(rows)} NUTS images)",
+            f"approx., log p from NUTS\n({len(rows)} NUTS images)",
+        ]
         ax.set_xticks([0, 1, 2, 3.5, 4.5])
     else:
         ax.set_xticks(range(3))

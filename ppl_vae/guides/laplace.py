@@ -37,7 +37,7 @@ VAE encoder's KL(q‖p)), but SVI *through* it trains unstably — the training 
 decoder ends 6.7 nats (20 epochs) to 16.4 nats (60 epochs) below a VAE's; with 16 latents (``bench/guides.py``) it
 trains smoothly and beats the VAE by 4.8 nats.
 
-Jacobians: for an ``nn.Sequential`` of ``Linear``/``ReLU`` layers (``ppl_vae.nets.MLPDecoder``) the ReLU-mask
+Jacobians: for an ``nn.Sequential`` of ``Linear``/``ReLU`` layers (``ppl_vae.nn.networks.MLPDecoder``) the ReLU-mask
 identity W = W_L diag(m_{L−1}) W_{L−1} ⋯ diag(m_1) W_1 (masks m at the current point) is used; any other
 decoder goes through ``torch.func.vmap(torch.func.jacfwd(·))``. Both run on any device.
 """
@@ -45,7 +45,7 @@ decoder goes through ``torch.func.vmap(torch.func.jacfwd(·))``. Both run on any
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import pyro
 import pyro.distributions as dist
@@ -54,13 +54,23 @@ from pyro.nn import PyroModule, pyro_method
 from torch import nn
 from torch.func import jacfwd, vmap
 
+from ..distributions.plate import data_plate
 from ..errors import ConfigError
-from ..nets import mlp
-from ..plate import data_plate
+from ..nn.networks import mlp
 
-__all__ = ["LaplaceGuide", "MeanEncoder", "laplace_posterior", "batch_jacobian", "vlae_damping", "log_joint", "GRADIENTS",
-           "relu_mlp_layers", "precision_to_scale_tril",
-           "LIKELIHOODS", "LINE_SEARCH_STEPS"]
+__all__ = [
+    "LaplaceGuide",
+    "MeanEncoder",
+    "laplace_posterior",
+    "batch_jacobian",
+    "vlae_damping",
+    "log_joint",
+    "GRADIENTS",
+    "relu_mlp_layers",
+    "precision_to_scale_tril",
+    "LIKELIHOODS",
+    "LINE_SEARCH_STEPS",
+]
 
 LIKELIHOODS = ("gaussian", "bernoulli")
 LINE_SEARCH_STEPS = (1.0, 0.5, 0.25, 0.125)
@@ -81,8 +91,7 @@ def relu_mlp_layers(fn) -> list[nn.Module] | None:
     return list(net)
 
 
-def batch_jacobian(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, layers=None,
-                   link: str | None = None):
+def batch_jacobian(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, layers=None, link: str | None = None):
     """(J, out): out = link(fn(z)) flattened to (B, D) and J = ∂out/∂z of shape (B, D, d), per row of z (B, d).
 
     ``layers``: the Linear/ReLU layers of an MLP equal to ``fn`` (ReLU-mask identity); otherwise jacfwd + vmap.
@@ -149,17 +158,26 @@ def _line_search(x_flat, mu, out, step, fn, likelihood, sigma2, link):
     for z in cands[1:]:
         o = fn(z).reshape(z.shape[0], -1)
         vals.append(log_joint(x_flat, torch.sigmoid(o) if link == "sigmoid" else o, z, likelihood, sigma2))
-    best = torch.stack(vals).detach().nan_to_num(nan=-math.inf).argmax(0)              # (B,)
+    best = torch.stack(vals).detach().nan_to_num(nan=-math.inf).argmax(0)  # (B,)
     return torch.stack(cands).gather(0, best.view(1, -1, 1).expand(1, *mu.shape)).squeeze(0)
 
 
 GRADIENTS = ("unrolled", "last_step", "implicit")
 
 
-def laplace_posterior(x: torch.Tensor, mu0: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], *,
-                      likelihood: str = "gaussian", sigma2: float = 1.0, num_steps: int = 4,
-                      damping: Callable[[int], float] | float = vlae_damping, layers=None,
-                      link: str | None = None, gradient: str = "unrolled"):
+def laplace_posterior(
+    x: torch.Tensor,
+    mu0: torch.Tensor,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    likelihood: str = "gaussian",
+    sigma2: float = 1.0,
+    num_steps: int = 4,
+    damping: Callable[[int], float] | float = vlae_damping,
+    layers=None,
+    link: str | None = None,
+    gradient: str = "unrolled",
+):
     r"""Damped Newton/Laplace iterations: returns (μ_T, Λ(μ_T)) with Λ the (B, d, d) precision.
 
     ``fn(z)``: the decoder output that the likelihood reads — the mean g(z) for ``"gaussian"`` (σ² =
@@ -194,9 +212,8 @@ def laplace_posterior(x: torch.Tensor, mu0: torch.Tensor, fn: Callable[[torch.Te
         J, out = batch_jacobian(fn, mu, layers, link)
         WtDW, Wtr = _precision_terms(x_flat, out, J, likelihood, sigma2)
         L = torch.linalg.cholesky(WtDW + eye)
-        step = torch.cholesky_solve((Wtr - mu).unsqueeze(-1), L).squeeze(-1)   # μ̂ − μ
-        return (_line_search(x_flat, mu, out, step, fn, likelihood, sigma2, link) if eta is None
-                else mu + eta(t) * step)
+        step = torch.cholesky_solve((Wtr - mu).unsqueeze(-1), L).squeeze(-1)  # μ̂ − μ
+        return _line_search(x_flat, mu, out, step, fn, likelihood, sigma2, link) if eta is None else mu + eta(t) * step
 
     if gradient == "unrolled" or num_steps == 0:
         mu = mu0
@@ -208,7 +225,7 @@ def laplace_posterior(x: torch.Tensor, mu0: torch.Tensor, fn: Callable[[torch.Te
             mu = mu0.detach()
             for t in range(free):
                 mu = newton(mu, t)
-        mu = mu + (mu0 - mu0.detach())                       # straight-through to the encoder
+        mu = mu + (mu0 - mu0.detach())  # straight-through to the encoder
         if gradient == "last_step":
             mu = newton(mu, num_steps - 1)
         else:
@@ -216,9 +233,10 @@ def laplace_posterior(x: torch.Tensor, mu0: torch.Tensor, fn: Callable[[torch.Te
             J, out = batch_jacobian(fn, at, layers, link)
             WtDW, Wtr = _precision_terms(x_flat, out, J, likelihood, sigma2)
             prec = WtDW + eye
-            g = Wtr - at                                     # ∇_z log p(x, z) at μ_T (Gauss–Newton), live in θ
-            mu = mu + torch.cholesky_solve((g - g.detach()).unsqueeze(-1),
-                                           torch.linalg.cholesky(prec.detach())).squeeze(-1)
+            g = Wtr - at  # ∇_z log p(x, z) at μ_T (Gauss–Newton), live in θ
+            mu = mu + torch.cholesky_solve(
+                (g - g.detach()).unsqueeze(-1), torch.linalg.cholesky(prec.detach())
+            ).squeeze(-1)
             return mu, prec
     J, out = batch_jacobian(fn, mu, layers, link)
     WtDW, _ = _precision_terms(x_flat, out, J, likelihood, sigma2)
@@ -254,9 +272,18 @@ class LaplaceGuide(PyroModule):
     linear map z ↦ W z + b of :class:`~ppl_vae.models.LinearGaussianVAE`. ``num_data`` scales the data plate.
     """
 
-    def __init__(self, init, fn, latent_dim: int, *, likelihood: str = "gaussian", sigma2: float = 1.0,
-                 num_steps: int = 4, damping: Callable[[int], float] | float = vlae_damping,
-                 num_data: int | None = None):
+    def __init__(
+        self,
+        init,
+        fn,
+        latent_dim: int,
+        *,
+        likelihood: str = "gaussian",
+        sigma2: float = 1.0,
+        num_steps: int = 4,
+        damping: Callable[[int], float] | float = vlae_damping,
+        num_data: int | None = None,
+    ):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ConfigError(f"LaplaceGuide likelihood must be one of {list(LIKELIHOODS)}, got {likelihood!r}")
@@ -268,9 +295,16 @@ class LaplaceGuide(PyroModule):
 
     def posterior(self, x: torch.Tensor):
         """(μ, scale_tril) of q(z|x)."""
-        mu, prec = laplace_posterior(x, self.init(x), self.fn, likelihood=self.likelihood, sigma2=self.sigma2,
-                                     num_steps=self.num_steps, damping=self.damping,
-                                     layers=relu_mlp_layers(self.fn))
+        mu, prec = laplace_posterior(
+            x,
+            self.init(x),
+            self.fn,
+            likelihood=self.likelihood,
+            sigma2=self.sigma2,
+            num_steps=self.num_steps,
+            damping=self.damping,
+            layers=relu_mlp_layers(self.fn),
+        )
         return mu, precision_to_scale_tril(prec)
 
     @pyro_method

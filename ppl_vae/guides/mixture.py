@@ -54,7 +54,7 @@ from pyro.distributions.torch_distribution import TorchDistribution
 from torch import nn
 from torch.distributions import constraints
 
-from ..nets import MIN_SCALE, mlp
+from ..nn.networks import MIN_SCALE, mlp
 
 __all__ = ["DiagNormalMixture", "MixtureEncoder", "MixtureGuideMixin", "variance_collapse_penalty", "mixture_moments"]
 
@@ -74,8 +74,10 @@ class DiagNormalMixture(TorchDistribution):
 
     def __init__(self, logits: torch.Tensor, locs: torch.Tensor, scales: torch.Tensor, validate_args=None):
         if locs.dim() < 2 or scales.shape[-2:] != locs.shape[-2:] or logits.shape[-1] != locs.shape[-2]:
-            raise ValueError(f"DiagNormalMixture needs logits (..., K), locs and scales (..., K, d); got logits "
-                             f"{tuple(logits.shape)}, locs {tuple(locs.shape)}, scales {tuple(scales.shape)}")
+            raise ValueError(
+                f"DiagNormalMixture needs logits (..., K), locs and scales (..., K, d); got logits "
+                f"{tuple(logits.shape)}, locs {tuple(locs.shape)}, scales {tuple(scales.shape)}"
+            )
         K, d = locs.shape[-2:]
         batch_shape = torch.broadcast_shapes(logits.shape[:-1], locs.shape[:-2], scales.shape[:-2])
         self.logits = logits.expand(batch_shape + (K,))
@@ -95,8 +97,12 @@ class DiagNormalMixture(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
         K, d = self.locs.shape[-2:]
-        return DiagNormalMixture(self.logits.expand(batch_shape + (K,)), self.locs.expand(batch_shape + (K, d)),
-                                 self.scales.expand(batch_shape + (K, d)), validate_args=False)
+        return DiagNormalMixture(
+            self.logits.expand(batch_shape + (K,)),
+            self.locs.expand(batch_shape + (K, d)),
+            self.scales.expand(batch_shape + (K, d)),
+            validate_args=False,
+        )
 
     def component_log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """log N(value; μ_k, σ_k) for every component, shape (..., K)."""
@@ -139,8 +145,9 @@ class DiagNormalMixture(TorchDistribution):
             return loc + scale * torch.randn_like(loc)
 
 
-def implicit_mixture_rsample(z: torch.Tensor, log_weights: torch.Tensor, locs: torch.Tensor,
-                             scales: torch.Tensor, min_log_density: float = -80.0) -> torch.Tensor:
+def implicit_mixture_rsample(
+    z: torch.Tensor, log_weights: torch.Tensor, locs: torch.Tensor, scales: torch.Tensor, min_log_density: float = -80.0
+) -> torch.Tensor:
     r"""z̃ with the value of the (detached) mixture draw ``z`` and the implicit reparameterisation gradient.
 
     ``z``: ``(..., d)``; ``log_weights``: ``(..., K)``; ``locs``/``scales``: ``(..., K, d)`` (broadcast against
@@ -152,21 +159,21 @@ def implicit_mixture_rsample(z: torch.Tensor, log_weights: torch.Tensor, locs: t
     z0 = z.detach().to(dt)
     lw = log_weights.to(dt)
     mu, sd = locs.to(dt), scales.to(dt)
-    u = (z0.unsqueeze(-2) - mu) / sd                                     # (..., K, d)
-    ell = -0.5 * u.pow(2) - sd.log() - _HALF_LOG_2PI                      # log N(z_i; μ_ki, σ_ki)
-    cum = torch.cumsum(ell, dim=-1) - ell                                 # Σ_{i<j} ℓ_ki (exclusive)
+    u = (z0.unsqueeze(-2) - mu) / sd  # (..., K, d)
+    ell = -0.5 * u.pow(2) - sd.log() - _HALF_LOG_2PI  # log N(z_i; μ_ki, σ_ki)
+    cum = torch.cumsum(ell, dim=-1) - ell  # Σ_{i<j} ℓ_ki (exclusive)
     a = lw.unsqueeze(-1) + cum
-    log_w = a - torch.logsumexp(a, dim=-2, keepdim=True)                  # log w_kj (conditional weights)
+    log_w = a - torch.logsumexp(a, dim=-2, keepdim=True)  # log w_kj (conditional weights)
     log_phi = torch.special.log_ndtr(u)
-    T = torch.logsumexp(log_w + log_phi, dim=-2).exp()                    # (..., d) conditional CDFs
+    T = torch.logsumexp(log_w + log_phi, dim=-2).exp()  # (..., d) conditional CDFs
     with torch.no_grad():
-        log_f = torch.logsumexp(log_w + ell, dim=-2).clamp_min(min_log_density)   # conditional log-densities
-        g = -u / sd                                                        # ∂ℓ_ki/∂z_i
-        c = (log_w - log_f.unsqueeze(-2)).exp() * (log_phi.exp() - T.unsqueeze(-2))    # w_kj (Φ_kj − T_j)/f_j
-        A = torch.einsum("...kj,...ki->...ji", c, g)                       # (∂T/∂z)_ji / f_j
+        log_f = torch.logsumexp(log_w + ell, dim=-2).clamp_min(min_log_density)  # conditional log-densities
+        g = -u / sd  # ∂ℓ_ki/∂z_i
+        c = (log_w - log_f.unsqueeze(-2)).exp() * (log_phi.exp() - T.unsqueeze(-2))  # w_kj (Φ_kj − T_j)/f_j
+        A = torch.einsum("...kj,...ki->...ji", c, g)  # (∂T/∂z)_ji / f_j
         d = A.shape[-1]
         A = torch.tril(A, diagonal=-1) + torch.eye(d, dtype=dt, device=A.device)
-    delta = (T - T.detach()) / log_f.exp()                                 # zero value, carries ∂T/∂φ / f
+    delta = (T - T.detach()) / log_f.exp()  # zero value, carries ∂T/∂φ / f
     batch = torch.broadcast_shapes(A.shape[:-2], delta.shape[:-1])
     rhs = delta.expand(batch + (d,)).unsqueeze(-1)
     y = torch.linalg.solve_triangular(A.expand(batch + (d, d)), rhs, upper=False, unitriangular=True).squeeze(-1)
@@ -194,12 +201,21 @@ class MixtureEncoder(nn.Module):
     ``forward(x, c=None) -> (logits (B, K), locs (B, K, d), scales (B, K, d))``; σ = softplus(·) + 1e-4.
     """
 
-    def __init__(self, data_shape, latent_dim: int, num_components: int, hidden=(256, 256), act: str = "relu",
-                 cond_dim: int = 0, trunk: nn.Module | None = None, trunk_dim: int | None = None):
+    def __init__(
+        self,
+        data_shape,
+        latent_dim: int,
+        num_components: int,
+        hidden=(256, 256),
+        act: str = "relu",
+        cond_dim: int = 0,
+        trunk: nn.Module | None = None,
+        trunk_dim: int | None = None,
+    ):
         super().__init__()
         self.data_shape = tuple(data_shape)
         self.latent_dim, self.num_components = latent_dim, num_components
-        self.trunk = trunk   # optional image features (a conv or ResNet trunk) under the MLP heads
+        self.trunk = trunk  # optional image features (a conv or ResNet trunk) under the MLP heads
         in_dim = (trunk_dim if trunk is not None else math.prod(self.data_shape)) + cond_dim
         self.net = mlp(in_dim, hidden, num_components * (2 * latent_dim + 1), act)
 

@@ -50,17 +50,22 @@ the current q_{m−1}); ``grow_every`` in the model instead activates component 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nets import MIN_SCALE, activation
+from ..nn.networks import MIN_SCALE, activation
 from .mixture import DiagNormalMixture
 
-__all__ = ["ComponentEncoder", "RecursiveMixtureEncoder", "recursive_log_weights", "recursive_mixture_terms",
-           "recursive_mixture_distribution"]
+__all__ = [
+    "ComponentEncoder",
+    "RecursiveMixtureEncoder",
+    "recursive_log_weights",
+    "recursive_mixture_terms",
+    "recursive_mixture_distribution",
+]
 
 
 class ComponentEncoder(nn.Module):
@@ -90,23 +95,26 @@ class RecursiveMixtureEncoder(nn.Module):
     ``forward(x, c=None, num_active=K) -> (locs (B, A, d), scales (B, A, d), eps_logits (B, A − 1))``.
     """
 
-    def __init__(self, data_shape, latent_dim: int, num_components: int, hidden=(256, 256), act: str = "relu",
-                 cond_dim: int = 0):
+    def __init__(
+        self, data_shape, latent_dim: int, num_components: int, hidden=(256, 256), act: str = "relu", cond_dim: int = 0
+    ):
         super().__init__()
         if num_components < 1:
             raise ValueError(f"num_components must be a positive integer, got {num_components!r}")
         in_dim = math.prod(data_shape) + cond_dim
         self.latent_dim, self.num_components = latent_dim, num_components
-        self.components = nn.ModuleList(ComponentEncoder(in_dim, latent_dim, hidden, act)
-                                        for _ in range(num_components))
+        self.components = nn.ModuleList(
+            ComponentEncoder(in_dim, latent_dim, hidden, act) for _ in range(num_components)
+        )
         self.mixing = nn.ModuleList(nn.Linear(self.components[0].feature_dim, 1) for _ in range(num_components - 1))
         with torch.no_grad():
             for m, lin in enumerate(self.mixing, start=1):
                 lin.weight.zero_()
-                lin.bias.fill_(-math.log(m))          # logit(1/(m+1)) = −log m
+                lin.bias.fill_(-math.log(m))  # logit(1/(m+1)) = −log m
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None, num_active: int | None = None,
-                num_frozen: int = 0):
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor | None = None, num_active: int | None = None, num_frozen: int = 0
+    ):
         """``num_frozen``: components h_0 … h_{num_frozen − 1} and their mixing heads run without gradients (the
         stage-wise schedule's frozen part: their parameters get no gradient, so the optimiser leaves them)."""
         A = self.num_components if num_active is None else int(num_active)
@@ -143,10 +151,16 @@ def _diag_log_prob(z, loc, scale):
     return (-0.5 * ((z - loc) / scale).pow(2) - scale.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
-def recursive_mixture_terms(locs: torch.Tensor, scales: torch.Tensor, eps_logits: torch.Tensor,
-                            log_joint: Callable[[torch.Tensor], torch.Tensor],
-                            log_joint_frozen: Callable[[torch.Tensor], torch.Tensor], *,
-                            divergence_weight: float = 0.5, log_ratio_cap: float = 5.0):
+def recursive_mixture_terms(
+    locs: torch.Tensor,
+    scales: torch.Tensor,
+    eps_logits: torch.Tensor,
+    log_joint: Callable[[torch.Tensor], torch.Tensor],
+    log_joint_frozen: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    divergence_weight: float = 0.5,
+    log_ratio_cap: float = 5.0,
+):
     r"""Per-datapoint (surrogate, elbo) of the recursive-mixture objective (module docstring), shapes (B,).
 
     ``log_joint(z)`` / ``log_joint_frozen(z)``: log p(x, z) for z of shape (B, n, d) → (B, n), with the
@@ -155,23 +169,23 @@ def recursive_mixture_terms(locs: torch.Tensor, scales: torch.Tensor, eps_logits
     """
     B, K, d = locs.shape
     lam, cap = float(divergence_weight), float(log_ratio_cap)
-    z = locs + scales * torch.randn_like(locs)                          # z_k ~ h_k, reparameterised
-    own = _diag_log_prob(z, locs, scales)                               # log h_k(z_k), live
+    z = locs + scales * torch.randn_like(locs)  # z_k ~ h_k, reparameterised
+    own = _diag_log_prob(z, locs, scales)  # log h_k(z_k), live
     # H[b, k, j] = log h_j(z_k) with h_j's parameters frozen (z_k live)
     H = _diag_log_prob(z.unsqueeze(-2), locs.detach().unsqueeze(-3), scales.detach().unsqueeze(-3))
-    lp = log_joint_frozen(z)                                           # log p(x, z_k), θ frozen
+    lp = log_joint_frozen(z)  # log p(x, z_k), θ frozen
     log_alpha = recursive_log_weights(eps_logits)
 
-    surrogate = lp[:, 0] - own[:, 0]                                    # ELBO(h_0)
+    surrogate = lp[:, 0] - own[:, 0]  # ELBO(h_0)
     for m in range(1, K):
         prev = log_alpha[m - 1].detach()
-        log_q_prev = torch.logsumexp(prev + H[:, m, :m], dim=-1)        # log q_{m−1}(z_m), q_{m−1} fixed
+        log_q_prev = torch.logsumexp(prev + H[:, m, :m], dim=-1)  # log q_{m−1}(z_m), q_{m−1} fixed
         ratio = own[:, m] - log_q_prev
-        surrogate = surrogate + lp[:, m] - own[:, m] + lam * ratio.clamp(max=cap)      # J_m(h_m)
+        surrogate = surrogate + lp[:, m] - own[:, m] + lam * ratio.clamp(max=cap)  # J_m(h_m)
         a = eps_logits[:, m - 1 : m]
-        la = torch.cat([prev + F.logsigmoid(-a), F.logsigmoid(a)], dim=-1)            # log α^(m), ε_m live
+        la = torch.cat([prev + F.logsigmoid(-a), F.logsigmoid(a)], dim=-1)  # log α^(m), ε_m live
         log_q_m = torch.logsumexp(la.unsqueeze(1) + H[:, : m + 1, : m + 1].detach(), dim=-1)
-        surrogate = surrogate + (la.exp() * (lp[:, : m + 1].detach() - log_q_m)).sum(-1)   # ELBO(q_m) in ε_m
+        surrogate = surrogate + (la.exp() * (lp[:, : m + 1].detach() - log_q_m)).sum(-1)  # ELBO(q_m) in ε_m
 
     la_M = log_alpha[-1].detach()
     with torch.no_grad():
@@ -179,5 +193,5 @@ def recursive_mixture_terms(locs: torch.Tensor, scales: torch.Tensor, eps_logits
         z_star = z.detach()[torch.arange(B, device=z.device), pick]
         log_q_M = torch.logsumexp(la_M.unsqueeze(1) + H.detach(), dim=-1)
         elbo = (la_M.exp() * (lp.detach() - log_q_M)).sum(-1)
-    surrogate = surrogate + log_joint(z_star.unsqueeze(1)).squeeze(1)   # decoder: ELBO(q_M) in θ
+    surrogate = surrogate + log_joint(z_star.unsqueeze(1)).squeeze(1)  # decoder: ELBO(q_M) in θ
     return surrogate, elbo

@@ -15,12 +15,13 @@ ELBO (evaluate the ELBO itself with ``Trace_ELBO`` or ``ppl-vae evaluate``).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from pyro.infer.elbo import ELBO
 from torch.func import functional_call
+
+from .base import Objective, surrogate_and_value
 
 __all__ = ["AdversarialELBO", "DiscriminatorStep"]
 
@@ -29,7 +30,7 @@ def _real_target(logits: torch.Tensor, value: float) -> torch.Tensor:
     return torch.full_like(logits, value)
 
 
-class AdversarialELBO(ELBO):
+class AdversarialELBO(Objective):
     """``base`` plus λ_G times the generator's patch BCE (module docstring).
 
     :param base: the model's objective (any Pyro ELBO-shaped object with ``loss``/``loss_and_grads``).
@@ -39,13 +40,19 @@ class AdversarialELBO(ELBO):
     :param num_data: ``num_data() -> N`` (the data plate's size; None: the batch).
     """
 
-    def __init__(self, base, reconstruct: Callable, discriminator: torch.nn.Module, weight: float,
-                 num_data: Callable | None = None):
+    def __init__(
+        self,
+        base,
+        reconstruct: Callable,
+        discriminator: torch.nn.Module,
+        weight: float,
+        num_data: Callable | None = None,
+    ):
         super().__init__(num_particles=1)
         self.base, self.reconstruct, self.discriminator = base, reconstruct, discriminator
         self.weight = float(weight)
         self.num_data = num_data
-        self._sum, self._count = 0.0, 0   # the adversarial term per image over this epoch's training steps
+        self._sum, self._count = 0.0, 0  # the adversarial term per image over this epoch's training steps
 
     def _get_trace(self, model, guide, args, kwargs):
         return self.base._get_trace(model, guide, args, kwargs)
@@ -54,8 +61,9 @@ class AdversarialELBO(ELBO):
         """mean_patches BCE(1, D(x̂_i)) per image, shape (B,), D's parameters detached."""
         params = {k: v.detach() for k, v in self.discriminator.named_parameters()}
         logits = functional_call(self.discriminator, params, (self.reconstruct(x, y),))
-        return F.binary_cross_entropy_with_logits(logits, _real_target(logits, 1.0),
-                                                  reduction="none").flatten(1).mean(1)
+        return (
+            F.binary_cross_entropy_with_logits(logits, _real_target(logits, 1.0), reduction="none").flatten(1).mean(1)
+        )
 
     def _scale(self, x) -> float:
         n = self.num_data() if self.num_data is not None else None
@@ -73,10 +81,18 @@ class AdversarialELBO(ELBO):
 
     def loss(self, model, guide, x, y=None, *args, **kwargs) -> float:
         with torch.no_grad():
-            return float(self.base.loss(model, guide, x, y, *args, **kwargs)) \
-                + self.weight * float(self.adversarial(x, y))
+            return float(self.base.loss(model, guide, x, y, *args, **kwargs)) + self.weight * float(
+                self.adversarial(x, y)
+            )
+
+    def loss_and_surrogate(self, model, guide, x, y=None, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        surrogate, value = surrogate_and_value(self.base, model, guide, x, y, *args, **kwargs)
+        adv = self.weight * self.adversarial(x, y)
+        return surrogate + adv, value + adv.detach()
 
     def loss_and_grads(self, model, guide, x, y=None, *args, **kwargs) -> float:
+        """Two passes: the base's own ``loss_and_grads``, then the adversarial term (its per-image mean recorded
+        for :meth:`epoch_mean`)."""
         loss = float(self.base.loss_and_grads(model, guide, x, y, *args, **kwargs))
         if self.weight == 0:
             return loss
@@ -93,8 +109,14 @@ class DiscriminatorStep:
     ``generate(x, y)`` (no gradient to the model). ``state_dict``/``load_state_dict`` carry the optimiser (its
     weights live in the model's module). :meth:`epoch_means` gives the epoch's record."""
 
-    def __init__(self, discriminator: torch.nn.Module, generate: Callable, weight: float = 1.0, lr: float = 1e-4,
-                 betas=(0.5, 0.999)):
+    def __init__(
+        self,
+        discriminator: torch.nn.Module,
+        generate: Callable,
+        weight: float = 1.0,
+        lr: float = 1e-4,
+        betas=(0.5, 0.999),
+    ):
         self.discriminator, self.generate, self.weight = discriminator, generate, float(weight)
         self.optim = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=tuple(betas))
         self._totals = self._zeros()

@@ -27,8 +27,10 @@ def batch_moment_kl(means: torch.Tensor, min_var: float = 1e-8) -> torch.Tensor:
     """KL(N(m, diag v) ‖ N(0, I)) = ½ Σ_j (m_j² + v_j − log v_j − 1) with m, v the mean and (population) variance
     of the codes ``means`` (B, d) over the minibatch (Rivera 2023). v is floored at ``min_var`` (identical codes)."""
     if means.dim() != 2 or means.shape[0] < 2:
-        raise ValueError(f"batch_moment_kl needs codes of shape (batch >= 2, d), got {tuple(means.shape)}: the spread "
-                         "of one code is undefined")
+        raise ValueError(
+            f"batch_moment_kl needs codes of shape (batch >= 2, d), got {tuple(means.shape)}: the spread "
+            "of one code is undefined"
+        )
     m = means.mean(0)
     v = means.var(0, unbiased=False).clamp_min(min_var)
     return 0.5 * (m.pow(2) + v - v.log() - 1.0).sum()
@@ -40,6 +42,8 @@ class AggregateKLObjective(DirectObjective):
     and early stopping see the ELBO. ``owner.aggregate_terms(x, y, objective) -> (RIV, elbo)``, summed over the
     minibatch and already scaled to N, must be a ``@pyro_method`` of the model so that ``SVI`` sees its parameters.
     """
+
+    couples_datapoints = "kl='aggregate' (the KL of the minibatch's moments)"
 
     def terms(self, x, y, grad: bool):
         objective, elbo = self.owner.aggregate_terms(x, y, objective=grad)

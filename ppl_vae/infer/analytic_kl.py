@@ -21,8 +21,11 @@ __all__ = ["AnalyticKLELBO", "mean_field_order"]
 def mean_field_order(model_trace, guide_trace) -> bool:
     """True when the guide samples its latent sites in the model's order (the condition under which the
     closed-form KL of each site is the right term)."""
-    model_order = [n for n, s in model_trace.nodes.items() if s["type"] == "sample" and n in guide_trace.nodes
-                   and not s["is_observed"]]
+    model_order = [
+        n
+        for n, s in model_trace.nodes.items()
+        if s["type"] == "sample" and n in guide_trace.nodes and not s["is_observed"]
+    ]
     guide_order = [n for n, s in guide_trace.nodes.items() if s["type"] == "sample" and n in model_trace.nodes]
     return model_order == guide_order
 
@@ -34,7 +37,7 @@ class AnalyticKLELBO(TraceMeanField_ELBO):
     analytic: bool | None = None
 
     def _get_trace(self, model, guide, args, kwargs):
-        return Trace_ELBO._get_trace(self, model, guide, args, kwargs)   # no mean-field warning: checked below
+        return Trace_ELBO._get_trace(self, model, guide, args, kwargs)  # no mean-field warning: checked below
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
         self.analytic = mean_field_order(model_trace, guide_trace)

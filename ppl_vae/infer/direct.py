@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import torch
-from pyro.infer.elbo import ELBO
+
+from .base import Objective
 
 __all__ = ["DirectObjective"]
 
 
-class DirectObjective(ELBO):
+class DirectObjective(Objective):
     """A Pyro ELBO whose loss comes from ``owner`` (the model) rather than from tracing ``model``/``guide``.
 
     Subclasses implement ``terms(x, y, grad) -> (loss, value)``: ``loss`` is the tensor whose gradient is the update
@@ -34,15 +35,6 @@ class DirectObjective(ELBO):
     def loss(self, model, guide, *args, **kwargs) -> float:
         return self._terms(args, kwargs, grad=False)[1].item()
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        return self._terms(args, kwargs, grad=True)[0]
-
     def loss_and_surrogate(self, model, guide, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the differentiable surrogate, the loss's value): what a caller that runs ``backward`` itself needs."""
         loss, value = self._terms(args, kwargs, grad=True)
         return loss, value.detach()
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        loss, value = self._terms(args, kwargs, grad=True)
-        loss.backward()
-        return value.item()

@@ -56,7 +56,8 @@ Fallbacks, chosen per pass and recorded in ``LogWeights.dreg_mode``:
 The hook assumes that log p(x_i, z_ik) depends on the draws of datapoint i and particle k only, as DReG's
 derivation does, and that observed sites outside the data plate do not depend on the local latents (their path
 gradient through the draws would also be scaled by w̃). A model that couples the batch (batch norm in training
-mode; :class:`~ppl_vae.likelihoods.FlooredLaplace` in training mode, whose scale is floored at the batch's mean
+mode; :class:`~ppl_vae.distributions.likelihoods.FlooredLaplace` in training mode, whose scale is floored at the
+batch's mean
 absolute error: ``ladder``, ``wise_ale``) gets its cross-datapoint path terms weighted w̃_ik·w̃_jl instead of the
 two-pass surrogate's w̃_ik² (neither is Tucker et al.'s estimator there); ``_dreg_replay=True`` (``TraceIWAE``'s
 private ``_dreg_replay`` attribute) restores the two-pass form. With ``dreg=True``, use ``log_w`` and
@@ -66,9 +67,8 @@ private ``_dreg_replay`` attribute) restores the two-pass form. With ``dreg=True
 from __future__ import annotations
 
 import math
-import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import pyro
 import pyro.poutine as poutine
@@ -77,32 +77,33 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape
-from torch.distributions import Distribution, Transform, constraints
 
-from ..errors import PplVaeError
+from .dreg import _dreg_terms, _hooked_replay_trace, _PathWeights, _stop_gradient_trace
+from .trace_checks import (
+    _SHAPE_HINT,
+    PARTICLE_PLATE,
+    GlobalLatentError,
+    IWAEError,
+    NoDataPlateError,
+    NonReparameterizedError,
+    _check_pass,
+    _find_data_plate,
+    _is_local,
+    _reduce,
+    _site_values,
+)
 
 __all__ = [
-    "LogWeights", "importance_log_weights", "guess_max_plate_nesting", "fork_rng",
-    "IWAEError", "NoDataPlateError", "GlobalLatentError", "NonReparameterizedError", "PARTICLE_PLATE",
+    "importance_log_weights",
+    "LogWeights",
+    "fork_rng",
+    "guess_max_plate_nesting",
+    "PARTICLE_PLATE",
+    "IWAEError",
+    "NoDataPlateError",
+    "GlobalLatentError",
+    "NonReparameterizedError",
 ]
-
-PARTICLE_PLATE = "num_particles_vectorized"
-
-
-class IWAEError(PplVaeError, ValueError):
-    """A model/guide pair that importance weighting as implemented here cannot handle; the message says why."""
-
-
-class NoDataPlateError(IWAEError):
-    """Latent sites exist but no plate with the expected name (``data_plate``) was found."""
-
-
-class GlobalLatentError(IWAEError):
-    """The guide samples a latent outside the data plate (a global latent)."""
-
-
-class NonReparameterizedError(IWAEError):
-    """A guide site has no ``rsample``, so the pathwise IWAE/DReG gradients do not apply."""
 
 
 def fork_rng():
@@ -143,18 +144,18 @@ class LogWeights:
     P, Q of the surrogate Σ_k sg(w̃) P + Σ_k sg(w̃²) Q are filled in (see "DReG terms" in the module docstring).
     """
 
-    log_w: torch.Tensor                      # (K, B)
-    scale: float                             # N / B of the data plate (1.0 without a data plate)
-    num_data: int                            # N
-    model_terms: dict = field(default_factory=dict)    # local model sites (latent and observed): (K, B)
-    guide_terms: dict = field(default_factory=dict)    # guide sites: (K, B)
-    global_terms: dict = field(default_factory=dict)   # observed model sites outside the data plate: (K,)
-    observed_sites: tuple = ()                         # names of the observed local model sites
-    values: dict = field(default_factory=dict)         # guide draws, (K, B, ...) (``keep_values=True``)
-    observed: dict = field(default_factory=dict)       # observed local values, (B, ...) (``keep_values=True``)
-    dreg_w_term: torch.Tensor | None = None   # (K, B): P of the DReG surrogate Σ w̃ P + Σ w̃² Q (``dreg=True``)
+    log_w: torch.Tensor  # (K, B)
+    scale: float  # N / B of the data plate (1.0 without a data plate)
+    num_data: int  # N
+    model_terms: dict = field(default_factory=dict)  # local model sites (latent and observed): (K, B)
+    guide_terms: dict = field(default_factory=dict)  # guide sites: (K, B)
+    global_terms: dict = field(default_factory=dict)  # observed model sites outside the data plate: (K,)
+    observed_sites: tuple = ()  # names of the observed local model sites
+    values: dict = field(default_factory=dict)  # guide draws, (K, B, ...) (``keep_values=True``)
+    observed: dict = field(default_factory=dict)  # observed local values, (B, ...) (``keep_values=True``)
+    dreg_w_term: torch.Tensor | None = None  # (K, B): P of the DReG surrogate Σ w̃ P + Σ w̃² Q (``dreg=True``)
     dreg_w2_term: torch.Tensor | None = None  # (K, B): Q of the DReG surrogate (``dreg=True``)
-    dreg_mode: str | None = None              # "one_pass", "guide_replay" or "replay" (module docstring)
+    dreg_mode: str | None = None  # "one_pass", "guide_replay" or "replay" (module docstring)
 
     @property
     def num_particles(self) -> int:
@@ -184,338 +185,33 @@ class LogWeights:
         return out
 
 
-# ----------------------------------------------------------------------------------------------------------
-# One pass: trace the guide, replay the model, reduce every site to (k, B) per-datapoint terms.
-# ----------------------------------------------------------------------------------------------------------
-
-@dataclass
-class _Plate:
-    dim: int
-    size: int        # B (subsample size)
-    full_size: int   # N
-
-
-def _float_scale(scale, site_name: str) -> float:
-    if isinstance(scale, torch.Tensor):
-        if scale.numel() != 1:
-            raise IWAEError(f"site '{site_name}' has a tensor-valued scale of shape {tuple(scale.shape)}; "
-                            "TraceIWAE only supports the data plate's scalar subsample scale N/B")
-        return float(scale)
-    return float(scale)
-
-
-def _find_data_plate(traces, data_plate: str) -> _Plate | None:
-    found: dict = {}
-    for trace in traces:
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample":
-                continue
-            for f in site["cond_indep_stack"]:
-                if f.name != data_plate:
-                    continue
-                if not f.vectorized:
-                    raise IWAEError(
-                        f"the plate '{data_plate}' at site '{name}' is sequential (``for i in pyro.plate(...)``); "
-                        f"TraceIWAE needs a vectorised data plate: ``with pyro.plate('{data_plate}', N, "
-                        "subsample=...)`` (see ppl_vae.plate.data_plate)")
-                size = int(f.size)
-                full = int(f.full_size) if f.full_size is not None else size
-                found.setdefault((f.dim, size, full), name)
-    if not found:
-        return None
-    if len(found) > 1:
-        desc = ", ".join(f"dim {d} size {s} of {n} at '{site}'" for (d, s, n), site in found.items())
-        raise IWAEError(f"the plate '{data_plate}' appears with different dims/sizes: {desc}")
-    (dim, size, full), = found
-    return _Plate(dim, size, full)
-
-
-def _is_local(site, data_plate: str) -> bool:
-    return any(f.name == data_plate for f in site["cond_indep_stack"])
-
-
-def _no_plate_message(data_plate: str, names) -> str:
-    return (f"no plate named '{data_plate}' was found, but the guide samples the latent site(s) {sorted(names)}. "
-            "TraceIWAE computes one importance weight per datapoint, so per-datapoint sites must live inside the "
-            f"data plate: use ppl_vae.plate.data_plate(x, num_data) or ``with pyro.plate('{data_plate}', "
-            "N, subsample=torch.arange(len(x))):`` in both model and guide, or tell TraceIWAE your plate's name "
-            "with TraceIWAE(data_plate='<name>')")
-
-
-def _check_pass(model_trace, guide_trace, plate: _Plate | None, data_plate: str, require_reparam: bool) -> None:
-    guide_latents = {n for n, s in guide_trace.nodes.items() if s["type"] == "sample"}
-    if plate is None and guide_latents:
-        raise NoDataPlateError(_no_plate_message(data_plate, guide_latents))
-    for name, site in guide_trace.nodes.items():
-        if site["type"] != "sample":
-            continue
-        if site["infer"].get("enumerate") or site["infer"].get("_enumerate_dim") is not None:
-            raise IWAEError(f"guide site '{name}' is enumerated (infer={{'enumerate': ...}}); TraceIWAE samples "
-                            "every latent from the guide and does not support enumeration: remove the "
-                            "enumerate flag or use TraceEnum_ELBO")
-        if not _is_local(site, data_plate):
-            raise GlobalLatentError(
-                f"guide site '{name}' is sampled outside the plate '{data_plate}' (a global latent). TraceIWAE "
-                "weights each datapoint separately and supports per-datapoint latents only: make global "
-                "quantities parameters (nn.Parameter / pyro.param), move the site inside the data plate, or "
-                "use Trace_ELBO for models with global latents")
-        if name not in model_trace.nodes or model_trace.nodes[name]["type"] != "sample":
-            raise IWAEError(f"guide site '{name}' has no sample site in the model (auxiliary guide variables are "
-                            "not supported by TraceIWAE)")
-        if require_reparam and not site["is_observed"] and not site["fn"].has_rsample:
-            raise NonReparameterizedError(
-                f"guide site '{name}' has distribution {type(site['fn']).__name__}, which has no rsample: the "
-                "IWAE and DReG gradients implemented here are pathwise and need reparameterised guide sites "
-                "(a continuous, reparameterisable or relaxed distribution, e.g. RelaxedBernoulliStraightThrough). "
-                "TraceIWAE.loss and log_likelihood still work; for score-function gradients use Trace_ELBO or "
-                "TraceGraph_ELBO")
-    for name, site in model_trace.nodes.items():
-        if site["type"] != "sample":
-            continue
-        if not site["is_observed"]:
-            if name not in guide_latents:
-                raise IWAEError(f"model latent site '{name}' has no guide site: TraceIWAE draws every latent from "
-                                "the guide (add it to the guide, or observe it)")
-            if not _is_local(site, data_plate):
-                raise GlobalLatentError(f"model site '{name}' is sampled outside the plate '{data_plate}' in the "
-                                        "model but inside it in the guide; model and guide must agree")
-    for trace in (model_trace, guide_trace):
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample":
-                continue
-            local = _is_local(site, data_plate)
-            expected = plate.full_size / plate.size if (local and plate is not None) else 1.0
-            actual = _float_scale(site["scale"], name)
-            if not math.isclose(actual, expected, rel_tol=1e-6):
-                raise IWAEError(
-                    f"site '{name}' has scale {actual:g} but TraceIWAE expected {expected:g} (the plate "
-                    f"'{data_plate}' subsample factor N/B{'' if local else ', i.e. 1 outside the data plate'}). "
-                    "Other scale factors (poutine.scale, KL annealing, subsampled plates other than the data "
-                    "plate) cannot be applied inside the log-mean-exp of an importance-weighted bound")
-            if local:
-                for f in site["cond_indep_stack"]:
-                    if f.vectorized and f.name not in (data_plate, PARTICLE_PLATE) and f.dim < plate.dim:
-                        raise IWAEError(
-                            f"site '{name}' is in plate '{f.name}' (dim {f.dim}) to the left of the data plate "
-                            f"'{data_plate}' (dim {plate.dim}): TraceIWAE needs the data plate to be the "
-                            "outermost plate of per-datapoint sites (nest other plates inside it)")
-
-
-def _reduce(lp: torch.Tensor, data_dim: int | None, particle_dim: int | None, K: int, B: int, name: str):
-    """Sum a site's log-density over every dim but the particle and data dims: (K, B), or (K,) if data_dim None."""
-    keep = [d for d in (particle_dim, data_dim) if d is not None]
-    nd = max([-d for d in keep] + [0])
-    if lp.dim() < nd:
-        lp = lp.reshape((1,) * (nd - lp.dim()) + tuple(lp.shape))
-    if particle_dim is not None and lp.dim() > nd and any(s != 1 for s in lp.shape[: lp.dim() - nd]):
-        raise IWAEError(f"site '{name}' has log-density shape {tuple(lp.shape)} with batch dims left of the "
-                        f"particle dim {particle_dim} (enumeration?); TraceIWAE does not support them")
-    sum_dims = [d for d in range(-lp.dim(), 0) if d not in keep]
-    if sum_dims:
-        lp = lp.sum(dim=sum_dims, keepdim=True)
-    kp = lp.shape[particle_dim] if particle_dim is not None else 1
-    bd = lp.shape[data_dim] if data_dim is not None else 1
-    out = lp.reshape(kp, bd).expand(K if particle_dim is not None else 1, B if data_dim is not None else 1)
-    return out if data_dim is not None else out[:, 0]
-
-
-def _site_values(value: torch.Tensor, event_dim: int, data_dim: int, particle_dim: int | None, K: int,
-                 B: int) -> torch.Tensor:
-    """A site's value as (k, B, *rest): particle dim first, datapoint second, then nested batch and event dims."""
-    batch = value.shape[: value.dim() - event_dim]
-    ev = value.shape[value.dim() - event_dim:]
-    nd = max(-data_dim, -particle_dim if particle_dim is not None else 0, len(batch))
-    v = value.reshape((1,) * (nd - len(batch)) + tuple(batch) + tuple(ev))
-    di = nd + data_dim
-    if particle_dim is None:
-        v = v.unsqueeze(0)
-        di, pi = di + 1, 0
-    else:
-        pi = nd + particle_dim
-    v = v.movedim((pi, di), (0, 1))
-    # drop size-1 leftover batch dims (nested plates keep theirs)
-    rest_batch = v.shape[2: v.dim() - event_dim]
-    keep = [s for s in rest_batch if s != 1]
-    v = v.reshape(v.shape[0], v.shape[1], *keep, *ev)
-    return v.expand(K if particle_dim is not None else 1, B, *v.shape[2:])
-
-
-def _stop_gradient_trace(guide_trace) -> poutine.Trace:
-    """A trace holding detached copies of the guide's sample values, for ``poutine.replay``."""
-    sg = poutine.Trace()
-    for name, site in guide_trace.nodes.items():
-        if site["type"] == "sample":
-            node = dict(site)
-            node["value"] = site["value"].detach()
-            sg.add_node(name, **node)
-    return sg
-
-
-# ----------------------------------------------------------------------------------------------------------
-# DReG in one pass: the model's path gradient through the draws scaled by w̃ (a hook), and log q at the live
-# draws with detached distribution tensors.
-# ----------------------------------------------------------------------------------------------------------
-
-class _PathWeights:
-    """The normalised weights w̃ (K, B) that the hooks on the model's copies of the draws multiply by; set by
-    :func:`importance_log_weights` once ``log_w`` is known (always before any backward)."""
-
-    __slots__ = ("weights",)
-
-    def __init__(self):
-        self.weights = None
-
-
-def _frame(site, name: str):
-    for f in site["cond_indep_stack"]:
-        if f.name == name and f.vectorized:
-            return f
-    return None
-
-
-def _hooked_replay_trace(guide_trace, data_plate: str, particle_dim: int | None, holder: _PathWeights,
-                         offset: int, K: int) -> poutine.Trace | None:
-    """The guide trace with every differentiable latent value replaced by a view whose gradient is multiplied by
-    w̃[offset:offset + k] (per particle and datapoint); None where a value's layout does not allow it."""
-    out = poutine.Trace()
-    for name, site in guide_trace.nodes.items():
-        if site["type"] != "sample":
-            continue
-        node = dict(site)
-        value = site["value"]
-        if not site["is_observed"] and isinstance(value, torch.Tensor) and value.requires_grad:
-            frame = _frame(site, data_plate)
-            if frame is None:
-                return None  # a global latent: rejected by _check_pass, with the replay's messages
-            batch_ndim = value.dim() - site["fn"].event_dim
-            shape = [1] * value.dim()
-            k = K if particle_dim is not None else 1
-            positions = [(batch_ndim + frame.dim, int(frame.size))]
-            if particle_dim is not None:
-                positions.append((batch_ndim + particle_dim, k))
-            for pos, size in positions:
-                if pos < 0 or value.shape[pos] != size:
-                    return None
-                shape[pos] = size
-            node["value"] = value.view_as(value)
-            node["value"].register_hook(_path_hook(holder, offset, k, tuple(shape), name))
-        out.add_node(name, **node)
-    return out
-
-
-def _path_hook(holder: _PathWeights, offset: int, k: int, shape: tuple, name: str):
-    def hook(grad):
-        w = holder.weights
-        if w is None:
-            raise IWAEError(f"DReG: the importance weights were not set before the backward pass through site "
-                            f"'{name}' (use the LogWeights of importance_log_weights(dreg=True) as returned)")
-        return grad * w[offset:offset + k].reshape(shape).to(grad.dtype)
-    return hook
-
-
-class _NotDetachable(Exception):
-    pass
-
-
-_ATOMS = (int, float, bool, complex, str, type(None), torch.Size, torch.dtype, torch.device,
-          constraints.Constraint)
-
-
-def _detached_copy(obj, tensors: list, memo: dict | None = None):
-    """A copy of a distribution with every tensor detached (originals appended to ``tensors``).
-
-    Recurses into nested distributions and transforms (``base_dist``, ``transforms``, a transform's inverse; cycles
-    are copied once); raises :class:`_NotDetachable` for anything that might hold live parameters out of reach
-    (an ``nn.Module``, a function, an unknown object).
-    """
-    memo = {} if memo is None else memo
-    if isinstance(obj, torch.Tensor):
-        tensors.append(obj)
-        return obj.detach()
-    if isinstance(obj, _ATOMS):
-        return obj
-    if id(obj) in memo:
-        return memo[id(obj)]
-    if isinstance(obj, torch.nn.Module):
-        raise _NotDetachable(type(obj).__name__)
-    if isinstance(obj, (Distribution, Transform)):
-        try:
-            state = vars(obj)
-        except TypeError:
-            raise _NotDetachable(type(obj).__name__) from None
-        if any(c.__dict__.get("__slots__") for c in type(obj).__mro__):  # attributes outside __dict__
-            raise _NotDetachable(type(obj).__name__)
-        new = object.__new__(type(obj))
-        memo[id(obj)] = new
-        new.__dict__.update({k: _detached_copy(v, tensors, memo) for k, v in state.items()})
-        return new
-    if isinstance(obj, weakref.ref):  # Transform._inv in some torch versions: a cache rebuilt on demand
-        return None
-    if type(obj) in (tuple, list):
-        return type(obj)(_detached_copy(v, tensors, memo) for v in obj)
-    if type(obj) is dict:
-        return {k: _detached_copy(v, tensors, memo) for k, v in obj.items()}
-    raise _NotDetachable(type(obj).__name__)
-
-
-def _reaches(tensors, targets: set) -> bool:
-    """Whether the autograd graph of ``tensors`` reaches one of the nodes ``targets``."""
-    stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
-    seen = set()
-    while stack:
-        node = stack.pop()
-        if node in targets:
-            return True
-        if node in seen:
-            continue
-        seen.add(node)
-        stack.extend(n for n, _ in node.next_functions if n is not None)
-    return False
-
-
-def _detached_guide_fns(guide_trace) -> dict | None:
-    """{site: copy of its distribution with detached tensors}, or None where that would not give log q(z; sg ψ)
-    (an undetachable distribution, or one whose tensors depend on an earlier guide draw)."""
-    fns, earlier, leaf_draw = {}, set(), False
-    for name, site in guide_trace.nodes.items():
-        if site["type"] != "sample":
-            continue
-        tensors = []
-        try:
-            fns[name] = _detached_copy(site["fn"], tensors)
-        except _NotDetachable:
-            return None
-        live = [t for t in tensors if t.requires_grad]
-        if live and (leaf_draw or (earlier and _reaches(live, earlier))):
-            return None
-        value = site["value"]
-        if isinstance(value, torch.Tensor) and value.requires_grad:
-            if value.grad_fn is None:
-                leaf_draw = True  # a draw that *is* a parameter: dependence cannot be told apart, be safe
-            else:
-                earlier.add(value.grad_fn)
-    return fns
-
-
-_SHAPE_HINT = (
-    "while running {K} particles vectorised: TraceIWAE adds an outermost plate '{plate}' at dim {dim}, so every "
-    "sample site gets an extra batch dim on the left. A distribution in the model or guide does not allow it "
-    "(a common cause: .to_event(out.dim() - 1), which counts the particle dim as an event dim; take the number "
-    "of event dims from the data shape instead). Fix the model, or use TraceIWAE(vectorize_particles=False). "
-    "Original error: {err}"
-)
-
-
-def _run_pass(model, guide, args, kwargs, *, K: int, particle_dim: int | None, data_plate: str, dreg: bool,
-              require_reparam: bool, keep_values: bool, max_plate_nesting, path_weights: _PathWeights | None = None,
-              offset: int = 0, dreg_replay: bool = False) -> dict:
+def _run_pass(
+    model,
+    guide,
+    args,
+    kwargs,
+    *,
+    K: int,
+    particle_dim: int | None,
+    data_plate: str,
+    dreg: bool,
+    require_reparam: bool,
+    keep_values: bool,
+    max_plate_nesting,
+    path_weights: _PathWeights | None = None,
+    offset: int = 0,
+    dreg_replay: bool = False,
+) -> dict:
     mode = None
     try:
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         replay_source = guide_trace
         if dreg:
-            hooked = None if dreg_replay else _hooked_replay_trace(guide_trace, data_plate, particle_dim,
-                                                                   path_weights, offset, K)
+            hooked = (
+                None
+                if dreg_replay
+                else _hooked_replay_trace(guide_trace, data_plate, particle_dim, path_weights, offset, K)
+            )
             mode = "replay" if hooked is None else "one_pass"
             replay_source = guide_trace if hooked is None else hooked
         model_trace = poutine.trace(poutine.replay(model, trace=replay_source)).get_trace(*args, **kwargs)
@@ -533,8 +229,9 @@ def _run_pass(model, guide, args, kwargs, *, K: int, particle_dim: int | None, d
     plate = _find_data_plate((model_trace, guide_trace), data_plate)
     _check_pass(model_trace, guide_trace, plate, data_plate, require_reparam)  # our messages first
     if is_validation_enabled():
-        check_model_guide_match(full_model_trace, full_guide_trace,
-                                -particle_dim if particle_dim is not None else max_plate_nesting)
+        check_model_guide_match(
+            full_model_trace, full_guide_trace, -particle_dim if particle_dim is not None else max_plate_nesting
+        )
     model_trace.compute_log_prob()
     guide_trace.compute_log_prob()
     if is_validation_enabled():
@@ -546,8 +243,7 @@ def _run_pass(model, guide, args, kwargs, *, K: int, particle_dim: int | None, d
 
     B = plate.size if plate is not None else 0
     ddim = plate.dim if plate is not None else None
-    out = {"plate": plate, "model": {}, "guide": {}, "global": {}, "observed_sites": [], "values": {},
-           "observed": {}}
+    out = {"plate": plate, "model": {}, "guide": {}, "global": {}, "observed_sites": [], "values": {}, "observed": {}}
 
     def lp_of(site):
         return scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"])
@@ -560,8 +256,9 @@ def _run_pass(model, guide, args, kwargs, *, K: int, particle_dim: int | None, d
             if site["is_observed"]:
                 out["observed_sites"].append(name)
                 if keep_values:
-                    out["observed"][name] = _site_values(site["value"].detach(), site["fn"].event_dim, ddim,
-                                                         particle_dim, K, B)[0]
+                    out["observed"][name] = _site_values(
+                        site["value"].detach(), site["fn"].event_dim, ddim, particle_dim, K, B
+                    )[0]
         else:
             out["global"][name] = _reduce(lp_of(site), None, particle_dim, K, B, name)
     for name, site in guide_trace.nodes.items():
@@ -569,62 +266,56 @@ def _run_pass(model, guide, args, kwargs, *, K: int, particle_dim: int | None, d
             continue
         out["guide"][name] = _reduce(lp_of(site), ddim, particle_dim, K, B, name)
         if keep_values:
-            out["values"][name] = _site_values(site["value"].detach(), site["fn"].event_dim, ddim, particle_dim,
-                                               K, B)
+            out["values"][name] = _site_values(site["value"].detach(), site["fn"].event_dim, ddim, particle_dim, K, B)
     if dreg:
-        out.update(_dreg_terms(mode, out, guide, args, kwargs, guide_trace, full_guide_trace, ddim, particle_dim,
-                               K, B,
-                               data_plate, model_sg if mode == "replay" else None,
-                               guide_sg if mode == "replay" else None, lp_of))
+        out.update(
+            _dreg_terms(
+                mode,
+                out,
+                guide,
+                args,
+                kwargs,
+                guide_trace,
+                full_guide_trace,
+                ddim,
+                particle_dim,
+                K,
+                B,
+                data_plate,
+                model_sg if mode == "replay" else None,
+                guide_sg if mode == "replay" else None,
+                lp_of,
+            )
+        )
     return out
-
-
-def _dreg_terms(mode, out, guide, args, kwargs, guide_trace, full_guide_trace, ddim, particle_dim, K, B,
-                data_plate, model_sg, guide_sg, lp_of) -> dict:
-    """P and Q of the DReG surrogate Σ w̃ P + Σ w̃² Q for one pass (module docstring, "DReG terms")."""
-    log_p = sum(out["model"].values(), 0.0)
-    log_q = sum(out["guide"].values(), 0.0)
-    if mode == "replay":
-        model_sg = prune_subsample_sites(model_sg)
-        guide_sg = prune_subsample_sites(guide_sg)
-        model_sg.compute_log_prob()
-        guide_sg.compute_log_prob()
-        log_p_sg = sum((_reduce(lp_of(s), ddim, particle_dim, K, B, n) for n, s in model_sg.nodes.items()
-                        if s["type"] == "sample" and _is_local(s, data_plate)), 0.0)
-        log_q_sg = sum((_reduce(lp_of(s), ddim, particle_dim, K, B, n) for n, s in guide_sg.nodes.items()
-                        if s["type"] == "sample"), 0.0)
-        return {"dreg_w": log_p_sg, "dreg_w2": log_p - log_q + log_q_sg - log_p_sg, "dreg_mode": mode}
-    fns = _detached_guide_fns(guide_trace)
-    if fns is not None:
-        log_q_path = 0.0
-        for name, site in guide_trace.nodes.items():
-            if site["type"] != "sample":
-                continue
-            lp = fns[name].log_prob(site["value"], *site["args"], **site["kwargs"])
-            log_q_path = log_q_path + _reduce(scale_and_mask(lp, 1.0, site["mask"]), ddim, particle_dim, K, B,
-                                              name)
-        return {"dreg_w": log_p, "dreg_w2": -log_q_path, "dreg_mode": "one_pass"}
-    sg = _stop_gradient_trace(full_guide_trace)  # subsample sites included: the same minibatch indices
-    guide_sg = prune_subsample_sites(poutine.trace(poutine.replay(guide, trace=sg)).get_trace(*args, **kwargs))
-    guide_sg.compute_log_prob()
-    log_q_sg = sum((_reduce(lp_of(s), ddim, particle_dim, K, B, n) for n, s in guide_sg.nodes.items()
-                    if s["type"] == "sample"), 0.0)
-    return {"dreg_w": log_p, "dreg_w2": log_q_sg - log_q, "dreg_mode": "guide_replay"}
 
 
 def _cat(parts: list[dict], key: str) -> dict:
     names = list(parts[0][key])
     for p in parts[1:]:
         if list(p[key]) != names:
-            raise IWAEError(f"the model/guide structure changed between particles ({key} sites {names} vs "
-                            f"{list(p[key])}); TraceIWAE needs the same sites in every particle")
+            raise IWAEError(
+                f"the model/guide structure changed between particles ({key} sites {names} vs "
+                f"{list(p[key])}); TraceIWAE needs the same sites in every particle"
+            )
     return {n: torch.cat([p[key][n] for p in parts], dim=0) for n in names}
 
 
-def importance_log_weights(model: Callable, guide: Callable, args=(), kwargs=None, *, num_particles: int = 1,
-                           vectorize_particles: bool = True, max_plate_nesting: int | float | None = None,
-                           data_plate: str = "data", dreg: bool = False, require_reparam: bool = False,
-                           keep_values: bool = False, _dreg_replay: bool = False) -> LogWeights:
+def importance_log_weights(
+    model: Callable,
+    guide: Callable,
+    args=(),
+    kwargs=None,
+    *,
+    num_particles: int = 1,
+    vectorize_particles: bool = True,
+    max_plate_nesting: int | float | None = None,
+    data_plate: str = "data",
+    dreg: bool = False,
+    require_reparam: bool = False,
+    keep_values: bool = False,
+    _dreg_replay: bool = False,
+) -> LogWeights:
     """Draw K guide samples per datapoint and return the (K, B) matrix of unscaled log importance weights.
 
     The one function behind :class:`TraceIWAE`, :func:`ppl_vae.evaluate.log_likelihood` and
@@ -636,25 +327,46 @@ def importance_log_weights(model: Callable, guide: Callable, args=(), kwargs=Non
     them.
     """
     kwargs = {} if kwargs is None else kwargs
-    if isinstance(num_particles, bool) or not isinstance(num_particles, (int, float)) \
-            or int(num_particles) != num_particles or num_particles < 1:
+    if (
+        isinstance(num_particles, bool)
+        or not isinstance(num_particles, (int, float))
+        or int(num_particles) != num_particles
+        or num_particles < 1
+    ):
         raise IWAEError(f"num_particles must be a positive integer, got {num_particles!r}")
     K = int(num_particles)
     holder = _PathWeights() if dreg else None
-    common = dict(data_plate=data_plate, dreg=dreg, require_reparam=require_reparam, keep_values=keep_values,
-                  path_weights=holder, dreg_replay=_dreg_replay)
+    common = dict(
+        data_plate=data_plate,
+        dreg=dreg,
+        require_reparam=require_reparam,
+        keep_values=keep_values,
+        path_weights=holder,
+        dreg_replay=_dreg_replay,
+    )
     if vectorize_particles and K > 1:
         if max_plate_nesting is None or max_plate_nesting == float("inf"):
             max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
         pdim = -(int(max_plate_nesting) + 1)
         particles = pyro.plate(PARTICLE_PLATE, K, dim=pdim)
-        parts = [_run_pass(particles(model), particles(guide), args, kwargs, K=K, particle_dim=pdim,
-                           max_plate_nesting=-pdim, **common)]
+        parts = [
+            _run_pass(
+                particles(model),
+                particles(guide),
+                args,
+                kwargs,
+                K=K,
+                particle_dim=pdim,
+                max_plate_nesting=-pdim,
+                **common,
+            )
+        ]
     else:
         nesting = float("inf") if max_plate_nesting is None else max_plate_nesting
-        parts = [_run_pass(model, guide, args, kwargs, K=1, particle_dim=None, max_plate_nesting=nesting,
-                           offset=k, **common)
-                 for k in range(K)]
+        parts = [
+            _run_pass(model, guide, args, kwargs, K=1, particle_dim=None, max_plate_nesting=nesting, offset=k, **common)
+            for k in range(K)
+        ]
     plate = parts[0]["plate"]
     model_terms, guide_terms = _cat(parts, "model"), _cat(parts, "guide")
     global_terms = _cat(parts, "global")
@@ -672,7 +384,9 @@ def importance_log_weights(model: Callable, guide: Callable, args=(), kwargs=Non
         log_w=log_w,
         scale=plate.full_size / plate.size if plate is not None and plate.size > 0 else 1.0,
         num_data=plate.full_size if plate is not None else 0,
-        model_terms=model_terms, guide_terms=guide_terms, global_terms=global_terms,
+        model_terms=model_terms,
+        guide_terms=guide_terms,
+        global_terms=global_terms,
         observed_sites=tuple(parts[0]["observed_sites"]),
     )
     if keep_values:

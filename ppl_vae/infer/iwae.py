@@ -9,7 +9,7 @@ For datapoint i and K draws z_ik ~ q_φ(z | x_i) from the guide,
 
 L_1 is the ELBO, E[L_K] never decreases with K and tends to log p(x_i) (Burda et al., Theorem 1).
 On a minibatch of B of the N datapoints (``pyro.plate("data", N, subsample=...)``, e.g.
-:func:`ppl_vae.plate.data_plate`) the loss is
+:func:`ppl_vae.distributions.plate.data_plate`) the loss is
 
     loss = −[ (N/B) Σ_{i in minibatch} L_K(x_i)  +  (1/K) Σ_k g_k ].
 
@@ -52,7 +52,8 @@ With normalised weights w̃_ik = w_ik / Σ_k' w_ik' (detached):
   depends on the draws of its own datapoint and particle only; for a model that couples the batch (batch norm in
   training mode, ``FlooredLaplace``'s training-mode floor in ``ladder`` and ``wise_ale``) its cross-datapoint path
   terms are weighted w̃_ik·w̃_jl instead of w̃_ik² (the private attribute ``_dreg_replay = True`` restores the
-  two-pass surrogate). The guide must be a deterministic function of its sample values (no dropout). With K = 1 it is the "sticking the landing" gradient (Roeder, Wu &
+  two-pass surrogate). The guide must be a deterministic function of its sample values (no dropout). With K = 1 it is
+  the "sticking the landing" gradient (Roeder, Wu &
   Duvenaud 2017).
 
 The value returned by ``loss``, ``differentiable_loss`` and ``loss_and_grads`` is always −(the IWAE bound).
@@ -64,18 +65,19 @@ Particles are vectorised like Pyro's ELBOs (see :mod:`ppl_vae.infer.importance`,
 from __future__ import annotations
 
 import torch
-from pyro.infer.elbo import ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.util import warn_if_nan
 
-from .importance import IWAEError, LogWeights, guess_max_plate_nesting, importance_log_weights
+from .base import Objective
+from .importance import LogWeights, guess_max_plate_nesting, importance_log_weights
+from .trace_checks import IWAEError
 
 __all__ = ["TraceIWAE", "ESTIMATORS"]
 
 ESTIMATORS = ("iwae", "dreg")
 
 
-class TraceIWAE(ELBO):
+class TraceIWAE(Objective):
     r"""The importance-weighted bound (IWAE) as a Pyro ELBO, with IWAE or DReG gradients.
 
     ``loss = −[(N/B) Σ_i logmeanexp_{k≤K} log w_ik + mean_k g_k]`` with unscaled per-datapoint log-weights
@@ -95,25 +97,42 @@ class TraceIWAE(ELBO):
     Usable wherever Pyro expects an ELBO: ``SVI(model, guide, optim, TraceIWAE(num_particles=5))``.
     """
 
-    def __init__(self, num_particles: int = 5, vectorize_particles: bool = True, estimator: str = "iwae",
-                 data_plate: str = "data", max_plate_nesting: float = float("inf"), retain_graph=None):
+    def __init__(
+        self,
+        num_particles: int = 5,
+        vectorize_particles: bool = True,
+        estimator: str = "iwae",
+        data_plate: str = "data",
+        max_plate_nesting: float = float("inf"),
+        retain_graph=None,
+    ):
         if estimator not in ESTIMATORS:
             raise IWAEError(f"TraceIWAE estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")
-        if (isinstance(num_particles, bool) or not isinstance(num_particles, (int, float))
-                or int(num_particles) != num_particles or num_particles < 1):
+        if (
+            isinstance(num_particles, bool)
+            or not isinstance(num_particles, (int, float))
+            or int(num_particles) != num_particles
+            or num_particles < 1
+        ):
             raise IWAEError(f"TraceIWAE num_particles must be a positive integer, got {num_particles!r}")
         if not isinstance(data_plate, str) or not data_plate:
             raise IWAEError(f"TraceIWAE data_plate must be a plate name (str), got {data_plate!r}")
-        super().__init__(num_particles=int(num_particles), max_plate_nesting=max_plate_nesting,
-                         vectorize_particles=vectorize_particles, retain_graph=retain_graph)
+        super().__init__(
+            num_particles=int(num_particles),
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=vectorize_particles,
+            retain_graph=retain_graph,
+        )
         self.estimator = estimator
         self.data_plate = data_plate
         self._nesting = None if max_plate_nesting == float("inf") else int(max_plate_nesting)
         self._dreg_replay = False  # private: force the two-pass DReG surrogate (tests, batch-coupled models)
 
     def __repr__(self) -> str:
-        return (f"TraceIWAE(num_particles={self.num_particles}, estimator={self.estimator!r}, "
-                f"vectorize_particles={self.vectorize_particles}, data_plate={self.data_plate!r})")
+        return (
+            f"TraceIWAE(num_particles={self.num_particles}, estimator={self.estimator!r}, "
+            f"vectorize_particles={self.vectorize_particles}, data_plate={self.data_plate!r})"
+        )
 
     def _get_trace(self, model, guide, args, kwargs):
         """One (model_trace, guide_trace) pair, as Pyro's ELBO interface expects (not used by the loss)."""
@@ -125,9 +144,16 @@ class TraceIWAE(ELBO):
             self._nesting = guess_max_plate_nesting(model, guide, args, kwargs)
             self.max_plate_nesting = self._nesting + 1
         return importance_log_weights(
-            model, guide, args, kwargs, num_particles=self.num_particles,
-            vectorize_particles=self.vectorize_particles, max_plate_nesting=self._nesting,
-            data_plate=self.data_plate, dreg=_grad and self.estimator == "dreg", require_reparam=_grad,
+            model,
+            guide,
+            args,
+            kwargs,
+            num_particles=self.num_particles,
+            vectorize_particles=self.vectorize_particles,
+            max_plate_nesting=self._nesting,
+            data_plate=self.data_plate,
+            dreg=_grad and self.estimator == "dreg",
+            require_reparam=_grad,
             _dreg_replay=self._dreg_replay,
         )
 
@@ -135,11 +161,11 @@ class TraceIWAE(ELBO):
     def loss(self, model, guide, *args, **kwargs) -> float:
         """−(IWAE bound) of one minibatch as a float (no gradients; non-reparameterised guide sites are fine)."""
         loss = -self.log_weights(model, guide, *args, **kwargs).bound().item()
-        warn_if_nan(loss, "loss")
+        warn_if_nan(loss, "loss")  # type: ignore[call-overload]
         return loss
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        """−(IWAE bound) as a tensor whose gradient is the chosen estimator's (``backward`` it yourself)."""
+    def loss_and_surrogate(self, model, guide, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """−(IWAE bound) as a tensor whose gradient is the chosen estimator's, and its value."""
         lw = self.log_weights(model, guide, *args, _grad=True, **kwargs)
         bound = lw.bound()
         if self.estimator == "iwae":
@@ -148,18 +174,12 @@ class TraceIWAE(ELBO):
             surrogate = _dreg_surrogate(lw)
             loss = -(bound.detach() + surrogate - surrogate.detach())
         warn_if_nan(loss, "loss")
-        return loss
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        """Backpropagate the estimator's gradient into the parameters and return −(IWAE bound) as a float."""
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        if loss.requires_grad:
-            loss.backward(retain_graph=self.retain_graph)
-        return loss.item()
+        return loss, loss.detach()
 
 
 def _dreg_surrogate(lw: LogWeights) -> torch.Tensor:
     """S = (N/B) Σ_i [Σ_k sg(w̃) P + Σ_k sg(w̃²) Q] + mean_k g_k with P, Q = ``lw.dreg_w_term``, ``lw.dreg_w2_term``."""
+    assert lw.dreg_w_term is not None and lw.dreg_w2_term is not None  # set by a pass with dreg=True
     w = torch.softmax(lw.log_w.detach(), dim=0)
     local = (w * lw.dreg_w_term).sum() + (w.pow(2) * lw.dreg_w2_term).sum()
     out = lw.scale * local

@@ -59,10 +59,20 @@ class JitELBO(ELBO):
     """A compiled ``Trace_ELBO`` (``mean_field=False``) or ``TraceMeanField_ELBO`` (``True``) with one compiled
     graph per shape of the arguments; ``traces`` counts how many graphs were compiled."""
 
-    def __init__(self, num_particles: int = 1, mean_field: bool = False, max_plate_nesting: int = 1,
-                 vectorize_particles: bool = False, ignore_jit_warnings: bool = True):
-        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting,
-                         vectorize_particles=vectorize_particles, ignore_jit_warnings=ignore_jit_warnings)
+    def __init__(
+        self,
+        num_particles: int = 1,
+        mean_field: bool = False,
+        max_plate_nesting: int = 1,
+        vectorize_particles: bool = False,
+        ignore_jit_warnings: bool = True,
+    ):
+        super().__init__(
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=vectorize_particles,
+            ignore_jit_warnings=ignore_jit_warnings,
+        )
         self.mean_field = bool(mean_field)
         self._compiled: dict = {}
         self._methods: dict = {}
@@ -81,9 +91,12 @@ class JitELBO(ELBO):
         key = tuple((tuple(a.shape), a.dtype, str(a.device)) if isinstance(a, torch.Tensor) else a for a in args)
         if key not in self._compiled:
             cls = MeanFieldJitELBO if self.mean_field else JitTrace_ELBO
-            self._compiled[key] = cls(num_particles=self.num_particles, max_plate_nesting=self.max_plate_nesting,
-                                      vectorize_particles=self.vectorize_particles,
-                                      ignore_jit_warnings=self.ignore_jit_warnings)
+            self._compiled[key] = cls(
+                num_particles=self.num_particles,
+                max_plate_nesting=self.max_plate_nesting,
+                vectorize_particles=self.vectorize_particles,
+                ignore_jit_warnings=self.ignore_jit_warnings,
+            )
         return self._compiled[key]
 
     def _get_trace(self, model, guide, args, kwargs):

@@ -9,24 +9,31 @@ VAE", 2023; ``ppl_vae.models.gamix``), with any base ELBO (``Trace_ELBO``, ``Tra
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from pyro.infer.elbo import ELBO
 
-from .direct import DirectObjective
+from .base import Objective, surrogate_and_value
 
-__all__ = ["PenalisedELBO", "surrogate_and_value"]
+__all__ = ["PenalisedELBO"]
 
 
-class PenalisedELBO(ELBO):
+class PenalisedELBO(Objective):
     """A Pyro ELBO plus a penalty: gradient of ``base`` loss + (N/B) Σ_i penalty(x_i); value of ``base`` alone.
 
     ``penalty(x, y) -> (B,)`` must read its parameters inside a Pyro context (e.g. a ``@pyro_method``) so that
     ``SVI`` sees them; ``num_data`` (N) scales the minibatch sum like the data plate does.
     """
 
+    base: Any
+
     def __init__(self, base: ELBO, penalty, weight: float, num_data_fn):
-        super().__init__(num_particles=base.num_particles, max_plate_nesting=base.max_plate_nesting,
-                         vectorize_particles=base.vectorize_particles)
+        super().__init__(
+            num_particles=base.num_particles,
+            max_plate_nesting=base.max_plate_nesting,
+            vectorize_particles=base.vectorize_particles,
+        )
         self.base, self.penalty, self.weight, self.num_data_fn = base, penalty, float(weight), num_data_fn
 
     def _get_trace(self, model, guide, args, kwargs):
@@ -41,26 +48,13 @@ class PenalisedELBO(ELBO):
     def loss(self, model, guide, *args, **kwargs) -> float:
         return self.base.loss(model, guide, *args, **kwargs)
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
-        return self.base.differentiable_loss(model, guide, *args, **kwargs) + self._scaled_penalty(args, kwargs)
-
     def loss_and_surrogate(self, model, guide, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the differentiable loss with the penalty, the base loss's value — what :meth:`loss_and_grads` reports)."""
         surrogate, value = surrogate_and_value(self.base, model, guide, *args, **kwargs)
         return surrogate + self._scaled_penalty(args, kwargs), value
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """Two passes: the base's own ``loss_and_grads`` (its cheaper path, e.g. TraceIWAE's), then the penalty."""
         value = self.base.loss_and_grads(model, guide, *args, **kwargs)
         if self.weight != 0.0:
             self._scaled_penalty(args, kwargs).backward()
         return value
-
-
-def surrogate_and_value(elbo, model, guide, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the differentiable loss, the value ``loss_and_grads`` reports) of any ELBO, for a caller that runs
-    ``backward`` itself: the objective's own ``loss_and_surrogate`` where the two differ (:class:`DirectObjective`,
-    :class:`PenalisedELBO`), else ``differentiable_loss`` and its value."""
-    if isinstance(elbo, (DirectObjective, PenalisedELBO)):
-        return elbo.loss_and_surrogate(model, guide, *args, **kwargs)
-    loss = elbo.differentiable_loss(model, guide, *args, **kwargs)
-    return loss, loss.detach()

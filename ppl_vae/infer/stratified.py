@@ -7,7 +7,8 @@ bound inside):
 with fixed stratum weights w_s (MMVAE: w_m = 1/|S| for each observed modality m; MoPoE: one weight per non-empty
 subset of the observed modalities). Each stratum s is one importance-weighted pass of the model and the guide
 called with ``stratum=s``: the guide draws from its component s and scores the draw with the *whole* mixture
-density (:class:`ppl_vae.experts.ExpertMixture`), so the weights are those of q(z | X). Every term is computed by
+density (:class:`ppl_vae.distributions.experts.ExpertMixture`), so the weights are those of q(z | X). Every term is
+computed by
 :class:`~ppl_vae.infer.iwae.TraceIWAE`'s machinery (:func:`~ppl_vae.infer.importance.importance_log_weights`),
 with its IWAE or DReG gradient (Tucker et al. 2018; MMVAE trains with DReG). With K = 1 the bound is the
 stratified Monte Carlo estimate of the ELBO of the mixture guide. Caveat: Tucker et al.'s identity behind DReG
@@ -18,19 +19,19 @@ official code uses, kept for fidelity; ``estimator="iwae"`` is the exact gradien
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-from pyro.infer.elbo import ELBO
 from pyro.util import warn_if_nan
 
-from .importance import IWAEError
+from .base import Objective
 from .iwae import TraceIWAE
+from .trace_checks import IWAEError
 
 __all__ = ["StratifiedIWAE"]
 
 
-class StratifiedIWAE(ELBO):
+class StratifiedIWAE(Objective):
     """``loss = −(N/B) Σ_i Σ_s w_si L_K^s(x_i)`` (module docstring).
 
     :param strata: ``strata(x, mask) -> (S, B)`` tensor of stratum weights (columns sum to 1), e.g.
@@ -41,12 +42,22 @@ class StratifiedIWAE(ELBO):
     ``SVI(mmvae.model, mmvae.guide, optim, StratifiedIWAE(mmvae.strata, num_particles=8))``.
     """
 
-    def __init__(self, strata: Callable, num_particles: int = 1, estimator: str = "dreg", data_plate: str = "data",
-                 vectorize_particles: bool = True):
+    def __init__(
+        self,
+        strata: Callable,
+        num_particles: int = 1,
+        estimator: str = "dreg",
+        data_plate: str = "data",
+        vectorize_particles: bool = True,
+    ):
         if not callable(strata):
             raise IWAEError(f"StratifiedIWAE strata must be a function (x, mask) -> (S, B) weights, got {strata!r}")
-        self.iwae = TraceIWAE(num_particles=num_particles, vectorize_particles=vectorize_particles,
-                              estimator=estimator, data_plate=data_plate)
+        self.iwae = TraceIWAE(
+            num_particles=num_particles,
+            vectorize_particles=vectorize_particles,
+            estimator=estimator,
+            data_plate=data_plate,
+        )
         super().__init__(num_particles=self.iwae.num_particles, vectorize_particles=vectorize_particles)
         self.strata = strata
         self.estimator = estimator
@@ -62,8 +73,9 @@ class StratifiedIWAE(ELBO):
         """The minibatch estimate of Σ_i L(x_i) (scaled by N/B); with ``_grad`` its gradient is the estimator's."""
         weights = torch.as_tensor(self.strata(x, mask))
         if weights.dim() != 2 or weights.shape[1] != len(x):
-            raise IWAEError(f"StratifiedIWAE: strata(x, mask) must return (S, {len(x)}) weights, got "
-                            f"{tuple(weights.shape)}")
+            raise IWAEError(
+                f"StratifiedIWAE: strata(x, mask) must return (S, {len(x)}) weights, got {tuple(weights.shape)}"
+            )
         total = None
         for s in range(weights.shape[0]):
             w_s = weights[s]
@@ -71,11 +83,13 @@ class StratifiedIWAE(ELBO):
                 continue
             lw = self.iwae.log_weights(model, guide, x, mask, *args, stratum=s, _grad=_grad, **kwargs)
             if lw.global_terms:
-                raise IWAEError("StratifiedIWAE does not take observed sites outside the data plate "
-                                f"({sorted(lw.global_terms)})")
+                raise IWAEError(
+                    f"StratifiedIWAE does not take observed sites outside the data plate ({sorted(lw.global_terms)})"
+                )
             w_s = w_s.to(lw.log_w)
             term = lw.scale * (w_s * lw.per_datapoint_bound()).sum()
             if _grad and self.estimator == "dreg":
+                assert lw.dreg_w_term is not None and lw.dreg_w2_term is not None
                 wt = torch.softmax(lw.log_w.detach(), dim=0)
                 sur = lw.scale * (w_s * ((wt * lw.dreg_w_term).sum(0) + (wt.pow(2) * lw.dreg_w2_term).sum(0))).sum()
                 term = term.detach() + sur - sur.detach()
@@ -87,16 +101,10 @@ class StratifiedIWAE(ELBO):
     @torch.no_grad()
     def loss(self, model, guide, *args, **kwargs) -> float:
         loss = -self.bound(model, guide, *args, **kwargs).item()
-        warn_if_nan(loss, "loss")
+        warn_if_nan(loss, "loss")  # type: ignore[call-overload]
         return loss
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+    def loss_and_surrogate(self, model, guide, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         loss = -self.bound(model, guide, *args, _grad=True, **kwargs)
         warn_if_nan(loss, "loss")
-        return loss
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        if loss.requires_grad:
-            loss.backward()
-        return loss.item()
+        return loss, loss.detach()

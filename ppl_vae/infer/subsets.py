@@ -12,15 +12,19 @@ are those of the average.
 
 from __future__ import annotations
 
-from typing import Callable
+import typing
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from pyro.infer.elbo import ELBO
 
+from .base import Objective
+
 __all__ = ["SubsetELBO"]
 
 
-class SubsetELBO(ELBO):
+class SubsetELBO(Objective):
     """``loss = (1/J) Σ_j base.loss(model, guide, x, mask, subset=S_j)`` with ``S_1..S_J = subsets(mask)``.
 
     :param base: the ELBO of one subset (needs ``differentiable_loss``).
@@ -28,6 +32,8 @@ class SubsetELBO(ELBO):
         an all-observed mask is made from ``num_modalities``).
     :param int num_modalities: M, for a call without a mask.
     """
+
+    base: Any
 
     def __init__(self, base: ELBO, subsets: Callable, num_modalities: int):
         super().__init__(num_particles=base.num_particles)
@@ -51,16 +57,13 @@ class SubsetELBO(ELBO):
     @torch.no_grad()
     def loss(self, model, guide, x, mask=None, *args, **kwargs) -> float:
         mask, subsets = self._masks(x, mask)
-        return sum(float(self.base.loss(model, guide, x, mask, *args, subset=s, **kwargs)) for s in subsets) \
-            / len(subsets)
+        total = 0.0
+        for s in subsets:
+            total += float(self.base.loss(model, guide, x, mask, *args, subset=s, **kwargs))
+        return total / len(subsets)
 
-    def differentiable_loss(self, model, guide, x, mask=None, *args, **kwargs) -> torch.Tensor:
+    def loss_and_surrogate(self, model, guide, x, mask=None, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         mask, subsets = self._masks(x, mask)
-        return sum(self.base.differentiable_loss(model, guide, x, mask, *args, subset=s, **kwargs)
-                   for s in subsets) / len(subsets)
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        if torch.is_tensor(loss) and loss.requires_grad:
-            loss.backward()
-        return float(loss.detach())
+        losses = [self.base.differentiable_loss(model, guide, x, mask, *args, subset=s, **kwargs) for s in subsets]
+        loss = typing.cast(torch.Tensor, sum(losses)) / len(subsets)
+        return loss, loss.detach()

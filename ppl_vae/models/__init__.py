@@ -10,8 +10,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from ..config import ModelConfig
-from ..multimodal import Layout
+from ..config.sections import ModelConfig
+from ..data.multimodal import Layout
 from .gamix import GAMIX
 from .hvae import HVAE
 from .ladder import LaDDer
@@ -35,10 +35,35 @@ from .vlae import VLAE
 from .vlossy import VLossy
 from .wise_ale import WiseALE
 
-__all__ = ["build_model", "register_model", "model_names", "get_method", "resolve_name", "import_methods", "VAE", "VAE2",
-           "LinearGaussianVAE", "VLAE", "RME", "GAMIX", "LaDDer", "WiseALE", "SigmaVAE",
-           "VAEEpanechnikov", "VAEPoisson", "HVAE", "VLadder", "VLAC", "MAE", "VLossy", "MVAE",
-           "MMVAE", "MoPoE", "SumPool", "MMVM"]
+__all__ = [
+    "build_model",
+    "register_model",
+    "model_names",
+    "get_method",
+    "resolve_name",
+    "import_methods",
+    "VAE",
+    "VAE2",
+    "LinearGaussianVAE",
+    "VLAE",
+    "RME",
+    "GAMIX",
+    "LaDDer",
+    "WiseALE",
+    "SigmaVAE",
+    "VAEEpanechnikov",
+    "VAEPoisson",
+    "HVAE",
+    "VLadder",
+    "VLAC",
+    "MAE",
+    "VLossy",
+    "MVAE",
+    "MMVAE",
+    "MoPoE",
+    "SumPool",
+    "MMVM",
+]
 
 
 def build_model(cfg: ModelConfig, data_shape, num_data: int | None = None, num_classes: int | None = None):
@@ -47,7 +72,7 @@ def build_model(cfg: ModelConfig, data_shape, num_data: int | None = None, num_c
     cfg.validate()
     method = get_method(cfg.name)
     options = method.options.parse(cfg.options, method=cfg.name)
-    shape = data_shape if isinstance(data_shape, Layout) else tuple(data_shape)   # multimodal data: its Layout
+    shape = data_shape if isinstance(data_shape, Layout) else tuple(data_shape)  # multimodal data: its Layout
     return method.build(cfg, options, shape, num_data, num_classes)
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..distributions.likelihoods import FlooredLaplace, build_likelihood
 from ..errors import ConfigError
-from ..likelihoods import FlooredLaplace, build_likelihood
-from ..nets import build_encoder_decoder
+from ..nn.networks import build_encoder_decoder
 
 
 def one_hot(y: torch.Tensor | None, num_classes: int | None, who: str) -> torch.Tensor | None:
@@ -18,11 +18,11 @@ def one_hot(y: torch.Tensor | None, num_classes: int | None, who: str) -> torch.
         raise ValueError(f"{who} is conditional: call it with labels y (int64 tensor of shape (batch,))")
     y = torch.as_tensor(y)
     if y.dtype.is_floating_point or y.dim() != 1:
-        raise ValueError(f"{who}: y must be an int64 tensor of shape (batch,), got dtype {y.dtype} shape "
-                         f"{tuple(y.shape)}")
+        raise ValueError(
+            f"{who}: y must be an int64 tensor of shape (batch,), got dtype {y.dtype} shape {tuple(y.shape)}"
+        )
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"{who}: labels must lie in [0, {num_classes - 1}], got min {int(y.min())} max "
-                         f"{int(y.max())}")
+        raise ValueError(f"{who}: labels must lie in [0, {num_classes - 1}], got min {int(y.min())} max {int(y.max())}")
     return F.one_hot(y.long(), num_classes).float()
 
 
@@ -52,8 +52,9 @@ def outer_parts(cfg, data_shape, likelihood: str = "floored_laplace", laplace_in
     floored Laplace likelihood (``likelihood="floored_laplace"``) or the one ``model.likelihood`` names
     (``"config"``); shared by LaDDer and WiSE-ALE."""
     require_arch(cfg, "mlp", "conv")
-    enc, dec = build_encoder_decoder(cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation,
-                                     channels=cfg.channels)
+    enc, dec = build_encoder_decoder(
+        cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation, channels=cfg.channels
+    )
     if likelihood == "floored_laplace":
         return enc, dec, FlooredLaplace(laplace_init_scale, link=cfg.link)
     return enc, dec, config_likelihood(cfg, data_shape)
@@ -62,9 +63,16 @@ def outer_parts(cfg, data_shape, likelihood: str = "floored_laplace", laplace_in
 def config_likelihood(cfg, data_shape=None):
     """The likelihood named by ``model.likelihood`` with ``model.sigma2``, ``laplace_scale``, ``link`` and, for
     ``pixelcnn``, ``pixelcnn_window``, ``pixelcnn_layers`` and ``channels`` on images of ``data_shape``."""
-    return build_likelihood(cfg.likelihood, sigma2=cfg.sigma2, laplace_scale=cfg.laplace_scale, link=cfg.link,
-                            data_shape=data_shape, pixelcnn_window=cfg.pixelcnn_window,
-                            pixelcnn_layers=cfg.pixelcnn_layers, channels=cfg.channels)
+    return build_likelihood(
+        cfg.likelihood,
+        sigma2=cfg.sigma2,
+        laplace_scale=cfg.laplace_scale,
+        link=cfg.link,
+        data_shape=data_shape,
+        pixelcnn_window=cfg.pixelcnn_window,
+        pixelcnn_layers=cfg.pixelcnn_layers,
+        channels=cfg.channels,
+    )
 
 
 class LadderFigures:

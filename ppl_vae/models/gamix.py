@@ -12,7 +12,7 @@ mixture site. Two training losses (option ``kl``):
   (:class:`~ppl_vae.infer.aggregate_kl.AggregateKLObjective`; not a bound). With ``num_components=1`` this is
   Rivera's VAE; ``adversarial`` adds his PatchGAN.
 
-With ``adversarial`` = λ_G > 0, a PatchGAN discriminator D (:class:`~ppl_vae.nets.PatchGAN`) judges the decoded
+With ``adversarial`` = λ_G > 0, a PatchGAN discriminator D (:class:`~ppl_vae.nn.networks.PatchGAN`) judges the decoded
 reconstructions: the loss gains λ_G·BCE(1, D(x̂)) per image (:class:`~ppl_vae.infer.adversarial.AdversarialELBO`)
 and, after every model step, D takes its own Adam step (``disc_lr``, β₁ = 0.5) on
 ``disc_weight``·[BCE(1, D(x)) + BCE(0, D(x̂))] (the author's λ_G = λ_D = 100); D's weights live in the model
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from pyro.nn import pyro_method
 
+from ..config.options import Options, option
 from ..errors import ConfigError
 from ..guides.mixture import (
     DiagNormalMixture,
@@ -39,13 +40,12 @@ from ..guides.mixture import (
     mixture_moments,
     variance_collapse_penalty,
 )
-from ..infer import distributed
 from ..infer.adversarial import AdversarialELBO, DiscriminatorStep
 from ..infer.aggregate_kl import AggregateKLObjective, batch_moment_kl
 from ..infer.penalised import PenalisedELBO
-from ..infer.plan import TrainingPlan, build_objective, training_plan
-from ..nets import PatchGAN, build_encoder_decoder, image_trunk
-from ..options import Options, option
+from ..nn.networks import build_encoder_decoder, image_trunk
+from ..nn.patchgan import PatchGAN
+from ..training.plan import TrainingPlan, build_objective, training_plan
 from ._common import config_likelihood, require_arch
 from .registry import register_model
 from .vae import VAE
@@ -58,10 +58,22 @@ KL_MODES = ("elbo", "aggregate")
 class GAMIX(MixtureGuideMixin, VAE):
     """A VAE whose guide is a K-component diagonal-Gaussian mixture from a :class:`MixtureEncoder`."""
 
-    def __init__(self, encoder: MixtureEncoder, decoder, likelihood, latent_dim: int, *, var_reg: float = 0.1,
-                 kl: str = "elbo", num_data: int | None = None, num_classes: int | None = None,
-                 discriminator: torch.nn.Module | None = None, adversarial: float = 0.0, disc_weight: float = 100.0,
-                 disc_lr: float = 1e-4):
+    def __init__(
+        self,
+        encoder: MixtureEncoder,
+        decoder,
+        likelihood,
+        latent_dim: int,
+        *,
+        var_reg: float = 0.1,
+        kl: str = "elbo",
+        num_data: int | None = None,
+        num_classes: int | None = None,
+        discriminator: torch.nn.Module | None = None,
+        adversarial: float = 0.0,
+        disc_weight: float = 100.0,
+        disc_lr: float = 1e-4,
+    ):
         super().__init__(encoder, decoder, likelihood, latent_dim, num_data=num_data, num_classes=num_classes)
         self.discriminator = discriminator
         self.adversarial, self.disc_weight, self.disc_lr = float(adversarial), float(disc_weight), float(disc_lr)
@@ -116,8 +128,9 @@ class GAMIXPlan(TrainingPlan):
         super().__init__(model)
         self.disc_step = None
         if model.discriminator is not None:
-            self.disc_step = DiscriminatorStep(model.discriminator, model.reconstruct_draw, model.disc_weight,
-                                               model.disc_lr)
+            self.disc_step = DiscriminatorStep(
+                model.discriminator, model.reconstruct_draw, model.disc_weight, model.disc_lr
+            )
         self._objective = None
 
     def objective(self, train):
@@ -125,12 +138,13 @@ class GAMIXPlan(TrainingPlan):
         m = self.model
         if m.discriminator is None:
             return base
-        if distributed.wanted(train):
-            raise ConfigError("model.options.adversarial must be 0 with train.devices > 1 (or another train.strategy "
-                              "or train.precision): the discriminator's own optimiser steps outside DDP, so the "
-                              f"ranks' critics would drift apart; got adversarial={m.adversarial}")
-        self._objective = AdversarialELBO(base, m.reconstruct_draw, m.discriminator, m.adversarial,
-                                          lambda: m.num_data)
+        if train.uses_fabric:
+            raise ConfigError(
+                "model.options.adversarial must be 0 with train.devices > 1 (or another train.strategy "
+                "or train.precision): the discriminator's own optimiser steps outside DDP, so the "
+                f"ranks' critics would drift apart; got adversarial={m.adversarial}"
+            )
+        self._objective = AdversarialELBO(base, m.reconstruct_draw, m.discriminator, m.adversarial, lambda: m.num_data)
         return self._objective
 
     def validation_objective(self, train):
@@ -157,18 +171,24 @@ class GAMIXPlan(TrainingPlan):
     def _base_objective(self, train):
         m = self.model
         if m.kl == "aggregate":
-            distributed.refuse_sharding(train, "model.options.kl='aggregate' (the KL of the minibatch's moments)")
-            for field, value, ok in (("objective", train.objective, ("auto", "elbo")),
-                                     ("num_particles", train.num_particles, (1,)),
-                                     ("kl_warmup_epochs", train.kl_warmup_epochs, (0,)), ("jit", train.jit, (False,))):
+            for field, value, ok in (
+                ("objective", train.objective, ("auto", "elbo")),
+                ("num_particles", train.num_particles, (1,)),
+                ("kl_warmup_epochs", train.kl_warmup_epochs, (0,)),
+                ("jit", train.jit, (False,)),
+            ):
                 if value not in ok:
-                    raise ConfigError(f"train.{field} must be {' or '.join(map(repr, ok))} for model.name='gamix' "
-                                      f"with options.kl='aggregate' (Rivera's objective, one draw per image), "
-                                      f"got {value!r}")
+                    raise ConfigError(
+                        f"train.{field} must be {' or '.join(map(repr, ok))} for model.name='gamix' "
+                        f"with options.kl='aggregate' (Rivera's objective, one draw per image), "
+                        f"got {value!r}"
+                    )
             return AggregateKLObjective(m)
         if train.objective == "meanfield":
-            raise ConfigError("train.objective must be 'elbo' or 'iwae' for model.name='gamix' (a mixture "
-                              "posterior has no closed-form KL), got 'meanfield'")
+            raise ConfigError(
+                "train.objective must be 'elbo' or 'iwae' for model.name='gamix' (a mixture "
+                "posterior has no closed-form KL), got 'meanfield'"
+            )
         return PenalisedELBO(build_objective(train), m.variance_penalty, m.var_reg, lambda: m.num_data)
 
 
@@ -190,14 +210,27 @@ def build_gamix(cfg, options: GAMIXOptions, data_shape, num_data, num_classes) -
     hidden = tuple(cfg.hidden) if cfg.arch == "mlp" else tuple(cfg.hidden[:1])
     _, dec = build_encoder_decoder(cfg.arch, data_shape, cfg.latent_dim, hidden, cfg.activation, channels=cfg.channels)
     trunk, dim = image_trunk(cfg.arch, data_shape, cfg.channels, cfg.activation) if cfg.arch != "mlp" else (None, None)
-    enc = MixtureEncoder(data_shape, cfg.latent_dim, options.num_components, hidden, cfg.activation, trunk=trunk,
-                         trunk_dim=dim)
+    enc = MixtureEncoder(
+        data_shape, cfg.latent_dim, options.num_components, hidden, cfg.activation, trunk=trunk, trunk_dim=dim
+    )
     disc = None
     if options.adversarial > 0:
         if len(data_shape) != 3:
-            raise ConfigError(f"model.options.adversarial > 0 needs image data (C, H, W) for the PatchGAN, got "
-                              f"data of shape {tuple(data_shape)}")
+            raise ConfigError(
+                f"model.options.adversarial > 0 needs image data (C, H, W) for the PatchGAN, got "
+                f"data of shape {tuple(data_shape)}"
+            )
         disc = PatchGAN(data_shape, options.disc_width)
-    return GAMIX(enc, dec, lik, cfg.latent_dim, var_reg=options.var_reg, kl=options.kl, num_data=num_data,
-                 discriminator=disc, adversarial=options.adversarial, disc_weight=options.disc_weight,
-                 disc_lr=options.disc_lr)
+    return GAMIX(
+        enc,
+        dec,
+        lik,
+        cfg.latent_dim,
+        var_reg=options.var_reg,
+        kl=options.kl,
+        num_data=num_data,
+        discriminator=disc,
+        adversarial=options.adversarial,
+        disc_weight=options.disc_weight,
+        disc_lr=options.disc_lr,
+    )

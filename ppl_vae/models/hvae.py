@@ -22,10 +22,10 @@ import torch
 from pyro.nn import PyroModule, pyro_method
 from torch import nn
 
-from ..nets import GaussianHead, MLPDecoder, MLPEncoder
-from ..options import Options, option
-from ..plate import data_plate
-from ..priors import StandardNormalPrior
+from ..config.options import Options, option
+from ..distributions.plate import data_plate
+from ..distributions.priors import StandardNormalPrior
+from ..nn.networks import GaussianHead, MLPDecoder, MLPEncoder
 from ._common import config_likelihood, module_device, require_arch
 from .registry import register_model
 
@@ -38,17 +38,24 @@ class HVAE(PyroModule):
     conditional = False
     num_classes = None
 
-    def __init__(self, data_shape, likelihood: nn.Module, latent_dims, hidden=(256, 256), act: str = "relu",
-                 num_data: int | None = None):
+    def __init__(
+        self,
+        data_shape,
+        likelihood: nn.Module,
+        latent_dims,
+        hidden=(256, 256),
+        act: str = "relu",
+        num_data: int | None = None,
+    ):
         super().__init__()
         self.latent_dims = [int(d) for d in latent_dims]
         self.latent_dim, self.layers = sum(self.latent_dims), len(self.latent_dims)
         self.likelihood, self.num_data = likelihood, num_data
         d = self.latent_dims
-        self.encoder = MLPEncoder(data_shape, d[0], hidden, act)                                  # q(z_1 | x)
+        self.encoder = MLPEncoder(data_shape, d[0], hidden, act)  # q(z_1 | x)
         self.up = nn.ModuleList([GaussianHead(d[i], hidden, d[i + 1], act) for i in range(self.layers - 1)])
         self.down = nn.ModuleList([GaussianHead(d[i + 1], hidden, d[i], act) for i in range(self.layers - 1)])
-        self.decoder = MLPDecoder(data_shape, d[0], hidden, act)                                  # p(x | z_1)
+        self.decoder = MLPDecoder(data_shape, d[0], hidden, act)  # p(x | z_1)
         self.prior = StandardNormalPrior(d[-1])
 
     @pyro_method
@@ -79,7 +86,7 @@ class HVAE(PyroModule):
         return torch.cat(locs, -1), torch.cat(scales, -1)
 
     def decode(self, z, y=None):
-        return self.likelihood.mean(self.decoder(z[..., :self.latent_dims[0]]))
+        return self.likelihood.mean(self.decoder(z[..., : self.latent_dims[0]]))
 
     def reconstruct(self, x, y=None):
         return self.decode(self.encode(x)[0])
@@ -101,5 +108,11 @@ class HVAEOptions(Options):
 @register_model("hvae", options=HVAEOptions)
 def build_hvae(cfg, o: HVAEOptions, data_shape, num_data, num_classes) -> HVAE:
     require_arch(cfg, "mlp")
-    return HVAE(data_shape, config_likelihood(cfg, data_shape), [cfg.latent_dim] * o.layers, tuple(cfg.hidden),
-                           cfg.activation, num_data=num_data)
+    return HVAE(
+        data_shape,
+        config_likelihood(cfg, data_shape),
+        [cfg.latent_dim] * o.layers,
+        tuple(cfg.hidden),
+        cfg.activation,
+        num_data=num_data,
+    )

@@ -3,7 +3,8 @@ Distribution Modelling with a Generative Prior", BMVC 2020).
 
 Generative model ("meta-embedding": the prior of the outer VAE is itself a VAE), for each datapoint i of N:
 
-    t_i ~ p(t)                              hyperprior: a Gaussian mixture (``ppl_vae.hyperpriors``), dim d_t (2)
+    t_i ~ p(t)                              hyperprior: a Gaussian mixture (``ppl_vae.distributions.hyperpriors``),
+    dim d_t (2)
     z_i | t_i ~ N(g_ψ(t_i), σ_in² I)        inner decoder, σ_in learned and clipped to [σ_min, σ_max]
     x_i | z_i ~ Π_k Laplace(x_ik; f_θ(z_i)_k, b)   outer decoder, one learned scale b floored at the batch's MAE
 
@@ -27,12 +28,14 @@ below the MAE, so the floor (the per-batch closed-form optimum of b) is active f
 code starts b_θ at 0.5 and gives it its own, larger learning rate, reaching the floor within a few epochs, which a
 single global learning rate on log b here would take tens of epochs to do. In ``eval()`` mode
 the floor is the training-set MAE stored after every epoch by the plan (:class:`LaDDerPlan`, a buffer of
-:class:`~ppl_vae.likelihoods.FlooredLaplace`), so that p(x|z) is a fixed density for log-likelihood evaluation.
+:class:`~ppl_vae.distributions.likelihoods.FlooredLaplace`), so that p(x|z) is a fixed density for log-likelihood
+evaluation.
 
 Schedule (``model.options``): ``warmup_epochs`` epochs with an N(0, I) prior on z (the official code's
 ``sg_pretraining``); during them the inner VAE is trained on the detached codes through a zero-valued factor
 ``ELBO_in(sg z) − sg(ELBO_in(sg z))`` (it adds the inner ELBO's gradient, not its value, so the reported ELBO is
-the N(0, I)-prior VAE's); afterwards the ladder prior is switched on, and only those epochs count for ``best.pt`` and early stopping
+the N(0, I)-prior VAE's); afterwards the ladder prior is switched on, and only those epochs count for ``best.pt`` and
+early stopping
 (the plan's stage starts scoring there). The BGM hyperprior is refitted to
 t ~ q(t|z), z ~ q(z|x) of (a subset of) the training data after every ``refit_every`` epochs and held fixed in
 between; the stick-breaking hyperprior is learned by the ELBO instead. With ``prior: normal`` the same class is
@@ -52,14 +55,14 @@ import torch
 from pyro.nn import PyroModule, pyro_method
 from torch import nn
 
-from ..config import ModelConfig
+from ..config.options import Options, option
+from ..config.sections import ModelConfig
+from ..distributions.hyperpriors import BGMHyperprior, StickBreakingHyperprior, build_hyperprior
+from ..distributions.likelihoods import FlooredLaplace
+from ..distributions.plate import data_plate
 from ..errors import ConfigError
-from ..hyperpriors import BGMHyperprior, StickBreakingHyperprior, build_hyperprior
-from ..infer.plan import Stage, TrainingPlan, training_plan
-from ..likelihoods import FlooredLaplace
-from ..nets import GaussianHead, mlp
-from ..options import Options, option
-from ..plate import data_plate
+from ..nn.networks import GaussianHead, mlp
+from ..training.plan import Stage, TrainingPlan, training_plan
 from ._common import module_device, outer_parts
 from .registry import register_model
 
@@ -77,12 +80,27 @@ class LaDDer(PyroModule):
     conditional = False
     num_classes = None
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: nn.Module, z_dim: int, *,
-                 inner_encoder: nn.Module | None = None, inner_decoder: nn.Module | None = None,
-                 hyperprior: nn.Module | None = None, t_dim: int = 2, prior: str = "ladder",
-                 warmup_epochs: int = 0, inner_sigma: float = 0.1, inner_sigma_bounds=(0.05, 0.1),
-                 learn_inner_sigma: bool = True, warmup_inner: bool = True, refit_every: int = 1,
-                 fit_points: int = 5000, num_data: int | None = None):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        likelihood: nn.Module,
+        z_dim: int,
+        *,
+        inner_encoder: nn.Module | None = None,
+        inner_decoder: nn.Module | None = None,
+        hyperprior: nn.Module | None = None,
+        t_dim: int = 2,
+        prior: str = "ladder",
+        warmup_epochs: int = 0,
+        inner_sigma: float = 0.1,
+        inner_sigma_bounds=(0.05, 0.1),
+        learn_inner_sigma: bool = True,
+        warmup_inner: bool = True,
+        refit_every: int = 1,
+        fit_points: int = 5000,
+        num_data: int | None = None,
+    ):
         super().__init__()
         if prior not in ("ladder", "normal"):
             raise ConfigError(f"model.options.prior must be 'ladder' or 'normal', got {prior!r}")
@@ -243,8 +261,12 @@ class LaDDerPlan(TrainingPlan):
                     ts.append(m.q_t_given_z(z).sample())
             if err:
                 m.likelihood.set_eval_floor(torch.cat(err))
-            refit = (m.prior == "ladder" and isinstance(m.hyperprior, BGMHyperprior)
-                     and (m.ladder_active or m.warmup_inner) and (epoch + 1) % m.refit_every == 0)
+            refit = (
+                m.prior == "ladder"
+                and isinstance(m.hyperprior, BGMHyperprior)
+                and (m.ladder_active or m.warmup_inner)
+                and (epoch + 1) % m.refit_every == 0
+            )
             if refit:
                 m.hyperprior.fit(torch.cat(ts))
         if m.prior == "ladder":
@@ -264,8 +286,9 @@ class LaDDerOptions(Options):
     hyperprior: str = option("bgm", choices=("bgm", "stick"))
     num_components: int = option(20, gt=0)
     weight_concentration_prior: float = option(0.1, gt=0)
-    weight_concentration_prior_type: str = option("dirichlet_distribution",
-                                                  choices=("dirichlet_distribution", "dirichlet_process"))
+    weight_concentration_prior_type: str = option(
+        "dirichlet_distribution", choices=("dirichlet_distribution", "dirichlet_process")
+    )
     bgm_max_iter: int = option(200, gt=0)
     refit_every: int = option(1, gt=0)
     fit_points: int = option(5000, gt=0)
@@ -276,8 +299,11 @@ class LaDDerOptions(Options):
     inner_sigma_min: float = option(0.05, gt=0)
     inner_sigma_max: float = option(0.1, gt=0)
     learn_inner_sigma: bool = option(True)
-    likelihood: str = option("floored_laplace", choices=("floored_laplace", "config"),
-                             doc="'config': model.likelihood instead of the floored Laplace")
+    likelihood: str = option(
+        "floored_laplace",
+        choices=("floored_laplace", "config"),
+        doc="'config': model.likelihood instead of the floored Laplace",
+    )
     laplace_init_scale: float = option(0.02, gt=0)
 
     def check(self):
@@ -293,14 +319,35 @@ def build_ladder(cfg: ModelConfig, o: LaDDerOptions, data_shape, num_data, num_c
     if o.prior == "ladder":
         hidden = tuple(o.inner_hidden)
         if o.hyperprior == "bgm":
-            hp = build_hyperprior("bgm", o.t_dim, o.num_components, weight_concentration_prior=o.weight_concentration_prior,
-                                  weight_concentration_prior_type=o.weight_concentration_prior_type,
-                                  max_iter=o.bgm_max_iter)
+            hp = build_hyperprior(
+                "bgm",
+                o.t_dim,
+                o.num_components,
+                weight_concentration_prior=o.weight_concentration_prior,
+                weight_concentration_prior_type=o.weight_concentration_prior_type,
+                max_iter=o.bgm_max_iter,
+            )
         else:
             hp = build_hyperprior("stick", o.t_dim, o.num_components, alpha=o.stick_alpha)
-        kw = dict(inner_encoder=GaussianHead(cfg.latent_dim, hidden, o.t_dim, o.inner_activation),
-                  inner_decoder=mlp(o.t_dim, hidden, cfg.latent_dim, o.inner_activation), hyperprior=hp)
-    return LaDDer(enc, dec, lik, cfg.latent_dim, t_dim=o.t_dim, prior=o.prior, warmup_epochs=o.warmup_epochs,
-                  inner_sigma=o.inner_sigma, inner_sigma_bounds=(o.inner_sigma_min, o.inner_sigma_max),
-                  learn_inner_sigma=o.learn_inner_sigma, warmup_inner=o.warmup_inner, refit_every=o.refit_every,
-                  fit_points=o.fit_points, num_data=num_data, **kw)
+        kw = dict(
+            inner_encoder=GaussianHead(cfg.latent_dim, hidden, o.t_dim, o.inner_activation),
+            inner_decoder=mlp(o.t_dim, hidden, cfg.latent_dim, o.inner_activation),
+            hyperprior=hp,
+        )
+    return LaDDer(
+        enc,
+        dec,
+        lik,
+        cfg.latent_dim,
+        t_dim=o.t_dim,
+        prior=o.prior,
+        warmup_epochs=o.warmup_epochs,
+        inner_sigma=o.inner_sigma,
+        inner_sigma_bounds=(o.inner_sigma_min, o.inner_sigma_max),
+        learn_inner_sigma=o.learn_inner_sigma,
+        warmup_inner=o.warmup_inner,
+        refit_every=o.refit_every,
+        fit_points=o.fit_points,
+        num_data=num_data,
+        **kw,
+    )

@@ -26,16 +26,27 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule, pyro_method
 from torch import nn
 
-from ..plate import data_plate
+from ..distributions.plate import data_plate
 
 
 class LinearGaussianVAE(PyroModule):
     conditional = False
     num_classes = None
 
-    def __init__(self, data_dim: int, latent_dim: int, sigma: float = 0.5, *, W: torch.Tensor | None = None,
-                 b: torch.Tensor | None = None, guide_type: str = "exact", guide_shift: float = 0.0,
-                 guide_scale: float = 1.0, num_data: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        data_dim: int,
+        latent_dim: int,
+        sigma: float = 0.5,
+        *,
+        W: torch.Tensor | None = None,
+        b: torch.Tensor | None = None,
+        guide_type: str = "exact",
+        guide_shift: float = 0.0,
+        guide_scale: float = 1.0,
+        num_data: int | None = None,
+        seed: int = 0,
+    ):
         super().__init__()
         if guide_type not in ("exact", "amortized"):
             raise ValueError(f"guide_type must be 'exact' or 'amortized', got {guide_type!r}")

@@ -1,7 +1,7 @@
 r"""Mixture-of-experts multimodal VAE, MMVAE (Shi, Siddharth, Paige & Torr, "Variational Mixture-of-Experts
 Autoencoders for Multi-Modal Deep Generative Models", NeurIPS 2019).
 
-Generative story (:class:`~ppl_vae.experts.MultimodalVAE`): z ~ N(0, I), x_m ~ p_m(x_m | z).
+Generative story (:class:`~ppl_vae.distributions.experts.MultimodalVAE`): z ~ N(0, I), x_m ~ p_m(x_m | z).
 Guide: q(z | X) = (1/|S|) Σ_{m∈S} q_m(z | x_m) over the observed modalities S.
 Objective (eq. 3, stratified, trained with DReG): (1/|S|) Σ_{m∈S} E_{z^{1:K} ~ q_m}[log (1/K) Σ_k
 p(z^k, X) / q(z^k | X)] — :class:`~ppl_vae.infer.stratified.StratifiedIWAE` with K = ``train.num_particles`` and
@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ..experts import (
-    ExpertMixtureVAE,
-    modality_networks,
-    require_layout,
-    uniform_weights,
-)
-from ..options import NoOptions
+from ..config.options import NoOptions
+from ..distributions.experts import uniform_weights
+from .multimodal_base import ExpertMixtureVAE, modality_networks, require_layout
 from .registry import register_model
 
 __all__ = ["MMVAE"]

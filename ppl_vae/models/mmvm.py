@@ -6,7 +6,7 @@ Each modality keeps its own latent: for each observed m,
     x_m ~ p_m(x_m | z_m)
 Guide: z_m ~ q_m(z | x_m) = N(μ_m(x_m), diag σ_m²(x_m)), independently per modality.
 Objective: Σ_m E_{q_m} log p(x_m | z_m) − β Σ_m KL(q_m ‖ h), by any Pyro ELBO of the pair
-(:class:`~ppl_vae.experts.ExpertPrior`). ``kl: pairwise`` (default, the official code's): the convex bound
+(:class:`~ppl_vae.distributions.experts.ExpertPrior`). ``kl: pairwise`` (default, the official code's): the convex bound
 KL(q_m ‖ h) ≤ (1/|S|) Σ_m̃ KL(q_m ‖ q_m̃); ``kl: mixture``: the exact KL to the mixture, estimated by Monte Carlo.
 ``anneal_epochs`` > 0 mixes in the standard normal, α KL(q_m ‖ N(0, I)) + (1 − α) KL(q_m ‖ h), with α going
 linearly from 1 (independent VAEs) to 0 over those epochs, as the official code does over steps. The prior is not
@@ -24,17 +24,11 @@ import torch
 from pyro import poutine
 from pyro.nn import pyro_method
 
-from ..experts import (
-    ExpertMixture,
-    ExpertPrior,
-    MultimodalVAE,
-    modality_networks,
-    require_layout,
-    uniform_weights,
-)
-from ..infer.plan import Stage, TrainingPlan, training_plan
-from ..options import Options, option
-from ..plate import data_plate
+from ..config.options import Options, option
+from ..distributions.experts import ExpertMixture, ExpertPrior, uniform_weights
+from ..distributions.plate import data_plate
+from ..training.plan import Stage, TrainingPlan, training_plan
+from .multimodal_base import MultimodalVAE, modality_networks, require_layout
 from .registry import register_model
 
 __all__ = ["MMVM", "MMVMOptions", "MMVMPlan"]
@@ -43,7 +37,7 @@ __all__ = ["MMVM", "MMVMOptions", "MMVMPlan"]
 class MMVM(MultimodalVAE):
     """One latent per modality with the mixture-of-experts prior; α is a buffer (checkpointed)."""
 
-    has_joint_likelihood = False   # the prior depends on X
+    has_joint_likelihood = False  # the prior depends on X
 
     def __init__(self, *args, kl: str = "pairwise", beta: float = 1.0, anneal_epochs: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -112,5 +106,14 @@ class MMVMOptions(Options):
 def build_mmvm(cfg, options: MMVMOptions, data_shape, num_data, num_classes) -> MMVM:
     layout = require_layout(cfg.name, data_shape)
     enc, dec, lik = modality_networks(cfg, layout, cfg.latent_dim)
-    return MMVM(layout, enc, dec, lik, cfg.latent_dim, num_data=num_data, kl=options.kl, beta=options.beta,
-                anneal_epochs=options.anneal_epochs)
+    return MMVM(
+        layout,
+        enc,
+        dec,
+        lik,
+        cfg.latent_dim,
+        num_data=num_data,
+        kl=options.kl,
+        beta=options.beta,
+        anneal_epochs=options.anneal_epochs,
+    )

@@ -1,6 +1,6 @@
 r"""Mixture of products of experts, MoPoE-VAE (Sutter, Daunhawer & Vogt, "Generalized Multimodal ELBO", ICLR 2021).
 
-Generative story (:class:`~ppl_vae.experts.MultimodalVAE`): z ~ N(0, I), x_m ~ p_m(x_m | z).
+Generative story (:class:`~ppl_vae.distributions.experts.MultimodalVAE`): z ~ N(0, I), x_m ~ p_m(x_m | z).
 Guide: q(z | X) = (1/|P(S)|) Σ_{A ∈ P(S)} PoE({q_m}_{m∈A}), the uniform mixture over the non-empty subsets A of
 the observed modalities S of the (normalised) products of their experts, q̃(z | X_A) ∝ Π_{m∈A} q_m, without the
 prior expert (singletons are the MoE experts; the official code, thomassutter/MoPoE, adds the prior expert to the
@@ -15,15 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from ..experts import (
-    ExpertMixtureVAE,
-    modality_networks,
-    nonempty_subsets,
-    product_of_experts,
-    require_layout,
-    uniform_weights,
-)
-from ..options import NoOptions
+from ..config.options import NoOptions
+from ..distributions.experts import nonempty_subsets, product_of_experts, uniform_weights
+from .multimodal_base import ExpertMixtureVAE, modality_networks, require_layout
 from .registry import register_model
 
 __all__ = ["MoPoE"]
@@ -38,14 +32,15 @@ class MoPoE(ExpertMixtureVAE):
         self.register_buffer("subset_table", nonempty_subsets(self.layout.num_modalities), persistent=False)
 
     def components(self, xs, mask):
-        locs, scales = self.experts(xs)                              # (B, M, D)
-        members = self.subset_table                                  # (C, M)
-        return product_of_experts(locs.unsqueeze(-3), scales.unsqueeze(-3), members & mask.unsqueeze(-2),
-                                  prior=False)                       # (B, C, D)
+        locs, scales = self.experts(xs)  # (B, M, D)
+        members = self.subset_table  # (C, M)
+        return product_of_experts(
+            locs.unsqueeze(-3), scales.unsqueeze(-3), members & mask.unsqueeze(-2), prior=False
+        )  # (B, C, D)
 
     def weights(self, mask: torch.Tensor) -> torch.Tensor:
         """(B, C): uniform over the subsets made only of observed modalities."""
-        return uniform_weights(~(self.subset_table.unsqueeze(0) & ~mask.unsqueeze(-2)).any(-1))   # A ⊆ S
+        return uniform_weights(~(self.subset_table.unsqueeze(0) & ~mask.unsqueeze(-2)).any(-1))  # A ⊆ S
 
 
 @register_model("mopoe", options=NoOptions)

@@ -1,7 +1,8 @@
 r"""Multimodal VAE with a product-of-experts posterior (Wu & Goodman, "Multimodal Generative Models for Scalable
 Weakly-Supervised Learning", NeurIPS 2018).
 
-Generative story (:class:`~ppl_vae.experts.MultimodalVAE`): z ~ N(0, I), x_m ~ p_m(x_m | z) for each observed m.
+Generative story (:class:`~ppl_vae.distributions.experts.MultimodalVAE`): z ~ N(0, I), x_m ~ p_m(x_m | z) for each
+observed m.
 Guide, for the observed set S:  q(z | X_S) ∝ p(z) Π_{m∈S} q̃_m(z | x_m), in closed form for Gaussian experts
 (precision-weighted, the prior expert included):  T = 1 + Σ_{m∈S} σ_m^{−2},  μ = Σ_{m∈S} σ_m^{−2} μ_m / T.
 Training objective (sec. 3, sub-sampling): ELBO(X) + Σ_m ELBO(x_m) + Σ_{j≤k} ELBO(X_{S_j}) over k random
@@ -16,16 +17,10 @@ from dataclasses import dataclass
 import pyro.distributions as dist
 import torch
 
-from ..experts import (
-    MultimodalVAE,
-    SubsetPlan,
-    modality_networks,
-    product_of_experts,
-    random_subsets,
-    require_layout,
-)
-from ..infer.plan import training_plan
-from ..options import Options, option
+from ..config.options import Options, option
+from ..distributions.experts import product_of_experts, random_subsets
+from ..training.plan import training_plan
+from .multimodal_base import MultimodalVAE, SubsetPlan, modality_networks, require_layout
 from .registry import register_model
 
 __all__ = ["MVAE", "MVAEOptions"]
@@ -48,7 +43,7 @@ class MVAE(MultimodalVAE):
         return [mask, *singles, *(random_subsets(mask) for _ in range(self.num_random_subsets))]
 
 
-training_plan(MVAE)(SubsetPlan)   # the average ELBO over its subsets, scored on all modalities
+training_plan(MVAE)(SubsetPlan)  # the average ELBO over its subsets, scored on all modalities
 
 
 @dataclass

@@ -3,8 +3,9 @@ the configuration's ``model.name`` picks it.
 
 A builder takes ``(cfg: ModelConfig, options, data_shape, num_data, num_classes)`` and returns the model, a
 ``PyroModule`` with ``model(x, y=None)`` and ``guide(x, y=None)`` (``data_shape`` is a tuple, or for multimodal
-data its :class:`~ppl_vae.multimodal.Layout`, and y the modalities' mask); ``options`` is the method's options dataclass
-(:class:`ppl_vae.options.Options`), already validated from ``cfg.options``. Old names stay loadable as
+data its :class:`~ppl_vae.data.multimodal.Layout`, and y the modalities' mask); ``options`` is the method's options
+dataclass
+(:class:`ppl_vae.config.options.Options`), already validated from ``cfg.options``. Old names stay loadable as
 ``aliases`` (a ``DeprecationWarning`` names the new one).
 """
 
@@ -15,12 +16,12 @@ import importlib
 import importlib.util
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
+from ..config.options import NoOptions, Options
 from ..errors import ConfigError
-from ..options import NoOptions, Options
 
 __all__ = ["register_model", "model_names", "get_method", "Method", "resolve_name", "import_methods"]
 
@@ -63,8 +64,7 @@ def resolve_name(name: str) -> str:
     """The current name of a method (an alias gives a DeprecationWarning and its new name)."""
     if name in _ALIASES:
         new = _ALIASES[name]
-        warnings.warn(f"model.name={name!r} is deprecated; it is now called {new!r}", DeprecationWarning,
-                      stacklevel=3)
+        warnings.warn(f"model.name={name!r} is deprecated; it is now called {new!r}", DeprecationWarning, stacklevel=3)
         return new
     if name not in _METHODS:
         raise ConfigError(f"model.name must be one of {model_names()}, got {name!r}")

@@ -24,17 +24,13 @@ import torch
 from pyro.nn import pyro_method
 from torch.func import functional_call
 
+from ..config.options import Options, option
 from ..errors import ConfigError
 from ..guides.mixture import MixtureGuideMixin
-from ..guides.recursive import (
-    RecursiveMixtureEncoder,
-    recursive_mixture_distribution,
-    recursive_mixture_terms,
-)
-from ..infer.plan import Stage, TrainingPlan, training_plan
+from ..guides.recursive import RecursiveMixtureEncoder, recursive_mixture_distribution, recursive_mixture_terms
 from ..infer.recursive_mixture import RecursiveMixtureELBO
-from ..nets import build_encoder_decoder
-from ..options import Options, option
+from ..nn.networks import build_encoder_decoder
+from ..training.plan import Stage, TrainingPlan, training_plan
 from ._common import config_likelihood, require_arch
 from .registry import register_model
 from .vae import VAE
@@ -53,10 +49,21 @@ class RME(MixtureGuideMixin, VAE):
     (saved in checkpoints).
     """
 
-    def __init__(self, encoder: RecursiveMixtureEncoder, decoder, likelihood, latent_dim: int, *,
-                 divergence_weight: float = 0.5, log_ratio_cap: float = 5.0, grow_every: int = 0,
-                 schedule: str = "concurrent", freeze_decoder: bool = False,
-                 num_data: int | None = None, num_classes: int | None = None):
+    def __init__(
+        self,
+        encoder: RecursiveMixtureEncoder,
+        decoder,
+        likelihood,
+        latent_dim: int,
+        *,
+        divergence_weight: float = 0.5,
+        log_ratio_cap: float = 5.0,
+        grow_every: int = 0,
+        schedule: str = "concurrent",
+        freeze_decoder: bool = False,
+        num_data: int | None = None,
+        num_classes: int | None = None,
+    ):
         super().__init__(encoder, decoder, likelihood, latent_dim, num_data=num_data, num_classes=num_classes)
         self.num_components = encoder.num_components
         self.divergence_weight, self.log_ratio_cap = float(divergence_weight), float(log_ratio_cap)
@@ -64,12 +71,14 @@ class RME(MixtureGuideMixin, VAE):
         if schedule not in SCHEDULES:
             raise ConfigError(f"model.options.schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
         if schedule == "stagewise" and self.grow_every:
-            raise ConfigError("model.options.grow_every must be 0 with schedule='stagewise' (the stages grow the "
-                              f"mixture), got {self.grow_every}")
+            raise ConfigError(
+                "model.options.grow_every must be 0 with schedule='stagewise' (the stages grow the "
+                f"mixture), got {self.grow_every}"
+            )
         self.schedule, self.freeze_decoder = schedule, bool(freeze_decoder)
         start = 1 if (self.grow_every > 0 or schedule == "stagewise") else self.num_components
         self.register_buffer("num_active", torch.tensor(start))
-        self.register_buffer("num_frozen", torch.tensor(0))   # components h_{<num_frozen} get no gradient
+        self.register_buffer("num_frozen", torch.tensor(0))  # components h_{<num_frozen} get no gradient
 
     def guide_dist(self, x, c=None):
         locs, scales, eps_logits = self.encoder(x, c, int(self.num_active))
@@ -96,10 +105,15 @@ class RME(MixtureGuideMixin, VAE):
         c = self._c(y)
         locs, scales, eps_logits = self.encoder(x, c, int(self.num_active), int(self.num_frozen))
         cap = self.log_ratio_cap if self.log_ratio_cap > 0 else float("inf")
-        return recursive_mixture_terms(locs, scales, eps_logits,
-                                       lambda z: self._log_joint(x, z, c, self.freeze_decoder),
-                                       lambda z: self._log_joint(x, z, c, True),
-                                       divergence_weight=self.divergence_weight, log_ratio_cap=cap)
+        return recursive_mixture_terms(
+            locs,
+            scales,
+            eps_logits,
+            lambda z: self._log_joint(x, z, c, self.freeze_decoder),
+            lambda z: self._log_joint(x, z, c, True),
+            divergence_weight=self.divergence_weight,
+            log_ratio_cap=cap,
+        )
 
 
 @training_plan(RME)
@@ -109,14 +123,20 @@ class RMEPlan(TrainingPlan):
 
     def objective(self, train):
         if train.objective not in ("auto", "elbo"):
-            raise ConfigError(f"train.objective must be 'auto' or 'elbo' for model.name='rme' (it trains with its own "
-                              f"recursive-mixture objective), got {train.objective!r}")
+            raise ConfigError(
+                f"train.objective must be 'auto' or 'elbo' for model.name='rme' (it trains with its own "
+                f"recursive-mixture objective), got {train.objective!r}"
+            )
         if train.kl_warmup_epochs:
-            raise ConfigError(f"train.kl_warmup_epochs must be 0 for model.name='rme' (the recursive objective "
-                              f"has no KL term to anneal), got {train.kl_warmup_epochs!r}")
+            raise ConfigError(
+                f"train.kl_warmup_epochs must be 0 for model.name='rme' (the recursive objective "
+                f"has no KL term to anneal), got {train.kl_warmup_epochs!r}"
+            )
         if train.num_particles != 1:
-            raise ConfigError(f"train.num_particles must be 1 for model.name='rme' (one draw per component is "
-                              f"used), got {train.num_particles!r}")
+            raise ConfigError(
+                f"train.num_particles must be 1 for model.name='rme' (one draw per component is "
+                f"used), got {train.num_particles!r}"
+            )
         if train.jit:
             raise ConfigError("train.jit must be false for model.name='rme' (its objective is not compiled), got true")
         return RecursiveMixtureELBO(self.model)
@@ -127,11 +147,15 @@ class RMEPlan(TrainingPlan):
             return [Stage("train", train)]
         K, E = m.num_components, train.epochs
         if E < K:
-            raise ConfigError(f"train.epochs must be at least model.options.num_components ({K}) for "
-                              f"schedule='stagewise' (one stage per component), got {E}")
+            raise ConfigError(
+                f"train.epochs must be at least model.options.num_components ({K}) for "
+                f"schedule='stagewise' (one stage per component), got {E}"
+            )
         each = E // K
-        return [Stage(f"component_{k}", dataclasses.replace(train, epochs=each + (E - K * each if k == 0 else 0)))
-                for k in range(K)]
+        return [
+            Stage(f"component_{k}", dataclasses.replace(train, epochs=each + (E - K * each if k == 0 else 0)))
+            for k in range(K)
+        ]
 
     def begin_stage(self, stage):
         m = self.model
@@ -154,8 +178,11 @@ class RMEOptions(Options):
     divergence_weight: float = option(0.5, ge=0.0, le=1.0, doc="λ of the component criterion")
     log_ratio_cap: float = option(5.0, ge=0.0, doc="κ, nats (0: no cap)")
     grow_every: int = option(0, ge=0, doc="epochs between activating components (0: all from the start)")
-    schedule: str = option("concurrent", choices=SCHEDULES, doc="'concurrent' or 'stagewise' (one stage per "
-                           "component, earlier ones frozen)")
+    schedule: str = option(
+        "concurrent",
+        choices=SCHEDULES,
+        doc="'concurrent' or 'stagewise' (one stage per component, earlier ones frozen)",
+    )
     freeze_decoder: bool = option(False, doc="train no decoder parameter (inference on a fixed decoder)")
 
 
@@ -164,8 +191,16 @@ def build_rme(cfg, options: RMEOptions, data_shape, num_data, num_classes) -> RM
     require_arch(cfg, "mlp")
     lik = config_likelihood(cfg, data_shape)
     _, dec = build_encoder_decoder("mlp", data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation)
-    enc = RecursiveMixtureEncoder(data_shape, cfg.latent_dim, options.num_components, tuple(cfg.hidden),
-                                  cfg.activation)
-    return RME(enc, dec, lik, cfg.latent_dim, divergence_weight=options.divergence_weight,
-               log_ratio_cap=options.log_ratio_cap, grow_every=options.grow_every, schedule=options.schedule,
-               freeze_decoder=options.freeze_decoder, num_data=num_data)
+    enc = RecursiveMixtureEncoder(data_shape, cfg.latent_dim, options.num_components, tuple(cfg.hidden), cfg.activation)
+    return RME(
+        enc,
+        dec,
+        lik,
+        cfg.latent_dim,
+        divergence_weight=options.divergence_weight,
+        log_ratio_cap=options.log_ratio_cap,
+        grow_every=options.grow_every,
+        schedule=options.schedule,
+        freeze_decoder=options.freeze_decoder,
+        num_data=num_data,
+    )

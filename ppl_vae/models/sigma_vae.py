@@ -30,15 +30,15 @@ import pyro
 import torch
 from pyro.nn import pyro_method
 
-from ..config import ModelConfig, TrainConfig
+from ..config.options import Options, option
+from ..config.sections import ModelConfig, TrainConfig
+from ..distributions.likelihoods import GaussianLikelihood, PixelVarianceNet, closed_form_sigma2
+from ..distributions.plate import data_plate
 from ..errors import ConfigError
-from ..infer import distributed
-from ..infer.plan import Stage, TrainingPlan, training_plan
-from ..likelihoods import GaussianLikelihood, PixelVarianceNet, closed_form_sigma2
-from ..nets import build_encoder_decoder
-from ..options import Options, option
-from ..plate import data_plate
-from ..viz_variance import variance_figures
+from ..infer.base import coupled
+from ..nn.networks import build_encoder_decoder
+from ..training.plan import Stage, TrainingPlan, training_plan
+from ..viz.variance import variance_figures
 from ._common import module_device, require_arch
 from .registry import register_model
 from .vae import VAE
@@ -49,18 +49,28 @@ MODES = ("fixed", "learned", "closed_form", "per_pixel")
 
 
 class SigmaVAE(VAE):
-    """VAE with σ² in the model: ``likelihood`` is a :class:`~ppl_vae.likelihoods.GaussianLikelihood` (its
+    """VAE with σ² in the model: ``likelihood`` is a :class:`~ppl_vae.distributions.likelihoods.GaussianLikelihood` (its
     ``mode`` is fixed, learned or closed_form) and ``variance_net`` an optional
-    :class:`~ppl_vae.likelihoods.PixelVarianceNet` used once :meth:`begin_stage2` has run (buffer ``stage``).
+    :class:`~ppl_vae.distributions.likelihoods.PixelVarianceNet` used once :meth:`begin_stage2` has run (buffer
+    ``stage``).
     """
 
-    def __init__(self, encoder, decoder, likelihood: GaussianLikelihood, latent_dim: int,
-                 variance_net: PixelVarianceNet | None = None, num_data: int | None = None,
-                 closed_form_every: str = "step", stage2: dict | None = None):
+    def __init__(
+        self,
+        encoder,
+        decoder,
+        likelihood: GaussianLikelihood,
+        latent_dim: int,
+        variance_net: PixelVarianceNet | None = None,
+        num_data: int | None = None,
+        closed_form_every: str = "step",
+        stage2: dict | None = None,
+    ):
         super().__init__(encoder, decoder, likelihood, latent_dim, num_data=num_data)
         if closed_form_every not in ("step", "epoch"):
-            raise ConfigError(f"model.options.closed_form_every must be one of ['step', 'epoch'], "
-                              f"got {closed_form_every!r}")
+            raise ConfigError(
+                f"model.options.closed_form_every must be one of ['step', 'epoch'], got {closed_form_every!r}"
+            )
         self.variance_net = variance_net
         self.closed_form_every = closed_form_every
         self.stage2_options = dict(stage2 or {})
@@ -93,8 +103,13 @@ class SigmaVAE(VAE):
         return s2
 
     def _closed_form_now(self) -> bool:
-        return (self.likelihood.mode == "closed_form" and self.closed_form_every == "step" and self.training
-                and torch.is_grad_enabled() and not self.per_pixel)
+        return (
+            self.likelihood.mode == "closed_form"
+            and self.closed_form_every == "step"
+            and self.training
+            and torch.is_grad_enabled()
+            and not self.per_pixel
+        )
 
     # -- the Pyro program ---------------------------------------------------------------------------------
     @pyro_method
@@ -103,7 +118,7 @@ class SigmaVAE(VAE):
             z = pyro.sample("z", self.prior(x.shape[0]))
             out = self.decoder(z, None)
             variance = self.variance_net(z, None) if self.per_pixel else None
-            if self._closed_form_now():   # eq. 9 on this step's reconstructions, before σ² is read
+            if self._closed_form_now():  # eq. 9 on this step's reconstructions, before σ² is read
                 self.likelihood.set_sigma2(closed_form_sigma2(self.likelihood.mean(out), x))
             pyro.sample("x", self.likelihood(out, event_dim=x.dim() - 1, variance=variance, x=x), obs=x)
 
@@ -124,8 +139,7 @@ class SigmaVAE(VAE):
         return self.decode_with_variance(self.encode(x)[0])
 
     @torch.no_grad()
-    def closed_form_sigma2(self, x: torch.Tensor, num_samples: int = 1, batch_size: int = 1000,
-                           seed: int = 0) -> float:
+    def closed_form_sigma2(self, x: torch.Tensor, num_samples: int = 1, batch_size: int = 1000, seed: int = 0) -> float:
         r"""σ*² = (1/(N d S)) Σ_i Σ_s ‖g(z_is) − x_i‖², z_is ~ q(z|x_i) (eq. 9 with S draws per datapoint).
 
         Draws come from a local generator seeded with ``seed`` (eps ~ N(0, I) on the CPU, in datapoint order),
@@ -134,7 +148,7 @@ class SigmaVAE(VAE):
         g = torch.Generator().manual_seed(seed)
         total, count = 0.0, 0
         for start in range(0, x.shape[0], batch_size):
-            xb = x[start:start + batch_size].to(dev)
+            xb = x[start : start + batch_size].to(dev)
             loc, scale = self.encode(xb)
             eps = torch.randn((num_samples, *loc.shape), generator=g).to(dev)
             mean = self.decode(loc + scale * eps)
@@ -152,7 +166,7 @@ class SigmaVAEPlan(TrainingPlan):
     def objective(self, train):
         m = self.model
         if m.likelihood.mode == "closed_form" and m.closed_form_every == "step":
-            distributed.refuse_sharding(train, "model.options.closed_form_every='step' (σ² from the minibatch)")
+            return coupled(super().objective(train), "closed_form_every='step' (σ² from the minibatch)")
         return super().objective(train)
 
     def stages(self, train: TrainConfig) -> list[Stage]:
@@ -163,9 +177,14 @@ class SigmaVAEPlan(TrainingPlan):
     def stage2_config(self, train: TrainConfig) -> TrainConfig:
         """Stage-2 training settings: ``train`` with epochs, stop_delta, min_epochs and lr from the options."""
         o = self.model.stage2_options
-        cfg = dataclasses.replace(train, epochs=o.get("stage2_epochs", 20), stop_delta=o.get("stage2_stop_delta"),
-                                  min_epochs=o.get("stage2_min_epochs", 1), lr=o.get("stage2_lr") or train.lr,
-                                  kl_warmup_epochs=0)
+        cfg = dataclasses.replace(
+            train,
+            epochs=o.get("stage2_epochs", 20),
+            stop_delta=o.get("stage2_stop_delta"),
+            min_epochs=o.get("stage2_min_epochs", 1),
+            lr=o.get("stage2_lr") or train.lr,
+            kl_warmup_epochs=0,
+        )
         cfg.validate("model.options.stage2")
         return cfg
 
@@ -208,13 +227,23 @@ def build_sigma_vae(cfg: ModelConfig, o: SigmaVAEOptions, data_shape, num_data, 
     require_arch(cfg, "mlp", "conv")
     mode = o.sigma2_mode
     lik = GaussianLikelihood(sigma2=cfg.sigma2, link=cfg.link, mode=o.stage1_mode if mode == "per_pixel" else mode)
-    enc, dec = build_encoder_decoder(cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation,
-                                     channels=cfg.channels)
+    enc, dec = build_encoder_decoder(
+        cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation, channels=cfg.channels
+    )
     var_net = None
     if mode == "per_pixel":
-        _, v = build_encoder_decoder(cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation,
-                                     channels=cfg.channels)
+        _, v = build_encoder_decoder(
+            cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation, channels=cfg.channels
+        )
         var_net = PixelVarianceNet(v)
     stage2 = {k: v for k, v in o.to_dict().items() if k.startswith("stage2_")}
-    return SigmaVAE(enc, dec, lik, cfg.latent_dim, variance_net=var_net, num_data=num_data,
-                    closed_form_every=o.closed_form_every, stage2=stage2)
+    return SigmaVAE(
+        enc,
+        dec,
+        lik,
+        cfg.latent_dim,
+        variance_net=var_net,
+        num_data=num_data,
+        closed_form_every=o.closed_form_every,
+        stage2=stage2,
+    )

@@ -2,7 +2,7 @@ r"""Permutation-invariant aggregation by sum pooling, trained with the masked mu
 Leong & Ortega, "Learning multi-modal generative models with permutation-invariant encoders and tighter
 variational bounds", 2024).
 
-Generative story (:class:`~ppl_vae.experts.MultimodalVAE`): z ~ N(0, I), x_m ~ p_m(x_m | z).
+Generative story (:class:`~ppl_vae.distributions.experts.MultimodalVAE`): z ~ N(0, I), x_m ~ p_m(x_m | z).
 Guide: q(z | x_S) = N(μ, diag σ²) with [μ, log σ] = ρ(Σ_{m∈S} φ_m(x_m)) — one embedding network φ_m per modality,
 one head ρ; a missing modality's summand is left out of the sum.
 Objective, for a random subset S of the observed modalities M (each kept with probability ½, one at least):
@@ -27,17 +27,12 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import pyro_method
 
-from ..experts import (
-    GaussianFromSum,
-    MultimodalVAE,
-    SubsetPlan,
-    modality_networks,
-    random_subsets,
-    require_layout,
-)
-from ..infer.plan import training_plan
-from ..options import NoOptions
-from ..plate import data_plate
+from ..config.options import NoOptions
+from ..distributions.experts import random_subsets
+from ..distributions.plate import data_plate
+from ..nn.modality import GaussianFromSum
+from ..training.plan import training_plan
+from .multimodal_base import MultimodalVAE, SubsetPlan, modality_networks, require_layout
 from .registry import register_model
 
 __all__ = ["SumPool"]
@@ -51,7 +46,7 @@ class SumPool(MultimodalVAE):
         self.head = head
 
     def posterior(self, xs, mask, stratum=None):
-        h = torch.stack([phi(x) for phi, x in zip(self.encoders, xs)], -2)
+        h = torch.stack([phi(x) for phi, x in zip(self.encoders, xs, strict=False)], -2)
         loc, scale = self.head((h * mask.unsqueeze(-1).to(h.dtype)).sum(-2))
         return dist.Normal(loc, scale).to_event(1)
 
@@ -79,7 +74,7 @@ class SumPool(MultimodalVAE):
         return [random_subsets(mask)]
 
 
-training_plan(SumPool)(SubsetPlan)   # the average ELBO over its subsets, scored on all modalities
+training_plan(SumPool)(SubsetPlan)  # the average ELBO over its subsets, scored on all modalities
 
 
 @register_model("sumpool", options=NoOptions)

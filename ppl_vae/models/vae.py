@@ -16,12 +16,12 @@ import torch
 from pyro.nn import PyroModule, pyro_method
 from torch import nn
 
-from ..config import ModelConfig
+from ..config.options import NoOptions
+from ..config.sections import ModelConfig
+from ..distributions.plate import data_plate
+from ..distributions.priors import StandardNormalPrior
 from ..errors import ConfigError
-from ..nets import BURDA, build_encoder_decoder
-from ..options import NoOptions
-from ..plate import data_plate
-from ..priors import StandardNormalPrior
+from ..nn.networks import BURDA, build_encoder_decoder
 from ._common import config_likelihood, module_device, one_hot
 from .registry import register_model
 
@@ -36,8 +36,16 @@ class VAE(PyroModule):
     ``num_data`` is the training-set size N that scales the data plate.
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: nn.Module, latent_dim: int,
-                 prior: nn.Module | None = None, num_data: int | None = None, num_classes: int | None = None):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        likelihood: nn.Module,
+        latent_dim: int,
+        prior: nn.Module | None = None,
+        num_data: int | None = None,
+        num_classes: int | None = None,
+    ):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
@@ -101,6 +109,13 @@ def build_vae(cfg: ModelConfig, options, data_shape, num_data, num_classes) -> V
     if cond and not num_classes:
         raise ConfigError("model.name='cvae' needs a dataset with class labels (num_classes), got none")
     latent_dim = BURDA["burda1"]["latent_dim"] if cfg.arch == "burda1" else cfg.latent_dim
-    enc, dec = build_encoder_decoder(cfg.arch, data_shape, latent_dim, tuple(cfg.hidden), cfg.activation,
-                                     cond_dim=num_classes if cond else 0, channels=cfg.channels)
+    enc, dec = build_encoder_decoder(
+        cfg.arch,
+        data_shape,
+        latent_dim,
+        tuple(cfg.hidden),
+        cfg.activation,
+        cond_dim=num_classes if cond else 0,
+        channels=cfg.channels,
+    )
     return VAE(enc, dec, lik, latent_dim, num_data=num_data, num_classes=num_classes if cond else None)

@@ -13,11 +13,11 @@ import torch
 from pyro.nn import PyroModule, pyro_method
 from torch import nn
 
-from ..config import ModelConfig
-from ..nets import BURDA, GaussianHead, MLPDecoder, MLPEncoder
-from ..options import NoOptions
-from ..plate import data_plate
-from ..priors import StandardNormalPrior
+from ..config.options import NoOptions
+from ..config.sections import ModelConfig
+from ..distributions.plate import data_plate
+from ..distributions.priors import StandardNormalPrior
+from ..nn.networks import BURDA, GaussianHead, MLPDecoder, MLPEncoder
 from ._common import config_likelihood, module_device
 from .registry import register_model
 
@@ -30,13 +30,22 @@ class VAE2(PyroModule):
     conditional = False
     num_classes = None
 
-    def __init__(self, data_shape, likelihood: nn.Module, latent_dim1: int = 100, latent_dim: int = 50,
-                 hidden1=(100, 100), hidden2=(50, 50), act: str = "tanh", num_data: int | None = None):
+    def __init__(
+        self,
+        data_shape,
+        likelihood: nn.Module,
+        latent_dim1: int = 100,
+        latent_dim: int = 50,
+        hidden1=(100, 100),
+        hidden2=(50, 50),
+        act: str = "tanh",
+        num_data: int | None = None,
+    ):
         super().__init__()
-        self.encoder1 = MLPEncoder(data_shape, latent_dim1, hidden1, act)      # q(z1|x)
-        self.encoder2 = GaussianHead(latent_dim1, hidden2, latent_dim, act)     # q(z2|z1)
-        self.decoder2 = GaussianHead(latent_dim, hidden2, latent_dim1, act)     # p(z1|z2)
-        self.decoder1 = MLPDecoder(data_shape, latent_dim1, hidden1, act)       # p(x|z1)
+        self.encoder1 = MLPEncoder(data_shape, latent_dim1, hidden1, act)  # q(z1|x)
+        self.encoder2 = GaussianHead(latent_dim1, hidden2, latent_dim, act)  # q(z2|z1)
+        self.decoder2 = GaussianHead(latent_dim, hidden2, latent_dim1, act)  # p(z1|z2)
+        self.decoder1 = MLPDecoder(data_shape, latent_dim1, hidden1, act)  # p(x|z1)
         self.likelihood = likelihood
         self.prior = StandardNormalPrior(latent_dim)
         self.latent_dim = latent_dim
@@ -85,8 +94,17 @@ def build_vae2(cfg: ModelConfig, options, data_shape, num_data, num_classes) -> 
     lik = config_likelihood(cfg, data_shape)
     if cfg.arch == "burda2":
         b = BURDA["burda2"]
-        return VAE2(data_shape, lik, b["latent_dim"], b["latent_dim2"], b["hidden"], b["hidden2"], b["act"],
-                    num_data=num_data)
+        return VAE2(
+            data_shape, lik, b["latent_dim"], b["latent_dim2"], b["hidden"], b["hidden2"], b["act"], num_data=num_data
+        )
     h = tuple(cfg.hidden)
-    return VAE2(data_shape, lik, 2 * cfg.latent_dim, cfg.latent_dim, h, tuple(max(x // 2, 1) for x in h),
-                cfg.activation, num_data=num_data)
+    return VAE2(
+        data_shape,
+        lik,
+        2 * cfg.latent_dim,
+        cfg.latent_dim,
+        h,
+        tuple(max(x // 2, 1) for x in h),
+        cfg.activation,
+        num_data=num_data,
+    )

@@ -33,15 +33,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from pyro.infer.elbo import ELBO
 from pyro.infer.enum import get_importance_trace
 
-from ..distributions import Epanechnikov
+from ..config.options import Options, option
+from ..distributions.families import Epanechnikov
 from ..errors import ConfigError
-from ..infer import distributed
-from ..infer.plan import TrainingPlan, build_objective, training_plan
-from ..nets import build_encoder_decoder
-from ..options import Options, option
+from ..infer.base import Objective
+from ..nn.networks import build_encoder_decoder
+from ..training.plan import TrainingPlan, build_objective, training_plan
 from ._common import config_likelihood, require_arch
 from .registry import register_model
 from .vae import VAE
@@ -64,7 +63,7 @@ class VAEEpanechnikov(VAE):
         return Epanechnikov(loc, r).to_event(1)
 
 
-class KernelBoundELBO(ELBO):
+class KernelBoundELBO(Objective):
     """The paper's eq. 10 for any Pyro model/guide whose latent sites are Epanechnikov: −Σ log p(x|z) over the
     observed sites + (3B/(5M)) Σ 1/r over the guide's latent sites, each term scaled like its site (the data
     plate's N/M). Its value (training curves, validation, early stopping) is this loss."""
@@ -72,6 +71,7 @@ class KernelBoundELBO(ELBO):
     def __init__(self, support_length: float = 0.1, batch_size: int = 100, num_particles: int = 1):
         super().__init__(num_particles=num_particles, max_plate_nesting=1)
         self.weight = 3.0 * float(support_length) / (5.0 * int(batch_size))
+        self.couples_datapoints = "objective='kernel_bound' (its bound uses M = the batch)"
 
     def _get_trace(self, model, guide, args, kwargs):
         return get_importance_trace("flat", self.max_plate_nesting, model, guide, args, kwargs)
@@ -86,23 +86,17 @@ class KernelBoundELBO(ELBO):
             while hasattr(kernel, "base_dist"):
                 kernel = kernel.base_dist
             if not isinstance(kernel, Epanechnikov):
-                raise ConfigError(f"KernelBoundELBO bounds the KL of Epanechnikov guide sites only; site {name!r} "
-                                  f"is {type(kernel).__name__}")
+                raise ConfigError(
+                    f"KernelBoundELBO bounds the KL of Epanechnikov guide sites only; site {name!r} "
+                    f"is {type(kernel).__name__}"
+                )
             penalty = penalty + site["scale"] * kernel.scale.reciprocal().sum()
         return -recon + self.weight * penalty
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        losses = [self._particle_loss(m, g) for m, g in self._get_traces(model, guide, args, kwargs)]
-        return sum(losses) / self.num_particles
-
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        with torch.no_grad():
-            return self.differentiable_loss(model, guide, *args, **kwargs).item()
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        loss.backward()
-        return loss.item()
+    def loss_and_surrogate(self, model, guide, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = sum(self._particle_loss(m, g) for m, g in self._get_traces(model, guide, args, kwargs))
+        loss = loss / self.num_particles
+        return loss, loss.detach()
 
 
 @training_plan(VAEEpanechnikov)
@@ -113,21 +107,29 @@ class VAEEpanechnikovPlan(TrainingPlan):
     def objective(self, train):
         if self.model.objective == "exact":
             return build_objective(train)
-        distributed.refuse_sharding(train, "model.options.objective='kernel_bound' (its bound uses M = the batch)")
         return KernelBoundELBO(self.model.support_length, train.batch_size, train.num_particles)
 
 
 @dataclass
 class VAEEpanechnikovOptions(Options):
-    objective: str = option("kernel_bound", choices=("kernel_bound", "exact"),
-                            doc="the paper's eq. 10 or the ELBO with the exact KL")
+    objective: str = option(
+        "kernel_bound", choices=("kernel_bound", "exact"), doc="the paper's eq. 10 or the ELBO with the exact KL"
+    )
     support_length: float = option(0.1, gt=0, doc="B, the prior support length in the bound's weight 3B/(5M)")
 
 
 @register_model("vae_epanechnikov", options=VAEEpanechnikovOptions)
 def build_vae_epanechnikov(cfg, o: VAEEpanechnikovOptions, data_shape, num_data, num_classes) -> VAEEpanechnikov:
     require_arch(cfg, "mlp", "conv")
-    enc, dec = build_encoder_decoder(cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation,
-                                     channels=cfg.channels)
-    return VAEEpanechnikov(enc, dec, config_likelihood(cfg, data_shape), cfg.latent_dim, num_data=num_data,
-                           objective=o.objective, support_length=o.support_length)
+    enc, dec = build_encoder_decoder(
+        cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation, channels=cfg.channels
+    )
+    return VAEEpanechnikov(
+        enc,
+        dec,
+        config_likelihood(cfg, data_shape),
+        cfg.latent_dim,
+        num_data=num_data,
+        objective=o.objective,
+        support_length=o.support_length,
+    )

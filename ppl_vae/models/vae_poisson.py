@@ -28,12 +28,12 @@ import torch
 from pyro.nn import PyroModule, pyro_method
 from torch import nn
 
-from ..distributions import RelaxedPoisson
+from ..config.options import Options, option
+from ..distributions.families import RelaxedPoisson
+from ..distributions.plate import data_plate
 from ..errors import ConfigError
-from ..infer.plan import TrainingPlan, build_objective, training_plan
-from ..nets import build_encoder_decoder
-from ..options import Options, option
-from ..plate import data_plate
+from ..nn.networks import build_encoder_decoder
+from ..training.plan import TrainingPlan, build_objective, training_plan
 from ._common import config_likelihood, module_device, require_arch
 from .registry import register_model
 
@@ -58,9 +58,19 @@ class VAEPoisson(PyroModule):
     conditional = False
     num_classes = None
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: nn.Module, latent_dim: int, *,
-                 prior_rate: float = 1.0, hard: bool = False, temperature: tuple = (1.0, 0.05),
-                 anneal_fraction: float = 0.5, num_data: int | None = None):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        likelihood: nn.Module,
+        latent_dim: int,
+        *,
+        prior_rate: float = 1.0,
+        hard: bool = False,
+        temperature: tuple = (1.0, 0.05),
+        anneal_fraction: float = 0.5,
+        num_data: int | None = None,
+    ):
         super().__init__()
         self.encoder, self.decoder, self.likelihood = encoder, decoder, likelihood
         self.latent_dim, self.num_data, self.hard = int(latent_dim), num_data, bool(hard)
@@ -70,11 +80,11 @@ class VAEPoisson(PyroModule):
         self.register_buffer("temperature", torch.tensor(1.0))
 
     def _t(self) -> float:
-        return float(self.temperature) if self.training else 0.0   # hard counts in eval()
+        return float(self.temperature) if self.training else 0.0  # hard counts in eval()
 
     def log_delta(self, x: torch.Tensor) -> torch.Tensor:
         raw = self.encoder(x)[0]
-        return 10.0 - nn.functional.softplus(10.0 - raw)          # soft clamp at 10 (the official code's)
+        return 10.0 - nn.functional.softplus(10.0 - raw)  # soft clamp at 10 (the official code's)
 
     def prior_dist(self, batch: int) -> RelaxedPoisson:
         return RelaxedPoisson(None, self._t(), hard=self.hard, log_rate=self.log_r.expand(batch, self.latent_dim))
@@ -117,9 +127,11 @@ class VAEPoissonPlan(TrainingPlan):
 
     def objective(self, train):
         if train.objective not in ("auto", "meanfield"):
-            raise ConfigError(f"train.objective must be 'auto' or 'meanfield' for model.name='vae_poisson' (the KL of "
-                              f"Poisson counts is used in closed form; a relaxed count has no log-density), got "
-                              f"{train.objective!r}")
+            raise ConfigError(
+                f"train.objective must be 'auto' or 'meanfield' for model.name='vae_poisson' (the KL of "
+                f"Poisson counts is used in closed form; a relaxed count has no log-density), got "
+                f"{train.objective!r}"
+            )
         self._epochs = train.epochs
         return build_objective(train)
 
@@ -155,10 +167,19 @@ class VAEPoissonOptions(Options):
 @register_model("vae_poisson", options=VAEPoissonOptions)
 def build_vae_poisson(cfg, o: VAEPoissonOptions, data_shape, num_data, num_classes) -> VAEPoisson:
     require_arch(cfg, "mlp", "conv")
-    enc, dec = build_encoder_decoder(cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation,
-                                     channels=cfg.channels)
+    enc, dec = build_encoder_decoder(
+        cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation, channels=cfg.channels
+    )
     if o.decoder == "linear":
         dec = LinearDecoder(cfg.latent_dim, data_shape)
-    return VAEPoisson(enc, dec, config_likelihood(cfg, data_shape), cfg.latent_dim, prior_rate=o.prior_rate, hard=o.hard,
-                      temperature=(o.temperature_start, o.temperature_end), anneal_fraction=o.anneal_fraction,
-                      num_data=num_data)
+    return VAEPoisson(
+        enc,
+        dec,
+        config_likelihood(cfg, data_shape),
+        cfg.latent_dim,
+        prior_rate=o.prior_rate,
+        hard=o.hard,
+        temperature=(o.temperature_start, o.temperature_end),
+        anneal_fraction=o.anneal_fraction,
+        num_data=num_data,
+    )

@@ -15,7 +15,8 @@ Two codings of one objective (``coding``):
   Pyro's ``infer_discrete``.
 Cluster assignment: argmax_c p(c_l | z_l = μ_l(x)) (:meth:`VLAC.cluster`). Warm-up (the plan): the mixture
 layers have an N(0, I) prior for ``warmup_epochs`` epochs, then each mixture is initialised by a diagonal
-``GaussianMixture`` fitted to draws of q(z_l | x) for up to ``fit_points`` training images and switched on; only epochs after
+``GaussianMixture`` fitted to draws of q(z_l | x) for up to ``fit_points`` training images and switched on; only
+epochs after
 that are scored. With ``layers: 1`` this is the flat mixture-prior VAE (VaDE / GM-DGM type), the baseline.
 Registered as ``vlac``.
 """
@@ -31,19 +32,13 @@ from pyro.infer import TraceEnum_ELBO, infer_discrete
 from pyro.nn import PyroModule, pyro_method
 from torch import nn
 
+from ..config.options import Options, option
+from ..distributions.plate import data_plate
+from ..distributions.priors import LearnedMixturePrior, StandardNormalPrior
 from ..errors import ConfigError
-from ..infer.plan import Stage, TrainingPlan, build_objective, training_plan
-from ..nets import LadderDecoder, LadderEncoder
-from ..options import Options, option
-from ..plate import data_plate
-from ..priors import LearnedMixturePrior, StandardNormalPrior
-from ._common import (
-    LadderFigures,
-    config_likelihood,
-    module_device,
-    require_arch,
-    require_hidden,
-)
+from ..nn.ladder_nets import LadderDecoder, LadderEncoder
+from ..training.plan import Stage, TrainingPlan, build_objective, training_plan
+from ._common import LadderFigures, config_likelihood, module_device, require_arch, require_hidden
 from .registry import register_model
 
 __all__ = ["VLAC", "VLACOptions", "VLACPlan"]
@@ -56,10 +51,23 @@ class VLAC(LadderFigures, PyroModule):
     conditional = False
     num_classes = None
 
-    def __init__(self, data_shape, likelihood: nn.Module, latent_dims, hidden=(256, 256), act: str = "relu",
-                 combination: str = "gated", arch: str = "mlp", channels: int = 32, mixture_layers=(),
-                 num_components: int = 10, coding: str = "mixture",
-                 warmup_epochs: int = 5, fit_points: int = 10000, num_data: int | None = None):
+    def __init__(
+        self,
+        data_shape,
+        likelihood: nn.Module,
+        latent_dims,
+        hidden=(256, 256),
+        act: str = "relu",
+        combination: str = "gated",
+        arch: str = "mlp",
+        channels: int = 32,
+        mixture_layers=(),
+        num_components: int = 10,
+        coding: str = "mixture",
+        warmup_epochs: int = 5,
+        fit_points: int = 10000,
+        num_data: int | None = None,
+    ):
         super().__init__()
         self.latent_dims = [int(d) for d in latent_dims]
         self.latent_dim, self.layers = sum(self.latent_dims), len(self.latent_dims)
@@ -74,8 +82,9 @@ class VLAC(LadderFigures, PyroModule):
         self.encoder = LadderEncoder(data_shape, self.latent_dims, tuple(hidden), act, arch, channels)
         self.decoder = LadderDecoder(data_shape, self.latent_dims, tuple(hidden), act, combination, arch, channels)
         self.normal = nn.ModuleList([StandardNormalPrior(d) for d in self.latent_dims])
-        self.mixtures = nn.ModuleDict({str(l): LearnedMixturePrior(num_components, self.latent_dims[l - 1], seed=l)
-                                       for l in self.mixture_layers})
+        self.mixtures = nn.ModuleDict(
+            {str(l): LearnedMixturePrior(num_components, self.latent_dims[l - 1], seed=l) for l in self.mixture_layers}
+        )
         self.register_buffer("mixture_on", torch.tensor(self.warmup_epochs == 0))
 
     def prior_site(self, l: int, batch: int, coding: str, mixtures_on: bool) -> torch.Tensor:
@@ -120,7 +129,8 @@ class VLAC(LadderFigures, PyroModule):
         zs = {f"z{l}": loc for l, (loc, _) in enumerate(self.encoder(x), 1)}
         conditioned = pyro.poutine.condition(self.program, data=zs)
         tr = pyro.poutine.trace(infer_discrete(conditioned, first_available_dim=-2, temperature=0)).get_trace(
-            x, "enumerate", True)
+            x, "enumerate", True
+        )
         return {f"c{l}": tr.nodes[f"c{l}"]["value"] for l in self.mixture_layers}
 
     @torch.no_grad()
@@ -129,8 +139,13 @@ class VLAC(LadderFigures, PyroModule):
         (the aggregate posterior: a unit the warm-up left unused keeps unit variance, where a fit to the means μ_l
         would give it a near-zero variance that then decides every cluster), and switch the mixtures on."""
         g = torch.Generator(device=x.device).manual_seed(seed)
-        draws = [[loc + scale * torch.randn(loc.shape, generator=g, device=loc.device, dtype=loc.dtype)
-                  for loc, scale in self.encoder(xb)] for xb in x.split(1000)]
+        draws = [
+            [
+                loc + scale * torch.randn(loc.shape, generator=g, device=loc.device, dtype=loc.dtype)
+                for loc, scale in self.encoder(xb)
+            ]
+            for xb in x.split(1000)
+        ]
         for l in self.mixture_layers:
             self.mixtures[str(l)].init_from(torch.cat([d[l - 1] for d in draws]), seed)
         self.mixture_on.fill_(True)
@@ -143,8 +158,7 @@ class VLAC(LadderFigures, PyroModule):
         for l in range(1, self.layers + 1):
             if str(l) in self.mixtures and bool(self.mixture_on):
                 mix = self.mixtures[str(l)]
-                c = (torch.full((n,), int(component[l]), device=dev) if l in component
-                     else mix.weights(n).sample())
+                c = torch.full((n,), int(component[l]), device=dev) if l in component else mix.weights(n).sample()
                 zs.append(mix.component(c).sample())
             else:
                 zs.append(torch.randn(n, self.latent_dims[l - 1], device=dev))
@@ -162,8 +176,10 @@ class VLACPlan(TrainingPlan):
     def objective(self, train):
         if self.model.coding == "enumerate":
             if train.objective not in ("auto", "elbo"):
-                raise ConfigError(f"train.objective must be 'auto' or 'elbo' with model.options.coding='enumerate' "
-                                  f"(TraceEnum_ELBO sums the clusters out), got {train.objective!r}")
+                raise ConfigError(
+                    f"train.objective must be 'auto' or 'elbo' with model.options.coding='enumerate' "
+                    f"(TraceEnum_ELBO sums the clusters out), got {train.objective!r}"
+                )
             return TraceEnum_ELBO(num_particles=train.num_particles, max_plate_nesting=1)
         return build_objective(train)
 
@@ -175,7 +191,7 @@ class VLACPlan(TrainingPlan):
         m = self.model
         if not bool(m.mixture_on) and epoch + 1 >= m.warmup_epochs and data is not None:
             x = data if isinstance(data, torch.Tensor) else data.train_x
-            idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))[:m.fit_points]
+            idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))[: m.fit_points]
             m.fit_mixtures(x[idx].to(module_device(m)), seed=epoch)
         record["mixture_on"] = bool(m.mixture_on)
 
@@ -186,8 +202,11 @@ class VLACOptions(Options):
     combination: str = option("gated", choices=("gated", "concat"))
     mixture_layers: list[int] = option([], item_gt=0, doc="1-based layers with a mixture prior ([]: every layer)")
     num_components: int = option(10, ge=1, doc="mixture components per mixture layer")
-    coding: str = option("mixture", choices=("mixture", "enumerate"),
-                         doc="MixtureSameFamily prior, or c enumerated by TraceEnum_ELBO (the same ELBO)")
+    coding: str = option(
+        "mixture",
+        choices=("mixture", "enumerate"),
+        doc="MixtureSameFamily prior, or c enumerated by TraceEnum_ELBO (the same ELBO)",
+    )
     warmup_epochs: int = option(5, ge=0, doc="epochs with N(0, I) priors before the mixtures are fitted")
     fit_points: int = option(10000, ge=1, doc="training images whose encoder means initialise the mixtures")
 
@@ -196,6 +215,19 @@ class VLACOptions(Options):
 def build_vlac(cfg, o: VLACOptions, data_shape, num_data, num_classes) -> VLAC:
     require_arch(cfg, "mlp", "conv")
     require_hidden(cfg)
-    return VLAC(data_shape, config_likelihood(cfg, data_shape), [cfg.latent_dim] * o.layers, cfg.hidden, cfg.activation,
-                o.combination, cfg.arch, cfg.channels, o.mixture_layers, o.num_components, o.coding, o.warmup_epochs,
-                o.fit_points, num_data=num_data)
+    return VLAC(
+        data_shape,
+        config_likelihood(cfg, data_shape),
+        [cfg.latent_dim] * o.layers,
+        cfg.hidden,
+        cfg.activation,
+        o.combination,
+        cfg.arch,
+        cfg.channels,
+        o.mixture_layers,
+        o.num_components,
+        o.coding,
+        o.warmup_epochs,
+        o.fit_points,
+        num_data=num_data,
+    )

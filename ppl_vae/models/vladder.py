@@ -27,31 +27,35 @@ import torch
 from pyro.nn import PyroModule, pyro_method
 from torch import nn
 
-from ..nets import LadderDecoder, LadderEncoder
-from ..options import Options, option
-from ..plate import data_plate
-from ..priors import StandardNormalPrior
-from ._common import (
-    LadderFigures,
-    config_likelihood,
-    module_device,
-    require_arch,
-    require_hidden,
-)
+from ..config.options import Options, option
+from ..distributions.plate import data_plate
+from ..distributions.priors import StandardNormalPrior
+from ..nn.ladder_nets import LadderDecoder, LadderEncoder
+from ._common import LadderFigures, config_likelihood, module_device, require_arch, require_hidden
 from .registry import register_model
 
 __all__ = ["VLadder", "VLadderOptions"]
 
 
 class VLadder(LadderFigures, PyroModule):
-    """The VLAE as a Pyro program (see the module docstring): ``encoder`` (:class:`~ppl_vae.nets.LadderEncoder`)
-    gives [(μ_l, σ_l)], ``decoder`` (:class:`~ppl_vae.nets.LadderDecoder`) maps [z_1..z_L] to p(x|z)'s input."""
+    """The VLAE as a Pyro program (see the module docstring): ``encoder`` (:class:`~ppl_vae.nn.networks.LadderEncoder`)
+    gives [(μ_l, σ_l)], ``decoder`` (:class:`~ppl_vae.nn.networks.LadderDecoder`) maps [z_1..z_L] to p(x|z)'s input."""
 
     conditional = False
     num_classes = None
 
-    def __init__(self, data_shape, likelihood: nn.Module, latent_dims, hidden=(256, 256), act: str = "relu",
-                 combination: str = "gated", arch: str = "mlp", channels: int = 32, num_data: int | None = None):
+    def __init__(
+        self,
+        data_shape,
+        likelihood: nn.Module,
+        latent_dims,
+        hidden=(256, 256),
+        act: str = "relu",
+        combination: str = "gated",
+        arch: str = "mlp",
+        channels: int = 32,
+        num_data: int | None = None,
+    ):
         super().__init__()
         self.latent_dims = [int(d) for d in latent_dims]
         self.latent_dim, self.layers = sum(self.latent_dims), len(self.latent_dims)
@@ -82,13 +86,23 @@ class VLadder(LadderFigures, PyroModule):
 @dataclass
 class VLadderOptions(Options):
     layers: int = option(3, ge=1, doc="L, the number of latent layers (each of size model.latent_dim)")
-    combination: str = option("gated", choices=("gated", "concat"),
-                              doc="z̃_{l+1} + g ⊙ W z_l (official code) or [z̃_{l+1}, z_l]")
+    combination: str = option(
+        "gated", choices=("gated", "concat"), doc="z̃_{l+1} + g ⊙ W z_l (official code) or [z̃_{l+1}, z_l]"
+    )
 
 
 @register_model("vladder", options=VLadderOptions)
 def build_vladder(cfg, o: VLadderOptions, data_shape, num_data, num_classes) -> VLadder:
     require_arch(cfg, "mlp", "conv")
     require_hidden(cfg)
-    return VLadder(data_shape, config_likelihood(cfg, data_shape), [cfg.latent_dim] * o.layers, cfg.hidden, cfg.activation,
-                   o.combination, cfg.arch, cfg.channels, num_data=num_data)
+    return VLadder(
+        data_shape,
+        config_likelihood(cfg, data_shape),
+        [cfg.latent_dim] * o.layers,
+        cfg.hidden,
+        cfg.activation,
+        o.combination,
+        cfg.arch,
+        cfg.channels,
+        num_data=num_data,
+    )

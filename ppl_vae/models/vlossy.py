@@ -4,9 +4,10 @@ ICLR 2017):
     p(x, z) = p_AF(z) Π_i p(x_i | z, x_{W(i)}),        q(z | x) = N(μ(x), diag σ²(x)),    the standard ELBO,
 
 with a PixelCNN decoder whose receptive field is a small local window W(i) of preceding pixels
-(``model.likelihood: pixelcnn``, ``model.pixelcnn_window`` k ≥ 3; :class:`ppl_vae.pixelcnn.LocalPixelCNN`,
+(``model.likelihood: pixelcnn``, ``model.pixelcnn_window`` k ≥ 3; :class:`ppl_vae.nn.pixelcnn.LocalPixelCNN`,
 conditioned on z through bias maps) and an autoregressive-flow prior
-(:class:`ppl_vae.priors.AutoregressiveFlowPrior`, scored in one parallel pass). "Information preference": the
+(:class:`ppl_vae.distributions.priors.AutoregressiveFlowPrior`, scored in one parallel pass). "Information
+preference": the
 local decoder models texture but not global shape, so z carries the global, lossy part — decode one z several
 times and the shape stays while the strokes vary (:meth:`VLossy.lossy_reconstructions`).
 
@@ -22,10 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config.options import Options, option
+from ..distributions.priors import AutoregressiveFlowPrior, StandardNormalPrior
 from ..errors import ConfigError
-from ..nets import build_encoder_decoder
-from ..options import Options, option
-from ..priors import AutoregressiveFlowPrior, StandardNormalPrior
+from ..nn.networks import build_encoder_decoder
 from ._common import config_likelihood, require_arch
 from .registry import register_model
 from .vae import VAE
@@ -57,13 +58,19 @@ class VLossyOptions(Options):
 def build_vlossy(cfg, options: VLossyOptions, data_shape, num_data, num_classes) -> VLossy:
     require_arch(cfg, "mlp", "conv")
     if cfg.likelihood != "pixelcnn" or cfg.pixelcnn_window == 0:
-        raise ConfigError(f"model.name='vlossy' needs a local PixelCNN decoder: model.likelihood='pixelcnn' with "
-                          f"model.pixelcnn_window an odd integer >= 3, got likelihood={cfg.likelihood!r}, "
-                          f"pixelcnn_window={cfg.pixelcnn_window!r}")
+        raise ConfigError(
+            f"model.name='vlossy' needs a local PixelCNN decoder: model.likelihood='pixelcnn' with "
+            f"model.pixelcnn_window an odd integer >= 3, got likelihood={cfg.likelihood!r}, "
+            f"pixelcnn_window={cfg.pixelcnn_window!r}"
+        )
     if not options.flow_hidden:
         raise ConfigError("model.options.flow_hidden must name at least one hidden width, got []")
-    enc, dec = build_encoder_decoder(cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation,
-                                     channels=cfg.channels)
-    prior = (AutoregressiveFlowPrior(cfg.latent_dim, options.num_flows, tuple(options.flow_hidden))
-             if options.prior == "af" else StandardNormalPrior(cfg.latent_dim))
+    enc, dec = build_encoder_decoder(
+        cfg.arch, data_shape, cfg.latent_dim, tuple(cfg.hidden), cfg.activation, channels=cfg.channels
+    )
+    prior = (
+        AutoregressiveFlowPrior(cfg.latent_dim, options.num_flows, tuple(options.flow_hidden))
+        if options.prior == "af"
+        else StandardNormalPrior(cfg.latent_dim)
+    )
     return VLossy(enc, dec, config_likelihood(cfg, data_shape), cfg.latent_dim, prior=prior, num_data=num_data)

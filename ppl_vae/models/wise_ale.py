@@ -6,9 +6,10 @@ Only the objective differs. For a batch D_B = {x_1..x_B} with aggregate posterio
 
     L(D_B) = Σ_{i∈B} E_{q(z|x_i)}[log p(x_i|z)]  −  KL( q(z|D_B) ‖ p(z) )                    (the WiSE-ALE bound)
 
-— :class:`ppl_vae.infer.wise_ale.WiseAleELBO`, with the KL estimators (``kl_approx``) and scalings
+— :class:`ppl_vae.infer.wise_ale_elbo.WiseAleELBO`, with the KL estimators (``kl_approx``) and scalings
 (``kl_scale``) documented there. The networks and the default likelihood are LaDDer's outer VAE (a Laplace
-likelihood whose scale is floored at the reconstruction error, :class:`~ppl_vae.likelihoods.FlooredLaplace`);
+likelihood whose scale is floored at the reconstruction error,
+:class:`~ppl_vae.distributions.likelihoods.FlooredLaplace`);
 ``likelihood: config`` uses ``model.likelihood`` instead. The model is a plain VAE, so
 ``ppl_vae.evaluate.log_likelihood`` evaluates it like any other.
 """
@@ -19,12 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import ModelConfig
-from ..infer import distributed
-from ..infer.plan import TrainingPlan, training_plan
-from ..infer.wise_ale import KL_APPROX, KL_SCALES, WiseAleELBO
-from ..likelihoods import FlooredLaplace
-from ..options import Options, option
+from ..config.options import Options, option
+from ..config.sections import ModelConfig
+from ..distributions.likelihoods import FlooredLaplace
+from ..infer.wise_ale_elbo import KL_APPROX, KL_SCALES, WiseAleELBO
+from ..training.plan import TrainingPlan, training_plan
 from ._common import module_device, outer_parts
 from .registry import register_model
 from .vae import VAE
@@ -36,8 +36,18 @@ class WiseALE(VAE):
     """A :class:`~ppl_vae.models.VAE` that its plan trains with :class:`WiseAleELBO`; ``fit_points`` training images
     set the floored likelihood's evaluation floor after every epoch."""
 
-    def __init__(self, encoder, decoder, likelihood, latent_dim: int, *, kl_approx: str = "product",
-                 kl_scale: str = "batch", fit_points: int = 5000, num_data: int | None = None):
+    def __init__(
+        self,
+        encoder,
+        decoder,
+        likelihood,
+        latent_dim: int,
+        *,
+        kl_approx: str = "product",
+        kl_scale: str = "batch",
+        fit_points: int = 5000,
+        num_data: int | None = None,
+    ):
         super().__init__(encoder, decoder, likelihood, latent_dim, num_data=num_data)
         self.kl_approx, self.kl_scale, self.fit_points = kl_approx, kl_scale, int(fit_points)
         self.register_load_state_dict_pre_hook(_from_ladder_state)
@@ -56,8 +66,6 @@ class WiseALEPlan(TrainingPlan):
     (the MAE of reconstructions from z ~ q(z|x) on up to ``fit_points`` training images)."""
 
     def objective(self, train):
-        if self.model.kl_scale == "batch":
-            distributed.refuse_sharding(train, "model.options.kl_scale='batch' (one KL per minibatch)")
         m = self.model
         return WiseAleELBO(num_particles=train.num_particles, kl_approx=m.kl_approx, kl_scale=m.kl_scale)
 

@@ -15,11 +15,18 @@ def log_weights(S: int) -> np.ndarray:
     """(S, 4) log-weights: heavy (Pareto α = 0.6, k ≈ 1.7), borderline (α = 1.5, k ≈ 0.67), Gaussian log-weights
     of spread 1.5 (k ≈ 0.5) and of spread 0.3 (light)."""
     rng = np.random.default_rng(20261201)
-    return np.stack([np.log(rng.pareto(0.6, S) + 1), np.log(rng.pareto(1.5, S) + 1), 1.5 * rng.normal(size=S),
-                     0.3 * rng.normal(size=S)], 1)
+    return np.stack(
+        [
+            np.log(rng.pareto(0.6, S) + 1),
+            np.log(rng.pareto(1.5, S) + 1),
+            1.5 * rng.normal(size=S),
+            0.3 * rng.normal(size=S),
+        ],
+        1,
+    )
 
 
-SIZES = (900, 1000)   # 3√900 = 90 tail draws on both lines; 3√1000 = 94.87: 0.23 takes 95, 1.x 94
+SIZES = (900, 1000)  # 3√900 = 90 tail draws on both lines; 3√1000 = 94.87: 0.23 takes 95, 1.x 94
 
 
 def line() -> str:

@@ -1,0 +1,29 @@
+"""Data: image datasets by name or your own, as a :class:`DataBundle` of splits with reproducible batches.
+
+* :mod:`.bundle` — :class:`DataBundle` and :func:`load_data` (splits, pixel modes, batches, a rank's share);
+* :mod:`.sources` — one loader per dataset (scikit-learn digits, IDX files, Omniglot, CelebA, image folders);
+* :mod:`.storage` — where pixels live between batches (float32, 8-bit, memory-mapped, decoded from files);
+* :mod:`.multimodal` — several modalities of one datapoint, with masks (:func:`make_multimodal`).
+"""
+
+from ..errors import DataError
+from .bundle import DATASETS, PIXEL_MODES, SPLITS, DataBundle, load_data, part_bounds
+from .multimodal import Layout, MultimodalData, make_multimodal
+from .sources import DEBIAN_FASHION_MNIST
+from .storage import STORAGES, Images
+
+__all__ = [
+    "DATASETS",
+    "PIXEL_MODES",
+    "SPLITS",
+    "STORAGES",
+    "DataBundle",
+    "DataError",
+    "Images",
+    "load_data",
+    "part_bounds",
+    "DEBIAN_FASHION_MNIST",
+    "Layout",
+    "MultimodalData",
+    "make_multimodal",
+]

@@ -1,0 +1,147 @@
+"""Saving and restoring a run: Pyro's param store, the optimiser, RNG states and the history, atomically.
+
+Pyro's param store is global state and ``pyro.module`` shares tensors with the ``nn.Module`` s, so parameters
+are restored *in place*: the model and guide are traced once (which registers every parameter with its
+current tensor) and the saved values are copied into those tensors. Modules and store stay one object each.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+
+from ..errors import CheckpointError
+
+SCHEMA = 2  # 1: written before this field existed; 2: the one-Adam optimiser state, the model's config
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, then an atomic rename: ``path`` is always either the
+    previous complete file or the new complete one. A failed write (a full disk, a folder that cannot be written)
+    raises :class:`CheckpointError` naming the file, and leaves no temporary file."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(fd)
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CheckpointError(_write_error(path, e)) from e
+    except RuntimeError as e:  # torch's zip writer reports a failed write ("file write failed") as RuntimeError
+        if "write" not in str(e).lower():
+            raise
+        raise CheckpointError(_write_error(path, OSError(errno.ENOSPC, "the write failed (is the disk full?)"))) from e
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_error(path: Path, e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        why = "the disk is full"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "the folder cannot be written (permission denied or read-only)"
+    else:
+        why = e.strerror or str(e)
+    return (
+        f"could not write {str(path)!r}: {why}. The previous complete file (if any) is unchanged; free space "
+        "or choose another --run-dir"
+    )
+
+
+def load_checkpoint(path: str | Path, map_location=None) -> dict:
+    """A checkpoint as saved by the training loop; a damaged or truncated file is a :class:`CheckpointError` that
+    names it (the run folder's other checkpoint, ``best.pt`` or ``checkpoint.pt``, may still be whole)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        other = "checkpoint.pt (--checkpoint last)" if path.name == "best.pt" else "best.pt (--checkpoint best)"
+        raise CheckpointError(
+            f"{str(path)!r} is damaged or truncated and cannot be read ({type(e).__name__}); "
+            f"the run's {other} may still be whole"
+        ) from None
+    if not isinstance(ckpt, dict) or "param_store" not in ckpt:
+        raise CheckpointError(f"{str(path)!r} is not a ppl-vae checkpoint")
+    return ckpt
+
+
+def register_params(model, guide, *args, **kwargs) -> None:
+    """Run guide and model once (values discarded) so that every ``pyro.param`` / ``pyro.module`` is registered."""
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+
+
+def restore_params(model, guide, store_state: dict, *args, **kwargs) -> None:
+    """Copy a saved param-store state into the live parameters, in place (see the module docstring)."""
+    store = pyro.get_param_store()
+    register_params(model, guide, *args, **kwargs)
+    live = dict(store.named_parameters())
+    saved = store_state["params"]
+    with torch.no_grad():
+        for name, value in saved.items():
+            if name in live:
+                if live[name].shape != value.shape:
+                    raise CheckpointError(
+                        f"checkpoint parameter {name!r} has shape {tuple(value.shape)}, the model's "
+                        f"has {tuple(live[name].shape)}: was the run made with another "
+                        "configuration?"
+                    )
+                live[name].copy_(value.to(live[name].device))
+            else:
+                constraint = store_state.get("constraints", {}).get(name, torch.distributions.constraints.real)
+                pyro.param(name, torch.distributions.transform_to(constraint)(value), constraint=constraint)
+
+
+def load_module_state(module: torch.nn.Module, state: dict, path) -> None:
+    """``module.load_state_dict(state)``, a mismatch reported as :class:`CheckpointError` naming the file and the
+    tensors whose shapes differ (a configuration edited after the run: another latent size, other layers)."""
+    own = module.state_dict()
+    shapes = [
+        f"{k} {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
+        for k, v in state.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if shapes or missing or unexpected:
+        parts = (
+            ([f"shapes differ: {'; '.join(shapes[:4])}" + (" ..." if len(shapes) > 4 else "")] if shapes else [])
+            + ([f"missing: {missing[:4]}"] if missing else [])
+            + ([f"unexpected: {unexpected[:4]}"] if unexpected else [])
+        )
+        raise CheckpointError(
+            f"{str(path)!r} was written by a model of another configuration ({'; '.join(parts)}); "
+            "was config.yaml edited after the run? Restore its model section or start a new run"
+        )
+    module.load_state_dict(state)

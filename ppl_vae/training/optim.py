@@ -1,0 +1,100 @@
+"""One ``torch.optim.Adam`` over every trainable parameter of a model/guide pair, kept consistent with Pyro's
+param store.
+
+Pyro's ``pyro.optim.Adam`` runs one optimiser per parameter tensor and ``SVI`` zeroes gradients by allocating
+fresh ones; the training loop uses this class instead: the parameters are the ``nn.Module``'s (a ``PyroModule``'s
+parameters *are* the param store's tensors, ``pyro.module`` registers the very same tensors) plus any
+``pyro.param`` of the store that no module owns, found again after every step (a parameter first created by a
+step joins the optimiser in that step). Adam works element-wise, so one optimiser over all tensors makes the same
+updates as one per tensor. ``clip_norm`` clips each tensor's gradient norm separately, as Pyro's ``clip_args``
+does. Parameters without a gradient in a step (unused, or frozen with ``requires_grad=False``) are not updated.
+
+The state is saved keyed by parameter *names* (the param store's, else ``module.<name>``), so it survives another
+order of registration; :meth:`load_state` also reads the per-parameter format of ``pyro.optim.PyroOptim``
+(checkpoints written before this class).
+"""
+
+from __future__ import annotations
+
+import pyro
+import torch
+
+__all__ = ["ParamOptimizer"]
+
+_FORMAT = "ppl_vae.ParamOptimizer/1"
+
+
+class ParamOptimizer:
+    def __init__(self, module: torch.nn.Module | None, lr: float, clip_norm: float | None = None):
+        self.module, self.clip_norm = module, clip_norm
+        self.params: list[torch.Tensor] = []
+        self._ids: set[int] = set()
+        self.optim = torch.optim.Adam([{"params": []}], lr=lr)
+        self._store_size = -1
+        self.sync()
+
+    # -- which tensors ------------------------------------------------------------------------------------
+    def _live(self):
+        if self.module is not None:
+            yield from self.module.parameters()
+        yield from pyro.get_param_store()._params.values()
+
+    def sync(self) -> None:
+        """Add trainable tensors not yet optimised (new ``pyro.param`` s, new module parameters)."""
+        store_size = len(pyro.get_param_store()._params)
+        if store_size == self._store_size and self.params:
+            return
+        self._store_size = store_size
+        for p in self._live():
+            if p.requires_grad and id(p) not in self._ids:
+                self._ids.add(id(p))
+                self.params.append(p)
+                self.optim.param_groups[0]["params"].append(p)
+
+    # -- one step -----------------------------------------------------------------------------------------
+    def step(self) -> None:
+        self.sync()
+        if self.clip_norm:
+            for p in self.params:
+                if p.grad is not None:
+                    torch.nn.utils.clip_grad_norm_(p, self.clip_norm)
+        self.optim.step()
+        self.optim.zero_grad(set_to_none=True)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optim.param_groups:
+            group["lr"] = lr
+
+    # -- state --------------------------------------------------------------------------------------------
+    def _names(self) -> dict[int, str]:
+        names = {}
+        if self.module is not None:
+            names.update({id(p): f"module.{n}" for n, p in self.module.named_parameters()})
+        names.update({id(p): n for n, p in pyro.get_param_store()._params.items()})  # the store's name first
+        return names
+
+    def state(self) -> dict:
+        names = self._names()
+        return {
+            "format": _FORMAT,
+            "state": {
+                names[id(p)]: self.optim.state[p] for p in self.params if p in self.optim.state and id(p) in names
+            },
+        }
+
+    def load_state(self, saved: dict, device=None) -> None:
+        """Restore the per-parameter Adam state (``step``, ``exp_avg``, ``exp_avg_sq``) by name."""
+        self.sync()
+        names = self._names()
+        by_name = {names[id(p)]: p for p in self.params if id(p) in names}
+        if saved.get("format") == _FORMAT:
+            per_param = saved["state"]
+        else:  # pyro.optim.PyroOptim.get_state(): {store name: state_dict of a one-tensor torch optimiser}
+            per_param = {name: sd["state"][0] for name, sd in saved.items() if sd.get("state")}
+        for name, st in per_param.items():
+            p = by_name.get(name)
+            if p is None:
+                continue
+            self.optim.state[p] = {
+                k: (v.to(p.device) if isinstance(v, torch.Tensor) and k != "step" else v) for k, v in st.items()
+            }

@@ -1,0 +1,169 @@
+""":func:`train` runs a plan: each stage is one call of :func:`~ppl_vae.training.loop.fit` (checkpoints, metrics,
+resume); stage ``k < last`` writes into ``run_dir/<stage.name>`` and the last into ``run_dir`` itself (so
+``run_dir/best.pt`` is the final model). ``resume=True`` continues whichever stage a killed run was in. With more
+than one stage the combined history numbers epochs on and adds ``stage`` (1-based) and ``stage_epoch``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config.sections import Config, TrainConfig
+from . import distributed
+from .checkpoint import load_checkpoint
+from .loop import CHECKPOINT, FitResult, fit
+from .plan import Stage, TrainingPlan, plan_for
+
+__all__ = ["train", "TrainResult"]
+
+
+@dataclass
+class TrainResult(FitResult):
+    """A :class:`FitResult` for the whole plan (``history`` over all stages) plus each stage's own result."""
+
+    stages: dict[str, FitResult] = field(default_factory=dict)
+    data_plate: dict | None = None
+    rank: int = 0
+    world_size: int = 1
+
+
+def _settings(config) -> tuple[TrainConfig, int | None]:
+    if isinstance(config, Config):
+        return config.train, config.seed
+    if isinstance(config, TrainConfig) or config is None:
+        return config or TrainConfig(), None
+    raise TypeError(f"config must be a ppl_vae Config or TrainConfig, got {type(config).__name__}")
+
+
+def train(
+    model,
+    data,
+    config: Config | TrainConfig | None = None,
+    *,
+    plan: TrainingPlan | None = None,
+    seed: int | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    device=None,
+    progress: bool = True,
+    extra_state: dict | None = None,
+    fabric=None,
+) -> TrainResult:
+    """Train ``model`` on ``data`` (a :class:`~ppl_vae.data.DataBundle`) by its training plan.
+
+    ``config`` is a :class:`~ppl_vae.config.Config` (its ``train`` section and ``seed``) or a
+    :class:`~ppl_vae.config.TrainConfig`; ``seed`` overrides the config's (default 0). ``plan`` defaults to
+    :func:`plan_for(model) <plan_for>`. ``run_dir`` receives checkpoints and ``metrics.jsonl``; ``resume=True``
+    continues a killed run there and reproduces the uninterrupted one. The CLI, the benchmarks and the notebooks
+    all train through this function.
+
+    With ``train.devices`` > 1 (or ``train.strategy`` / ``train.precision`` other than the defaults) it runs on
+    Lightning Fabric (:mod:`ppl_vae.training.distributed`): ``strategy: ddp`` starts one process per device, each
+    re-running the calling script from its start, as Lightning does; ``fabric`` passes one already launched. The
+    result's ``rank`` tells a script which process it is in. ``train.logger`` loggers write under ``run_dir``.
+    """
+    train_cfg, cfg_seed = _settings(config)
+    train_cfg.validate()
+    if fabric is None:
+        where = (
+            torch.device(device)
+            if device is not None
+            else next(
+                (p.device for p in (model.parameters() if isinstance(model, torch.nn.Module) else ())),
+                torch.device("cpu"),
+            )
+        )
+        fabric = distributed.launch(train_cfg, where)
+    seed = seed if seed is not None else (cfg_seed if cfg_seed is not None else 0)
+    plan = plan if plan is not None else plan_for(model)
+    stages = plan.stages(train_cfg)
+    if not stages:
+        raise ValueError(f"{type(plan).__name__}.stages returned no stage")
+    run_dir = Path(run_dir) if run_dir is not None else None
+    dirs = [
+        None if run_dir is None else (run_dir if i == len(stages) - 1 else run_dir / s.name)
+        for i, s in enumerate(stages)
+    ]
+    # on resume: the last stage that has a checkpoint is the one the run was in
+    current = 0
+    if resume:
+        if run_dir is None:
+            raise ValueError("resume=True needs run_dir")
+        started = [i for i, d in enumerate(dirs) if d is not None and (d / CHECKPOINT).exists()]
+        current = started[-1] if started else 0
+
+    results: list[FitResult] = []
+    for i, stage in enumerate(stages):
+        folder = dirs[i]
+        if folder is not None and i < current:  # finished before the run was killed: its checkpoint has its result
+            ck = load_checkpoint(folder / CHECKPOINT, map_location="cpu")
+            results.append(
+                FitResult(
+                    history=ck["history"],
+                    best_epoch=ck["best_epoch"],
+                    best_val_elbo=ck["best_val_elbo"],
+                    stopped_early=ck.get("stopped_early", False),
+                    run_dir=str(dirs[i]),
+                    data_plate=ck.get("data_plate"),
+                )
+            )
+            continue
+        resuming = resume and i == current and folder is not None and (folder / CHECKPOINT).exists()
+        if not resuming:
+            plan.begin_stage(stage)
+        results.append(
+            fit(
+                plan,
+                data,
+                stage.train,
+                first_scored_epoch=stage.first_scored_epoch,
+                run_dir=dirs[i],
+                resume=resuming,
+                seed=seed,
+                device=device,
+                progress=progress,
+                extra_state=extra_state,
+                fabric=fabric,
+            )
+        )
+    out = _combine(stages, results)
+    if fabric is not None:
+        out.rank, out.world_size = fabric.global_rank, fabric.world_size
+    return out
+
+
+def _combine(stages: list[Stage], results: list[FitResult]) -> TrainResult:
+    last = results[-1]
+    if len(results) == 1:
+        return TrainResult(
+            history=last.history,
+            best_epoch=last.best_epoch,
+            best_val_elbo=last.best_val_elbo,
+            stopped_early=last.stopped_early,
+            run_dir=last.run_dir,
+            data_plate=last.data_plate,
+            stages={stages[0].name: last},
+        )
+    history, offset = [], 0
+    for k, res in enumerate(results, start=1):
+        for rec in res.history:
+            history.append(
+                {**rec, "stage": k, "stage_epoch": rec["epoch"], "epoch": rec["epoch"] + offset}
+                if k > 1
+                else {**rec, "stage": k}
+            )
+        before = offset
+        offset += len(res.history)
+    best = None if last.best_epoch is None else last.best_epoch + before
+    return TrainResult(
+        history=history,
+        best_epoch=best,
+        best_val_elbo=last.best_val_elbo,
+        stopped_early=last.stopped_early,
+        run_dir=last.run_dir,
+        data_plate=last.data_plate,
+        stages={s.name: r for s, r in zip(stages, results, strict=False)},
+    )
