@@ -3,7 +3,7 @@ on PolyFashion (3 modalities: textured, inverted, blurred Fashion-MNIST images o
 
 Identical per-modality MLP experts and decoders (784–256–16 and 16–256–784; a label modality 10–256–16),
 Bernoulli image likelihoods on the [0, 1] grey levels, a categorical label likelihood, latent 16, Adam 1e-3,
-batch 128; each method trains with its own objective as shipped in configs/multimodal_<name>_polyfashion.yaml
+batch 128; each method trains with its own objective as shipped in configs/<name>_polyfashion.yaml
 (mmvae: stratified IWAE, K = 4, DReG; mopoe: stratified ELBO with the exact mixture density; mvae: the
 sub-sampled ELBOs; sumpool: the masked bound; mmvm: the pairwise bound, α annealed over the first quarter;
 ``--mmvm-kl mixture`` the exact KL to the mixture).

@@ -3,6 +3,9 @@
 Each step is a plain function; the command line (``ppl_vae.cli``) only strings them together, and the same
 functions are the Python API (``ppl_vae.run_experiment``, ``ppl_vae.load_run``, ``ppl_vae.evaluate_run``,
 ``ppl_vae.diagnose_run``).
+
+Why this module is long: it is the one orchestrator, and the flow of a run (and of its folder: lock, resume checks,
+the files it writes) reads best in one place; each function in it is one step with plain arguments.
 """
 
 from __future__ import annotations
@@ -97,8 +100,6 @@ def build(cfg: Config, data: DataBundle, device: torch.device):
     """The model for a configuration and its data, seeded by ``cfg.seed``, on ``device``."""
     import_methods(cfg.imports)  # methods defined outside the package register themselves
     pyro.set_rng_seed(cfg.seed)
-    if cfg.model.name == "cvae" and data.train_y is None:
-        raise ConfigError(f"model.name='cvae' needs labels, but data.name={cfg.data.name!r} has none")
     model = build_model(cfg.model, data.shape, num_data=len(data.train_x), num_classes=data.num_classes)
     return model.to(device)
 

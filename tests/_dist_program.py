@@ -1,4 +1,4 @@
-"""A user's own Pyro program for the multi-process tests (tests/test_distributed.py).
+"""A user's own Pyro program for the multi-process tests (tests/training/test_distributed.py).
 
 A linear-Gaussian VAE whose guide's noise ε is carried with each datapoint (as its ``y``): z = μ(x) + σ(x)·ε,
 sampled as a reparameterised ``Delta`` with the Gaussian log-density. A training step is then a deterministic

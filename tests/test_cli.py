@@ -37,13 +37,14 @@ def test_train_evaluate_sample(tmp_path, capsys):
     assert ev["test_elbo"] == pytest.approx(summary["test_elbo"], rel=1e-6)  # same checkpoint, same seed
 
     assert main(["sample", str(run), "--n", "16", "--seed", "3"]) == 0
-    img = Image.open(run / "samples.png")
-    assert img.size[0] >= 4 * 8 and img.format == "PNG"
+    with Image.open(run / "samples.png") as img:
+        assert img.size[0] >= 4 * 8 and img.format == "PNG"
     agg = tmp_path / "aggregate.png"
     assert (
         main(["sample", str(run), "--from", "aggregate", "--num-components", "3", "--n", "9", "--out", str(agg)]) == 0
     )
-    assert Image.open(agg).format == "PNG"
+    with Image.open(agg) as img:
+        assert img.format == "PNG"
 
 
 def test_evaluate_with_importance_sampling(tmp_path):

@@ -28,7 +28,7 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["Options", "NoOptions", "option"]
+__all__ = ["Options", "NoOptions", "Section", "option"]
 
 _PREFIX = "model.options"
 
@@ -77,6 +77,9 @@ def _is_num(v) -> bool:
 
 def _bounds(meta: Mapping, kind: str) -> str:
     gt, ge, lt, le = meta.get("gt"), meta.get("ge"), meta.get("lt"), meta.get("le")
+    noun = "an integer" if kind == "integer" else "a number"
+    if ge is not None and ge != 0 and gt is None and lt is None and le is None:
+        return f"{noun} >= {ge}"
     if kind == "integer":
         if gt == 0 and ge is None and lt is None and le is None:
             return "a positive integer"
@@ -227,3 +230,31 @@ class Options:
 @dataclass
 class NoOptions(Options):
     """A method without options."""
+
+
+class Section:
+    """Base of the configuration's sections (``data``, ``model``, ``train``, ``eval`` and the top level): their
+    fields are declared with :func:`option` and checked by the same rules and messages as a method's options;
+    cross-field rules go in :meth:`check`."""
+
+    _prefix: typing.ClassVar[str] = ""
+
+    def validate(self, p: str | None = None):
+        """The section itself when every field is valid, else a :class:`ConfigError` naming the field (``p`` is the
+        prefix of the messages, default the section's name); nested sections are validated under their names."""
+        p = type(self)._prefix if p is None else p
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            where = f"{p}.{f.name}" if p else f.name
+            if isinstance(value, Section):
+                value.validate(where)
+                continue
+            ok, _, what = _convert(hints[f.name], f.metadata, value)
+            if not ok:
+                raise ConfigError(f"{where} must be {what}, got {value!r}")
+        self.check(p)
+        return self
+
+    def check(self, p: str) -> None:
+        """Cross-field rules of the section (override)."""

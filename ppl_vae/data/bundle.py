@@ -46,12 +46,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config.sections import FOLDER_DATASETS, IDX_DATASETS
 from ..errors import DataError, PplVaeError  # noqa: F401  (DataError: data.py is where users look for it)
-from .sources import _LOADERS, _generator
+from .sources import _LOADERS, DATASETS, FOLDER_DATASETS, IDX_DATASETS, _generator
 from .storage import STORAGES, Images, MemmapRows, TensorRows, read_batches, read_raw
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "kmnist", "omniglot", "celeba", "image_folder")
 PIXEL_MODES = ("continuous", "dequantized", "binary_static", "binary_dynamic")
 SPLITS = ("train", "val", "test")
 _DECODE_CHUNK = 256

@@ -30,12 +30,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config.sections import MULTIMODAL_KINDS
 from ..errors import DataError
 from .bundle import DataBundle
 from .sources import _generator
 
 __all__ = ["Layout", "MultimodalData", "make_multimodal", "MULTIMODAL_KINDS", "POLY_TRANSFORMS"]
+
+MULTIMODAL_KINDS = ("poly", "image_label")  # data.multimodal
 
 POLY_TRANSFORMS = ("texture", "invert", "blur")
 

@@ -451,3 +451,7 @@ _LOADERS: dict[str, Callable[..., _Source]] = {
     "celeba": _load_celeba,
     "image_folder": _load_image_folder,
 }
+
+DATASETS = tuple(_LOADERS)  # data.name
+IDX_DATASETS = ("mnist", "fashion_mnist", "kmnist")  # data.storage: mmap reads their files in place
+FOLDER_DATASETS = ("omniglot", "celeba", "image_folder")  # data.storage: files decodes them per batch

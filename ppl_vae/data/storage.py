@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config.sections import STORAGES
 from ..errors import DataError
 
 __all__ = ["STORAGES", "Images", "read_batches", "read_raw"]
+
+STORAGES = ("memory", "uint8", "mmap", "files")  # where pixels live between batches (data.storage)
 
 
 # --------------------------------------------------------------------------- backings: official index -> uint8 rows

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..distributions.priors import GaussianMixturePrior
 from ..errors import ConfigError
+from ..nn.device import device_of
 
 
 @torch.no_grad()
@@ -23,7 +24,7 @@ def encode_aggregate(
     the aggregate posterior itself) or the posterior means (``"mean"``). Seeded, on the model's device."""
     if draws not in ("sample", "mean"):
         raise ConfigError(f"draws must be 'sample' or 'mean', got {draws!r}")
-    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dev = device_of(model)
     g = torch.Generator().manual_seed(seed)
     out = []
     for start in range(0, x.shape[0], batch_size):

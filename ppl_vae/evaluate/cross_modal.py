@@ -29,6 +29,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ..data.multimodal import Layout
+from ..nn.device import device_of
 from .clustering import probe_accuracy
 from .likelihood import log_likelihood
 
@@ -215,7 +216,7 @@ def multimodal_summary(
     """Coherence, probe accuracy, imputation and (where defined) the joint test log-likelihood of a model on a
     :class:`~ppl_vae.data.multimodal.MultimodalData` (test split, first ``max_test`` datapoints)."""
     layout = model.layout
-    dev = next(iter(model.parameters())).device
+    dev = device_of(model)
     x, lab = data.test_x[:max_test].to(dev), data.test_labels[:max_test]
     full = data.train_y.all(1)  # classifiers and probes are fitted on complete training datapoints
     tr_x, tr_lab = data.train_x[full].to(dev), data.train_labels[full]

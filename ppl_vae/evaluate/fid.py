@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, PplVaeError
+from ..nn.device import device_of
 
 __all__ = [
     "FIDResult",
@@ -308,7 +309,7 @@ class FrechetDistance:
         self.extractor = extractor.eval()
         self.name = getattr(extractor, "name", type(extractor).__name__)
         self.batch_size = int(batch_size)
-        dev = next((p.device for p in extractor.parameters()), torch.device("cpu"))
+        dev = device_of(extractor)
         self.metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False, normalize=True).to(dev)
         real = _check_images(real, "real images")
         self.num_real = real.shape[0]

@@ -46,8 +46,6 @@ from __future__ import annotations
 
 import math
 
-import pyro
-import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro.distributions.torch_distribution import TorchDistribution
@@ -238,13 +236,3 @@ class MixtureGuideMixin:
         q = self.guide_dist(x, self._c(y))
         mean, var = mixture_moments(q.log_weights, q.locs, q.scales)
         return mean, var.sqrt()
-
-
-def mixture_site(name: str, logits, locs, scales):
-    """``pyro.sample(name, DiagNormalMixture(...))`` (a helper for guides)."""
-    return pyro.sample(name, DiagNormalMixture(logits, locs, scales))
-
-
-def gaussian_log_prob(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Σ_j log N(z_j; loc_j, scale_j) over the last dim."""
-    return dist.Normal(loc, scale).log_prob(z).sum(-1)

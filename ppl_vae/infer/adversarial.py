@@ -144,8 +144,8 @@ class DiscriminatorStep:
         self.optim.zero_grad(set_to_none=True)
         t = self._totals
         t["d_loss"] += float(loss.detach())
-        t["d_real"] += float(torch.sigmoid(real_logits).mean())
-        t["d_fake"] += float(torch.sigmoid(fake_logits).mean())
+        t["d_real"] += float(torch.sigmoid(real_logits.detach()).mean())
+        t["d_fake"] += float(torch.sigmoid(fake_logits.detach()).mean())
         t["steps"] += 1
         return float(loss.detach())
 

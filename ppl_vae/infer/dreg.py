@@ -1,5 +1,40 @@
-"""The machinery of doubly-reparameterised gradients (Tucker et al. 2019): guide parameters stopped in the
-density, the pathwise score through hooked replays, detached copies of the guide's distributions.
+"""The machinery of doubly-reparameterised gradients (Tucker et al. 2019; the estimator itself is derived in
+:mod:`.iwae`): the per-particle hooks, the guide's densities with detached parameters, and the two fallbacks.
+
+The doubly reparameterised surrogate of :mod:`ppl_vae.infer.iwae` is S = Σ_k sg(w̃_k)·P_k + Σ_k sg(w̃_k²)·Q_k
+(w̃ the normalised weights), and ``dreg=True`` returns P (``LogWeights.dreg_w_term``) and Q
+(``LogWeights.dreg_w2_term``), both (K, B), built from **one** model pass and **one** guide pass:
+
+* P = log p(x, z) of the same model pass that gives ``log_w``. The model is replayed not at the guide's draws z
+  but at a view of them whose backward multiplies the incoming gradient by w̃_ik (a tensor hook, per particle
+  and datapoint; w̃ is set as soon as ``log_w`` is known, before any backward). So ∇(Σ w̃ P) = Σ w̃ A + Σ w̃² B_p:
+  the model's direct dependence on θ weighted by w̃, its path through the draws by w̃². The values are unchanged.
+* Q = −log q(z; sg ψ): each guide site's ``log_prob`` recomputed at the live draw z with a copy of the site's
+  distribution whose tensors are detached (the copy is generic: tensors in ``__dict__`` detached, nested
+  distributions and non-module transforms copied recursively, nothing else allowed). Its gradient is −B_q, the
+  guide's path through z only.
+
+Fallbacks, chosen per pass and recorded in ``LogWeights.dreg_mode``:
+
+* ``"guide_replay"``: a guide site's distribution cannot be detached generically (it holds an ``nn.Module``, a
+  callable or another unknown object), or its tensors depend on an earlier guide draw (a hierarchical guide
+  q(z2 | z1): detaching them would also cut the path of z1 through q(z2 | z1), which DReG keeps; checked on the
+  autograd graph). Then Q = −[log q(z) − log q(sg z)] with the guide replayed at detached draws: one more
+  *guide* pass, the model is still run once.
+* ``"replay"``: a latent value does not have the particle and data-plate dims at the positions the plates
+  give (e.g. a value replayed without the particle dim), so a per-particle hook cannot be placed. Then the
+  model and the guide are both replayed at detached draws: P = log p(x, sg z), Q = log w + log q(sg z) −
+  log p(x, sg z) (the original two-pass surrogate).
+
+The hook assumes that log p(x_i, z_ik) depends on the draws of datapoint i and particle k only, as DReG's
+derivation does, and that observed sites outside the data plate do not depend on the local latents (their path
+gradient through the draws would also be scaled by w̃). A model that couples the batch (batch norm in training
+mode; :class:`~ppl_vae.distributions.likelihoods.FlooredLaplace` in training mode, whose scale is floored at the
+batch's mean
+absolute error: ``ladder``, ``wise_ale``) gets its cross-datapoint path terms weighted w̃_ik·w̃_jl instead of the
+two-pass surrogate's w̃_ik² (neither is Tucker et al.'s estimator there); ``_dreg_replay=True`` (``TraceIWAE``'s
+private ``_dreg_replay`` attribute) restores the two-pass form. With ``dreg=True``, use ``log_w`` and
+``model_terms`` for their values; their gradients carry the hook.
 """
 
 from __future__ import annotations

@@ -28,32 +28,14 @@ With normalised weights w̃_ik = w_ik / Σ_k' w_ik' (detached):
   IWAE uses Σ_k w̃ (A + B + C); DReG uses Σ_k w̃ A + Σ_k w̃² B, which has the same expectation and no score
   term. So model parameters θ get the IWAE gradient Σ_k w̃_k ∇θ log w_k, guide parameters φ get
   Σ_k w̃_k² ∂log w_k/∂z_k ∂z_k/∂φ, and a parameter used by both model and guide gets the sum of the two.
-  It is implemented by the surrogate, from **one** model pass and **one** guide pass,
+  It is implemented by the surrogate
 
-      S_i = Σ_k sg(w̃_ik) log p(x_i, h(z_ik)) − Σ_k sg(w̃_ik²) log q(z_ik | x_i; sg ψ),
+      S_i = Σ_k sg(w̃_ik) log p(x_i, h(z_ik)) − Σ_k sg(w̃_ik²) log q(z_ik | x_i; sg ψ)
 
-  (sg = stop-gradient) where h is the identity whose backward multiplies the gradient by w̃_ik (a tensor hook on
-  the model's copy of the draw) and log q(z; sg ψ) is the guide's log-density at the live draw with the
-  distribution's tensors detached. Then ∇ Σ_k sg(w̃) log p(x, h(z)) = Σ_k w̃ A + Σ_k w̃ · w̃ B_p (the model's
-  direct dependence weighted by w̃, its path through the draws by w̃²), and −∇ Σ_k sg(w̃²) log q(z; sg ψ) = −Σ_k
-  w̃² B_q, the guide's path through z without the score C: together exactly Σ w̃ A + Σ w̃² B, for model, guide
-  and shared parameters alike. This equals, per parameter and draw, the two-pass surrogate
-
-      S_i = Σ_k sg(w̃_ik) log p(x_i, sg(z_ik))
-          + Σ_k sg(w̃_ik²) [ log w_ik + log q(sg(z_ik) | x_i) − log p(x_i, sg(z_ik)) ]
-
-  (model and guide replayed at detached draws), which the decoder pays for twice. Two fallbacks keep the
-  gradient exact where the one-pass form does not apply (:mod:`ppl_vae.infer.importance`, "DReG terms"):
-  a guide whose distribution tensors depend on an earlier draw (hierarchical q(z2 | z1), which keeps its path
-  through z1) or cannot be detached generically (one holding an ``nn.Module`` or a callable) is replayed at
-  detached draws, −sg(w̃²)[log q(z) − log q(sg z)] (one more *guide* pass; the model still runs once), and a
-  draw without the particle/data dims at the plates' positions falls back to the two-pass surrogate above
-  (``LogWeights.dreg_mode`` says which). The one-pass form assumes, like DReG's derivation, that log p(x_i, z_ik)
-  depends on the draws of its own datapoint and particle only; for a model that couples the batch (batch norm in
-  training mode, ``FlooredLaplace``'s training-mode floor in ``ladder`` and ``wise_ale``) its cross-datapoint path
-  terms are weighted w̃_ik·w̃_jl instead of w̃_ik² (the private attribute ``_dreg_replay = True`` restores the
-  two-pass surrogate). The guide must be a deterministic function of its sample values (no dropout). With K = 1 it is
-  the "sticking the landing" gradient (Roeder, Wu &
+  (sg = stop-gradient, h the identity whose backward multiplies the gradient by w̃_ik), from one model pass and one
+  guide pass; :mod:`ppl_vae.infer.dreg` builds it, and says when it falls back to replaying the guide or both
+  passes at detached draws and what a model that couples the batch gets. The guide must be a deterministic
+  function of its sample values (no dropout). With K = 1 it is the "sticking the landing" gradient (Roeder, Wu &
   Duvenaud 2017).
 
 The value returned by ``loss``, ``differentiable_loss`` and ``loss_and_grads`` is always −(the IWAE bound).
@@ -68,13 +50,12 @@ import torch
 from pyro.infer.enum import get_importance_trace
 from pyro.util import warn_if_nan
 
+from ..config.sections import ESTIMATORS
 from .base import Objective
 from .importance import LogWeights, guess_max_plate_nesting, importance_log_weights
 from .trace_checks import IWAEError
 
 __all__ = ["TraceIWAE", "ESTIMATORS"]
-
-ESTIMATORS = ("iwae", "dreg")
 
 
 class TraceIWAE(Objective):

@@ -26,14 +26,6 @@ def one_hot(y: torch.Tensor | None, num_classes: int | None, who: str) -> torch.
     return F.one_hot(y.long(), num_classes).float()
 
 
-def module_device(module: torch.nn.Module) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def require_arch(cfg, *allowed: str) -> None:
     """ConfigError unless ``model.arch`` is one of ``allowed`` (the method's builder calls it first)."""
     if cfg.arch not in allowed:

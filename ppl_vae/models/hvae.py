@@ -25,8 +25,9 @@ from torch import nn
 from ..config.options import Options, option
 from ..distributions.plate import data_plate
 from ..distributions.priors import StandardNormalPrior
+from ..nn.device import device_of
 from ..nn.networks import GaussianHead, MLPDecoder, MLPEncoder
-from ._common import config_likelihood, module_device, require_arch
+from ._common import config_likelihood, require_arch
 from .registry import register_model
 
 __all__ = ["HVAE", "HVAEOptions"]
@@ -92,7 +93,7 @@ class HVAE(PyroModule):
         return self.decode(self.encode(x)[0])
 
     def sample(self, n: int, y=None):
-        z = self.prior(n).sample().to(module_device(self))
+        z = self.prior(n).sample().to(device_of(self))
         zs = [z]
         for l in range(self.layers - 2, -1, -1):
             z = dist.Normal(*self.down[l](z)).sample()

@@ -61,9 +61,10 @@ from ..distributions.hyperpriors import BGMHyperprior, StickBreakingHyperprior, 
 from ..distributions.likelihoods import FlooredLaplace
 from ..distributions.plate import data_plate
 from ..errors import ConfigError
+from ..nn.device import device_of
 from ..nn.networks import GaussianHead, mlp
 from ..training.plan import Stage, TrainingPlan, training_plan
-from ._common import module_device, outer_parts
+from ._common import outer_parts
 from .registry import register_model
 
 __all__ = ["LaDDer", "LaDDerOptions", "LaDDerPlan"]
@@ -216,7 +217,7 @@ class LaDDer(PyroModule):
 
     def sample_latent(self, n: int) -> torch.Tensor:
         """n draws of z from the generative model (ancestral through t for the ladder)."""
-        dev = module_device(self)
+        dev = device_of(self)
         if self.ladder_active:
             t = self.hyperprior.sample(n).to(dev)
             return self.p_z_given_t(t).sample()
@@ -248,7 +249,7 @@ class LaDDerPlan(TrainingPlan):
             train_x = data if isinstance(data, torch.Tensor) else data.train_x
             n = min(m.fit_points, len(train_x))
             idx = torch.randperm(len(train_x))[:n]
-            x = train_x[idx].to(module_device(m))
+            x = train_x[idx].to(device_of(m))
         if m.prior == "ladder" and epoch + 1 >= m.warmup_epochs:
             m.ladder_on.fill_(True)
         if x is not None:

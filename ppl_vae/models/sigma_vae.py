@@ -36,10 +36,11 @@ from ..distributions.likelihoods import GaussianLikelihood, PixelVarianceNet, cl
 from ..distributions.plate import data_plate
 from ..errors import ConfigError
 from ..infer.base import coupled
+from ..nn.device import device_of
 from ..nn.networks import build_encoder_decoder
 from ..training.plan import Stage, TrainingPlan, training_plan
 from ..viz.variance import variance_figures
-from ._common import module_device, require_arch
+from ._common import require_arch
 from .registry import register_model
 from .vae import VAE
 
@@ -144,7 +145,7 @@ class SigmaVAE(VAE):
 
         Draws come from a local generator seeded with ``seed`` (eps ~ N(0, I) on the CPU, in datapoint order),
         so the value is a function of (parameters, x, num_samples, seed)."""
-        dev = module_device(self)
+        dev = device_of(self)
         g = torch.Generator().manual_seed(seed)
         total, count = 0.0, 0
         for start in range(0, x.shape[0], batch_size):

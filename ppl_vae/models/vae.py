@@ -21,8 +21,9 @@ from ..config.sections import ModelConfig
 from ..distributions.plate import data_plate
 from ..distributions.priors import StandardNormalPrior
 from ..errors import ConfigError
+from ..nn.device import device_of
 from ..nn.networks import BURDA, build_encoder_decoder
-from ._common import config_likelihood, module_device, one_hot
+from ._common import config_likelihood, one_hot
 from .registry import register_model
 
 __all__ = ["VAE"]
@@ -93,7 +94,7 @@ class VAE(PyroModule):
 
     def sample(self, n: int, y=None):
         """Decoded means of n draws from the prior (global torch RNG)."""
-        dev = module_device(self)
+        dev = device_of(self)
         if y is not None:
             y = torch.as_tensor(y, device=dev)
         z = self.prior(n).sample()

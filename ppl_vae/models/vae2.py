@@ -17,8 +17,9 @@ from ..config.options import NoOptions
 from ..config.sections import ModelConfig
 from ..distributions.plate import data_plate
 from ..distributions.priors import StandardNormalPrior
+from ..nn.device import device_of
 from ..nn.networks import BURDA, GaussianHead, MLPDecoder, MLPEncoder
-from ._common import config_likelihood, module_device
+from ._common import config_likelihood, require_arch
 from .registry import register_model
 
 __all__ = ["VAE2"]
@@ -81,7 +82,7 @@ class VAE2(PyroModule):
 
     def sample(self, n: int, y=None):
         """Ancestral sampling z2 → z1 → E[x|z1]."""
-        z2 = self.prior(n).sample().to(module_device(self))
+        z2 = self.prior(n).sample().to(device_of(self))
         loc1, scale1 = self.decoder2(z2)
         z1 = dist.Normal(loc1, scale1).sample()
         return self.likelihood.mean(self.decoder1(z1))
@@ -91,6 +92,7 @@ class VAE2(PyroModule):
 def build_vae2(cfg: ModelConfig, options, data_shape, num_data, num_classes) -> VAE2:
     """``arch: burda2`` is Burda et al.'s 784-100-100-100(z1)-50-50-50(z2) tanh network; ``arch: mlp`` uses
     ``hidden`` for x↔z1 (z1 of 2·latent_dim) and half of it for z1↔z2."""
+    require_arch(cfg, "burda2", "mlp")
     lik = config_likelihood(cfg, data_shape)
     if cfg.arch == "burda2":
         b = BURDA["burda2"]

@@ -32,9 +32,10 @@ from ..config.options import Options, option
 from ..distributions.families import RelaxedPoisson
 from ..distributions.plate import data_plate
 from ..errors import ConfigError
+from ..nn.device import device_of
 from ..nn.networks import build_encoder_decoder
 from ..training.plan import TrainingPlan, build_objective, training_plan
-from ._common import config_likelihood, module_device, require_arch
+from ._common import config_likelihood, require_arch
 from .registry import register_model
 
 __all__ = ["VAEPoisson", "VAEPoissonOptions", "VAEPoissonPlan", "LinearDecoder"]
@@ -116,7 +117,7 @@ class VAEPoisson(PyroModule):
         return self.decode(self.encode(x)[0])
 
     def sample(self, n: int, y=None):
-        z = RelaxedPoisson(self.log_r.exp().expand(n, self.latent_dim), 0.0).sample().to(module_device(self))
+        z = RelaxedPoisson(self.log_r.exp().expand(n, self.latent_dim), 0.0).sample().to(device_of(self))
         return self.decode(z)
 
 

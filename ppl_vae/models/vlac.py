@@ -36,9 +36,10 @@ from ..config.options import Options, option
 from ..distributions.plate import data_plate
 from ..distributions.priors import LearnedMixturePrior, StandardNormalPrior
 from ..errors import ConfigError
+from ..nn.device import device_of
 from ..nn.ladder_nets import LadderDecoder, LadderEncoder
 from ..training.plan import Stage, TrainingPlan, build_objective, training_plan
-from ._common import LadderFigures, config_likelihood, module_device, require_arch, require_hidden
+from ._common import LadderFigures, config_likelihood, require_arch, require_hidden
 from .registry import register_model
 
 __all__ = ["VLAC", "VLACOptions", "VLACPlan"]
@@ -154,7 +155,7 @@ class VLAC(LadderFigures, PyroModule):
     def prior_sample(self, n: int, component: dict[int, int] | None = None) -> torch.Tensor:
         """n draws of z = [z_1..z_L] from the prior; ``component`` {layer: c} fixes c_l on those layers."""
         component = component or {}
-        dev, zs = module_device(self), []
+        dev, zs = device_of(self), []
         for l in range(1, self.layers + 1):
             if str(l) in self.mixtures and bool(self.mixture_on):
                 mix = self.mixtures[str(l)]
@@ -192,7 +193,7 @@ class VLACPlan(TrainingPlan):
         if not bool(m.mixture_on) and epoch + 1 >= m.warmup_epochs and data is not None:
             x = data if isinstance(data, torch.Tensor) else data.train_x
             idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))[: m.fit_points]
-            m.fit_mixtures(x[idx].to(module_device(m)), seed=epoch)
+            m.fit_mixtures(x[idx].to(device_of(m)), seed=epoch)
         record["mixture_on"] = bool(m.mixture_on)
 
 

@@ -30,8 +30,9 @@ from torch import nn
 from ..config.options import Options, option
 from ..distributions.plate import data_plate
 from ..distributions.priors import StandardNormalPrior
+from ..nn.device import device_of
 from ..nn.ladder_nets import LadderDecoder, LadderEncoder
-from ._common import LadderFigures, config_likelihood, module_device, require_arch, require_hidden
+from ._common import LadderFigures, config_likelihood, require_arch, require_hidden
 from .registry import register_model
 
 __all__ = ["VLadder", "VLadderOptions"]
@@ -80,7 +81,7 @@ class VLadder(LadderFigures, PyroModule):
 
     # ----- the figure API (z = [z_1, …, z_L]; split/encode/decode/reconstruct from LadderFigures)
     def sample(self, n: int, y=None):
-        return self.decode(torch.randn(n, self.latent_dim, device=module_device(self)))
+        return self.decode(torch.randn(n, self.latent_dim, device=device_of(self)))
 
 
 @dataclass

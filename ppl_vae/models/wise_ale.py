@@ -24,8 +24,9 @@ from ..config.options import Options, option
 from ..config.sections import ModelConfig
 from ..distributions.likelihoods import FlooredLaplace
 from ..infer.wise_ale_elbo import KL_APPROX, KL_SCALES, WiseAleELBO
+from ..nn.device import device_of
 from ..training.plan import TrainingPlan, training_plan
-from ._common import module_device, outer_parts
+from ._common import outer_parts
 from .registry import register_model
 from .vae import VAE
 
@@ -75,7 +76,7 @@ class WiseALEPlan(TrainingPlan):
         if not isinstance(m.likelihood, FlooredLaplace):
             return
         train_x = data if isinstance(data, torch.Tensor) else data.train_x
-        x = train_x[torch.randperm(len(train_x))[: min(m.fit_points, len(train_x))]].to(module_device(m))
+        x = train_x[torch.randperm(len(train_x))[: min(m.fit_points, len(train_x))]].to(device_of(m))
         err = [(m.decode(m.guide_dist(xb).sample()) - xb).abs().flatten(1).mean(1) for xb in x.split(500)]
         m.likelihood.set_eval_floor(torch.cat(err))
         record["laplace_scale"] = float(m.likelihood.scale())

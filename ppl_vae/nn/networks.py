@@ -279,4 +279,9 @@ def build_encoder_decoder(
             MLPEncoder(data_shape, b["latent_dim"], b["hidden"], b["act"], cond_dim),
             MLPDecoder(data_shape, b["latent_dim"], b["hidden"], b["act"], cond_dim),
         )
+    if arch == "burda2":
+        raise ConfigError(
+            "model.arch='burda2' is the two-stochastic-layer architecture of model.name='vae2'; this model has one "
+            "stochastic layer: use mlp, conv, resnet or burda1"
+        )
     raise ConfigError(f"model.arch must be one of ['mlp', 'conv', 'resnet', 'burda1', 'burda2'], got {arch!r}")

@@ -10,6 +10,24 @@ the trace of every step (:class:`~ppl_vae.training.probe.PlateProbe`, no extra c
 — the ELBO per datapoint in nats — either way; the convention it found is in ``FitResult.data_plate`` and in
 every checkpoint.
 
+Per epoch: learning rate ``config.lr_at(epoch)``, KL warm-up β = ``config.beta_at(epoch)``, one pass over the
+shuffled training batches (order a function of (seed, epoch)): each step ``objective.loss_and_grads`` and one Adam
+over all parameters (:class:`~ppl_vae.training.optim.ParamOptimizer`: the updates of ``pyro.infer.SVI`` with
+``pyro.optim.Adam``, without one optimiser per tensor), then ``plan.on_step_end``; the validation ELBO (measured with
+``plan.validation_objective``, default the objective), ``plan.on_epoch_end``, a JSON line in ``metrics.jsonl`` and an
+atomic checkpoint (param store, optimiser, RNG states, history, ``plan.state_dict()``, the state of ``plan.module``).
+``best.pt`` keeps the epoch with the best validation ELBO; ``config.patience`` stops after that many epochs without
+improvement, ``config.stop_delta`` once an epoch improves by less than that after ``config.min_epochs`` (the
+δELBO < ε rule of Lin et al.'s Algorithm 1). Only epochs with β = 1 and a number ≥ the first scored epoch count for
+both. A resumed run reproduces the uninterrupted one. A NaN/inf loss raises :class:`TrainingDiverged` naming epoch
+and step; the last good checkpoint stays. Pyro's validation (argument and shape checks, when enabled) runs on the
+first step and is switched off after it, unless ``config.validate_every_step``: the checks cost as much as a tenth
+of a step and find nothing new once the first step has passed them.
+
+With a launched Fabric (several ranks) each rank takes its share of every global batch, DDP averages the
+gradients, the epoch's ELBOs are reduced over ranks, and rank 0 alone writes checkpoints (with every rank's RNG
+state), ``metrics.jsonl``, the progress bar and the ``config.logger`` loggers.
+
 One epoch is four named steps of :class:`_Loop`: :meth:`~_Loop.train_epoch` (one pass over the shuffled batches),
 :meth:`~_Loop.validate`, :meth:`~_Loop.score` (best epoch, patience, the δELBO rule) and :meth:`~_Loop.write`
 (loggers, checkpoint, ``metrics.jsonl``); :meth:`~_Loop.restore` continues a killed run before the first.
@@ -21,7 +39,6 @@ import contextlib
 import json
 import math
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +46,13 @@ from typing import Any
 
 import pyro
 import torch
-from pyro.infer import Trace_ELBO
 from pyro.infer.elbo import ELBO
 from tqdm.auto import tqdm
 
 from ..config.sections import TrainConfig
 from ..errors import CheckpointError, DataError, TrainingDiverged
+from ..nn.device import device_of
+from ._legacy import legacy_plan
 from .checkpoint import (
     SCHEMA,
     atomic_save,
@@ -48,7 +66,7 @@ from .distributed import RANK_SEED, Sharded, on_lead, refuse_coupled
 from .loggers import close_loggers, log_history, make_loggers
 from .optim import ParamOptimizer
 from .plan import TrainingPlan, plan_for
-from .probe import ScaleLatents, _device_of, _Divisor, data_plate_summary
+from .probe import ScaleLatents, _Divisor, data_plate_summary, evaluate_elbo
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -65,42 +83,6 @@ class FitResult:
     stopped_early: bool = False
     run_dir: str | None = None
     data_plate: dict | None = None
-
-
-def evaluate_elbo(
-    model,
-    guide,
-    data,
-    elbo,
-    split: str,
-    batch_size: int,
-    device,
-    num_data: int | None = None,
-    *,
-    data_plate: str | None = None,
-    sharded: Sharded | None = None,
-) -> float:
-    """Mean ELBO per datapoint over a split, whichever data-plate convention the pair uses (the plate's size is
-    read during every call, see :class:`~ppl_vae.training.probe.PlateProbe`). Batches are at most ``num_data``
-    (default: the training-set size) long, so a plate subsampled to N never sees a minibatch larger than N. With
-    ``sharded`` (several ranks) each rank scores its share of every batch and the sums are reduced over ranks."""
-    cap = min(batch_size, int(num_data) if num_data is not None else len(data.train_x))
-    divisor = _Divisor(model, guide, data_plate)
-    m, g = divisor.wrap(model), divisor.wrap(guide)
-    total, count = 0.0, 0.0
-    with torch.no_grad():
-        for x, y in data.batches(
-            split, cap, shuffle=False, device=device, part=None if sharded is None else (sharded.rank, sharded.world)
-        ):
-            if x.shape[0] == 0:
-                continue
-            divisor.start(x.shape[0])
-            loss = elbo.loss(m, g, x, y)
-            total += -loss / divisor(x, y) * x.shape[0]
-            count += x.shape[0]
-    if sharded is not None:
-        total, count = sharded.total(total, count)
-    return total / max(count, 1)
 
 
 def fit(
@@ -120,63 +102,23 @@ def fit(
     fabric=None,
     **legacy,
 ) -> FitResult:
-    """Train one stage of ``plan`` on ``data`` with ``config`` (a :class:`~ppl_vae.config.TrainConfig`).
+    """Train one stage of ``plan`` on ``data`` with ``config`` (a :class:`~ppl_vae.config.TrainConfig`); see the
+    module docstring for what one epoch does.
 
-    ``plan`` is a :class:`~ppl_vae.training.plan.TrainingPlan`, or what one is made of (a model object with
-    ``model``/``guide`` methods, or a ``(model_fn, guide_fn)`` pair), which gets its registered or the default
-    plan. The objective is ``plan.objective(config)`` unless ``objective`` (any ``pyro.infer.ELBO``) is given; the
-    validation ELBO is measured with ``plan.validation_objective(config)`` (default: the objective). Every step
-    is ``objective.loss_and_grads`` and one Adam over all parameters
-    (:class:`~ppl_vae.training.optim.ParamOptimizer`: the updates of ``pyro.infer.SVI`` with ``pyro.optim.Adam``,
-    without one optimiser per tensor), then ``plan.on_step_end``; every epoch ends with ``plan.on_epoch_end``.
-
-    Per epoch: learning rate ``config.lr_at(epoch)``, KL warm-up β = ``config.beta_at(epoch)``, one pass over the
-    shuffled training batches (order a function of (seed, epoch)), the validation ELBO, a JSON line in
-    ``metrics.jsonl`` and an atomic checkpoint (param store, optimiser, RNG states, history, ``plan.state_dict()``,
-    the state of ``plan.module``, ``extra_state``). ``best.pt`` keeps the epoch with the best validation ELBO;
-    ``config.patience`` stops after that many epochs without improvement, ``config.stop_delta`` once an epoch
-    improves by less than that after ``config.min_epochs`` (the δELBO < ε rule of Lin et al.'s Algorithm 1). Only
-    epochs with β = 1 and (1-based) number ≥ max(``config.best_from_epoch``, ``first_scored_epoch``) are scored.
-    ``resume=True`` continues from ``run_dir/checkpoint.pt`` and reproduces an uninterrupted run. ``data_plate``
-    names the data plate when it is not ``"data"``. A NaN/inf loss raises :class:`TrainingDiverged` naming epoch
-    and step; the last good checkpoint stays.
-
-    ``fabric`` (a launched :class:`lightning.fabric.Fabric`, see :mod:`ppl_vae.training.distributed`) runs the
-    same loop on its ranks: each takes its share of every global batch, DDP averages the gradients, the epoch's
-    ELBOs are reduced over ranks, rank 0 alone writes checkpoints (with every rank's RNG state), ``metrics.jsonl``,
-    the progress bar and the ``config.logger`` loggers. Pyro's validation (argument and shape checks, when
-    enabled) runs on the first step of the run and is switched off after it, unless
-    ``config.validate_every_step``: the checks cost as much as a tenth of a step and find nothing new once the
-    first step has passed them.
+    :param plan: a :class:`~ppl_vae.training.plan.TrainingPlan`, or what one is made of (a model object with
+        ``model``/``guide`` methods, or a ``(model_fn, guide_fn)`` pair: its registered or the default plan).
+    :param objective: any ``pyro.infer.ELBO``, instead of ``plan.objective(config)``.
+    :param first_scored_epoch: the first (1-based) epoch that may become ``best.pt`` (with
+        ``config.best_from_epoch``, the later of the two).
+    :param run_dir: where checkpoints and ``metrics.jsonl`` go; ``resume=True`` continues the run there.
+    :param extra_state: stored in every checkpoint (e.g. the configuration).
+    :param data_plate: the name of the data plate when it is not ``"data"``.
+    :param fabric: a launched :class:`lightning.fabric.Fabric` (:mod:`ppl_vae.training.distributed`).
 
     The form of earlier releases, ``fit(model_fn, guide_fn, data, elbo, config, ...)``, still works (with a
     ``DeprecationWarning``) for one release.
     """
-    if callable(data):  # fit(model_fn, guide_fn, data, elbo, config, ...): the earlier form (data is the guide)
-        return _fit_legacy(
-            plan,
-            data,
-            config,
-            *args,
-            run_dir=run_dir,
-            resume=resume,
-            seed=seed,
-            device=device,
-            progress=progress,
-            extra_state=extra_state,
-            data_plate=data_plate,
-            fabric=fabric,
-            first_scored_epoch=first_scored_epoch,
-            **legacy,
-        )
-    if args or legacy:
-        raise TypeError(f"fit() got unexpected arguments {list(legacy) or args}")
-    plan = plan if isinstance(plan, TrainingPlan) else plan_for(plan)
-    loop = _Loop(
-        plan,
-        data,
-        config or TrainConfig(),
-        objective=objective,
+    options = dict(
         first_scored_epoch=first_scored_epoch,
         run_dir=run_dir,
         seed=seed,
@@ -185,6 +127,12 @@ def fit(
         fabric=fabric,
         extra_state=extra_state,
     )
+    if callable(data):  # fit(model_fn, guide_fn, data, elbo, config, ...): the earlier form (data is the guide)
+        plan, data, config = legacy_plan(plan, data, (config, *args), **legacy)
+    elif args or legacy:
+        raise TypeError(f"fit() got unexpected arguments {list(legacy) or args}")
+    plan = plan if isinstance(plan, TrainingPlan) else plan_for(plan)
+    loop = _Loop(plan, data, config or TrainConfig(), objective=objective, **options)
     loop.restore() if resume else loop.start()
     with loop.session(progress) as bar:
         for epoch in range(loop.start_epoch, loop.cfg.epochs):
@@ -231,7 +179,7 @@ class _Loop:
         self.device = (
             fabric.device
             if fabric is not None
-            else (torch.device(device) if device is not None else _device_of(self.model))
+            else (torch.device(device) if device is not None else device_of(self.model))
         )
         self.rank: int = fabric.global_rank if fabric is not None else 0
         self.world: int = fabric.world_size if fabric is not None else 1
@@ -519,54 +467,3 @@ def _rewrite_metrics(run_dir: Path, history: list[dict]) -> None:
     with open(run_dir / METRICS, "w") as f:
         for rec in history:
             f.write(json.dumps(rec) + "\n")
-
-
-def _fit_legacy(
-    model,
-    guide,
-    data,
-    elbo=None,
-    config=None,
-    *,
-    module=None,
-    on_epoch_end=None,
-    on_step_end=None,
-    plan_state=None,
-    val_elbo=None,
-    **kw,
-) -> FitResult:
-    """``fit(model_fn, guide_fn, data, elbo, config, ...)`` of earlier releases, as a plan of hooks."""
-    warnings.warn(
-        "fit(model_fn, guide_fn, data, elbo, config) is deprecated: call fit((model_fn, guide_fn), data, "
-        "config, objective=elbo), or fit(plan, data, config)",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-
-    class _Hooks(TrainingPlan):
-        def objective(self, train):
-            return elbo if elbo is not None else Trace_ELBO()
-
-        def validation_objective(self, train):
-            return val_elbo
-
-        @property
-        def module(self):
-            return module if module is not None else super().module
-
-        def on_epoch_end(self, epoch, record, data):
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, record)
-
-        def on_step_end(self, x, y):
-            if on_step_end is not None:
-                on_step_end(x, y)
-
-        def state_dict(self):
-            return plan_state[0]() if plan_state is not None else None
-
-        def load_state_dict(self, state):
-            if plan_state is not None:
-                plan_state[1](state)
-
-    return fit(_Hooks((model, guide)), data, config, **kw)

@@ -45,7 +45,7 @@ from ..config.sections import TrainConfig
 from ..infer.analytic_kl import AnalyticKLELBO
 from ..infer.iwae import TraceIWAE
 from ..infer.jit import JitELBO
-from .probe import _owner
+from ..nn.device import owner_module
 
 __all__ = ["TrainingPlan", "Stage", "training_plan", "plan_for", "build_objective"]
 
@@ -103,7 +103,7 @@ class TrainingPlan:
     def module(self) -> torch.nn.Module | None:
         """The ``nn.Module`` whose parameters are trained and whose state (buffers such as a fitted prior) goes into
         every checkpoint: the model itself, or the module that ``model_fn`` is a method of."""
-        return self.model if isinstance(self.model, torch.nn.Module) else _owner(self.model_fn)
+        return self.model if isinstance(self.model, torch.nn.Module) else owner_module(self.model_fn)
 
     # -- the protocol ---------------------------------------------------------------------------------------
     def objective(self, train: TrainConfig) -> ELBO:

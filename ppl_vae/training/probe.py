@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-import inspect
+from typing import TYPE_CHECKING
 
 import pyro.distributions as dist
 import torch
@@ -14,6 +14,9 @@ from pyro.poutine.messenger import Messenger
 
 from ..distributions.plate import DATA_PLATE
 from ..infer.importance import fork_rng
+
+if TYPE_CHECKING:
+    from .distributed import Sharded
 
 
 class ScaleLatents(Messenger):
@@ -112,15 +115,37 @@ class _Divisor:
         return p.full_size if p.full_size is not None else int(x.shape[0])
 
 
-def _owner(fn) -> torch.nn.Module | None:
-    """The ``nn.Module`` that ``fn`` is a bound method of, if any."""
-    owner = fn.__self__ if inspect.ismethod(fn) else None
-    return owner if isinstance(owner, torch.nn.Module) else None
-
-
-def _device_of(fn) -> torch.device:
-    owner = _owner(fn)
-    if owner is not None:
-        for p in owner.parameters():
-            return p.device
-    return torch.device("cpu")
+def evaluate_elbo(
+    model,
+    guide,
+    data,
+    elbo,
+    split: str,
+    batch_size: int,
+    device,
+    num_data: int | None = None,
+    *,
+    data_plate: str | None = None,
+    sharded: Sharded | None = None,
+) -> float:
+    """Mean ELBO per datapoint over a split, whichever data-plate convention the pair uses (the plate's size is
+    read during every call, see :class:`~ppl_vae.training.probe.PlateProbe`). Batches are at most ``num_data``
+    (default: the training-set size) long, so a plate subsampled to N never sees a minibatch larger than N. With
+    ``sharded`` (several ranks) each rank scores its share of every batch and the sums are reduced over ranks."""
+    cap = min(batch_size, int(num_data) if num_data is not None else len(data.train_x))
+    divisor = _Divisor(model, guide, data_plate)
+    m, g = divisor.wrap(model), divisor.wrap(guide)
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+        for x, y in data.batches(
+            split, cap, shuffle=False, device=device, part=None if sharded is None else (sharded.rank, sharded.world)
+        ):
+            if x.shape[0] == 0:
+                continue
+            divisor.start(x.shape[0])
+            loss = elbo.loss(m, g, x, y)
+            total += -loss / divisor(x, y) * x.shape[0]
+            count += x.shape[0]
+    if sharded is not None:
+        total, count = sharded.total(total, count)
+    return total / max(count, 1)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config.sections import Config, TrainConfig
+from ..nn.device import device_of
 from . import distributed
 from .checkpoint import load_checkpoint
 from .loop import CHECKPOINT, FitResult, fit
@@ -68,48 +69,19 @@ def train(
     train_cfg, cfg_seed = _settings(config)
     train_cfg.validate()
     if fabric is None:
-        where = (
-            torch.device(device)
-            if device is not None
-            else next(
-                (p.device for p in (model.parameters() if isinstance(model, torch.nn.Module) else ())),
-                torch.device("cpu"),
-            )
-        )
-        fabric = distributed.launch(train_cfg, where)
+        fabric = distributed.launch(train_cfg, torch.device(device) if device is not None else device_of(model))
     seed = seed if seed is not None else (cfg_seed if cfg_seed is not None else 0)
     plan = plan if plan is not None else plan_for(model)
     stages = plan.stages(train_cfg)
     if not stages:
         raise ValueError(f"{type(plan).__name__}.stages returned no stage")
-    run_dir = Path(run_dir) if run_dir is not None else None
-    dirs = [
-        None if run_dir is None else (run_dir if i == len(stages) - 1 else run_dir / s.name)
-        for i, s in enumerate(stages)
-    ]
-    # on resume: the last stage that has a checkpoint is the one the run was in
-    current = 0
-    if resume:
-        if run_dir is None:
-            raise ValueError("resume=True needs run_dir")
-        started = [i for i, d in enumerate(dirs) if d is not None and (d / CHECKPOINT).exists()]
-        current = started[-1] if started else 0
-
+    dirs = _stage_dirs(stages, run_dir)
+    current = _current_stage(dirs) if resume else 0
     results: list[FitResult] = []
     for i, stage in enumerate(stages):
         folder = dirs[i]
         if folder is not None and i < current:  # finished before the run was killed: its checkpoint has its result
-            ck = load_checkpoint(folder / CHECKPOINT, map_location="cpu")
-            results.append(
-                FitResult(
-                    history=ck["history"],
-                    best_epoch=ck["best_epoch"],
-                    best_val_elbo=ck["best_val_elbo"],
-                    stopped_early=ck.get("stopped_early", False),
-                    run_dir=str(dirs[i]),
-                    data_plate=ck.get("data_plate"),
-                )
-            )
+            results.append(_finished(folder))
             continue
         resuming = resume and i == current and folder is not None and (folder / CHECKPOINT).exists()
         if not resuming:
@@ -120,7 +92,7 @@ def train(
                 data,
                 stage.train,
                 first_scored_epoch=stage.first_scored_epoch,
-                run_dir=dirs[i],
+                run_dir=folder,
                 resume=resuming,
                 seed=seed,
                 device=device,
@@ -133,6 +105,35 @@ def train(
     if fabric is not None:
         out.rank, out.world_size = fabric.global_rank, fabric.world_size
     return out
+
+
+def _stage_dirs(stages: list[Stage], run_dir: str | Path | None) -> list[Path | None]:
+    """Each stage's folder: ``run_dir/<stage.name>`` for all but the last, which writes into ``run_dir`` itself."""
+    if run_dir is None:
+        return [None] * len(stages)
+    root = Path(run_dir)
+    return [root if i == len(stages) - 1 else root / s.name for i, s in enumerate(stages)]
+
+
+def _current_stage(dirs: list[Path | None]) -> int:
+    """On resume: the last stage that has a checkpoint is the one the killed run was in."""
+    if dirs[0] is None:
+        raise ValueError("resume=True needs run_dir")
+    started = [i for i, d in enumerate(dirs) if d is not None and (d / CHECKPOINT).exists()]
+    return started[-1] if started else 0
+
+
+def _finished(folder: Path) -> FitResult:
+    """The result of a stage that finished before the run was killed, from its checkpoint."""
+    ck = load_checkpoint(folder / CHECKPOINT, map_location="cpu")
+    return FitResult(
+        history=ck["history"],
+        best_epoch=ck["best_epoch"],
+        best_val_elbo=ck["best_val_elbo"],
+        stopped_early=ck.get("stopped_early", False),
+        run_dir=str(folder),
+        data_plate=ck.get("data_plate"),
+    )
 
 
 def _combine(stages: list[Stage], results: list[FitResult]) -> TrainResult:

@@ -25,6 +25,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torchvision.utils import make_grid, save_image
 
+from ..nn.device import device_of
+
 _MIN_TILE_PX = 32  # small images are upscaled (nearest neighbour) to at least this size
 _DPI = 100
 _MAX_CATEGORIES = 20  # integer labels with at most this many values get a legend
@@ -37,14 +39,6 @@ def _prepare_path(path: str | os.PathLike) -> str:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     return str(p)
-
-
-def _model_device(model) -> torch.device:
-    """Device of the model's first parameter, CPU if it has none."""
-    try:
-        return next(iter(model.parameters())).device
-    except (AttributeError, StopIteration, TypeError):
-        return torch.device("cpu")
 
 
 @contextlib.contextmanager
@@ -237,7 +231,7 @@ def plot_reconstructions(model, x, path, y=None, n: int = 8, title: str = "Recon
     n = x.shape[0]
     if n == 0:
         raise ValueError("plot_reconstructions: no inputs")
-    device = _model_device(model)
+    device = device_of(model)
     yb = _labels_for(model, y, n, device, "plot_reconstructions")
     with _inference(model):
         recon = model.reconstruct(x.to(device, torch.float32), y=yb)
@@ -251,7 +245,7 @@ def plot_prior_samples(model, path, n: int = 64, seed: int = 0, y=None, nrow: in
     The caller's global RNG state is restored afterwards. A conditional model without ``y`` gets
     the labels 0, 1, ..., num_classes-1 cycled, with one column per class.
     """
-    device = _model_device(model)
+    device = device_of(model)
     if _is_conditional(model) and y is None:
         k = _num_classes(model, "plot_prior_samples")
         y = torch.arange(n) % k
@@ -274,7 +268,7 @@ def plot_class_conditional(model, path, per_class: int = 8, seed: int = 0) -> st
     if not _is_conditional(model):
         raise ValueError("plot_class_conditional needs a conditional model (model.conditional is False)")
     k = _num_classes(model, "plot_class_conditional")
-    device = _model_device(model)
+    device = device_of(model)
     y = torch.arange(k, device=device).repeat_interleave(per_class)
     with _inference(model), _seeded(seed, device):
         samples = model.sample(k * per_class, y=y)
@@ -288,7 +282,7 @@ def plot_class_conditional(model, path, per_class: int = 8, seed: int = 0) -> st
 def plot_interpolations(model, xa, xb, path, steps: int = 8, data_range=(0.0, 1.0)) -> str:
     """One row per pair: x_a, the decoded (1 − t) μ_a + t μ_b for ``steps`` values of t in [0, 1], x_b (images
     in ``data_range`` shown on [0, 1])."""
-    device = _model_device(model)
+    device = device_of(model)
     xa, xb = torch.as_tensor(xa).to(device), torch.as_tensor(xb).to(device)
     with _inference(model):
         la, lb = model.encode(xa)[0], model.encode(xb)[0]
@@ -306,7 +300,7 @@ def plot_perturbations(
 ) -> str:
     """Latent perturbations of one encoded image: row j moves z = μ(x) along the j-th of the ``dims`` latent
     dimensions with the largest posterior mean magnitude by δ ∈ [−radius, radius] (``steps`` values), decoded."""
-    device = _model_device(model)
+    device = device_of(model)
     x = torch.as_tensor(x).to(device)[:1]
     with _inference(model):
         loc = model.encode(x)[0][0]

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
+from ..nn.device import device_of
 from .grids import (
     _inference,
-    _model_device,
     _new_figure,
     _prepare_path,
     _save_figure,
@@ -27,7 +27,7 @@ def plot_layer_traversal(model, path, layer: int, rows: int = 8, cols: int = 8, 
         raise ValueError(
             f"plot_layer_traversal: layer must be in 1..{len(dims)} (the model's latent_dims {dims}), got {layer}"
         )
-    device = _model_device(model)
+    device = device_of(model)
     with _inference(model), _seeded(seed, device):
         others = torch.randn(rows, 1, sum(dims), device=device).expand(rows, cols, sum(dims)).clone()
         start = sum(dims[: layer - 1])
@@ -50,7 +50,7 @@ def plot_component_generation(model, path, layer: int, per_component: int = 8, s
     if str(layer) not in mixtures:
         raise ValueError(f"plot_component_generation: layer {layer} has no mixture prior")
     k = mixtures[str(layer)].num_components
-    device = _model_device(model)
+    device = device_of(model)
     with _inference(model), _seeded(seed, device):
         z = torch.cat([model.prior_sample(per_component, {layer: c}) for c in range(k)])
         images = model.decode(z)

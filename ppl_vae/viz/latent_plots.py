@@ -8,12 +8,12 @@ import matplotlib
 import numpy as np
 import torch
 
+from ..nn.device import device_of
 from .grids import (
     _MAX_CATEGORIES,
     _inference,
     _is_conditional,
     _labels_for,
-    _model_device,
     _new_figure,
     _save_figure,
     _sparse_labels,
@@ -48,7 +48,7 @@ def plot_latent_manifold(model, path, n: int = 20, y=None, quantile_range: tuple
     """
     if int(model.latent_dim) != 2:
         raise ValueError(f"plot_latent_manifold needs latent_dim == 2, got {model.latent_dim}")
-    device = _model_device(model)
+    device = device_of(model)
     grid = manifold_grid(n, quantile_range)
     z = grid.reshape(n * n, 2).to(device)
     title = "Latent manifold"
@@ -80,7 +80,7 @@ def plot_latent_manifold(model, path, n: int = 20, y=None, quantile_range: tuple
 
 
 def _encode_means(model, x: torch.Tensor, y: torch.Tensor | None, batch_size: int = 512) -> np.ndarray:
-    device = _model_device(model)
+    device = device_of(model)
     out = []
     with _inference(model):
         for s in range(0, x.shape[0], batch_size):

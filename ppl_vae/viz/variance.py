@@ -16,15 +16,10 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..nn.device import device_of
 from .grids import save_image_grid
 
 __all__ = ["plot_reconstruction_uncertainty", "plot_sample_uncertainty", "save_variance_grid", "variance_figures"]
-
-
-def _device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def _check(model) -> None:
@@ -90,7 +85,7 @@ def plot_reconstruction_uncertainty(model, x: torch.Tensor, path, n: int = 8) ->
     was = model.training
     model.eval()
     try:
-        z = model.encode(x.to(_device(model)))[0]
+        z = model.encode(x.to(device_of(model)))[0]
         recon, var = model.decode(z), model.decode_variance(z)
     finally:
         model.train(was)
@@ -110,7 +105,7 @@ def plot_sample_uncertainty(
     :class:`~ppl_vae.distributions.priors.GaussianMixturePrior` or the model's prior when None), or the given ``z``.
     Seeded."""
     _check(model)
-    dev = _device(model)
+    dev = device_of(model)
     if z is None:
         if prior is not None and hasattr(prior, "sample") and hasattr(prior, "num_components"):
             z = prior.sample(n, seed=seed)
