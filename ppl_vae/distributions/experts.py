@@ -1,5 +1,5 @@
-r"""Parts of multimodal VAEs: per-modality experts and decoders, the product and the mixture of Gaussian experts,
-and :class:`MultimodalVAE`, the generative story that PoE, MoE, MoPoE and sum pooling share.
+r"""The experts of multimodal VAEs: the product and the mixture of Gaussian experts, the prior of a mixture, and
+the subsets of modalities they are taken over (the models that use them: :mod:`ppl_vae.models.multimodal_base`).
 
 Notation: the expert of modality m is q_m(z | x_m) = N(μ_m, diag σ_m²), its precision T_m = σ_m^{−2}; S is the
 set of observed modalities of a datapoint (its ``mask``, optionally intersected with a training ``subset``).
@@ -10,8 +10,6 @@ set of observed modalities of a datapoint (its ``mask``, optionally intersected 
   a component and reparameterising inside it is a pathwise, unbiased gradient; ``component=c`` draws from that
   component only (the strata of :class:`~ppl_vae.infer.stratified.StratifiedIWAE`) while ``log_prob`` stays the
   full mixture density log q(z | X).
-* The evaluation protocol every multimodal model keeps (:mod:`ppl_vae.evaluate.cross_modal`): ``layout``,
-  ``conditional(x, given) -> q(z | x_given)`` and ``decode(z, modality) -> E[x_modality | z]``.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ and, after every model step, D takes its own Adam step (``disc_lr``, β₁ = 0.5
 ``d_loss``, ``d_real``, ``d_fake``. ``model.arch`` ``mlp``, ``conv`` or ``resnet`` (the encoder's trunk under the
 mixture heads, and the decoder).
 
-Registered as ``gamix`` (formerly ``vae_gamix``) with options ``num_components`` (K, default 3), ``var_reg``
+Registered as ``gamix`` with options ``num_components`` (K, default 3), ``var_reg``
 (γ, default 0.1), ``kl``, ``adversarial``, ``disc_weight``, ``disc_lr`` and ``disc_width``.
 """
 

@@ -1,17 +1,11 @@
-r"""Parts of multimodal VAEs: per-modality experts and decoders, the product and the mixture of Gaussian experts,
-and :class:`MultimodalVAE`, the generative story that PoE, MoE, MoPoE and sum pooling share.
+r"""The base of the multimodal VAEs: :class:`MultimodalVAE`, the generative story that PoE, MoE, MoPoE and sum
+pooling share (z ~ N(0, I), x_m ~ p_m(x_m | z) for each observed modality m), the mixture-of-experts base
+:class:`ExpertMixtureVAE`, the per-modality networks (:func:`modality_networks`) and the two plans they train with
+(stratified IWAE over the mixture's components, random subsets). The experts themselves are in
+:mod:`ppl_vae.distributions.experts`.
 
-Notation: the expert of modality m is q_m(z | x_m) = N(μ_m, diag σ_m²), its precision T_m = σ_m^{−2}; S is the
-set of observed modalities of a datapoint (its ``mask``, optionally intersected with a training ``subset``).
-
-* :func:`product_of_experts`: PoE(S) ∝ p(z)^[prior] Π_{m∈S} q_m, a Gaussian with T = [1] + Σ_{m∈S} T_m and
-  μ = Σ_{m∈S} T_m μ_m / T (Wu & Goodman 2018; the prior expert N(0, I) included when ``prior``).
-* :class:`ExpertMixture`: Σ_c w_c N(μ_c, σ_c²) with the weights w fixed by the mask (not learned), so choosing
-  a component and reparameterising inside it is a pathwise, unbiased gradient; ``component=c`` draws from that
-  component only (the strata of :class:`~ppl_vae.infer.stratified.StratifiedIWAE`) while ``log_prob`` stays the
-  full mixture density log q(z | X).
-* The evaluation protocol every multimodal model keeps (:mod:`ppl_vae.evaluate.cross_modal`): ``layout``,
-  ``conditional(x, given) -> q(z | x_given)`` and ``decode(z, modality) -> E[x_modality | z]``.
+The evaluation protocol every multimodal model keeps (:mod:`ppl_vae.evaluate.cross_modal`): ``layout``,
+``conditional(x, given) -> q(z | x_given)`` and ``decode(z, modality) -> E[x_modality | z]``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """VAE with the recursive mixture guide (Kim & Pavlovic, "Recursive Inference for Variational Autoencoders",
 NeurIPS 2020): q(z|x) = Σ_k α_k(x) N(μ_k(x), diag σ_k²(x)), grown as q_m = (1 − ε_m) q_{m−1} + ε_m h_m, each
 component chosen by the functional-gradient criterion of :mod:`ppl_vae.guides.recursive` (exact objective and
-deviations there). Registered as ``rme`` (recursive mixture estimation; formerly ``vae_recursive``) with options
+deviations there). Registered as ``rme`` (recursive mixture estimation) with options
 ``num_components`` (K, default 3), ``divergence_weight`` (λ, 0.5), ``log_ratio_cap`` (κ nats, 5.0; 0 = no cap),
 ``grow_every`` (epochs between activating components; 0 = all active from the start), ``schedule`` and
 ``freeze_decoder``.

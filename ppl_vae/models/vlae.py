@@ -2,7 +2,7 @@
 
 Model: z ~ N(0, I), x ~ p_θ(x | z) (Bernoulli or Gaussian). Guide: from the encoder's μ₀(x), T damped Newton
 steps on the locally linearised decoder, then q(z|x) = N(μ_T, Λ(μ_T)⁻¹) with Λ = WᵀDW + I (full covariance; see
-:mod:`ppl_vae.guides.laplace`). Registered as ``vlae`` (formerly ``vae_laplace``) with options ``num_steps``
+:mod:`ppl_vae.guides.laplace`). Registered as ``vlae`` with options ``num_steps``
 (T, default 4) and ``damping`` ("vlae" for η_t = 0.5/(t+1), a number in (0, 1], or "line_search" for the
 per-point best step by the exact log joint — our addition, see :mod:`ppl_vae.guides.laplace`).
 """
