@@ -37,9 +37,6 @@ from .training.loop import BEST, CHECKPOINT, evaluate_elbo
 from .training.plan import plan_for
 from .training.runlock import RunLock
 from .training.stages import train
-from .viz.curves import make_figures, plot_training_curves
-from .viz.grids import plot_reconstructions
-from .viz.hierarchy import plot_cross_generation
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "metrics.json"
@@ -376,7 +373,9 @@ def evaluate_run(
         test_y=None if run.data.test_y is None else run.data.test_y[: len(x)],
     )
     out = {"num_test": len(x), "test_elbo": test_elbo(dataclasses.replace(run, data=data))}
-    if isinstance(run.data, MultimodalData):  # coherence, probes, imputation, joint log-likelihood
+    if isinstance(
+        run.data, MultimodalData
+    ):  # the multimodal evaluation (coherence, probes, joint log p): evaluate/ sits above the plans
         out.update(
             evaluate.multimodal_summary(run.model, run.data, num_samples=num_samples, max_test=len(x), seed=seed)
         )
@@ -448,19 +447,9 @@ def diagnose_run(
             khat, run.run_dir / "khat.png", title=f"PSIS k-hat of the guide, {len(x)} test images"
         )
         title = "largest k-hat: test images " + ", ".join(str(i) for i in worst)
-        if isinstance(run.data, MultimodalData):
-            plot_cross_generation(
-                run.model, x[worst], run.run_dir / "worst_khat.png", n=len(worst), seed=seed, title=title
-            )
-        else:
-            plot_reconstructions(
-                run.model,
-                x[worst],
-                run.run_dir / "worst_khat.png",
-                y=None if y is None else y[worst],
-                n=len(worst),
-                title=title,
-            )
+        plan_for(run.model).image_figure(
+            x[worst], None if y is None else y[worst], run.run_dir / "worst_khat.png", title, seed=seed
+        )
         out["files"] = ["diagnostics.nc", "khat.png", "worst_khat.png"]
         (run.run_dir / "diagnostics.json").write_text(json.dumps(out, indent=2))
     return out
@@ -518,15 +507,11 @@ def gaps_run(
 
 
 def write_figures(run: Run, history: list[dict]) -> list[str]:
-    """The standard figures (``ppl_vae.viz.make_figures``) and the plan's own (e.g. σ²(z) uncertainty maps)."""
+    """The plan's standard figures (default ``ppl_vae.viz.make_figures``) and its own (e.g. σ²(z) maps)."""
     n = min(2000, len(run.data.test_x))
     x = run.data.test_x[:n].to(run.device)
     y = run.data.test_y[:n].to(run.device) if run.data.test_y is not None else None
+    plan = plan_for(run.model)
     with torch.no_grad():
-        if isinstance(run.data, MultimodalData):
-            paths = [plot_cross_generation(run.model, x, run.run_dir / "cross_generation.png", seed=run.cfg.seed)]
-            if history:
-                paths.append(plot_training_curves(history, run.run_dir / "training_curves.png"))
-        else:
-            paths = make_figures(run.model, x, y, history, run.run_dir, seed=run.cfg.seed)
-        return paths + plan_for(run.model).figures(x, y, run.run_dir, seed=run.cfg.seed)
+        paths = plan.standard_figures(x, y, history, run.run_dir, seed=run.cfg.seed)
+        return paths + plan.figures(x, y, run.run_dir, seed=run.cfg.seed)

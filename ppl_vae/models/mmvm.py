@@ -27,8 +27,8 @@ from pyro.nn import pyro_method
 from ..config.options import Options, option
 from ..distributions.experts import ExpertMixture, ExpertPrior, uniform_weights
 from ..distributions.plate import data_plate
-from ..training.plan import Stage, TrainingPlan, training_plan
-from .multimodal_base import MultimodalVAE, modality_networks, require_layout
+from ..training.plan import Stage, training_plan
+from .multimodal_base import MultimodalPlan, MultimodalVAE, modality_networks, require_layout
 from .registry import register_model
 
 __all__ = ["MMVM", "MMVMOptions", "MMVMPlan"]
@@ -81,7 +81,7 @@ class MMVM(MultimodalVAE):
 
 
 @training_plan(MMVM)
-class MMVMPlan(TrainingPlan):
+class MMVMPlan(MultimodalPlan):
     """α anneals from 1 to 0 over ``anneal_epochs``; only epochs with α = 0 are scored for the best checkpoint."""
 
     def stages(self, train):

@@ -10,6 +10,8 @@ The evaluation protocol every multimodal model keeps (:mod:`ppl_vae.evaluate.cro
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -26,6 +28,8 @@ from ..infer.subsets import SubsetELBO
 from ..nn.modality import Embedding
 from ..nn.networks import MLPDecoder, MLPEncoder, build_encoder_decoder
 from ..training.plan import TrainingPlan, build_objective, training_plan
+from ..viz.curves import plot_training_curves
+from ..viz.hierarchy import plot_cross_generation
 
 
 def require_layout(name: str, data_shape) -> Layout:
@@ -178,8 +182,23 @@ class ExpertMixtureVAE(MultimodalVAE):
         return self.weights(mask).T
 
 
+@training_plan(MultimodalVAE)
+class MultimodalPlan(TrainingPlan):
+    """What every multimodal model's plan shares: its figures show modalities generated from each other (the
+    cross-generation grid) instead of reconstructions, prior samples and latent plots of one image."""
+
+    def standard_figures(self, x, y, history, run_dir, seed: int = 0) -> list[str]:
+        paths = [plot_cross_generation(self.model, x, Path(run_dir) / "cross_generation.png", seed=seed)]
+        if history:
+            paths.append(plot_training_curves(history, Path(run_dir) / "training_curves.png"))
+        return paths
+
+    def image_figure(self, x, y, path, title: str, seed: int = 0) -> str:
+        return plot_cross_generation(self.model, x, path, n=len(x), seed=seed, title=title)
+
+
 @training_plan(ExpertMixtureVAE)
-class StratifiedMixturePlan(TrainingPlan):
+class StratifiedMixturePlan(MultimodalPlan):
     """The plan of a mixture-guide model with ``strata(x, mask)`` (MMVAE, MoPoE): the stratified bound
     :class:`~ppl_vae.infer.stratified.StratifiedIWAE` with ``train.num_particles`` and ``train.estimator``."""
 
@@ -187,7 +206,7 @@ class StratifiedMixturePlan(TrainingPlan):
         return StratifiedIWAE(self.model.strata, num_particles=train.num_particles, estimator=train.estimator)
 
 
-class SubsetPlan(TrainingPlan):
+class SubsetPlan(MultimodalPlan):
     """The plan of a model trained on subsets of its modalities (``subsets(mask)``: MVAE, sum pooling): the
     average of ``train.objective``'s ELBO over the subsets (:class:`~ppl_vae.infer.subsets.SubsetELBO`), scored on
     the ELBO of all observed modalities (random subsets would make a noisy score choose the checkpoints)."""

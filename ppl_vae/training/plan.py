@@ -17,6 +17,8 @@ train)``                     stopping) is measured with, when training adds a
 ``on_epoch_end(epoch, ...)`` work after every epoch (refit a prior, anneal, grow   nothing
                              a mixture); may add keys to the epoch's record
 ``figures(x, y, ...)``       extra PNG figures of a trained model                  none
+``standard_figures(...)``    the figures every run gets                            ``make_figures``
+``image_figure(x, y, ...)``  chosen datapoints through the model (worst k-hat)     reconstructions
 ``on_step_end(x, y)``        work after every optimiser step (a discriminator's    nothing
                              own step with its own optimiser)
 ``state_dict()`` /           what the plan trains besides the model (a second      nothing
@@ -46,6 +48,8 @@ from ..infer.analytic_kl import AnalyticKLELBO
 from ..infer.iwae import TraceIWAE
 from ..infer.jit import JitELBO
 from ..nn.device import owner_module
+from ..viz.curves import make_figures
+from ..viz.grids import plot_reconstructions
 
 __all__ = ["TrainingPlan", "Stage", "training_plan", "plan_for", "build_objective"]
 
@@ -126,6 +130,16 @@ class TrainingPlan:
     def figures(self, x: torch.Tensor, y, run_dir: Path, seed: int = 0) -> list[str]:
         """Extra PNG figures of the trained model in ``run_dir`` (paths written)."""
         return []
+
+    def standard_figures(self, x: torch.Tensor, y, history: list[dict], run_dir: Path, seed: int = 0) -> list[str]:
+        """The figures every run of the method gets (default: reconstructions, prior samples, latent plots and
+        training curves, :func:`ppl_vae.viz.make_figures`)."""
+        return make_figures(self.model, x, y, history, run_dir, seed=seed)
+
+    def image_figure(self, x: torch.Tensor, y, path: Path, title: str, seed: int = 0) -> str:
+        """A figure of chosen datapoints through the model (e.g. the images with the worst PSIS k-hat; default:
+        the images above their reconstructions)."""
+        return plot_reconstructions(self.model, x, path, y=y, n=len(x), title=title)
 
     def on_step_end(self, x: torch.Tensor, y) -> None:
         """Called after every optimiser step of the model with that step's minibatch."""
