@@ -23,3 +23,7 @@ class CheckpointError(PplVaeError, RuntimeError):
 
 class RunFolderError(PplVaeError, RuntimeError):
     """A run folder is taken: another process is writing it, or it holds a finished run."""
+
+
+class ProgramError(PplVaeError, TypeError):
+    """A model or guide cannot be called the way its data come (its signature takes no data argument, say)."""

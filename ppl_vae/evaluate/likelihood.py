@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ..infer.importance import fork_rng, guess_max_plate_nesting, importance_log_weights
+from ..infer.signature import adapt
 from ..infer.trace_checks import IWAEError
 from .defensive import defended
 
@@ -245,6 +246,7 @@ def _log_likelihood_loop(
     out, ess_out = [], []
     warned = False
     with eval_mode(model, guide), fork_rng():
+        model, guide = adapt(model, "model"), adapt(guide, "guide")  # model(x) or model(x, y)
         guide, shield = defended(guide, *defensive)
         nesting = max_plate_nesting
         if vectorize_particles and chunk_size > 1 and nesting is None and N > 0:

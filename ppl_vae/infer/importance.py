@@ -45,6 +45,7 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape
 
 from .dreg import _dreg_terms, _hooked_replay_trace, _PathWeights, _stop_gradient_trace
+from .signature import adapt
 from .trace_checks import (
     _SHAPE_HINT,
     PARTICLE_PLATE,
@@ -86,6 +87,7 @@ def guess_max_plate_nesting(model: Callable, guide: Callable, args=(), kwargs=No
     Runs the pair once under ``poutine.block`` inside a forked RNG, so the caller's random stream (and thus the
     draws that follow) do not depend on whether the nesting was guessed or given.
     """
+    model, guide = adapt(model, "model"), adapt(guide, "guide")
     kwargs = {} if kwargs is None else kwargs
     with fork_rng(), poutine.block(), torch.no_grad():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -292,6 +294,7 @@ def importance_log_weights(
     ``keep_values=True`` keeps the guide draws and observed values. Gradients flow unless the caller disables
     them.
     """
+    model, guide = adapt(model, "model"), adapt(guide, "guide")
     kwargs = {} if kwargs is None else kwargs
     if (
         isinstance(num_particles, bool)

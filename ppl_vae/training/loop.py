@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from ..config.sections import TrainConfig
 from ..errors import CheckpointError, DataError, TrainingDiverged
+from ..infer.signature import adapt
 from ..nn.device import device_of
 from ._legacy import legacy_plan
 from .checkpoint import (
@@ -172,14 +173,16 @@ class _Loop:
     ):
         cfg.validate()
         self.plan, self.data, self.cfg, self.seed, self.fabric = plan, data, cfg, seed, fabric
-        self.model, self.guide, self.module = plan.model_fn, plan.guide_fn, plan.module
+        # model(x) or model(x, y): called as (x, y) below whatever the signature (infer.signature)
+        self.model, self.guide = adapt(plan.model_fn, "model"), adapt(plan.guide_fn, "guide")
+        self.module = plan.module
         self.elbo = objective if objective is not None else plan.objective(cfg)
         val_elbo = plan.validation_objective(cfg)
         self.val_elbo = val_elbo if val_elbo is not None else self.elbo
         self.device = (
             fabric.device
             if fabric is not None
-            else (torch.device(device) if device is not None else device_of(self.model))
+            else (torch.device(device) if device is not None else device_of(plan.model_fn))
         )
         self.rank: int = fabric.global_rank if fabric is not None else 0
         self.world: int = fabric.world_size if fabric is not None else 1

@@ -14,6 +14,7 @@ from pyro.poutine.messenger import Messenger
 
 from ..distributions.plate import DATA_PLATE
 from ..infer.importance import fork_rng
+from ..infer.signature import adapt
 
 if TYPE_CHECKING:
     from .distributed import Sharded
@@ -132,6 +133,7 @@ def evaluate_elbo(
     read during every call, see :class:`~ppl_vae.training.probe.PlateProbe`). Batches are at most ``num_data``
     (default: the training-set size) long, so a plate subsampled to N never sees a minibatch larger than N. With
     ``sharded`` (several ranks) each rank scores its share of every batch and the sums are reduced over ranks."""
+    model, guide = adapt(model, "model"), adapt(guide, "guide")
     cap = min(batch_size, int(num_data) if num_data is not None else len(data.train_x))
     divisor = _Divisor(model, guide, data_plate)
     m, g = divisor.wrap(model), divisor.wrap(guide)
