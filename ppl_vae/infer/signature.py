@@ -37,7 +37,7 @@ def adapt(fn: Callable, role: str = "model") -> Callable:
     if n == 2:
         return fn
     if n == 0:
-        name = getattr(fn, "__qualname__", repr(fn))
+        name = fn.__qualname__ if inspect.isfunction(fn) or inspect.ismethod(fn) else type(fn).__name__
         raise ProgramError(
             f"the {role} {name}() takes no data argument: ppl-vae calls it with the minibatch, so write "
             f"{role}(x) or {role}(x, y=None)"
