@@ -40,7 +40,7 @@ from ppl_vae.data import DataBundle, load_data
 from ppl_vae.evaluate import FrechetDistance, log_likelihood, train_feature_classifier
 from ppl_vae.evaluate.aggregate import fit_aggregate_posterior, kl_monte_carlo, use_prior
 from ppl_vae.models import build_model
-from ppl_vae.training import evaluate_elbo
+from ppl_vae.training import evaluate_elbo, load_checkpoint
 
 FULL = dict(
     train=20000,
@@ -138,7 +138,7 @@ def train(mode: str, sigma2: float, latent: int, data, S: dict, seed: int, epoch
         res = ppl_vae.train(model, data, tc, seed=seed, progress=False, run_dir=tmp)
         stage1 = res.stages["stage1"]
         glob = build(mode, sigma2, latent, len(data.train_x), S)  # the global-σ² model where stage 1 stopped
-        glob.load_state_dict(torch.load(Path(stage1.run_dir) / "checkpoint.pt", weights_only=False)["module"])
+        glob.load_state_dict(load_checkpoint(Path(stage1.run_dir) / "checkpoint.pt")["module"])
         n1 = len(stage1.history)
         rec = {
             "epochs_stage1": n1,

@@ -141,7 +141,7 @@ class ClassifierFeatures(nn.Module):
 
     @classmethod
     def load(cls, path, map_location=None) -> ClassifierFeatures:
-        ck = torch.load(path, map_location=map_location or "cpu", weights_only=False)
+        ck = torch.load(path, map_location=map_location or "cpu", weights_only=True)
         clf = SmallClassifier(ck["data_shape"], ck["num_classes"])
         clf.load_state_dict(ck["state"])
         return cls(clf, ck["name"], ck.get("info"))

@@ -11,6 +11,7 @@ import errno
 import os
 import pickle
 import random
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -76,23 +77,58 @@ def _write_error(path: Path, e: OSError) -> str:
     )
 
 
-def load_checkpoint(path: str | Path, map_location=None) -> dict:
-    """A checkpoint as saved by the training loop; a damaged or truncated file is a :class:`CheckpointError` that
-    names it (the run folder's other checkpoint, ``best.pt`` or ``checkpoint.pt``, may still be whole)."""
+def safe_types() -> list:
+    """What a checkpoint may hold besides tensors, numbers, strings and containers: the constraints of Pyro's param
+    store and NumPy's RNG state (an array and its dtype). Nothing else is unpickled by default."""
+    constraint_types = {
+        c
+        for module in (torch.distributions.constraints, pyro.distributions.constraints)
+        for c in vars(module).values()
+        if isinstance(c, type) and issubclass(c, torch.distributions.constraints.Constraint)
+    }
+    numpy_core = np._core if hasattr(np, "_core") else np.core  # numpy 2 renamed numpy.core
+    dtypes = {type(np.dtype(name)) for name in ("uint32", "int64", "float64")}
+    return [*constraint_types, np.ndarray, np.dtype, *dtypes, numpy_core.multiarray._reconstruct]
+
+
+def load_checkpoint(path: str | Path, map_location=None, *, trusted: bool = False) -> dict:
+    """A checkpoint as saved by the training loop, read without running code from the file (``torch.load`` with
+    ``weights_only=True`` and :func:`safe_types`). A file holding other Python objects is refused with a
+    :class:`CheckpointError` that names them; ``trusted=True`` unpickles it anyway (only for a file whose origin you
+    trust). A damaged or truncated file is a :class:`CheckpointError` that names it (the run folder's other
+    checkpoint, ``best.pt`` or ``checkpoint.pt``, may still be whole)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
-        other = "checkpoint.pt (--checkpoint last)" if path.name == "best.pt" else "best.pt (--checkpoint best)"
+        if trusted:
+            ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        else:
+            with torch.serialization.safe_globals(safe_types()):
+                ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():
+            raise _damaged(path, e) from None
+        found = re.search(r"(?:GLOBAL |but got <class ')([\w.]+)", str(e))
         raise CheckpointError(
-            f"{str(path)!r} is damaged or truncated and cannot be read ({type(e).__name__}); "
-            f"the run's {other} may still be whole"
+            f"{str(path)!r} holds Python objects beyond tensors, numbers and containers "
+            f"({found.group(1) if found else 'an object of an unknown class'}): unpickling it could run code from the "
+            "file, so it is not loaded. If you trust where it comes from: "
+            "ppl_vae.training.load_checkpoint(path, trusted=True)"
         ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise _damaged(path, e) from None
     if not isinstance(ckpt, dict) or "param_store" not in ckpt:
         raise CheckpointError(f"{str(path)!r} is not a ppl-vae checkpoint")
     return ckpt
+
+
+def _damaged(path: Path, e: Exception) -> CheckpointError:
+    other = "checkpoint.pt (--checkpoint last)" if path.name == "best.pt" else "best.pt (--checkpoint best)"
+    return CheckpointError(
+        f"{str(path)!r} is damaged or truncated and cannot be read ({type(e).__name__}); "
+        f"the run's {other} may still be whole"
+    )
 
 
 def register_params(model, guide, *args, **kwargs) -> None:
