@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from .data.multimodal import MultimodalData, make_multimodal
 from .errors import CheckpointError, ConfigError, PplVaeError, RunFolderError
 from .evaluate import bits_per_dim, log_likelihood
 from .models import build_model, import_methods
+from .models.registry import describe_imports
 from .training import distributed
 from .training.checkpoint import load_checkpoint, load_module_state, restore_params
 from .training.loggers import log_figures
@@ -95,6 +97,8 @@ def build_data(cfg: Config) -> DataBundle:
 
 def build(cfg: Config, data: DataBundle, device: torch.device):
     """The model for a configuration and its data, seeded by ``cfg.seed``, on ``device``."""
+    if cfg.imports:  # code named by the configuration runs here: say which, before it runs
+        print(f"ppl-vae: this configuration imports code: {', '.join(describe_imports(cfg.imports))}", file=sys.stderr)
     import_methods(cfg.imports)  # methods defined outside the package register themselves
     pyro.set_rng_seed(cfg.seed)
     model = build_model(cfg.model, data.shape, num_data=len(data.train_x), num_classes=data.num_classes)

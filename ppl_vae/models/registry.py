@@ -23,7 +23,15 @@ from pathlib import Path
 from ..config.options import NoOptions, Options
 from ..errors import ConfigError
 
-__all__ = ["register_model", "model_names", "get_method", "Method", "resolve_name", "import_methods"]
+__all__ = [
+    "register_model",
+    "model_names",
+    "get_method",
+    "Method",
+    "resolve_name",
+    "import_methods",
+    "describe_imports",
+]
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,14 @@ def resolve_name(name: str) -> str:
 
 def get_method(name: str) -> Method:
     return _METHODS[resolve_name(name)]
+
+
+def describe_imports(names) -> list[str]:
+    """What :func:`import_methods` will run: each file's absolute path, each module by name."""
+    return [
+        f"the file {Path(n).expanduser().resolve()}" if n.endswith(".py") or "/" in n else f"the module {n}"
+        for n in names
+    ]
 
 
 def import_methods(names) -> None:

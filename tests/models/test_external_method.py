@@ -163,6 +163,7 @@ def test_the_new_method_trains_through_ppl_vae_train_with_a_config(tmp_path):
         text=True,
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    assert f"this configuration imports code: the file {Path(__file__).resolve()}" in out.stderr  # said, then run
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["temperature"] for r in records] == [0.75, 1.0]
     assert (run / "latent_manifold.png").is_file() and (run / "training_curves.png").is_file()
@@ -173,4 +174,5 @@ def test_the_new_method_trains_through_ppl_vae_train_with_a_config(tmp_path):
         text=True,
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "this configuration imports code: the file" in out.stderr  # evaluate says so too, before running it
     assert json.loads((run / "evaluation.json").read_text())["num_test"] == 20
