@@ -154,6 +154,15 @@ def _convert(tp, meta: Mapping, value):
     raise TypeError(f"option type {tp} is not supported")
 
 
+def _checked(where: str, tp, meta: Mapping, value):
+    """``value`` converted for its field, or the one message every option and config field fails with:
+    ``ConfigError: model.latent_dim must be a positive integer, got -3``."""
+    ok, converted, what = _convert(tp, meta, value)
+    if not ok:
+        raise ConfigError(f"{where} must be {what}, got {value!r}")
+    return converted
+
+
 def _describe(tp, meta: Mapping) -> str:
     if meta.get("what") is not None:
         return meta["what"]
@@ -192,12 +201,7 @@ class Options:
         if unknown:
             who = f" for model.name={method!r}" if method else ""
             raise ConfigError(f"{where} has unknown keys {unknown}{who}; known: {sorted(known)}")
-        kwargs = {}
-        for name, value in values.items():
-            ok, converted, what = _convert(hints[name], known[name].metadata, value)
-            if not ok:
-                raise ConfigError(f"{where}.{name} must be {what}, got {value!r}")
-            kwargs[name] = converted
+        kwargs = {name: _checked(f"{where}.{name}", hints[name], known[name].metadata, v) for name, v in values.items()}
         opts = cls(**kwargs)
         opts._where = where  # type: ignore[attr-defined]  # the prefix of fail()'s messages
         opts.check()
@@ -239,7 +243,7 @@ class Section:
 
     _prefix: typing.ClassVar[str] = ""
 
-    def validate(self, p: str | None = None):
+    def validate(self, p: str | None = None) -> typing.Self:
         """The section itself when every field is valid, else a :class:`ConfigError` naming the field (``p`` is the
         prefix of the messages, default the section's name); nested sections are validated under their names."""
         p = type(self)._prefix if p is None else p
@@ -250,9 +254,7 @@ class Section:
             if isinstance(value, Section):
                 value.validate(where)
                 continue
-            ok, _, what = _convert(hints[f.name], f.metadata, value)
-            if not ok:
-                raise ConfigError(f"{where} must be {what}, got {value!r}")
+            _checked(where, hints[f.name], f.metadata, value)
         self.check(p)
         return self
 

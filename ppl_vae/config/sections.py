@@ -22,7 +22,7 @@ from ..data.multimodal import MULTIMODAL_KINDS
 from ..data.sources import DATASETS, FOLDER_DATASETS
 from ..data.storage import STORAGES
 from ..errors import ConfigError
-from .options import Section, _is_num, option
+from .options import Section, _is_int, _is_num, option
 
 LIKELIHOODS = ("bernoulli", "gaussian", "laplace", "pixelcnn")
 ARCHS = ("mlp", "conv", "resnet", "burda1", "burda2")
@@ -35,10 +35,6 @@ STRATEGIES = ("auto", "single_device", "ddp")
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu")
 PRECISIONS = ("32-true", "bf16-mixed")
 LOGGERS = ("none", "csv", "tensorboard", "mlflow")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _odd_window(v) -> bool:
@@ -203,10 +199,6 @@ class Config(Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def validate(self, p: str = "") -> Config:  # type: ignore[override]
-        super().validate(p)
-        return self
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -33,6 +33,8 @@ def data_arguments(fn: Callable) -> int:
 def adapt(fn: Callable, role: str = "model") -> Callable:
     """``fn`` itself when it takes ``(x, y)``; a wrapper that calls ``fn(x)`` when it takes ``x`` only; a
     :class:`ProgramError` naming ``role`` when it takes no data argument."""
+    if isinstance(fn, _TakesXOnly):
+        return fn
     n = data_arguments(fn)
     if n == 2:
         return fn
@@ -43,8 +45,15 @@ def adapt(fn: Callable, role: str = "model") -> Callable:
             f"{role}(x) or {role}(x, y=None)"
         )
 
-    @functools.wraps(fn)
-    def takes_x_only(x, y=None, *args, **kwargs):
-        return fn(x, *args, **kwargs)
+    return _TakesXOnly(fn)
 
-    return takes_x_only
+
+class _TakesXOnly:
+    """``fn(x)`` called as ``fn(x, y)`` (the labels are not passed on); adapting it again returns it as it is."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, x, y=None, *args, **kwargs):
+        return self.fn(x, *args, **kwargs)

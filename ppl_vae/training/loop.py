@@ -85,6 +85,18 @@ class FitResult:
     run_dir: str | None = None
     data_plate: dict | None = None
 
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, run_dir: str | Path | None) -> FitResult:
+        """The result as far as a checkpoint records it (a finished stage, or a run being resumed)."""
+        return cls(
+            history=ckpt["history"],
+            best_epoch=ckpt["best_epoch"],
+            best_val_elbo=ckpt["best_val_elbo"],
+            stopped_early=ckpt.get("stopped_early", False),
+            run_dir=str(run_dir) if run_dir is not None else None,
+            data_plate=ckpt.get("data_plate"),
+        )
+
 
 def fit(
     plan,
@@ -242,14 +254,12 @@ class _Loop:
         self.lr = self.cfg.lr_at(self.start_epoch)
         self.optim = ParamOptimizer(self.module, self.lr, self.cfg.clip_norm)
         self.optim.load_state(ckpt["optim"])
-        r = self.result
-        r.history, r.best_epoch, r.best_val_elbo = ckpt["history"], ckpt["best_epoch"], ckpt["best_val_elbo"]
-        r.stopped_early, r.data_plate = ckpt.get("stopped_early", False), ckpt.get("data_plate")
+        self.result = FitResult.from_checkpoint(ckpt, self.run_dir)
         self.bad_epochs = ckpt["bad_epochs"]
         self.plan.load_state_dict(ckpt.get("plan_state"))
         set_rng_state(ckpt["rng_ranks"][self.rank] if "rng_ranks" in ckpt else ckpt["rng"])
         if self.lead:
-            _rewrite_metrics(self.run_dir, r.history)
+            _rewrite_metrics(self.run_dir, self.result.history)
 
     @contextlib.contextmanager
     def session(self, progress: bool) -> Iterator[tqdm]:

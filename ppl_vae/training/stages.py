@@ -125,15 +125,7 @@ def _current_stage(dirs: list[Path | None]) -> int:
 
 def _finished(folder: Path) -> FitResult:
     """The result of a stage that finished before the run was killed, from its checkpoint."""
-    ck = load_checkpoint(folder / CHECKPOINT, map_location="cpu")
-    return FitResult(
-        history=ck["history"],
-        best_epoch=ck["best_epoch"],
-        best_val_elbo=ck["best_val_elbo"],
-        stopped_early=ck.get("stopped_early", False),
-        run_dir=str(folder),
-        data_plate=ck.get("data_plate"),
-    )
+    return FitResult.from_checkpoint(load_checkpoint(folder / CHECKPOINT, map_location="cpu"), folder)
 
 
 def _combine(stages: list[Stage], results: list[FitResult]) -> TrainResult:

@@ -81,6 +81,8 @@ def test_the_signature_is_read_once():
     assert adapt(both) is both and adapt(star) is star
     x = torch.ones(3)
     assert adapt(lambda x: x + 1)(x, torch.zeros(3)).tolist() == [2.0, 2.0, 2.0]  # labels not passed on
+    once = adapt(vae.model)
+    assert adapt(once) is once  # adapting twice wraps once
     with pytest.raises(ProgramError, match=r"the guide .*\(\) takes no data argument.*guide\(x\)"):
         adapt(lambda: None, "guide")
 
