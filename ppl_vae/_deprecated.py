@@ -26,6 +26,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "ppl_vae.plate": ("ppl_vae.distributions.plate",),
     "ppl_vae.experts": ("ppl_vae.distributions.experts", "ppl_vae.nn.modality", "ppl_vae.models.multimodal_base"),
     "ppl_vae.runlock": ("ppl_vae.training.runlock",),
+    "ppl_vae.models.vae2": ("ppl_vae.models.hvae",),
     "ppl_vae.viz_variance": ("ppl_vae.viz.variance",),
     "ppl_vae.interpolate": ("ppl_vae.evaluate.interpolation",),
     "ppl_vae.evaluate.images": ("ppl_vae.evaluate.sharpness",),

@@ -13,7 +13,7 @@ import pkgutil
 from ..config.sections import ModelConfig
 from ..data.multimodal import Layout
 from .gamix import GAMIX
-from .hvae import HVAE
+from .hvae import HVAE, VAE2
 from .ladder import LaDDer
 from .linear_gaussian import LinearGaussianVAE
 from .mae import MAE
@@ -26,7 +26,6 @@ from .rme import RME
 from .sigma_vae import SigmaVAE
 from .sumpool import SumPool
 from .vae import VAE
-from .vae2 import VAE2
 from .vae_epanechnikov import VAEEpanechnikov
 from .vae_poisson import VAEPoisson
 from .vlac import VLAC

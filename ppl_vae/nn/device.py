@@ -13,6 +13,8 @@ def owner_module(obj) -> torch.nn.Module | None:
     """``obj`` itself if it is an ``nn.Module``, the module ``obj`` is a bound method of (``vae.model``), else None."""
     if isinstance(obj, torch.nn.Module):
         return obj
+    if not inspect.ismethod(obj) and hasattr(obj, "__wrapped__"):  # a wrapper of a program (functools.wraps)
+        obj = inspect.unwrap(obj, stop=inspect.ismethod)
     owner = obj.__self__ if inspect.ismethod(obj) else None
     return owner if isinstance(owner, torch.nn.Module) else None
 

@@ -22,6 +22,7 @@ import torch
 from pyro import poutine
 
 from ..errors import CheckpointError
+from ..nn.device import owner_module
 
 SCHEMA = 2  # 1: written before this field existed; 2: the one-Adam optimiser state, the model's config
 
@@ -138,12 +139,36 @@ def register_params(model, guide, *args, **kwargs) -> None:
         poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
 
 
+def renamed(names: dict, module) -> dict:
+    """``names`` (a state dict, a param store's entries, the optimiser's) with the parameter names of an earlier
+    release of ``module``'s class mapped to today's: a class may declare ``legacy_names = {old prefix: new prefix}``
+    in state-dict form (``"encoder2."``: ``"up.0."``); the store's form (``encoder2$$$…`` → ``up$$$0.…``) and the
+    optimiser's (``module.encoder2.…``) follow."""
+    legacy = getattr(module, "legacy_names", None) or {}
+    if not legacy:
+        return names
+    forms = []
+    for old, new in legacy.items():
+        head, _, rest = new.partition(".")
+        forms += [(old, new), ("module." + old, "module." + new), (old[:-1] + "$$$", head + "$$$" + rest)]
+    out = {}
+    for k, v in names.items():
+        for old, new in forms:
+            if k.startswith(old):
+                k = new + k[len(old) :]
+                break
+        out[k] = v
+    return out
+
+
 def restore_params(model, guide, store_state: dict, *args, **kwargs) -> None:
     """Copy a saved param-store state into the live parameters, in place (see the module docstring)."""
     store = pyro.get_param_store()
     register_params(model, guide, *args, **kwargs)
     live = dict(store.named_parameters())
-    saved = store_state["params"]
+    owner = owner_module(model)
+    saved = renamed(store_state["params"], owner)
+    constraints = renamed(store_state.get("constraints", {}), owner)
     with torch.no_grad():
         for name, value in saved.items():
             if name in live:
@@ -155,13 +180,14 @@ def restore_params(model, guide, store_state: dict, *args, **kwargs) -> None:
                     )
                 live[name].copy_(value.to(live[name].device))
             else:
-                constraint = store_state.get("constraints", {}).get(name, torch.distributions.constraints.real)
+                constraint = constraints.get(name, torch.distributions.constraints.real)
                 pyro.param(name, torch.distributions.transform_to(constraint)(value), constraint=constraint)
 
 
 def load_module_state(module: torch.nn.Module, state: dict, path) -> None:
     """``module.load_state_dict(state)``, a mismatch reported as :class:`CheckpointError` naming the file and the
     tensors whose shapes differ (a configuration edited after the run: another latent size, other layers)."""
+    state = renamed(state, module)
     own = module.state_dict()
     shapes = [
         f"{k} {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"

@@ -19,6 +19,8 @@ from __future__ import annotations
 import pyro
 import torch
 
+from .checkpoint import renamed
+
 __all__ = ["ParamOptimizer"]
 
 _FORMAT = "ppl_vae.ParamOptimizer/1"
@@ -88,7 +90,7 @@ class ParamOptimizer:
         names = self._names()
         by_name = {names[id(p)]: p for p in self.params if id(p) in names}
         if saved.get("format") == _FORMAT:
-            per_param = saved["state"]
+            per_param = renamed(saved["state"], self.module)
         else:  # pyro.optim.PyroOptim.get_state(): {store name: state_dict of a one-tensor torch optimiser}
             per_param = {name: sd["state"][0] for name, sd in saved.items() if sd.get("state")}
         for name, st in per_param.items():

@@ -27,9 +27,8 @@ from ppl_vae.evaluate import bits_per_dim, log_likelihood, log_likelihood_summar
 from ppl_vae.evaluate.likelihood import DEFAULT_MAX_BYTES, bytes_per_sample, eval_mode, plan_chunks
 from ppl_vae.infer.importance import LogWeights, fork_rng, guess_max_plate_nesting, importance_log_weights
 from ppl_vae.infer.trace_checks import IWAEError
-from ppl_vae.models import build_model
+from ppl_vae.models import VAE2, build_model
 from ppl_vae.models.linear_gaussian import LinearGaussianVAE
-from ppl_vae.models.vae2 import VAE2
 
 D, d = 5, 2
 

@@ -28,8 +28,8 @@ from ppl_vae.infer.trace_checks import (
     NoDataPlateError,
     NonReparameterizedError,
 )
+from ppl_vae.models import VAE2
 from ppl_vae.models.linear_gaussian import LinearGaussianVAE
-from ppl_vae.models.vae2 import VAE2
 
 D, d = 5, 2
 
@@ -514,8 +514,8 @@ def test_one_pass_dreg_runs_the_decoder_once():
         assert (dec["n"], enc["n"]) == (n_dec, n_enc), est
     h1.remove(), h2.remove()
     v2, x2 = _small_two_layer()
-    dec1, h1 = _count_calls(v2.decoder1)
-    enc1, h2 = _count_calls(v2.encoder1)
+    dec1, h1 = _count_calls(v2.decoder)
+    enc1, h2 = _count_calls(v2.encoder)
     TraceIWAE(num_particles=5, estimator="dreg", max_plate_nesting=1).loss_and_grads(v2.model, v2.guide, x2[:4])
     assert (dec1["n"], enc1["n"]) == (1, 2)  # hierarchical guide: the guide is replayed, the model is not
     h1.remove(), h2.remove()
@@ -561,7 +561,7 @@ def test_two_layer_vae_trains_and_every_guide_param_gets_a_gradient(estimator, v
     vae, x = _small_two_layer()
     elbo = TraceIWAE(num_particles=3, estimator=estimator, vectorize_particles=vectorize)
     guide_params = _guide_params(vae.guide, x[:8])
-    assert len(guide_params) == 8  # encoder1 and encoder2: 2 linear layers each, weight and bias
+    assert len(guide_params) == 8  # encoder and up.0 (q(z1|x), q(z2|z1)): 2 linear layers each
     loss = elbo.differentiable_loss(vae.model, vae.guide, x[:8])
     grads = torch.autograd.grad(loss, list(guide_params.values()))
     for name, g in zip(guide_params, grads, strict=False):
