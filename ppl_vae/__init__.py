@@ -6,11 +6,14 @@ The public entry points::
     ppl_vae.train(model, data, config)      # any model/guide pair, by its training plan (ppl_vae.training)
     ppl_vae.build_model(model_config, data.shape, num_data=...)
     ppl_vae.load_data("digits")
+    ppl_vae.as_data((x, y))                 # your tensors, arrays or Dataset as a DataBundle (train does it)
     ppl_vae.make_multimodal(data, "poly")   # PolyFashion-style or image + label multimodal data (with masks)
     ppl_vae.run_experiment(config)          # what `ppl-vae train` does: data, model, train, figures, run folder
     ppl_vae.load_run(run_dir)               # a trained run back
     ppl_vae.evaluate_run(run)               # `ppl-vae evaluate`: test ELBO, importance-sampled log p(x)
     ppl_vae.diagnose_run(run)               # `ppl-vae diagnose`: PSIS k-hat / ESS of the guide (ArviZ)
+    ppl_vae.save(model_or_run, folder)      # safetensors + config.json + model card, no pickle
+    ppl_vae.load(folder)                    # the model back, rebuilt from config.json (never runs code from it)
 
 the latent distributions (``Epanechnikov``, ``RelaxedPoisson``, ``DefensiveMixture``), the objectives
 (``TraceIWAE``, ``WiseAleELBO``, ...), the plan protocol (``TrainingPlan``, ``training_plan``;
@@ -19,7 +22,7 @@ the latent distributions (``Epanechnikov``, ``RelaxedPoisson``, ``DefensiveMixtu
 
 from . import _deprecated
 from .config import Config, DataConfig, EvalConfig, ModelConfig, Options, TrainConfig, load_config, option
-from .data import DataBundle, Layout, MultimodalData, load_data, make_multimodal
+from .data import DataBundle, Layout, MultimodalData, as_data, load_data, make_multimodal
 from .distributions import DefensiveMixture, Epanechnikov, RelaxedPoisson, data_plate
 from .errors import ConfigError, PplVaeError, TrainingDiverged
 from .experiment import Run, diagnose_run, evaluate_run, load_run, run_experiment
@@ -33,6 +36,7 @@ from .infer import (
     WiseAleELBO,
 )
 from .models import build_model, model_names, register_model
+from .sharing import load, save
 from .training import Stage, TrainingPlan, TrainResult, build_objective, fit, plan_for, train, training_plan
 
 _deprecated.install()
@@ -47,6 +51,8 @@ __all__ = [
     "load_run",
     "evaluate_run",
     "diagnose_run",
+    "save",
+    "load",
     "Run",
     "TrainResult",
     "TrainingPlan",
@@ -71,6 +77,7 @@ __all__ = [
     "EvalConfig",
     "load_config",
     "DataBundle",
+    "as_data",
     "ConfigError",
     "PplVaeError",
     "TrainingDiverged",

@@ -1,12 +1,15 @@
-"""The ``ppl-vae`` command: ``train``, ``evaluate``, ``diagnose``, ``gaps`` and ``sample``.
+"""The ``ppl-vae`` command: ``train``, ``evaluate``, ``diagnose``, ``gaps``, ``sample`` and ``configs``.
 
     ppl-vae train                                   # embedded digits data, default VAE
-    ppl-vae train configs/vae_fashion.yaml train.epochs=5
+    ppl-vae train vae_fashion train.epochs=5        # a shipped config by name, or a YAML file's path
     ppl-vae train --resume runs/vae_digits-20261122-101500
     ppl-vae evaluate RUN_DIR [--num-samples 5000]
     ppl-vae diagnose RUN_DIR [--num-images 100]    # PSIS k-hat of the guide (ArviZ), worst images
     ppl-vae gaps RUN_DIR [--num-images 200] [--nuts 3]   # amortisation / approximation gaps (+ NUTS)
     ppl-vae sample RUN_DIR [--n 64] [--from aggregate]
+    ppl-vae configs [list]                          # the shipped configs: name, method, data
+    ppl-vae configs show NAME                       # print one
+    ppl-vae configs copy NAME [DEST]                # copy one to edit (never over an existing file)
 
 Every expected fault ends in one line, ``ppl-vae: error: <kind>: <what, which file or field, what to do>``, with exit
 code 2 for bad input (a configuration, a flag, a file, the data) and 1 for a run that failed (diverged, a disk that
@@ -45,7 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a YAML config (default: VAE on the embedded digits)")
-    t.add_argument("config", nargs="?", help="YAML config file (optional)")
+    t.add_argument(
+        "config",
+        nargs="?",
+        help="a YAML config file, or the name of a shipped config (`ppl-vae configs` lists them; default: vae_digits)",
+    )
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 model.latent_dim=8")
     t.add_argument(
         "--resume",
@@ -74,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         help="evaluate on the first N test images only (default: the run's eval.max_test)",
     )
     e.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    _trust_option(e)
     e.add_argument("--device")
     e.add_argument("--seed", type=_int(0), default=0)
 
@@ -84,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         "--num-samples", type=_int(2), default=None, help="guide draws per image (default: the run's eval.num_samples)"
     )
     d.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    _trust_option(d)
     d.add_argument("--device")
     d.add_argument("--seed", type=_int(0), default=0)
 
@@ -120,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--nuts-samples", type=_int(2), default=500)
     g.add_argument("--nuts-warmup", type=_int(0), default=500)
     g.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    _trust_option(g)
     g.add_argument("--device")
     g.add_argument("--seed", type=_int(0), default=0)
 
@@ -137,7 +147,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--num-components", type=_int(1), default=32, help="mixture components for --from aggregate")
     s.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    _trust_option(s)
     s.add_argument("--device")
+
+    c = sub.add_parser(
+        "configs",
+        help="the configs shipped with the package: list them, show one, copy one to edit",
+        description="The configs shipped with the package. `ppl-vae train NAME` trains one by name; copy one to "
+        "edit it (a file's path always wins over a name).",
+    )
+    csub = c.add_subparsers(dest="action")
+    csub.add_parser("list", help="one line per shipped config: its name, method and data (the default)")
+    cs = csub.add_parser("show", help="print a shipped config")
+    cs.add_argument("name", help="a shipped config's name, e.g. vae_fashion")
+    cc = csub.add_parser("copy", help="copy a shipped config to a file to edit (refuses to overwrite one)")
+    cc.add_argument("name", help="a shipped config's name, e.g. vae_fashion")
+    cc.add_argument("dest", nargs="?", help="the file (or an existing folder) to copy to (default: ./NAME.yaml)")
     return p
 
 
@@ -182,7 +207,9 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from .experiment import evaluate_run, load_run
 
-    run = load_run(args.run_dir, "best" if args.checkpoint == "best" else "last", device=args.device)
+    run = load_run(
+        args.run_dir, "best" if args.checkpoint == "best" else "last", device=args.device, trusted=args.trust_pickle
+    )
     out = {
         "checkpoint": args.checkpoint,
         **evaluate_run(run, args.num_samples, args.max_test, seed=args.seed, write=False),
@@ -195,7 +222,9 @@ def _evaluate(args) -> int:
 def _diagnose(args) -> int:
     from .experiment import diagnose_run, load_run
 
-    run = load_run(args.run_dir, "best" if args.checkpoint == "best" else "last", device=args.device)
+    run = load_run(
+        args.run_dir, "best" if args.checkpoint == "best" else "last", device=args.device, trusted=args.trust_pickle
+    )
     out = diagnose_run(run, args.num_images, args.num_samples, seed=args.seed)
     print(json.dumps(out, indent=2))
     return 0
@@ -204,7 +233,9 @@ def _diagnose(args) -> int:
 def _gaps(args) -> int:
     from .experiment import gaps_run, load_run
 
-    run = load_run(args.run_dir, "best" if args.checkpoint == "best" else "last", device=args.device)
+    run = load_run(
+        args.run_dir, "best" if args.checkpoint == "best" else "last", device=args.device, trusted=args.trust_pickle
+    )
     out = gaps_run(
         run,
         args.num_images,
@@ -233,7 +264,9 @@ def _sample(args) -> int:
 
     if args.out is not None and Path(args.out).is_dir():
         raise PplVaeError(f"--out {args.out!r} is a folder: give the path of a .png file to write")
-    run = load_run(args.run_dir, "best" if args.checkpoint == "best" else "last", device=args.device)
+    run = load_run(
+        args.run_dir, "best" if args.checkpoint == "best" else "last", device=args.device, trusted=args.trust_pickle
+    )
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         y = None
@@ -248,6 +281,40 @@ def _sample(args) -> int:
     out = args.out or str(run.run_dir / "samples.png")
     save_image_grid(images.cpu(), out, nrow=int(args.n**0.5) or 1)
     print(f"samples: {out}")
+    return 0
+
+
+def _configs(args) -> int:
+    from .config.sections import config_from_dict, load_yaml, shipped_config, shipped_configs
+
+    if args.action in (None, "list"):
+        rows = []
+        for name, file in shipped_configs().items():
+            cfg = config_from_dict(load_yaml(file.read_text()))
+            d = cfg.data
+            data = [d.name + (f" {d.image_size}x{d.image_size}" if d.image_size else ""), f"{d.pixels} pixels"]
+            if d.multimodal == "poly":
+                data.append(f"poly multimodal ({d.num_modalities} modalities)")
+            elif d.multimodal:
+                data.append(f"{d.multimodal} multimodal")
+            rows.append((name, cfg.model.name, ", ".join(data)))
+        width = [max(len(r[i]) for r in [("NAME", "METHOD", ""), *rows]) for i in range(2)]
+        for name, method, data in [("NAME", "METHOD", "DATA"), *rows]:
+            print(f"{name:<{width[0]}}  {method:<{width[1]}}  {data}")
+        print("train one: ppl-vae train NAME [overrides]; edit one: ppl-vae configs copy NAME [DEST]")
+        return 0
+    name, file = shipped_config(args.name)
+    if args.action == "show":
+        print(file.read_text(), end="")
+        return 0
+    dest = Path(args.dest) if args.dest else Path(f"{name}.yaml")
+    if dest.is_dir():
+        dest = dest / f"{name}.yaml"
+    if dest.exists():
+        raise PplVaeError(f"{str(dest)!r} exists already: not overwritten (give another DEST, or remove it first)")
+    with open(dest, "x") as f:  # "x": never over a file that appeared meanwhile
+        f.write(file.read_text())
+    print(f"copied {name} to {dest}; train it with: ppl-vae train {dest}")
     return 0
 
 
@@ -292,13 +359,29 @@ def _message(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def _trust_option(p) -> None:
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="read a checkpoint of an older release that holds Python objects (unpickling can run code from the "
+        "file: only for a run whose origin you trust)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, overrides = _gather_overrides(argv)
     args = _parser().parse_args(argv)
     if args.command == "train":
         args.overrides = [*args.overrides, *overrides]
-    commands = {"train": _train, "evaluate": _evaluate, "diagnose": _diagnose, "gaps": _gaps, "sample": _sample}
+    commands = {
+        "train": _train,
+        "evaluate": _evaluate,
+        "diagnose": _diagnose,
+        "gaps": _gaps,
+        "sample": _sample,
+        "configs": _configs,
+    }
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

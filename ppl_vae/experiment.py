@@ -25,13 +25,15 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from . import evaluate
-from .config.sections import Config, load_config, save_config
+from .config.sections import GIVEN_DATA, Config, config_from_dict, load_config, save_config
 from .data.bundle import DataBundle, load_data
 from .data.multimodal import MultimodalData, make_multimodal
-from .errors import CheckpointError, ConfigError, PplVaeError, RunFolderError
+from .data.sources import DATASETS
+from .data.user import as_data, load_bundle, same_bundle, save_bundle
+from .errors import CheckpointError, ConfigError, DataError, PplVaeError, RunFolderError
 from .evaluate import bits_per_dim, log_likelihood
 from .models import build_model, import_methods
-from .models.registry import describe_imports
+from .models.registry import data_function, describe_imports
 from .training import distributed
 from .training.checkpoint import load_checkpoint, load_module_state, restore_params
 from .training.loggers import log_figures
@@ -42,6 +44,7 @@ from .training.stages import train
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "metrics.json"
+GIVEN_DATA_FILE = "data.safetensors"  # a run's copy of the data passed to run_experiment
 
 __all__ = [
     "run_experiment",
@@ -74,8 +77,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_data(cfg: Config) -> DataBundle:
+def build_data(cfg: Config, run_dir: str | Path | None = None) -> DataBundle:
+    """The data a configuration names: a dataset by name, your function's (``module:function``, run from a module
+    listed under ``imports:``) or, for a run trained on data passed to :func:`run_experiment`, the copy in
+    ``run_dir``."""
     d = cfg.data
+    if d.name == GIVEN_DATA:
+        if run_dir is None or not (Path(run_dir) / GIVEN_DATA_FILE).is_file():
+            raise ConfigError(
+                f"data.name = {GIVEN_DATA!r} means the data passed to run_experiment, kept in the run folder as "
+                f"{GIVEN_DATA_FILE}, but {str(run_dir)!r} has no such file"
+            )
+        return load_bundle(Path(run_dir) / GIVEN_DATA_FILE)
+    if d.name not in DATASETS:
+        return _function_data(cfg)
     data = load_data(
         d.name,
         root=d.root,
@@ -95,10 +110,37 @@ def build_data(cfg: Config) -> DataBundle:
     return data
 
 
+def _function_data(cfg: Config):
+    d = cfg.data
+    announce_imports(cfg)
+    make = data_function(d.name, cfg.imports)
+    try:
+        raw = make()
+    except PplVaeError:
+        raise
+    except Exception as e:  # the user's function failed: say whose, with its message (the traceback is chained)
+        raise DataError(f"data.name = {d.name!r}: the function raised {type(e).__name__}: {e}") from e
+    data = as_data(raw, val_fraction=d.val_fraction, seed=cfg.seed, name=d.name, pixels=d.pixels)
+    if d.multimodal is not None:
+        data = make_multimodal(
+            data, d.multimodal, num_modalities=d.num_modalities, missing_rate=d.missing_rate, seed=cfg.seed
+        )
+    return data
+
+
+_announced: set[tuple[str, ...]] = set()
+
+
+def announce_imports(cfg: Config) -> None:
+    """Say which code a configuration's ``imports:`` will run (once per process and list), before it runs."""
+    if cfg.imports and tuple(cfg.imports) not in _announced:
+        _announced.add(tuple(cfg.imports))
+        print(f"ppl-vae: this configuration imports code: {', '.join(describe_imports(cfg.imports))}", file=sys.stderr)
+
+
 def build(cfg: Config, data: DataBundle, device: torch.device):
     """The model for a configuration and its data, seeded by ``cfg.seed``, on ``device``."""
-    if cfg.imports:  # code named by the configuration runs here: say which, before it runs
-        print(f"ppl-vae: this configuration imports code: {', '.join(describe_imports(cfg.imports))}", file=sys.stderr)
+    announce_imports(cfg)  # code named by the configuration runs here: say which, before it runs
     import_methods(cfg.imports)  # methods defined outside the package register themselves
     pyro.set_rng_seed(cfg.seed)
     model = build_model(cfg.model, data.shape, num_data=len(data.train_x), num_classes=data.num_classes)
@@ -131,6 +173,7 @@ RUN_FILES = (
     "diagnostics.json",
     "diagnostics.nc",
     "gaps.json",
+    GIVEN_DATA_FILE,
 )
 
 
@@ -143,8 +186,13 @@ def run_experiment(
     device: str | None = None,
     progress: bool = True,
     figures: bool = True,
+    data=None,
 ) -> Run:
     """Train from a configuration: writes config.yaml, checkpoints, metrics.jsonl, metrics.json and figures.
+
+    ``data`` (your tensors, arrays, ``Dataset`` or :class:`~ppl_vae.data.DataBundle`; :func:`~ppl_vae.data.as_data`)
+    replaces the configuration's dataset: the run folder keeps a copy (``data.safetensors``, ``data.name: given``)
+    so that ``ppl-vae evaluate``, ``diagnose`` and :func:`load_run` work on it as on any run.
 
     Everything that can be checked is checked before anything is written: the device, the data (finite values),
     the model's options, the run folder (another process writing it is refused —
@@ -159,12 +207,15 @@ def run_experiment(
     cfg.train.validate()
     fabric = distributed.launch(cfg.train, dev)
     dev = fabric.device if fabric is not None else dev
-    data = build_data(cfg)
+    if data is not None:
+        cfg, data = _given(cfg, data)
+    else:
+        data = build_data(cfg)
     data.check_finite()
     model = build(cfg, data, dev)
     run_dir = Path(distributed.on_lead(fabric, lambda: str(run_dir if run_dir is not None else default_run_dir(cfg))))
     with contextlib.ExitStack() as held:
-        distributed.on_lead(fabric, lambda: _prepare_folder(held, cfg, run_dir, resume, overwrite))
+        distributed.on_lead(fabric, lambda: _prepare_folder(held, cfg, run_dir, resume, overwrite, data))
         result = train(
             model,
             data,
@@ -194,9 +245,24 @@ def run_experiment(
     return run
 
 
-def _prepare_folder(held: contextlib.ExitStack, cfg: Config, run_dir: Path, resume: bool, overwrite: bool) -> None:
+def _given(cfg: Config, data) -> tuple[Config, DataBundle]:
+    """The configuration of a run on data passed in (``data.name: given``) and the data as a bundle."""
+    if isinstance(data, MultimodalData):
+        raise DataError(
+            "run_experiment(data=...) takes unimodal data (tensors, arrays, a Dataset or a DataBundle); for "
+            "multimodal data name a function in data.name (module:function) and set data.multimodal"
+        )
+    cfg = config_from_dict(cfg.to_dict())  # a copy: the caller's configuration stays as it was
+    bundle = as_data(data, val_fraction=cfg.data.val_fraction, seed=cfg.seed, pixels=cfg.data.pixels)
+    cfg.data.name = GIVEN_DATA
+    return cfg, bundle
+
+
+def _prepare_folder(
+    held: contextlib.ExitStack, cfg: Config, run_dir: Path, resume: bool, overwrite: bool, data: DataBundle
+) -> None:
     """Lock the run folder (``held`` keeps the lock until the run ends), refuse one that holds another run, check
-    a resumed checkpoint against ``cfg`` and write config.yaml."""
+    a resumed checkpoint against ``cfg`` and write config.yaml (and a copy of data passed in)."""
     held.enter_context(RunLock(run_dir))  # first: a folder another process is writing is refused as such
     if resume and not (run_dir / CHECKPOINT).is_file() and not _stage_checkpoints(run_dir):
         raise RunFolderError(
@@ -216,6 +282,16 @@ def _prepare_folder(held: contextlib.ExitStack, cfg: Config, run_dir: Path, resu
         check_same_config(ck, cfg, run_dir)
     elif overwrite:
         _remove_run_files(run_dir)
+    if cfg.data.name == GIVEN_DATA:
+        kept = run_dir / GIVEN_DATA_FILE
+        if resume and kept.is_file() and not same_bundle(load_bundle(kept), data):
+            raise CheckpointError(
+                f"--resume: the data passed in differ from those the run in {str(run_dir)!r} was trained on "
+                f"({GIVEN_DATA_FILE}): pass the same data, or start a new run"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_bundle(data, kept.with_name(kept.name + ".tmp"))
+        kept.with_name(kept.name + ".tmp").replace(kept)
     save_config(cfg, run_dir / CONFIG_FILE)
 
 
@@ -283,9 +359,10 @@ def check_same_config(ckpt: dict, cfg: Config, where) -> None:
         )
 
 
-def load_params(run: Run, which: str = BEST) -> dict:
-    """Restore a run's parameters (``best.pt`` or ``checkpoint.pt``) into ``run.model`` in place."""
-    ckpt = load_checkpoint(run.run_dir / which, map_location=run.device)
+def load_params(run: Run, which: str = BEST, *, trusted: bool = False) -> dict:
+    """Restore a run's parameters (``best.pt`` or ``checkpoint.pt``) into ``run.model`` in place (``trusted``:
+    :func:`~ppl_vae.training.checkpoint.load_checkpoint`)."""
+    ckpt = load_checkpoint(run.run_dir / which, map_location=run.device, trusted=trusted)
     check_same_config(ckpt, run.cfg, run.run_dir / which)
     if ckpt.get("module") is not None:
         load_module_state(run.model, ckpt["module"], run.run_dir / which)
@@ -296,18 +373,26 @@ def load_params(run: Run, which: str = BEST) -> dict:
 
 
 def load_run(
-    run_dir: str | Path, which: str = "best", device: str | None = None, overrides: list[str] | None = None
+    run_dir: str | Path,
+    which: str = "best",
+    device: str | None = None,
+    overrides: list[str] | None = None,
+    *,
+    trusted: bool = False,
 ) -> Run:
-    """Rebuild a trained run from its folder (config.yaml + best.pt or checkpoint.pt), in eval mode."""
+    """Rebuild a trained run from its folder (config.yaml + best.pt or checkpoint.pt), in eval mode.
+
+    Checkpoints are read without unpickling; ``trusted=True`` reads a checkpoint of an older release that holds
+    other Python objects (it can run code from the file: only for a run whose origin you trust)."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run folder: it has no {CONFIG_FILE}")
     cfg = load_config(run_dir / CONFIG_FILE, overrides)
     dev = resolve_device(device or cfg.device)
-    data = build_data(cfg)
+    data = build_data(cfg, run_dir)
     run = Run(cfg, data, build(cfg, data, dev), run_dir, dev)
     name = BEST if which == "best" and (run_dir / BEST).exists() else CHECKPOINT
-    load_params(run, name)
+    load_params(run, name, trusted=trusted)
     run.model.eval()
     return run
 
@@ -387,6 +472,7 @@ def evaluate_run(
             (run.run_dir / "evaluation.json").write_text(json.dumps(out, indent=2))
         return out
     if num_samples > 0:
+        announce_work(run, x, y, num_samples, "the importance-sampled log p(x)", "--max-test / --num-samples")
         ll = log_likelihood(
             run.model.model,
             run.model.guide,
@@ -412,6 +498,26 @@ def evaluate_run(
     return out
 
 
+def announce_work(run: Run, x, y, num_samples: int, what: str, shorter: str, draws: str | None = None) -> float:
+    """Say on stderr how much work an evaluation plans (images × draws) and, from a timed pilot of a few images and
+    draws, about how long it will take — before a long run starts. Returns the estimate in seconds."""
+    n = len(x)
+    pilot_n, pilot_s = min(n, 8), min(num_samples, 64)
+    t0 = time.perf_counter()
+    log_likelihood(
+        run.model.model, run.model.guide, x[:pilot_n], y=None if y is None else y[:pilot_n], num_samples=pilot_s, seed=0
+    )
+    seconds = (time.perf_counter() - t0) * (n * num_samples) / (pilot_n * pilot_s)
+    when = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+    hint = f" (fewer with {shorter})" if seconds > 600 else ""
+    print(
+        f"ppl-vae: {what}: {n:,} images × {draws or f'{num_samples:,}'} draws = {n * num_samples:,} datapoint-draws, "
+        f"about {when} here{hint}",
+        file=sys.stderr,
+    )
+    return seconds
+
+
 def diagnose_run(
     run: Run,
     num_images: int = 100,
@@ -429,6 +535,8 @@ def diagnose_run(
     _positive("num_samples", num_samples, minimum=2)
     _positive("num_worst", num_worst)
     x, y = _test_split(run, num_images)
+    if not isinstance(run.data, MultimodalData):
+        announce_work(run, x, y, num_samples, "PSIS diagnostics", "--num-images / --num-samples")
     # ArviZ loads on first use (ppl_vae.evaluate imports it lazily)
     idata = evaluate.posterior_diagnostics(run.model.model, run.model.guide, x, num_samples=num_samples, seed=seed, y=y)
     diag = evaluate.psis_diagnostics(idata)
@@ -487,6 +595,11 @@ def gaps_run(
     x, y = _test_split(run, num_images)
     if nuts_images > len(x):
         raise PplVaeError(f"nuts_images must be at most num_images ({len(x)}), got {nuts_images}")
+    if not isinstance(run.data, MultimodalData):  # log p̂, the per-image optimisation (≈ 3 passes a draw), 2 ELBOs
+        per_image = num_samples + 3 * steps * num_particles + 2 * elbo_particles
+        detail = f"({num_samples:,} + 3×{steps}×{num_particles} + 2×{elbo_particles:,})"
+        what = "inference gaps" + (f" (plus NUTS on {nuts_images} images, not in the estimate)" if nuts_images else "")
+        announce_work(run, x, y, per_image, what, "--num-images / --steps / --elbo-particles", detail)
     out = evaluate.gap_report(
         run.model.model,
         run.model.guide,

@@ -4,7 +4,8 @@ A linear-Gaussian VAE whose guide's noise ε is carried with each datapoint (as 
 sampled as a reparameterised ``Delta`` with the Gaussian log-density. A training step is then a deterministic
 function of the batch, so 2 ranks that each take half of a global batch can be compared with one process that
 takes all of it, to float64 rounding (the ranks' sums are added in another order). Run as a script it trains
-every case on ``argv[1]`` processes and saves rank 0's results to ``argv[2]``.
+every case on ``argv[1]`` processes per node (``argv[3]`` nodes, default 1) and saves rank 0's results to
+``argv[2]``.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class FixedNoiseVAE(torch.nn.Module):
             pyro.sample("z", dist.Delta(z, log_density=dist.Normal(mu, sigma).log_prob(z).sum(-1), event_dim=1))
 
 
-def run_all(devices: int) -> dict:
+def run_all(devices: int, nodes: int = 1) -> dict:
     """Every case trained on ``devices`` CPU processes: {case: (parameters, history, gradients of every step)}.
     The gradients are read just before each optimiser step (Adam's steps hardly depend on the gradients' scale,
     so the parameters alone would not show a wrongly scaled rank loss)."""
@@ -84,7 +85,8 @@ def run_all(devices: int) -> dict:
         cfg = TrainConfig(
             lr=1e-2,
             devices=devices,
-            strategy="ddp" if devices > 1 else "auto",
+            num_nodes=nodes,
+            strategy="ddp" if devices * nodes > 1 else "auto",
             accelerator="cpu",
             logger="none",
             **fields,
@@ -103,6 +105,6 @@ def run_all(devices: int) -> dict:
 
 
 if __name__ == "__main__":
-    res = run_all(int(sys.argv[1]))
+    res = run_all(int(sys.argv[1]), int(sys.argv[3]) if len(sys.argv) > 3 else 1)
     if res["rank"] == 0:
         torch.save(res, sys.argv[2])

@@ -1,4 +1,5 @@
-"""Typed, validated configuration: YAML files in ``configs/`` plus dotted overrides (``train.epochs=5``).
+"""Typed, validated configuration: a YAML file, or a shipped config by name (``ppl_vae/configs/``, package data),
+plus dotted overrides (``train.epochs=5``).
 
 Errors name the field and the bad value: ``ConfigError: model.latent_dim must be a positive integer, got -3``.
 """
@@ -12,6 +13,8 @@ import re
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +36,8 @@ SCHEDULES = ("none", "exponential", "step", "cosine")
 WARMUP_SHAPES = ("linear", "exp")
 STRATEGIES = ("auto", "single_device", "ddp")
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu")
-PRECISIONS = ("32-true", "bf16-mixed")
-LOGGERS = ("none", "csv", "tensorboard", "mlflow")
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+LOGGERS = ("none", "csv", "tensorboard", "mlflow", "wandb")
 
 
 def _odd_window(v) -> bool:
@@ -45,6 +48,15 @@ def _device_name(v) -> bool:
     return isinstance(v, str) and (v in ("auto", "cpu") or v.startswith("cuda"))
 
 
+GIVEN_DATA = "given"  # data.name of a run whose data were passed to run_experiment (kept in the run folder)
+
+
+def _function_name(v: str) -> bool:
+    """``module:function``: a module (or a file's stem) and a function name, each an identifier path."""
+    module, _, fn = v.partition(":")
+    return bool(module) and fn.isidentifier() and all(part.isidentifier() for part in module.split("."))
+
+
 def _module_list(v) -> bool:
     return isinstance(v, list) and all(isinstance(s, str) and s for s in v)
 
@@ -53,7 +65,14 @@ def _module_list(v) -> bool:
 class DataConfig(Section):
     _prefix = "data"
 
-    name: str = option("digits", choices=DATASETS)
+    name: str = option(
+        "digits",
+        check=lambda v: isinstance(v, str) and (v in DATASETS or v == GIVEN_DATA or _function_name(v)),
+        what=f"one of {list(DATASETS)}, 'module:function' (your data, from a module listed under imports:) or "
+        f"{GIVEN_DATA!r} (the data passed to run_experiment, kept in the run folder)",
+        doc="a dataset by name, or your own: 'module:function' names a function of a module or file listed under "
+        "imports: that returns tensors, arrays, a Dataset or a DataBundle (ppl_vae.data.as_data)",
+    )
     root: str | None = option(None, check=lambda v: v is None or isinstance(v, str), what="a folder path or null")
     download: bool = option(False)
     pixels: str = option("continuous", choices=PIXEL_MODES)
@@ -67,6 +86,20 @@ class DataConfig(Section):
     missing_rate: float = option(0.0, ge=0, lt=1)
 
     def check(self, p: str) -> None:
+        if self.name not in DATASETS:  # your own data: what only a named dataset has is refused, not ignored
+            for field, default in (
+                ("root", None),
+                ("download", False),
+                ("limit", None),
+                ("image_size", None),
+                ("storage", "memory"),
+                ("workers", 0),
+            ):
+                if getattr(self, field) != default:
+                    raise ConfigError(
+                        f"{p}.{field} = {getattr(self, field)!r} applies to the named datasets, not to "
+                        f"{p}.name = {self.name!r} (your data are what your function returns): remove it"
+                    )
         if self.workers and self.storage == "memory" and self.name not in FOLDER_DATASETS:
             raise ConfigError(
                 f"{p}.workers = {self.workers} reads batches in worker processes, but {p}.storage = "
@@ -127,17 +160,25 @@ class TrainConfig(Section):
     min_elbo: float | None = option(
         -1e6, check=lambda v: v is None or _is_num(v), what="a number (nats per datapoint) or null"
     )
-    devices: int = option(1, gt=0)
+    devices: int = option(1, gt=0, doc="devices (processes) per node")
+    num_nodes: int = option(
+        1, gt=0, doc="machines of a multi-node job (launched by SLURM, torchrun or one command per node)"
+    )
     strategy: str = option("auto", choices=STRATEGIES)
     accelerator: str = option("auto", choices=ACCELERATORS)
     precision: str = option("32-true", choices=PRECISIONS)
     logger: str = option("csv", choices=LOGGERS)
 
     def check(self, p: str) -> None:
-        if self.devices > 1 and self.batch_size < self.devices:
+        if self.world_size > 1 and self.batch_size < self.world_size:
             raise ConfigError(
-                f"{p}.batch_size must be at least {p}.devices ({self.devices}): each process takes a "
-                f"share of the global batch, got {self.batch_size}"
+                f"{p}.batch_size must be at least {p}.devices × {p}.num_nodes ({self.world_size}): each process "
+                f"takes a share of the global batch, got {self.batch_size}"
+            )
+        if self.num_nodes > 1 and self.strategy != "ddp":
+            raise ConfigError(
+                f"{p}.strategy must be 'ddp' with {p}.num_nodes > 1 (one process group over the machines), "
+                f"got {self.strategy!r}"
             )
         if self.jit and self.objective == "iwae":
             raise ConfigError(f"{p}.jit must be false with {p}.objective='iwae' (TraceIWAE is not compiled), got true")
@@ -155,7 +196,12 @@ class TrainConfig(Section):
     @property
     def uses_fabric(self) -> bool:
         """Whether these settings ask for Lightning Fabric (several devices, a strategy or a precision)."""
-        return self.devices > 1 or self.strategy != "auto" or self.precision != "32-true"
+        return self.devices > 1 or self.num_nodes > 1 or self.strategy != "auto" or self.precision != "32-true"
+
+    @property
+    def world_size(self) -> int:
+        """Processes of the job: ``devices`` on each of ``num_nodes`` machines."""
+        return self.devices * self.num_nodes
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of a (0-based) epoch: a pure function of the epoch, so resumed runs match."""
@@ -286,19 +332,69 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults ← YAML file ← dotted overrides, then validation."""
+    """Defaults ← YAML file ← dotted overrides, then validation. ``path`` is a YAML file or, when no such file
+    exists, the name of a shipped config (``vae_fashion`` or ``vae_fashion.yaml``: :func:`shipped_configs`)."""
     values: dict = {}
     if path is not None:
-        p = _renamed(Path(path))
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
+        where, text = _read_config(path)
         try:
-            values = load_yaml(p.read_text()) or {}
+            values = load_yaml(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+            raise ConfigError(f"config file {where!r} is not valid YAML: {e}") from None
         if not isinstance(values, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(values).__name__}")
+            raise ConfigError(f"config file {where!r} must hold a mapping of sections, got {type(values).__name__}")
     return config_from_dict(apply_overrides(values, overrides or []))
+
+
+def shipped_configs() -> dict[str, Traversable]:
+    """The configs that ship inside the package (``ppl_vae/configs/<name>.yaml``, read through importlib.resources
+    so that they are found in a wheel too), by name, sorted."""
+    folder = resources.files("ppl_vae").joinpath("configs")
+    found = {e.name[: -len(".yaml")]: e for e in folder.iterdir() if e.name.endswith(".yaml") and e.is_file()}
+    return dict(sorted(found.items()))
+
+
+def shipped_config(name: str, stacklevel: int = 2) -> tuple[str, Traversable]:
+    """A shipped config by its name (``vae_fashion`` or ``vae_fashion.yaml``; an earlier name of
+    :data:`RENAMED_CONFIGS` with a DeprecationWarning): (its name, its file). ConfigError listing the names if none."""
+    shipped = shipped_configs()
+    name = name.removesuffix(".yaml").removesuffix(".yml")
+    if name in shipped:
+        return name, shipped[name]
+    new = RENAMED_CONFIGS.get(f"{name}.yaml", "").removesuffix(".yaml")
+    if new in shipped:
+        msg = f"{name} is now called {new}; the old name goes in the next release"
+        warnings.warn(msg, DeprecationWarning, stacklevel=stacklevel)
+        return new, shipped[new]
+    raise ConfigError(
+        f"no shipped config is called {name!r}; shipped configs: {', '.join(shipped)} "
+        "(`ppl-vae configs` lists them with their method and data)"
+    )
+
+
+def _is_bare_name(path: str | Path) -> bool:
+    """``vae_fashion`` or ``vae_fashion.yaml``: no folder part, so it may name a shipped config."""
+    text = os.fspath(path)
+    return bool(text) and "/" not in text and os.sep not in text and not (os.altsep and os.altsep in text)
+
+
+def _read_config(path: str | Path) -> tuple[str, str]:
+    """(what to call it in a message, its text): a file wins over a shipped config of the same name."""
+    p = _renamed(Path(path))
+    if p.is_file():
+        return str(p), p.read_text()
+    if p.exists():
+        raise ConfigError(f"config file {str(p)!r} is a folder: give a YAML file or the name of a shipped config")
+    if _is_bare_name(path):
+        try:
+            name, file = shipped_config(os.fspath(path), stacklevel=4)
+        except ConfigError as e:
+            raise ConfigError(f"config file {str(p)!r} does not exist, and {e}") from None
+        return f"{name} (shipped)", file.read_text()
+    hint = ""
+    if p.suffix in (".yaml", ".yml") and p.stem in shipped_configs():
+        hint = f"; a shipped config has that name: `ppl-vae train {p.stem}` uses it"
+    raise ConfigError(f"config file {str(p)!r} does not exist{hint}")
 
 
 # the shipped configs before they were named <method>_<data>[_variant].yaml (kept loading for one release)
@@ -330,7 +426,7 @@ def _renamed(path: Path) -> Path:
     if path.is_file() or new is None or not path.with_name(new).is_file():
         return path
     warnings.warn(
-        f"{path.name} is now called {new}; the old name goes in the next release", DeprecationWarning, stacklevel=3
+        f"{path.name} is now called {new}; the old name goes in the next release", DeprecationWarning, stacklevel=4
     )
     return path.with_name(new)
 

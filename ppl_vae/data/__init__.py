@@ -3,6 +3,7 @@
 * :mod:`.bundle` — :class:`DataBundle` and :func:`load_data` (splits, pixel modes, batches, a rank's share);
 * :mod:`.sources` — one loader per dataset (scikit-learn digits, IDX files, Omniglot, CelebA, image folders);
 * :mod:`.storage` — where pixels live between batches (float32, 8-bit, memory-mapped, decoded from files);
+* :mod:`.user` — your own tensors, arrays or ``Dataset`` as a bundle (:func:`as_data`);
 * :mod:`.multimodal` — several modalities of one datapoint, with masks (:func:`make_multimodal`).
 """
 
@@ -11,6 +12,7 @@ from .bundle import DATASETS, PIXEL_MODES, SPLITS, DataBundle, load_data, part_b
 from .multimodal import Layout, MultimodalData, make_multimodal
 from .sources import DEBIAN_FASHION_MNIST
 from .storage import STORAGES, Images
+from .user import as_data
 
 __all__ = [
     "DATASETS",
@@ -18,6 +20,7 @@ __all__ = [
     "SPLITS",
     "STORAGES",
     "DataBundle",
+    "as_data",
     "DataError",
     "Images",
     "load_data",

@@ -240,6 +240,22 @@ class DataBundle:
                     "binary_dynamic) and a likelihood that fits the values"
                 )
 
+    def check_link_range(self, likelihoods) -> None:
+        """Data a sigmoid-link likelihood (``likelihoods``: their names) can fit lie in [0, 1]: its means cannot
+        leave (0, 1), so tabular or standardised data would train without a word and fit badly."""
+        for split in SPLITS:
+            x = self.split(split)[0]
+            if isinstance(x, Images) or len(x) == 0:
+                continue
+            lo, hi = float(x.min()), float(x.max())
+            if lo < 0 or hi > 1:
+                raise DataError(
+                    f"model.link = 'sigmoid' keeps the means of the model's likelihood ({', '.join(likelihoods)}) "
+                    "in (0, 1), but "
+                    f"data.{split}_x lies in [{lo:g}, {hi:g}]: set model.link: identity for data of any range "
+                    "(or scale the data to [0, 1])"
+                )
+
     def __repr__(self) -> str:
         stored = "" if self.storage == "memory" else f", storage={self.storage!r}, workers={self.workers}"
         return (

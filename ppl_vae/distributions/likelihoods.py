@@ -300,3 +300,10 @@ def build_likelihood(
     if name == "laplace":
         return LaplaceLikelihood(scale=laplace_scale, link=link)
     raise ConfigError(f"model.likelihood must be one of ['bernoulli', 'gaussian', 'laplace', 'pixelcnn'], got {name!r}")
+
+
+def sigmoid_links(module: nn.Module) -> list[str]:
+    """The names of ``module``'s Gaussian / Laplace likelihoods whose mean passes through the sigmoid link (their
+    means cannot leave (0, 1), so data outside [0, 1] cannot be fitted)."""
+    kinds = (GaussianLikelihood, LaplaceLikelihood, FlooredLaplace)
+    return [name or "likelihood" for name, m in module.named_modules() if isinstance(m, kinds) and m.link == "sigmoid"]

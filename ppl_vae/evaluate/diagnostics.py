@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from ..infer.importance import fork_rng, importance_log_weights
+from ..infer.signature import adapt
 from ..infer.trace_checks import IWAEError
 from . import azcompat
-from .likelihood import eval_mode
+from .likelihood import eval_mode, full_data_log_weights, full_data_subsample
 
 __all__ = ["posterior_diagnostics", "psis_diagnostics", "plot_khat", "KHAT_GOOD", "KHAT_BAD"]
 
@@ -66,18 +67,17 @@ def posterior_diagnostics(
     """
     S = int(num_samples)
     args = (x,) if y is None else (x, y)
+    options = dict(
+        num_particles=S, vectorize_particles=vectorize_particles, max_plate_nesting=max_plate_nesting, keep_values=True
+    )
     with eval_mode(model, guide), fork_rng():
+        model, guide = adapt(model, "model"), adapt(guide, "guide")
+        size = full_data_subsample(guide, x, y, data_plate)
         torch.manual_seed(seed)
-        lw = importance_log_weights(
-            model,
-            guide,
-            args,
-            num_particles=S,
-            vectorize_particles=vectorize_particles,
-            max_plate_nesting=max_plate_nesting,
-            data_plate=data_plate,
-            keep_values=True,
-        )
+        if size is None:
+            lw = importance_log_weights(model, guide, args, data_plate=data_plate, **options)
+        else:  # a program that indexes the whole data set x: every datapoint, in chunks of its subsample size
+            lw = full_data_log_weights(model, guide, x, y, size, data_plate, **options)
     B = lw.batch_size
     if datapoint_index is None:
         datapoint_index = np.arange(B)

@@ -25,6 +25,7 @@ from pyro import poutine
 
 from ..distributions.plate import DATA_PLATE
 from ..infer.importance import fork_rng, importance_log_weights
+from ..infer.signature import adapt
 from ..infer.trace_checks import IWAEError
 from .latents import _latent_sites
 
@@ -68,7 +69,7 @@ def _args(x, y):
 def _trace(fn, x, y=None):
     """One run of ``fn`` traced (gradients off, values discarded, the caller's RNG untouched)."""
     with torch.no_grad(), fork_rng(), poutine.block():
-        return poutine.trace(fn).get_trace(*_args(x, y))
+        return poutine.trace(adapt(fn)).get_trace(*_args(x, y))
 
 
 def data_plate_size(trace, site: str | None = None, default: int = 1) -> int:

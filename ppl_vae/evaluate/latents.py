@@ -24,6 +24,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from ..infer.signature import adapt
 from .clustering import probe_accuracy
 from .likelihood import eval_mode
 
@@ -52,6 +53,7 @@ def posterior_means(
 ) -> dict[str, torch.Tensor]:
     """{site: (N, d) tensor of E_q[z_site | x]} (see the module docstring)."""
     _check(x, num_samples)
+    guide = adapt(guide, "guide")
     out: dict[str, list[torch.Tensor]] = {}
     with eval_mode(guide), torch.no_grad():
         for s in range(0, len(x), batch_size):
@@ -98,6 +100,7 @@ def kl_per_site(
 ) -> dict[str, float]:
     """{site: mean over datapoints of E_q[log q(z_site | ·) − log p(z_site | ·)]}, nats (Monte Carlo)."""
     _check(x, num_samples)
+    model, guide = adapt(model, "model"), adapt(guide, "guide")
     total: dict[str, float] = {}
     with eval_mode(model, guide), torch.no_grad():
         for s in range(0, len(x), batch_size):
@@ -123,6 +126,7 @@ def mutual_information(
     _check(x, num_samples)
     if len(x) < 2:
         raise ValueError(f"mutual_information needs at least 2 datapoints, got {len(x)}")
+    guide = adapt(guide, "guide")
     args = (x,) if y is None else (x, y)
     with eval_mode(guide), torch.no_grad():
         tr = poutine.trace(guide).get_trace(*args)

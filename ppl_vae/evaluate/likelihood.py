@@ -37,6 +37,7 @@ its first step).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable
@@ -46,7 +47,7 @@ import torch
 from torch import nn
 
 from ..infer.importance import fork_rng, guess_max_plate_nesting, importance_log_weights
-from ..infer.signature import adapt
+from ..infer.signature import adapt, on_indices
 from ..infer.trace_checks import IWAEError
 from .defensive import defended
 
@@ -244,59 +245,147 @@ def _log_likelihood_loop(
     defensive,
 ):
     out, ess_out = [], []
-    warned = False
     with eval_mode(model, guide), fork_rng():
         model, guide = adapt(model, "model"), adapt(guide, "guide")  # model(x) or model(x, y)
         guide, shield = defended(guide, *defensive)
         nesting = max_plate_nesting
         if vectorize_particles and chunk_size > 1 and nesting is None and N > 0:
             args0 = (data[:batch_size],) if y is None else (data[:batch_size], y[:batch_size])
-            nesting = guess_max_plate_nesting(model, guide, args0)
+            try:
+                nesting = guess_max_plate_nesting(model, guide, args0)
+            except (IndexError, ValueError, RuntimeError, IWAEError):
+                nesting = None  # a model that indexes the whole data set: found out below
         torch.manual_seed(seed)
-        validated = set()
-        for start in range(0, N, batch_size):
-            xb = data[start : start + batch_size]
-            args = (xb,) if y is None else (xb, y[start : start + batch_size])
-            acc = acc2 = None
-            done = 0
-            while done < S:
-                c = min(chunk_size, S - done)
-                shape = (c, xb.shape[0])
-                with contextlib.nullcontext() if shape not in validated else pyro.validation_enabled(False):
-                    lw = importance_log_weights(
-                        model,
-                        guide,
-                        args,
-                        num_particles=c,
-                        vectorize_particles=vectorize_particles,
-                        max_plate_nesting=nesting,
-                        data_plate=data_plate,
-                    )
-                validated.add(shape)
-                if lw.batch_size != xb.shape[0]:
-                    raise IWAEError(
-                        f"the plate '{data_plate}' has {lw.batch_size} datapoints but the batch has "
-                        f"{xb.shape[0]}: the data plate must run over the batch passed to the model"
-                    )
-                if lw.global_terms and not warned:
-                    warnings.warn(
-                        f"log_likelihood: observed sites outside the plate '{data_plate}' "
-                        f"{sorted(lw.global_terms)} are not part of any per-datapoint p(x_i) and are left "
-                        "out",
-                        stacklevel=4,
-                    )
-                    warned = True
-                out_dtype = lw.log_w.dtype
-                log_w = lw.log_w.double()
-                s1, s2 = torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0)
-                acc = s1 if acc is None else torch.logaddexp(acc, s1)
-                acc2 = s2 if acc2 is None else torch.logaddexp(acc2, s2)
-                done += c
-                if bar is not None:
-                    bar.update(c * xb.shape[0])
-            out.append((acc - math.log(S)).to(out_dtype))
-            ess_out.append(torch.exp(2 * acc - acc2))
+        run = _Batches(S, chunk_size, data_plate, vectorize_particles, nesting, bar)
+        try:
+            for start in range(0, N, batch_size):
+                xb = data[start : start + batch_size]
+                args = (xb,) if y is None else (xb, y[start : start + batch_size])
+                lp, ess = run.batch(model, guide, args, xb.shape[0])
+                out.append(lp)
+                ess_out.append(ess)
+        except (IndexError, ValueError, RuntimeError, IWAEError) as e:
+            size = full_data_subsample(guide, data, y, data_plate) if not out else None
+            if size is None:
+                raise
+            torch.manual_seed(seed)  # the model indexes the whole data set: give it all, chunk its indices
+            if bar is not None:
+                bar.reset()
+            out, ess_out = _full_data_loop(model, guide, data, y, N, size, run, e)
     return out, ess_out, sorted(shield.sites)
+
+
+class _Batches:
+    """Per-datapoint log p̂ and ESS of one batch, its ``S`` draws in chunks (running logsumexp)."""
+
+    def __init__(self, S, chunk_size, data_plate, vectorize_particles, nesting, bar):
+        self.S, self.chunk_size, self.data_plate = S, chunk_size, data_plate
+        self.vectorize, self.nesting, self.bar = vectorize_particles, nesting, bar
+        self.validated: set = set()
+        self.warned = False
+
+    def batch(self, model, guide, args, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        acc = acc2 = None
+        done = 0
+        out_dtype = torch.float32
+        while done < self.S:
+            c = min(self.chunk_size, self.S - done)
+            shape = (c, n)
+            with contextlib.nullcontext() if shape not in self.validated else pyro.validation_enabled(False):
+                lw = importance_log_weights(
+                    model,
+                    guide,
+                    args,
+                    num_particles=c,
+                    vectorize_particles=self.vectorize,
+                    max_plate_nesting=self.nesting,
+                    data_plate=self.data_plate,
+                )
+            self.validated.add(shape)
+            if lw.batch_size != n:
+                raise IWAEError(
+                    f"the plate '{self.data_plate}' has {lw.batch_size} datapoints but the batch has "
+                    f"{n}: the data plate must run over the batch passed to the model"
+                )
+            if lw.global_terms and not self.warned:
+                warnings.warn(
+                    f"log_likelihood: observed sites outside the plate '{self.data_plate}' "
+                    f"{sorted(lw.global_terms)} are not part of any per-datapoint p(x_i) and are left "
+                    "out",
+                    stacklevel=5,
+                )
+                self.warned = True
+            out_dtype = lw.log_w.dtype
+            log_w = lw.log_w.double()
+            s1, s2 = torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0)
+            acc = s1 if acc is None else torch.logaddexp(acc, s1)
+            acc2 = s2 if acc2 is None else torch.logaddexp(acc2, s2)
+            done += c
+            if self.bar is not None:
+                self.bar.update(c * n)
+        assert acc is not None and acc2 is not None
+        return (acc - math.log(self.S)).to(out_dtype), torch.exp(2 * acc - acc2)
+
+
+def full_data_subsample(guide, data, y, data_plate: str) -> int | None:
+    """For a guide whose data plate indexes the whole data set (Pyro's subsampling idiom, ``with
+    pyro.plate("data", len(x), subsample_size=B) as idx: ... x[idx]``): its subsample size B; otherwise ``None``."""
+    try:
+        with torch.no_grad(), fork_rng(), pyro.poutine.block():
+            tr = pyro.poutine.trace(guide).get_trace(*((data,) if y is None else (data, y)))
+    except Exception:  # noqa: BLE001  (not a full-data program: the caller re-raises its own error)
+        return None
+    site = tr.nodes.get(data_plate)
+    fn = site["fn"] if site is not None and site["type"] == "sample" else None
+    if type(fn).__name__ != "_Subsample" or fn.size != len(data) or not (fn.subsample_size or fn.size) < fn.size:
+        return None
+    return int(fn.subsample_size)
+
+
+def full_data_log_weights(model, guide, x, y, size: int, data_plate: str = "data", **kwargs):
+    """:func:`~ppl_vae.infer.importance.importance_log_weights` of every datapoint of ``x`` for a program that
+    indexes the whole data set (subsample size ``size``, :func:`full_data_subsample`): chunks of ``size`` indices,
+    put back together along the datapoint dimension."""
+    args = (x,) if y is None else (x, y)
+    N = len(x)
+    parts = []
+    for start in range(0, N, size):
+        idx = torch.arange(start, start + size, device=x.device) % N
+        fixed = on_indices(model, data_plate, idx), on_indices(guide, data_plate, idx)
+        lw = importance_log_weights(*fixed, args, data_plate=data_plate, **kwargs)
+        parts.append((lw, min(size, N - start)))
+    first = parts[0][0]
+
+    def cat(get, dim):
+        return {k: torch.cat([get(lw)[k].narrow(dim, 0, keep) for lw, keep in parts], dim) for k in get(first)}
+
+    return dataclasses.replace(
+        first,
+        log_w=torch.cat([lw.log_w[:, :keep] for lw, keep in parts], 1),
+        model_terms=cat(lambda lw: lw.model_terms, 1),
+        guide_terms=cat(lambda lw: lw.guide_terms, 1),
+        values=cat(lambda lw: lw.values, 1),
+        observed=cat(lambda lw: lw.observed, 0),
+    )
+
+
+def _full_data_loop(model, guide, data, y, N, size, run: _Batches, first_error):
+    """Chunks of ``size`` indices of the data plate (the last one wrapped around and cut), the program given the
+    whole data set each time."""
+    out, ess_out = [], []
+    args = (data,) if y is None else (data, y)
+    for start in range(0, N, size):
+        idx = torch.arange(start, start + size, device=data.device) % N
+        keep = min(size, N - start)
+        try:
+            lp, ess = run.batch(
+                on_indices(model, run.data_plate, idx), on_indices(guide, run.data_plate, idx), args, size
+            )
+        except (IndexError, ValueError, RuntimeError, IWAEError):
+            raise first_error from None
+        out.append(lp[:keep])
+        ess_out.append(ess[:keep])
+    return out, ess_out
 
 
 def mc_std_error(ess: torch.Tensor, num_samples: int) -> torch.Tensor:

@@ -40,6 +40,7 @@ from pyro.poutine.util import site_is_subsample
 
 from ..distributions.plate import DATA_PLATE
 from ..infer.importance import fork_rng, importance_log_weights
+from ..infer.signature import adapt
 from ..infer.trace_checks import IWAEError
 from . import azcompat
 from .diagnostics import psis_diagnostics
@@ -76,7 +77,7 @@ def latent_sites(model, x, y=None) -> dict[str, torch.Tensor]:
 def _guide_draw(guide, x, y, names) -> dict[str, torch.Tensor]:
     """One draw of the guide's ``names`` (from the current RNG: it starts a chain)."""
     with torch.no_grad(), poutine.block():
-        tr = poutine.trace(guide).get_trace(*_args(x, y))
+        tr = poutine.trace(adapt(guide, "guide")).get_trace(*_args(x, y))
     return {k: tr.nodes[k]["value"].detach().clone() for k in names if k in tr.nodes}
 
 
@@ -145,6 +146,7 @@ def nuts_posterior(
             f"nuts_posterior needs num_chains >= 1, num_samples >= 2 and warmup_steps >= 0; got "
             f"{num_chains}, {num_samples}, {warmup_steps}"
         )
+    model = adapt(model, "model")  # model(x), model(x, y), model(batch), ...: called as (x, y) below
     frozen = [p for p in parameters if p.requires_grad]
     unscaled = Unscaled()(model)
     t0 = time.perf_counter()

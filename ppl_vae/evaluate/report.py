@@ -26,8 +26,11 @@ import time
 import numpy as np
 import torch
 
+from ..distributions.plate import DATA_PLATE
+from ..errors import ProgramError
+from ..infer.signature import adapt
 from .gaps import guide_latent_sites, inference_gaps
-from .likelihood import log_likelihood
+from .likelihood import full_data_subsample, log_likelihood
 from .reference import compare_to_reference, nuts_posterior
 
 __all__ = ["gap_report", "plot_gaps", "GAPS"]
@@ -74,6 +77,15 @@ def gap_report(
     if nuts_images < 0 or nuts_images > len(x):
         raise ValueError(f"nuts_images must be between 0 and the number of images ({len(x)}), got {nuts_images}")
     parameters = list(parameters)
+    model, guide = adapt(model, "model"), adapt(guide, "guide")
+    size = full_data_subsample(guide, x, y, DATA_PLATE)
+    if size is not None:
+        raise ProgramError(
+            f"gap_report: this guide indexes the whole data set itself (its plate '{DATA_PLATE}' draws {size} of "
+            f"the {len(x)} datapoints passed); the per-datapoint optimisation of the gaps needs a program whose data "
+            "plate runs over the batch it is given (pyro.plate('data', len(x))) — log_likelihood and "
+            "posterior_diagnostics take this program as it is"
+        )
     sites = (
         guide_latent_sites(guide, x[:1], None if y is None else y[:1])
         if site is None

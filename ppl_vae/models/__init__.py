@@ -7,6 +7,8 @@ configuration. A method's file, class and registry key share one name (``vlae.py
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import importlib
 import pkgutil
 
@@ -21,7 +23,16 @@ from .mmvae import MMVAE
 from .mmvm import MMVM
 from .mopoe import MoPoE
 from .mvae import MVAE
-from .registry import get_method, import_methods, model_names, register_model, resolve_name
+from .registry import (
+    RECIPE_ATTR,
+    BuildRecipe,
+    get_method,
+    import_methods,
+    model_names,
+    recipe_of,
+    register_model,
+    resolve_name,
+)
 from .rme import RME
 from .sigma_vae import SigmaVAE
 from .sumpool import SumPool
@@ -41,6 +52,8 @@ __all__ = [
     "get_method",
     "resolve_name",
     "import_methods",
+    "BuildRecipe",
+    "recipe_of",
     "VAE",
     "VAE2",
     "LinearGaussianVAE",
@@ -67,12 +80,22 @@ __all__ = [
 
 def build_model(cfg: ModelConfig, data_shape, num_data: int | None = None, num_classes: int | None = None):
     """Assemble the model named ``cfg.name`` from its configuration (networks, likelihood, prior, guide); the
-    method's ``model.options`` are validated by its options dataclass first."""
+    method's ``model.options`` are validated by its options dataclass first. The model keeps what it was built
+    from as ``model.ppl_vae_recipe`` (a :class:`~ppl_vae.models.registry.BuildRecipe`, read by
+    :func:`ppl_vae.save`)."""
     cfg.validate()
     method = get_method(cfg.name)
     options = method.options.parse(cfg.options, method=cfg.name)
     shape = data_shape if isinstance(data_shape, Layout) else tuple(data_shape)  # multimodal data: its Layout
-    return method.build(cfg, options, shape, num_data, num_classes)
+    model = method.build(cfg, options, shape, num_data, num_classes)
+    recipe = BuildRecipe(
+        method.name, dataclasses.replace(copy.deepcopy(cfg), name=method.name), shape, num_data, num_classes
+    )
+    try:
+        setattr(model, RECIPE_ATTR, recipe)
+    except AttributeError:  # a builder's object that takes no attributes: it cannot be saved by recipe
+        pass
+    return model
 
 
 # a method file added to this folder registers itself when the package is imported

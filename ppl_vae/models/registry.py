@@ -31,6 +31,9 @@ __all__ = [
     "resolve_name",
     "import_methods",
     "describe_imports",
+    "BuildRecipe",
+    "RECIPE_ATTR",
+    "recipe_of",
 ]
 
 
@@ -39,6 +42,29 @@ class Method:
     name: str
     build: Callable
     options: type[Options]
+
+
+@dataclass(frozen=True)
+class BuildRecipe:
+    """What :func:`~ppl_vae.models.build_model` built a model from, kept on the model as ``ppl_vae_recipe``: the
+    method's registered name, its :class:`~ppl_vae.config.sections.ModelConfig` (a copy), the data shape (a tuple,
+    or a multimodal :class:`~ppl_vae.data.multimodal.Layout`), ``num_data`` and ``num_classes``. Enough to build
+    the same model again (:func:`ppl_vae.load`)."""
+
+    method: str
+    config: object  # a ModelConfig (config.sections imports the data layer: kept untyped here)
+    data_shape: tuple | object
+    num_data: int | None
+    num_classes: int | None
+
+
+RECIPE_ATTR = "ppl_vae_recipe"
+
+
+def recipe_of(model) -> BuildRecipe | None:
+    """The :class:`BuildRecipe` a model was built from, or ``None`` (a model that ``build_model`` did not build)."""
+    recipe = getattr(model, RECIPE_ATTR, None)
+    return recipe if isinstance(recipe, BuildRecipe) else None
 
 
 _METHODS: dict[str, Method] = {}
@@ -85,10 +111,7 @@ def get_method(name: str) -> Method:
 
 def describe_imports(names) -> list[str]:
     """What :func:`import_methods` will run: each file's absolute path, each module by name."""
-    return [
-        f"the file {Path(n).expanduser().resolve()}" if n.endswith(".py") or "/" in n else f"the module {n}"
-        for n in names
-    ]
+    return [f"the file {Path(n).expanduser().resolve()}" if _is_file(n) else f"the module {n}" for n in names]
 
 
 def import_methods(names) -> None:
@@ -96,23 +119,48 @@ def import_methods(names) -> None:
     define register themselves — what a configuration's top-level ``imports:`` list does before the model is
     built. A file is imported once per process under a name derived from its absolute path."""
     for name in names:
-        if name.endswith(".py") or "/" in name:
-            path = Path(name).expanduser().resolve()
-            if not path.is_file():
-                raise ConfigError(f"imports: {name!r} is not a Python file")
-            module = "ppl_vae_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-            if module in sys.modules:
-                continue
-            spec = importlib.util.spec_from_file_location(module, path)
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[module] = mod
-            try:
-                spec.loader.exec_module(mod)
-            except BaseException:
-                del sys.modules[module]
-                raise
-        else:
-            try:
-                importlib.import_module(name)
-            except ImportError as e:
-                raise ConfigError(f"imports: could not import {name!r} ({e})") from None
+        imported_module(name)
+
+
+def _is_file(name: str) -> bool:
+    return name.endswith(".py") or "/" in name
+
+
+def imported_module(name: str):
+    """The module of one ``imports:`` entry (a module name or a ``.py`` file), imported on first use."""
+    if not _is_file(name):
+        try:
+            return importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"imports: could not import {name!r} ({e})") from None
+    path = Path(name).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"imports: {name!r} is not a Python file")
+    module = "ppl_vae_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    if module in sys.modules:
+        return sys.modules[module]
+    spec = importlib.util.spec_from_file_location(module, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[module] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[module]
+        raise
+    return mod
+
+
+def data_function(name: str, imports: list[str]):
+    """The function ``module:function`` names (``data.name``), from a module or file listed under ``imports:``
+    (a file by its stem): code runs only from what the configuration lists."""
+    module, _, fn = name.partition(":")
+    listed = [n for n in imports if (Path(n).stem if _is_file(n) else n) == module]
+    if not listed:
+        raise ConfigError(
+            f"data.name = {name!r} names the module {module!r}, which is not listed under imports: "
+            f"({imports or 'nothing is'}): add the module or its .py file there"
+        )
+    found = getattr(imported_module(listed[0]), fn, None)
+    if not callable(found):
+        raise ConfigError(f"data.name = {name!r}: {listed[0]!r} has no function {fn!r}")
+    return found

@@ -22,6 +22,7 @@ import torch
 from pyro import poutine
 
 from ..errors import CheckpointError
+from ..infer.signature import adapt
 from ..nn.device import owner_module
 
 SCHEMA = 2  # 1: written before this field existed; 2: the one-Adam optimiser state, the model's config
@@ -114,8 +115,8 @@ def load_checkpoint(path: str | Path, map_location=None, *, trusted: bool = Fals
         raise CheckpointError(
             f"{str(path)!r} holds Python objects beyond tensors, numbers and containers "
             f"({found.group(1) if found else 'an object of an unknown class'}): unpickling it could run code from the "
-            "file, so it is not loaded. If you trust where it comes from: "
-            "ppl_vae.training.load_checkpoint(path, trusted=True)"
+            "file, so it is not loaded. If you trust where it comes from: ppl-vae evaluate|diagnose|gaps|sample "
+            "--trust-pickle, or load_run(..., trusted=True) / load_checkpoint(path, trusted=True)"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise _damaged(path, e) from None
@@ -134,6 +135,7 @@ def _damaged(path: Path, e: Exception) -> CheckpointError:
 
 def register_params(model, guide, *args, **kwargs) -> None:
     """Run guide and model once (values discarded) so that every ``pyro.param`` / ``pyro.module`` is registered."""
+    model, guide = adapt(model, "model"), adapt(guide, "guide")  # model(x), model(x, y), model(batch), ...
     with torch.no_grad(), torch.random.fork_rng(devices=[]), poutine.block():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)

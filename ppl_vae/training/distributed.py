@@ -58,10 +58,21 @@ def launch(train, device: torch.device):
             f"train.accelerator must be available on this machine: got {train.accelerator!r} (device "
             f"{device}), but CUDA is not available"
         )
-    key = (accelerator, train.devices, train.strategy, train.precision)
+    if train.precision == "16-mixed" and accelerator == "cpu":
+        raise ConfigError(
+            "train.precision = '16-mixed' is float16 autocast with a gradient scaler, for CUDA GPUs; on the CPU "
+            "Lightning would silently train in bfloat16 instead: use train.precision: bf16-mixed (or 32-true)"
+        )
+    if train.world_size > 1 and _in_notebook():
+        raise ConfigError(
+            f"train.strategy = 'ddp' with {train.world_size} processes starts each process by re-running the "
+            "command, which a notebook kernel cannot be: put the training in a script (python train.py, or ppl-vae "
+            "train config.yaml) and run it from a terminal; in the notebook, train on one device (train.devices: 1)"
+        )
+    key = (accelerator, train.devices, train.num_nodes, train.strategy, train.precision)
     if key in _LAUNCHED:
         return _LAUNCHED[key]
-    if _LAUNCHED and train.devices > 1:
+    if _LAUNCHED and train.world_size > 1:
         raise ConfigError(
             f"a job runs one multi-process layout: this process already launched "
             f"{next(iter(_LAUNCHED))}, now asked for {key}"
@@ -77,13 +88,29 @@ def launch(train, device: torch.device):
         strategy = DDPStrategy(
             find_unused_parameters=True, process_group_backend="gloo" if accelerator == "cpu" else None
         )
-    fabric = Fabric(accelerator=accelerator, devices=train.devices, strategy=strategy, precision=train.precision)
+    fabric = Fabric(
+        accelerator=accelerator,
+        devices=train.devices,
+        num_nodes=train.num_nodes,
+        strategy=strategy,
+        precision=train.precision,
+    )
     _say_why_before_lightning_stops_the_job()
     fabric.launch()
-    if train.devices > 1:  # one process group per job; one-process Fabrics are made afresh
+    if train.world_size > 1:  # one process group per job; one-process Fabrics are made afresh
         _LAUNCHED[key] = fabric
         atexit.register(release_process_group)
     return fabric
+
+
+def _in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (its ``__main__`` is no file a launcher could run again)."""
+    return "ipykernel" in sys.modules and not hasattr(sys.modules.get("__main__"), "__file__")
+
+
+def grad_scaler(fabric):
+    """The gradient scaler of ``fabric``'s precision (``16-mixed`` on a GPU), or ``None``."""
+    return getattr(getattr(fabric, "_precision", None), "scaler", None) if fabric is not None else None
 
 
 def release_process_group() -> None:

@@ -4,7 +4,10 @@
 ``csv`` (the default; Lightning's own ``CSVLogger``, no other dependency) writes ``<run>/logs/csv/metrics.csv``;
 ``tensorboard`` writes that and a TensorBoard event file under ``<run>/logs/tensorboard`` (needs ``tensorboard``);
 ``mlflow`` writes the CSV and an MLflow run (needs ``mlflow`` or ``mlflow-skinny``; ``MLFLOW_TRACKING_URI`` names
-a server or database, else a local file store ``<run>/logs/mlruns``; the figures become the run's artefacts). On
+a server or database, else a local file store ``<run>/logs/mlruns``; the figures become the run's artefacts);
+``wandb`` writes the CSV and a Weights & Biases run under ``<run>/logs/wandb`` (needs ``wandb``: ``pip install
+"ppl-vae[wandb]"``), offline unless ``WANDB_MODE`` says otherwise (``wandb sync <run>/logs/wandb/offline-run-*``
+uploads it later; ``WANDB_MODE=online`` logs live), the figures as images. On
 ``--resume`` the CSV and TensorBoard folders are written again from the
 restored history, so they hold each epoch once. Only rank 0 of a multi-process job logs.
 """
@@ -20,6 +23,7 @@ from ..errors import ConfigError
 __all__ = ["make_loggers", "log_history", "log_figures", "close_loggers"]
 
 MLFLOW_RUN = "mlflow_run_id"
+WANDB_RUN = "wandb_run_id"
 
 
 def _tensorboard(root: Path):
@@ -65,7 +69,22 @@ def make_loggers(kind: str, run_dir: Path | None, name: str = "ppl_vae", resumin
         out.append(lg)
         root.mkdir(parents=True, exist_ok=True)
         (root / MLFLOW_RUN).write_text(lg.run_id)
+    elif kind == "wandb":
+        lg = _wandb(root, name, _read(root / WANDB_RUN) if resuming else None)
+        out.append(lg)
+        (root / WANDB_RUN).write_text(lg.experiment.id)
     return out
+
+
+def _wandb(root: Path, name: str, run_id: str | None = None):
+    try:
+        import wandb  # noqa: F401  (the logger's own import error is less clear)
+        from lightning.pytorch.loggers import WandbLogger
+    except (ModuleNotFoundError, ImportError) as e:
+        raise ConfigError(f"train.logger='wandb' needs the wandb package (pip install 'ppl-vae[wandb]'): {e}") from e
+    root.mkdir(parents=True, exist_ok=True)
+    offline = os.environ.get("WANDB_MODE", "offline") in ("offline", "dryrun", "disabled")
+    return WandbLogger(project=name, save_dir=str(root), offline=offline, id=run_id, resume="allow" if run_id else None)
 
 
 def _read(path: Path) -> str | None:
@@ -105,8 +124,19 @@ def log_figures(kind: str, run_dir: Path, paths, step: int = 0, name: str = "ppl
         lg = _mlflow(root, name, _read(root / MLFLOW_RUN))
         for path in paths:
             lg.experiment.log_artifact(lg.run_id, str(path))
+    elif kind == "wandb" and paths:
+        lg = _wandb(root, name, _read(root / WANDB_RUN))
+        lg.log_image("figures", images=[str(p) for p in paths], step=step, caption=[Path(p).stem for p in paths])
+        lg.finalize("success")
+        import wandb
+
+        wandb.finish()
 
 
 def close_loggers(loggers: list, status: str = "success") -> None:
     for lg in loggers:
         lg.finalize(status)
+        if type(lg).__name__ == "WandbLogger":  # end the W&B run (its files complete); log_figures resumes it
+            import wandb
+
+            wandb.finish(exit_code=0 if status == "success" else 1)

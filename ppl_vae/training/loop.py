@@ -50,6 +50,8 @@ from pyro.infer.elbo import ELBO
 from tqdm.auto import tqdm
 
 from ..config.sections import TrainConfig
+from ..data.user import as_data
+from ..distributions.likelihoods import sigmoid_links
 from ..errors import CheckpointError, DataError, TrainingDiverged
 from ..infer.signature import adapt
 from ..nn.device import device_of
@@ -63,7 +65,7 @@ from .checkpoint import (
     rng_state,
     set_rng_state,
 )
-from .distributed import RANK_SEED, Sharded, on_lead, refuse_coupled
+from .distributed import RANK_SEED, Sharded, grad_scaler, on_lead, refuse_coupled
 from .loggers import close_loggers, log_history, make_loggers
 from .optim import ParamOptimizer
 from .plan import TrainingPlan, plan_for
@@ -118,6 +120,8 @@ def fit(
     """Train one stage of ``plan`` on ``data`` with ``config`` (a :class:`~ppl_vae.config.TrainConfig`); see the
     module docstring for what one epoch does.
 
+    :param data: a :class:`~ppl_vae.data.DataBundle`, or your own tensors, arrays or map-style ``Dataset``
+        (:func:`~ppl_vae.data.as_data`: split from ``seed``).
     :param plan: a :class:`~ppl_vae.training.plan.TrainingPlan`, or what one is made of (a model object with
         ``model``/``guide`` methods, or a ``(model_fn, guide_fn)`` pair: its registered or the default plan).
     :param objective: any ``pyro.infer.ELBO``, instead of ``plan.objective(config)``.
@@ -145,6 +149,7 @@ def fit(
     elif args or legacy:
         raise TypeError(f"fit() got unexpected arguments {list(legacy) or args}")
     plan = plan if isinstance(plan, TrainingPlan) else plan_for(plan)
+    data = as_data(data, seed=seed)  # a DataBundle as it is; tensors, arrays, a Dataset split from the seed
     loop = _Loop(plan, data, config or TrainConfig(), objective=objective, **options)
     loop.restore() if resume else loop.start()
     with loop.session(progress) as bar:
@@ -226,7 +231,7 @@ class _Loop:
         """A fresh run: a clean param store, the seed (per rank), a new optimiser, an empty ``metrics.jsonl``."""
         pyro.clear_param_store()
         pyro.set_rng_seed(self.seed + RANK_SEED * self.rank)
-        self.optim = ParamOptimizer(self.module, self.lr, self.cfg.clip_norm)
+        self.optim = ParamOptimizer(self.module, self.lr, self.cfg.clip_norm, grad_scaler(self.fabric))
         if self.run_dir is not None and self.lead:
             (self.run_dir / METRICS).write_text("")
 
@@ -252,7 +257,7 @@ class _Loop:
         restore_params(self.model, self.guide, ckpt["param_store"], x0, y0)
         self.start_epoch = ckpt["epoch"]
         self.lr = self.cfg.lr_at(self.start_epoch)
-        self.optim = ParamOptimizer(self.module, self.lr, self.cfg.clip_norm)
+        self.optim = ParamOptimizer(self.module, self.lr, self.cfg.clip_norm, grad_scaler(self.fabric))
         self.optim.load_state(ckpt["optim"])
         self.result = FitResult.from_checkpoint(ckpt, self.run_dir)
         self.bad_epochs = ckpt["bad_epochs"]
@@ -367,6 +372,8 @@ class _Loop:
             self.data_checked = True
             if self.divisor.probe.unit_interval_sites:
                 self.data.check_unit_interval(self.divisor.probe.unit_interval_sites)
+            if self.plan.module is not None and sigmoid_links(self.plan.module):
+                self.data.check_link_range(sigmoid_links(self.plan.module))
         self.skip_checks = not self.cfg.validate_every_step
         loss, value = float(loss), float(value)
         if not math.isfinite(value):  # every rank sees the reduced value, so every rank stops

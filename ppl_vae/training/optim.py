@@ -27,8 +27,11 @@ _FORMAT = "ppl_vae.ParamOptimizer/1"
 
 
 class ParamOptimizer:
-    def __init__(self, module: torch.nn.Module | None, lr: float, clip_norm: float | None = None):
-        self.module, self.clip_norm = module, clip_norm
+    def __init__(self, module: torch.nn.Module | None, lr: float, clip_norm: float | None = None, scaler=None):
+        """``scaler``: the ``torch.amp.GradScaler`` of float16 training (``train.precision: 16-mixed``): the
+        gradients arrive scaled; each step unscales them (before clipping), skips a step whose gradients overflowed
+        and updates the scale, as ``GradScaler.step`` does."""
+        self.module, self.clip_norm, self.scaler = module, clip_norm, scaler
         self.params: list[torch.Tensor] = []
         self._ids: set[int] = set()
         self.optim = torch.optim.Adam([{"params": []}], lr=lr)
@@ -56,11 +59,17 @@ class ParamOptimizer:
     # -- one step -----------------------------------------------------------------------------------------
     def step(self) -> None:
         self.sync()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optim)
         if self.clip_norm:
             for p in self.params:
                 if p.grad is not None:
                     torch.nn.utils.clip_grad_norm_(p, self.clip_norm)
-        self.optim.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optim)
+            self.scaler.update()
+        else:
+            self.optim.step()
         self.optim.zero_grad(set_to_none=True)
 
     def set_lr(self, lr: float) -> None:
@@ -77,18 +86,23 @@ class ParamOptimizer:
 
     def state(self) -> dict:
         names = self._names()
-        return {
+        out = {
             "format": _FORMAT,
             "state": {
                 names[id(p)]: self.optim.state[p] for p in self.params if p in self.optim.state and id(p) in names
             },
         }
+        if self.scaler is not None:  # the loss scale goes on from where it was
+            out["grad_scaler"] = self.scaler.state_dict()
+        return out
 
     def load_state(self, saved: dict, device=None) -> None:
         """Restore the per-parameter Adam state (``step``, ``exp_avg``, ``exp_avg_sq``) by name."""
         self.sync()
         names = self._names()
         by_name = {names[id(p)]: p for p in self.params if id(p) in names}
+        if self.scaler is not None and saved.get("grad_scaler"):
+            self.scaler.load_state_dict(saved["grad_scaler"])
         if saved.get("format") == _FORMAT:
             per_param = renamed(saved["state"], self.module)
         else:  # pyro.optim.PyroOptim.get_state(): {store name: state_dict of a one-tensor torch optimiser}

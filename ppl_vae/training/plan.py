@@ -47,9 +47,11 @@ from ..config.sections import TrainConfig
 from ..infer.analytic_kl import AnalyticKLELBO
 from ..infer.iwae import TraceIWAE
 from ..infer.jit import JitELBO
+from ..infer.signature import adapt
 from ..nn.device import owner_module
-from ..viz.curves import make_figures
+from ..viz.curves import FigureModel, make_figures
 from ..viz.grids import plot_reconstructions
+from ..viz.program import program_figures, program_reconstructions
 
 __all__ = ["TrainingPlan", "Stage", "training_plan", "plan_for", "build_objective"]
 
@@ -133,13 +135,20 @@ class TrainingPlan:
 
     def standard_figures(self, x: torch.Tensor, y, history: list[dict], run_dir: Path, seed: int = 0) -> list[str]:
         """The figures every run of the method gets (default: reconstructions, prior samples, latent plots and
-        training curves, :func:`ppl_vae.viz.make_figures`)."""
-        return make_figures(self.model, x, y, history, run_dir, seed=seed)
+        training curves, :func:`ppl_vae.viz.make_figures`; for a program without ``encode``/``decode``/``sample``
+        and ``latent_dim``, the same figures read from its traces, :func:`ppl_vae.viz.program.program_figures`)."""
+        if isinstance(self.model, FigureModel):
+            return make_figures(self.model, x, y, history, run_dir, seed=seed)
+        model, guide = adapt(self.model_fn, "model"), adapt(self.guide_fn, "guide")
+        return program_figures(model, guide, x, y, history, run_dir, seed=seed)
 
     def image_figure(self, x: torch.Tensor, y, path: Path, title: str, seed: int = 0) -> str:
         """A figure of chosen datapoints through the model (e.g. the images with the worst PSIS k-hat; default:
         the images above their reconstructions)."""
-        return plot_reconstructions(self.model, x, path, y=y, n=len(x), title=title)
+        if isinstance(self.model, FigureModel):
+            return plot_reconstructions(self.model, x, path, y=y, n=len(x), title=title)
+        model, guide = adapt(self.model_fn, "model"), adapt(self.guide_fn, "guide")
+        return program_reconstructions(model, guide, x, y, path, title=title)
 
     def on_step_end(self, x: torch.Tensor, y) -> None:
         """Called after every optimiser step of the model with that step's minibatch."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config.sections import Config, TrainConfig
+from ..data.user import as_data
 from ..nn.device import device_of
 from . import distributed
 from .checkpoint import load_checkpoint
@@ -53,7 +54,11 @@ def train(
     extra_state: dict | None = None,
     fabric=None,
 ) -> TrainResult:
-    """Train ``model`` on ``data`` (a :class:`~ppl_vae.data.DataBundle`) by its training plan.
+    """Train ``model`` on ``data`` by its training plan.
+
+    ``data`` is a :class:`~ppl_vae.data.DataBundle`, or your own data — a tensor or NumPy array ``x``, a pair
+    ``(x, y)``, a map-style :class:`torch.utils.data.Dataset` — split into train/val/test from the seed by
+    :func:`~ppl_vae.data.as_data` (call it yourself to choose the fractions).
 
     ``config`` is a :class:`~ppl_vae.config.Config` (its ``train`` section and ``seed``) or a
     :class:`~ppl_vae.config.TrainConfig`; ``seed`` overrides the config's (default 0). ``plan`` defaults to
@@ -72,6 +77,7 @@ def train(
         fabric = distributed.launch(train_cfg, torch.device(device) if device is not None else device_of(model))
     seed = seed if seed is not None else (cfg_seed if cfg_seed is not None else 0)
     plan = plan if plan is not None else plan_for(model)
+    data = as_data(data, seed=seed)  # your tensors, arrays or Dataset: split once, from the seed
     stages = plan.stages(train_cfg)
     if not stages:
         raise ValueError(f"{type(plan).__name__}.stages returned no stage")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -52,6 +53,22 @@ def plot_training_curves(history: Sequence[Mapping], path) -> str:
     ax.set_title("Training curves")
     ax.grid(True, alpha=0.3)
     return _save_figure(fig, path)
+
+
+@runtime_checkable
+class FigureModel(Protocol):
+    """What the standard figures read from a model (``ppl_vae.viz.grids``); a Pyro program without it gets the
+    figures of its traces (:func:`ppl_vae.viz.program.program_figures`)."""
+
+    latent_dim: int
+
+    def encode(self, x, y=None): ...
+
+    def decode(self, z, y=None): ...
+
+    def sample(self, n: int, y=None): ...
+
+    def reconstruct(self, x, y=None): ...
 
 
 def make_figures(model, data_x, data_y, history, run_dir, seed: int = 0, n_scatter: int = 2000) -> list[str]:

@@ -42,3 +42,19 @@ def test_other_objects_load_only_when_trusted(tmp_path):
 def test_a_run_checkpoint_of_release_0_1_loads_safely():
     ck = load_checkpoint(pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "run_0_1" / "checkpoint.pt")
     assert ck["epoch"] == 2 and ck["param_store"]["params"] and ck["rng"]["numpy"][0] == "MT19937"
+
+
+def test_the_cli_reads_an_older_pickled_checkpoint_only_when_told_to(tmp_path, capsys):
+    import torch
+
+    from ppl_vae.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), "train.epochs=1", "model.hidden=[16]", "--no-progress"]) == 0
+    ck = torch.load(run / "best.pt", weights_only=False)
+    ck["share"] = fractions.Fraction(1, 3)  # an object only unpickling can rebuild, as older releases wrote
+    atomic_save(ck, run / "best.pt")
+    capsys.readouterr()
+    assert main(["sample", str(run), "--n", "4"]) == 2  # a refused input: exit 2, one line
+    assert "--trust-pickle" in capsys.readouterr().err
+    assert main(["sample", str(run), "--n", "4", "--trust-pickle"]) == 0

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -143,12 +144,12 @@ def test_settings_are_checked_with_the_field_and_the_value():
         TrainConfig(devices=0).validate()
     with pytest.raises(ConfigError, match=r"train.strategy must be one of .*'ddp'.*got 'dp'"):
         TrainConfig(strategy="dp").validate()
-    with pytest.raises(ConfigError, match=r"train.batch_size must be at least train.devices \(4\)"):
+    with pytest.raises(ConfigError, match=r"train.batch_size must be at least train.devices × train.num_nodes \(4\)"):
         TrainConfig(devices=4, batch_size=3).validate()
     with pytest.raises(
-        ConfigError, match=r"train.precision must be one of \['32-true', 'bf16-mixed'\], got '16-mixed'"
+        ConfigError, match=r"train.precision must be one of \['32-true', 'bf16-mixed', '16-mixed'\], got '16'"
     ):
-        TrainConfig(precision="16-mixed").validate()
+        TrainConfig(precision="16").validate()
     from ppl_vae import ModelConfig, build_model, plan_for
     from ppl_vae.training.distributed import refuse_coupled
 
@@ -344,8 +345,8 @@ def test_mlflow_logs_the_scalars_and_the_figures(tmp_path):
 
 
 def test_an_unknown_logger_is_refused():
-    with pytest.raises(ConfigError, match=r"train.logger must be one of .*got 'wandb'"):
-        TrainConfig(logger="wandb").validate()
+    with pytest.raises(ConfigError, match=r"train.logger must be one of .*got 'comet'"):
+        TrainConfig(logger="comet").validate()
 
 
 def test_a_staged_plan_with_frozen_parts_trains_on_two_ranks(tmp_path):
@@ -378,3 +379,93 @@ def test_a_staged_plan_with_frozen_parts_trains_on_two_ranks(tmp_path):
     assert all(torch.equal(first[k], last[k]) for k in h0)  # frozen in stage 1 on both ranks
     assert not all(torch.equal(first[k], last[k]) for k in h1)  # trained in stage 1
     assert len(_epochs(run)) == 2 and len(_epochs(run / "component_0")) == 2
+
+
+def test_two_nodes_of_one_process_each_train_as_one_process(tmp_path, one_rank):
+    """train.num_nodes: two 'machines' simulated on this one (NODE_RANK 0 and 1, one process each), as SLURM or
+    torchrun would start them, give rank 0 the single-process parameters and metrics."""
+    env = _env() | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    cmd = [sys.executable, str(TESTS / "_dist_program.py"), "1"]
+    with subprocess.Popen(
+        [*cmd, str(tmp_path / "n1.pt"), "2"],
+        env=env | {"NODE_RANK": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as node1:
+        node0 = subprocess.run(
+            [*cmd, str(tmp_path / "n0.pt"), "2"],
+            env=env | {"NODE_RANK": "0"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        err1 = node1.communicate(timeout=60)[1]
+    assert node1.returncode == 0, err1[-3000:]
+    assert node0.returncode == 0, node0.stderr[-3000:]
+    two_nodes = torch.load(tmp_path / "n0.pt", weights_only=False)
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in node0.stderr
+    for case in prog.CASES:
+        assert _max_diff(two_nodes[case][0], one_rank[case][0]) < TOL
+        assert [h["train_elbo"] for h in two_nodes[case][1]] == pytest.approx(
+            [h["train_elbo"] for h in one_rank[case][1]], rel=1e-12
+        )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_float16_training_is_refused_on_the_cpu_and_ddp_in_a_notebook(monkeypatch):
+    from ppl_vae.training import distributed
+
+    with pytest.raises(ConfigError, match=r"'16-mixed' is float16 autocast .*bf16-mixed"):
+        distributed.launch(TrainConfig(precision="16-mixed", accelerator="cpu"), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="num_nodes > 1"):
+        TrainConfig(num_nodes=2).validate()
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))  # a kernel's: no __file__
+    with pytest.raises(ConfigError, match="a notebook kernel cannot be: put the training in a script"):
+        distributed.launch(TrainConfig(devices=2, strategy="ddp", accelerator="cpu"), torch.device("cpu"))
+
+
+def test_the_optimiser_unscales_float16_gradients_and_keeps_the_loss_scale():
+    """With 16-mixed the gradients arrive multiplied by the loss scale: the step must equal the unscaled one."""
+    from ppl_vae.training.optim import ParamOptimizer
+
+    def stepped(scaler):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(3, 1)
+        opt = ParamOptimizer(net, lr=0.1, clip_norm=0.5, scaler=scaler)
+        loss = net(torch.ones(4, 3)).pow(2).sum()
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        opt.step()
+        return net.weight.detach().clone(), opt.state()
+
+    plain, _ = stepped(None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaled, state = stepped(scaler)
+    assert torch.allclose(plain, scaled, atol=1e-7) and state["grad_scaler"]["scale"] == 2.0**10
+    fresh = ParamOptimizer(torch.nn.Linear(3, 1), lr=0.1, scaler=torch.amp.GradScaler("cpu", init_scale=1.0))
+    fresh.load_state(state)
+    assert fresh.scaler.get_scale() == 2.0**10  # resume goes on with the scale it had
+
+
+def test_wandb_logs_offline_the_scalars_and_the_figures(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline is the default: nothing leaves the machine
+    run = _run(tmp_path, "wandb")
+    history = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    logs = run.run_dir / "logs"
+    run_id = (logs / "wandb_run_id").read_text().strip()
+    records = sorted((logs / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert records, "no offline W&B run"
+    scalars = records[0].read_bytes()  # the training's run: its history records hold the values as JSON
+    for rec in history:
+        assert json.dumps(rec["train_elbo"]).encode() in scalars
+    images = list((logs / "wandb").glob(f"offline-run-*-{run_id}/files/media/images/figures_*.png"))
+    assert len(images) == len(list(run.run_dir.glob("*.png")))

@@ -1,0 +1,120 @@
+"""Figures of any Pyro program, read from its traces — for a model that has no ``encode``/``decode``/``sample``
+(e.g. Pyro's tutorial VAE written as ``model(x)``/``guide(x)``).
+
+* ``reconstructions.png``: images above the mean of the observed site when the model is replayed on the guide's
+  draw (the posterior predictive mean — what ``Predictive(model, guide=guide)`` samples around);
+* ``prior_samples.png``: the mean of the observed site under latents drawn from the model's prior;
+* ``latent_scatter.png``: the guide's mean of its first latent site per datapoint (the first two principal
+  components when it has more than two dimensions), coloured by label;
+* ``training_curves.png``.
+
+The programs are called ``fn(x, y)`` (adapt other signatures first, :func:`ppl_vae.infer.signature.adapt`).
+Image figures need datapoints of shape (C, H, W) or (H, W); other data get the scatter and the curves.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+
+from .curves import plot_training_curves
+from .grids import _new_figure, _save_figure, _tile_figure, _to_image_tensor, save_image_grid
+
+__all__ = ["program_figures", "program_reconstructions"]
+
+
+def _observed_mean(trace) -> torch.Tensor | None:
+    """The mean of the first observed sample site of ``trace`` (one row per datapoint)."""
+    for site in trace.nodes.values():
+        if site["type"] == "sample" and site["is_observed"]:
+            fn = site["fn"]
+            try:
+                return fn.mean.detach()
+            except (NotImplementedError, AttributeError):  # a distribution without a mean: show a draw
+                return fn.sample().detach()
+    return None
+
+
+def _first_latent(trace) -> tuple[str, torch.Tensor] | None:
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
+            fn = site["fn"]
+            try:
+                return name, fn.mean.detach()
+            except (NotImplementedError, AttributeError):
+                return name, site["value"].detach()
+    return None
+
+
+def _as_images(values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return _to_image_tensor(values.reshape(len(values), *shape).clamp(0, 1).cpu())
+
+
+def program_figures(model, guide, x, y, history, run_dir, seed: int = 0, n_scatter: int = 2000) -> list[str]:
+    """Write the figures above for the program ``(model, guide)`` on the data ``x`` into ``run_dir``."""
+    run_dir = Path(run_dir)
+    shape = tuple(x.shape[1:])
+    images = len(shape) in (2, 3) and (len(shape) == 2 or shape[0] in (1, 3))
+    paths: list[str] = []
+    with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        n = min(8, len(x))
+        if images:
+            paths.append(
+                program_reconstructions(
+                    model, guide, x[:n], None if y is None else y[:n], run_dir / "reconstructions.png"
+                )
+            )
+        prior = _observed_mean(poutine.trace(model).get_trace(x[: min(64, len(x))], None if y is None else y[:64]))
+        if images and prior is not None and prior.numel() == min(64, len(x)) * math.prod(shape):
+            paths.append(save_image_grid(_as_images(prior, shape), run_dir / "prior_samples.png", nrow=8))
+        if not images:
+            print(f"ppl-vae: no image figures: datapoints of shape {shape} are not images", file=sys.stderr)
+        m = min(n_scatter, len(x))
+        latent = _first_latent(poutine.trace(guide).get_trace(x[:m], None if y is None else y[:m]))
+    if latent is not None:
+        paths.append(_scatter(*latent, None if y is None else y[:m], run_dir / "latent_scatter.png"))
+    if history:
+        paths.append(plot_training_curves(history, run_dir / "training_curves.png"))
+    return paths
+
+
+def program_reconstructions(
+    model, guide, x, y, path, title: str = "Reconstructions (posterior predictive mean)"
+) -> str:
+    """The datapoints ``x`` (images) above the mean of the observed site with the guide's latents."""
+    shape = tuple(x.shape[1:])
+    with torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(x, y)
+        mean = _observed_mean(poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, y))
+    if mean is None or mean.numel() != x.numel():
+        raise ValueError(
+            f"the model's first observed site does not hold one value per pixel of the {len(x)} datapoints "
+            f"({None if mean is None else tuple(mean.shape)} vs {tuple(x.shape)}): no reconstruction figure"
+        )
+    tiles = torch.stack([_as_images(x, shape), _as_images(mean, shape)])
+    return _tile_figure(tiles, path, title=title, row_labels=["original", "reconstruction"])
+
+
+def _scatter(name: str, z: torch.Tensor, y, path: Path) -> str:
+    z = z.reshape(len(z), -1).double().cpu()
+    label = f"guide mean of {name!r}"
+    if z.shape[1] > 2:
+        z = z - z.mean(0)
+        _, _, v = torch.linalg.svd(z, full_matrices=False)
+        z = z @ v[:2].T
+        label += " (first two principal components)"
+    elif z.shape[1] == 1:
+        z = torch.cat([z, torch.zeros_like(z)], 1)
+    fig = _new_figure(5, 5)
+    ax = fig.add_subplot()
+    c = None if y is None or np.asarray(y).ndim != 1 else np.asarray(y.cpu() if torch.is_tensor(y) else y)
+    ax.scatter(z[:, 0].numpy(), z[:, 1].numpy(), c=c, s=6, cmap="tab10" if c is not None else None)
+    ax.set_title(label)
+    return _save_figure(fig, path)
