@@ -24,26 +24,37 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import CheckpointError, PplVaeError, TrainingDiverged
+from .errors import CheckpointError, LoggerError, PplVaeError, TrainingDiverged, interface
+
+_SEED_MAX = 2**32 - 1  # numpy's largest seed (pyro.set_rng_seed seeds numpy too)
 
 
-def _int(minimum: int):
-    """An argparse type: an integer >= ``minimum`` (no silent clamping)."""
+def _int(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer >= ``minimum`` (and <= ``maximum``; no silent clamping)."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {value}")
         return value
 
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose error line shows the control characters of an argument escaped (``'\\r0'``): the
+    error stays one line, and no escape sequence of an argument reaches the terminal."""
+
+    def error(self, message: str):
+        super().error("".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in message))
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ppl-vae", description="Variational autoencoders as Pyro programs.")
+    p = _Parser(prog="ppl-vae", description="Variational autoencoders as Pyro programs.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -83,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", choices=["best", "last"], default="best")
     _trust_option(e)
     e.add_argument("--device")
-    e.add_argument("--seed", type=_int(0), default=0)
+    e.add_argument("--seed", type=_int(0, _SEED_MAX), default=0)
 
     d = sub.add_parser("diagnose", help="PSIS k-hat and ESS of the guide on test images, an ArviZ file and a plot")
     d.add_argument("run_dir")
@@ -94,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--checkpoint", choices=["best", "last"], default="best")
     _trust_option(d)
     d.add_argument("--device")
-    d.add_argument("--seed", type=_int(0), default=0)
+    d.add_argument("--seed", type=_int(0, _SEED_MAX), default=0)
 
     g = sub.add_parser(
         "gaps",
@@ -131,12 +142,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", choices=["best", "last"], default="best")
     _trust_option(g)
     g.add_argument("--device")
-    g.add_argument("--seed", type=_int(0), default=0)
+    g.add_argument("--seed", type=_int(0, _SEED_MAX), default=0)
 
     s = sub.add_parser("sample", help="draw images from a trained run's prior into a PNG grid")
     s.add_argument("run_dir")
     s.add_argument("--n", type=_int(1), default=64)
-    s.add_argument("--seed", type=_int(0), default=0)
+    s.add_argument("--seed", type=_int(0, _SEED_MAX), default=0)
     s.add_argument("--out", help="PNG path (default: RUN_DIR/samples.png)")
     s.add_argument(
         "--from",
@@ -182,7 +193,7 @@ def _train(args) -> int:
             raise PplVaeError(
                 "--resume takes its config from the run folder: give no config file, --run-dir or --overwrite with it"
             )
-        check_resume_overrides(overrides)  # before anything is read or written
+        check_resume_overrides(overrides, load_config(run_dir / CONFIG_FILE))  # before anything is written
         cfg = load_config(run_dir / CONFIG_FILE, overrides)
     else:
         cfg = load_config(config, overrides)
@@ -199,7 +210,12 @@ def _train(args) -> int:
     if run.rank > 0:  # another process of a multi-process job: rank 0 reports
         return 0
     summary = json.loads((run.run_dir / "metrics.json").read_text())
-    print(f"test ELBO: {summary['test_elbo']:.3f} nats per image (best epoch {summary['best_epoch']})")
+    at = (
+        f"best epoch {summary['best_epoch']}"
+        if summary["best_epoch"] is not None
+        else f"last epoch {summary['epochs_run']}: no epoch was scored for best.pt"
+    )
+    print(f"test ELBO: {summary['test_elbo']:.3f} nats per image ({at})")
     print(f"run folder: {run.run_dir}")
     return 0
 
@@ -211,7 +227,7 @@ def _evaluate(args) -> int:
         args.run_dir, "best" if args.checkpoint == "best" else "last", device=args.device, trusted=args.trust_pickle
     )
     out = {
-        "checkpoint": args.checkpoint,
+        "checkpoint": run.checkpoint,  # what was read: a run without best.pt is evaluated at its last epoch
         **evaluate_run(run, args.num_samples, args.max_test, seed=args.seed, write=False),
     }
     (run.run_dir / "evaluation.json").write_text(json.dumps(out, indent=2))
@@ -247,7 +263,7 @@ def _gaps(args) -> int:
         nuts_images=args.nuts,
         seed=args.seed,
         nuts={"num_chains": args.nuts_chains, "num_samples": args.nuts_samples, "warmup_steps": args.nuts_warmup},
-        checkpoint=args.checkpoint,
+        checkpoint=run.checkpoint,
     )
     brief = {k: out[k] for k in ("model", "num_images", "amortisation", "approximation", "inference")}
     if "nuts" in out:
@@ -257,29 +273,15 @@ def _gaps(args) -> int:
 
 
 def _sample(args) -> int:
-    import torch
-
-    from .experiment import load_run
-    from .viz.grids import save_image_grid
+    from .experiment import load_run, sample_run
 
     if args.out is not None and Path(args.out).is_dir():
         raise PplVaeError(f"--out {args.out!r} is a folder: give the path of a .png file to write")
     run = load_run(
         args.run_dir, "best" if args.checkpoint == "best" else "last", device=args.device, trusted=args.trust_pickle
     )
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        y = None
-        if run.model.conditional:
-            y = torch.arange(args.n, device=run.device) % run.model.num_classes
-        if args.source == "aggregate":
-            from .evaluate.aggregate import sample_aggregate
-
-            images = sample_aggregate(run, args.n, seed=args.seed, num_components=args.num_components)
-        else:
-            images = run.model.sample(args.n, y)
     out = args.out or str(run.run_dir / "samples.png")
-    save_image_grid(images.cpu(), out, nrow=int(args.n**0.5) or 1)
+    sample_run(run, args.n, seed=args.seed, source=args.source, num_components=args.num_components, path=out)
     print(f"samples: {out}")
     return 0
 
@@ -321,9 +323,10 @@ def _configs(args) -> int:
 def _gather_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     """``ppl-vae train cfg.yaml --no-progress train.epochs=1``: dotted overrides may stand anywhere after
     ``train``; they are taken out of the argument list (argparse cannot interleave positionals with flags)."""
-    if "train" not in argv:
+    command = next((k for k, a in enumerate(argv) if not a.startswith("-")), None)  # before it: only --debug, -h
+    if command is None or argv[command] != "train":  # `ppl-vae evaluate train`: a run folder called train
         return argv, []
-    i = argv.index("train") + 1
+    i = command + 1
     head, rest = argv[:i], argv[i:]
     takes_value = {"--resume", "--run-dir", "--device"}
     keep, overrides, k = [], [], 0
@@ -343,9 +346,15 @@ def _exit_code(e: BaseException) -> int:
         return 1
     if isinstance(e, CheckpointError) and "could not write" in str(e):
         return 1
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+    if isinstance(e, OSError) and e.errno in _FULL:
+        return 1
+    if isinstance(e, LoggerError):  # a server that failed during the run: not the user's input
         return 1
     return 2
+
+
+# a write that failed for want of room: the disk, a quota, the process's file-size limit
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _message(e: BaseException) -> str:
@@ -354,8 +363,11 @@ def _message(e: BaseException) -> str:
             f"PermissionError: cannot write or read {e.filename!r} (permission denied or a read-only folder): "
             "choose another --run-dir or output_dir"
         )
-    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.errno == errno.ENOSPC:
-        return f"OSError: the disk is full while writing {e.filename!r}: free space, or write elsewhere"
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.errno in _FULL:
+        why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is reached"}.get(
+            e.errno, "the file-size limit of this process is reached (ulimit -f)"
+        )
+        return f"OSError: {why} while writing {e.filename!r}: free space, or write elsewhere"
     return f"{type(e).__name__}: {e}"
 
 
@@ -383,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         "configs": _configs,
     }
     try:
-        return commands[args.command](args)
+        with interface("cli"):  # hints name flags and dotted overrides, not keyword arguments
+            return commands[args.command](args)
     except KeyboardInterrupt:
         print(
             "ppl-vae: interrupted; the last complete checkpoint is kept (continue with --resume RUN_DIR)",
@@ -398,6 +411,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a fault nobody foresaw: one line, and how to see more
         if args.debug:
             raise
+        from .models import out_of_memory
+
+        if out_of_memory(e):  # a resource, not a bug: say which settings size the memory
+            print(
+                f"ppl-vae: error: out of memory ({type(e).__name__}): lower train.batch_size, eval.batch_size or "
+                "the model's sizes (model.hidden, model.latent_dim, model.channels), or choose another --device",
+                file=sys.stderr,
+            )
+            return 1
         print(
             f"ppl-vae: error: unexpected {type(e).__name__}: {e} (run again with --debug for the traceback)",
             file=sys.stderr,

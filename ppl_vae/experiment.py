@@ -25,13 +25,14 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from . import evaluate
-from .config.sections import GIVEN_DATA, Config, config_from_dict, load_config, save_config
+from .config.sections import GIVEN_DATA, Config, config_from_dict, load_config, resume_changes, save_config
 from .data.bundle import DataBundle, load_data
 from .data.multimodal import MultimodalData, make_multimodal
 from .data.sources import DATASETS
 from .data.user import as_data, load_bundle, same_bundle, save_bundle
-from .errors import CheckpointError, ConfigError, DataError, PplVaeError, RunFolderError
+from .errors import CheckpointError, ConfigError, DataError, PplVaeError, RunFolderError, spell
 from .evaluate import bits_per_dim, log_likelihood
+from .evaluate.sampling import sample_run
 from .models import build_model, import_methods
 from .models.registry import data_function, describe_imports
 from .training import distributed
@@ -39,6 +40,7 @@ from .training.checkpoint import load_checkpoint, load_module_state, restore_par
 from .training.loggers import log_figures
 from .training.loop import BEST, CHECKPOINT, evaluate_elbo
 from .training.plan import plan_for
+from .training.run_imports import check_imports, keep_imports
 from .training.runlock import RunLock
 from .training.stages import train
 
@@ -52,6 +54,7 @@ __all__ = [
     "evaluate_run",
     "diagnose_run",
     "gaps_run",
+    "sample_run",
     "Run",
     "build",
     "build_data",
@@ -64,6 +67,8 @@ __all__ = [
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device of a config's ``device`` (``auto``: CUDA when available, else the CPU);
+    :class:`~ppl_vae.errors.ConfigError` for a malformed name or a CUDA device this machine does not have."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not (name == "cpu" or name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
@@ -153,12 +158,16 @@ def default_run_dir(cfg: Config) -> Path:
 
 @dataclass
 class Run:
+    """A run: its configuration, data, model, run folder and device (what :func:`run_experiment` returns and
+    :func:`load_run` gives back from a folder)."""
+
     cfg: Config
     data: DataBundle
     model: torch.nn.Module
     run_dir: Path
     device: torch.device
     rank: int = 0  # this process's rank in a multi-process job (rank 0 writes the folder)
+    checkpoint: str = "best"  # the parameters it holds: "best" (best.pt) or "last" (checkpoint.pt)
 
 
 # what makes a folder a run: a finished epoch or a finished run
@@ -205,6 +214,8 @@ def run_experiment(
     and return after training."""
     dev = resolve_device(device or cfg.device)
     cfg.train.validate()
+    if resume and run_dir is not None:
+        check_imports(Path(run_dir))  # before the run's imports run: a kept file edited since is refused
     fabric = distributed.launch(cfg.train, dev)
     dev = fabric.device if fabric is not None else dev
     if data is not None:
@@ -230,7 +241,8 @@ def run_experiment(
         run = Run(cfg, data, model, run_dir, dev, rank=result.rank)
         if result.rank > 0:
             return run
-        load_params(run, BEST if (run_dir / BEST).exists() else CHECKPOINT)
+        run.checkpoint = "best" if (run_dir / BEST).exists() else "last"
+        load_params(run, BEST if run.checkpoint == "best" else CHECKPOINT)
         summary = {
             "best_epoch": result.best_epoch,
             "best_val_elbo": result.best_val_elbo,
@@ -280,6 +292,7 @@ def _prepare_folder(
             map_location="cpu",
         )
         check_same_config(ck, cfg, run_dir)
+        _record_resume(ck, cfg)
     elif overwrite:
         _remove_run_files(run_dir)
     if cfg.data.name == GIVEN_DATA:
@@ -292,7 +305,25 @@ def _prepare_folder(
         run_dir.mkdir(parents=True, exist_ok=True)
         save_bundle(data, kept.with_name(kept.name + ".tmp"))
         kept.with_name(kept.name + ".tmp").replace(kept)
-    save_config(cfg, run_dir / CONFIG_FILE)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    imports = keep_imports(cfg.imports, run_dir)  # the run folder keeps the code it imports (and its hash)
+    save_config(cfg if imports == cfg.imports else dataclasses.replace(cfg, imports=imports), run_dir / CONFIG_FILE)
+
+
+def _record_resume(ckpt: dict, cfg: Config) -> None:
+    """Add to ``cfg.resumes`` what this resume changes (the fields of RESUMABLE that differ from the
+    checkpoint's configuration), and say it: the run folder explains every epoch's settings."""
+    saved = ckpt.get("config")
+    changes = resume_changes(saved, cfg) if isinstance(saved, dict) else {}
+    if not changes:
+        return
+    epoch = int(ckpt.get("epoch", 0))
+    cfg.resumes.append({"after_epoch": epoch, "changed": changes})
+    said = ", ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in changes.items())
+    print(
+        f"ppl-vae: resuming after epoch {epoch} with {said} (recorded under resumes: in config.yaml)",
+        file=sys.stderr,
+    )
 
 
 def _stage_checkpoints(run_dir: Path) -> list[Path]:
@@ -387,11 +418,12 @@ def load_run(
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run folder: it has no {CONFIG_FILE}")
+    check_imports(run_dir)  # a kept import file edited since training would build another model
     cfg = load_config(run_dir / CONFIG_FILE, overrides)
     dev = resolve_device(device or cfg.device)
     data = build_data(cfg, run_dir)
-    run = Run(cfg, data, build(cfg, data, dev), run_dir, dev)
     name = BEST if which == "best" and (run_dir / BEST).exists() else CHECKPOINT
+    run = Run(cfg, data, build(cfg, data, dev), run_dir, dev, checkpoint="best" if name == BEST else "last")
     load_params(run, name, trusted=trusted)
     run.model.eval()
     return run
@@ -594,12 +626,18 @@ def gaps_run(
     _positive("nuts_images", nuts_images, minimum=0)
     x, y = _test_split(run, num_images)
     if nuts_images > len(x):
-        raise PplVaeError(f"nuts_images must be at most num_images ({len(x)}), got {nuts_images}")
+        raise PplVaeError(
+            f"{spell('nuts_images', '--nuts')} must be at most {spell('num_images', '--num-images')} ({len(x)}), "
+            f"got {nuts_images}"
+        )
+    # every refusal (a guide family, a latent NUTS cannot transform) before any work, the pilot included
+    evaluate.report.check_gap_report(run.model.model, run.model.guide, x, y=y, family=family, nuts_images=nuts_images)
     if not isinstance(run.data, MultimodalData):  # log p̂, the per-image optimisation (≈ 3 passes a draw), 2 ELBOs
         per_image = num_samples + 3 * steps * num_particles + 2 * elbo_particles
         detail = f"({num_samples:,} + 3×{steps}×{num_particles} + 2×{elbo_particles:,})"
         what = "inference gaps" + (f" (plus NUTS on {nuts_images} images, not in the estimate)" if nuts_images else "")
-        announce_work(run, x, y, per_image, what, "--num-images / --steps / --elbo-particles", detail)
+        shorter = spell("num_images / steps / elbo_particles", "--num-images / --steps / --elbo-particles")
+        announce_work(run, x, y, per_image, what, shorter, detail)
     out = evaluate.gap_report(
         run.model.model,
         run.model.guide,

@@ -28,11 +28,12 @@ from pathlib import Path
 import pyro
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.distributions import constraints
 
 from .config.sections import config_from_dict
 from .data.multimodal import Layout
+from .data.user import write_safetensors
 from .errors import CheckpointError, ConfigError
 from .experiment import SUMMARY_FILE, Run
 from .models import build_model, model_names
@@ -115,7 +116,7 @@ def save(
         "metrics": found,
         "weights": WEIGHTS_FILE,
     }
-    _atomic(folder / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt", "library": "ppl-vae"}))
+    _atomic(folder / WEIGHTS_FILE, lambda p: write_safetensors(tensors, p, {"format": "pt", "library": "ppl-vae"}))
     _atomic(folder / CONFIG_JSON, lambda p: Path(p).write_text(json.dumps(info, indent=2) + "\n"))
     _atomic(folder / CARD_FILE, lambda p: Path(p).write_text(model_card(info)))
     return folder

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 
 __all__ = ["Options", "NoOptions", "Section", "option"]
 
@@ -45,10 +46,13 @@ def option(
     check=None,
     what: str | None = None,
     doc: str = "",
+    suggest=None,
 ):
     """A dataclass field with a default and constraints: ``choices`` (allowed values), ``gt``/``ge``/``lt``/``le``
     (bounds on a number), ``item_gt`` (bound on each number of a list). For a value no type annotation
-    describes (e.g. a name *or* a number), ``check(value) -> bool`` decides and ``what`` says what is expected."""
+    describes (e.g. a name *or* a number), ``check(value) -> bool`` decides and ``what`` says what is expected;
+    ``suggest`` lists the names a refused value is compared with ("did you mean ...?") where ``choices`` is not
+    given."""
     if check is not None and what is None:
         raise TypeError("option(check=...) needs what=, the description used in error messages")
     meta = {
@@ -61,6 +65,7 @@ def option(
         "check": check,
         "what": what,
         "doc": doc,
+        "suggest": tuple(suggest) if suggest is not None else None,
     }
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -72,7 +77,27 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite int or float (not a bool, not an int too large for a float)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond float's range
+        return False
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 200, 200, 200
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 10
+
+
+def _shown(value) -> str:
+    """``repr(value)`` for a message, cut to a readable length: a YAML value can nest aliases so that its full repr
+    takes hours (``a: &a [1, 1]``, ``b: &b [*a, *a]``, ...)."""
+    try:
+        return _REPR.repr(value)
+    except Exception:  # an int of more than 4300 digits, a value whose repr fails
+        return f"a {type(value).__name__}"
 
 
 def _bounds(meta: Mapping, kind: str) -> str:
@@ -159,7 +184,9 @@ def _checked(where: str, tp, meta: Mapping, value):
     ``ConfigError: model.latent_dim must be a positive integer, got -3``."""
     ok, converted, what = _convert(tp, meta, value)
     if not ok:
-        raise ConfigError(f"{where} must be {what}, got {value!r}")
+        names = meta.get("choices") if meta.get("choices") is not None else meta.get("suggest")
+        hint = did_you_mean(value, names) if names is not None else ""
+        raise ConfigError(f"{where} must be {what}, got {_shown(value)}{hint}")
     return converted
 
 
@@ -194,13 +221,14 @@ class Options:
         """Validated options from a mapping (``model.options``); missing fields take their defaults."""
         values = {} if values is None else values
         if not isinstance(values, dict):
-            raise ConfigError(f"{where} must be a mapping of method-specific options, got {values!r}")
+            raise ConfigError(f"{where} must be a mapping of method-specific options, got {_shown(values)}")
         hints = typing.get_type_hints(cls)
         known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(values) - set(known))
+        unknown = sorted(set(values) - set(known), key=str)  # YAML keys may be numbers, null, ...
         if unknown:
             who = f" for model.name={method!r}" if method else ""
-            raise ConfigError(f"{where} has unknown keys {unknown}{who}; known: {sorted(known)}")
+            hint = "".join(did_you_mean(k, known, f"{where}.") for k in unknown)
+            raise ConfigError(f"{where} has unknown keys {unknown}{who}{hint}; known: {sorted(known)}")
         kwargs = {name: _checked(f"{where}.{name}", hints[name], known[name].metadata, v) for name, v in values.items()}
         opts = cls(**kwargs)
         opts._where = where  # type: ignore[attr-defined]  # the prefix of fail()'s messages
@@ -211,7 +239,7 @@ class Options:
         """Cross-field rules of a method (override; report with :meth:`fail`)."""
 
     def fail(self, name: str, what: str, value) -> None:
-        raise ConfigError(f"{getattr(self, '_where', _PREFIX)}.{name} must be {what}, got {value!r}")
+        raise ConfigError(f"{getattr(self, '_where', _PREFIX)}.{name} must be {what}, got {_shown(value)}")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError, PplVaeError  # noqa: F401  (DataError: data.py is where users look for it)
+from ..errors import DataError, PplVaeError, spell  # noqa: F401  (DataError: data.py is where users look for it)
+from .imagefile import read_rgb
 from .storage import FileRows, MemmapRows, TensorRows
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -145,13 +146,26 @@ def _find_files(folder: Path, stems) -> dict[str, Path]:
     return found
 
 
+def _pass_download(first: bool = False) -> str:
+    """The hint to download, in the words of the interface that asked (errors.spell); ``first``: capitalised."""
+    hint = spell("pass download=True", "add data.download=true")
+    return hint[0].upper() + hint[1:] if first else hint
+
+
+def _pass_root(folder=None) -> str:
+    """The hint to read ``folder`` (None: a folder of the user's) as the data root, in the interface's words."""
+    if folder is None:
+        return spell("pass it as root", "give it as data.root=FOLDER")
+    return spell(f"pass root='{folder}'", f"add data.root={folder}")
+
+
 def _how_to_get(name: str, root: Path | None) -> str:
     target = root if root is not None else _cache_dir() / name
-    ways = [f"pass download=True (needs internet; saves under {target})"]
+    ways = [f"{_pass_download()} (needs internet; saves under {target})"]
     if name == "fashion_mnist":
-        ways.append(f"or run `sudo apt-get install dataset-fashion-mnist` and pass root='{DEBIAN_FASHION_MNIST}'")
+        ways.append(f"or run `sudo apt-get install dataset-fashion-mnist` and {_pass_root(DEBIAN_FASHION_MNIST)}")
     else:
-        ways.append("or copy the four files (plain or .gz) into a folder and pass it as root")
+        ways.append(f"or copy the four files (plain or .gz) into a folder and {_pass_root()}")
     return "To get them: " + ", ".join(ways) + "."
 
 
@@ -177,9 +191,9 @@ def _download_idx(name: str, cls, root: Path) -> None:
         raw = root / cls.__name__ / "raw"
         if len(_find_files(raw, _IDX_STEMS)) < len(_IDX_STEMS):
             hint = (
-                f"run `sudo apt-get install dataset-fashion-mnist` and pass root='{DEBIAN_FASHION_MNIST}'"
+                f"run `sudo apt-get install dataset-fashion-mnist` and {_pass_root(DEBIAN_FASHION_MNIST)}"
                 if name == "fashion_mnist"
-                else "copy the four IDX files (plain or .gz) into a folder and pass it as root"
+                else f"copy the four IDX files (plain or .gz) into a folder and {_pass_root()}"
             )
             raise DataError(
                 f"{name}: download into {raw} failed ({type(exc).__name__}: {str(exc).strip()}).\n"
@@ -250,9 +264,10 @@ def _read_idx(reader, path: Path, shown: Path, kind: str) -> torch.Tensor:
     try:
         return reader(str(path))
     except Exception as exc:  # torchvision raises AssertionError/RuntimeError/... on bad files
+        # its bare asserts (no message) check the header: the number of dimensions, the type code, the size
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else "its header (type, dimensions) does not fit the data"
         raise DataError(
-            f"corrupt or unreadable IDX {kind} file {shown}: {type(exc).__name__}: {exc}. "
-            "Delete it and get a fresh copy."
+            f"corrupt or unreadable IDX {kind} file {shown}: {detail}. Delete it and get a fresh copy."
         ) from exc
 
 
@@ -332,7 +347,7 @@ def _load_omniglot(name, root, download, image_size, mapped) -> _Source:
 
     size = image_size or 28
     how = (
-        "Pass download=True (needs internet), or unpack images_background.zip and images_evaluation.zip "
+        f"{_pass_download(first=True)} (needs internet), or unpack images_background.zip and images_evaluation.zip "
         "from https://github.com/brendenlake/omniglot into <root>/omniglot-py/."
     )
     folders = ["omniglot-py/images_background", "omniglot-py/images_evaluation"]
@@ -374,7 +389,7 @@ def _load_celeba(name, root, download, image_size, mapped) -> _Source:
 
     size = image_size or 64
     how = (
-        "Pass download=True (needs internet and the `gdown` package), or download the aligned "
+        f"{_pass_download(first=True)} (needs internet and the `gdown` package), or download the aligned "
         "images and annotation files from https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html into <root>/celeba/."
     )
     root = _folder_root(name, root, download, _CELEBA_FILES, how)
@@ -419,7 +434,7 @@ def _load_image_folder(name, root, download, image_size, mapped) -> _Source:
     tf = transforms.Compose(
         [transforms.Resize(size, antialias=True), transforms.CenterCrop(size), transforms.PILToTensor()]
     )
-    ds = _make(name, root, lambda: datasets.ImageFolder(str(root), transform=tf))
+    ds = _make(name, root, lambda: datasets.ImageFolder(str(root), transform=tf, loader=read_rgb))
     targets = torch.as_tensor(ds.targets, dtype=torch.int64)
     train, test = _split_off_test(len(targets), _FOLDER_SPLIT_SEED, "image-folder-test")
     files = FileRows(name, ds, lambda i: ds.samples[i][0], (3, size, size))

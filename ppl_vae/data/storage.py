@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, PplVaeError
 
 __all__ = ["STORAGES", "Images", "read_batches", "read_raw"]
 
@@ -105,6 +105,8 @@ class FileRows:
     def item(self, i: int) -> torch.Tensor:
         try:
             x = self.dataset[i][0]
+        except DataError:  # the loader's own (it names the file)
+            raise
         except Exception as exc:
             raise DataError(f"{self.name}: cannot read {self.where(i)}: {type(exc).__name__}: {exc}") from exc
         if tuple(x.shape) != self.shape:
@@ -254,11 +256,28 @@ class _Rows(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.images.raw(int(i))
+    def __getitem__(self, i: int) -> torch.Tensor | _Failed:
+        return self._read(int(i))
 
-    def __getitems__(self, indices: list[int]) -> torch.Tensor:
-        return self.images.raw(torch.as_tensor(indices, dtype=torch.long))
+    def __getitems__(self, indices: list[int]) -> torch.Tensor | _Failed:
+        return self._read(torch.as_tensor(indices, dtype=torch.long))
+
+    def _read(self, key) -> torch.Tensor | _Failed:
+        try:
+            return self.images.raw(key)
+        except PplVaeError as e:  # handed to the main process as a value: see _Failed
+            return _Failed(type(e), str(e))
+
+
+class _Failed:
+    """A library error raised in a DataLoader worker, sent back as the batch: the main process raises it again as
+    itself (one line naming the file), where torch would re-raise a copy whose message is the worker's traceback."""
+
+    def __init__(self, kind: type, message: str):
+        self.kind, self.message = kind, message
+
+    def error(self) -> PplVaeError:
+        return self.kind(self.message)
 
 
 def _as_is(batch):
@@ -284,7 +303,10 @@ def read_raw(
     )  # its workers' seeds: not a draw from the global RNG
     batches = iter(loader)
     try:
-        yield from batches
+        for batch in batches:
+            if isinstance(batch, _Failed):
+                raise batch.error() from None
+            yield batch
     finally:  # also when the caller stops early: the workers are shut down here, not by a later garbage collection
         del batches
 

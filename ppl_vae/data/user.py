@@ -24,6 +24,8 @@ the item and what was expected.
 from __future__ import annotations
 
 import math
+import os
+import re
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -279,8 +281,6 @@ def _num_classes(splits) -> int | None:
 def save_bundle(bundle: DataBundle, path) -> None:
     """Write a bundle's splits to one safetensors file (no pickle), so a run trained on data passed in memory can
     be evaluated again from its folder."""
-    from safetensors.torch import save_file
-
     tensors, meta = {}, {"name": bundle.name, "pixels": bundle.pixels, "num_classes": str(bundle.num_classes)}
     for s in SPLITS:
         x, y = bundle.split(s)
@@ -289,7 +289,23 @@ def save_bundle(bundle: DataBundle, path) -> None:
         tensors[f"{s}_x"] = x.contiguous()
         if y is not None:
             tensors[f"{s}_y"] = y.contiguous()
-    save_file(tensors, str(path), metadata=meta)
+    write_safetensors(tensors, path, meta)
+
+
+def write_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file``, a failed write raised as the ``OSError`` of the system (errno and file
+    name: a full disk, a quota or a file-size limit is then reported as such) with the partial file removed."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as e:  # safetensors' own error class wraps the system's: "I/O error: ... (os error 28)"
+        if os.path.isfile(path):
+            os.remove(path)  # a part of the file is no copy of the data
+        code = re.search(r"os error (\d+)", str(e))
+        if isinstance(e, OSError) or code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
 
 
 def load_bundle(path) -> DataBundle:

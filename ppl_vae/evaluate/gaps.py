@@ -24,6 +24,7 @@ import torch
 from pyro import poutine
 
 from ..distributions.plate import DATA_PLATE
+from ..errors import spell
 from ..infer.importance import fork_rng, importance_log_weights
 from ..infer.signature import adapt
 from ..infer.trace_checks import IWAEError
@@ -37,6 +38,7 @@ __all__ = [
     "guide_latent_site",
     "guide_latent_sites",
     "data_plate_size",
+    "check_families",
     "FAMILIES",
 ]
 
@@ -104,10 +106,21 @@ def guide_latent_site(guide, x, y=None) -> str:
     return names[0]
 
 
-def _gaussian(fn, family=None):
-    d = fn
-    while isinstance(d, dist.Independent):
+def _unwrap(fn):
+    """(the distribution inside ``fn``'s ``Independent`` and ``MaskedDistribution`` wrappers, the masks met)."""
+    d, masks = fn, []
+    while isinstance(d, (dist.Independent, dist.MaskedDistribution)):
+        if isinstance(d, dist.MaskedDistribution):
+            masks.append(d._mask)
         d = d.base_dist
+    return d, tuple(masks)
+
+
+def _gaussian(fn, family=None, name=None):
+    """(kind, loc, scale) of the guide's distribution ``fn`` at site ``name``: a Gaussian, masked or not (a
+    multimodal guide masks the latents of missing modalities), or — with a ``family`` — any distribution with a
+    mean and a variance."""
+    d, _ = _unwrap(fn)
     if isinstance(d, dist.MultivariateNormal):
         return "full", d.loc, d.scale_tril
     if isinstance(d, dist.Normal):
@@ -117,16 +130,34 @@ def _gaussian(fn, family=None):
             return "diag", fn.mean, fn.variance.sqrt()
         except NotImplementedError:
             pass
+    where = "" if name is None else f" (site {name!r})"
+    if family is None:
+        give = spell("family='diag' or family='full'", "--family diag or --family full")
+        fix = f"for another family give {give} (a per-datapoint Gaussian started at the guide's mean and variance)"
+    else:
+        fix = f"{type(d).__name__} has no mean and variance to start a per-datapoint Gaussian at"
     raise IWAEError(
         f"the gap analysis needs a Gaussian guide site (Normal or MultivariateNormal), got "
-        f"{type(fn).__name__}; for another family give family='diag' or 'full' (a per-datapoint "
-        f"Gaussian started at the guide's mean and variance)"
+        f"{type(fn).__name__}{where}; {fix}"
     )
 
 
-def _start(fn, family):
-    """(family, loc, raw) of a per-datapoint Gaussian started at the guide's distribution ``fn``."""
-    kind, loc, scale = _gaussian(fn, family)
+def check_families(guide, x, y=None, family=None, sites=None) -> None:
+    """Raise before any work if a latent site of ``guide`` (``sites``: default all) cannot start a per-datapoint
+    Gaussian of ``family`` (the error names the site, its distribution and the way out)."""
+    if family is not None and family not in FAMILIES:
+        raise IWAEError(f"family must be one of {list(FAMILIES)}, got {family!r}")
+    tr = _trace(guide, x, y)
+    for name in _latent_names(tr) if sites is None else sites:
+        if name in tr.nodes:
+            _gaussian(tr.nodes[name]["fn"], family, name)
+
+
+def _start(fn, family, name=None):
+    """(family, loc, raw, masks) of a per-datapoint Gaussian started at the guide's distribution ``fn`` (the
+    masks of ``fn``, to be applied to the new site likewise)."""
+    kind, loc, scale = _gaussian(fn, family, name)
+    masks = _unwrap(fn)[1]
     family = kind if family is None else family
     if family not in FAMILIES:
         raise IWAEError(f"family must be one of {list(FAMILIES)}, got {family!r}")
@@ -136,7 +167,13 @@ def _start(fn, family):
         else:
             tril = scale if kind == "full" else torch.diag_embed(scale)
             raw = torch.tril(tril, -1) + torch.diag_embed(tril.diagonal(dim1=-2, dim2=-1).log())
-    return family, loc.detach().clone().requires_grad_(), raw.detach().clone().requires_grad_()
+    return family, loc.detach().clone().requires_grad_(), raw.detach().clone().requires_grad_(), masks
+
+
+def _masked(d, masks):
+    for m in masks:
+        d = d.mask(m)
+    return d
 
 
 def optimised_guide(
@@ -154,7 +191,9 @@ def optimised_guide(
 ):
     """A per-datapoint Gaussian guide for ``x`` (``family`` "diag" or "full", default: that of the amortised
     guide's site), started at the amortised q and optimised with Adam (cosine-decayed ``lr``) on the ELBO
-    estimated with ``num_particles`` draws, the model's ``parameters`` frozen meanwhile. ``site``: a latent site
+    estimated with ``num_particles`` draws; the model is held fixed (only the Gaussians' means and scales get
+    gradients; ``parameters`` is accepted for compatibility and left untouched — switching their ``requires_grad``
+    off made ``pyro.module`` warn). ``site``: a latent site
     name or a list of them (default: all the guide's latent sites; several sites get independent per-datapoint
     Gaussians — mean field across sites —, each started at its amortised distribution in one guide run).
     Returns the guide function."""
@@ -163,35 +202,28 @@ def optimised_guide(
     for name in sites:
         if name not in tr.nodes:
             raise IWAEError(f"the guide has no sample site {name!r}")
-    parts = [(name, *_start(tr.nodes[name]["fn"], family)) for name in sites]
+    parts = [(name, *_start(tr.nodes[name]["fn"], family, name)) for name in sites]
     size = data_plate_size(tr, sites[-1], len(x))
 
     def local(xb, y=None):
         with pyro.plate(DATA_PLATE, size, subsample=torch.arange(len(xb), device=xb.device)):
-            for name, fam, loc, raw in parts:
+            for name, fam, loc, raw, masks in parts:  # a masked amortised site (a missing modality): masked alike
                 if fam == "diag":
-                    pyro.sample(name, dist.Normal(loc, raw.exp()).to_event(1))
+                    pyro.sample(name, _masked(dist.Normal(loc, raw.exp()).to_event(1), masks))
                 else:
                     L = torch.tril(raw, -1) + torch.diag_embed(raw.diagonal(dim1=-2, dim2=-1).exp())
-                    pyro.sample(name, dist.MultivariateNormal(loc, scale_tril=L))
+                    pyro.sample(name, _masked(dist.MultivariateNormal(loc, scale_tril=L), masks))
 
-    frozen = [p for p in parameters if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        opt = torch.optim.Adam([t for _, _, loc, raw in parts for t in (loc, raw)], lr=lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        for _ in range(steps):
-            opt.zero_grad()
-            lw = importance_log_weights(
-                model, local, _args(x, y), num_particles=num_particles, max_plate_nesting=1
-            ).log_w
-            (-lw.mean(0).sum()).backward()
-            opt.step()
-            sched.step()
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+    leaves = [t for _, _, loc, raw, _ in parts for t in (loc, raw)]
+    opt = torch.optim.Adam(leaves, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(steps):
+        lw = importance_log_weights(model, local, _args(x, y), num_particles=num_particles, max_plate_nesting=1).log_w
+        # gradients of the per-datapoint Gaussians only: the model's parameters get none and keep requires_grad
+        for t, g in zip(leaves, torch.autograd.grad(-lw.mean(0).sum(), leaves), strict=True):
+            t.grad = g
+        opt.step()
+        sched.step()
     return local
 
 
@@ -214,7 +246,8 @@ def amortisation_gap(
     Returns ``amortised`` and ``optimised`` (per-datapoint ELBOs, tensors), ``gap`` (their difference, a tensor)
     and the summary floats ``amortised_elbo``, ``optimised_elbo``, ``gap_mean``, ``gap_std_error`` and
     ``datapoints_where_optimisation_lost`` (Monte Carlo noise when the amortised q is already optimal).
-    ``parameters``: the model's parameters, frozen during the optimisation (e.g. ``module.parameters()``).
+    ``parameters``: accepted for compatibility (the model is held fixed without touching them:
+    :func:`optimised_guide`).
     """
     amortised = elbo_per_datapoint(model, guide, x, elbo_particles, y=y)
     local = optimised_guide(

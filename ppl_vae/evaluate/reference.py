@@ -10,6 +10,11 @@ sampled, every parameter (``pyro.param`` / ``pyro.module``) stays at its trained
   the importance weights of :mod:`ppl_vae.infer.importance` are unscaled;
 * **eval mode** (dropout off, batch norm with its running statistics).
 
+NUTS moves in an unconstrained space: every latent's support must have a transform to the reals
+(``torch.distributions.biject_to``). A mixture prior whose components share one fixed support (a
+``MixtureSameFamily`` of Gaussians: the reals) is sampled on that support (:class:`NutsSupports`);
+:func:`check_nuts` names a site whose support has none (a discrete site, say) before any work starts.
+
 Chains run one after another (one ``MCMC`` per chain, seeds ``seed``, ``seed + 1``, ...; chain c starts at a
 draw of the guide, so the chains start dispersed over the guide's spread), which keeps them reproducible and
 out of multiprocessing; :func:`ppl_vae.evaluate.azcompat.from_pyro_mcmc` stacks them into one ArviZ container
@@ -25,6 +30,7 @@ its PSIS k̂ so that the trustworthy one can be told apart.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 
@@ -37,8 +43,10 @@ from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide.initialization import init_to_value
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
+from torch.distributions import biject_to, constraints
 
 from ..distributions.plate import DATA_PLATE
+from ..errors import ProgramError, spell
 from ..infer.importance import fork_rng, importance_log_weights
 from ..infer.signature import adapt
 from ..infer.trace_checks import IWAEError
@@ -47,7 +55,15 @@ from .diagnostics import psis_diagnostics
 from .gaps import _args, _trace, data_plate_size
 from .likelihood import eval_mode
 
-__all__ = ["Unscaled", "nuts_posterior", "compare_to_reference", "latent_sites"]
+__all__ = [
+    "Unscaled",
+    "NutsSupports",
+    "nuts_support",
+    "check_nuts",
+    "nuts_posterior",
+    "compare_to_reference",
+    "latent_sites",
+]
 
 PROPOSAL_DF = 5.0
 
@@ -59,6 +75,123 @@ class Unscaled(Messenger):
     def _process_message(self, msg):
         if msg["type"] == "sample":
             msg["scale"] = 1.0
+
+
+_MIXTURE_SUPPORT = getattr(constraints, "MixtureSameFamilyConstraint", None)  # torch >= 2.6 (before: the components')
+
+
+def _parameter_free(c) -> bool:
+    """Whether the constraint ``c`` is one set for every parameter value (the reals, the positive numbers, [0, 1])
+    rather than one per component (a Uniform's interval holds tensors of bounds)."""
+    while isinstance(c, constraints.independent):
+        c = c.base_constraint
+    return not constraints.is_dependent(c) and not any(torch.is_tensor(v) for v in vars(c).values())
+
+
+def nuts_support(support):
+    """The support NUTS transforms for a latent of support ``support``: itself, or for a mixture whose components
+    share one support that does not depend on their parameters (``MixtureSameFamily`` of Normals: the reals), that
+    support — the mixture's support is the union of its components' and so equals it."""
+    if isinstance(support, constraints.independent):
+        inner = nuts_support(support.base_constraint)
+        if inner is support.base_constraint:
+            return support
+        return constraints.independent(inner, support.reinterpreted_batch_ndims)
+    if (
+        _MIXTURE_SUPPORT is not None
+        and isinstance(support, _MIXTURE_SUPPORT)
+        and _parameter_free(support.base_constraint)
+    ):
+        return nuts_support(support.base_constraint)
+    return support
+
+
+class _OnSupport(dist.TorchDistribution):
+    """``base`` declared on the support :func:`nuts_support` gives it (sampling and densities are the base's)."""
+
+    arg_constraints: dict = {}
+
+    def __init__(self, base, support):
+        self.base, self._support = base, support
+        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
+
+    @property
+    def support(self):
+        return self._support
+
+    @property
+    def has_rsample(self):
+        return self.base.has_rsample
+
+    @property
+    def mean(self):
+        return self.base.mean
+
+    @property
+    def variance(self):
+        return self.base.variance
+
+    def expand(self, batch_shape, _instance=None):
+        return _OnSupport(self.base.expand(batch_shape), self._support)
+
+    def sample(self, sample_shape=torch.Size()):
+        return self.base.sample(sample_shape)
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.base.rsample(sample_shape)
+
+    def log_prob(self, value):
+        return self.base.log_prob(value)
+
+
+class NutsSupports(Messenger):
+    """Declares every latent site on the support NUTS can transform (:func:`nuts_support`): a real-valued mixture
+    prior (VLAC's, a VampPrior-like ``MixtureSameFamily``) is sampled on the reals."""
+
+    def _process_message(self, msg):
+        if msg["type"] != "sample" or msg["is_observed"] or site_is_subsample(msg):
+            return
+        try:
+            support = msg["fn"].support
+        except NotImplementedError:  # a distribution that declares none: check_nuts names it
+            return
+        mapped = nuts_support(support)
+        if mapped is not support:
+            msg["fn"] = _OnSupport(msg["fn"], mapped)
+
+
+def check_nuts(model, x, y=None) -> list[str]:
+    """The model's latent sites, once it is checked — from one run of the program, before any work — that NUTS
+    can sample each (its support, after :func:`nuts_support`, has a transform to the reals); a
+    :class:`~ppl_vae.errors.ProgramError` naming the site, its distribution and support and what to do
+    otherwise."""
+    tr = _trace(NutsSupports()(adapt(model, "model")), x, y)
+    names = []
+    for name, site in tr.nodes.items():
+        if (
+            site["type"] != "sample"
+            or site["is_observed"]
+            or site["infer"].get("_do_not_trace")
+            or site_is_subsample(site)
+        ):
+            continue
+        fn, support = getattr(site["fn"], "base", site["fn"]), None
+        try:
+            support = site["fn"].support
+            biject_to(support)
+        except NotImplementedError:  # no transform registered (or no support declared)
+            discrete = " (a discrete latent)" if getattr(support, "is_discrete", False) else ""
+            raise ProgramError(
+                f"NUTS cannot sample the model's latent site {name!r}{discrete}: its {type(fn).__name__} has the "
+                f"support {' '.join(str(support).split())}, which has no transform to the unconstrained space NUTS "
+                "moves in (torch.distributions.biject_to). Run the gaps without the NUTS reference "
+                f"({spell('nuts_images=0', '--nuts 0')}), or give that site a distribution on the reals (or on an "
+                "interval, or the positive numbers)"
+            ) from None
+        names.append(name)
+    if not names:
+        raise IWAEError("the model has no latent sample site for NUTS to sample")
+    return names
 
 
 def latent_sites(model, x, y=None) -> dict[str, torch.Tensor]:
@@ -134,11 +267,13 @@ def nuts_posterior(
     """NUTS draws from p(z | x) for one datapoint ``x`` (shape (1, ...)) with the model's parameters fixed.
 
     ``guide`` (optional) gives each chain its starting point (a guide draw; otherwise the prior's).
-    ``parameters``: the model's torch parameters (e.g. ``module.parameters()``), frozen during the run (the
-    decoder is held fixed either way: MCMC samples only sample sites). Returns a dict: ``data`` (the ArviZ
-    container: posterior, sample_stats.diverging, log_likelihood), ``draws`` ({site: array (chain, draw, ...)},
-    the datapoint dim dropped), ``rhat`` and ``ess`` ({site: array over the site's dims}), ``max_rhat``,
-    ``min_ess``, ``divergences`` (count over all chains), ``num_chains``, ``num_samples``, ``seconds``.
+    ``parameters``: accepted for compatibility and not touched — the decoder is held fixed because NUTS moves only
+    the sample sites (its gradients are taken with respect to them alone), so no parameter's ``requires_grad``
+    is switched off (which made ``pyro.module`` warn). The modules behind ``model`` and ``guide`` run in eval
+    mode. A latent NUTS cannot transform is refused before any work (:func:`check_nuts`). Returns a dict:
+    ``data`` (the ArviZ container: posterior, sample_stats.diverging, log_likelihood), ``draws`` ({site: array
+    (chain, draw, ...)}, the datapoint dim dropped), ``rhat`` and ``ess`` ({site: array over the site's dims}),
+    ``max_rhat``, ``min_ess``, ``divergences`` (count over all chains), ``num_chains``, ``num_samples``, ``seconds``.
     """
     _check_one(x, y)
     if num_chains < 1 or num_samples < 2 or warmup_steps < 0:
@@ -146,42 +281,34 @@ def nuts_posterior(
             f"nuts_posterior needs num_chains >= 1, num_samples >= 2 and warmup_steps >= 0; got "
             f"{num_chains}, {num_samples}, {warmup_steps}"
         )
+    modules = [inspect.unwrap(f) for f in (model, guide) if f is not None]  # the methods behind adapt's wrappers
     model = adapt(model, "model")  # model(x), model(x, y), model(batch), ...: called as (x, y) below
-    frozen = [p for p in parameters if p.requires_grad]
-    unscaled = Unscaled()(model)
+    unscaled = Unscaled()(NutsSupports()(model))
     t0 = time.perf_counter()
     runs = []
-    with eval_mode(model, *(() if guide is None else (guide,))), fork_rng():
-        names = list(latent_sites(model, x, y))
-        if not names:
-            raise IWAEError("the model has no latent sample site for NUTS to sample")
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
-            for c in range(num_chains):
-                pyro.set_rng_seed(seed + c)
-                init = _guide_draw(guide, x, y, names) if guide is not None else {}
-                kernel = NUTS(
-                    unscaled,
-                    target_accept_prob=target_accept_prob,
-                    max_tree_depth=max_tree_depth,
-                    init_strategy=init_to_value(values=init)
-                    if init
-                    else pyro.infer.autoguide.initialization.init_to_sample,
-                    jit_compile=False,
-                )
-                mcmc = MCMC(
-                    kernel,
-                    num_samples=num_samples,
-                    warmup_steps=warmup_steps,
-                    num_chains=1,
-                    disable_progbar=not progress,
-                )
-                mcmc.run(*_args(x, y))
-                runs.append(mcmc)
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
+    with eval_mode(*modules), fork_rng():
+        names = check_nuts(model, x, y)
+        for c in range(num_chains):
+            pyro.set_rng_seed(seed + c)
+            init = _guide_draw(guide, x, y, names) if guide is not None else {}
+            kernel = NUTS(
+                unscaled,
+                target_accept_prob=target_accept_prob,
+                max_tree_depth=max_tree_depth,
+                init_strategy=init_to_value(values=init)
+                if init
+                else pyro.infer.autoguide.initialization.init_to_sample,
+                jit_compile=False,
+            )
+            mcmc = MCMC(
+                kernel,
+                num_samples=num_samples,
+                warmup_steps=warmup_steps,
+                num_chains=1,
+                disable_progbar=not progress,
+            )
+            mcmc.run(*_args(x, y))
+            runs.append(mcmc)
         draws = {
             k: np.concatenate([m.get_samples(group_by_chain=True)[k].cpu().numpy() for m in runs], 0) for k in names
         }
@@ -239,7 +366,7 @@ def compare_to_reference(
     """The guide q(z | x) of one datapoint against its NUTS reference (:func:`nuts_posterior`); one latent site.
 
     Returns floats and lists: ``nuts_mean``/``guide_mean`` and ``nuts_var``/``guide_var`` (per dimension),
-    ``mean_abs_error`` and ``var_log_ratio`` (mean |log(var_q / var_p)|), ``elbo`` (``elbo_samples`` draws),
+    ``mean_abs_error`` and ``var_log_ratio`` (mean ``|log(var_q / var_p)|``), ``elbo`` (``elbo_samples`` draws),
     ``log_px_guide_is`` and ``log_px_nuts_is`` (log p̂(x) from ``num_samples`` importance draws of the guide and of
     a Student-t(ν = 5) fitted to the NUTS draws), their PSIS k̂ (``khat_guide_is``, ``khat_nuts_is``) and the
     two estimates of KL(q ‖ p(z | x)) = log p(x) − ELBO (``kl_guide_is``, ``kl_nuts_is``)."""
@@ -253,7 +380,7 @@ def compare_to_reference(
         raise IWAEError(f"site {site!r} must be a vector per datapoint, got draws of shape {tuple(z.shape[1:])}")
     mean, cov = z.mean(0), torch.cov(z.T).reshape(z.shape[1], z.shape[1])
     args = _args(x, y)
-    with eval_mode(model, guide), fork_rng():
+    with eval_mode(inspect.unwrap(model), inspect.unwrap(guide)), fork_rng():
         torch.manual_seed(seed)
         lw = importance_log_weights(
             model, guide, args, num_particles=elbo_samples, max_plate_nesting=1, keep_values=True

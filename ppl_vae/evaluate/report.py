@@ -19,6 +19,7 @@ guide's means and variances beside the reference's.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
@@ -27,13 +28,14 @@ import numpy as np
 import torch
 
 from ..distributions.plate import DATA_PLATE
-from ..errors import ProgramError
+from ..errors import ProgramError, spell
+from ..infer.importance import fork_rng, importance_log_weights
 from ..infer.signature import adapt
-from .gaps import guide_latent_sites, inference_gaps
-from .likelihood import full_data_subsample, log_likelihood
-from .reference import compare_to_reference, nuts_posterior
+from .gaps import check_families, guide_latent_sites, inference_gaps
+from .likelihood import eval_mode, full_data_subsample, log_likelihood
+from .reference import check_nuts, compare_to_reference, nuts_posterior
 
-__all__ = ["gap_report", "plot_gaps", "GAPS"]
+__all__ = ["gap_report", "check_gap_report", "plot_gaps", "GAPS"]
 
 GAPS = ("amortisation", "approximation", "inference")
 
@@ -42,6 +44,44 @@ def _summary(v: torch.Tensor) -> dict:
     v = v.double().cpu()
     n = v.numel()
     return {"mean": float(v.mean()), "std_error": float(v.std() / math.sqrt(n)) if n > 1 else float("nan")}
+
+
+def check_gap_report(model, guide, x: torch.Tensor, *, y=None, family=None, site=None, nuts_images: int = 0):
+    """Every refusal of :func:`gap_report`, made before any of its work from one run of each program on the
+    first image: the data, a guide that indexes the whole data set, a latent site the per-image Gaussian of
+    ``family`` cannot start at, several sites with NUTS, a latent NUTS cannot transform (a discrete one, say).
+    Returns the latent sites the report covers. Each message names what to do in the words of the interface
+    (``family='diag'`` in Python, ``--family diag`` on the command line)."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or len(x) < 1:
+        raise ValueError(f"gap_report needs a tensor of images (N, ...), got {type(x).__name__}")
+    if nuts_images < 0 or nuts_images > len(x):
+        raise ValueError(
+            f"{spell('nuts_images', '--nuts')} must be between 0 and the number of images ({len(x)}), got {nuts_images}"
+        )
+    modules = eval_mode(inspect.unwrap(model), inspect.unwrap(guide))
+    model, guide = adapt(model, "model"), adapt(guide, "guide")
+    size = full_data_subsample(guide, x, y, DATA_PLATE)
+    if size is not None:
+        raise ProgramError(
+            f"gap_report: this guide indexes the whole data set itself (its plate '{DATA_PLATE}' draws {size} of "
+            f"the {len(x)} datapoints passed); the per-datapoint optimisation of the gaps needs a program whose data "
+            "plate runs over the batch it is given (pyro.plate('data', len(x))) — log_likelihood and "
+            "posterior_diagnostics take this program as it is"
+        )
+    x1, y1 = x[:1], None if y is None else y[:1]
+    with modules:
+        sites = guide_latent_sites(guide, x1, y1) if site is None else [site] if isinstance(site, str) else list(site)
+        if nuts_images and len(sites) != 1:
+            raise ValueError(
+                f"the NUTS comparison handles one latent site; this guide has {sites}: "
+                f"use {spell('nuts_images=0', '--nuts 0')}"
+            )
+        check_families(guide, x1, y1, family, sites)
+        with torch.no_grad(), fork_rng():  # one importance weight: the trace checks (a model latent the guide lacks)
+            importance_log_weights(model, guide, (x1, y1), num_particles=1, max_plate_nesting=1)
+        if nuts_images:
+            check_nuts(model, x1, y1)
+    return sites
 
 
 def gap_report(
@@ -68,38 +108,19 @@ def gap_report(
 
     ``num_samples``: importance draws for log p̂(x). ``family``/``steps``/``num_particles``/``lr``: the per-image
     optimisation (:func:`ppl_vae.evaluate.optimised_guide`); ``elbo_particles``: draws for each ELBO.
-    ``parameters``: the model's parameters, frozen while q* is fitted. ``nuts_images``: how many of the first
-    images get a NUTS reference (``nuts``: keyword arguments of :func:`nuts_posterior`, e.g. ``num_chains``,
-    ``num_samples``, ``warmup_steps``). Reproducible from ``seed``; the caller's RNG is left as it was.
+    ``parameters``: the model's parameters, held fixed while q* is fitted (no gradient reaches them; their
+    ``requires_grad`` is left as it is). ``nuts_images``: how many of the first images get a NUTS reference
+    (``nuts``: keyword arguments of :func:`nuts_posterior`, e.g. ``num_chains``, ``num_samples``,
+    ``warmup_steps``). Reproducible from ``seed``; the caller's RNG is left as it was.
+    Everything that would refuse the work is checked first (:func:`check_gap_report`); the modules behind
+    ``model`` and ``guide`` run in eval mode (dropout off, batch norm's running statistics).
     """
-    if not isinstance(x, torch.Tensor) or x.dim() < 1 or len(x) < 1:
-        raise ValueError(f"gap_report needs a tensor of images (N, ...), got {type(x).__name__}")
-    if nuts_images < 0 or nuts_images > len(x):
-        raise ValueError(f"nuts_images must be between 0 and the number of images ({len(x)}), got {nuts_images}")
-    parameters = list(parameters)
+    sites = check_gap_report(model, guide, x, y=y, family=family, site=site, nuts_images=nuts_images)
+    modules = eval_mode(inspect.unwrap(model), inspect.unwrap(guide))  # the methods behind adapt's wrappers
     model, guide = adapt(model, "model"), adapt(guide, "guide")
-    size = full_data_subsample(guide, x, y, DATA_PLATE)
-    if size is not None:
-        raise ProgramError(
-            f"gap_report: this guide indexes the whole data set itself (its plate '{DATA_PLATE}' draws {size} of "
-            f"the {len(x)} datapoints passed); the per-datapoint optimisation of the gaps needs a program whose data "
-            "plate runs over the batch it is given (pyro.plate('data', len(x))) — log_likelihood and "
-            "posterior_diagnostics take this program as it is"
-        )
-    sites = (
-        guide_latent_sites(guide, x[:1], None if y is None else y[:1])
-        if site is None
-        else [site]
-        if isinstance(site, str)
-        else list(site)
-    )
-    if nuts_images and len(sites) != 1:
-        raise ValueError(
-            f"the NUTS comparison handles one latent site; this guide has {sites}: use nuts_images=0 "
-            "(ppl-vae gaps --nuts 0)"
-        )
+    parameters = list(parameters)
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+    with modules, torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(seed)
         log_px = log_likelihood(model, guide, x, num_samples=num_samples, seed=seed, y=y).detach()
         t_ll = time.perf_counter()

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from ..errors import CheckpointError
 from .base import Objective, surrogate_and_value
 
 __all__ = ["AdversarialELBO", "DiscriminatorStep"]
@@ -153,5 +154,10 @@ class DiscriminatorStep:
         return {"optim": self.optim.state_dict()}
 
     def load_state_dict(self, state: dict | None) -> None:
-        if state:
-            self.optim.load_state_dict(state["optim"])
+        if not state or "optim" not in state:  # the resume would restart this optimiser: not the same run
+            raise CheckpointError(
+                "the checkpoint holds no state of the discriminator's optimiser (its plan_state is empty: written "
+                "by an older release, or edited), so resuming would restart that optimiser and not continue the "
+                "run exactly; start a new run (--overwrite), or evaluate the checkpoint as it is"
+            )
+        self.optim.load_state_dict(state["optim"])

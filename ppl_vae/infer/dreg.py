@@ -99,6 +99,8 @@ def _hooked_replay_trace(
             if particle_dim is not None:
                 positions.append((batch_ndim + particle_dim, k))
             for pos, size in positions:
+                if pos >= 0 and size < 0:  # a sizeless data plate: B is the value's own (checked against the plate)
+                    size = value.shape[pos]
                 if pos < 0 or value.shape[pos] != size:
                     return None
                 shape[pos] = size

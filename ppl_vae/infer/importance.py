@@ -24,7 +24,12 @@ What exactly is computed
 
 Particles are vectorised like Pyro's ELBOs (an outermost ``pyro.plate("num_particles_vectorized", K,
 dim=-(max_plate_nesting + 1))``; nothing is added when K = 1), or drawn in a loop with
-``vectorize_particles=False``.
+``vectorize_particles=False``; there the minibatch indices drawn by the first particle (a plate with
+``subsample_size``) are replayed to the others, so the K weights of a datapoint all belong to it. A sizeless data
+plate (``pyro.plate("data")``) takes its size B from its sites' batch shapes (N = B, no scaling); one whose sites
+disagree (a site broadcast over the plate) raises :class:`~ppl_vae.infer.trace_checks.SizelessPlateError`. When a
+vectorised pass fails on a plate's shapes, the program is run once without the particle plate: its own error is
+raised if it fails there too, else the hint that the particle dim is what it does not take.
 
 DReG terms (``dreg=True``): ``LogWeights.dreg_w_term`` and ``dreg_w2_term``, built by :mod:`.dreg` (its
 docstring has how, and the fallbacks recorded in ``LogWeights.dreg_mode``).
@@ -41,7 +46,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.util import is_validation_enabled
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match, check_site_shape
 
 from .dreg import _dreg_terms, _hooked_replay_trace, _PathWeights, _stop_gradient_trace
@@ -169,8 +174,11 @@ def _run_pass(
     path_weights: _PathWeights | None = None,
     offset: int = 0,
     dreg_replay: bool = False,
+    subsample: poutine.Trace | None = None,
 ) -> dict:
     mode = None
+    if subsample is not None:  # the minibatch indices of the first particle (looped particles)
+        model, guide = poutine.replay(model, trace=subsample), poutine.replay(guide, trace=subsample)
     try:
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         replay_source = guide_trace
@@ -189,9 +197,14 @@ def _run_pass(
             guide_sg = poutine.trace(poutine.replay(guide, trace=sg)).get_trace(*args, **kwargs)
     except ValueError as e:
         if particle_dim is not None and "Shape mismatch inside plate" in str(e):
-            raise IWAEError(_SHAPE_HINT.format(K=K, plate=PARTICLE_PLATE, dim=particle_dim, err=e)) from e
+            raise _ParticleShapeError(_SHAPE_HINT.format(K=K, plate=PARTICLE_PLATE, dim=particle_dim, err=e)) from e
         raise
     full_model_trace, full_guide_trace = model_trace, guide_trace
+    drawn = poutine.Trace()  # the subsample sites (minibatch indices) of this pass, for the particles after it
+    for trace in (full_guide_trace, full_model_trace):
+        for name, site in trace.nodes.items():
+            if site_is_subsample(site) and name not in drawn:
+                drawn.add_node(name, **site)
     model_trace = prune_subsample_sites(model_trace)
     guide_trace = prune_subsample_sites(guide_trace)
     plate = _find_data_plate((model_trace, guide_trace), data_plate)
@@ -212,6 +225,7 @@ def _run_pass(
     B = plate.size if plate is not None else 0
     ddim = plate.dim if plate is not None else None
     out = {"plate": plate, "model": {}, "guide": {}, "global": {}, "observed_sites": [], "values": {}, "observed": {}}
+    out["subsample"] = drawn
 
     def lp_of(site):
         return scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"])
@@ -256,6 +270,33 @@ def _run_pass(
             )
         )
     return out
+
+
+class _ParticleShapeError(IWAEError):
+    """A plate shape mismatch while the particles run vectorised (re-checked without the particle plate)."""
+
+
+def _own_error(model, guide, args, kwargs, data_plate: str) -> Exception | None:
+    """The error of one plain (K = 1, not vectorised) pass of the program, or None if it runs: tells a program
+    that is wrong by itself from one that only does not take the particle plate. RNG, param store untouched."""
+    try:
+        with fork_rng(), poutine.block(), torch.no_grad():
+            _run_pass(
+                model,
+                guide,
+                args,
+                kwargs,
+                K=1,
+                particle_dim=None,
+                data_plate=data_plate,
+                dreg=False,
+                require_reparam=False,
+                keep_values=False,
+                max_plate_nesting=float("inf"),
+            )
+    except Exception as e:  # noqa: BLE001 - any failure of the program itself is what the caller should see
+        return e
+    return None
 
 
 def _cat(parts: list[dict], key: str) -> dict:
@@ -318,24 +359,46 @@ def importance_log_weights(
             max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
         pdim = -(int(max_plate_nesting) + 1)
         particles = pyro.plate(PARTICLE_PLATE, K, dim=pdim)
-        parts = [
-            _run_pass(
-                particles(model),
-                particles(guide),
-                args,
-                kwargs,
-                K=K,
-                particle_dim=pdim,
-                max_plate_nesting=-pdim,
-                **common,
-            )
-        ]
+        try:
+            parts = [
+                _run_pass(
+                    particles(model),
+                    particles(guide),
+                    args,
+                    kwargs,
+                    K=K,
+                    particle_dim=pdim,
+                    max_plate_nesting=-pdim,
+                    **common,
+                )
+            ]
+        except _ParticleShapeError:
+            own = _own_error(model, guide, args, kwargs, data_plate)
+            if own is None:
+                raise  # the program runs without the particle plate: the hint on vectorisation applies
+            own.add_note(f"(raised by the model/guide itself, run once without TraceIWAE's {K} vectorised particles)")
+            raise own from None
     else:
+        # every particle sees the minibatch of the first: its subsample indices are replayed to the others, so the
+        # K weights of a column belong to one datapoint (a plate with subsample_size draws new ones per call)
         nesting = float("inf") if max_plate_nesting is None else max_plate_nesting
-        parts = [
-            _run_pass(model, guide, args, kwargs, K=1, particle_dim=None, max_plate_nesting=nesting, offset=k, **common)
-            for k in range(K)
-        ]
+        parts = []
+        for k in range(K):
+            sub = parts[0]["subsample"] if parts and len(parts[0]["subsample"].nodes) else None
+            parts.append(
+                _run_pass(
+                    model,
+                    guide,
+                    args,
+                    kwargs,
+                    K=1,
+                    particle_dim=None,
+                    max_plate_nesting=nesting,
+                    offset=k,
+                    subsample=sub,
+                    **common,
+                )
+            )
     plate = parts[0]["plate"]
     model_terms, guide_terms = _cat(parts, "model"), _cat(parts, "guide")
     global_terms = _cat(parts, "global")

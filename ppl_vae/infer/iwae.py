@@ -67,7 +67,8 @@ class TraceIWAE(Objective):
 
     :param int num_particles: K, the number of importance samples per datapoint.
     :param bool vectorize_particles: draw the K particles in one vectorised pass (an outermost plate) or in a
-        Python loop (for models whose shapes do not broadcast over an extra batch dim).
+        Python loop (for models whose shapes do not broadcast over an extra batch dim; every particle weighs the
+        minibatch that the first drew, where the data plate draws one with ``subsample_size``).
     :param str estimator: ``"iwae"`` (the exact gradient of the bound, Burda et al. 2016) or ``"dreg"``
         (doubly reparameterised, Tucker et al. 2018); both need reparameterised guide sites.
     :param str data_plate: name of the plate over datapoints (``"data"`` in all ppl_vae models).

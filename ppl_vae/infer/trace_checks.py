@@ -27,6 +27,10 @@ class GlobalLatentError(IWAEError):
     """The guide samples a latent outside the data plate (a global latent)."""
 
 
+class SizelessPlateError(IWAEError):
+    """The data plate has no size and its sites' batch shapes do not give one."""
+
+
 class NonReparameterizedError(IWAEError):
     """A guide site has no ``rsample``, so the pathwise IWAE/DReG gradients do not apply."""
 
@@ -56,6 +60,7 @@ def _float_scale(scale, site_name: str) -> float:
 
 def _find_data_plate(traces, data_plate: str) -> _Plate | None:
     found: dict = {}
+    sizes: list = []  # (site, its size at the dim of a sizeless data plate)
     for trace in traces:
         for name, site in trace.nodes.items():
             if site["type"] != "sample":
@@ -69,15 +74,28 @@ def _find_data_plate(traces, data_plate: str) -> _Plate | None:
                         f"TraceIWAE needs a vectorised data plate: ``with pyro.plate('{data_plate}', N, "
                         "subsample=...)`` (see ppl_vae.distributions.plate.data_plate)"
                     )
-                size = int(f.size)
+                size = int(f.size) if f.size is not None else -1
                 full = int(f.full_size) if f.full_size is not None else size
                 found.setdefault((f.dim, size, full), name)
+                if size < 0:  # a sizeless plate, ``pyro.plate(name)``: its size is that of the sites' batch dim
+                    value, fn = site["value"], site["fn"]
+                    shape = torch.broadcast_shapes(fn.batch_shape, value.shape[: value.dim() - fn.event_dim])
+                    sizes.append((name, int(shape[f.dim]) if len(shape) >= -f.dim else 1))
     if not found:
         return None
     if len(found) > 1:
         desc = ", ".join(f"dim {d} size {s} of {n} at '{site}'" for (d, s, n), site in found.items())
         raise IWAEError(f"the plate '{data_plate}' appears with different dims/sizes: {desc}")
     ((dim, size, full),) = found
+    if size < 0:
+        size = full = max(s for _, s in sizes)
+        odd = {n: s for n, s in sizes if s != size}
+        if odd:
+            raise SizelessPlateError(
+                f"the plate '{data_plate}' has no size (``pyro.plate('{data_plate}')``) and its sites disagree on "
+                f"it: {size} datapoints at dim {dim}, but {odd} (a site broadcast over the plate would be counted "
+                f"once per datapoint). Give the plate its size: ``pyro.plate('{data_plate}', len(x))``"
+            )
     return _Plate(dim, size, full)
 
 

@@ -14,6 +14,7 @@ import pkgutil
 
 from ..config.sections import ModelConfig
 from ..data.multimodal import Layout
+from ..errors import ConfigError
 from .gamix import GAMIX
 from .hvae import HVAE, VAE2
 from .ladder import LaDDer
@@ -87,7 +88,22 @@ def build_model(cfg: ModelConfig, data_shape, num_data: int | None = None, num_c
     method = get_method(cfg.name)
     options = method.options.parse(cfg.options, method=cfg.name)
     shape = data_shape if isinstance(data_shape, Layout) else tuple(data_shape)  # multimodal data: its Layout
-    model = method.build(cfg, options, shape, num_data, num_classes)
+    if isinstance(shape, Layout) and not method.multimodal:
+        multimodal = [n for n in model_names() if get_method(n).multimodal]
+        raise ConfigError(
+            f"model.name={cfg.name!r} models one image per datapoint, but the data are multimodal "
+            f"({shape.num_modalities} modalities: {', '.join(shape.names)}): choose a multimodal method "
+            f"({', '.join(multimodal)}) or set data.multimodal: null"
+        )
+    try:
+        model = method.build(cfg, options, shape, num_data, num_classes)
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        raise ConfigError(
+            f"model.name={cfg.name!r} with model.latent_dim={cfg.latent_dim}, model.hidden={list(cfg.hidden)}, "
+            f"model.channels={cfg.channels} needs more memory than there is ({_first_line(e)}): choose smaller sizes"
+        ) from None
     recipe = BuildRecipe(
         method.name, dataclasses.replace(copy.deepcopy(cfg), name=method.name), shape, num_data, num_classes
     )
@@ -96,6 +112,20 @@ def build_model(cfg: ModelConfig, data_shape, num_data: int | None = None, num_c
     except AttributeError:  # a builder's object that takes no attributes: it cannot be saved by recipe
         pass
     return model
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` says memory ran out (CPU allocator, CUDA, Python), whatever torch's wording."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e)
+    at = text.find("you tried to allocate")
+    return (text[at:].split(".")[0] if at >= 0 else text.splitlines()[0] if text else type(e).__name__).strip()
 
 
 # a method file added to this folder registers itself when the package is imported

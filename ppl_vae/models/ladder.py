@@ -236,7 +236,8 @@ class LaDDerPlan(TrainingPlan):
     def stages(self, train):
         m = self.model
         first = m.warmup_epochs + 1 if m.prior == "ladder" and m.warmup_epochs > 0 else 1
-        return [Stage("train", train, first_scored_epoch=first)]
+        why = f"model.options.warmup_epochs = {m.warmup_epochs}: the ladder prior is on from then"
+        return [Stage("train", train, first_scored_epoch=first, scored_from=why)]
 
     @torch.no_grad()
     def on_epoch_end(self, epoch: int, record: dict, data) -> None:
@@ -281,31 +282,62 @@ class LaDDerPlan(TrainingPlan):
 @dataclass
 class LaDDerOptions(Options):
     prior: str = option("ladder", choices=("ladder", "normal"), doc="'normal': the N(0, I)-prior baseline")
-    t_dim: int = option(2, gt=0)
-    warmup_epochs: int = option(10, ge=0)
-    warmup_inner: bool = option(True)
-    hyperprior: str = option("bgm", choices=("bgm", "stick"))
-    num_components: int = option(20, gt=0)
-    weight_concentration_prior: float = option(0.1, gt=0)
-    weight_concentration_prior_type: str = option(
-        "dirichlet_distribution", choices=("dirichlet_distribution", "dirichlet_process")
+    t_dim: int = option(2, gt=0, doc="size of the top latent t of the inner VAE (the hyperprior's space)")
+    warmup_epochs: int = option(
+        10,
+        ge=0,
+        doc="epochs with an N(0, I) prior on z before the ladder prior is switched on (they do not count for best.pt "
+        "or early stopping)",
     )
-    bgm_max_iter: int = option(200, gt=0)
-    refit_every: int = option(1, gt=0)
-    fit_points: int = option(5000, gt=0)
-    stick_alpha: float = option(1.0, gt=0)
-    inner_hidden: list[int] = option([256, 256], item_gt=0)
-    inner_activation: str = option("leaky_relu", choices=("relu", "tanh", "elu", "softplus", "leaky_relu"))
-    inner_sigma: float = option(0.1, gt=0)
-    inner_sigma_min: float = option(0.05, gt=0)
-    inner_sigma_max: float = option(0.1, gt=0)
-    learn_inner_sigma: bool = option(True)
+    warmup_inner: bool = option(
+        True, doc="train the inner VAE on the detached codes during the warm-up (its gradient only)"
+    )
+    hyperprior: str = option(
+        "bgm",
+        choices=("bgm", "stick"),
+        doc="p(t): bgm (a Bayesian Gaussian mixture refitted after epochs) or stick (a stick-breaking mixture learned"
+        " by the ELBO)",
+    )
+    num_components: int = option(
+        20, gt=0, doc="mixture components of the hyperprior (an upper bound: unused ones get no weight)"
+    )
+    weight_concentration_prior: float = option(
+        0.1, gt=0, doc="concentration of the bgm hyperprior's weights (scikit-learn's BayesianGaussianMixture)"
+    )
+    weight_concentration_prior_type: str = option(
+        "dirichlet_distribution",
+        choices=("dirichlet_distribution", "dirichlet_process"),
+        doc="the bgm's prior on the weights: a Dirichlet distribution or a Dirichlet process",
+    )
+    bgm_max_iter: int = option(200, gt=0, doc="EM iterations of each bgm refit")
+    refit_every: int = option(1, gt=0, doc="epochs between refits of the bgm hyperprior")
+    fit_points: int = option(
+        5000, gt=0, doc="training images whose codes t ~ q(t|z), z ~ q(z|x) the bgm is refitted to"
+    )
+    stick_alpha: float = option(1.0, gt=0, doc="concentration α of the stick-breaking hyperprior")
+    inner_hidden: list[int] = option(
+        [256, 256], item_gt=0, doc="hidden layer sizes of the inner VAE's encoder q(t|z) and decoder g(t)"
+    )
+    inner_activation: str = option(
+        "leaky_relu",
+        choices=("relu", "tanh", "elu", "softplus", "leaky_relu"),
+        doc="nonlinearity of the inner VAE's networks",
+    )
+    inner_sigma: float = option(0.1, gt=0, doc="initial standard deviation σ_in of the inner decoder p(z|t)")
+    inner_sigma_min: float = option(0.05, gt=0, doc="lower clip of σ_in")
+    inner_sigma_max: float = option(0.1, gt=0, doc="upper clip of σ_in (the official code's 0.1)")
+    learn_inner_sigma: bool = option(True, doc="learn σ_in (within its clip) rather than keep it fixed")
     likelihood: str = option(
         "floored_laplace",
         choices=("floored_laplace", "config"),
         doc="'config': model.likelihood instead of the floored Laplace",
     )
-    laplace_init_scale: float = option(0.02, gt=0)
+    laplace_init_scale: float = option(
+        0.02,
+        gt=0,
+        doc="initial scale b of the floored Laplace likelihood (the floor, the batch's mean absolute error, takes "
+        "over when it is larger)",
+    )
 
     def check(self):
         if self.inner_sigma_min > self.inner_sigma_max:

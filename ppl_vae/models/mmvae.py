@@ -28,11 +28,11 @@ class MMVAE(ExpertMixtureVAE):
         return self.experts(xs)
 
     def weights(self, mask: torch.Tensor) -> torch.Tensor:
-        """(B, M): 1/|S| for each observed modality."""
+        """(B, M): ``1/|S|`` for each observed modality."""
         return uniform_weights(mask)
 
 
-@register_model("mmvae", options=NoOptions)
+@register_model("mmvae", options=NoOptions, multimodal=True)
 def build_mmvae(cfg, options, data_shape, num_data, num_classes) -> MMVAE:
     layout = require_layout(cfg.name, data_shape)
     enc, dec, lik = modality_networks(cfg, layout, cfg.latent_dim)

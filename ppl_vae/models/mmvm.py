@@ -85,7 +85,8 @@ class MMVMPlan(MultimodalPlan):
     """α anneals from 1 to 0 over ``anneal_epochs``; only epochs with α = 0 are scored for the best checkpoint."""
 
     def stages(self, train):
-        return [Stage("train", train, first_scored_epoch=self.model.anneal_epochs + 1)]
+        why = f"model.options.anneal_epochs = {self.model.anneal_epochs}: α reaches 0 then"
+        return [Stage("train", train, first_scored_epoch=self.model.anneal_epochs + 1, scored_from=why)]
 
     def begin_stage(self, stage):
         self.model.alpha.fill_(self.model.alpha_at(0))
@@ -102,7 +103,7 @@ class MMVMOptions(Options):
     anneal_epochs: int = option(0, ge=0, doc="epochs over which α goes from 1 to 0")
 
 
-@register_model("mmvm", options=MMVMOptions)
+@register_model("mmvm", options=MMVMOptions, multimodal=True)
 def build_mmvm(cfg, options: MMVMOptions, data_shape, num_data, num_classes) -> MMVM:
     layout = require_layout(cfg.name, data_shape)
     enc, dec, lik = modality_networks(cfg, layout, cfg.latent_dim)

@@ -43,7 +43,7 @@ class MoPoE(ExpertMixtureVAE):
         return uniform_weights(~(self.subset_table.unsqueeze(0) & ~mask.unsqueeze(-2)).any(-1))  # A ⊆ S
 
 
-@register_model("mopoe", options=NoOptions)
+@register_model("mopoe", options=NoOptions, multimodal=True)
 def build_mopoe(cfg, options, data_shape, num_data, num_classes) -> MoPoE:
     layout = require_layout(cfg.name, data_shape)
     enc, dec, lik = modality_networks(cfg, layout, cfg.latent_dim)

@@ -51,7 +51,7 @@ class MVAEOptions(Options):
     random_subsets: int = option(1, ge=0, doc="k random subsets in the sub-sampled objective")
 
 
-@register_model("mvae", options=MVAEOptions)
+@register_model("mvae", options=MVAEOptions, multimodal=True)
 def build_mvae(cfg, options: MVAEOptions, data_shape, num_data, num_classes) -> MVAE:
     layout = require_layout(cfg.name, data_shape)
     enc, dec, lik = modality_networks(cfg, layout, cfg.latent_dim)

@@ -14,14 +14,16 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import sys
+import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config.options import NoOptions, Options
-from ..errors import ConfigError
+from ..errors import ConfigError, PplVaeError, ProgramError, did_you_mean
 
 __all__ = [
     "register_model",
@@ -42,6 +44,7 @@ class Method:
     name: str
     build: Callable
     options: type[Options]
+    multimodal: bool = False  # its builder takes a multimodal Layout as data_shape
 
 
 @dataclass(frozen=True)
@@ -71,22 +74,47 @@ _METHODS: dict[str, Method] = {}
 _ALIASES: dict[str, str] = {}
 
 
-def register_model(name: str, options: type[Options] = NoOptions, aliases: tuple[str, ...] = ()):
-    """Register ``fn`` as the builder of method ``name`` (see the module docstring)."""
+def register_model(
+    name: str, options: type[Options] = NoOptions, aliases: tuple[str, ...] = (), multimodal: bool = False
+):
+    """Register ``fn`` as the builder of method ``name`` (see the module docstring); ``multimodal=True``: it models
+    multimodal data (its builder receives their :class:`~ppl_vae.data.multimodal.Layout`), else one array per
+    datapoint (a shape tuple)."""
     if not (isinstance(options, type) and issubclass(options, Options)):
         raise TypeError(f"register_model({name!r}): options must be an Options dataclass, got {options!r}")
 
     def deco(fn: Callable) -> Callable:
+        try:
+            inspect.signature(fn).bind(*range(5))
+        except TypeError:
+            raise ProgramError(
+                f"register_model({name!r}): the builder {getattr(fn, '__qualname__', fn)!r} must take "
+                f"(cfg, options, data_shape, num_data, num_classes), got {inspect.signature(fn)}"
+            ) from None
+        except ValueError:  # a builtin without a signature: called as it is
+            pass
         for key in (name, *aliases):
             taken = _METHODS.get(key) or (_METHODS.get(_ALIASES[key]) if key in _ALIASES else None)
-            if taken is not None and taken.build is not fn:
+            if taken is not None and taken.build is not fn and not _redefinition(taken.build, fn):
                 raise ValueError(f"a model named {key!r} is registered already")
-        _METHODS[name] = Method(name, fn, options)
+        _METHODS[name] = Method(name, fn, options, multimodal)
         for old in aliases:
             _ALIASES[old] = name
         return fn
 
     return deco
+
+
+def _redefinition(old: Callable, new: Callable) -> bool:
+    """The same builder defined again — a notebook cell run twice, or a run folder's copy of a method file
+    (imports/) loaded in the process that imported the original: it replaces the old one."""
+    code_old, code_new = getattr(old, "__code__", None), getattr(new, "__code__", None)
+    return (
+        code_old is not None
+        and code_new is not None
+        and old.__qualname__ == new.__qualname__
+        and Path(code_old.co_filename).name == Path(code_new.co_filename).name
+    )
 
 
 def model_names() -> list[str]:
@@ -101,11 +129,13 @@ def resolve_name(name: str) -> str:
         warnings.warn(f"model.name={name!r} is deprecated; it is now called {new!r}", DeprecationWarning, stacklevel=3)
         return new
     if name not in _METHODS:
-        raise ConfigError(f"model.name must be one of {model_names()}, got {name!r}")
+        raise ConfigError(f"model.name must be one of {model_names()}, got {name!r}{did_you_mean(name, model_names())}")
     return name
 
 
 def get_method(name: str) -> Method:
+    """The registered method ``name`` (its builder and options dataclass); an old name resolves with a
+    DeprecationWarning, an unknown one raises :class:`~ppl_vae.errors.ConfigError` listing the known ones."""
     return _METHODS[resolve_name(name)]
 
 
@@ -144,10 +174,24 @@ def imported_module(name: str):
     sys.modules[module] = mod
     try:
         spec.loader.exec_module(mod)
+    except Exception as e:  # the user's file failed: name it, where and why (--debug shows the traceback)
+        del sys.modules[module]
+        raise ConfigError(f"imports: {str(path)!r} {_failure(e, path)}") from e
     except BaseException:
         del sys.modules[module]
         raise
     return mod
+
+
+def _failure(e: Exception, path: Path) -> str:
+    """``failed at line 3: SyntaxError: invalid syntax`` — the last line of ``path`` in the error's traceback."""
+    line = getattr(e, "lineno", None) if isinstance(e, SyntaxError) else None
+    for frame in traceback.extract_tb(e.__traceback__):
+        if Path(frame.filename) == path:
+            line = frame.lineno
+    where = f" at line {line}" if line else ""
+    text = e.msg if isinstance(e, SyntaxError) else str(e)
+    return f"failed{where}: {text if isinstance(e, PplVaeError) else f'{type(e).__name__}: {text}'}"
 
 
 def data_function(name: str, imports: list[str]):

@@ -173,7 +173,8 @@ class SigmaVAEPlan(TrainingPlan):
     def stages(self, train: TrainConfig) -> list[Stage]:
         if self.model.variance_net is None:
             return [Stage("train", train)]
-        return [Stage("stage1", train), Stage("stage2", self.stage2_config(train))]
+        stage2 = Stage("stage2", self.stage2_config(train), epochs_from="model.options.stage2_epochs")
+        return [Stage("stage1", train), stage2]
 
     def stage2_config(self, train: TrainConfig) -> TrainConfig:
         """Stage-2 training settings: ``train`` with epochs, stop_delta, min_epochs and lr from the options."""
@@ -211,13 +212,29 @@ class SigmaVAEPlan(TrainingPlan):
 
 @dataclass
 class SigmaVAEOptions(Options):
-    sigma2_mode: str = option("learned", choices=MODES)
-    closed_form_every: str = option("step", choices=("step", "epoch"))
-    stage1_mode: str = option("learned", choices=("learned", "closed_form"))
-    stage2_epochs: int = option(20, gt=0)
-    stage2_stop_delta: float | None = option(None, ge=0)
-    stage2_min_epochs: int = option(1, gt=0)
-    stage2_lr: float | None = option(None, gt=0)
+    sigma2_mode: str = option(
+        "learned",
+        choices=MODES,
+        doc="how σ² is set: fixed (model.sigma2), learned (by gradient), closed_form (the mean squared error, eq. 9) "
+        "or per_pixel (Algorithm 1: a global σ², then a per-pixel σ²(z) network)",
+    )
+    closed_form_every: str = option(
+        "step",
+        choices=("step", "epoch"),
+        doc="when closed_form sets σ²: every training step (from the minibatch) or after every epoch (from the whole "
+        "training set)",
+    )
+    stage1_mode: str = option(
+        "learned",
+        choices=("learned", "closed_form"),
+        doc="how per_pixel's first stage sets its global σ²: learned or closed_form",
+    )
+    stage2_epochs: int = option(20, gt=0, doc="epochs of per_pixel's second stage (σ²(z))")
+    stage2_stop_delta: float | None = option(
+        None, ge=0, doc="the δELBO < ε₂ rule of the second stage (like train.stop_delta); null: off"
+    )
+    stage2_min_epochs: int = option(1, gt=0, doc="epochs of the second stage before stage2_stop_delta may stop it")
+    stage2_lr: float | None = option(None, gt=0, doc="learning rate of the second stage; null: train.lr")
 
 
 @register_model("sigma_vae", options=SigmaVAEOptions)

@@ -77,7 +77,7 @@ class SumPool(MultimodalVAE):
 training_plan(SumPool)(SubsetPlan)  # the average ELBO over its subsets, scored on all modalities
 
 
-@register_model("sumpool", options=NoOptions)
+@register_model("sumpool", options=NoOptions, multimodal=True)
 def build_sumpool(cfg, options, data_shape, num_data, num_classes) -> SumPool:
     layout = require_layout(cfg.name, data_shape)
     width = cfg.hidden[-1] if cfg.hidden else 256

@@ -12,6 +12,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -45,38 +46,111 @@ def set_rng_state(state: dict) -> None:
 
 def atomic_save(obj, path: str | Path) -> None:
     """torch.save to a temporary file in the same folder, then an atomic rename: ``path`` is always either the
-    previous complete file or the new complete one. A failed write (a full disk, a folder that cannot be written)
-    raises :class:`CheckpointError` naming the file, and leaves no temporary file."""
+    previous complete file or the new complete one. A failed write (a full disk, a file-size limit, a folder that
+    cannot be written) raises :class:`CheckpointError` naming the file, the bytes it needed and what to do, and leaves
+    no temporary file. The cause is read from the operating system's error (``errno``) that torch's writer met, not
+    from torch's message, which differs between versions (``unexpected pos ...``, ``file write failed``)."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:  # a Python file: its OSError (with errno) is what torch's error chains to
+            torch.save(obj, f)
         os.replace(tmp, path)
     except OSError as e:
-        raise CheckpointError(_write_error(path, e)) from e
-    except RuntimeError as e:  # torch's zip writer reports a failed write ("file write failed") as RuntimeError
-        if "write" not in str(e).lower():
-            raise
-        raise CheckpointError(_write_error(path, OSError(errno.ENOSPC, "the write failed (is the disk full?)"))) from e
+        raise CheckpointError(_write_error(path, e, obj)) from e
+    except RuntimeError as e:  # torch's zip writer reports a failed write as RuntimeError
+        cause = _os_error(e)
+        if cause is None and not _writer_failed(e):
+            raise  # not a write: a bug, with its own traceback
+        raise CheckpointError(_write_error(path, cause, obj, e)) from e
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 
-def _write_error(path: Path, e: OSError) -> str:
-    if e.errno == errno.ENOSPC:
-        why = "the disk is full"
-    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+def _os_error(e: BaseException) -> OSError | None:
+    """The operating system's error behind ``e`` (``e`` itself, or one it was raised from or during), if any."""
+    seen = set()
+    link: BaseException | None = e
+    while link is not None and id(link) not in seen:
+        if isinstance(link, OSError) and link.errno is not None:
+            return link
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return None
+
+
+def _writer_failed(e: RuntimeError) -> bool:
+    """Whether torch's zip writer (``inline_container.cc``) raised ``e``: it failed to write the file."""
+    text = str(e).lower()
+    return "inline_container" in text or "write" in text or "unexpected pos" in text
+
+
+class _Counter:
+    """A file-like sink that only counts the bytes written (the size a checkpoint needs)."""
+
+    def __init__(self):
+        self.n = 0
+
+    def write(self, b) -> int:
+        self.n += len(b)
+        return len(b)
+
+    def flush(self) -> None:
+        pass
+
+
+def _bytes_needed(obj) -> int | None:
+    counter = _Counter()
+    try:
+        torch.save(obj, counter)  # type: ignore[arg-type]  # a writable file-like object is all torch needs
+    except Exception:
+        return None
+    return counter.n
+
+
+def _write_error(path: Path, e: OSError | None, obj=None, raised: Exception | None = None) -> str:
+    needed = _bytes_needed(obj) if obj is not None else None
+    size = f" ({needed:,} bytes)" if needed is not None else ""
+    code = e.errno if e is not None else None
+    limit = _file_size_limit()
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        why = "the disk is full" if code == errno.ENOSPC else "the disk quota is used up"
+        try:
+            why += f" ({shutil.disk_usage(path.parent).free:,} bytes free)"
+        except OSError:
+            pass
+        what = "free space or choose another --run-dir"
+    elif code == errno.EFBIG or (code is None and limit is not None and needed is not None and needed > limit):
+        why = (
+            f"the file-size limit of this process is reached (ulimit -f: {limit:,} bytes)"
+            if limit
+            else "the file is larger than this file system allows"
+        )
+        what = "raise the limit (ulimit -f unlimited) or choose another --run-dir"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
         why = "the folder cannot be written (permission denied or read-only)"
-    else:
+        what = "choose another --run-dir"
+    elif e is not None:
         why = e.strerror or str(e)
-    return (
-        f"could not write {str(path)!r}: {why}. The previous complete file (if any) is unchanged; free space "
-        "or choose another --run-dir"
-    )
+        what = "free space or choose another --run-dir"
+    else:  # torch's writer failed and named no cause
+        said = (str(raised).strip().splitlines() or [type(raised).__name__])[0]
+        why = f"the disk is full or the file could not be written (torch: {said})"
+        what = "free space or choose another --run-dir"
+    return f"could not write {str(path)!r}{size}: {why}. The previous complete file (if any) is unchanged; {what}"
+
+
+def _file_size_limit() -> int | None:
+    """This process's file-size limit in bytes (``ulimit -f``), or ``None`` when there is none."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
 def safe_types() -> list:

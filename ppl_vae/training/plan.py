@@ -79,11 +79,15 @@ def build_objective(train: TrainConfig) -> ELBO:
 @dataclass
 class Stage:
     """One stage of a plan: its name (its folder when it is not the last), its settings and the first (1-based)
-    epoch whose validation ELBO is of the final objective (earlier ones never become ``best.pt``)."""
+    epoch whose validation ELBO is of the final objective (earlier ones never become ``best.pt``). ``epochs_from``
+    names the setting its length comes from and ``scored_from`` the one that sets ``first_scored_epoch``: the run's
+    first lines say them when the plan trains other than ``train.epochs`` or scores no epoch."""
 
     name: str
     train: TrainConfig
     first_scored_epoch: int = 1
+    epochs_from: str = "train.epochs"
+    scored_from: str = ""
 
 
 class TrainingPlan:

@@ -6,6 +6,7 @@ than one stage the combined history numbers epochs on and adds ``stage`` (1-base
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,9 @@ def train(
     stages = plan.stages(train_cfg)
     if not stages:
         raise ValueError(f"{type(plan).__name__}.stages returned no stage")
+    if fabric is None or fabric.global_rank == 0:
+        for line in plan_notes(stages, train_cfg):
+            print(f"ppl-vae: {line}", file=sys.stderr)
     dirs = _stage_dirs(stages, run_dir)
     current = _current_stage(dirs) if resume else 0
     results: list[FitResult] = []
@@ -111,6 +115,24 @@ def train(
     if fabric is not None:
         out.rank, out.world_size = fabric.global_rank, fabric.world_size
     return out
+
+
+def plan_notes(stages: list[Stage], train_cfg: TrainConfig) -> list[str]:
+    """What a plan does that ``train.epochs`` does not say: stages of their own length, no epoch scored for
+    ``best.pt`` (printed as the run's first lines)."""
+    notes = []
+    total = sum(s.train.epochs for s in stages)
+    if len(stages) > 1 and total != train_cfg.epochs:
+        parts = ", ".join(f"{s.name} {s.train.epochs} ({s.epochs_from})" for s in stages)
+        notes.append(f"this plan trains {total} epochs in {len(stages)} stages: {parts}")
+    last = stages[-1]
+    if last.first_scored_epoch > last.train.epochs:
+        why = f" ({last.scored_from})" if last.scored_from else ""
+        notes.append(
+            f"no epoch can become best.pt: epochs are scored from epoch {last.first_scored_epoch}{why}, after "
+            f"the last of {last.train.epochs}; the run is evaluated at its last epoch (checkpoint.pt)"
+        )
+    return notes
 
 
 def _stage_dirs(stages: list[Stage], run_dir: str | Path | None) -> list[Path | None]:

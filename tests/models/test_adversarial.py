@@ -8,6 +8,7 @@ from _interrupt import train_killed_after
 from ppl_vae import train
 from ppl_vae.config import ModelConfig, TrainConfig
 from ppl_vae.data import DataBundle
+from ppl_vae.errors import CheckpointError
 from ppl_vae.models import build_model
 from ppl_vae.nn.networks import build_encoder_decoder
 from ppl_vae.nn.patchgan import PatchGAN
@@ -104,6 +105,20 @@ def test_a_killed_gan_run_resumes_both_optimisers_exactly(tmp_path):
     for i in ck_a:
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(ck_a[i][key], ck_b[i][key])
+
+
+def test_a_gan_checkpoint_without_its_discriminator_state_is_refused_on_resume(tmp_path):
+    """Resuming would restart the discriminator's optimiser: not the uninterrupted run, so it is refused by name
+    (before: exit 0, the optimiser silently started afresh)."""
+    data = _data()
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=1e-3, patience=None)
+    train_killed_after(2, _gan(), data, cfg, run_dir=tmp_path / "killed", progress=False)
+    path = tmp_path / "killed" / CHECKPOINT
+    ck = torch.load(path, weights_only=False)
+    ck["plan_state"] = {}  # as an older release (or a hand-edited file) left it
+    torch.save(ck, path)
+    with pytest.raises(CheckpointError, match="no state of the discriminator's optimiser"):
+        train(_gan(), data, cfg, run_dir=tmp_path / "killed", resume=True, progress=False)
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 64, 64), (1, 8, 8)])
