@@ -69,7 +69,7 @@ def fit_classifiers(
     layout: Layout, x: torch.Tensor, labels: torch.Tensor, max_train: int = 5000, seed: int = 0
 ) -> list:
     """One classifier per modality, fitted on real data ``x`` (packed) with class ``labels``: a logistic
-    regression on the values of each image modality, the argmax for a label modality. Each maps a (B, *shape)
+    regression on the values of each image modality, the argmax for a label modality. Each maps a ``(B, *shape)``
     tensor to predicted classes; ``.accuracy`` holds its accuracy on the (held-in) fitting data."""
     x, labels = x[:max_train], labels[:max_train]
     parts = layout.split(x)

@@ -30,6 +30,10 @@ from ..distributions.plate import data_plate
 
 
 class LinearGaussianVAE(PyroModule):
+    """The linear-Gaussian VAE of the module docstring: ``model(x)`` / ``guide(x)`` with the exact
+    ``log_marginal(x)`` and ``posterior(x)``, a guide chosen by ``guide_type`` (``exact``, perturbed by
+    ``guide_shift``/``guide_scale``, or ``amortized``); ``W`` and ``b`` drawn from ``seed`` unless given."""
+
     conditional = False
     num_classes = None
 

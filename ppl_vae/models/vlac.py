@@ -200,7 +200,11 @@ class VLACPlan(TrainingPlan):
 @dataclass
 class VLACOptions(Options):
     layers: int = option(3, ge=1, doc="L, the number of latent layers (each of size model.latent_dim)")
-    combination: str = option("gated", choices=("gated", "concat"))
+    combination: str = option(
+        "gated",
+        choices=("gated", "concat"),
+        doc="how a layer joins the ladder: gated (the official code's z̃ + g ⊙ W z, a learned gate) or concat",
+    )
     mixture_layers: list[int] = option([], item_gt=0, doc="1-based layers with a mixture prior ([]: every layer)")
     num_components: int = option(10, ge=1, doc="mixture components per mixture layer")
     coding: str = option(

@@ -109,7 +109,11 @@ def _is_damping(value) -> bool:
 class VLAEOptions(Options):
     num_steps: int = option(4, ge=0, doc="T, damped Newton steps from the encoder's mean")
     damping: str | float = option(
-        "vlae", check=_is_damping, what="'vlae' (η_t = 0.5/(t+1)), 'line_search' or a number in (0, 1]"
+        "vlae",
+        check=_is_damping,
+        what="'vlae' (η_t = 0.5/(t+1)), 'line_search' or a number in (0, 1]",
+        doc="step sizes of the Newton steps: vlae (η_t = 0.5/(t + 1), the paper's), line_search (per image, the best "
+        "of η ∈ {1, ½, ¼, ⅛, 0}) or a fixed number",
     )
     gradient: str = option(
         "unrolled",

@@ -86,8 +86,13 @@ class WiseALEPlan(TrainingPlan):
 class WiseALEOptions(Options):
     kl_approx: str = option("product", choices=KL_APPROX, doc="estimator of KL(q(z|D_B) ‖ p(z))")
     kl_scale: str = option("batch", choices=KL_SCALES, doc="pay the KL once per batch or once per data set")
-    likelihood: str = option("floored_laplace", choices=("floored_laplace", "config"))
-    laplace_init_scale: float = option(0.02, gt=0)
+    likelihood: str = option(
+        "floored_laplace",
+        choices=("floored_laplace", "config"),
+        doc="floored_laplace (LaDDer's Laplace with its scale floored at the batch's mean absolute error) or config "
+        "(model.likelihood)",
+    )
+    laplace_init_scale: float = option(0.02, gt=0, doc="initial scale b of the floored Laplace likelihood")
 
 
 @register_model("wise_ale", options=WiseALEOptions)

@@ -77,7 +77,7 @@ class MLPEncoder(nn.Module):
 
 
 class MLPDecoder(nn.Module):
-    """Raw output (B, *data_shape) from z (optionally concatenated with a one-hot label)."""
+    """Raw output ``(B, *data_shape)`` from z (optionally concatenated with a one-hot label)."""
 
     def __init__(self, data_shape, latent_dim: int, hidden=(256, 256), act="relu", cond_dim: int = 0):
         super().__init__()
