@@ -13,6 +13,7 @@ reconstructions, midpoints and prior samples, collapsed variances) and the multi
 compatibility layer (``azcompat``) load ArviZ on first use.
 """
 
+from .ais import ais_log_likelihood as ais_log_likelihood  # not in __all__ until docs/api/evaluate.rst lists it
 from .clustering import cluster_accuracy, cluster_scores, probe_accuracy
 from .cross_modal import (
     coherence,

@@ -35,7 +35,7 @@ from ppl_vae.infer.analytic_kl import AnalyticKLELBO
 from ppl_vae.models import build_model
 from ppl_vae.models.linear_gaussian import LinearGaussianVAE
 from ppl_vae.models.vae_epanechnikov import KernelBoundELBO
-from ppl_vae.models.vae_poisson import LinearDecoder, VAEPoisson
+from ppl_vae.models.vae_poisson import KLAnnealedELBO, LinearDecoder, VAEPoisson, kl_beta_schedule
 from ppl_vae.training.plan import plan_for
 
 
@@ -407,3 +407,113 @@ def test_sharpness_is_the_variance_of_the_laplacian():
     assert sharpness(board.expand(2, 3, 8, 8)) == pytest.approx(64 * 36 / 35)  # channels are averaged
     with pytest.raises(ValueError, match="H, W >= 3"):
         sharpness(torch.zeros(2, 1, 2, 8))
+
+
+# ------------------------------------------------------------------------------------------------ official P-VAE
+def _official_betas(total, start, anneal, const):
+    """The official ``beta_anneal_linear`` written out: start for ⌈c·T⌉ steps, linspace(start, 1) to ⌈(c+p)·T⌉."""
+    a, b = math.ceil(const * total), math.ceil((const + anneal) * total)
+    betas = [1.0] * total
+    betas[:a] = [start] * a
+    betas[a:b] = torch.linspace(start, 1.0, b - a, dtype=torch.float64).tolist()
+    return betas
+
+
+@pytest.mark.parametrize("total,anneal,const", [(1000, 0.5, 0.01), (37, 0.5, 0.0), (120, 0.3, 0.2)])
+def test_kl_beta_schedule_is_the_official_linear_annealing(total, anneal, const):
+    kw = {"start": 1e-4, "anneal_fraction": anneal, "constant_fraction": const}
+    got = [kl_beta_schedule(t, total, **kw) for t in range(total)]
+    assert got == pytest.approx(_official_betas(total, 1e-4, anneal, const), abs=1e-12)
+    assert got[0] == pytest.approx(1e-4) and got[-1] == 1.0
+
+
+def _poisson(data, hidden=(16,), latent_dim=4, **options):
+    cfg = ModelConfig(
+        name="vae_poisson",
+        arch="mlp",
+        hidden=list(hidden),
+        latent_dim=latent_dim,
+        likelihood="bernoulli",
+        options=options,
+    )
+    return build_model(cfg, data.shape, num_data=len(data.train_x))
+
+
+def test_poisson_kl_annealing_weights_the_kl_per_step_and_validates_at_beta_one():
+    data = tiny_images()  # 64 images, batch 16: 4 steps per epoch
+    m = _poisson(data, kl_anneal_fraction=0.5, kl_constant_fraction=0.25)
+    plan = plan_for(m)
+    train_cfg = TrainConfig(epochs=4, batch_size=16)
+    elbo = plan.objective(train_cfg)
+    assert isinstance(elbo, KLAnnealedELBO)
+    x = data.train_x[:16]
+    # at step 0 β = 1e-4: loss(β) = −E log p(x|z) + β·KL, so loss(1) − loss(β) = (1 − β)·KL on the same draws
+    with torch.no_grad():
+        kl = 64 / 16 * float(kl_divergence(m.guide_dist(x), m.prior_dist(16)).sum())
+    pyro.set_rng_seed(3)
+    annealed = elbo.loss(m.model, m.guide, x)
+    pyro.set_rng_seed(3)
+    full = plan.validation_objective(train_cfg).loss(m.model, m.guide, x)
+    assert full - annealed == pytest.approx((1 - 1e-4) * kl, rel=1e-4)
+    res = train(m, data, train_cfg, progress=False)
+    # 16 steps: β = 1e-4 for steps 0..3, linspace(1e-4, 1, 8) over steps 4..11, then 1 (β of each epoch's last step)
+    assert [r["kl_beta"] for r in res.history] == pytest.approx([1e-4, 1e-4 + 3 * (1 - 1e-4) / 7, 1.0, 1.0])
+    assert plan_for(m).stages(train_cfg)[0].first_scored_epoch == 3  # the first epoch that ends at β = 1
+    assert res.best_epoch >= 3
+    with pytest.raises(ConfigError, match="train.jit must be false"):
+        plan_for(m).objective(TrainConfig(jit=True))
+    with pytest.raises(ConfigError, match="kl_constant_fraction \\+ kl_anneal_fraction must be at most 1"):
+        _poisson(data, kl_anneal_fraction=0.9, kl_constant_fraction=0.2)
+
+
+def test_poisson_defaults_keep_beta_one_and_the_constant_prior():
+    data = tiny_images()
+    m = _poisson(data)
+    assert not m.kl_annealed and m.rate_clamp is None
+    assert plan_for(m).validation_objective(TrainConfig()) is None
+    assert not isinstance(plan_for(m).objective(TrainConfig()), KLAnnealedELBO)
+    assert torch.all(m.log_r == 0.0)  # log prior_rate = log 1
+
+
+def test_poisson_uniform_prior_init_is_the_officials_range():
+    data = tiny_images()
+    torch.manual_seed(0)
+    network = _poisson(data, hidden=(8,), latent_dim=4000, prior_init="uniform")
+    linear = _poisson(data, hidden=(8,), latent_dim=4000, prior_init="uniform", decoder="linear")
+    own = _poisson(data, hidden=(8,), latent_dim=4000, prior_init="uniform", prior_log_rate_high=1.0)
+    for m, high in ((network, -2.0), (linear, -4.0), (own, 1.0)):
+        r = m.log_r.detach()
+        assert float(r.min()) >= -6.0 and float(r.max()) <= high
+        assert float(r.min()) < -5.95 and float(r.max()) > high - 0.05  # it fills the range, uniformly
+        assert float(r.mean()) == pytest.approx((high - 6.0) / 2, abs=0.1)
+    with pytest.raises(ConfigError, match="prior_log_rate_high is used with prior_init: uniform only"):
+        _poisson(data, prior_log_rate_high=-3.0)
+
+
+class _FixedLogDelta(torch.nn.Module):
+    """An encoder whose raw output (log δr before the clamp at 10) is the same for every image."""
+
+    def __init__(self, raw):
+        super().__init__()
+        self.raw = torch.nn.Parameter(torch.as_tensor(raw))
+
+    def forward(self, x, c=None):
+        return self.raw.expand(x.shape[0], -1), None
+
+
+def test_poisson_rate_clamp_bounds_the_posterior_log_rate_softly():
+    raw = [-3.0, 2.0, 7.0, 30.0]
+    lik = GaussianLikelihood(sigma2=0.25, link="identity")
+    m = VAEPoisson(_FixedLogDelta(raw), LinearDecoder(4, (2,)), lik, 4, rate_clamp=5.0)
+    free = VAEPoisson(_FixedLogDelta(raw), LinearDecoder(4, (2,)), lik, 4)
+    x = torch.zeros(3, 2)
+    with torch.no_grad():
+        log_rate, unclamped = m.guide_log_rate(x), free.guide_log_rate(x)
+    assert torch.allclose(log_rate, 5.0 - torch.nn.functional.softplus(5.0 - unclamped))
+    assert float(log_rate.max()) < 5.0 < 9.0 < float(unclamped.max())  # 10 − softplus(10 − 30) ≈ 10 unclamped
+    assert torch.allclose(log_rate[:, 0], unclamped[:, 0], atol=1e-3)  # far below c: as good as unchanged
+    assert torch.allclose(m.encode(x)[0], log_rate.exp())  # the rates that figures and probes read
+    # the KL is that of the clamped posterior that is sampled: p (1 − δ + δ log δ), δ = q/p
+    log_d = log_rate - m.log_r
+    kl = kl_divergence(m.guide_dist(x), m.prior_dist(3))
+    assert torch.allclose(kl, m.log_r.exp() * (1 - log_d.exp() + log_d.exp() * log_d))

@@ -245,7 +245,8 @@ def test_every_module_imports_on_its_own_in_a_fresh_interpreter():
 
 
 def test_no_imports_inside_functions_and_no_private_cross_imports_between_method_files():
-    lazy_ok = {"cli.py", "evaluate/__init__.py", "data/sources.py"}  # optional or slow dependencies loaded on first use
+    # optional or slow dependencies loaded on first use (ais.py: evaluate/reference.py, which imports ArviZ)
+    lazy_ok = {"cli.py", "evaluate/__init__.py", "data/sources.py", "evaluate/ais.py"}
     pkg = REPO / "ppl_vae"
     for path in sorted(pkg.rglob("*.py")):
         rel = str(path.relative_to(pkg))
