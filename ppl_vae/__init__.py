@@ -20,24 +20,73 @@ the latent distributions (``Epanechnikov``, ``RelaxedPoisson``, ``DefensiveMixtu
 :mod:`ppl_vae.training`) and ``register_model`` for methods defined outside the package.
 """
 
+import importlib
+
 from . import _deprecated
-from .config import Config, DataConfig, EvalConfig, ModelConfig, Options, TrainConfig, load_config, option
-from .data import DataBundle, Layout, MultimodalData, as_data, load_data, make_multimodal
-from .distributions import DefensiveMixture, Epanechnikov, RelaxedPoisson, data_plate
-from .errors import ConfigError, PplVaeError, TrainingDiverged
-from .experiment import Run, diagnose_run, evaluate_run, load_run, run_experiment
-from .infer import (
-    AggregateKLObjective,
-    PenalisedELBO,
-    RecursiveMixtureELBO,
-    StratifiedIWAE,
-    SubsetELBO,
-    TraceIWAE,
-    WiseAleELBO,
-)
-from .models import build_model, model_names, register_model
-from .sharing import load, save
-from .training import Stage, TrainingPlan, TrainResult, build_objective, fit, plan_for, train, training_plan
+
+# the public names and the module each comes from: imported on first use (PEP 562), so that `import ppl_vae` and
+# `ppl-vae --help` do not pay for torch, Pyro and matplotlib before they are needed
+_HOMES = {
+    ".config": ("Config", "DataConfig", "EvalConfig", "ModelConfig", "Options", "TrainConfig", "load_config", "option"),
+    ".data": ("DataBundle", "Layout", "MultimodalData", "as_data", "load_data", "make_multimodal"),
+    ".distributions": ("DefensiveMixture", "Epanechnikov", "RelaxedPoisson", "data_plate"),
+    ".errors": ("ConfigError", "PplVaeError", "TrainingDiverged"),
+    ".experiment": ("Run", "diagnose_run", "evaluate_run", "load_run", "run_experiment"),
+    ".infer": (
+        "AggregateKLObjective",
+        "PenalisedELBO",
+        "RecursiveMixtureELBO",
+        "StratifiedIWAE",
+        "SubsetELBO",
+        "TraceIWAE",
+        "WiseAleELBO",
+    ),
+    ".models": ("build_model", "model_names", "register_model"),
+    ".sharing": ("load", "save"),
+    ".training": (
+        "Stage",
+        "TrainingPlan",
+        "TrainResult",
+        "build_objective",
+        "fit",
+        "plan_for",
+        "train",
+        "training_plan",
+    ),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+_SUBPACKAGES = {
+    "cli",
+    "config",
+    "data",
+    "distributions",
+    "errors",
+    "evaluate",
+    "experiment",
+    "guides",
+    "infer",
+    "models",
+    "nn",
+    "sharing",
+    "training",
+    "viz",
+}
+
+
+def __getattr__(name: str):
+    if name in _HOME_OF:
+        value = getattr(importlib.import_module(_HOME_OF[name], __name__), name)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'ppl_vae' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOME_OF, *_SUBPACKAGES})
+
 
 _deprecated.install()
 

@@ -56,6 +56,8 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ppl-vae", description="Variational autoencoders as Pyro programs.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    threads_help = "CPU threads of the command (default: the run's train.threads; null there: half the cores, 1 to 4)"
+    p.add_argument("--threads", type=_int(1, None), default=None, help=threads_help)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a YAML config (default: VAE on the embedded digits)")
@@ -174,7 +176,17 @@ def _parser() -> argparse.ArgumentParser:
     cc = csub.add_parser("copy", help="copy a shipped config to a file to edit (refuses to overwrite one)")
     cc.add_argument("name", help="a shipped config's name, e.g. vae_fashion")
     cc.add_argument("dest", nargs="?", help="the file (or an existing folder) to copy to (default: ./NAME.yaml)")
+    for name in ("train", "evaluate", "diagnose", "gaps", "sample"):  # --threads after the command works too
+        sub.choices[name].add_argument("--threads", type=_int(1, None), default=argparse.SUPPRESS, help=threads_help)
     return p
+
+
+def _load_run(args):
+    """The run of an evaluate/diagnose/gaps/sample command, as its options ask."""
+    from .experiment import load_run
+
+    which = "best" if args.checkpoint == "best" else "last"
+    return load_run(args.run_dir, which, device=args.device, trusted=args.trust_pickle, threads=args.threads)
 
 
 def _train(args) -> int:
@@ -221,11 +233,9 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from .experiment import evaluate_run, load_run
+    from .experiment import evaluate_run
 
-    run = load_run(
-        args.run_dir, "best" if args.checkpoint == "best" else "last", device=args.device, trusted=args.trust_pickle
-    )
+    run = _load_run(args)
     out = {
         "checkpoint": run.checkpoint,  # what was read: a run without best.pt is evaluated at its last epoch
         **evaluate_run(run, args.num_samples, args.max_test, seed=args.seed, write=False),
@@ -236,22 +246,18 @@ def _evaluate(args) -> int:
 
 
 def _diagnose(args) -> int:
-    from .experiment import diagnose_run, load_run
+    from .experiment import diagnose_run
 
-    run = load_run(
-        args.run_dir, "best" if args.checkpoint == "best" else "last", device=args.device, trusted=args.trust_pickle
-    )
+    run = _load_run(args)
     out = diagnose_run(run, args.num_images, args.num_samples, seed=args.seed)
     print(json.dumps(out, indent=2))
     return 0
 
 
 def _gaps(args) -> int:
-    from .experiment import gaps_run, load_run
+    from .experiment import gaps_run
 
-    run = load_run(
-        args.run_dir, "best" if args.checkpoint == "best" else "last", device=args.device, trusted=args.trust_pickle
-    )
+    run = _load_run(args)
     out = gaps_run(
         run,
         args.num_images,
@@ -273,13 +279,11 @@ def _gaps(args) -> int:
 
 
 def _sample(args) -> int:
-    from .experiment import load_run, sample_run
+    from .experiment import sample_run
 
     if args.out is not None and Path(args.out).is_dir():
         raise PplVaeError(f"--out {args.out!r} is a folder: give the path of a .png file to write")
-    run = load_run(
-        args.run_dir, "best" if args.checkpoint == "best" else "last", device=args.device, trusted=args.trust_pickle
-    )
+    run = _load_run(args)
     out = args.out or str(run.run_dir / "samples.png")
     sample_run(run, args.n, seed=args.seed, source=args.source, num_components=args.num_components, path=out)
     print(f"samples: {out}")
@@ -386,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "train":
         args.overrides = [*args.overrides, *overrides]
+        if args.threads is not None:
+            args.overrides.append(f"train.threads={args.threads}")
     commands = {
         "train": _train,
         "evaluate": _evaluate,

@@ -35,6 +35,7 @@ from .evaluate import bits_per_dim, log_likelihood
 from .evaluate.sampling import sample_run
 from .models import build_model, import_methods
 from .models.registry import data_function, describe_imports
+from .nn.device import use_threads
 from .training import distributed
 from .training.checkpoint import load_checkpoint, load_module_state, restore_params
 from .training.loggers import log_figures
@@ -214,6 +215,7 @@ def run_experiment(
     and return after training."""
     dev = resolve_device(device or cfg.device)
     cfg.train.validate()
+    use_threads(cfg.train.threads)  # torch's one thread per core collapses on a shared machine
     if resume and run_dir is not None:
         check_imports(Path(run_dir))  # before the run's imports run: a kept file edited since is refused
     fabric = distributed.launch(cfg.train, dev)
@@ -410,6 +412,7 @@ def load_run(
     overrides: list[str] | None = None,
     *,
     trusted: bool = False,
+    threads: int | None = None,
 ) -> Run:
     """Rebuild a trained run from its folder (config.yaml + best.pt or checkpoint.pt), in eval mode.
 
@@ -420,6 +423,7 @@ def load_run(
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run folder: it has no {CONFIG_FILE}")
     check_imports(run_dir)  # a kept import file edited since training would build another model
     cfg = load_config(run_dir / CONFIG_FILE, overrides)
+    use_threads(threads if threads is not None else cfg.train.threads)
     dev = resolve_device(device or cfg.device)
     data = build_data(cfg, run_dir)
     name = BEST if which == "best" and (run_dir / BEST).exists() else CHECKPOINT

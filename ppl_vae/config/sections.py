@@ -319,6 +319,12 @@ class TrainConfig(Section):
         choices=LOGGERS,
         doc="where every epoch's scalars also go: csv (in the run folder), tensorboard, mlflow, wandb, or none",
     )
+    threads: int | None = option(
+        None,
+        gt=0,
+        doc="CPU threads of each process (torch.set_num_threads); null: half the cores, 1 to 4 — torch's default "
+        "of one per core collapses on a machine shared with another busy process (bench/threads.py)",
+    )
 
     def check(self, p: str) -> None:
         if self.world_size > 1 and self.batch_size < self.world_size:
@@ -722,6 +728,7 @@ RESUMABLE = (
     "train.eval_batch_size",
     "train.validate_every_step",
     "train.logger",
+    "train.threads",
     "device",
     "output_dir",
     "eval.num_samples",

@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
 
-__all__ = ["owner_module", "device_of"]
+__all__ = ["owner_module", "device_of", "auto_threads", "use_threads"]
+
+
+def auto_threads(cores: int | None = None) -> int:
+    """The CPU threads of a run when ``train.threads`` is null: half the cores, at least 1 and at most 4 — one
+    thread on a 2-core machine, where torch's default (one per core) collapses beside any other busy process
+    (``bench/threads.py``: the numbers are in bench/README.md)."""
+    cores = os.cpu_count() if cores is None else cores
+    return max(1, min(4, (cores or 1) // 2))
+
+
+def use_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads for this process (``None``: :func:`auto_threads`); returns the number set."""
+    n = auto_threads() if threads is None else int(threads)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
 
 
 def owner_module(obj) -> torch.nn.Module | None:
