@@ -10,10 +10,14 @@
     ppl-vae configs [list]                          # the shipped configs: name, method, data
     ppl-vae configs show NAME                       # print one
     ppl-vae configs copy NAME [DEST]                # copy one to edit (never over an existing file)
+    ppl-vae configs fields [METHOD]                 # every config field (or METHOD's model.options), documented
 
 Every expected fault ends in one line, ``ppl-vae: error: <kind>: <what, which file or field, what to do>``, with exit
 code 2 for bad input (a configuration, a flag, a file, the data) and 1 for a run that failed (diverged, a disk that
 filled up, an unexpected error); ``--debug`` shows the traceback instead.
+
+Why this module is long: it is the whole command line — every subcommand's options with their help texts (each
+shows its default) and the one place where faults become one-line messages and exit codes; the work is elsewhere.
 """
 
 from __future__ import annotations
@@ -45,9 +49,26 @@ def _int(minimum: int, maximum: int | None = None):
     return parse
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the text already says it (``default: the run's ...``) or
+    there is none to show (a flag that is off, a value that defaults to the run's own)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unshown = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or unshown or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's parser whose error line shows the control characters of an argument escaped (``'\\r0'``): the
-    error stays one line, and no escape sequence of an argument reaches the terminal."""
+    error stays one line, and no escape sequence of an argument reaches the terminal. Its subcommands' help shows
+    every option's default (:class:`_HelpFormatter`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         super().error("".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in message))
@@ -70,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue a killed run from its folder (overrides: only fields that may change, e.g. train.epochs)",
+        help="continue a killed run from its folder (overrides: only fields that may change, e.g. train.epochs; "
+        "default: a new run)",
     )
     t.add_argument("--run-dir", help="run folder (default: <output_dir>/<name>-<timestamp>)")
     t.add_argument("--overwrite", action="store_true", help="replace the run in --run-dir instead of refusing")
@@ -93,10 +115,10 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="evaluate on the first N test images only (default: the run's eval.max_test)",
     )
-    e.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    _checkpoint_option(e)
     _trust_option(e)
-    e.add_argument("--device")
-    e.add_argument("--seed", type=_int(0, _SEED_MAX), default=0)
+    _device_option(e)
+    e.add_argument("--seed", type=_int(0, _SEED_MAX), default=0, help="seed of the ELBO's and the estimate's draws")
 
     d = sub.add_parser("diagnose", help="PSIS k-hat and ESS of the guide on test images, an ArviZ file and a plot")
     d.add_argument("run_dir")
@@ -104,10 +126,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--num-samples", type=_int(2), default=None, help="guide draws per image (default: the run's eval.num_samples)"
     )
-    d.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    _checkpoint_option(d)
     _trust_option(d)
-    d.add_argument("--device")
-    d.add_argument("--seed", type=_int(0, _SEED_MAX), default=0)
+    _device_option(d)
+    d.add_argument("--seed", type=_int(0, _SEED_MAX), default=0, help="seed of the guide's draws")
 
     g = sub.add_parser(
         "gaps",
@@ -138,18 +160,23 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="NUTS reference posteriors for the first N images (default 0: none)",
     )
-    g.add_argument("--nuts-chains", type=_int(1), default=4)
-    g.add_argument("--nuts-samples", type=_int(2), default=500)
-    g.add_argument("--nuts-warmup", type=_int(0), default=500)
-    g.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    g.add_argument("--nuts-chains", type=_int(1), default=4, help="NUTS chains per image")
+    g.add_argument("--nuts-samples", type=_int(2), default=500, help="NUTS draws per chain, after the warm-up")
+    g.add_argument("--nuts-warmup", type=_int(0), default=500, help="NUTS warm-up steps per chain")
+    _checkpoint_option(g)
     _trust_option(g)
-    g.add_argument("--device")
-    g.add_argument("--seed", type=_int(0, _SEED_MAX), default=0)
+    _device_option(g)
+    g.add_argument("--seed", type=_int(0, _SEED_MAX), default=0, help="seed of every draw of the report")
 
     s = sub.add_parser("sample", help="draw images from a trained run's prior into a PNG grid")
     s.add_argument("run_dir")
-    s.add_argument("--n", type=_int(1), default=64)
-    s.add_argument("--seed", type=_int(0, _SEED_MAX), default=0)
+    s.add_argument("--n", type=_int(1), default=64, help="images to draw")
+    s.add_argument(
+        "--seed",
+        type=_int(0, _SEED_MAX),
+        default=None,
+        help="seed of the draws (default: the run's seed; with the defaults the grid is the run's prior_samples.png)",
+    )
     s.add_argument("--out", help="PNG path (default: RUN_DIR/samples.png)")
     s.add_argument(
         "--from",
@@ -159,9 +186,9 @@ def _parser() -> argparse.ArgumentParser:
         help="z from the prior or from a Gaussian mixture fitted to the aggregate posterior q(z)",
     )
     s.add_argument("--num-components", type=_int(1), default=32, help="mixture components for --from aggregate")
-    s.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    _checkpoint_option(s)
     _trust_option(s)
-    s.add_argument("--device")
+    _device_option(s)
 
     c = sub.add_parser(
         "configs",
@@ -176,6 +203,15 @@ def _parser() -> argparse.ArgumentParser:
     cc = csub.add_parser("copy", help="copy a shipped config to a file to edit (refuses to overwrite one)")
     cc.add_argument("name", help="a shipped config's name, e.g. vae_fashion")
     cc.add_argument("dest", nargs="?", help="the file (or an existing folder) to copy to (default: ./NAME.yaml)")
+    cf = csub.add_parser(
+        "fields",
+        help="every field of data/model/train/eval (or a method's model.options): type, default, allowed values, "
+        "what it does",
+        description="The configuration reference, read from the code (the documentation site shows the same): "
+        "every field of the top level and of the data, model, train and eval sections; with METHOD, the fields of "
+        "that method's model.options.",
+    )
+    cf.add_argument("method", nargs="?", help="a method's name (model.name), e.g. ladder: list its model.options")
     for name in ("train", "evaluate", "diagnose", "gaps", "sample"):  # --threads after the command works too
         sub.choices[name].add_argument("--threads", type=_int(1, None), default=argparse.SUPPRESS, help=threads_help)
     return p
@@ -242,7 +278,13 @@ def _evaluate(args) -> int:
     }
     (run.run_dir / "evaluation.json").write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
+    _wrote(run.run_dir, ["evaluation.json"])
     return 0
+
+
+def _wrote(run_dir: Path, files: list[str]) -> None:
+    """One line on stderr naming the files a command wrote (stdout stays the JSON report)."""
+    print("wrote " + ", ".join(str(Path(run_dir) / f) for f in files), file=sys.stderr)
 
 
 def _diagnose(args) -> int:
@@ -251,6 +293,7 @@ def _diagnose(args) -> int:
     run = _load_run(args)
     out = diagnose_run(run, args.num_images, args.num_samples, seed=args.seed)
     print(json.dumps(out, indent=2))
+    _wrote(run.run_dir, ["diagnostics.json", *out["files"]])
     return 0
 
 
@@ -275,6 +318,7 @@ def _gaps(args) -> int:
     if "nuts" in out:
         brief["nuts"] = {k: v for k, v in out["nuts"].items() if k != "images"}
     print(json.dumps({**brief, "files": out["files"]}, indent=2))
+    _wrote(run.run_dir, out["files"])
     return 0
 
 
@@ -285,14 +329,17 @@ def _sample(args) -> int:
         raise PplVaeError(f"--out {args.out!r} is a folder: give the path of a .png file to write")
     run = _load_run(args)
     out = args.out or str(run.run_dir / "samples.png")
-    sample_run(run, args.n, seed=args.seed, source=args.source, num_components=args.num_components, path=out)
-    print(f"samples: {out}")
+    seed = run.cfg.seed if args.seed is None else args.seed  # the run's own: the grid of its prior_samples.png
+    sample_run(run, args.n, seed=seed, source=args.source, num_components=args.num_components, path=out)
+    print(f"wrote {out}")
     return 0
 
 
 def _configs(args) -> int:
     from .config.sections import config_from_dict, load_yaml, shipped_config, shipped_configs
 
+    if args.action == "fields":
+        return _fields(args.method)
     if args.action in (None, "list"):
         rows = []
         for name, file in shipped_configs().items():
@@ -321,6 +368,24 @@ def _configs(args) -> int:
     with open(dest, "x") as f:  # "x": never over a file that appeared meanwhile
         f.write(file.read_text())
     print(f"copied {name} to {dest}; train it with: ppl-vae train {dest}")
+    return 0
+
+
+def _fields(method: str | None) -> int:
+    from .config.field_docs import config_fields, fields_of, format_fields
+
+    if method is None:
+        for section, rows in config_fields().items():
+            print(f"# {section or 'top level'}")
+            print(format_fields(rows, section))
+            print()
+        print("a method's own fields (model.options): ppl-vae configs fields METHOD")
+        return 0
+    from .models.registry import get_method
+
+    rows = fields_of(get_method(method).options)  # an unknown name: ConfigError listing the known ones
+    print(f"# model.options of {method}")
+    print(format_fields(rows, "model.options") if rows else "(none: model.options stays empty)")
     return 0
 
 
@@ -373,6 +438,19 @@ def _message(e: BaseException) -> str:
         )
         return f"OSError: {why} while writing {e.filename!r}: free space, or write elsewhere"
     return f"{type(e).__name__}: {e}"
+
+
+def _checkpoint_option(p) -> None:
+    p.add_argument(
+        "--checkpoint",
+        choices=["best", "last"],
+        default="best",
+        help="best.pt (the best validation epoch; a run without one: its last) or last (checkpoint.pt)",
+    )
+
+
+def _device_option(p) -> None:
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the run's configured device)")
 
 
 def _trust_option(p) -> None:

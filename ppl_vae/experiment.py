@@ -44,6 +44,7 @@ from .training.plan import plan_for
 from .training.run_imports import check_imports, keep_imports
 from .training.runlock import RunLock
 from .training.stages import train
+from .viz.grids import figure_context
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "metrics.json"
@@ -592,15 +593,25 @@ def diagnose_run(
     if write:
         evaluate.azcompat.to_netcdf(idata, run.run_dir / "diagnostics.nc")
         evaluate.azcompat.plot_khat(
-            khat, run.run_dir / "khat.png", title=f"PSIS k-hat of the guide, {len(x)} test images"
+            khat,
+            run.run_dir / "khat.png",
+            title=f"PSIS k-hat of the guide, {len(x)} test images",
+            xlabel="test image",
         )
-        title = "largest k-hat: test images " + ", ".join(str(i) for i in worst)
+        title = _worst_khat_title(worst, khat)
         plan_for(run.model).image_figure(
             x[worst], None if y is None else y[worst], run.run_dir / "worst_khat.png", title, seed=seed
         )
         out["files"] = ["diagnostics.nc", "khat.png", "worst_khat.png"]
         (run.run_dir / "diagnostics.json").write_text(json.dumps(out, indent=2))
     return out
+
+
+def _worst_khat_title(worst: list[int], khat: np.ndarray, per_line: int = 4) -> str:
+    """The title of worst_khat.png: what it shows, then each image's test index and k̂, left to right."""
+    cells = [f"#{i}: $\\hat{{k}}$ = {khat[i]:.2f}" for i in worst]
+    lines = ["   ".join(cells[k : k + per_line]) for k in range(0, len(cells), per_line)]
+    return "\n".join(["Test images with the largest PSIS $\\hat{k}$ of the guide, left to right", *lines])
 
 
 def gaps_run(
@@ -671,6 +682,7 @@ def write_figures(run: Run, history: list[dict]) -> list[str]:
     x = run.data.test_x[:n].to(run.device)
     y = run.data.test_y[:n].to(run.device) if run.data.test_y is not None else None
     plan = plan_for(run.model)
-    with torch.no_grad():
+    # legends name the data set's classes; sample grids name the checkpoint, as `ppl-vae sample` does
+    with torch.no_grad(), figure_context(class_names=run.data.class_names, checkpoint=run.checkpoint):
         paths = plan.standard_figures(x, y, history, run.run_dir, seed=run.cfg.seed)
         return paths + plan.figures(x, y, run.run_dir, seed=run.cfg.seed)

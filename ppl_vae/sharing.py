@@ -313,6 +313,9 @@ def _atomic(path: Path, write: Callable[[str], object]) -> None:
     """``write(temporary path)`` in ``path``'s folder, then an atomic rename onto ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0o022)  # mkstemp creates 0600: give the file the mode open() would (0644 by umask 022)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     os.close(fd)
     try:
         write(tmp)

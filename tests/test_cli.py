@@ -100,3 +100,70 @@ def test_errors_are_one_clear_line(argv, message, capsys, tmp_path):
     assert main([*argv, *(["--run-dir", str(tmp_path / "r")] if argv[0] == "train" else [])]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_configs_fields_prints_every_field_with_type_default_allowed_values_and_doc(capsys):
+    from ppl_vae.config.field_docs import config_fields, fields_of
+    from ppl_vae.models.registry import get_method
+
+    assert main(["configs", "fields"]) == 0
+    out = capsys.readouterr().out
+    sections = config_fields()
+    assert set(sections) == {"", "data", "model", "train", "eval"}
+    for section, rows in sections.items():
+        assert rows
+        for r in rows:
+            name = f"{section}.{r.name}" if section else r.name
+            assert f"\n{name}  ({r.type}, default: {r.default})\n" in f"\n{out}", name
+            assert r.doc and " ".join(r.doc.split()[:4]) in " ".join(out.split()), name  # the doc text, wrapped
+    assert "allowed: one of ['continuous', 'dequantized', 'binary_static', 'binary_dynamic']" in " ".join(out.split())
+    assert main(["configs", "fields", "ladder"]) == 0
+    out = capsys.readouterr().out
+    rows = fields_of(get_method("ladder").options)
+    assert out.startswith("# model.options of ladder\n") and len(rows) > 3
+    for r in rows:
+        assert f"model.options.{r.name}  ({r.type}, default: {r.default})" in out
+    assert "model.options.t_dim" in out and "data.name" not in out
+
+
+def test_configs_fields_is_what_the_documentation_site_renders():
+    import sys
+    from pathlib import Path
+
+    from ppl_vae.config import field_docs
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs" / "_ext"))
+    import ppl_vae_docs_data
+
+    assert ppl_vae_docs_data.config_fields is field_docs.config_fields  # one function: they cannot drift apart
+    assert ppl_vae_docs_data.fields_of is field_docs.fields_of
+
+
+def test_configs_fields_of_an_unknown_method_is_one_line_naming_the_known_ones(capsys):
+    assert main(["configs", "fields", "vea"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "got 'vea'" in err and "'vae'" in err and "unexpected" not in err
+
+
+def test_every_option_of_every_subcommand_has_help_that_shows_its_default():
+    from ppl_vae.cli import _HelpFormatter, _parser
+
+    parser = _parser()
+    (sub,) = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+    commands = dict(sub.choices)
+    (configs_sub,) = [a for a in commands["configs"]._actions if a.__class__.__name__ == "_SubParsersAction"]
+    commands.update({f"configs {k}": v for k, v in configs_sub.choices.items()})
+    missing = []
+    for name, p in commands.items():
+        formatter = _HelpFormatter(prog=name)
+        for action in p._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            text = formatter._get_help_string(action) or ""
+            if not text.strip():
+                missing.append(f"{name} {action.option_strings[0]}: no help")
+            elif action.default is not False and "default" not in text:  # a flag that is off says nothing
+                missing.append(f"{name} {action.option_strings[0]}: no default in {text!r}")
+    assert not missing, missing
+    text = commands["gaps"].format_help()
+    assert "(default: 300)" in " ".join(text.split()) and "(default: best)" in " ".join(text.split())

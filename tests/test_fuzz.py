@@ -292,7 +292,8 @@ FLAGS = {
     "gaps": ["--num-images", "--num-samples", "--steps", "--num-particles", "--elbo-particles", "--family", "diag"]
     + ["full", "--nuts", "--nuts-chains", "--nuts-samples", "--nuts-warmup", *COMMON_FLAGS],
     "sample": ["--n", "--seed", "--out", "x.png", "--from", "prior", "aggregate", "--num-components", *COMMON_FLAGS],
-    "configs": ["list", "show", "copy", "vae_digits", "vae_fashion", "dest.yaml", "guides_laplace", "-h"],
+    "configs": ["list", "show", "copy", "fields", "vae_digits", "vae_fashion", "dest.yaml", "guides_laplace", "-h"]
+    + ["ladder"],
 }
 NUMBER_TEXTS = st.integers(-5, 5).map(str) | BIG_INTS.map(str) | st.sampled_from(["1.5", "1e3", "", " 3", "٣", "0x10"])
 NAMES = st.sampled_from(

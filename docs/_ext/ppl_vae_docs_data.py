@@ -3,88 +3,22 @@ that ``tests/test_docs.py`` checks the same rows and paths the pages show (``ppl
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
-import typing
 from pathlib import Path
 
 import yaml
+
+# the configuration reference is the library's own: `ppl-vae configs fields` prints the same rows
+from ppl_vae.config.field_docs import SECTIONS, FieldDoc, config_fields, fields_of  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 
-SECTIONS = ("data", "model", "train", "eval")
-
 
 class DocsDataError(Exception):
     """A page names something the code or bench/ does not have."""
-
-
-@dataclasses.dataclass(frozen=True)
-class FieldDoc:
-    name: str
-    type: str
-    default: str
-    allowed: str
-    doc: str
-
-
-def _type_name(tp) -> str:
-    text = str(tp) if not isinstance(tp, type) else tp.__name__
-    return text.replace("typing.", "").replace("NoneType", "None")
-
-
-def _default(f: dataclasses.Field):
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return dataclasses.MISSING
-
-
-def _yaml_value(v) -> str:
-    if v is dataclasses.MISSING:
-        return "(required)"
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float) and (v == 0 or 1e-3 <= abs(v) < 1e5):
-        return repr(v)
-    if isinstance(v, (list, dict)):
-        return json.dumps(v)
-    return str(v)
-
-
-def fields_of(cls) -> list[FieldDoc]:
-    """The documentation rows of a section or options dataclass (nested sections are left out)."""
-    from ppl_vae.config.options import Options, Section
-
-    hints = typing.get_type_hints(cls)
-    described = Options.describe.__func__(cls) if issubclass(cls, (Options, Section)) else {}
-    rows = []
-    for f in dataclasses.fields(cls):
-        if isinstance(_default(f), Section):
-            continue
-        allowed = described.get(f.name, (None, ""))[1] if f.name in described else ""
-        rows.append(
-            FieldDoc(f.name, _type_name(hints[f.name]), _yaml_value(_default(f)), allowed, f.metadata.get("doc", ""))
-        )
-    return rows
-
-
-def config_fields() -> dict[str, list[FieldDoc]]:
-    """{section prefix: rows} for every section of the configuration; ``""`` is the top level."""
-    from ppl_vae.config.sections import Config
-
-    out = {"": fields_of(Config)}
-    for f in dataclasses.fields(Config):
-        default = _default(f)
-        if f.name in SECTIONS:
-            out[f.name] = fields_of(type(default))
-    return out
 
 
 def option_fields() -> dict[str, list[FieldDoc]]:

@@ -700,6 +700,9 @@ def save_config(cfg: Config, path: str | Path) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
+        umask = os.umask(0o022)  # mkstemp creates 0600: give the file the mode open() would (0644 by umask 022)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w") as f:
             f.write(yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False))
         os.replace(tmp, path)

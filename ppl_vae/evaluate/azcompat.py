@@ -221,8 +221,16 @@ def from_pyro_mcmc(
     return from_dict(data, coords=coords, dims=dims, attrs={"inference_library": "pyro", **(attrs or {})})
 
 
-def plot_khat(khat: np.ndarray, path, *, labels=None, title: str | None = None) -> str:
-    """ArviZ's own k̂ plot of the values ``khat`` (one per datapoint), saved as a PNG at ``path``."""
+KHAT_LINES = (
+    (0.5, ":", "0.5: good below"),
+    (0.7, "-.", "0.7: unreliable above"),
+    (1.0, "--", "1.0: infinite variance above"),
+)
+
+
+def plot_khat(khat: np.ndarray, path, *, labels=None, title: str | None = None, xlabel: str = "datapoint") -> str:
+    """ArviZ's own k̂ plot of the values ``khat`` (one per datapoint), saved as a PNG at ``path``: the x axis
+    labelled ``xlabel``, the thresholds 0.5, 0.7 and 1.0 drawn and named in a legend."""
     import xarray as xr
     from matplotlib import pyplot as plt
 
@@ -252,11 +260,14 @@ def plot_khat(khat: np.ndarray, path, *, labels=None, title: str | None = None) 
                 )
                 pc = az.plot_khat(elpd, backend="matplotlib", hline_values=[0.5, 0.7, 1.0])
                 fig, ax = pc.viz["figure"].item(), pc.viz["plot"].item()
-                for h, ls in ((0.5, ":"), (0.7, "-."), (1.0, "--")):  # 1.x draws no threshold lines here
-                    ax.axhline(h, color="C1", ls=ls, lw=1)
             else:
-                ax = az.plot_khat(k, show_hlines=True, hlines_kwargs={"hlines": [0.5, 0.7, 1.0]}, show=False)
-                fig = np.ravel(ax)[0].get_figure()
+                ax = np.ravel(az.plot_khat(k, show_hlines=False, show=False))[0]
+                fig = ax.get_figure()
+        # the thresholds, drawn here on both lines (1.x draws none, 0.23 draws them without a legend)
+        lines = [ax.axhline(h, color="C1", ls=ls, lw=1, label=f"$\\hat{{k}}$ = {what}") for h, ls, what in KHAT_LINES]
+        ax.legend(handles=lines, loc="best", fontsize=8, framealpha=0.8)
+        ax.set_xlabel(f"{xlabel} (index)")
+        ax.set_ylabel("PSIS $\\hat{k}$ (Pareto shape)")
         if title:
             fig.suptitle(title)
         fig.savefig(path, format="png", dpi=110)

@@ -198,8 +198,8 @@ def gap_report(
 
 
 def plot_gaps(report: dict, path, *, title: str | None = None) -> str:
-    """Bar chart of the three gaps (mean ± 2 standard errors over images) and, with NUTS images, the
-    approximation gap of those images with log p̂(x) from the guide and from the NUTS fit. Saves a PNG."""
+    """Bar chart of the three gaps (mean ± 2 standard errors over images, said under the axis) and, with NUTS
+    images, the approximation gap of those images with log p̂(x) from the guide and from the NUTS fit. Saves a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -232,8 +232,9 @@ def plot_gaps(report: dict, path, *, title: str | None = None) -> str:
         ax.set_xticks(range(3))
     ax.set_xticklabels(labels, fontsize=7)
     ax.axhline(0, color="k", lw=0.8)
-    ax.set_ylabel("nats per image")
-    ax.set_title(title or "Inference gaps (mean ± 2 s.e.)", fontsize=9)
+    ax.set_ylabel("nats per image (mean over images)")
+    ax.set_title(title or "Inference gaps", fontsize=9)
+    ax.set_xlabel("error bars: ± 2 standard errors of the mean over the images", fontsize=7)  # whatever the title
     fig.tight_layout()
     path = os.fspath(path)
     fig.savefig(path, format="png")

@@ -13,7 +13,7 @@ from pyro.poutine.util import site_is_subsample
 
 from ..errors import PplVaeError, ProgramError, spell
 from ..infer.signature import adapt
-from ..viz.grids import save_image_grid
+from ..viz.grids import draw_prior_samples, plot_sample_grid, sample_title
 from .aggregate import sample_aggregate
 
 __all__ = ["sample_run", "SAMPLE_SOURCES"]
@@ -37,7 +37,9 @@ def sample_run(
     its latents drawn from its prior, the images the means of its observed image sites (several, e.g. modalities:
     side by side). ``"aggregate"``: z from a ``num_components``-Gaussian mixture fitted to the encodings of the
     training set (a model with ``encode`` and ``decode``). A method this cannot serve is refused by name
-    (:class:`~ppl_vae.errors.ProgramError`)."""
+    (:class:`~ppl_vae.errors.ProgramError`). The grid is titled with what it shows (decoder means), the seed and
+    the run's checkpoint; a model with ``sample`` is drawn by the call that draws a run's ``prior_samples.png``
+    (:func:`ppl_vae.viz.plot_prior_samples`), so with the run's seed and n=64 the two files are the same."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise PplVaeError(f"n must be a positive integer, got {n!r}")
     if source not in SAMPLE_SOURCES:
@@ -57,20 +59,18 @@ def sample_run(
                 )
             images = sample_aggregate(run, n, seed=seed, num_components=num_components)
         elif callable(getattr(model, "sample", None)):
-            y = None
-            if getattr(model, "conditional", False) is True:
-                k = getattr(model, "num_classes", None)
-                if not k:
-                    raise ProgramError(
-                        f"{what} is conditional (conditional = True) but has no num_classes: the labels to sample "
-                        "with are unknown; give the model a num_classes attribute"
-                    )
-                y = torch.arange(n, device=run.device) % int(k)
-            images = model.sample(n, y)
+            if getattr(model, "conditional", False) is True and not getattr(model, "num_classes", None):
+                raise ProgramError(
+                    f"{what} is conditional (conditional = True) but has no num_classes: the labels to sample "
+                    "with are unknown; give the model a num_classes attribute"
+                )
+            # the draw of the run's prior_samples.png: the same seed gives the same images and grid
+            images, per_row = draw_prior_samples(model, n, seed)
         else:
             images, per_row = _forward_samples(run, n, what)
     if path is not None:
-        save_image_grid(images.cpu(), path, nrow=per_row)
+        title = sample_title(seed, checkpoint=getattr(run, "checkpoint", None), source=source)
+        plot_sample_grid(images.cpu(), path, per_row, title)
     return images
 
 

@@ -4,6 +4,7 @@ a run's standard set (:mod:`.curves`), hierarchical and multimodal models (:mod:
 
 from .curves import make_figures, plot_training_curves
 from .grids import (
+    figure_context,
     plot_class_conditional,
     plot_interpolations,
     plot_perturbations,
@@ -12,7 +13,7 @@ from .grids import (
     save_image_grid,
 )
 from .hierarchy import plot_component_generation, plot_cross_generation, plot_layer_traversal
-from .latent_plots import manifold_grid, plot_latent_manifold, plot_latent_scatter
+from .latent_plots import manifold_grid, plot_latent_manifold, plot_latent_scatter, plot_latent_space
 
 __all__ = [
     "save_image_grid",
@@ -25,6 +26,8 @@ __all__ = [
     "manifold_grid",
     "plot_latent_manifold",
     "plot_latent_scatter",
+    "plot_latent_space",
+    "figure_context",
     "plot_training_curves",
     "make_figures",
     "plot_layer_traversal",

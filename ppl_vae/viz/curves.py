@@ -8,6 +8,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from matplotlib.ticker import MaxNLocator
 
 from .grids import (
     _is_conditional,
@@ -17,7 +18,7 @@ from .grids import (
     plot_prior_samples,
     plot_reconstructions,
 )
-from .latent_plots import plot_latent_manifold, plot_latent_scatter
+from .latent_plots import plot_latent_space
 
 
 def _as_float(v) -> float:
@@ -49,6 +50,7 @@ def plot_training_curves(history: Sequence[Mapping], path) -> str:
     else:
         ax.text(0.5, 0.5, "no finite ELBO values", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no tick at 1.5
     ax.set_ylabel("ELBO per datapoint")
     ax.set_title("Training curves")
     ax.grid(True, alpha=0.3)
@@ -87,17 +89,13 @@ def make_figures(model, data_x, data_y, history, run_dir, seed: int = 0, n_scatt
     data_x = torch.as_tensor(data_x)
     data_y = None if data_y is None else torch.as_tensor(np.asarray(data_y) if not torch.is_tensor(data_y) else data_y)
     y_small = None if (data_y is None or not cond) else data_y[:8]
-    two_d = int(model.latent_dim) == 2
     paths = [
         plot_reconstructions(model, data_x[:8], run_dir / "reconstructions.png", y=y_small, n=8),
         plot_prior_samples(model, run_dir / "prior_samples.png", n=64, seed=seed),
     ]
     if cond:
         paths.append(plot_class_conditional(model, run_dir / "class_conditional.png", seed=seed))
-    if two_d:
-        paths.append(plot_latent_manifold(model, run_dir / "latent_manifold.png"))
-    scatter_name = "latent_scatter.png" if two_d else "latent_tsne.png"
-    paths.append(plot_latent_scatter(model, data_x, data_y, run_dir / scatter_name, max_points=n_scatter, seed=seed))
+    paths += plot_latent_space(model, data_x, data_y, run_dir, max_points=n_scatter, seed=seed)
     if history:
         paths.append(plot_training_curves(history, run_dir / "training_curves.png"))
     return paths

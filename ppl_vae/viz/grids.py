@@ -13,6 +13,7 @@ Models are duck-typed: ``latent_dim``, ``encode(x, y=None) -> (loc, scale)``,
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -30,6 +31,45 @@ from ..nn.device import device_of
 _MIN_TILE_PX = 32  # small images are upscaled (nearest neighbour) to at least this size
 _DPI = 100
 _MAX_CATEGORIES = 20  # integer labels with at most this many values get a legend
+
+
+# --------------------------------------------------------------------------- what the figures say
+
+_CONTEXT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ppl_vae_figure_context", default=None)
+
+
+@contextlib.contextmanager
+def figure_context(*, class_names: Sequence[str] | None = None, checkpoint: str | None = None) -> Iterator[None]:
+    """What the figures drawn inside the block say about their data and model: ``class_names`` (the data set's,
+    e.g. the ``class_names`` of a :class:`~ppl_vae.data.DataBundle`) label legends and class rows instead of the
+    class indices; ``checkpoint`` (``"best"`` or ``"last"``) is named in the titles of sample grids. An argument
+    given to a figure function directly wins; a run's figures are drawn inside one (``ppl_vae.experiment``)."""
+    names = None if class_names is None else tuple(class_names)
+    token = _CONTEXT.set({**(_CONTEXT.get() or {}), "class_names": names, "checkpoint": checkpoint})
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def _context(key: str, given=None):
+    return given if given is not None else (_CONTEXT.get() or {}).get(key)
+
+
+def class_label(value, class_names: Sequence[str] | None) -> str:
+    """The name of class ``value`` (an integer index) in ``class_names``, else the index as text."""
+    i = int(value)
+    return str(class_names[i]) if class_names is not None and 0 <= i < len(class_names) else str(i)
+
+
+def sample_title(seed: int | None, *, checkpoint: str | None = None, source: str = "prior") -> str:
+    """The title of a sample grid: where z came from, that the images are the decoder's means E[x | z] (no
+    pixel noise drawn), the seed and the checkpoint when known."""
+    what = {"prior": "z ~ p(z)", "aggregate": "z ~ a mixture fitted to q(z)"}.get(source, source)
+    parts = [] if seed is None else [f"seed {seed}"]
+    if checkpoint is not None:
+        parts.append(f"{checkpoint} checkpoint")
+    return f"Samples: decoder means E[x | z], {what}" + ("\n" + ", ".join(parts) if parts else "")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -239,12 +279,10 @@ def plot_reconstructions(model, x, path, y=None, n: int = 8, title: str = "Recon
     return _tile_figure(tiles, path, title=title, row_labels=["original", "reconstruction"])
 
 
-def plot_prior_samples(model, path, n: int = 64, seed: int = 0, y=None, nrow: int | None = None) -> str:
-    """Grid of ``n`` decoded prior samples, reproducible for ``seed``.
-
-    The caller's global RNG state is restored afterwards. A conditional model without ``y`` gets
-    the labels 0, 1, ..., num_classes-1 cycled, with one column per class.
-    """
+def draw_prior_samples(model, n: int = 64, seed: int = 0, y=None, nrow: int | None = None):
+    """``(images, nrow)``: ``model.sample(n, y)`` (the decoder's means at prior draws) from ``seed``, in eval mode,
+    the caller's global RNG state restored afterwards, and the images per row of their grid. A conditional model
+    without ``y`` gets the labels 0, 1, ..., num_classes-1 cycled, with one column per class."""
     device = device_of(model)
     if _is_conditional(model) and y is None:
         k = _num_classes(model, "plot_prior_samples")
@@ -253,7 +291,36 @@ def plot_prior_samples(model, path, n: int = 64, seed: int = 0, y=None, nrow: in
     yb = _labels_for(model, y, n, device, "plot_prior_samples")
     with _inference(model), _seeded(seed, device):
         samples = model.sample(n, y=yb)
-    return save_image_grid(samples, path, nrow=nrow or max(1, math.ceil(math.sqrt(n))))
+    return samples, nrow or max(1, math.ceil(math.sqrt(n)))
+
+
+def plot_sample_grid(images, path, nrow: int, title: str) -> str:
+    """``images`` (B, C, H, W) in [0, 1] as a titled grid of ``nrow`` per row (the last row left blank where
+    short); small images are upscaled so that they stay crisp."""
+    images = _to_image_tensor(images)
+    b = images.shape[0]
+    if b == 0:
+        raise ValueError("plot_sample_grid: no images")
+    nrow = max(1, min(int(nrow), b))
+    rows = math.ceil(b / nrow)
+    blank = images.new_ones(rows * nrow - b, *images.shape[1:])
+    tiles = torch.cat([images, blank]).reshape(rows, nrow, *images.shape[1:])
+    return _tile_figure(tiles, path, title=title, pad=2, pad_value=0.5, min_tile_px=_MIN_TILE_PX)
+
+
+def plot_prior_samples(
+    model, path, n: int = 64, seed: int = 0, y=None, nrow: int | None = None, *, checkpoint: str | None = None
+) -> str:
+    """Grid of ``n`` decoded prior samples (the decoder's means E[x | z], z ~ p(z)), reproducible for ``seed``,
+    titled with what they are, the seed and ``checkpoint`` (default: the one of :func:`figure_context`).
+
+    The caller's global RNG state is restored afterwards. A conditional model without ``y`` gets
+    the labels 0, 1, ..., num_classes-1 cycled, with one column per class. ``ppl-vae sample`` draws the same grid
+    (``draw_prior_samples`` and ``plot_sample_grid``), so with the run's seed its file is this one.
+    """
+    images, nrow = draw_prior_samples(model, n, seed, y, nrow)
+    title = sample_title(seed, checkpoint=_context("checkpoint", checkpoint))
+    return plot_sample_grid(images, path, nrow, title)
 
 
 def _num_classes(model, what: str) -> int:
@@ -263,8 +330,12 @@ def _num_classes(model, what: str) -> int:
     return int(k)
 
 
-def plot_class_conditional(model, path, per_class: int = 8, seed: int = 0) -> str:
-    """One row of ``per_class`` prior samples per class for a conditional model (ValueError otherwise)."""
+def plot_class_conditional(
+    model, path, per_class: int = 8, seed: int = 0, *, class_names: Sequence[str] | None = None
+) -> str:
+    """One row of ``per_class`` prior samples (decoder means) per class for a conditional model (ValueError
+    otherwise); the rows are labelled with ``class_names`` (default: those of :func:`figure_context`) or the
+    class indices."""
     if not _is_conditional(model):
         raise ValueError("plot_class_conditional needs a conditional model (model.conditional is False)")
     k = _num_classes(model, "plot_class_conditional")
@@ -273,8 +344,13 @@ def plot_class_conditional(model, path, per_class: int = 8, seed: int = 0) -> st
     with _inference(model), _seeded(seed, device):
         samples = model.sample(k * per_class, y=y)
     tiles = _to_image_tensor(samples).reshape(k, per_class, *samples.shape[1:])
+    names = _context("class_names", class_names)
     return _tile_figure(
-        tiles, path, title="Class-conditional samples", row_labels=[str(c) for c in range(k)], ylabel="class"
+        tiles,
+        path,
+        title="Class-conditional samples: decoder means E[x | z, y]",
+        row_labels=[class_label(c, names) for c in range(k)],
+        ylabel="class",
     )
 
 

@@ -4,6 +4,8 @@ cross-generation grid of a multimodal VAE.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from ..nn.device import device_of
@@ -64,6 +66,12 @@ def plot_component_generation(model, path, layer: int, per_component: int = 8, s
     )
 
 
+def modality_label(name: str) -> str:
+    """How a figure names a modality: its layout name, or "modality k" for the generic names ``m0``, ``m1``, ..."""
+    generic = re.fullmatch(r"m(\d+)", name)
+    return f"modality {generic.group(1)}" if generic else name
+
+
 def _generate(model, x, i: int, j: int) -> torch.Tensor:
     return model.decode(model.conditional(x, model.layout.only(i, len(x), x.device)).sample(), j)
 
@@ -71,12 +79,16 @@ def _generate(model, x, i: int, j: int) -> torch.Tensor:
 @torch.no_grad()
 def plot_cross_generation(model, x: torch.Tensor, path, n: int = 6, seed: int = 0, title: str | None = None) -> str:
     """A grid: row i = generated from modality i alone, column j = generated modality j, each cell ``n``
-    datapoints (their true modality j in the top row); labels are shown as the most probable class."""
+    datapoints (their true modality j in the top row); labels are shown as the most probable class. Modalities
+    are named by the layout (generic names ``m0``, ``m1``, ... as "modality 0", ...); ``title`` (default: what the
+    grid shows) goes above it."""
     layout = model.layout
     x = x[:n]
     parts = layout.split(x)
     m_count = layout.num_modalities
-    fig = _new_figure(0.5 * n * m_count + 0.6, 0.62 * (m_count + 1) + 0.5 + (0.3 if title else 0))
+    names = [modality_label(name) for name in layout.names]
+    title = title or "Cross-generation from each modality alone (decoder means)"
+    fig = _new_figure(0.5 * n * m_count + 0.6, 0.62 * (m_count + 1) + 0.8)
     axes = fig.subplots(m_count + 1, m_count, squeeze=False)
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -101,9 +113,8 @@ def plot_cross_generation(model, x: torch.Tensor, path, n: int = 6, seed: int = 
                         row.squeeze(-1).numpy() if row.shape[-1] == 1 else row.numpy(), cmap="gray", vmin=0, vmax=1
                     )
                 if r == 0:
-                    ax.set_title(f"{layout.names[j]}", fontsize=9)
+                    ax.set_title(names[j], fontsize=9)
                 if j == 0:
-                    ax.set_ylabel("data" if r == 0 else f"from {layout.names[r - 1]}", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
+                    ax.set_ylabel("data" if r == 0 else f"from {names[r - 1]}", fontsize=8)
+    fig.suptitle(title, fontsize=10)
     return _save_figure(fig, _prepare_path(path))

@@ -1,8 +1,11 @@
 """Figures of the latent space: the decoded manifold of a 2-D latent and scatter plots of posterior means
-(PCA to 2-D when wider), coloured by label.
+(t-SNE to 2-D when wider), coloured by label; :func:`plot_latent_space` picks what fits the latent's size.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -11,6 +14,7 @@ import torch
 from ..nn.device import device_of
 from .grids import (
     _MAX_CATEGORIES,
+    _context,
     _inference,
     _is_conditional,
     _labels_for,
@@ -19,6 +23,7 @@ from .grids import (
     _sparse_labels,
     _tile_figure,
     _to_image_tensor,
+    class_label,
 )
 
 
@@ -92,13 +97,23 @@ def _encode_means(model, x: torch.Tensor, y: torch.Tensor | None, batch_size: in
 
 
 def plot_latent_scatter(
-    model, x, labels, path, y=None, max_points: int = 2000, seed: int = 0, method: str = "auto"
+    model,
+    x,
+    labels,
+    path,
+    y=None,
+    max_points: int = 2000,
+    seed: int = 0,
+    method: str = "auto",
+    *,
+    class_names: Sequence[str] | None = None,
 ) -> str:
     """Scatter of encoder means q(z|x), coloured by ``labels`` (None: one colour).
 
     ``method``: "latent" (plot the 2-D means directly), "tsne" (t-SNE to 2-D) or "auto" (latent
     if ``latent_dim == 2`` else t-SNE). At most ``max_points`` inputs, subsampled with ``seed``.
-    A conditional model is encoded with ``y``, or with ``labels`` if ``y`` is None.
+    A conditional model is encoded with ``y``, or with ``labels`` if ``y`` is None. The legend names the
+    classes by ``class_names`` (default: those of :func:`~ppl_vae.viz.figure_context`), else by index.
     """
     if method == "auto":
         method = "latent" if int(model.latent_dim) == 2 else "tsne"
@@ -157,13 +172,14 @@ def plot_latent_scatter(
         integral = lab_np.dtype.kind in "iub" or bool(np.all(np.mod(lab_np, 1) == 0))
         if integral and len(uniq) <= _MAX_CATEGORIES:
             cmap = matplotlib.colormaps["tab10" if len(uniq) <= 10 else "tab20"]
+            names = _context("class_names", class_names)
             for i, u in enumerate(uniq):
                 sel = lab_np == u
-                label = str(int(u)) if lab_np.dtype.kind != "b" else str(bool(u))
+                label = class_label(u, names) if lab_np.dtype.kind != "b" else str(bool(u))
                 ax.scatter(
                     pts[sel, 0], pts[sel, 1], s=size, alpha=0.7, color=cmap(i % cmap.N), label=label, linewidths=0
                 )
-            ax.legend(title="label", loc="center left", bbox_to_anchor=(1.01, 0.5), markerscale=2, frameon=False)
+            ax.legend(title="class", loc="center left", bbox_to_anchor=(1.01, 0.5), markerscale=2, frameon=False)
         else:
             sc = ax.scatter(
                 pts[:, 0], pts[:, 1], c=lab_np.astype(np.float64), s=size, alpha=0.7, cmap="viridis", linewidths=0
@@ -173,3 +189,28 @@ def plot_latent_scatter(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     return _save_figure(fig, path)
+
+
+def plot_latent_space(
+    model,
+    x,
+    labels,
+    out_dir,
+    *,
+    n: int = 20,
+    max_points: int = 2000,
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
+) -> list[str]:
+    """The latent-space figures that fit the model's latent size, written into ``out_dir``: for a 2-D latent the
+    decoded manifold (``latent_manifold.png``, an ``n`` × ``n`` grid) and the scatter of the encoder's means
+    (``latent_scatter.png``); for any other size a t-SNE of the means (``latent_tsne.png``), as a run's figures
+    do. Returns the paths written. Use it where the latent size may change (a notebook's edited model)."""
+    out_dir = Path(out_dir)
+    two_d = int(model.latent_dim) == 2
+    paths = [plot_latent_manifold(model, out_dir / "latent_manifold.png", n=n)] if two_d else []
+    scatter = out_dir / ("latent_scatter.png" if two_d else "latent_tsne.png")
+    paths.append(
+        plot_latent_scatter(model, x, labels, scatter, max_points=max_points, seed=seed, class_names=class_names)
+    )
+    return paths

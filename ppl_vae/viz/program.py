@@ -18,13 +18,24 @@ import math
 import sys
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from .curves import plot_training_curves
-from .grids import _new_figure, _save_figure, _tile_figure, _to_image_tensor, save_image_grid
+from .grids import (
+    _MAX_CATEGORIES,
+    _context,
+    _new_figure,
+    _save_figure,
+    _tile_figure,
+    _to_image_tensor,
+    class_label,
+    plot_sample_grid,
+    sample_title,
+)
 
 __all__ = ["program_figures", "program_reconstructions"]
 
@@ -73,7 +84,8 @@ def program_figures(model, guide, x, y, history, run_dir, seed: int = 0, n_scatt
             )
         prior = _observed_mean(poutine.trace(model).get_trace(x[: min(64, len(x))], None if y is None else y[:64]))
         if images and prior is not None and prior.numel() == min(64, len(x)) * math.prod(shape):
-            paths.append(save_image_grid(_as_images(prior, shape), run_dir / "prior_samples.png", nrow=8))
+            title = sample_title(seed, checkpoint=_context("checkpoint"))
+            paths.append(plot_sample_grid(_as_images(prior, shape), run_dir / "prior_samples.png", 8, title))
         if not images:
             print(f"ppl-vae: no image figures: datapoints of shape {shape} are not images", file=sys.stderr)
         m = min(n_scatter, len(x))
@@ -115,6 +127,15 @@ def _scatter(name: str, z: torch.Tensor, y, path: Path) -> str:
     fig = _new_figure(5, 5)
     ax = fig.add_subplot()
     c = None if y is None or np.asarray(y).ndim != 1 else np.asarray(y.cpu() if torch.is_tensor(y) else y)
-    ax.scatter(z[:, 0].numpy(), z[:, 1].numpy(), c=c, s=6, cmap="tab10" if c is not None else None)
+    classes = None if c is None or c.dtype.kind not in "iu" else np.unique(c)
+    if classes is not None and len(classes) <= _MAX_CATEGORIES:  # one colour per class, named in a legend
+        names, cmap = _context("class_names"), matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
+        pts = z.numpy()
+        for i, k in enumerate(classes):
+            sel = c == k
+            ax.scatter(pts[sel, 0], pts[sel, 1], s=6, color=cmap(i % cmap.N), label=class_label(k, names))
+        ax.legend(title="class", fontsize=7, markerscale=2, loc="best")
+    else:
+        ax.scatter(z[:, 0].numpy(), z[:, 1].numpy(), c=c, s=6, cmap="viridis" if c is not None else None)
     ax.set_title(label)
     return _save_figure(fig, path)

@@ -256,3 +256,15 @@ def test_cuda_model(tmp_path):
         check_png(p)
     assert torch.equal(torch.get_rng_state(), cpu_state)
     assert torch.equal(torch.cuda.get_rng_state(), cuda_state)
+
+
+def test_plot_latent_space_draws_what_fits_the_latent_size(tmp_path, model):
+    x, y = data(25)
+    two = viz.plot_latent_space(model, x, y, tmp_path / "two", n=5, max_points=20)
+    assert [Path(p).name for p in two] == ["latent_manifold.png", "latent_scatter.png"]
+    assert model.decoded[-1].shape == (25, 2)  # the 5 × 5 manifold was decoded
+    torch.manual_seed(0)
+    wide = viz.plot_latent_space(FakeVAE(latent_dim=8), x, y, tmp_path / "eight", max_points=20)
+    assert [Path(p).name for p in wide] == ["latent_tsne.png"]  # no manifold of an 8-D latent, no error
+    for p in two + wide:
+        check_png(p)
