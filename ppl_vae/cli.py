@@ -160,6 +160,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="NUTS reference posteriors for the first N images (default 0: none)",
     )
+    g.add_argument(
+        "--log-px",
+        choices=("is", "best"),
+        default="is",
+        help="log p̂(x) of the approximation gap: is (importance sampling from the amortised guide) or best (the "
+        "largest of that, IS from the per-image q* and annealed importance sampling, as Cremer et al.)",
+    )
+    g.add_argument("--ais-steps", type=_int(1), default=200, help="AIS annealing steps per image (--log-px best)")
+    g.add_argument("--ais-chains", type=_int(1), default=8, help="AIS chains per image (--log-px best)")
     g.add_argument("--nuts-chains", type=_int(1), default=4, help="NUTS chains per image")
     g.add_argument("--nuts-samples", type=_int(2), default=500, help="NUTS draws per chain, after the warm-up")
     g.add_argument("--nuts-warmup", type=_int(0), default=500, help="NUTS warm-up steps per chain")
@@ -313,6 +322,8 @@ def _gaps(args) -> int:
         seed=args.seed,
         nuts={"num_chains": args.nuts_chains, "num_samples": args.nuts_samples, "warmup_steps": args.nuts_warmup},
         checkpoint=run.checkpoint,
+        log_px_from=args.log_px,
+        ais={"num_steps": args.ais_steps, "num_chains": args.ais_chains},
     )
     brief = {k: out[k] for k in ("model", "num_images", "amortisation", "approximation", "inference")}
     if "nuts" in out:

@@ -628,11 +628,14 @@ def gaps_run(
     seed: int = 0,
     write: bool = True,
     checkpoint: str = "best",
+    log_px_from: str = "is",
+    ais: dict | None = None,
 ) -> dict:
     """The inference-gap report (:func:`ppl_vae.evaluate.report.gap_report`) of a run's guide on its first
     ``num_images`` test images (``num_samples`` importance draws for log p̂, default ``eval.num_samples``), the
     decoder frozen; ``nuts_images`` of them also get a NUTS reference. Writes ``gaps.json`` and ``gaps.png``;
-    ``checkpoint`` names the checkpoint the run was loaded from, for the record."""
+    ``checkpoint`` names the checkpoint the run was loaded from, for the record; ``log_px_from="best"``: log p̂ is
+    the largest of IS from the guide, IS from q* and AIS (``ais``: its settings)."""
     num_samples = run.cfg.eval.num_samples if num_samples is None else num_samples
     _positive("num_images", num_images)
     _positive("num_samples", num_samples)
@@ -667,6 +670,8 @@ def gaps_run(
         seed=seed,
         nuts_images=nuts_images,
         nuts=nuts,
+        log_px_from=log_px_from,
+        ais=ais,
     )
     out = {"model": run.cfg.model.name, "checkpoint": checkpoint, **out}
     if write:

@@ -243,8 +243,9 @@ def amortisation_gap(
 ) -> dict:
     """ELBO of q optimised per datapoint minus the amortised ELBO, per datapoint and summarised.
 
-    Returns ``amortised`` and ``optimised`` (per-datapoint ELBOs, tensors), ``gap`` (their difference, a tensor)
-    and the summary floats ``amortised_elbo``, ``optimised_elbo``, ``gap_mean``, ``gap_std_error`` and
+    Returns ``amortised`` and ``optimised`` (per-datapoint ELBOs, tensors), ``gap`` (their difference, a tensor),
+    ``optimised_guide`` (q*, the per-datapoint guide: :func:`optimised_guide`) and the summary floats
+    ``amortised_elbo``, ``optimised_elbo``, ``gap_mean``, ``gap_std_error`` and
     ``datapoints_where_optimisation_lost`` (Monte Carlo noise when the amortised q is already optimal).
     ``parameters``: accepted for compatibility (the model is held fixed without touching them:
     :func:`optimised_guide`).
@@ -268,6 +269,7 @@ def amortisation_gap(
         "amortised": amortised,
         "optimised": optimised,
         "gap": gap,
+        "optimised_guide": local,
         "amortised_elbo": float(amortised.mean()),
         "optimised_elbo": float(optimised.mean()),
         "gap_mean": float(gap.mean()),
