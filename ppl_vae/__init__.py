@@ -57,6 +57,7 @@ _HOMES = {
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 _SUBPACKAGES = {
     "cli",
+    "compare",
     "config",
     "data",
     "distributions",

@@ -11,6 +11,7 @@
     ppl-vae configs show NAME                       # print one
     ppl-vae configs copy NAME [DEST]                # copy one to edit (never over an existing file)
     ppl-vae configs fields [METHOD]                 # every config field (or METHOD's model.options), documented
+    ppl-vae compare SPEC.yaml [--out DIR] [--workers N]   # runs over seeds: paired differences, table, figure
 
 Every expected fault ends in one line, ``ppl-vae: error: <kind>: <what, which file or field, what to do>``, with exit
 code 2 for bad input (a configuration, a flag, a file, the data) and 1 for a run that failed (diverged, a disk that
@@ -221,6 +222,17 @@ def _parser() -> argparse.ArgumentParser:
         "that method's model.options.",
     )
     cf.add_argument("method", nargs="?", help="a method's name (model.name), e.g. ladder: list its model.options")
+
+    k = sub.add_parser(
+        "compare",
+        help="train and compare runs over seeds: mean ± s.e., paired differences to a baseline, a table and a figure",
+        description="Train what is missing of every (run, seed) of a spec (never retraining a finished run, resuming "
+        "a killed one), evaluate each once and write compare.json, compare.md, compare.csv and compare.png.",
+    )
+    k.add_argument("spec", help="the compare spec (YAML): runs, seeds, baseline, metrics")
+    k.add_argument("--out", help="output folder (default: the spec's path without .yaml)")
+    k.add_argument("--workers", type=_int(1), default=1, help="jobs in parallel (processes, one torch thread each)")
+    k.add_argument("--progress", action="store_true", help="show each run's progress bar")
     for name in ("train", "evaluate", "diagnose", "gaps", "sample"):  # --threads after the command works too
         sub.choices[name].add_argument("--threads", type=_int(1, None), default=argparse.SUPPRESS, help=threads_help)
     return p
@@ -289,6 +301,18 @@ def _evaluate(args) -> int:
     print(json.dumps(out, indent=2))
     _wrote(run.run_dir, ["evaluation.json"])
     return 0
+
+
+def _compare(args) -> int:
+    from .compare import compare
+
+    out = Path(args.out) if args.out else Path(args.spec).with_suffix("")
+    if out == Path(args.spec):
+        out = Path(args.spec + ".out")  # a spec without a suffix: its output folder beside it
+    result = compare(args.spec, out, workers=args.workers, progress=args.progress)
+    print((out / "compare.md").read_text(), end="")
+    _wrote(out, ["compare.json", "compare.md", "compare.csv", "compare.png"])
+    return 0 if result else 1
 
 
 def _wrote(run_dir: Path, files: list[str]) -> None:
@@ -488,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         "gaps": _gaps,
         "sample": _sample,
         "configs": _configs,
+        "compare": _compare,
     }
     try:
         with interface("cli"):  # hints name flags and dotted overrides, not keyword arguments

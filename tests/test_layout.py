@@ -20,7 +20,7 @@ LAYERS = [
     {"training"},
     {"models"},
     {"evaluate"},
-    {"experiment", "sharing"},
+    {"experiment", "sharing", "compare"},
     {"cli", "__init__", "__main__", "_deprecated"},
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
@@ -119,6 +119,7 @@ def test_only_entry_points_at_the_top():
         "cli.py",
         "experiment.py",
         "sharing.py",
+        "compare.py",
         "errors.py",
         "_deprecated.py",
     }
