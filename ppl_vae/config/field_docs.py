@@ -11,6 +11,7 @@ import textwrap
 import typing
 
 from .options import Options, Section
+from .sections import Config
 
 SECTIONS = ("data", "model", "train", "eval")
 
@@ -72,8 +73,6 @@ def fields_of(cls) -> list[FieldDoc]:
 
 def config_fields() -> dict[str, list[FieldDoc]]:
     """{section prefix: rows} for every section of the configuration; ``""`` is the top level."""
-    from .sections import Config
-
     out = {"": fields_of(Config)}
     for f in dataclasses.fields(Config):
         if f.name in SECTIONS:
