@@ -33,6 +33,7 @@ from pathlib import Path
 
 from .config.sections import _YAML_FAULTS, Config, _yaml_problem, load_config, load_yaml
 from .errors import ConfigError, PplVaeError, RunFolderError, did_you_mean
+from .evaluate import log_likelihood_summary
 from .experiment import CONFIG_FILE, SUMMARY_FILE, load_run, run_experiment
 from .training.loop import CHECKPOINT
 
@@ -206,8 +207,6 @@ def _evaluate(run_dir: Path, metrics: list[str], num_samples: int, max_test: int
         out["seconds_per_epoch"] = sum(seconds) / len(seconds) if seconds else float("nan")
     ll_key = f"log_likelihood[num_samples={num_samples},max_test={max_test}]"
     if "log_likelihood" in metrics and ll_key not in out:
-        from .evaluate import log_likelihood_summary
-
         run = load_run(run_dir, threads=threads)
         x = run.data.test_x[:max_test].to(run.device)
         y = None if run.data.test_y is None else run.data.test_y[:max_test].to(run.device)
