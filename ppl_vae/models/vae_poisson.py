@@ -35,6 +35,11 @@ The official code's training choices (hadivafaii/PoissonVAE, read at its head: `
 What remains ours: the relaxed counts' temperature is set per epoch (official: per step, same endpoints and
 fraction); Adam with the library's schedules (official: Adamax, cosine); the official weight initialisation
 (N(0, 0.05–0.1)) is not reproduced.
+
+Parity (``bench/parity/poisson_vae.py``, issue 36): beside the authors' code (hadivafaii/PoissonVAE at d6accdc)
+with the same MLP, initial weights, Adam and schedules on Fashion-MNIST (15 epochs, 3 seeds), the 5-NN accuracies
+on log δr at 200 / 1,000 / all labels and the fraction of zero counts agree within the official seed spread
+(differences ≤ 0.003).
 """
 
 from __future__ import annotations
