@@ -26,6 +26,7 @@ from pyro.infer import Trace_ELBO
 
 from . import evaluate
 from .config.sections import GIVEN_DATA, Config, config_from_dict, load_config, resume_changes, save_config
+from .data.atomic import write_text
 from .data.bundle import DataBundle, load_data
 from .data.multimodal import MultimodalData, make_multimodal
 from .data.sources import DATASETS
@@ -254,7 +255,7 @@ def run_experiment(
             "test_elbo": test_elbo(run),
             "data_plate": result.data_plate,
         }
-        _write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+        write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
         if figures:
             log_figures(cfg.train.logger, run_dir, write_figures(run, result.history), step=len(result.history))
     return run
@@ -341,13 +342,6 @@ def _remove_run_files(run_dir: Path) -> None:
     for ck in _stage_checkpoints(run_dir):
         for name in (CHECKPOINT, BEST, "metrics.jsonl"):
             (ck.parent / name).unlink(missing_ok=True)
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write a small text file atomically (temporary file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 _SAME = {

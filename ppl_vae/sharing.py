@@ -21,7 +21,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from safetensors.torch import load_file
 from torch.distributions import constraints
 
 from .config.sections import config_from_dict
+from .data.atomic import temporary_beside
 from .data.multimodal import Layout
 from .data.user import write_safetensors
 from .errors import CheckpointError, ConfigError
@@ -312,10 +312,7 @@ def _versions() -> dict:
 def _atomic(path: Path, write: Callable[[str], object]) -> None:
     """``write(temporary path)`` in ``path``'s folder, then an atomic rename onto ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0o022)  # mkstemp creates 0600: give the file the mode open() would (0644 by umask 022)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
+    fd, tmp = temporary_beside(path.with_name(f".{path.name}."))  # a hidden name while it is written
     os.close(fd)
     try:
         write(tmp)

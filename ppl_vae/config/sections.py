@@ -14,7 +14,6 @@ import dataclasses
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
@@ -24,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from ..data.atomic import temporary_beside
 from ..data.bundle import PIXEL_MODES
 from ..data.multimodal import MULTIMODAL_KINDS
 from ..data.sources import DATASETS, FOLDER_DATASETS
@@ -698,11 +698,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
     """Write the configuration as YAML atomically (a temporary file in the same folder, then a rename): a killed
     process never leaves a half-written config.yaml."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    fd, tmp = temporary_beside(path)
     try:
-        umask = os.umask(0o022)  # mkstemp creates 0600: give the file the mode open() would (0644 by umask 022)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w") as f:
             f.write(yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False))
         os.replace(tmp, path)

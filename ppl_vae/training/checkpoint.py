@@ -13,7 +13,6 @@ import pickle
 import random
 import re
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pyro
 import torch
 from pyro import poutine
 
+from ..data.atomic import temporary_beside
 from ..errors import CheckpointError
 from ..infer.signature import adapt
 from ..nn.device import owner_module
@@ -54,10 +54,7 @@ def atomic_save(obj, path: str | Path) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        umask = os.umask(0o022)  # mkstemp creates 0600: give the file the mode open() would (0644 by umask 022)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        fd, tmp = temporary_beside(path)
         with os.fdopen(fd, "wb") as f:  # a Python file: its OSError (with errno) is what torch's error chains to
             torch.save(obj, f)
         os.replace(tmp, path)

@@ -10,6 +10,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
+from ..data.atomic import write_text
 from ..errors import CheckpointError, ConfigError
 
 IMPORTS_DIR = "imports"
@@ -52,10 +53,7 @@ def keep_imports(imports: list[str], run_dir: Path) -> list[str]:
         sums[rel] = _sha256(dest)
         entries.append(rel)
     if sums:
-        text = "".join(f"{digest}  {rel}\n" for rel, digest in sums.items())
-        tmp = run_dir / IMPORTS_DIR / (SUMS + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(run_dir / IMPORTS_DIR / SUMS)
+        write_text(run_dir / IMPORTS_DIR / SUMS, "".join(f"{digest}  {rel}\n" for rel, digest in sums.items()))
     return entries
 
 
