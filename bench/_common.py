@@ -23,6 +23,7 @@ import os
 import platform
 import shlex
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -271,3 +272,15 @@ def over_seeds(per_seed: list[tuple[float, float]]) -> tuple[float, float]:
     spread = statistics.stdev(means) / math.sqrt(n) if n > 1 else 0.0
     test_se = statistics.mean(se for _, se in per_seed)
     return statistics.mean(means), math.sqrt(spread**2 + test_se**2 / n)
+
+
+def write_idx(folder: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """The four Fashion-MNIST IDX files (plain) of random 8-bit images and labels, in ``folder``."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, n in (("train", n_train), ("t10k", n_test)):
+        x = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        y = rng.integers(0, 10, n, dtype=np.uint8)
+        (folder / f"{stem}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, n, 28, 28) + x.tobytes())
+        (folder / f"{stem}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, n) + y.tobytes())
+    return folder

@@ -49,7 +49,6 @@ import math
 import os
 import shlex
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -58,11 +57,10 @@ import traceback
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import numpy as np
 import pyro
 import torch
 import torch.nn.functional as F
-from _common import RESULTS, ROOT, finish, parser, start, time_calls
+from _common import RESULTS, ROOT, finish, parser, start, time_calls, write_idx
 
 STAGES = ("cuda_tests", "overhead", "fashion_epoch", "log_likelihood", "ddp_bf16")
 CUDA_TESTS_K = "cuda or device_of_their_parameters"
@@ -325,18 +323,6 @@ def stage_overhead(ctx) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def write_idx(folder: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
-    """The four Fashion-MNIST IDX files (plain) of random 8-bit images and labels, in ``folder``."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for stem, n in (("train", n_train), ("t10k", n_test)):
-        x = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        y = rng.integers(0, 10, n, dtype=np.uint8)
-        (folder / f"{stem}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, n, 28, 28) + x.tobytes())
-        (folder / f"{stem}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, n) + y.tobytes())
-    return folder
-
-
 def fashion(ctx):
     """(config, data bundle, description) of the shipped vae_fashion config with ``val_fraction: 0``: Debian's
     Fashion-MNIST when present (and not ``--synthetic-data``), else random IDX files of the configured size."""

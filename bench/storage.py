@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pyro
 import torch
-from _common import finish, parser, ratio_rounds, start
+from _common import finish, parser, ratio_rounds, start, write_idx
 
 import ppl_vae
 from ppl_vae import ModelConfig, build_model
@@ -49,15 +48,7 @@ def idx_root(tmp: Path) -> tuple[Path, str]:
     """The Debian Fashion-MNIST files, or random IDX files of the same sizes when the package is absent."""
     if DEBIAN_FASHION_MNIST.is_dir():
         return DEBIAN_FASHION_MNIST, "fashion-mnist (Debian package dataset-fashion-mnist)"
-    rng = np.random.default_rng(0)
-    for stem, n in (("train", 60000), ("t10k", 10000)):
-        (tmp / f"{stem}-images-idx3-ubyte").write_bytes(
-            struct.pack(">IIII", 0x803, n, 28, 28) + rng.integers(0, 256, n * 784, dtype=np.uint8).tobytes()
-        )
-        (tmp / f"{stem}-labels-idx1-ubyte").write_bytes(
-            struct.pack(">II", 0x801, n) + rng.integers(0, 10, n, dtype=np.uint8).tobytes()
-        )
-    return tmp, "random IDX files (Fashion-MNIST's sizes; the Debian package is absent)"
+    return write_idx(tmp, 60000, 10000), "random IDX files (Fashion-MNIST's sizes; the Debian package is absent)"
 
 
 def write_folder(root: Path, n: int) -> Path:
