@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pyro
 import torch
-from pyro.infer import Trace_ELBO
 
 from . import evaluate
 from .config.sections import GIVEN_DATA, Config, config_from_dict, load_config, resume_changes, save_config
@@ -437,7 +436,7 @@ def test_elbo(run: Run, seed: int | None = None, split: str = "test") -> float:
             m.model,
             m.guide,
             run.data,
-            Trace_ELBO(max_plate_nesting=1),
+            plan_for(m).test_objective(),
             split,
             run.cfg.train.eval_batch_size,
             run.device,

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer import TraceEnum_ELBO, infer_discrete
+from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, infer_discrete
 from pyro.nn import PyroModule, pyro_method
 from torch import nn
 
@@ -42,7 +42,7 @@ from ..training.plan import Stage, TrainingPlan, build_objective, training_plan
 from ._common import LadderFigures, config_likelihood, require_arch, require_hidden
 from .registry import register_model
 
-__all__ = ["VLAC", "VLACOptions", "VLACPlan"]
+__all__ = ["VLAC", "VLACOptions", "VLACPlan", "EnumeratedClusters"]
 
 
 class VLAC(LadderFigures, PyroModule):
@@ -169,10 +169,38 @@ class VLAC(LadderFigures, PyroModule):
         return self.decode(self.prior_sample(n))
 
 
+class EnumeratedClusters(ELBO):
+    """The ``enumerate`` coding's objective: ``TraceEnum_ELBO`` (c summed out) once the mixtures are on, plain
+    ``Trace_ELBO`` during the warm-up, whose N(0, I) priors have no c site to enumerate (TraceEnum_ELBO would
+    warn on every step). The same ELBO either way; the choice is made per call from ``vlac.mixture_on``."""
+
+    def __init__(self, vlac: VLAC, num_particles: int = 1):
+        super().__init__(num_particles=num_particles, max_plate_nesting=1)
+        self.vlac = vlac
+        self.warmup = Trace_ELBO(num_particles=num_particles, max_plate_nesting=1)
+        self.enumerated = TraceEnum_ELBO(num_particles=num_particles, max_plate_nesting=1)
+
+    def current(self) -> ELBO:
+        return self.enumerated if bool(self.vlac.mixture_on) else self.warmup
+
+    def _get_trace(self, model, guide, args, kwargs):
+        return self.current()._get_trace(model, guide, args, kwargs)
+
+    def loss(self, model, guide, *args, **kwargs):
+        return self.current().loss(model, guide, *args, **kwargs)
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        return self.current().loss_and_grads(model, guide, *args, **kwargs)
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        return self.current().differentiable_loss(model, guide, *args, **kwargs)
+
+
 @training_plan(VLAC)
 class VLACPlan(TrainingPlan):
     """Warm-up with N(0, I) priors, then the mixtures fitted to encoder means and switched on (scored from the
-    next epoch); ``TraceEnum_ELBO`` under ``coding: enumerate``."""
+    next epoch); under ``coding: enumerate`` :class:`EnumeratedClusters` (``TraceEnum_ELBO`` once the mixtures are
+    on)."""
 
     def objective(self, train):
         if self.model.coding == "enumerate":
@@ -181,8 +209,11 @@ class VLACPlan(TrainingPlan):
                     f"train.objective must be 'auto' or 'elbo' with model.options.coding='enumerate' "
                     f"(TraceEnum_ELBO sums the clusters out), got {train.objective!r}"
                 )
-            return TraceEnum_ELBO(num_particles=train.num_particles, max_plate_nesting=1)
+            return EnumeratedClusters(self.model, train.num_particles)
         return build_objective(train)
+
+    def test_objective(self):
+        return EnumeratedClusters(self.model) if self.model.coding == "enumerate" else super().test_objective()
 
     def stages(self, train):
         w = self.model.warmup_epochs

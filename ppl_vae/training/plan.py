@@ -11,6 +11,8 @@ hook                         what it decides                                    
 train)``                     stopping) is measured with, when training adds a
                              term that is not the model's (a critic, random
                              subsets)
+``test_objective()``         the one-sample ELBO that ``test_elbo`` reports        ``Trace_ELBO``
+                             (enumerating where the model sums a site out)
 ``stages(train)``            the list of :class:`Stage` (their settings, the       one stage, ``train``
                              first epoch that counts for best/early stopping)
 ``begin_stage(stage)``       work when a stage starts afresh (freeze a σ²)         nothing
@@ -122,6 +124,11 @@ class TrainingPlan:
     def validation_objective(self, train: TrainConfig) -> ELBO | None:
         """The ELBO that scores validation epochs (``None``: the stage's :meth:`objective`)."""
         return None
+
+    def test_objective(self) -> ELBO:
+        """The one-sample ELBO that :func:`~ppl_vae.experiment.test_elbo` reports on the test split (a model with a
+        site marked for enumeration returns one that sums it out)."""
+        return Trace_ELBO(max_plate_nesting=1)
 
     def stages(self, train: TrainConfig) -> list[Stage]:
         return [Stage("train", train)]

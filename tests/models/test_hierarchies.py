@@ -167,8 +167,28 @@ def test_vlac_codings_are_the_same_objective_on_the_same_draws():
         assert la == pytest.approx(lb, rel=1e-12)
     from ppl_vae import plan_for
     from ppl_vae.config import TrainConfig
+    from ppl_vae.models.vlac import EnumeratedClusters
 
-    assert isinstance(plan_for(b).objective(TrainConfig()), pyro.infer.TraceEnum_ELBO)
+    objective = plan_for(b).objective(TrainConfig())
+    assert isinstance(objective, EnumeratedClusters) and isinstance(objective.current(), pyro.infer.TraceEnum_ELBO)
+    b.mixture_on.fill_(False)  # the warm-up's N(0, I) priors have no c to sum out
+    assert type(objective.current()) is Trace_ELBO
+
+
+def test_vlac_enumerate_coding_trains_and_evaluates_without_pyro_warnings(tmp_path, capsys):
+    """Warm-up epochs (no c site), then TraceEnum_ELBO; the test ELBO sums c out too: no warning reaches the user."""
+    import warnings
+
+    from ppl_vae.cli import main
+
+    args = ["train", "vlac_digits", "--run-dir", str(tmp_path / "run"), "data.limit=200"]
+    args += ["model.options.coding=enumerate", "model.options.warmup_epochs=1", "model.hidden=[16]"]
+    args += ["train.epochs=2", "eval.num_samples=4", "model.options.num_components=3", "--no-figures"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "enumeration" not in err and "not guide" not in err, err
 
 
 def test_vlac_cluster_assignment_by_bayes_rule_and_by_infer_discrete_agree():
