@@ -642,7 +642,9 @@ def gaps_run(
             f"got {nuts_images}"
         )
     # every refusal (a guide family, a latent NUTS cannot transform) before any work, the pilot included
-    evaluate.report.check_gap_report(run.model.model, run.model.guide, x, y=y, family=family, nuts_images=nuts_images)
+    evaluate.report.check_gap_report(
+        run.model.model, run.model.guide, x, y=y, family=family, nuts_images=nuts_images, log_px_from=log_px_from
+    )
     if not isinstance(run.data, MultimodalData):  # log p̂, the per-image optimisation (≈ 3 passes a draw), 2 ELBOs
         per_image = num_samples + 3 * steps * num_particles + 2 * elbo_particles
         detail = f"({num_samples:,} + 3×{steps}×{num_particles} + 2×{elbo_particles:,})"

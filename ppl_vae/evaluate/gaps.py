@@ -10,6 +10,11 @@ ELBO[q*] is found by optimising a per-datapoint Gaussian with Adam, started at t
 improve on it, up to Monte Carlo noise); log p(x) is an importance-sampled estimate (:func:`log_likelihood`),
 which is itself a stochastic lower bound, so the approximation gap is a slight underestimate.
 
+A program whose data plate indexes the whole data set itself (Pyro's subsampling idiom, ``with
+pyro.plate("data", len(x), subsample_size=B) as idx: ... x[idx]``) is given ``subsample=B``: it is called with all
+of ``x`` and its plate's indices fixed to chunks of B datapoints (:func:`~ppl_vae.evaluate.likelihood.
+full_data_log_weights`), and q* is written the same way.
+
 Functions: :func:`elbo_per_datapoint` (Monte Carlo ELBO of each datapoint), :func:`optimised_guide`
 (the per-datapoint guide and its optimisation), :func:`amortisation_gap` and :func:`inference_gaps`.
 """
@@ -26,9 +31,10 @@ from pyro import poutine
 from ..distributions.plate import DATA_PLATE
 from ..errors import spell
 from ..infer.importance import fork_rng, importance_log_weights
-from ..infer.signature import adapt
+from ..infer.signature import adapt, on_indices
 from ..infer.trace_checks import IWAEError
 from .latents import _latent_sites
+from .likelihood import full_data_log_weights
 
 __all__ = [
     "elbo_per_datapoint",
@@ -45,23 +51,47 @@ __all__ = [
 FAMILIES = ("diag", "full")
 
 
+def _log_weights(model, guide, x, y, num_particles: int, subsample: int | None) -> torch.Tensor:
+    """log p(x_i, z) − log q(z|x_i), (num_particles, len(x)); ``subsample``: the B of a full-data program."""
+    if subsample is None:
+        return importance_log_weights(model, guide, _args(x, y), num_particles=num_particles, max_plate_nesting=1).log_w
+    return full_data_log_weights(model, guide, x, y, subsample, num_particles=num_particles, max_plate_nesting=1).log_w
+
+
 @torch.no_grad()
 def elbo_per_datapoint(
-    model, guide, x: torch.Tensor, num_particles: int = 1000, batch_size: int = 50, chunk: int = 100, y=None
+    model,
+    guide,
+    x: torch.Tensor,
+    num_particles: int = 1000,
+    batch_size: int = 50,
+    chunk: int = 100,
+    y=None,
+    subsample: int | None = None,
 ) -> torch.Tensor:
     """Mean over ``num_particles`` guide draws of log p(x_i, z) − log q(z|x_i) for each datapoint (unscaled), in
     batches of ``batch_size`` datapoints (``len(x)`` for a guide with parameters per datapoint of all of x) and
-    chunks of ``chunk`` draws. Draws come from the global torch RNG."""
+    chunks of ``chunk`` draws. ``subsample``: the B of a program that indexes the whole of ``x`` (it gets all of x,
+    its indices in chunks of B). Draws come from the global torch RNG."""
+    batch_size = len(x) if subsample is not None else batch_size
     out = []
     for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size]
-        args = (xb,) if y is None else (xb, y[i : i + batch_size])
+        xb, yb = x[i : i + batch_size], None if y is None else y[i : i + batch_size]
         acc = torch.zeros(len(xb), dtype=x.dtype, device=x.device)
         for done in range(0, num_particles, chunk):
             k = min(chunk, num_particles - done)
-            acc += importance_log_weights(model, guide, args, num_particles=k, max_plate_nesting=1).log_w.sum(0)
+            acc += _log_weights(model, guide, xb, yb, k, subsample).sum(0)
         out.append(acc / num_particles)
     return torch.cat(out)
+
+
+def _chunk_traces(guide, x, y, subsample: int | None) -> list:
+    """Traces of the guide covering every datapoint of x once: one trace, or for a full-data program one per
+    chunk of ``subsample`` indices (the last chunk wraps around; the caller cuts what lies past len(x))."""
+    if subsample is None:
+        return [_trace(guide, x, y)]
+    chunks = [torch.arange(i, i + subsample, device=x.device) % len(x) for i in range(0, len(x), subsample)]
+    return [_trace(on_indices(adapt(guide), DATA_PLATE, idx), x, y) for idx in chunks]
 
 
 def _args(x, y):
@@ -170,6 +200,18 @@ def _start(fn, family, name=None):
     return family, loc.detach().clone().requires_grad_(), raw.detach().clone().requires_grad_(), masks
 
 
+def _start_all(fns, family, name, n: int):
+    """:func:`_start` of one site over the chunks of a full-data program (one ``fn`` per chunk of datapoints),
+    put together along the datapoint dimension and cut to ``n`` datapoints."""
+    if len(fns) == 1:
+        return _start(fns[0], family, name)
+    starts = [_start(fn, family, name) for fn in fns]
+    if any(masks for *_, masks in starts):
+        raise IWAEError(f"site {name!r}: a masked guide site in a program that indexes the whole data set")
+    loc, raw = (torch.cat([s[i].detach() for s in starts])[:n].clone().requires_grad_() for i in (1, 2))
+    return starts[0][0], loc, raw, ()
+
+
 def _masked(d, masks):
     for m in masks:
         d = d.mask(m)
@@ -188,6 +230,7 @@ def optimised_guide(
     site=None,
     parameters=(),
     y=None,
+    subsample: int | None = None,
 ):
     """A per-datapoint Gaussian guide for ``x`` (``family`` "diag" or "full", default: that of the amortised
     guide's site), started at the amortised q and optimised with Adam (cosine-decayed ``lr``) on the ELBO
@@ -196,29 +239,37 @@ def optimised_guide(
     off made ``pyro.module`` warn). ``site``: a latent site
     name or a list of them (default: all the guide's latent sites; several sites get independent per-datapoint
     Gaussians — mean field across sites —, each started at its amortised distribution in one guide run).
+    ``subsample``: the B of a program that indexes the whole of ``x``; q* then indexes it likewise.
     Returns the guide function."""
-    tr = _trace(guide, x, y)  # one guide run gives every site's amortised distribution
+    traces = _chunk_traces(guide, x, y, subsample)  # every site's amortised distribution for every datapoint
+    tr = traces[0]
     sites = _latent_names(tr) if site is None else ([site] if isinstance(site, str) else list(site))
     for name in sites:
         if name not in tr.nodes:
             raise IWAEError(f"the guide has no sample site {name!r}")
-    parts = [(name, *_start(tr.nodes[name]["fn"], family, name)) for name in sites]
+    parts = [(name, *_start_all([t.nodes[name]["fn"] for t in traces], family, name, len(x))) for name in sites]
     size = data_plate_size(tr, sites[-1], len(x))
 
     def local(xb, y=None):
-        with pyro.plate(DATA_PLATE, size, subsample=torch.arange(len(xb), device=xb.device)):
+        plate = (
+            pyro.plate(DATA_PLATE, size, subsample=torch.arange(len(xb), device=xb.device))
+            if subsample is None
+            else pyro.plate(DATA_PLATE, len(xb), subsample_size=subsample)  # indexes all of x, as the guide does
+        )
+        with plate as idx:
             for name, fam, loc, raw, masks in parts:  # a masked amortised site (a missing modality): masked alike
+                loc_i, raw_i = (loc, raw) if subsample is None else (loc[idx], raw[idx])
                 if fam == "diag":
-                    pyro.sample(name, _masked(dist.Normal(loc, raw.exp()).to_event(1), masks))
+                    pyro.sample(name, _masked(dist.Normal(loc_i, raw_i.exp()).to_event(1), masks))
                 else:
-                    L = torch.tril(raw, -1) + torch.diag_embed(raw.diagonal(dim1=-2, dim2=-1).exp())
-                    pyro.sample(name, _masked(dist.MultivariateNormal(loc, scale_tril=L), masks))
+                    L = torch.tril(raw_i, -1) + torch.diag_embed(raw_i.diagonal(dim1=-2, dim2=-1).exp())
+                    pyro.sample(name, _masked(dist.MultivariateNormal(loc_i, scale_tril=L), masks))
 
     leaves = [t for _, _, loc, raw, _ in parts for t in (loc, raw)]
     opt = torch.optim.Adam(leaves, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(steps):
-        lw = importance_log_weights(model, local, _args(x, y), num_particles=num_particles, max_plate_nesting=1).log_w
+        lw = _log_weights(model, local, x, y, num_particles, subsample)
         # gradients of the per-datapoint Gaussians only: the model's parameters get none and keep requires_grad
         for t, g in zip(leaves, torch.autograd.grad(-lw.mean(0).sum(), leaves), strict=True):
             t.grad = g
@@ -240,6 +291,7 @@ def amortisation_gap(
     site=None,
     parameters=(),
     y=None,
+    subsample: int | None = None,
 ) -> dict:
     """ELBO of q optimised per datapoint minus the amortised ELBO, per datapoint and summarised.
 
@@ -248,9 +300,9 @@ def amortisation_gap(
     ``amortised_elbo``, ``optimised_elbo``, ``gap_mean``, ``gap_std_error`` and
     ``datapoints_where_optimisation_lost`` (Monte Carlo noise when the amortised q is already optimal).
     ``parameters``: accepted for compatibility (the model is held fixed without touching them:
-    :func:`optimised_guide`).
+    :func:`optimised_guide`). ``subsample``: the B of a program that indexes the whole of ``x``.
     """
-    amortised = elbo_per_datapoint(model, guide, x, elbo_particles, y=y)
+    amortised = elbo_per_datapoint(model, guide, x, elbo_particles, y=y, subsample=subsample)
     local = optimised_guide(
         model,
         guide,
@@ -262,8 +314,9 @@ def amortisation_gap(
         site=site,
         parameters=list(parameters),
         y=y,
+        subsample=subsample,
     )
-    optimised = elbo_per_datapoint(model, local, x, elbo_particles, batch_size=len(x), y=y)
+    optimised = elbo_per_datapoint(model, local, x, elbo_particles, batch_size=len(x), y=y, subsample=subsample)
     gap = optimised - amortised
     return {
         "amortised": amortised,

@@ -26,7 +26,7 @@ from pyro.poutine.util import site_is_subsample
 
 from ..infer.signature import adapt
 from .clustering import probe_accuracy
-from .likelihood import eval_mode
+from .likelihood import datapoint_chunks, eval_mode
 
 __all__ = ["posterior_means", "active_units", "kl_per_site", "mutual_information", "latent_summary"]
 
@@ -56,19 +56,17 @@ def posterior_means(
     guide = adapt(guide, "guide")
     out: dict[str, list[torch.Tensor]] = {}
     with eval_mode(guide), torch.no_grad():
-        for s in range(0, len(x), batch_size):
-            xb = x[s : s + batch_size]
-            args = (xb,) if y is None else (xb, y[s : s + batch_size])
+        for wrap, args, rows, keep in datapoint_chunks(guide, x, y, batch_size):
             acc: dict[str, torch.Tensor] = {}
             for _ in range(num_samples):
-                tr = poutine.trace(guide).get_trace(*args)
+                tr = poutine.trace(wrap(guide)).get_trace(*args)
                 for name in _latent_sites(tr):
                     site = tr.nodes[name]
                     try:
                         mean = site["fn"].mean
                     except NotImplementedError:
                         mean = site["value"]
-                    m = _flat(mean.expand_as(site["value"]), len(xb))
+                    m = _flat(mean.expand_as(site["value"]), rows)[:keep]
                     acc[name] = acc.get(name, 0) + m / num_samples
             for name, m in acc.items():
                 out.setdefault(name, []).append(m.cpu())
@@ -103,17 +101,16 @@ def kl_per_site(
     model, guide = adapt(model, "model"), adapt(guide, "guide")
     total: dict[str, float] = {}
     with eval_mode(model, guide), torch.no_grad():
-        for s in range(0, len(x), batch_size):
-            xb = x[s : s + batch_size]
-            args = (xb,) if y is None else (xb, y[s : s + batch_size])
+        for wrap, args, rows, keep in datapoint_chunks(guide, x, y, batch_size):
             for _ in range(num_samples):
-                gt = poutine.trace(guide).get_trace(*args)
-                mt = poutine.trace(poutine.replay(model, trace=gt)).get_trace(*args)
+                gt = poutine.trace(wrap(guide)).get_trace(*args)
+                mt = poutine.trace(poutine.replay(wrap(model), trace=gt)).get_trace(*args)
                 for name in _latent_sites(gt):
                     if name not in mt.nodes:
                         raise ValueError(f"guide site {name!r} does not appear in the model")
                     g, m = gt.nodes[name], mt.nodes[name]
                     diff = g["fn"].log_prob(g["value"]) - m["fn"].log_prob(m["value"])
+                    diff = diff.reshape(rows, -1)[:keep] if rows != keep else diff
                     total[name] = total.get(name, 0.0) + float(diff.sum()) / num_samples
     return {name: v / len(x) for name, v in total.items()}
 
@@ -126,24 +123,27 @@ def mutual_information(
     _check(x, num_samples)
     if len(x) < 2:
         raise ValueError(f"mutual_information needs at least 2 datapoints, got {len(x)}")
+    N = len(x)
     guide = adapt(guide, "guide")
-    args = (x,) if y is None else (x, y)
     with eval_mode(guide), torch.no_grad():
-        tr = poutine.trace(guide).get_trace(*args)
-        names = _latent_sites(tr)
+        # q(· | x_j) for every datapoint: one guide run (a program that indexes the whole data set: one per chunk)
+        chunks = datapoint_chunks(guide, x, y, N)
+        parts = [(poutine.trace(wrap(guide)).get_trace(*args), keep) for wrap, args, _, keep in chunks]
+        names = _latent_sites(parts[0][0])
         name = site if site is not None else (names[0] if len(names) == 1 else None)
-        if name is None or name not in tr.nodes:
+        if name is None or name not in parts[0][0].nodes:
             raise ValueError(f"mutual_information needs one latent site (or site=...); the guide has {names}")
-        fn = tr.nodes[name]["fn"]
-        N = len(x)
+        fns = [(tr.nodes[name]["fn"], keep) for tr, keep in parts]
         total = 0.0
         for _ in range(num_samples):
-            z = fn.sample()  # (N, ...) one draw per datapoint
-            own = fn.log_prob(z)  # log q(z_i | x_i)
+            draws = [fn.sample() for fn, _ in fns]  # one draw per datapoint
+            z = torch.cat([d[:keep] for d, (_, keep) in zip(draws, fns, strict=True)])
+            own = torch.cat([fn.log_prob(d)[:keep] for d, (fn, keep) in zip(draws, fns, strict=True)])  # log q(z_i|x_i)
             agg = []
             for s in range(0, N, chunk):
                 zi = z[s : s + chunk].unsqueeze(1)  # (c, 1, ...) against every q(· | x_j)
-                agg.append(torch.logsumexp(fn.log_prob(zi), dim=1) - math.log(N))
+                lq = torch.cat([fn.log_prob(zi)[:, :keep] for fn, keep in fns], 1)
+                agg.append(torch.logsumexp(lq, dim=1) - math.log(N))
             total += float((own - torch.cat(agg)).double().mean())
     return total / num_samples
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -340,6 +341,36 @@ def full_data_subsample(guide, data, y, data_plate: str) -> int | None:
     if type(fn).__name__ != "_Subsample" or fn.size != len(data) or not (fn.subsample_size or fn.size) < fn.size:
         return None
     return int(fn.subsample_size)
+
+
+def datapoint_chunks(guide, x, y, batch_size: int, data_plate: str = "data"):
+    """Chunks that cover every datapoint of ``x`` once, as ``(wrap, args, rows, keep)``: run ``wrap(fn)(*args)``
+    (the guide, the model), which returns ``rows`` datapoints, and keep the first ``keep`` of them. A program whose
+    data plate runs over the batch it is given gets slices of ``batch_size`` rows; a program that indexes the whole
+    data set itself (:func:`full_data_subsample`: subsample size B) gets all of ``x`` each time with its plate's indices
+    fixed to chunks of B (the last one wraps around)."""
+    head, yh = x[:batch_size], None if y is None else y[:batch_size]
+    size = full_data_subsample(guide, head, yh, data_plate)
+    if size is None and len(x) > len(head) and not _runs(guide, head, yh):  # a batch smaller than its B
+        size = full_data_subsample(guide, x, y, data_plate)
+    if size is None:
+        for s in range(0, len(x), batch_size):
+            xb = x[s : s + batch_size]
+            yield (lambda fn: fn), ((xb,) if y is None else (xb, y[s : s + batch_size])), len(xb), len(xb)
+        return
+    for s in range(0, len(x), size):
+        idx = torch.arange(s, s + size, device=x.device) % len(x)
+        wrap = functools.partial(on_indices, plate=data_plate, indices=idx)
+        yield wrap, ((x,) if y is None else (x, y)), size, min(size, len(x) - s)
+
+
+def _runs(fn, x, y) -> bool:
+    try:
+        with torch.no_grad(), fork_rng(), pyro.poutine.block():
+            pyro.poutine.trace(fn).get_trace(*((x,) if y is None else (x, y)))
+    except Exception:  # noqa: BLE001  (only whether it runs on this batch is asked)
+        return False
+    return True
 
 
 def full_data_log_weights(model, guide, x, y, size: int, data_plate: str = "data", **kwargs):

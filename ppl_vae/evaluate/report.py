@@ -30,7 +30,7 @@ import torch
 from ..distributions.plate import DATA_PLATE
 from ..errors import ProgramError, spell
 from ..infer.importance import fork_rng, importance_log_weights
-from ..infer.signature import adapt
+from ..infer.signature import adapt, on_indices
 from ..infer.trace_checks import IWAEError
 from .ais import ais_log_likelihood
 from .gaps import check_families, guide_latent_sites, inference_gaps
@@ -48,9 +48,12 @@ def _summary(v: torch.Tensor) -> dict:
     return {"mean": float(v.mean()), "std_error": float(v.std() / math.sqrt(n)) if n > 1 else float("nan")}
 
 
-def check_gap_report(model, guide, x: torch.Tensor, *, y=None, family=None, site=None, nuts_images: int = 0):
+def check_gap_report(
+    model, guide, x: torch.Tensor, *, y=None, family=None, site=None, nuts_images: int = 0, log_px_from: str = "is"
+):
     """Every refusal of :func:`gap_report`, made before any of its work from one run of each program on the
-    first image: the data, a guide that indexes the whole data set, a latent site the per-image Gaussian of
+    first image (all of x, for a program that indexes the whole data set): the data, NUTS or AIS on a program that
+    indexes the whole data set, a latent site the per-image Gaussian of
     ``family`` cannot start at, several sites with NUTS, a latent NUTS cannot transform (a discrete one, say).
     Returns the latent sites the report covers. Each message names what to do in the words of the interface
     (``family='diag'`` in Python, ``--family diag`` on the command line)."""
@@ -63,14 +66,18 @@ def check_gap_report(model, guide, x: torch.Tensor, *, y=None, family=None, site
     modules = eval_mode(inspect.unwrap(model), inspect.unwrap(guide))
     model, guide = adapt(model, "model"), adapt(guide, "guide")
     size = full_data_subsample(guide, x, y, DATA_PLATE)
-    if size is not None:
+    if size is not None and (nuts_images or log_px_from != "is"):
+        what = spell("nuts_images", "--nuts") if nuts_images else spell("log_px_from='best'", "--log-px best")
         raise ProgramError(
-            f"gap_report: this guide indexes the whole data set itself (its plate '{DATA_PLATE}' draws {size} of "
-            f"the {len(x)} datapoints passed); the per-datapoint optimisation of the gaps needs a program whose data "
-            "plate runs over the batch it is given (pyro.plate('data', len(x))) — log_likelihood and "
-            "posterior_diagnostics take this program as it is"
+            f"gap_report: {what} needs a program whose data plate runs over the images it is given; this one "
+            f"indexes the whole data set itself (its plate '{DATA_PLATE}' draws {size} of the {len(x)} datapoints "
+            "passed), which the gaps themselves support: leave it out"
         )
-    x1, y1 = x[:1], None if y is None else y[:1]
+    # one image, or for a full-data program all of x with its plate's indices fixed to the first B
+    x1, y1 = (x[:1], None if y is None else y[:1]) if size is None else (x, y)
+    if size is not None:
+        first = torch.arange(size, device=x.device) % len(x)
+        model, guide = on_indices(model, DATA_PLATE, first), on_indices(guide, DATA_PLATE, first)
     with modules:
         sites = guide_latent_sites(guide, x1, y1) if site is None else [site] if isinstance(site, str) else list(site)
         if nuts_images and len(sites) != 1:
@@ -127,9 +134,12 @@ def gap_report(
     """
     if log_px_from not in LOG_PX_FROM:
         raise IWAEError(f"log_px_from must be one of {list(LOG_PX_FROM)}, got {log_px_from!r}")
-    sites = check_gap_report(model, guide, x, y=y, family=family, site=site, nuts_images=nuts_images)
+    sites = check_gap_report(
+        model, guide, x, y=y, family=family, site=site, nuts_images=nuts_images, log_px_from=log_px_from
+    )
     modules = eval_mode(inspect.unwrap(model), inspect.unwrap(guide))  # the methods behind adapt's wrappers
     model, guide = adapt(model, "model"), adapt(guide, "guide")
+    subsample = full_data_subsample(guide, x, y, DATA_PLATE)  # a program that indexes the whole of x: its B
     parameters = list(parameters)
     t0 = time.perf_counter()
     with modules, torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
@@ -149,6 +159,7 @@ def gap_report(
             site=sites,
             parameters=parameters,
             y=y,
+            subsample=subsample,
         )
         t_gap = time.perf_counter()
         estimates = {"is_amortised": log_px}

@@ -24,6 +24,8 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from ..distributions.plate import DATA_PLATE
+from ..evaluate.likelihood import full_data_subsample
 from .curves import plot_training_curves
 from .grids import (
     _MAX_CATEGORIES,
@@ -63,6 +65,15 @@ def _first_latent(trace) -> tuple[str, torch.Tensor] | None:
     return None
 
 
+def _plate_indices(trace, n: int) -> torch.Tensor | None:
+    """The indices of the data plate's subsample in ``trace`` when the program drew fewer than its ``n`` datapoints
+    itself (Pyro's ``pyro.plate("data", len(x), subsample_size=B)`` idiom), else ``None``."""
+    site = trace.nodes.get(DATA_PLATE)
+    if site is None or not site_is_subsample(site) or site["value"] is None or len(site["value"]) >= n:
+        return None
+    return site["value"]
+
+
 def _as_images(values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return _to_image_tensor(values.reshape(len(values), *shape).clamp(0, 1).cpu())
 
@@ -75,23 +86,29 @@ def program_figures(model, guide, x, y, history, run_dir, seed: int = 0, n_scatt
     paths: list[str] = []
     with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        n = min(8, len(x))
+        # a program that draws its own subsample of B datapoints needs at least B of them
+        m = min(n_scatter, len(x))
+        least = full_data_subsample(guide, x[:m], None if y is None else y[:m], DATA_PLATE) or 0
+        n = min(max(8, least), len(x))
         if images:
             paths.append(
                 program_reconstructions(
                     model, guide, x[:n], None if y is None else y[:n], run_dir / "reconstructions.png"
                 )
             )
-        prior = _observed_mean(poutine.trace(model).get_trace(x[: min(64, len(x))], None if y is None else y[:64]))
-        if images and prior is not None and prior.numel() == min(64, len(x)) * math.prod(shape):
+        k = min(max(64, least), len(x))
+        prior = _observed_mean(poutine.trace(model).get_trace(x[:k], None if y is None else y[:k]))
+        if images and prior is not None and prior.numel() % math.prod(shape) == 0:
             title = sample_title(seed, checkpoint=_context("checkpoint"))
-            paths.append(plot_sample_grid(_as_images(prior, shape), run_dir / "prior_samples.png", 8, title))
+            grid = _as_images(prior.reshape(-1, *shape)[:64], shape)
+            paths.append(plot_sample_grid(grid, run_dir / "prior_samples.png", 8, title))
         if not images:
             print(f"ppl-vae: no image figures: datapoints of shape {shape} are not images", file=sys.stderr)
-        m = min(n_scatter, len(x))
-        latent = _first_latent(poutine.trace(guide).get_trace(x[:m], None if y is None else y[:m]))
+        trace = poutine.trace(guide).get_trace(x[:m], None if y is None else y[:m])
+        latent, rows = _first_latent(trace), _plate_indices(trace, m)
     if latent is not None:
-        paths.append(_scatter(*latent, None if y is None else y[:m], run_dir / "latent_scatter.png"))
+        labels = None if y is None else y[:m] if rows is None else y[:m][rows.to(y.device)]
+        paths.append(_scatter(*latent, labels, run_dir / "latent_scatter.png"))
     if history:
         paths.append(plot_training_curves(history, run_dir / "training_curves.png"))
     return paths
@@ -100,11 +117,16 @@ def program_figures(model, guide, x, y, history, run_dir, seed: int = 0, n_scatt
 def program_reconstructions(
     model, guide, x, y, path, title: str = "Reconstructions (posterior predictive mean)"
 ) -> str:
-    """The datapoints ``x`` (images) above the mean of the observed site with the guide's latents."""
+    """The datapoints ``x`` (images) above the mean of the observed site with the guide's latents (at most 8; a
+    program that draws its own subsample of x shows the datapoints it drew)."""
     shape = tuple(x.shape[1:])
     with torch.no_grad():
         guide_trace = poutine.trace(guide).get_trace(x, y)
         mean = _observed_mean(poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, y))
+    rows = _plate_indices(guide_trace, len(x))
+    x = x if rows is None else x[rows.to(x.device)]
+    if mean is not None and rows is not None and mean.numel() == x.numel():
+        x, mean = x[:8], mean.reshape(len(x), -1)[:8]
     if mean is None or mean.numel() != x.numel():
         raise ValueError(
             f"the model's first observed site does not hold one value per pixel of the {len(x)} datapoints "
