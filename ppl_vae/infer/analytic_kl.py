@@ -24,10 +24,13 @@ Where ``TraceMeanField_ELBO`` differs from ``Trace_ELBO``'s expectation, this EL
 from __future__ import annotations
 
 import torch
+from pyro import poutine
+from pyro.distributions.torch_distribution import TorchDistributionMixin
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.enum import get_importance_trace
-from pyro.infer.util import is_identically_zero, torch_item
+from pyro.infer.util import is_identically_zero, is_validation_enabled, torch_item
+from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import kl_divergence
 
 from ..errors import PplVaeError
@@ -56,7 +59,13 @@ def _reparameterised(guide_trace) -> bool:
     for site in guide_trace.nodes.values():
         if site["type"] != "sample" or site["is_observed"]:
             continue
-        if not site["fn"].has_rsample or not is_identically_zero(site["score_parts"].score_function):
+        if not site["fn"].has_rsample:
+            return False
+        if "score_parts" not in site:  # a lazy trace: Pyro's default score parts have no score-function term
+            if type(site["fn"]).score_parts is TorchDistributionMixin.score_parts:
+                continue
+            _score_parts(site)
+        if not is_identically_zero(site["score_parts"].score_function):
             return False
     return True
 
@@ -83,8 +92,17 @@ class AnalyticKLELBO(TraceMeanField_ELBO):
     analytic: bool | None = None
 
     def _get_trace(self, model, guide, args, kwargs):
-        # Trace_ELBO's traces (the guide's order is checked per particle below), enumeration refused by name
-        model_trace, guide_trace = get_importance_trace("flat", self.max_plate_nesting, model, guide, args, kwargs)
+        # Trace_ELBO's traces (the guide's order is checked per particle below), enumeration refused by name. Without
+        # validation only the observed sites' log densities are computed here: the closed-form path needs no other,
+        # and the rest are computed where a term needs them (Trace.compute_log_prob memoises; the same numbers)
+        if is_validation_enabled() or isinstance(poutine.unwrap(guide), poutine.messenger.Messenger):
+            model_trace, guide_trace = get_importance_trace("flat", self.max_plate_nesting, model, guide, args, kwargs)
+        else:
+            guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
+            replayed = poutine.replay(model, trace=guide_trace)
+            model_trace = poutine.trace(replayed, graph_type="flat").get_trace(*args, **kwargs)
+            guide_trace, model_trace = prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
+            model_trace.compute_log_prob(lambda _, site: site["is_observed"])
         for name, site in guide_trace.nodes.items():
             if site["type"] == "sample" and site["infer"].get("enumerate"):
                 raise AnalyticKLError(
@@ -97,6 +115,8 @@ class AnalyticKLELBO(TraceMeanField_ELBO):
     def _differentiable_loss_particle(self, model_trace, guide_trace):
         self.analytic = mean_field_order(model_trace, guide_trace) and _reparameterised(guide_trace)
         if not self.analytic:
+            model_trace.compute_log_prob()  # what the lazy traces left out (memoised: nothing twice)
+            guide_trace.compute_score_parts()
             return Trace_ELBO._differentiable_loss_particle(self, model_trace, guide_trace)
         elbo = 0.0
         for name, model_site in model_trace.nodes.items():
@@ -110,6 +130,7 @@ class AnalyticKLELBO(TraceMeanField_ELBO):
             try:
                 kl = kl_divergence(q, p)
             except NotImplementedError:  # sampled, as in Trace_ELBO
+                _log_probs(model_trace, guide_trace, name)
                 elbo = elbo + model_site["log_prob_sum"] - guide_site["log_prob_sum"]
                 continue
             sp, mp = model_site["scale"], model_site["mask"]
@@ -119,14 +140,32 @@ class AnalyticKLELBO(TraceMeanField_ELBO):
                 try:
                     log_q = -q.entropy()  # E_q[log q], the closed form
                 except NotImplementedError:
+                    _log_probs(model_trace, guide_trace, name)
                     log_q = guide_site["unscaled_log_prob"]
                 elbo = elbo + _sum(scale_and_mask(log_q, sp, mp), q) - _sum(scale_and_mask(log_q, sq, mq), q)
         for name, guide_site in guide_trace.nodes.items():  # auxiliary guide sites, as in TraceMeanField_ELBO
             if guide_site["type"] == "sample" and name not in model_trace.nodes:
+                _log_probs(model_trace, guide_trace, name)
                 elbo = elbo - guide_site["log_prob_sum"]
         elbo = torch.as_tensor(elbo)
         loss = -(elbo.detach() if torch._C._get_tracing_state() else torch_item(elbo))
         return loss, -elbo
+
+
+def _log_probs(model_trace, guide_trace, name: str) -> None:
+    """The scaled log densities of site ``name`` in both traces, where the lazy traces have not computed them."""
+    model_trace.compute_log_prob(lambda n, _: n == name)
+    site = guide_trace.nodes.get(name)
+    if site is not None and "score_parts" not in site:
+        _score_parts(site)
+
+
+def _score_parts(site) -> None:
+    """What ``Trace.compute_score_parts`` stores for one guide site."""
+    parts = site["fn"].score_parts(site["value"], *site["args"], **site["kwargs"])
+    site["unscaled_log_prob"] = parts.log_prob
+    parts = parts.scale_and_mask(site["scale"], site["mask"])
+    site["score_parts"], site["log_prob"], site["log_prob_sum"] = parts, parts.log_prob, parts.log_prob.sum()
 
 
 def _sum(term, q) -> torch.Tensor:
