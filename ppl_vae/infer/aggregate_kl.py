@@ -7,11 +7,12 @@ per-datapoint KL(q(z|x_i) ‖ N(0, I)) is replaced by that Gaussian's KL plus th
 
     loss = Σ_i [ −log p(x_i | z_i) + γ · pen(σ_i) ] + N · ½ Σ_j (m_j² + v_j − log v_j − 1),   z_i ~ q(z|x_i)   (RIV)
 
-(the minibatch sum scaled by N/B like the data plate; Rivera also adds a PatchGAN loss, not reproduced). Since
-(1/B) Σ_i ½‖μ_i‖² = ½ Σ_j (m_j² + v_j), (RIV) with γ = ½ is −ELBO plus N·Σ_j −½(log v_j + 1) per minibatch: it
-drops the pull of every code towards 0 and keeps only the pull of the codes' *spread* towards 1 — not a bound on
-log p(x). For a mixture guide μ_i is the mixture's mean. The value reported is the ELBO estimate from the same
-draws (what validation and early stopping score); test log-likelihoods stay honest importance-sampling estimates.
+(the minibatch sum scaled by N/B like the data plate; Rivera also adds a PatchGAN loss: ``gamix``'s
+``adversarial``). Since (1/B) Σ_i ½‖μ_i‖² = ½ Σ_j (m_j² + v_j), (RIV) with γ = ½ is −ELBO plus N·Σ_j −½(log v_j + 1)
+per minibatch: it drops the pull of every code towards 0 and keeps only the pull of the codes' *spread* towards 1 —
+not a bound on log p(x). For a mixture guide μ_i is the mixture's mean. The value reported is the ELBO estimate from
+the same draws (what validation and early stopping score); test log-likelihoods stay honest importance-sampling
+estimates.
 """
 
 from __future__ import annotations

@@ -198,7 +198,7 @@ class EnumeratedClusters(ELBO):
 
 @training_plan(VLAC)
 class VLACPlan(TrainingPlan):
-    """Warm-up with N(0, I) priors, then the mixtures fitted to encoder means and switched on (scored from the
+    """Warm-up with N(0, I) priors, then the mixtures fitted to draws of q(z_l | x) and switched on (scored from the
     next epoch); under ``coding: enumerate`` :class:`EnumeratedClusters` (``TraceEnum_ELBO`` once the mixtures are
     on)."""
 
@@ -244,7 +244,7 @@ class VLACOptions(Options):
         doc="MixtureSameFamily prior, or c enumerated by TraceEnum_ELBO (the same ELBO)",
     )
     warmup_epochs: int = option(5, ge=0, doc="epochs with N(0, I) priors before the mixtures are fitted")
-    fit_points: int = option(10000, ge=1, doc="training images whose encoder means initialise the mixtures")
+    fit_points: int = option(10000, ge=1, doc="training images whose draws of q(z_l | x) initialise the mixtures")
 
 
 @register_model("vlac", options=VLACOptions)
