@@ -2,7 +2,8 @@
 
 * :mod:`.analytic_kl` — :class:`AnalyticKLELBO`, the default (the KL in closed form where it exists);
 * :mod:`.iwae` — :class:`TraceIWAE` (IWAE and DReG gradients) on :mod:`.importance` (per-datapoint weights, with
-  :mod:`.trace_checks` and :mod:`.dreg`); :mod:`.stratified` — :class:`StratifiedIWAE` for mixtures of experts;
+  :mod:`.trace_checks` and :mod:`.dreg`); :mod:`.stratified` — :class:`StratifiedIWAE` for mixtures of experts
+  (:mod:`.component_average` — :class:`ComponentAverageELBO`, the mean of their components' ELBOs);
 * :mod:`.wise_ale_elbo`, :mod:`.aggregate_kl`, :mod:`.recursive_mixture`, :mod:`.penalised`, :mod:`.mae_elbo`,
   :mod:`.adversarial`, :mod:`.subsets` — the objectives of the methods that need their own (:mod:`.direct` is the
   base of those computed by a model's own method); :mod:`.jit` — a compiled ``Trace_ELBO``.
@@ -16,6 +17,7 @@ import warnings
 from .adversarial import AdversarialELBO
 from .aggregate_kl import AggregateKLObjective
 from .analytic_kl import AnalyticKLELBO
+from .component_average import ComponentAverageELBO
 from .direct import DirectObjective
 from .iwae import TraceIWAE
 from .jit import JitELBO
@@ -30,6 +32,7 @@ __all__ = [
     "AnalyticKLELBO",
     "TraceIWAE",
     "StratifiedIWAE",
+    "ComponentAverageELBO",
     "WiseAleELBO",
     "AggregateKLObjective",
     "RecursiveMixtureELBO",

@@ -5,30 +5,39 @@ Guide: q(z | X) = (1/|P(S)|) Σ_{A ∈ P(S)} PoE({q_m}_{m∈A}), the uniform mix
 the observed modalities S of the (normalised) products of their experts, q̃(z | X_A) ∝ Π_{m∈A} q_m, without the
 prior expert (singletons are the MoE experts; the official code, thomassutter/MoPoE, adds the prior expert to the
 product of all M modalities only — we do not).
-Objective: the ELBO of that mixture guide, estimated stratified over the subsets with the exact mixture density
-(:class:`~ppl_vae.infer.stratified.StratifiedIWAE`, K = ``train.num_particles``, ``train.estimator``). Where we
-differ: the paper bounds the mixture's KL by the mean of the subsets' KLs and samples one subset per datapoint;
-the stratified estimate of the exact ELBO is tighter and has lower variance.
+Objective (``objective``): ``stratified`` (default) — the ELBO of that mixture guide, estimated stratified over the
+subsets with the exact mixture density (:class:`~ppl_vae.infer.stratified.StratifiedIWAE`, K =
+``train.num_particles``, ``train.estimator``), one pass of the decoders per subset; ``sampled_subset`` — the paper's
+(its eq. for the MoPoE bound and its code): the mean over subsets of their ELBOs, (1/|P(S)|) Σ_A ELBO(q̃_A), the
+mixture's KL bounded by the mean of the subsets' closed-form KLs and the reconstruction from one subset drawn per
+datapoint (:class:`~ppl_vae.infer.component_average.ComponentAverageELBO`): unbiased for that looser bound, one
+decoder pass.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..config.options import NoOptions
+from ..config.options import Options, option
 from ..distributions.experts import nonempty_subsets, product_of_experts, uniform_weights
-from .multimodal_base import ExpertMixtureVAE, modality_networks, require_layout
+from ..errors import ConfigError
+from ..infer.component_average import ComponentAverageELBO
+from ..training.plan import training_plan
+from .multimodal_base import ExpertMixtureVAE, StratifiedMixturePlan, modality_networks, require_layout
 from .registry import register_model
 
-__all__ = ["MoPoE"]
+__all__ = ["MoPoE", "MoPoEOptions", "MoPoEPlan"]
 
 
 class MoPoE(ExpertMixtureVAE):
     """Mixture over the non-empty subsets of the observed modalities of their products of experts (plan: the
     stratified bound)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, objective: str = "stratified", **kwargs):
         super().__init__(*args, **kwargs)
+        self.objective = objective
         self.register_buffer("subset_table", nonempty_subsets(self.layout.num_modalities), persistent=False)
 
     def components(self, xs, mask):
@@ -43,8 +52,33 @@ class MoPoE(ExpertMixtureVAE):
         return uniform_weights(~(self.subset_table.unsqueeze(0) & ~mask.unsqueeze(-2)).any(-1))  # A ⊆ S
 
 
-@register_model("mopoe", options=NoOptions, multimodal=True)
-def build_mopoe(cfg, options, data_shape, num_data, num_classes) -> MoPoE:
+@training_plan(MoPoE)
+class MoPoEPlan(StratifiedMixturePlan):
+    """The stratified bound, or with ``objective: sampled_subset`` the paper's mean of the subsets' ELBOs."""
+
+    def objective(self, train):
+        if self.model.objective == "stratified":
+            return super().objective(train)
+        if train.num_particles != 1:
+            raise ConfigError(
+                "train.num_particles must be 1 with model.options.objective='sampled_subset' (one subset and one "
+                f"draw per datapoint), got {train.num_particles}"
+            )
+        return ComponentAverageELBO()
+
+
+@dataclass
+class MoPoEOptions(Options):
+    objective: str = option(
+        "stratified",
+        choices=("stratified", "sampled_subset"),
+        doc="stratified: the mixture's ELBO, one decoder pass per subset; sampled_subset: the paper's mean of the "
+        "subsets' ELBOs, one subset drawn per datapoint (looser, one decoder pass)",
+    )
+
+
+@register_model("mopoe", options=MoPoEOptions, multimodal=True)
+def build_mopoe(cfg, options: MoPoEOptions, data_shape, num_data, num_classes) -> MoPoE:
     layout = require_layout(cfg.name, data_shape)
     enc, dec, lik = modality_networks(cfg, layout, cfg.latent_dim)
-    return MoPoE(layout, enc, dec, lik, cfg.latent_dim, num_data=num_data)
+    return MoPoE(layout, enc, dec, lik, cfg.latent_dim, num_data=num_data, objective=options.objective)
