@@ -32,6 +32,12 @@ and it is unbounded above wherever the posterior is narrower than the prior (log
 more to gain from diversity, which keeps the criterion bounded. q_{m−1} is held fixed (stop-gradient on its
 parameters, not on the draw z ~ h_m). These two knobs are our deviation from the paper as stated above.
 
+Checked against the paper: that the criterion rewards ELBO(h) and the divergence KL(h ‖ q_{m−1}) from the current
+mixture (its abstract, and the NeurIPS 2020 reviews' account of its §3). Its full text could not be reached, so
+§3's own equations were not compared term by term: whether the paper weights or bounds the KL term, and how it
+sets ε_m, are not verified. Our choices: λ and κ; ε_m(x) as a learned head (linear on detached features,
+initialised to a uniform mixture) fitted by the stratified ELBO(q_m); all components trained at once by default.
+
 Full training objective (one SGD step updates everything; M = K − 1 components after the first)
 -----------------------------------------------------------------------------------------------
 * φ_0 (first encoder):         maximise ELBO(h_0)                          (q_0 is a standard VAE encoder)

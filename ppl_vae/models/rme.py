@@ -7,12 +7,22 @@ deviations there). Registered as ``rme`` (recursive mixture estimation) with opt
 ``freeze_decoder``.
 
 Schedules. ``concurrent`` (default): every component trains from the first step, each against the current
-q_{m−1}. ``stagewise``: the recursion as the issue tracker states it (the paper's method section was not available
-to us, so its own epochs per stage, λ and ε could not be checked): stage 0 trains the VAE (h_0 and the decoder);
+q_{m−1}. ``stagewise``: the recursion as the issue tracker states it: stage 0 trains the VAE (h_0 and the decoder);
 stage m = 1 … K − 1 adds h_m and its weight head ε_m, freezes h_{<m} and ε_{<m} (they run without gradients, so
 the optimiser leaves them exactly as they were) and trains h_m, ε_m and the decoder (unless ``freeze_decoder``).
 The K stages share ``train.epochs`` (⌊E/K⌋ each, the remainder to stage 0), the same total as the concurrent
 schedule; each earlier stage writes its own folder ``component_<m>`` in the run folder.
+
+Checked against the paper: only its abstract and the NeurIPS 2020 reviews could be read; its full text (§3, the
+derivation and algorithm) could not be reached, and no official code was found. Verified there: the guide is a
+mixture that grows by adding components to the current one, each component from its own encoder network; a new
+component is chosen by a functional-gradient criterion that trades its ELBO against its divergence (a KL) from the
+current mixture (derived in §3); test-time inference is one forward pass. Not verified: any weight λ or bound on
+the KL term, how ε_m is set or learned, and whether and for how many epochs the paper trains stage by stage.
+
+Our choices: λ = 0.5 and the cap κ = 5 nats (:mod:`ppl_vae.guides.recursive`); ε_m(x) learned by a head that
+maximises ELBO(q_m); the concurrent default; the stage-wise budget (⌊E/K⌋ epochs per stage, remainder to stage 0);
+``freeze_decoder`` and ``grow_every``.
 """
 
 from __future__ import annotations

@@ -25,6 +25,15 @@ log-likelihood with a defensive proposal: ``ppl_vae.evaluate.defensive``). Not r
 the scale b(m) ≈ 0.36 on μ + r·k (absorbed by the encoder) and the added Uniform[−B/2, B/2] jitter of the
 uniform prior; the prior here is N(0, I) (the paper's Gaussian-prior variant, its Table 4).
 
+Checked against the paper: this round reached only its abstracts (arXiv 2405.12783 v1 and v2, the TMLR and
+AISTATS 2026 OpenReview pages), which confirm a KDE-type posterior, an upper bound on the KL that the
+Epanechnikov kernel minimises asymptotically, and the location-scale reparameterisation. Eq. 10, Lemma 3.2,
+footnote 3, Algorithm 1 and Table 4 as cited above are the reading made when the method was added; they were not
+re-checked, in particular what n (the KDE's sample size) stands for in eq. 10 and which B the paper uses.
+
+Our choices: n = M, the training minibatch size (``train.batch_size``, not the actual size of a short last batch),
+so the weight is 3B/(5M); B = ``support_length`` = 0.1 by default; the N(0, I) prior.
+
 Registered as ``vae_epanechnikov``; options ``objective`` and ``support_length`` (B).
 """
 

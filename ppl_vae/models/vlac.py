@@ -16,9 +16,18 @@ Two codings of one objective (``coding``):
 Cluster assignment: argmax_c p(c_l | z_l = μ_l(x)) (:meth:`VLAC.cluster`). Warm-up (the plan): the mixture
 layers have an N(0, I) prior for ``warmup_epochs`` epochs, then each mixture is initialised by a diagonal
 ``GaussianMixture`` fitted to draws of q(z_l | x) for up to ``fit_points`` training images and switched on; only
-epochs after
-that are scored. With ``layers: 1`` this is the flat mixture-prior VAE (VaDE / GM-DGM type), the baseline.
-Registered as ``vlac``.
+epochs after that are scored. With ``layers: 1`` this is the flat mixture-prior VAE (the generative model of
+VaDE / GM-DGM), the baseline. Registered as ``vlac``.
+
+Checked against the paper: only its abstract could be read (the full text of arXiv 1909.11501 could not be
+reached; no official VLAC code was found). Verified: a VLAE ladder with Gaussian-mixture priors, clusters read in
+the latent space of chosen layers, several layers clustered jointly, component-wise generation. Not verified: how
+the paper defines the cluster posterior and assignment. Next-best evidence, the authors' GM-DGM baseline code
+(MatthewWilletts/GM-DGM, ``src/models/gm_dgm.py``): an amortised classifier q(c|x) with q(z|x, c), c summed out
+as Σ_c q(c|x) ELBO(x, c) + H[q(c|x)], clusters argmax_c q(c|x).
+
+Our choices: no classifier; q(c_l|x) := p(c_l|z_l) (VaDE / MFCVAE style), so the objective is the ELBO with a
+mixture prior; clusters at z_l = μ_l(x); the warm-up and the GaussianMixture initialisation.
 """
 
 from __future__ import annotations

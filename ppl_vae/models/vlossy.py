@@ -12,9 +12,18 @@ local decoder models texture but not global shape, so z carries the global, loss
 times and the shape stays while the strokes vary (:meth:`VLossy.lossy_reconstructions`).
 
 Options: ``prior`` ("af", or "normal" for the N(0, I) ablation), ``num_flows`` and ``flow_hidden``.
-Differences from the paper (its MNIST setup: 6 masked 3×3 layers with tied weights in ResNet blocks, 64 latents,
-4 mean-only MADE flows of 640 units, free bits, Polyak averaging): one masked k×k window then 1×1 layers,
-affine (not mean-only) flows, no free bits, no averaging.
+
+Checked against the paper: only its abstract and first page could be read (the full text of arXiv 1611.02731 /
+ICLR 2017 could not be reached; no official code was found). Verified: a VAE with autoregressive models as both the
+decoder p(x|z) (PixelRNN/CNN type) and the prior p(z), the architecture chosen so that z keeps the global
+structure and discards local texture. Not verified: the size and shape of the window W(i), how z conditions the
+decoder, and the MNIST setup as earlier project notes record it (6 masked 3×3 layers with tied weights in ResNet
+blocks, 64 latents, 4 mean-only MADE flows of 640 units, free bits, Polyak averaging).
+
+Our choices: W(i) = one masked k×k convolution of mask type A (the (k−1)/2 rows above and the pixels to the left,
+k = ``model.pixelcnn_window``) then 1×1 layers, so the receptive field is exactly that window; z enters through
+bias maps (a learned 1×1 projection of the decoder's image-shaped h(z) added at every layer); affine (not
+mean-only) flows; no free bits; no averaging.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ Two receptive fields, one interface (``net(x, h) -> logits`` of the shape of x):
   horizontal path; no blind spot, every preceding pixel within reach of the layers;
 * :class:`LocalPixelCNN` — a small local window W(i): one masked k×k convolution of mask type A (the (k−1)/2
   rows above and the pixels to the left in the current row, within the window), then 1×1 layers, so the
-  receptive field is exactly that window (the Variational Lossy Autoencoder's decoder, Chen et al. 2017).
+  receptive field is exactly that window (the Variational Lossy Autoencoder's decoder, Chen et al. 2017). Chen
+  et al.'s own window and conditioning could not be checked (only their abstract was reachable): the type-A k×k
+  window, the 1×1 layers after it and the bias-map conditioning are our choices.
 
 Conditioning on z is by **bias maps**: the model's decoder maps z to an image-shaped tensor h(z) (C×H×W, e.g. the
 raw output of the library's MLP or conv decoders), and each layer adds a learned 1×1 projection of h(z) to its
