@@ -24,8 +24,6 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from ..distributions.plate import DATA_PLATE
-from ..evaluate.likelihood import full_data_subsample
 from .curves import plot_training_curves
 from .grids import (
     _MAX_CATEGORIES,
@@ -66,12 +64,13 @@ def _first_latent(trace) -> tuple[str, torch.Tensor] | None:
 
 
 def _plate_indices(trace, n: int) -> torch.Tensor | None:
-    """The indices of the data plate's subsample in ``trace`` when the program drew fewer than its ``n`` datapoints
-    itself (Pyro's ``pyro.plate("data", len(x), subsample_size=B)`` idiom), else ``None``."""
-    site = trace.nodes.get(DATA_PLATE)
-    if site is None or not site_is_subsample(site) or site["value"] is None or len(site["value"]) >= n:
-        return None
-    return site["value"]
+    """The indices of a plate's subsample in ``trace`` when the program drew fewer than its ``n`` datapoints itself
+    (Pyro's ``pyro.plate("data", len(x), subsample_size=B)`` idiom), else ``None``."""
+    for site in trace.nodes.values():
+        if site["type"] == "sample" and site_is_subsample(site) and site["value"] is not None:
+            if getattr(site["fn"], "size", None) == n and len(site["value"]) < n:
+                return site["value"]
+    return None
 
 
 def _as_images(values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -88,7 +87,9 @@ def program_figures(model, guide, x, y, history, run_dir, seed: int = 0, n_scatt
         torch.manual_seed(seed)
         # a program that draws its own subsample of B datapoints needs at least B of them
         m = min(n_scatter, len(x))
-        least = full_data_subsample(guide, x[:m], None if y is None else y[:m], DATA_PLATE) or 0
+        trace = poutine.trace(guide).get_trace(x[:m], None if y is None else y[:m])
+        rows = _plate_indices(trace, m)
+        least = 0 if rows is None else len(rows)
         n = min(max(8, least), len(x))
         if images:
             paths.append(
@@ -104,8 +105,7 @@ def program_figures(model, guide, x, y, history, run_dir, seed: int = 0, n_scatt
             paths.append(plot_sample_grid(grid, run_dir / "prior_samples.png", 8, title))
         if not images:
             print(f"ppl-vae: no image figures: datapoints of shape {shape} are not images", file=sys.stderr)
-        trace = poutine.trace(guide).get_trace(x[:m], None if y is None else y[:m])
-        latent, rows = _first_latent(trace), _plate_indices(trace, m)
+        latent = _first_latent(trace)
     if latent is not None:
         labels = None if y is None else y[:m] if rows is None else y[:m][rows.to(y.device)]
         paths.append(_scatter(*latent, labels, run_dir / "latent_scatter.png"))
