@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 FAMILIES = ("diag", "full")
+WINDOW = 100  # steps per window of the convergence rule (Cremer et al.'s code)
 
 
 def _log_weights(model, guide, x, y, num_particles: int, subsample: int | None) -> torch.Tensor:
@@ -231,15 +232,19 @@ def optimised_guide(
     parameters=(),
     y=None,
     subsample: int | None = None,
+    patience: int | None = None,
 ):
-    """A per-datapoint Gaussian guide for ``x`` (``family`` "diag" or "full", default: that of the amortised
-    guide's site), started at the amortised q and optimised with Adam (cosine-decayed ``lr``) on the ELBO
-    estimated with ``num_particles`` draws; the model is held fixed (only the Gaussians' means and scales get
-    gradients; ``parameters`` is accepted for compatibility and left untouched — switching their ``requires_grad``
-    off made ``pyro.module`` warn). ``site``: a latent site
-    name or a list of them (default: all the guide's latent sites; several sites get independent per-datapoint
-    Gaussians — mean field across sites —, each started at its amortised distribution in one guide run).
-    ``subsample``: the B of a program that indexes the whole of ``x``; q* then indexes it likewise.
+    """A per-datapoint Gaussian guide for ``x`` (``family`` "diag" or "full", default: that of the amortised guide's
+    site), started at the amortised q and optimised with Adam (cosine-decayed ``lr`` over ``steps``) on the ELBO
+    estimated with ``num_particles`` draws. With ``patience``: Cremer et al.'s convergence rule instead (their
+    code's ``optimize_local_q``) — a constant ``lr``, the loss averaged over windows of 100 steps, stopped when
+    ``patience`` windows in a row do not improve on the best window (``steps``: the most it may run); the steps run
+    and whether it stopped by the rule are in ``local.steps_run`` and ``local.converged``; the model is held fixed
+    (only the Gaussians' means and scales get gradients; ``parameters`` is accepted for compatibility and left
+    untouched — switching their ``requires_grad`` off made ``pyro.module`` warn). ``site``: a latent site name or a
+    list of them (default: all the guide's latent sites; several sites get independent per-datapoint Gaussians —
+    mean field across sites —, each started at its amortised distribution in one guide run). ``subsample``: the B of
+    a program that indexes the whole of ``x``; q* then indexes it likewise.
     Returns the guide function."""
     traces = _chunk_traces(guide, x, y, subsample)  # every site's amortised distribution for every datapoint
     tr = traces[0]
@@ -267,14 +272,27 @@ def optimised_guide(
 
     leaves = [t for _, _, loc, raw, _ in parts for t in (loc, raw)]
     opt = torch.optim.Adam(leaves, lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(steps):
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if patience is None else None
+    window, best, worse, done = [], math.inf, 0, 0
+    local.converged = False  # type: ignore[attr-defined]
+    for done in range(1, steps + 1):  # noqa: B007  (the count is read after the loop)
         lw = _log_weights(model, local, x, y, num_particles, subsample)
+        loss = -lw.mean(0).sum()
         # gradients of the per-datapoint Gaussians only: the model's parameters get none and keep requires_grad
-        for t, g in zip(leaves, torch.autograd.grad(-lw.mean(0).sum(), leaves), strict=True):
+        for t, g in zip(leaves, torch.autograd.grad(loss, leaves), strict=True):
             t.grad = g
         opt.step()
-        sched.step()
+        if sched is not None:
+            sched.step()
+            continue
+        window.append(float(loss.detach()))
+        if len(window) == WINDOW:
+            mean, window = sum(window) / WINDOW, []
+            best, worse = (mean, 0) if mean < best else (best, worse + 1)
+            if worse >= patience:
+                local.converged = True  # type: ignore[attr-defined]
+                break
+    local.steps_run = done  # type: ignore[attr-defined]
     return local
 
 
@@ -292,6 +310,7 @@ def amortisation_gap(
     parameters=(),
     y=None,
     subsample: int | None = None,
+    patience: int | None = None,
 ) -> dict:
     """ELBO of q optimised per datapoint minus the amortised ELBO, per datapoint and summarised.
 
@@ -300,7 +319,8 @@ def amortisation_gap(
     ``amortised_elbo``, ``optimised_elbo``, ``gap_mean``, ``gap_std_error`` and
     ``datapoints_where_optimisation_lost`` (Monte Carlo noise when the amortised q is already optimal).
     ``parameters``: accepted for compatibility (the model is held fixed without touching them:
-    :func:`optimised_guide`). ``subsample``: the B of a program that indexes the whole of ``x``.
+    :func:`optimised_guide`). ``subsample``: the B of a program that indexes the whole of ``x``; ``patience``: the
+    convergence rule of :func:`optimised_guide` (``steps_run`` and ``converged`` say how it ended).
     """
     amortised = elbo_per_datapoint(model, guide, x, elbo_particles, y=y, subsample=subsample)
     local = optimised_guide(
@@ -315,6 +335,7 @@ def amortisation_gap(
         parameters=list(parameters),
         y=y,
         subsample=subsample,
+        patience=patience,
     )
     optimised = elbo_per_datapoint(model, local, x, elbo_particles, batch_size=len(x), y=y, subsample=subsample)
     gap = optimised - amortised
@@ -328,6 +349,8 @@ def amortisation_gap(
         "gap_mean": float(gap.mean()),
         "gap_std_error": float(gap.std() / math.sqrt(len(x))) if len(x) > 1 else float("nan"),
         "datapoints_where_optimisation_lost": int((gap < 0).sum()),
+        "steps_run": local.steps_run,
+        "converged": local.converged,
     }
 
 

@@ -113,12 +113,15 @@ def gap_report(
     image_index=None,
     log_px_from: str = "is",
     ais: dict | None = None,
+    patience: int | None = None,
 ) -> dict:
     """Amortisation, approximation and inference gaps of ``guide`` on the images ``x`` (mean and standard error
     over images, and per image), in nats.
 
-    ``num_samples``: importance draws for log p̂(x). ``family``/``steps``/``num_particles``/``lr``: the per-image
-    optimisation (:func:`ppl_vae.evaluate.optimised_guide`); ``elbo_particles``: draws for each ELBO.
+    ``num_samples``: importance draws for log p̂(x). ``family``/``steps``/``num_particles``/``lr``/``patience``: the
+    per-image optimisation (:func:`ppl_vae.evaluate.optimised_guide`; with ``patience`` Cremer et al.'s convergence
+    rule, ``steps`` the most it may run; ``optimisation`` in the report says how it ended); ``elbo_particles``:
+    draws for each ELBO.
     ``parameters``: the model's parameters, held fixed while q* is fitted (no gradient reaches them; their
     ``requires_grad`` is left as it is). ``nuts_images``: how many of the first images get a NUTS reference
     (``nuts``: keyword arguments of :func:`nuts_posterior`, e.g. ``num_chains``, ``num_samples``,
@@ -160,6 +163,7 @@ def gap_report(
             parameters=parameters,
             y=y,
             subsample=subsample,
+            patience=patience,
         )
         t_gap = time.perf_counter()
         estimates = {"is_amortised": log_px}
@@ -184,6 +188,7 @@ def gap_report(
         "optimised_elbo": _summary(g["optimised"]),
         **{k: _summary(v) for k, v in gaps.items()},
         "images_where_optimisation_lost": g["datapoints_where_optimisation_lost"],
+        "optimisation": {"steps_run": g["steps_run"], "patience": patience, "converged": g["converged"]},
         "log_px_from": log_px_from,
         "log_likelihood_estimates": {k: _summary(v) for k, v in estimates.items()},
         "seconds": {"log_likelihood": t_ll - t0, "optimisation": t_gap - t_ll, "best_log_px": t_best - t_gap},

@@ -155,3 +155,21 @@ def test_best_log_px_takes_the_largest_of_three_estimates_and_recovers_the_exact
         "is_optimised",
         "ais",
     }
+
+
+def test_the_convergence_rule_stops_q_star_at_the_optimum_before_its_cap():
+    """Cremer et al.'s rule (constant lr, 100-step windows, stop after ``patience`` windows without a better one)
+    ends before the cap on the linear-Gaussian model, at the mean-field optimum (the exact approximation gap);
+    with a cap too small for the rule it runs the cap and says it did not converge."""
+    m, x = _data()
+    with torch.no_grad():
+        log_px = m.log_marginal(x)
+        prec = torch.linalg.inv(m.posterior(x)[1])
+        approx = float(0.5 * (prec.diagonal().log().sum() - torch.logdet(prec)))
+    pyro.set_rng_seed(4)
+    kw = dict(lr=1e-2, num_particles=50, elbo_particles=4000, parameters=m.parameters())
+    g = inference_gaps(m.model, m.guide, x, log_px, steps=20000, patience=5, **kw)
+    assert g["converged"] and 500 <= g["steps_run"] < 20000 and g["steps_run"] % 100 == 0
+    assert g["approximation_gap"] == pytest.approx(approx, abs=0.01)
+    short = inference_gaps(m.model, m.guide, x, log_px, steps=150, patience=5, **kw)
+    assert not short["converged"] and short["steps_run"] == 150
