@@ -17,6 +17,10 @@ compare) is resumed. Each finished run is evaluated once (``compare_metrics.json
 per metric the mean ± s.e. over seeds and the paired differences to the baseline (mean, s.e. of the per-seed
 differences, seeds where each run is ahead) — goes to ``OUT/compare.json``, ``compare.md``, ``compare.csv`` and
 ``compare.png``.
+
+A ``sweep:`` section first searches a space of config fields with Optuna (``pip install 'ppl-vae[sweep]'``) and adds
+the best configuration found as one more run, ``best``, beside the others (:mod:`ppl_vae.compare._sweep`; the
+package's :func:`~ppl_vae.compare.compare` joins the two).
 """
 
 from __future__ import annotations
@@ -31,11 +35,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config.sections import _YAML_FAULTS, Config, _yaml_problem, load_config, load_yaml
-from .errors import ConfigError, PplVaeError, RunFolderError, did_you_mean
-from .evaluate import log_likelihood_summary
-from .experiment import CONFIG_FILE, SUMMARY_FILE, load_run, run_experiment
-from .training.loop import CHECKPOINT
+from ..config.sections import _YAML_FAULTS, Config, _yaml_problem, load_config, load_yaml
+from ..errors import ConfigError, PplVaeError, RunFolderError, did_you_mean
+from ..evaluate import log_likelihood_summary
+from ..experiment import CONFIG_FILE, SUMMARY_FILE, load_run, run_experiment
+from ..training.loop import CHECKPOINT
 
 # metric → (higher is better, what it is)
 METRICS = {
@@ -44,11 +48,11 @@ METRICS = {
     "seconds_per_epoch": (False, "mean seconds per training epoch (metrics.jsonl)"),
 }
 """The metrics a spec may name: metric → (whether higher is better, what it is)."""
-SPEC_KEYS = ("runs", "seeds", "baseline", "metrics", "num_samples", "max_test")
+SPEC_KEYS = ("runs", "seeds", "baseline", "metrics", "num_samples", "max_test", "sweep")
 RESULT_FILE = "compare_metrics.json"
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
-__all__ = ["compare", "load_spec", "Spec", "METRICS"]
+__all__ = ["load_spec", "Spec", "METRICS", "compare_runs", "summarise", "run_config"]
 
 
 @dataclass
@@ -61,6 +65,9 @@ class Spec:
     metrics: list[str] = field(default_factory=lambda: ["test_elbo"])
     num_samples: int = 20
     max_test: int = 500
+    sweep: object = None
+    """The ``sweep:`` section, when the spec has one (validated into a ``ppl_vae.compare._sweep.Sweep`` by the
+    package's :func:`~ppl_vae.compare.load_spec`)."""
 
 
 def _spec_error(where: str, text: str) -> ConfigError:
@@ -127,6 +134,7 @@ def load_spec(spec, folder: str | Path | None = None) -> Spec:
             run_config(config, overrides, out.seeds[0])
         except ConfigError as e:
             raise _spec_error(f"runs.{name}:", str(e)) from None
+    out.sweep = spec.get("sweep")  # checked by the package's load_spec (ppl_vae.compare._sweep.load_sweep)
     return out
 
 
@@ -196,6 +204,21 @@ def _job(job: tuple) -> dict:
     return _evaluate(run_dir, metrics, num_samples, max_test, threads)
 
 
+def _job_tuple(config, overrides, seed, run_dir, metrics, spec: Spec, threads, progress) -> tuple:
+    """The argument of :func:`_job` for one (configuration, seed) trained into ``run_dir``."""
+    return (config, overrides, seed, str(run_dir), metrics, spec.num_samples, spec.max_test, threads, progress)
+
+
+def _run_jobs(jobs: list[tuple], workers: int, pool: ProcessPoolExecutor | None = None) -> list[dict]:
+    """:func:`_job` of each, ``workers`` at once in spawned processes when above 1 (``pool``'s, when given)."""
+    if pool is not None:
+        return list(pool.map(_job, jobs))
+    if workers > 1:
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(_job, jobs))
+    return [_job(job) for job in jobs]
+
+
 def _evaluate(run_dir: Path, metrics: list[str], num_samples: int, max_test: int, threads: int | None) -> dict:
     cache = run_dir / RESULT_FILE
     out = json.loads(cache.read_text()) if cache.is_file() else {}
@@ -240,7 +263,7 @@ def summarise(spec: Spec, values: dict[str, dict[int, dict]]) -> dict:
     for metric in spec.metrics:
         higher = METRICS[metric][0]
         per_run = {}
-        for name in spec.runs:
+        for name in values:
             by_seed = {s: values[name][s][metric] for s in spec.seeds}
             mean, se = _mean_se(list(by_seed.values()))
             entry: dict = {"values": {str(s): v for s, v in by_seed.items()}, "mean": mean, "se": se}
@@ -294,6 +317,18 @@ def _markdown(result: dict) -> str:
         lines.append(
             f"| {row['metric']} | {row['run']} | {_fmt(row['mean'], row['se'])} | {diff} | {row['ahead'] or ''} |"
         )
+    sweep = result.get("sweep")
+    if sweep:
+        best = sweep["best"]
+        params = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={json.dumps(v)}" for k, v in best["params"].items()
+        )
+        lines += [
+            "",
+            f"Sweep: study `{sweep['study']}`, {sweep['finished']} finished trials of {len(sweep['trials'])}, "
+            f"{sweep['direction']} {sweep['objective']} (mean over seeds {sweep['seeds']}). Best: trial "
+            f"{best['number']}, {best['value']:.4g}, with {params}: the run `{sweep['name']}` above.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -327,41 +362,35 @@ def _figure(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def compare(spec, out_dir: str | Path, *, workers: int = 1, progress: bool = False) -> dict:
-    """Train what is missing of every (run, seed) of ``spec`` (a YAML path, a mapping or a :class:`Spec`) under
-    ``out_dir/runs/``, evaluate each once, and write compare.json, compare.md, compare.csv and compare.png into
-    ``out_dir``. ``workers`` > 1: that many jobs at once, in spawned processes with one torch thread each.
-    Returns compare.json's content."""
+def check_workers(workers) -> int:
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise PplVaeError(f"workers must be a positive integer, got {workers!r}")
-    spec = load_spec(spec)
-    out_dir = Path(out_dir)
+    return workers
+
+
+def compare_runs(
+    spec: Spec, out_dir: Path, *, workers: int = 1, progress: bool = False, extra=None, sweep: dict | None = None
+) -> dict:
+    """Train what is missing of every (run, seed) of ``spec`` (and of ``extra``: name → (config, overrides, folder
+    prefix), a sweep's best configuration) under ``out_dir``, evaluate each once, and write compare.json (with the
+    ``sweep`` report, when given), compare.md, compare.csv and compare.png into ``out_dir``."""
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     threads = 1 if workers > 1 else None
-    keys = [(name, seed) for name in spec.runs for seed in spec.seeds]
+    runs = {name: (*entry, Path("runs") / name) for name, entry in spec.runs.items()}  # config, overrides, folder
+    runs.update(extra or {})
+    keys = [(name, seed) for name in runs for seed in spec.seeds]
     jobs = [
-        (
-            *spec.runs[name],
-            seed,
-            str(out_dir / "runs" / f"{name}-seed{seed}"),
-            spec.metrics,
-            spec.num_samples,
-            spec.max_test,
-            threads,
-            progress,
-        )
-        for name, seed in keys
+        _job_tuple(*runs[n][:2], seed, out_dir / f"{runs[n][2]}-seed{seed}", spec.metrics, spec, threads, progress)
+        for n, seed in keys
     ]
-    if workers > 1:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(_job, jobs))
-    else:
-        results = [_job(job) for job in jobs]
-    values: dict[str, dict[int, dict]] = {name: {} for name in spec.runs}
+    results = _run_jobs(jobs, workers)
+    values: dict[str, dict[int, dict]] = {name: {} for name in runs}
     for (name, seed), numbers in zip(keys, results, strict=True):
         values[name][seed] = numbers
     result = summarise(spec, values)
-    result["runs"] = {name: {"config": c, "overrides": o} for name, (c, o) in spec.runs.items()}
+    result["runs"] = {name: {"config": c, "overrides": o} for name, (c, o, _) in runs.items()}
+    if sweep is not None:
+        result["sweep"] = sweep
     (out_dir / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / "compare.md").write_text(_markdown(result))
     (out_dir / "compare.csv").write_text(_csv(result))
