@@ -15,7 +15,7 @@ import ppl_vae.compare as cmp
 import ppl_vae.compare._core as core
 from ppl_vae.cli import main
 from ppl_vae.config.sections import load_config
-from ppl_vae.errors import RunFolderError
+from ppl_vae.errors import ConfigError, RunFolderError
 from ppl_vae.experiment import run_experiment
 
 TINY = ["model.hidden=[16]", "train.epochs=2", "data.limit=300"]
@@ -154,6 +154,7 @@ BAD = [
     ({"runs": {"small": {"overrides": ["seed=4"]}}}, "runs.small.overrides must not set seed"),
     ({"seed": [0]}, "field 'seed' is unknown (did you mean 'seeds'"),
     ({"num_samples": 0}, "num_samples must be a positive integer"),
+    ({"metrics": ["coherence"]}, "metrics 'coherence' is not defined for run 'large', a unimodal run"),
 ]
 
 
@@ -178,3 +179,45 @@ def test_the_cli_writes_the_table_beside_the_spec(compared, tmp_path, capsys):
     shown = capsys.readouterr()
     assert shown.out == (tmp_path / "study" / "compare.md").read_text()
     assert "| test_elbo | small |" in shown.out and "wrote " in shown.err
+
+
+def test_the_code_metrics_are_those_of_the_run_evaluated_by_hand(compared, monkeypatch):
+    """probe accuracy, active units, I(x; z) and KL: a second compare asking for them trains nothing and gives
+    latent_metrics of each finished run on its first max_test test images."""
+    from ppl_vae.experiment import latent_metrics, load_run
+
+    out, result, _ = compared
+    monkeypatch.setattr(core, "run_experiment", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    code = ["probe_accuracy", "active_units", "mutual_information", "kl"]
+    again = cmp.compare({**SPEC, "metrics": code}, out)
+    run = load_run(out / "runs" / "large-seed1")
+    x, y = run.data.test_x[: SPEC["max_test"]], run.data.test_y[: SPEC["max_test"]]
+    by_hand = latent_metrics(run, x, y)
+    got = {m: again["metrics"][m]["runs"]["large"]["values"]["1"] for m in code}
+    assert got == {
+        "probe_accuracy": by_hand["probe_accuracy"],
+        "active_units": sum(by_hand["active_units"].values()),
+        "mutual_information": by_hand["mutual_information"],
+        "kl": by_hand["kl_total"],
+    }
+    assert again["metrics"]["kl"]["higher_is_better"] is False and 0 < got["probe_accuracy"] <= 1
+
+
+def test_a_multimodal_compare_reports_coherence_and_the_joint_probe(tmp_path):
+    from ppl_vae.evaluate import multimodal_summary
+    from ppl_vae.experiment import load_run
+
+    tiny = ["data.name=digits", "train.epochs=1", "model.hidden=[16]", "model.latent_dim=4", "data.limit=200"]
+    spec = {
+        "runs": {"mopoe": {"config": "mopoe_polyfashion", "overrides": tiny}},
+        "seeds": [0],
+        "metrics": ["coherence", "probe_accuracy"],
+        "max_test": 40,
+    }
+    result = cmp.compare(spec, tmp_path)
+    run = load_run(tmp_path / "runs" / "mopoe-seed0")
+    s = multimodal_summary(run.model, run.data, num_samples=0, max_test=40)
+    assert result["metrics"]["coherence"]["runs"]["mopoe"]["values"]["0"] == s["coherence"]["cross_mean"]
+    assert result["metrics"]["probe_accuracy"]["runs"]["mopoe"]["values"]["0"] == s["probe_acc"]["joint"]
+    with pytest.raises(ConfigError, match="'kl' is not defined for run 'mopoe', a multimodal run"):
+        cmp.load_spec({**spec, "metrics": ["kl"]})

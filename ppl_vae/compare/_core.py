@@ -46,7 +46,20 @@ METRICS = {
     "test_elbo": (True, "test ELBO (nats per image, the run's metrics.json)"),
     "log_likelihood": (True, "importance-sampled test log p(x) (nats per image), with its Monte Carlo s.e."),
     "seconds_per_epoch": (False, "mean seconds per training epoch (metrics.jsonl)"),
+    "probe_accuracy": (
+        True,
+        "test accuracy of a logistic probe of the class from E_q[z | x] (fitted on 2,000 training codes; "
+        "multimodal: from the joint code)",
+    ),
+    "active_units": (True, "latent units with Cov_x E_q[z_u | x] > 0.01, all sites (unimodal runs)"),
+    "mutual_information": (True, "I_q(x; z) of the one latent site, nats (unimodal runs)"),
+    "kl": (False, "KL(q(z|x) ‖ p(z)) per test image, all sites, nats (unimodal runs)"),
+    "coherence": (True, "the class of a modality generated from one other, mean over pairs (multimodal runs)"),
 }
+REPRESENTATION = ("probe_accuracy", "active_units", "mutual_information", "kl", "coherence")
+ONLY_FOR = {"active_units": "unimodal", "mutual_information": "unimodal", "kl": "unimodal", "coherence": "multimodal"}
+"""The metrics read from the run's code (:func:`~ppl_vae.experiment.latent_metrics`, or
+:func:`~ppl_vae.evaluate.multimodal_summary` for a multimodal run), on the first ``max_test`` test images."""
 """The metrics a spec may name: metric → (whether higher is better, what it is)."""
 SPEC_KEYS = ("runs", "seeds", "baseline", "metrics", "num_samples", "max_test", "sweep")
 RESULT_FILE = "compare_metrics.json"
@@ -131,9 +144,13 @@ def load_spec(spec, folder: str | Path | None = None) -> Spec:
         setattr(out, key, value)
     for name, (config, overrides) in runs.items():  # a bad override or config is refused before anything trains
         try:
-            run_config(config, overrides, out.seeds[0])
+            cfg = run_config(config, overrides, out.seeds[0])
         except ConfigError as e:
             raise _spec_error(f"runs.{name}:", str(e)) from None
+        kind = "multimodal" if cfg.data.multimodal else "unimodal"
+        for m in out.metrics:
+            if ONLY_FOR.get(m, kind) != kind:
+                raise _spec_error("metrics", f"{m!r} is not defined for run {name!r}, a {kind} run ({_UNDEFINED[m]})")
     out.sweep = spec.get("sweep")  # checked by the package's load_spec (ppl_vae.compare._sweep.load_sweep)
     return out
 
@@ -240,10 +257,49 @@ def _evaluate(run_dir: Path, metrics: list[str], num_samples: int, max_test: int
     if "log_likelihood" in metrics:
         out["log_likelihood"] = out[ll_key]["value"]
         out["log_likelihood_mc_se"] = out[ll_key]["mc_se"]
+    wanted = [m for m in metrics if m in REPRESENTATION]
+    code_key = f"code[max_test={max_test}]"
+    if wanted and code_key not in out:
+        out[code_key] = _code_metrics(load_run(run_dir, threads=threads), max_test)
+    for m in wanted:
+        value = out[code_key].get(m)
+        if value is None:
+            raise PplVaeError(f"{str(run_dir)!r}: metric {m!r} is not defined for this run ({_UNDEFINED[m]})")
+        out[m] = value
     tmp = cache.with_name(cache.name + ".tmp")
     tmp.write_text(json.dumps(out, indent=2))
     tmp.replace(cache)
     return out
+
+
+_UNDEFINED = {
+    "probe_accuracy": "its data have no class labels",
+    "active_units": "a multimodal run: use probe_accuracy or coherence",
+    "mutual_information": "it needs one latent site and a unimodal run",
+    "kl": "a multimodal run: use probe_accuracy or coherence",
+    "coherence": "it is defined for multimodal runs only",
+}
+
+
+def _code_metrics(run, max_test: int) -> dict:
+    """The representation metrics of a run on its first ``max_test`` test images (None where undefined)."""
+    from ..data.multimodal import MultimodalData
+    from ..evaluate import multimodal_summary
+    from ..experiment import latent_metrics
+
+    if isinstance(run.data, MultimodalData):
+        s = multimodal_summary(run.model, run.data, num_samples=0, max_test=max_test)
+        pairs = s["coherence"]["cross_mean"]  # one modality given, another generated: the mean over ordered pairs
+        return {"probe_accuracy": s["probe_acc"].get("joint"), "coherence": pairs}
+    x = run.data.test_x[:max_test].to(run.device)
+    y = None if run.data.test_y is None else run.data.test_y[:max_test].to(run.device)
+    s = latent_metrics(run, x, y)
+    return {
+        "probe_accuracy": s["probe_accuracy"],
+        "active_units": int(sum(s["active_units"].values())),
+        "mutual_information": s["mutual_information"],
+        "kl": s["kl_total"],
+    }
 
 
 def _mean_se(values: list[float]) -> tuple[float, float | None]:
