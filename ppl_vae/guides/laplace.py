@@ -39,7 +39,9 @@ trains smoothly and beats the VAE by 4.8 nats.
 
 Jacobians: for an ``nn.Sequential`` of ``Linear``/``ReLU`` layers (``ppl_vae.nn.networks.MLPDecoder``) the ReLU-mask
 identity W = W_L diag(m_{L−1}) W_{L−1} ⋯ diag(m_1) W_1 (masks m at the current point) is used; any other
-decoder goes through ``torch.func.vmap(torch.func.jacfwd(·))``. Both run on any device.
+decoder goes through ``torch.func.vmap(torch.func.jacfwd(·))``. Both run on any device. W is kept as Wᵀ (B, d, D),
+and the Bernoulli terms (WᵀDW, Wᵀr) have a hand-written backward (same derivatives, fewer buffers). The T + 1
+Jacobians' matrix products and their backward are most of a step: the floor of the unrolled gradient (bench/README).
 """
 
 from __future__ import annotations
@@ -97,16 +99,22 @@ def batch_jacobian(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, 
     ``layers``: the Linear/ReLU layers of an MLP equal to ``fn`` (ReLU-mask identity); otherwise jacfwd + vmap.
     ``link``: None/"identity" or "sigmoid", applied elementwise after ``fn`` (chain rule).
     """
-    J, out = _raw_jacobian(fn, z, layers)
+    Jt, out = _jacobian_t(fn, z, layers, link)
+    return Jt.transpose(-1, -2), out
+
+
+def _jacobian_t(fn, z, layers, link):
+    """(Jᵀ, out) with Jᵀ = (∂out/∂z)ᵀ of shape (B, d, D), contiguous in D (see :func:`batch_jacobian`)."""
+    Jt, out = _raw_jacobian_t(fn, z, layers)
     if link == "sigmoid":
         out = torch.sigmoid(out)
-        J = J * (out * (1 - out)).unsqueeze(-1)
+        Jt = Jt * (out * (1 - out)).unsqueeze(-2)
     elif link not in (None, "identity"):
         raise ConfigError(f"the Laplace guide supports link 'identity' or 'sigmoid', got {link!r}")
-    return J, out
+    return Jt, out
 
 
-def _raw_jacobian(fn, z, layers):
+def _raw_jacobian_t(fn, z, layers):
     if layers is not None:
         # forward mode on the d tangent directions at once: Jᵀ is (B, d, width), each layer one matrix product
         # (B·d, width) @ Wᵀ, and a ReLU multiplies by its mask
@@ -119,27 +127,62 @@ def _raw_jacobian(fn, z, layers):
                 mask = (h > 0).to(h.dtype)
                 h = h * mask
                 Jt = Jt * mask.unsqueeze(-2)
-        return Jt.transpose(-1, -2), h
+        return Jt, h
 
     def single(v):
         out = fn(v.unsqueeze(0)).reshape(-1)
         return out, out
 
     J, out = vmap(jacfwd(single, has_aux=True))(z)
-    return J, out
+    return J.transpose(-1, -2).contiguous(), out
 
 
-def _precision_terms(x_flat, out, J, likelihood: str, sigma2: float):
-    """(WᵀDW, Wᵀr) of the local Gaussian approximation at one point (see the module docstring)."""
+class _WeightedGram(torch.autograd.Function):
+    """(Jᵀ diag(w) J, Jᵀ r) per row from Jᵀ (B, d, D), w (B, D) and r (B, D), with a hand-written backward.
+
+    Autograd's backward of ``Wᵀ @ (W * w)`` and ``Wᵀ @ r`` allocates five (B, d, D) buffers per call and runs three
+    small batched products in shapes the CPU BLAS is slow at; this one allocates one buffer, writes into it in place
+    and runs one (B, d, d) @ (B, d, D) product: the same derivatives to rounding
+    (``tests/guides/test_laplace_speed.py``)."""
+
+    @staticmethod
+    def forward(ctx, Jt, w, r):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(Jt, w, r)
+        prec = torch.bmm(Jt * w.unsqueeze(-2), Jt.transpose(-1, -2))
+        return prec, torch.bmm(r.unsqueeze(-2), Jt.transpose(-1, -2)).squeeze(-2)
+
+    @staticmethod
+    def backward(ctx, g_prec, g_vec):
+        Jt, w, r = ctx.saved_tensors
+        g_jt = g_w = g_r = None
+        if g_prec is not None:
+            # with S = g + gᵀ and M = S Jᵀ:  ∂/∂Jᵀ Σ g_ij (Jᵀ W J)_ij = M W  and  ∂/∂w_k = ½ Σ_i M_ik Jᵀ_ik
+            M = torch.bmm(g_prec + g_prec.transpose(-1, -2), Jt)
+            if ctx.needs_input_grad[1]:  # Σ_i M_i ⊙ Jᵀ_i row by row: no (B, d, D) temporary
+                g_w = M[:, 0] * Jt[:, 0]
+                for i in range(1, Jt.shape[1]):
+                    g_w.addcmul_(M[:, i], Jt[:, i])
+                g_w.mul_(0.5)
+            if ctx.needs_input_grad[0]:
+                g_jt = M.mul_(w.unsqueeze(-2))
+        if g_vec is not None:
+            if ctx.needs_input_grad[0]:
+                u, v = g_vec.unsqueeze(-1), r.unsqueeze(-2)  # the outer product g rᵀ, added in place
+                g_jt = u * v if g_jt is None else g_jt.addcmul_(u, v)
+            if ctx.needs_input_grad[2]:
+                g_r = torch.bmm(g_vec.unsqueeze(-2), Jt).squeeze(-2)
+        return g_jt, g_w, g_r
+
+
+def _precision_terms(x_flat, out, Jt, likelihood: str, sigma2: float):
+    """(WᵀDW, Wᵀr) of the local Gaussian approximation at one point (see the module docstring); ``Jt`` = Wᵀ."""
     if likelihood == "gaussian":
         r = (x_flat - out) / sigma2
-        WtDW = J.transpose(-1, -2) @ J / sigma2
-    else:
-        p = torch.sigmoid(out)
-        r = x_flat - p
-        WtDW = J.transpose(-1, -2) @ (J * (p * (1 - p)).unsqueeze(-1))
-    Wtr = (J.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1)
-    return WtDW, Wtr
+        WtDW = Jt @ Jt.transpose(-1, -2) / sigma2
+        return WtDW, (r.unsqueeze(-2) @ Jt.transpose(-1, -2)).squeeze(-2)
+    p = torch.sigmoid(out)
+    return _WeightedGram.apply(Jt, p * (1 - p), x_flat - p)
 
 
 def log_joint(x_flat: torch.Tensor, out: torch.Tensor, z: torch.Tensor, likelihood: str, sigma2: float = 1.0):
@@ -209,8 +252,8 @@ def laplace_posterior(
     eye = torch.eye(d, dtype=mu0.dtype, device=mu0.device)
 
     def newton(mu, t):
-        J, out = batch_jacobian(fn, mu, layers, link)
-        WtDW, Wtr = _precision_terms(x_flat, out, J, likelihood, sigma2)
+        Jt, out = _jacobian_t(fn, mu, layers, link)
+        WtDW, Wtr = _precision_terms(x_flat, out, Jt, likelihood, sigma2)
         L = torch.linalg.cholesky(WtDW + eye)
         step = torch.cholesky_solve((Wtr - mu).unsqueeze(-1), L).squeeze(-1)  # μ̂ − μ
         return _line_search(x_flat, mu, out, step, fn, likelihood, sigma2, link) if eta is None else mu + eta(t) * step
@@ -230,16 +273,16 @@ def laplace_posterior(
             mu = newton(mu, num_steps - 1)
         else:
             at = mu.detach()
-            J, out = batch_jacobian(fn, at, layers, link)
-            WtDW, Wtr = _precision_terms(x_flat, out, J, likelihood, sigma2)
+            Jt, out = _jacobian_t(fn, at, layers, link)
+            WtDW, Wtr = _precision_terms(x_flat, out, Jt, likelihood, sigma2)
             prec = WtDW + eye
             g = Wtr - at  # ∇_z log p(x, z) at μ_T (Gauss–Newton), live in θ
             mu = mu + torch.cholesky_solve(
                 (g - g.detach()).unsqueeze(-1), torch.linalg.cholesky(prec.detach())
             ).squeeze(-1)
             return mu, prec
-    J, out = batch_jacobian(fn, mu, layers, link)
-    WtDW, _ = _precision_terms(x_flat, out, J, likelihood, sigma2)
+    Jt, out = _jacobian_t(fn, mu, layers, link)
+    WtDW, _ = _precision_terms(x_flat, out, Jt, likelihood, sigma2)
     return mu, WtDW + eye
 
 
