@@ -13,7 +13,7 @@ SCRIPTS = sorted(p for p in PARITY.glob("*.py") if p.name != "harness.py")
 
 
 def test_there_are_parity_scripts():
-    assert {p.stem for p in SCRIPTS} >= {"poisson_vae", "mmvae"}
+    assert {p.stem for p in SCRIPTS} >= {"poisson_vae", "mmvae", "mopoe"}
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.stem)

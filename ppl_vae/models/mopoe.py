@@ -11,7 +11,8 @@ subsets with the exact mixture density (:class:`~ppl_vae.infer.stratified.Strati
 (its eq. for the MoPoE bound and its code): the mean over subsets of their ELBOs, (1/|P(S)|) Σ_A ELBO(q̃_A), the
 mixture's KL bounded by the mean of the subsets' closed-form KLs and the reconstruction from one subset drawn per
 datapoint (:class:`~ppl_vae.infer.component_average.ComponentAverageELBO`): unbiased for that looser bound, one
-decoder pass.
+decoder pass. Run beside the official ``joint_elbo`` (``bench/parity/mopoe.py``), ``sampled_subset`` takes the
+official objective's value at the same weights and trains to the same coherence, log p̂(X) and probe.
 """
 
 from __future__ import annotations
