@@ -23,6 +23,7 @@ from pathlib import Path
 from . import _core
 from ._core import Spec, check_workers, compare_runs
 from ._core import load_spec as _load_spec
+from ._sweep import import_optuna, load_sweep, run_sweep  # optuna itself is imported by import_optuna only
 
 __all__ = ["compare", "load_spec", "Spec", "METRICS"]
 
@@ -39,8 +40,6 @@ def load_spec(spec, folder: str | Path | None = None) -> Spec:
         return spec
     out = _load_spec(spec, folder)
     if out.sweep is not None:  # optuna is needed only here, and asked for once the section is known to be right
-        from ._sweep import import_optuna, load_sweep
-
         out.sweep = load_sweep(out.sweep, out)
         import_optuna()
     return out
@@ -57,8 +56,6 @@ def compare(spec, out_dir: str | Path, *, workers: int = 1, progress: bool = Fal
     out_dir = Path(out_dir)
     if spec.sweep is None:
         return compare_runs(spec, out_dir, workers=workers, progress=progress)
-    from ._sweep import run_sweep
-
     threads = 1 if workers > 1 else None
     sweep, best = run_sweep(spec, out_dir, workers=workers, threads=threads, progress=progress)
     return compare_runs(spec, out_dir, workers=workers, progress=progress, extra={spec.sweep.name: best}, sweep=sweep)

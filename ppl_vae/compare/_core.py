@@ -36,9 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config.sections import _YAML_FAULTS, Config, _yaml_problem, load_config, load_yaml
+from ..data.multimodal import MultimodalData
 from ..errors import ConfigError, PplVaeError, RunFolderError, did_you_mean
-from ..evaluate import log_likelihood_summary
-from ..experiment import CONFIG_FILE, SUMMARY_FILE, load_run, run_experiment
+from ..evaluate import log_likelihood_summary, multimodal_summary
+from ..experiment import CONFIG_FILE, SUMMARY_FILE, latent_metrics, load_run, run_experiment
 from ..training.loop import CHECKPOINT
 
 # metric → (higher is better, what it is)
@@ -283,10 +284,6 @@ _UNDEFINED = {
 
 def _code_metrics(run, max_test: int) -> dict:
     """The representation metrics of a run on its first ``max_test`` test images (None where undefined)."""
-    from ..data.multimodal import MultimodalData
-    from ..evaluate import multimodal_summary
-    from ..experiment import latent_metrics
-
     if isinstance(run.data, MultimodalData):
         s = multimodal_summary(run.model, run.data, num_samples=0, max_test=max_test)
         pairs = s["coherence"]["cross_mean"]  # one modality given, another generated: the mean over ordered pairs
