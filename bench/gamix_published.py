@@ -9,8 +9,9 @@ Adam(1e-4, β₁ = 0.5) as the author's, the model's Adam at ``--lr`` (default 1
 CPU epochs instead of the author's long runs). The author's loss weighs 5000·mean|x − x̂| over 256²·3
 pixels on [−1, 1]; per image that is a Laplace likelihood of scale b = 196608/5000 = 39.3 on [−1, 1], i.e.
 b = 19.7 on our [0, 1] pixels (|x' − x̂'| = 2|x − x̂|), whatever the image size (R scaled by the pixel count).
-R is given as that scale: ``author`` b = 19.7 by default; the sharper ``b1`` (b = 1) and ``b0.1`` (b = 0.1) with
-``--scales`` (variants). The adversarial rows
+R is given as that scale: ``author`` b = 19.7 by default (the author's weight matched per pixel); ``per_latent``
+b = 19.7 · 32/512 ≈ 1.23 (matched per latent dimension: his 512 latents, our 32), the sharper ``b1`` (b = 1) and
+``b0.1`` (b = 0.1) with ``--scales`` (variants). The adversarial rows
 use the author's λ_G = λ_D = 100 with a PatchGAN of ``disc_width`` × the author's widths.
 Measures on ``n_test`` test images (``ppl_vae.evaluate.generation_report``; FID with a small CNN trained on the
 labelled Fashion-MNIST training set, comparable only within this study): recon_fid, midpoint_fid (decoded
@@ -47,6 +48,9 @@ from ppl_vae.viz import plot_interpolations, plot_perturbations, plot_reconstruc
 FULL = dict(limit=3000, epochs=5, n_test=500, channels=16, latent=32, disc_width=0.25, fid_epochs=3)
 QUICK = dict(limit=300, epochs=1, n_test=64, channels=8, latent=8, disc_width=0.125, fid_epochs=1)
 SCALES = {"author": 196608 / 5000 / 2, "b1": 1.0, "b0.1": 0.1}
+# the author's weight matched per latent dimension instead of per pixel: his 512 latents against our 32 (FULL's
+# latent) make each of ours carry 16× the KL per unit of reconstruction weight, so b = 19.66 · 32/512 ≈ 1.23
+SCALES["per_latent"] = SCALES["author"] * 32 / 512
 CELLS = {
     "per_image": ("elbo", 0.0, 0.0),
     "per_image_gan": ("elbo", 0.0, 100.0),
