@@ -167,32 +167,6 @@ def worker(spec_path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ driver (ours)
-def evaluate(model, data, classifiers, s: dict, seed: int) -> dict:
-    """Coherence, probe and test log p̂(X) of a trained model (ours, or ours holding the official weights)."""
-    import torch
-
-    from ppl_vae.evaluate import joint_log_likelihood, multimodal_summary
-
-    model.eval()
-    summary = multimodal_summary(
-        model,
-        data,
-        num_samples=0,
-        max_test=s["n_test"],
-        probe_train=s["probe_train"],
-        classifiers=classifiers,
-        seed=seed,
-    )
-    with torch.no_grad():
-        ll = joint_log_likelihood(model, data.test_x[: s["n_ll"]], num_samples=s["S"], seed=seed)
-    return {
-        "coherence": float(summary["coherence"]["cross_mean"]),
-        "coherence_rest": float(summary["coherence"]["rest_mean"]),
-        "probe_acc": float(summary["probe_acc"]["unimodal_mean"]),
-        "test_ll": float(ll.mean()),
-    }
-
-
 def main(argv=None):
     import harness
 
@@ -231,12 +205,12 @@ def main(argv=None):
             ppl_vae.train(model, data, tc, seed=seed, progress=False)
             sec = time.perf_counter() - t0
             row_ours = {"train_seconds": round(sec, 1), "seconds_per_epoch": round(sec / s["epochs"], 2)}
-            row_ours.update(evaluate(model, data, classifiers, s, seed))
+            row_ours.update(harness.multimodal_metrics(model, data, classifiers, s, seed))
             spec = {"seed": seed, "settings": s, "init": str(init), "trained": str(trained)}
             row_off = harness.run_official(Path(__file__), spec, checkout, threads=args.threads)
             official = _model(data)
             official.load_state_dict(torch.load(trained, weights_only=True))
-            row_off.update(evaluate(official, data, classifiers, s, seed))
+            row_off.update(harness.multimodal_metrics(official, data, classifiers, s, seed))
             runs.append({"seed": seed, "ours": row_ours, "official": row_off})
             if not args.quick:
                 print(f"seed {seed}: ours {row_ours}, official {row_off}", flush=True)

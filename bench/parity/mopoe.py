@@ -264,32 +264,6 @@ def worker(spec_path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ driver (ours)
-def evaluate(model, data, classifiers, s: dict, seed: int) -> dict:
-    """Coherence, probe and test log p̂(X) of a trained model (ours, or ours holding the official weights)."""
-    import torch
-
-    from ppl_vae.evaluate import joint_log_likelihood, multimodal_summary
-
-    model.eval()
-    summary = multimodal_summary(
-        model,
-        data,
-        num_samples=0,
-        max_test=s["n_test"],
-        probe_train=s["probe_train"],
-        classifiers=classifiers,
-        seed=seed,
-    )
-    with torch.no_grad():
-        ll = joint_log_likelihood(model, data.test_x[: s["n_ll"]], num_samples=s["S"], seed=seed)
-    return {
-        "coherence": float(summary["coherence"]["cross_mean"]),
-        "coherence_rest": float(summary["coherence"]["rest_mean"]),
-        "probe_acc": float(summary["probe_acc"]["unimodal_mean"]),
-        "test_ll": float(ll.mean()),
-    }
-
-
 def loss_at_init(model, x) -> float:
     """Our training objective (−bound per datapoint, the mean over ``INIT_DRAWS`` draws) on the batch ``x`` at the
     model's current weights, without touching the random stream training uses; the official worker reports its
@@ -357,13 +331,13 @@ def main(argv=None):
             sec = time.perf_counter() - t0
             row_ours = {"train_seconds": round(sec, 1), "seconds_per_epoch": round(sec / s["epochs"], 2)}
             row_ours["loss_at_init"] = round(init_value, 3)
-            row_ours.update(evaluate(model, data, classifiers, s, seed))
+            row_ours.update(harness.multimodal_metrics(model, data, classifiers, s, seed))
             spec = {"seed": seed, "settings": s, "init": str(init), "trained": str(trained)}
             spec["prior_expert"] = args.official_prior_expert == "on"
             row_off = harness.run_official(Path(__file__), spec, checkout, threads=args.threads)
             official = _model(data)
             official.load_state_dict(torch.load(trained, weights_only=True))
-            row_off.update(evaluate(official, data, classifiers, s, seed))
+            row_off.update(harness.multimodal_metrics(official, data, classifiers, s, seed))
             runs.append({"seed": seed, "ours": row_ours, "official": row_off})
             if not args.quick:
                 print(f"seed {seed}: ours {row_ours}, official {row_off}", flush=True)
