@@ -1,15 +1,4 @@
-"""Methods side by side over seeds: ``ppl-vae compare SPEC.yaml`` and :func:`compare`.
-
-A spec (YAML, or the same mapping in Python)::
-
-    runs:
-      small: {config: vae_digits, overrides: [model.latent_dim=2]}
-      large: {config: vae_digits, overrides: [model.latent_dim=4]}
-    seeds: [0, 1, 2]
-    baseline: small                     # default: the first run
-    metrics: [test_elbo, log_likelihood, seconds_per_epoch]
-    num_samples: 20                     # importance samples per test image for log_likelihood
-    max_test: 500                       # test images for log_likelihood
+"""The runs of a compare spec (its form: :mod:`ppl_vae.compare`), their evaluation and the table.
 
 Each (run, seed) trains into ``OUT/runs/<run>-seed<k>/`` through :func:`~ppl_vae.experiment.run_experiment` with
 ``seed=k``: a folder with ``metrics.json`` is never retrained, one with a checkpoint but no ``metrics.json`` (a killed
