@@ -132,6 +132,38 @@ def run_official(script: Path, spec: dict, checkout: Path, *, threads: int = 1, 
         return result
 
 
+MULTIMODAL_METRICS = ("coherence", "test_ll", "probe_acc", "coherence_rest", "seconds_per_epoch")
+"""What a multimodal parity study reports per side; the first three get a verdict."""
+
+
+def polyfashion_data(s: dict):
+    """PolyFashion with ``s["limit"]`` Fashion-MNIST images in 3 modalities: the data of the multimodal parity
+    studies (their drivers and their official-side workers build it alike)."""
+    from ppl_vae.data import load_data
+    from ppl_vae.data.multimodal import make_multimodal
+
+    return make_multimodal(load_data("fashion_mnist", limit=s["limit"], seed=0), "poly", num_modalities=3, seed=0)
+
+
+def polyfashion(s: dict):
+    """(:func:`polyfashion_data`, the coherence classifiers fitted on its first ``s["classifier_train"]`` training
+    points): the data and judges of a multimodal parity study's driver."""
+    from ppl_vae.evaluate import fit_classifiers
+
+    data = polyfashion_data(s)
+    clf_x, clf_y = data.train_x[: s["classifier_train"]], data.train_labels[: s["classifier_train"]]
+    return data, fit_classifiers(data.layout, clf_x, clf_y, max_train=s["classifier_train"])
+
+
+def multimodal_results(runs: list[dict]) -> dict:
+    """Per metric of :data:`MULTIMODAL_METRICS` the spread of each side over the runs, and the verdicts."""
+    per = {m: {side: [r[side][m] for r in runs] for side in ("ours", "official")} for m in MULTIMODAL_METRICS}
+    return {
+        "metrics": {m: {side: spread(v) for side, v in per[m].items()} for m in MULTIMODAL_METRICS},
+        "verdicts": {m: verdict(per[m]["ours"], per[m]["official"]) for m in MULTIMODAL_METRICS[:3]},
+    }
+
+
 def multimodal_metrics(model, data, classifiers, s: dict, seed: int) -> dict:
     """Coherence, probe and test log p̂(X) of a trained multimodal model (ours, or ours holding the official
     weights): ``multimodal_summary`` on ``s["n_test"]`` test points and ``joint_log_likelihood`` with ``s["S"]``

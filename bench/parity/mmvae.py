@@ -48,13 +48,6 @@ QUICK = dict(limit=400, epochs=1, n_test=100, n_ll=30, S=8, probe_train=200, cla
 K = 4
 
 
-def _dataset(s: dict):
-    from ppl_vae.data import load_data
-    from ppl_vae.data.multimodal import make_multimodal
-
-    return make_multimodal(load_data("fashion_mnist", limit=s["limit"], seed=0), "poly", num_modalities=3, seed=0)
-
-
 def _model(data):
     from ppl_vae import ModelConfig, build_model
 
@@ -98,12 +91,13 @@ def worker(spec_path: str) -> None:
     # shim: grey levels in [0, 1] as Bernoulli targets (as ours: validate_args=False); current torch validates
     # the support by default and would reject them
     dist.Distribution.set_default_validate_args(False)
+    import harness
     import objectives
     from models.mmvae import MMVAE
     from models.vae import VAE
 
     s = spec["settings"]
-    data = _dataset(s)
+    data = harness.polyfashion_data(s)
     ours = _model(data)  # only a container of the per-modality networks, with the initial weights below
     ours.load_state_dict(torch.load(spec["init"], weights_only=True))
     names = data.layout.names
@@ -183,13 +177,10 @@ def main(argv=None):
 
     import ppl_vae
     from ppl_vae.config import TrainConfig
-    from ppl_vae.evaluate import fit_classifiers
 
     s = dict(QUICK) if args.quick else dict(FULL, epochs=args.epochs)
     seeds = (0,) if args.quick else args.seeds
-    data = _dataset(s)
-    clf_x, clf_y = data.train_x[: s["classifier_train"]], data.train_labels[: s["classifier_train"]]
-    classifiers = fit_classifiers(data.layout, clf_x, clf_y, max_train=s["classifier_train"])
+    data, classifiers = harness.polyfashion(s)
     runs = []
     with tempfile.TemporaryDirectory(prefix="parity_mmvae_") as tmp:
         for seed in seeds:
@@ -215,14 +206,11 @@ def main(argv=None):
             if not args.quick:
                 print(f"seed {seed}: ours {row_ours}, official {row_off}", flush=True)
 
-    metrics = ("coherence", "test_ll", "probe_acc", "coherence_rest", "seconds_per_epoch")
-    per = {m: {side: [r[side][m] for r in runs] for side in ("ours", "official")} for m in metrics}
     out = {
         "method": "MMVAE (mmvae, stratified IWAE K = 4, DReG)",
         "official": {"repo": REPO, "commit": harness.checkout_commit(checkout), "expected_commit": COMMIT},
         "headline": "cross-modal coherence (cross_mean) and test log p(X) (IS, S draws), same evaluation code",
-        "metrics": {m: {side: harness.spread(v) for side, v in per[m].items()} for m in metrics},
-        "verdicts": {m: harness.verdict(per[m]["ours"], per[m]["official"]) for m in metrics[:3]},
+        **harness.multimodal_results(runs),
         "official_m_iwae_test": harness.spread([r["official"]["official_m_iwae_test"] for r in runs], 3),
         "runs": runs,
         "seeds": list(seeds),

@@ -81,13 +81,6 @@ BATCH, LR = 128, 1e-3
 INIT_DRAWS = 100  # draws of the objective at the initial weights (the objective-value check)
 
 
-def _dataset(s: dict):
-    from ppl_vae.data import load_data
-    from ppl_vae.data.multimodal import make_multimodal
-
-    return make_multimodal(load_data("fashion_mnist", limit=s["limit"], seed=0), "poly", num_modalities=3, seed=0)
-
-
 def _model(data, objective: str = "sampled_subset"):
     from ppl_vae import ModelConfig, build_model
 
@@ -199,8 +192,10 @@ def worker(spec_path: str) -> None:
         from utils.BaseMMVae import BaseMMVae
 
         _without_prior_expert(BaseMMVae)
+    import harness
+
     s = spec["settings"]
-    data = _dataset(s)
+    data = harness.polyfashion_data(s)
     ours = _model(data)  # only a container of the per-modality networks, with the initial weights below
     ours.load_state_dict(torch.load(spec["init"], weights_only=True))
     names = data.layout.names
@@ -309,13 +304,10 @@ def main(argv=None):
 
     import ppl_vae
     from ppl_vae.config import TrainConfig
-    from ppl_vae.evaluate import fit_classifiers
 
     s = dict(QUICK) if args.quick else dict(FULL, epochs=args.epochs)
     seeds = (0,) if args.quick else args.seeds
-    data = _dataset(s)
-    clf_x, clf_y = data.train_x[: s["classifier_train"]], data.train_labels[: s["classifier_train"]]
-    classifiers = fit_classifiers(data.layout, clf_x, clf_y, max_train=s["classifier_train"])
+    data, classifiers = harness.polyfashion(s)
     runs = []
     with tempfile.TemporaryDirectory(prefix="parity_mopoe_") as tmp:
         for seed in seeds:
@@ -342,14 +334,11 @@ def main(argv=None):
             if not args.quick:
                 print(f"seed {seed}: ours {row_ours}, official {row_off}", flush=True)
 
-    metrics = ("coherence", "test_ll", "probe_acc", "coherence_rest", "seconds_per_epoch")
-    per = {m: {side: [r[side][m] for r in runs] for side in ("ours", "official")} for m in metrics}
     out = {
         "method": f"MoPoE (mopoe, objective {args.ours_objective}) vs official joint_elbo",
         "official": {"repo": REPO, "commit": harness.checkout_commit(checkout), "expected_commit": COMMIT},
         "headline": "cross-modal coherence (cross_mean) and test log p(X) (IS, S draws), same evaluation code",
-        "metrics": {m: {side: harness.spread(v) for side, v in per[m].items()} for m in metrics},
-        "verdicts": {m: harness.verdict(per[m]["ours"], per[m]["official"]) for m in metrics[:3]},
+        **harness.multimodal_results(runs),
         "loss_at_init": {
             side: harness.spread([r[side]["loss_at_init"] for r in runs], 3) for side in ("ours", "official")
         },
