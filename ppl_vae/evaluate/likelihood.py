@@ -331,16 +331,21 @@ class _Batches:
 def full_data_subsample(guide, data, y, data_plate: str) -> int | None:
     """For a guide whose data plate indexes the whole data set (Pyro's subsampling idiom, ``with
     pyro.plate("data", len(x), subsample_size=B) as idx: ... x[idx]``): its subsample size B; otherwise ``None``."""
+    return _probe(guide, data, y, data_plate)[1]
+
+
+def _probe(guide, data, y, data_plate: str) -> tuple[bool, int | None]:
+    """(whether the guide runs on ``data``, :func:`full_data_subsample`'s answer) from one traced run."""
     try:
         with torch.no_grad(), fork_rng(), pyro.poutine.block():
             tr = pyro.poutine.trace(guide).get_trace(*((data,) if y is None else (data, y)))
     except Exception:  # noqa: BLE001  (not a full-data program: the caller re-raises its own error)
-        return None
+        return False, None
     site = tr.nodes.get(data_plate)
     fn = site["fn"] if site is not None and site["type"] == "sample" else None
     if type(fn).__name__ != "_Subsample" or fn.size != len(data) or not (fn.subsample_size or fn.size) < fn.size:
-        return None
-    return int(fn.subsample_size)
+        return True, None
+    return True, int(fn.subsample_size)
 
 
 def datapoint_chunks(guide, x, y, batch_size: int, data_plate: str = "data"):
@@ -350,8 +355,8 @@ def datapoint_chunks(guide, x, y, batch_size: int, data_plate: str = "data"):
     data set itself (:func:`full_data_subsample`: subsample size B) gets all of ``x`` each time with its plate's indices
     fixed to chunks of B (the last one wraps around)."""
     head, yh = x[:batch_size], None if y is None else y[:batch_size]
-    size = full_data_subsample(guide, head, yh, data_plate)
-    if size is None and len(x) > len(head) and not _runs(guide, head, yh):  # a batch smaller than its B
+    ran, size = _probe(guide, head, yh, data_plate)
+    if not ran and len(x) > len(head):  # a batch smaller than its B
         size = full_data_subsample(guide, x, y, data_plate)
     if size is None:
         for s in range(0, len(x), batch_size):
@@ -362,15 +367,6 @@ def datapoint_chunks(guide, x, y, batch_size: int, data_plate: str = "data"):
         idx = torch.arange(s, s + size, device=x.device) % len(x)
         wrap = functools.partial(on_indices, plate=data_plate, indices=idx)
         yield wrap, ((x,) if y is None else (x, y)), size, min(size, len(x) - s)
-
-
-def _runs(fn, x, y) -> bool:
-    try:
-        with torch.no_grad(), fork_rng(), pyro.poutine.block():
-            pyro.poutine.trace(fn).get_trace(*((x,) if y is None else (x, y)))
-    except Exception:  # noqa: BLE001  (only whether it runs on this batch is asked)
-        return False
-    return True
 
 
 def full_data_log_weights(model, guide, x, y, size: int, data_plate: str = "data", **kwargs):
