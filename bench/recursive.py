@@ -12,6 +12,11 @@ Parts (``--parts``, default all three):
                     guide (4 damped Newton steps from the VAE encoder's mean); log p̂(x) by importance sampling
                     from the Laplace guide. Reported: the amortisation gap (optimised diagonal − amortised VAE),
                     the share of it the mixture closes, the approximation gaps (log p̂ − each ELBO).
+                    ``per_stage``: for each stage m, the mean test ELBO of the mixture q_m and of h_m alone, and
+                    the mean mixing weight ε_m(x) (m ≥ 1; frozen after stage m, so read at the end). Study
+                    options: ``--component-init`` (comma-separated ``random``/``previous``: each init trains its
+                    own mixture on the same VAE; the first gives the top-level keys, all are in
+                    ``by_component_init``) and ``--stage-epochs`` (epochs per stage; default the mode's).
   inference_seconds per image: the amortised guides (VAE, 5-component mixture, Laplace guide) and the per-image
                     optimisation, timed side by side in one process (one torch thread).
   joint             λ ∈ lambdas × cap ∈ caps × K ∈ joint_K trained jointly (concurrent schedule, ``joint_epochs``
@@ -26,6 +31,7 @@ Parts (``--parts``, default all three):
 
     python bench/recursive.py --threads 1 --workers 2              # full (all parts, seeds 0–9)
     python bench/recursive.py --parts fixed_decoder,inference_seconds --seeds 0   # the fixed-decoder study
+    python bench/recursive.py --parts fixed_decoder --seeds 0 --component-init random,previous   # both inits
     python bench/recursive.py --quick                              # < 5 min
 The last line of stdout is the JSON summary (full mode also writes bench/results/recursive.json).
 """
@@ -45,9 +51,11 @@ import ppl_vae
 from ppl_vae import ModelConfig, build_model
 from ppl_vae.config import TrainConfig
 from ppl_vae.data import load_data
+from ppl_vae.distributions.plate import data_plate
 from ppl_vae.errors import TrainingDiverged
 from ppl_vae.evaluate import amortisation_gap, elbo_per_datapoint, log_likelihood
 from ppl_vae.guides.laplace import LaplaceGuide
+from ppl_vae.models.rme import COMPONENT_INITS
 from ppl_vae.nn.networks import MLPEncoder
 
 FULL = dict(
@@ -130,10 +138,23 @@ def _mean_se(v: torch.Tensor) -> dict:
     return {"mean": round(float(v.mean()), 4), "std_error": round(float(v.std() / math.sqrt(len(v))), 4)}
 
 
-def fixed_decoder(data, s: dict, seed: int) -> tuple[dict, dict]:
-    x = data.test_x[: s["n_test"]]
-    vae = fit(model("vae", data, seed), data, s["epochs"], seed)
-    rme = model("rme", data, seed, num_components=s["K"], schedule="stagewise", freeze_decoder=True)
+def component_guide(rme, m: int):
+    """h_m alone (its encoder's diagonal Gaussian) as a guide of ``rme.model``."""
+
+    def guide(x, y=None):
+        locs, scales, _ = rme.encoder(x, None, m + 1)
+        with data_plate(x, rme.num_data):
+            pyro.sample("z", pyro.distributions.Normal(locs[:, m], scales[:, m]).to_event(1))
+
+    return guide
+
+
+def train_mixture(vae, data, s: dict, seed: int, x, init: str) -> tuple[object, dict[str, torch.Tensor], list[dict]]:
+    """The K-component mixture trained stage-wise on the VAE's frozen decoder, h_0 started as the VAE's encoder.
+    Returns (model, {"mixture_k": ELBO(q_{k−1}) per test image}, per-stage records)."""
+    rme = model(
+        "rme", data, seed, num_components=s["K"], schedule="stagewise", freeze_decoder=True, component_init=init
+    )
     rme.decoder.load_state_dict(vae.decoder.state_dict())
     # h_0 starts as the VAE's encoder (the same 784-200-200-32 layers, softplus scale): q_0 = the VAE's q
     src = [m for m in vae.encoder.modules() if isinstance(m, torch.nn.Linear)]
@@ -167,6 +188,33 @@ def fixed_decoder(data, s: dict, seed: int) -> tuple[dict, dict]:
         torch.equal(a, b)
         for a, b in zip(rme.decoder.state_dict().values(), vae.decoder.state_dict().values(), strict=False)
     )  # the decoder did not move
+    # Per stage: h_m and ε_m are frozen after stage m, so their final state is the one stage m left. Drawn on a
+    # forked RNG so that the evaluations after this one see the same stream as without it.
+    stages = []
+    with torch.random.fork_rng(), torch.no_grad():
+        eps = torch.sigmoid(rme.encoder(x)[2]).double()  # (B, K − 1): ε_1 … ε_{K−1}
+        for k in range(s["K"]):
+            h = elbo_per_datapoint(rme.model, component_guide(rme, k), x, s["elbo_particles"]).double()
+            stages.append(
+                {
+                    "stage": k,
+                    "elbo_mixture": _mean_se(elbos[f"mixture_{k + 1}"]),
+                    "elbo_component": _mean_se(h),
+                    "eps_mean": None if k == 0 else round(float(eps[:, k - 1].mean()), 4),
+                }
+            )
+    return rme, elbos, stages
+
+
+def fixed_decoder(data, s: dict, seed: int, inits=("random",)) -> tuple[dict, dict]:
+    x = data.test_x[: s["n_test"]]
+    vae = fit(model("vae", data, seed), data, s["epochs"], seed)
+    mixtures = {inits[0]: train_mixture(vae, data, s, seed, x, inits[0])}
+    for init in inits[1:]:  # on a forked RNG: the evaluations below see the stream of a one-init run
+        with torch.random.fork_rng():
+            mixtures[init] = train_mixture(vae, data, s, seed, x, init)
+    rme, elbos, _ = mixtures[inits[0]]
+    elbos = dict(elbos)
     lap = laplace_on(vae, len(data.train_x))
     elbos["vae"] = elbo_per_datapoint(vae.model, vae.guide, x, s["elbo_particles"]).double()
     elbos["laplace"] = elbo_per_datapoint(vae.model, lap, x, s["elbo_particles"]).double()
@@ -188,6 +236,11 @@ def fixed_decoder(data, s: dict, seed: int) -> tuple[dict, dict]:
     log_px = log_likelihood(vae.model, lap, x, num_samples=s["S"], seed=seed).double()
     q0 = elbos["mixture_1"]  # h_0 alone, trained on the fixed decoder
     amort = elbos["optimised_diag"] - elbos["vae"]
+
+    def share(mix: dict) -> float:  # of the gap between h_0 (trained on the fixed decoder) and the optimised diag
+        q0 = mix["mixture_1"]
+        return round(float((mix[f"mixture_{s['K']}"] - q0).mean() / (elbos["optimised_diag"] - q0).mean()), 4)
+
     out = {
         "num_images": len(x),
         "K": s["K"],
@@ -196,12 +249,25 @@ def fixed_decoder(data, s: dict, seed: int) -> tuple[dict, dict]:
         "gain_over_q0": {k: _mean_se(v - q0) for k, v in elbos.items() if k.startswith("mixture_")},
         "amortisation_gap_vae": _mean_se(amort),
         "amortisation_gap_h0": _mean_se(elbos["optimised_diag"] - q0),
-        "share_of_amortisation_gap_closed": round(
-            float((elbos[f"mixture_{s['K']}"] - q0).mean() / (elbos["optimised_diag"] - q0).mean()), 4
-        ),
+        "share_of_amortisation_gap_closed": share(elbos),
         "log_likelihood_laplace_is": _mean_se(log_px),
         "approximation_gap": {k: _mean_se(log_px - v) for k, v in elbos.items()},
         "mixture_beats_optimised_diag": float((elbos[f"mixture_{s['K']}"] - elbos["optimised_diag"]).mean()) > 0,
+        "component_init": list(inits),
+        "per_stage": mixtures[inits[0]][2],
+        "by_component_init": {
+            init: {
+                "elbo": {k: _mean_se(v) for k, v in mix.items()},
+                "gain_over_q0": {k: _mean_se(v - mix["mixture_1"]) for k, v in mix.items()},
+                "amortisation_gap_h0": _mean_se(elbos["optimised_diag"] - mix["mixture_1"]),
+                "share_of_amortisation_gap_closed": share(mix),
+                "share_of_vae_amortisation_gap_closed": round(
+                    float((mix[f"mixture_{s['K']}"] - elbos["vae"]).mean() / amort.mean()), 4
+                ),
+                "per_stage": stages,
+            }
+            for init, (_, mix, stages) in mixtures.items()
+        },
     }
     return out, {"vae": vae, "rme": rme, "laplace": lap, "timing": timing}
 
@@ -318,16 +384,29 @@ def joint(data, s: dict, seeds, workers: int) -> dict:
 def main(argv=None):
     ap = parser(__doc__, seeds="0,1,2,3,4,5,6,7,8,9", workers=2)
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {list(PARTS)}")
+    ap.add_argument(
+        "--component-init",
+        default="random",
+        help=f"fixed_decoder: comma-separated inits of h_m, each of {list(COMPONENT_INITS)} (first: top-level keys)",
+    )
+    ap.add_argument("--stage-epochs", type=int, default=None, help="fixed_decoder: epochs per stage (default: mode's)")
     args = start(ap, argv)
     parts = [p for p in args.parts.split(",") if p]
     if any(p not in PARTS for p in parts):
         ap.error(f"--parts must name some of {list(PARTS)}, got {args.parts!r}")
+    inits = tuple(i for i in args.component_init.split(",") if i)
+    if not inits or any(i not in COMPONENT_INITS for i in inits):
+        ap.error(f"--component-init must name some of {list(COMPONENT_INITS)}, got {args.component_init!r}")
+    if args.stage_epochs is not None and args.stage_epochs < 1:
+        ap.error(f"--stage-epochs must be a positive integer, got {args.stage_epochs}")
     s = QUICK if args.quick else FULL
+    if args.stage_epochs is not None:
+        s = {**s, "stage_epochs": args.stage_epochs}
     seeds = args.seeds[:1] if args.quick else args.seeds
     data = load_data("fashion_mnist", pixels="binary_dynamic", limit=s["limit"], seed=0)
     out = {"settings": {k: v for k, v in s.items()}, "fixed_decoder": None, "inference_seconds": None, "joint": None}
     if "fixed_decoder" in parts or "inference_seconds" in parts:
-        fd, models = fixed_decoder(data, s, seeds[0])
+        fd, models = fixed_decoder(data, s, seeds[0], inits)
         out["fixed_decoder"] = {**fd, "seed": seeds[0]}
         if "inference_seconds" in parts:
             out["inference_seconds"] = inference_seconds(models, data, s)

@@ -3,18 +3,21 @@ NeurIPS 2020): q(z|x) = Σ_k α_k(x) N(μ_k(x), diag σ_k²(x)), grown as q_m = 
 component chosen by the functional-gradient criterion of :mod:`ppl_vae.guides.recursive` (exact objective and
 deviations there). Registered as ``rme`` (recursive mixture estimation) with options
 ``num_components`` (K, default 3), ``divergence_weight`` (λ, 0.5), ``log_ratio_cap`` (κ nats, 5.0; 0 = no cap),
-``grow_every`` (epochs between activating components; 0 = all active from the start), ``schedule`` and
-``freeze_decoder``.
+``grow_every`` (epochs between activating components; 0 = all active from the start), ``schedule``,
+``freeze_decoder`` and ``component_init``.
 
 Schedules. ``concurrent`` (default): every component trains from the first step, each against the current
 q_{m−1}. ``stagewise``: the recursion as the issue tracker states it: stage 0 trains the VAE (h_0 and the decoder);
 stage m = 1 … K − 1 adds h_m and its weight head ε_m, freezes h_{<m} and ε_{<m} (they run without gradients, so
 the optimiser leaves them exactly as they were) and trains h_m, ε_m and the decoder (unless ``freeze_decoder``).
 The K stages share ``train.epochs`` (⌊E/K⌋ each, the remainder to stage 0), the same total as the concurrent
-schedule; each earlier stage writes its own folder ``component_<m>`` in the run folder.
+schedule; each earlier stage writes its own folder ``component_<m>`` in the run folder. ``component_init``: h_m
+starts from its own random initialisation (``random``, default) or, at the start of stage m, as a copy of
+h_{m−1}'s weights (``previous``; stage-wise schedule only); the mixing head ε_m keeps its own initialisation.
 
 Checked against the paper: only its abstract and the NeurIPS 2020 reviews could be read; its full text (§3, the
-derivation and algorithm) could not be reached, and no official code was found. Verified there: the guide is a
+derivation and algorithm) could not be reached, and no official code was found (the project's source extracts hold
+the abstract alone: re-read for issue 35, nothing on λ, ε or the stage budget). Verified there: the guide is a
 mixture that grows by adding components to the current one, each component from its own encoder network; a new
 component is chosen by a functional-gradient criterion that trades its ELBO against its divergence (a KL) from the
 current mixture (derived in §3); test-time inference is one forward pass. Not verified: any weight λ or bound on
@@ -22,7 +25,7 @@ the KL term, how ε_m is set or learned, and whether and for how many epochs the
 
 Our choices: λ = 0.5 and the cap κ = 5 nats (:mod:`ppl_vae.guides.recursive`); ε_m(x) learned by a head that
 maximises ELBO(q_m); the concurrent default; the stage-wise budget (⌊E/K⌋ epochs per stage, remainder to stage 0);
-``freeze_decoder`` and ``grow_every``.
+``freeze_decoder``, ``grow_every`` and ``component_init``.
 """
 
 from __future__ import annotations
@@ -45,9 +48,10 @@ from ._common import config_likelihood, require_arch
 from .registry import register_model
 from .vae import VAE
 
-__all__ = ["RME", "RMEOptions", "RMEPlan", "SCHEDULES"]
+__all__ = ["COMPONENT_INITS", "RME", "RMEOptions", "RMEPlan", "SCHEDULES"]
 
 SCHEDULES = ("concurrent", "stagewise")
+COMPONENT_INITS = ("random", "previous")
 
 
 class RME(MixtureGuideMixin, VAE):
@@ -71,6 +75,7 @@ class RME(MixtureGuideMixin, VAE):
         grow_every: int = 0,
         schedule: str = "concurrent",
         freeze_decoder: bool = False,
+        component_init: str = "random",
         num_data: int | None = None,
         num_classes: int | None = None,
     ):
@@ -85,7 +90,17 @@ class RME(MixtureGuideMixin, VAE):
                 "model.options.grow_every must be 0 with schedule='stagewise' (the stages grow the "
                 f"mixture), got {self.grow_every}"
             )
+        if component_init not in COMPONENT_INITS:
+            raise ConfigError(
+                f"model.options.component_init must be one of {list(COMPONENT_INITS)}, got {component_init!r}"
+            )
+        if component_init == "previous" and schedule != "stagewise":
+            raise ConfigError(
+                "model.options.component_init='previous' needs schedule='stagewise' (h_m is copied from h_{m-1} "
+                f"when its stage starts), got schedule={schedule!r}"
+            )
         self.schedule, self.freeze_decoder = schedule, bool(freeze_decoder)
+        self.component_init = component_init
         start = 1 if (self.grow_every > 0 or schedule == "stagewise") else self.num_components
         self.register_buffer("num_active", torch.tensor(start))
         self.register_buffer("num_frozen", torch.tensor(0))  # components h_{<num_frozen} get no gradient
@@ -173,6 +188,9 @@ class RMEPlan(TrainingPlan):
             k = int(stage.name.rsplit("_", 1)[1])
             m.num_active.fill_(k + 1)
             m.num_frozen.fill_(k)
+            if k > 0 and m.component_init == "previous":  # h_k starts where h_{k−1} ended
+                comps = m.encoder.components
+                comps[k].load_state_dict(comps[k - 1].state_dict())
 
     def on_epoch_end(self, epoch, record, data):
         m = self.model
@@ -194,6 +212,11 @@ class RMEOptions(Options):
         doc="'concurrent' or 'stagewise' (one stage per component, earlier ones frozen)",
     )
     freeze_decoder: bool = option(False, doc="train no decoder parameter (inference on a fixed decoder)")
+    component_init: str = option(
+        "random",
+        choices=COMPONENT_INITS,
+        doc="'random' or 'previous' (stage m starts h_m as a copy of h_{m-1}; stagewise only)",
+    )
 
 
 @register_model("rme", options=RMEOptions, aliases=("vae_recursive",))
@@ -212,5 +235,6 @@ def build_rme(cfg, options: RMEOptions, data_shape, num_data, num_classes) -> RM
         grow_every=options.grow_every,
         schedule=options.schedule,
         freeze_decoder=options.freeze_decoder,
+        component_init=options.component_init,
         num_data=num_data,
     )

@@ -73,3 +73,31 @@ def test_stagewise_settings_are_checked():
     with pytest.raises(ConfigError, match="grow_every must be 0"):
         _rme(schedule="stagewise", grow_every=2)
     assert len(plan_for(_rme()).stages(TrainConfig(epochs=2))) == 1  # concurrent: one stage, as before
+
+
+@pytest.mark.parametrize("init", ["random", "previous"])
+def test_component_init_previous_starts_h_m_as_h_m_minus_1(init):
+    m = _rme(schedule="stagewise", freeze_decoder=True, component_init=init)
+    plan = plan_for(m)
+    snaps, begin = {}, plan.begin_stage
+
+    def spy(stage):  # the parameters as stage m starts, after the plan's own begin_stage
+        begin(stage)
+        snaps[stage.name] = _snapshot(m)
+
+    plan.begin_stage = spy
+    train(m, _data(), TrainConfig(epochs=3, batch_size=20), plan=plan, progress=False)
+    for k in (1, 2):
+        s = snaps[f"component_{k}"]
+        new = {n.split(".", 3)[3]: p for n, p in s.items() if n.startswith(f"encoder.components.{k}.")}
+        old = {n.split(".", 3)[3]: p for n, p in s.items() if n.startswith(f"encoder.components.{k - 1}.")}
+        assert new.keys() == old.keys() and new
+        same = all(torch.equal(new[n], old[n]) for n in new)
+        assert same == (init == "previous")
+
+
+def test_component_init_is_checked():
+    with pytest.raises(ConfigError, match="model.options.component_init must be one of"):
+        _rme(schedule="stagewise", component_init="copy")
+    with pytest.raises(ConfigError, match="model.options.component_init='previous' needs schedule='stagewise'"):
+        _rme(component_init="previous")
