@@ -16,16 +16,19 @@ study has one file however many variants and seeds were run. Training goes throu
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import multiprocessing
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +38,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+SPECS = ROOT / "bench" / "specs"  # the studies' compare specs (run_spec)
 _HARNESS_FLAGS = ("quick", "out", "threads", "device", "workers")  # execution details, not study options
 
 
@@ -165,6 +169,44 @@ def finish(study: str, result: dict, args, device: str | None = None) -> dict:
         path.write_text(json.dumps(written, indent=2) + "\n")
     print(json.dumps(result))
     return result
+
+
+def run_spec(study: str, args, quick: dict, overrides: list[str] | tuple = ()) -> tuple[dict, Path]:
+    """Run the compare spec ``bench/specs/<study>.yaml`` through ``ppl_vae.compare`` (``--workers`` jobs at once,
+    the run's ``--device`` and ``overrides`` (a study option) added to the spec's overrides; ``--seeds``, when given,
+    replaces the spec's seeds). Full mode: into ``bench/runs/<study>/`` (a variant: ``bench/runs/<study>/variant-
+    <options>/``) — resumable, and a finished run is never trained again — with ``compare.md`` and ``compare.png``
+    copied to ``bench/results/<study>_compare.{md,png}`` (a variant writes no copies). Quick mode: the fields of
+    ``quick`` replace the spec's (its ``overrides`` are added after the spec's), into a fresh temporary folder
+    removed at exit. Returns (compare.json's content, the compare folder: its ``runs/<run>-seed<k>/``)."""
+    import yaml
+
+    from ppl_vae.compare import compare
+
+    spec = yaml.safe_load((SPECS / f"{study}.yaml").read_text())
+    spec["overrides"] = [*spec.get("overrides", []), f"device={args.device}", *overrides]
+    if args.quick:
+        spec.update({k: v for k, v in quick.items() if k != "overrides"})
+        spec["overrides"] += quick.get("overrides", [])
+        out = Path(tempfile.mkdtemp(prefix=f"{study}_quick_"))
+        atexit.register(shutil.rmtree, out, ignore_errors=True)
+    else:  # a variant's runs (other sizes) in a folder of their own: compare refuses to mix configurations
+        key = variant(args)
+        out = ROOT / "bench" / "runs" / study
+        out = out if key is None else out / ("variant-" + "".join(c if c.isalnum() or c in "=.-" else "_" for c in key))
+    if args.seeds is not None:
+        spec["seeds"] = list(args.seeds)
+    result = compare(spec, out, workers=getattr(args, "workers", 1), progress=False)
+    if not args.quick and variant(args) is None and args.out is None:
+        for suffix in ("md", "png"):
+            shutil.copyfile(out / f"compare.{suffix}", RESULTS / f"{study}_compare.{suffix}")
+    return result, out
+
+
+def run_history(folder: Path, run: str, seed: int) -> list[dict]:
+    """The per-epoch records (``metrics.jsonl``) of the run ``run`` with seed ``seed`` of a :func:`run_spec`."""
+    lines = (folder / "runs" / f"{run}-seed{seed}" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def run_jobs(fn, jobs: list, workers: int) -> list:

@@ -9,69 +9,41 @@ The test ELBO is the mean single-sample ELBO per test image (nats; higher is bet
     python bench/fashion_vae.py --quick       # 5,000 training images, 2 epochs
 
 ``--seeds N`` sets the seed (initialisation, data order, binarisation; default 0), ``--epochs`` the epochs.
+
+The run is the compare spec ``bench/specs/fashion_vae.yaml`` (``ppl_vae.compare``; the best-validation checkpoint is
+evaluated); full mode keeps it in ``bench/runs/fashion_vae/`` (a second run trains nothing).
 """
 
 from __future__ import annotations
 
-import time
-
-import pyro
-import torch
-from _common import finish, one_seed, parser, start
-from pyro.infer import Trace_ELBO
+from _common import finish, one_seed, parser, run_history, run_spec, start
 
 import ppl_vae
-from ppl_vae.config import ModelConfig, TrainConfig
-from ppl_vae.data import load_data
-from ppl_vae.models import build_model
-from ppl_vae.training import evaluate_elbo
 
 
 def main(argv=None):
     p = parser(__doc__, seeds="0", threads=2)
     p.add_argument("--epochs", type=int, default=None)
     args = start(p, argv)
-    if len(args.seeds) != 1:
-        p.error(f"one training seed per run (--seeds N), got {args.seeds}")
     seed = one_seed(args)
     epochs = args.epochs or (2 if args.quick else 30)
-    limit = 5000 if args.quick else None
-    data = load_data("fashion_mnist", pixels="binary_dynamic", seed=seed, limit=limit)
-    pyro.set_rng_seed(seed)
-    model = build_model(ModelConfig(name="vae", arch="burda1"), data.shape, num_data=len(data.train_x))
-    model.to(args.device)
-    t0 = time.perf_counter()
-    res = ppl_vae.train(
-        model,
-        data,
-        TrainConfig(objective="elbo", epochs=epochs, batch_size=100, lr=1e-3),
-        seed=seed,
-        device=args.device,
-        progress=not args.quick,
+    result, folder = run_spec("fashion_vae", args, {"overrides": ["data.limit=5000"]}, [f"train.epochs={epochs}"])
+    history = run_history(folder, "vae", seed)
+    cfg = ppl_vae.load_config(folder / "runs" / f"vae-seed{seed}" / "config.yaml")
+    data = ppl_vae.load_data(
+        cfg.data.name, pixels=cfg.data.pixels, seed=seed, limit=cfg.data.limit, val_fraction=cfg.data.val_fraction
     )
-    train_seconds = time.perf_counter() - t0
-    with torch.random.fork_rng():
-        pyro.set_rng_seed(seed)
-        test = evaluate_elbo(
-            model.model,
-            model.guide,
-            data,
-            Trace_ELBO(max_plate_nesting=1),
-            "test",
-            1000,
-            args.device,
-            len(data.train_x),
-        )
     out = {
-        "test_elbo": round(test, 3),
-        "val_elbo_last": round(res.history[-1]["val_elbo"], 3),
-        "train_elbo_last": round(res.history[-1]["train_elbo"], 3),
-        "seconds_per_epoch": round(train_seconds / epochs, 2),
-        "epochs": epochs,
+        "test_elbo": round(result["metrics"]["test_elbo"]["runs"]["vae"]["mean"], 3),
+        "val_elbo_last": round(history[-1]["val_elbo"], 3),
+        "train_elbo_last": round(history[-1]["train_elbo"], 3),
+        "seconds_per_epoch": round(result["metrics"]["seconds_per_epoch"]["runs"]["vae"]["mean"], 2),
+        "epochs": len(history),
         "train_images": len(data.train_x),
         "test_images": len(data.test_x),
         "data": repr(data),
         "model": "burda1 MLP 784-200-200-50 tanh, Bernoulli, Trace_ELBO, Adam 1e-3, batch 100",
+        "spec": "bench/specs/fashion_vae.yaml",
     }
     finish("fashion_vae", out, args)
 

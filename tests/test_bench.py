@@ -2,6 +2,7 @@
 Fashion-MNIST ones need Debian's dataset-fashion-mnist)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,28 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p for p in (REPO / "bench").glob("*.py") if not p.name.startswith("_"))
 FASHION = Path("/usr/share/datasets/fashion-mnist")
+SPECS = sorted((REPO / "bench" / "specs").glob("*.yaml"))
+
+
+def _reads_fashion(path: Path) -> bool:
+    spec = REPO / "bench" / "specs" / f"{path.stem}.yaml"
+    texts = [path.read_text()] + ([spec.read_text()] if spec.is_file() else [])
+    return any("fashion" in t for t in texts)
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_every_study_spec_is_a_valid_compare_spec_and_has_its_user(path):
+    """A spec of bench/specs/ loads through ppl_vae.compare.load_spec (every run's config and overrides checked);
+    a study's spec is read by bench/<study>.py, the others are named in bench/README.md."""
+    from ppl_vae.compare import load_spec
+
+    spec = load_spec(path)
+    assert spec.runs and spec.seeds
+    script = REPO / "bench" / f"{path.stem}.py"
+    if script.is_file():
+        assert re.search(rf'run_spec\(\s*"{path.stem}"', script.read_text())
+    else:
+        assert f"bench/specs/{path.name}" in (REPO / "bench" / "README.md").read_text()
 
 
 def test_every_script_uses_the_shared_harness():
@@ -28,7 +51,7 @@ def test_every_script_uses_the_shared_harness():
 @pytest.mark.slow
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.stem)
 def test_quick_mode_prints_one_json_object(path, tmp_path):
-    if "fashion_mnist" in path.read_text() and not FASHION.is_dir():
+    if _reads_fashion(path) and not FASHION.is_dir():
         pytest.skip("needs Debian's dataset-fashion-mnist")
     out = subprocess.run(
         [sys.executable, str(path), "--quick", "--out", str(tmp_path / "ignored.json")],

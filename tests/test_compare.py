@@ -155,6 +155,9 @@ BAD = [
     ({"seed": [0]}, "field 'seed' is unknown (did you mean 'seeds'"),
     ({"num_samples": 0}, "num_samples must be a positive integer"),
     ({"metrics": ["coherence"]}, "metrics 'coherence' is not defined for run 'large', a unimodal run"),
+    ({"overrides": "train.epochs=1"}, "overrides must be a list of dotted overrides"),
+    ({"overrides": ["seed=3"]}, "overrides must not set seed"),
+    ({"overrides": ["train.epochz=1"]}, "overrides (with run large's config): unknown field 'train.epochz'"),
 ]
 
 
@@ -203,6 +206,31 @@ def test_the_code_metrics_are_those_of_the_run_evaluated_by_hand(compared, monke
     assert again["metrics"]["kl"]["higher_is_better"] is False and 0 < got["probe_accuracy"] <= 1
 
 
+def test_the_spec_overrides_reach_every_run_before_its_own(tmp_path):
+    spec = cmp.load_spec({**SPEC, "overrides": ["train.epochs=1", "model.latent_dim=3"]})
+    assert spec.runs["small"] == ("vae_digits", ["train.epochs=1", "model.latent_dim=3", *TINY, "model.latent_dim=2"])
+    cfg = core.run_config(*spec.runs["large"], seed=1)
+    assert (cfg.train.epochs, cfg.model.latent_dim, cfg.seed) == (2, 4, 1)  # the run's own override wins
+
+
+def test_fid_is_the_distance_of_the_runs_prior_samples_computed_by_hand(compared, monkeypatch):
+    """A second compare asking for fid trains nothing; its value is FrechetDistance of sample_run(run, max_test,
+    seed 0) against the first max_test test images, in the classifier features cached in the compare's folder."""
+    from ppl_vae.evaluate import FrechetDistance, get_feature_extractor
+    from ppl_vae.experiment import load_run, sample_run
+
+    out, result, _ = compared
+    monkeypatch.setattr(core, "run_experiment", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    again = cmp.compare({**SPEC, "metrics": ["fid"]}, out)
+    run = load_run(out / "runs" / "small-seed2")
+    extractor = get_feature_extractor("classifier", run.data, cache_dir=out / core.FID_CACHE)
+    real = run.data.test_x[: SPEC["max_test"]]
+    by_hand = FrechetDistance(extractor, real).score(sample_run(run, len(real), seed=0).reshape(real.shape))
+    assert again["metrics"]["fid"]["runs"]["small"]["values"]["2"] == pytest.approx(by_hand.value, rel=1e-6)
+    assert again["metrics"]["fid"]["higher_is_better"] is False and by_hand.value > 0
+    assert len(list((out / core.FID_CACHE).iterdir())) >= 1  # one classifier, trained once and shared
+
+
 def test_a_multimodal_compare_reports_coherence_and_the_joint_probe(tmp_path):
     from ppl_vae.evaluate import multimodal_summary
     from ppl_vae.experiment import load_run
@@ -221,3 +249,5 @@ def test_a_multimodal_compare_reports_coherence_and_the_joint_probe(tmp_path):
     assert result["metrics"]["probe_accuracy"]["runs"]["mopoe"]["values"]["0"] == s["probe_acc"]["joint"]
     with pytest.raises(ConfigError, match="'kl' is not defined for run 'mopoe', a multimodal run"):
         cmp.load_spec({**spec, "metrics": ["kl"]})
+    with pytest.raises(ConfigError, match="'fid' is not defined for run 'mopoe', a multimodal run"):
+        cmp.load_spec({**spec, "metrics": ["fid"]})

@@ -5,9 +5,10 @@ A spec (YAML, or the same mapping in Python)::
     runs:
       small: {config: vae_digits, overrides: [model.latent_dim=2]}
       large: {config: vae_digits, overrides: [model.latent_dim=4]}
+    overrides: [train.epochs=10]        # optional: for every run, before its own
     seeds: [0, 1, 2]
     baseline: small                     # default: the first run
-    metrics: [test_elbo, log_likelihood, seconds_per_epoch]
+    metrics: [test_elbo, log_likelihood, seconds_per_epoch]   # or probe_accuracy, active_units, fid, ...
     num_samples: 20                     # importance samples per test image for log_likelihood
     max_test: 500                       # test images for log_likelihood
     sweep: {...}                        # optional: an Optuna search whose best configuration joins the runs

@@ -27,8 +27,8 @@ from pathlib import Path
 from ..config.sections import _YAML_FAULTS, Config, _yaml_problem, load_config, load_yaml
 from ..data.multimodal import MultimodalData
 from ..errors import ConfigError, PplVaeError, RunFolderError, did_you_mean
-from ..evaluate import log_likelihood_summary, multimodal_summary
-from ..experiment import CONFIG_FILE, SUMMARY_FILE, latent_metrics, load_run, run_experiment
+from ..evaluate import FrechetDistance, get_feature_extractor, log_likelihood_summary, multimodal_summary
+from ..experiment import CONFIG_FILE, SUMMARY_FILE, latent_metrics, load_run, run_experiment, sample_run
 from ..training.loop import CHECKPOINT
 
 # metric → (higher is better, what it is)
@@ -45,14 +45,26 @@ METRICS = {
     "mutual_information": (True, "I_q(x; z) of the one latent site, nats (unimodal runs)"),
     "kl": (False, "KL(q(z|x) ‖ p(z)) per test image, all sites, nats (unimodal runs)"),
     "coherence": (True, "the class of a modality generated from one other, mean over pairs (multimodal runs)"),
+    "fid": (
+        False,
+        "Fréchet distance of max_test prior samples (seed 0) to the first max_test test images, in the features of "
+        "a small classifier trained on the run's training images (unimodal runs; comparable within one compare only)",
+    ),
 }
 REPRESENTATION = ("probe_accuracy", "active_units", "mutual_information", "kl", "coherence")
-ONLY_FOR = {"active_units": "unimodal", "mutual_information": "unimodal", "kl": "unimodal", "coherence": "multimodal"}
+ONLY_FOR = {
+    "active_units": "unimodal",
+    "mutual_information": "unimodal",
+    "kl": "unimodal",
+    "coherence": "multimodal",
+    "fid": "unimodal",
+}
 """The metrics read from the run's code (:func:`~ppl_vae.experiment.latent_metrics`, or
 :func:`~ppl_vae.evaluate.multimodal_summary` for a multimodal run), on the first ``max_test`` test images."""
 """The metrics a spec may name: metric → (whether higher is better, what it is)."""
-SPEC_KEYS = ("runs", "seeds", "baseline", "metrics", "num_samples", "max_test", "sweep")
+SPEC_KEYS = ("runs", "overrides", "seeds", "baseline", "metrics", "num_samples", "max_test", "sweep")
 RESULT_FILE = "compare_metrics.json"
+FID_CACHE = ".fid_features"  # the classifier of the fid metric, in the compare's folder
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 __all__ = ["load_spec", "Spec", "METRICS", "compare_runs", "summarise", "run_config"]
@@ -103,7 +115,12 @@ def load_spec(spec, folder: str | Path | None = None) -> Spec:
             raise _spec_error(
                 f"field {key!r}", f"is unknown{did_you_mean(key, SPEC_KEYS)}; the fields: {', '.join(SPEC_KEYS)}"
             )
-    runs = _runs(spec.get("runs"), Path(folder) if folder is not None else None)
+    common = spec.get("overrides", [])
+    if not isinstance(common, list) or not all(isinstance(o, str) for o in common):
+        raise _spec_error("overrides", f"must be a list of dotted overrides (a=b) for every run, got {common!r}")
+    if any(o.split("=", 1)[0].strip() == "seed" for o in common):
+        raise _spec_error("overrides", "must not set seed: the spec's seeds: field sets it")
+    runs = _runs(spec.get("runs"), Path(folder) if folder is not None else None, list(common))
     seeds = spec.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds:
         raise _spec_error("seeds", f"must be a non-empty list of integers >= 0, e.g. [0, 1, 2]; got {seeds!r}")
@@ -133,6 +150,10 @@ def load_spec(spec, folder: str | Path | None = None) -> Spec:
             raise _spec_error(key, f"must be a positive integer, got {value!r}")
         setattr(out, key, value)
     for name, (config, overrides) in runs.items():  # a bad override or config is refused before anything trains
+        try:  # the spec's overrides alone first, so that their fault is named as theirs
+            run_config(config, list(common), out.seeds[0])
+        except ConfigError as e:
+            raise _spec_error(f"overrides (with run {name}'s config):", str(e)) from None
         try:
             cfg = run_config(config, overrides, out.seeds[0])
         except ConfigError as e:
@@ -145,7 +166,8 @@ def load_spec(spec, folder: str | Path | None = None) -> Spec:
     return out
 
 
-def _runs(runs, folder: Path | None) -> dict[str, tuple[str | None, list[str]]]:
+def _runs(runs, folder: Path | None, common: list[str]) -> dict[str, tuple[str | None, list[str]]]:
+    """name → (config, overrides): the spec's ``overrides:`` for every run first, then the run's own."""
     if not isinstance(runs, dict) or not runs:
         raise _spec_error("runs", "must be a mapping of run names to {config: NAME_OR_PATH, overrides: [...]}")
     out = {}
@@ -168,7 +190,7 @@ def _runs(runs, folder: Path | None) -> dict[str, tuple[str | None, list[str]]]:
             raise _spec_error(f"runs.{name}.overrides", f"must be a list of dotted overrides (a=b), got {overrides!r}")
         if any(o.split("=", 1)[0].strip() == "seed" for o in overrides):
             raise _spec_error(f"runs.{name}.overrides", "must not set seed: the spec's seeds: field sets it")
-        out[name] = (config, list(overrides))
+        out[name] = (config, [*common, *overrides])
     return out
 
 
@@ -247,6 +269,11 @@ def _evaluate(run_dir: Path, metrics: list[str], num_samples: int, max_test: int
     if "log_likelihood" in metrics:
         out["log_likelihood"] = out[ll_key]["value"]
         out["log_likelihood_mc_se"] = out[ll_key]["mc_se"]
+    fid_key = f"fid[max_test={max_test}]"
+    if "fid" in metrics and fid_key not in out:
+        out[fid_key] = _fid(load_run(run_dir, threads=threads), max_test, run_dir.parent.parent / FID_CACHE)
+    if "fid" in metrics:
+        out["fid"] = out[fid_key]["value"]
     wanted = [m for m in metrics if m in REPRESENTATION]
     code_key = f"code[max_test={max_test}]"
     if wanted and code_key not in out:
@@ -262,12 +289,24 @@ def _evaluate(run_dir: Path, metrics: list[str], num_samples: int, max_test: int
     return out
 
 
+def _fid(run, max_test: int, cache_dir: Path) -> dict:
+    """FID of ``max_test`` prior samples (:func:`~ppl_vae.experiment.sample_run`, seed 0) against the first
+    ``max_test`` test images, in the features of the classifier extractor trained on the run's training images
+    (kept in ``cache_dir``, shared by the runs that see the same images)."""
+    extractor = get_feature_extractor("classifier", run.data, device=run.device, cache_dir=cache_dir)
+    real = run.data.test_x[:max_test].to(run.device)
+    fake = sample_run(run, len(real), seed=0).to(run.device)
+    result = FrechetDistance(extractor, real).score(fake.reshape(real.shape))
+    return {"value": result.value, "extractor": result.extractor, "num_real": result.num_real}
+
+
 _UNDEFINED = {
     "probe_accuracy": "its data have no class labels",
     "active_units": "a multimodal run: use probe_accuracy or coherence",
     "mutual_information": "it needs one latent site and a unimodal run",
     "kl": "a multimodal run: use probe_accuracy or coherence",
     "coherence": "it is defined for multimodal runs only",
+    "fid": "a multimodal run: use coherence",
 }
 
 
