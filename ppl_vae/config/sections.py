@@ -294,6 +294,12 @@ class TrainConfig(Section):
     jit: bool = option(
         False, doc="compile the ELBO (traced once per batch shape; objective elbo or meanfield, no KL warm-up)"
     )
+    compile: bool = option(
+        False,
+        doc="train with the model's networks (encoder, decoder, or the names in its compiled_networks) compiled by "
+        "torch.compile; the Pyro program and objective stay eager; the first step and the first validation "
+        "compile (tens of seconds on a CPU); a network that cannot be compiled runs eagerly with a warning",
+    )
     min_elbo: float | None = option(
         -1e6,
         check=lambda v: v is None or _is_num(v),
@@ -336,6 +342,11 @@ class TrainConfig(Section):
             raise ConfigError(
                 f"{p}.strategy must be 'ddp' with {p}.num_nodes > 1 (one process group over the machines), "
                 f"got {self.strategy!r}"
+            )
+        if self.jit and self.compile:
+            raise ConfigError(
+                f"{p}.jit and {p}.compile are two ways of compiling: set one of them to false (compile is "
+                "torch.compile of the networks, jit TorchScript of the whole ELBO)"
             )
         if self.jit and self.objective == "iwae":
             raise ConfigError(f"{p}.jit must be false with {p}.objective='iwae' (TraceIWAE is not compiled), got true")

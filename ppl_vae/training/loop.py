@@ -65,6 +65,7 @@ from .checkpoint import (
     rng_state,
     set_rng_state,
 )
+from .compiled import compile_networks
 from .distributed import RANK_SEED, Sharded, grad_scaler, on_lead, refuse_coupled
 from .loggers import close_loggers, log_history, make_loggers
 from .optim import ParamOptimizer
@@ -152,7 +153,8 @@ def fit(
     data = as_data(data, seed=seed)  # a DataBundle as it is; tensors, arrays, a Dataset split from the seed
     loop = _Loop(plan, data, config or TrainConfig(), objective=objective, **options)
     loop.restore() if resume else loop.start()
-    with loop.session(progress) as bar:
+    compiled = compile_networks(loop.module) if loop.cfg.compile else contextlib.nullcontext()
+    with compiled, loop.session(progress) as bar:
         for epoch in range(loop.start_epoch, loop.cfg.epochs):
             if loop.out_of_patience():
                 break
