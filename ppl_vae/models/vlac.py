@@ -20,14 +20,21 @@ epochs after that are scored. With ``layers: 1`` this is the flat mixture-prior 
 VaDE / GM-DGM), the baseline. Registered as ``vlac``.
 
 Checked against the paper: only its abstract could be read (the full text of arXiv 1909.11501 could not be
-reached; no official VLAC code was found). Verified: a VLAE ladder with Gaussian-mixture priors, clusters read in
-the latent space of chosen layers, several layers clustered jointly, component-wise generation. Not verified: how
-the paper defines the cluster posterior and assignment. Next-best evidence, the authors' GM-DGM baseline code
+reached; the project's source extracts hold the abstract only; no official VLAC code was found). Verified from the
+abstract: a VLAE ladder with Gaussian-mixture priors; "disentangled clustering" — different attributes are meant to
+land in different layers and one "could wish to cluster in any of them", so which layer is clustered depends on the
+attribute wanted; the headline result is test cluster accuracy over digit identity on SVHN against a GM-DGM;
+clusters learned jointly over several layers; component-wise generation. Not stated there: which layer the SVHN
+digit-identity accuracy is read from or how that layer is picked (labels, inspection or a rule), and how the cluster
+posterior and assignment are defined. Next-best evidence, the authors' GM-DGM baseline code
 (MatthewWilletts/GM-DGM, ``src/models/gm_dgm.py``): an amortised classifier q(c|x) with q(z|x, c), c summed out
 as Σ_c q(c|x) ELBO(x, c) + H[q(c|x)], clusters argmax_c q(c|x).
 
 Our choices: no classifier; q(c_l|x) := p(c_l|z_l) (VaDE / MFCVAE style), so the objective is the ELBO with a
-mixture prior; clusters at z_l = μ_l(x); the warm-up and the GaussianMixture initialisation.
+mixture prior; clusters at z_l = μ_l(x); the warm-up and the GaussianMixture initialisation; :meth:`VLAC.cluster`
+defaults to the highest mixture layer (a convention only). The layer to report is left to the caller:
+``bench/hierarchies.py`` picks it without labels, as the used layer (≥ 1 active unit) with the highest
+KL(q(z_l|x) ‖ p(z_l)) on training images, and reports every layer beside it.
 """
 
 from __future__ import annotations
