@@ -459,7 +459,7 @@ def compare_runs(
     threads = 1 if workers > 1 else None
     runs = {name: (*entry, Path("runs") / name) for name, entry in spec.runs.items()}  # config, overrides, folder
     runs.update(extra or {})
-    keys = [(name, seed) for name in runs for seed in spec.seeds]
+    keys = [(name, seed) for seed in spec.seeds for name in runs]  # seed-major: a seed's runs train side by side
     jobs = [
         _job_tuple(*runs[n][:2], seed, out_dir / f"{runs[n][2]}-seed{seed}", spec.metrics, spec, threads, progress)
         for n, seed in keys
