@@ -72,6 +72,21 @@ class ExpertMixture(dist.TorchDistribution):
         self.component = component
         super().__init__(locs.shape[:-2], locs.shape[-1:], validate_args=False)
 
+    def expand(self, batch_shape, _instance=None):
+        """A stratum (``component`` set) expands its tensors, so that a site under a particle plate keeps this
+        class (whose tensors DReG can detach, :mod:`ppl_vae.infer.dreg`) and draws the same ``randn`` as Pyro's
+        generic expansion; the full mixture keeps that generic expansion (its categorical draws)."""
+        if self.component is None:
+            return super().expand(batch_shape, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new = self._get_checked_instance(ExpertMixture, _instance)
+        new.locs = self.locs.expand(batch_shape + self.locs.shape[-2:])
+        new.scales = self.scales.expand(batch_shape + self.scales.shape[-2:])
+        new.weights = self.weights.expand(batch_shape + self.weights.shape[-1:])
+        new.component = self.component
+        super(ExpertMixture, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        return new
+
     @property
     def mean(self):
         return (self.weights.unsqueeze(-1) * self.locs).sum(-2)

@@ -20,6 +20,7 @@ official code uses, kept for fidelity; ``estimator="iwae"`` is the exact gradien
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from pyro.util import warn_if_nan
@@ -38,6 +39,9 @@ class StratifiedIWAE(Objective):
         ``MMVAE.strata``; the model and guide take the keyword ``stratum``.
     :param int num_particles: K per stratum.
     :param str estimator: ``"dreg"`` (default, as MMVAE) or ``"iwae"``.
+    :param shared: optional ``shared() -> context manager`` entered around the strata of one bound, inside which
+        the model may compute what the strata share once (e.g. ``MMVAE.sharing_experts``: the experts of the
+        minibatch); it must not change the values.
 
     ``SVI(mmvae.model, mmvae.guide, optim, StratifiedIWAE(mmvae.strata, num_particles=8))``.
     """
@@ -49,6 +53,7 @@ class StratifiedIWAE(Objective):
         estimator: str = "dreg",
         data_plate: str = "data",
         vectorize_particles: bool = True,
+        shared: Callable[[], AbstractContextManager] | None = None,
     ):
         if not callable(strata):
             raise IWAEError(f"StratifiedIWAE strata must be a function (x, mask) -> (S, B) weights, got {strata!r}")
@@ -61,6 +66,7 @@ class StratifiedIWAE(Objective):
         super().__init__(num_particles=self.iwae.num_particles, vectorize_particles=vectorize_particles)
         self.strata = strata
         self.estimator = estimator
+        self.shared = shared
 
     def _get_trace(self, model, guide, args, kwargs):
         """Pyro's ELBO interface (not used by the loss): one importance trace pair."""
@@ -76,6 +82,13 @@ class StratifiedIWAE(Objective):
             raise IWAEError(
                 f"StratifiedIWAE: strata(x, mask) must return (S, {len(x)}) weights, got {tuple(weights.shape)}"
             )
+        with self.shared() if self.shared is not None else nullcontext():
+            total = self._strata_sum(model, guide, x, mask, weights, args, _grad, kwargs)
+        if total is None:
+            raise IWAEError("StratifiedIWAE: every stratum weight is zero")
+        return total
+
+    def _strata_sum(self, model, guide, x, mask, weights, args, _grad, kwargs):
         total = None
         for s in range(weights.shape[0]):
             w_s = weights[s]
@@ -94,8 +107,6 @@ class StratifiedIWAE(Objective):
                 sur = lw.scale * (w_s * ((wt * lw.dreg_w_term).sum(0) + (wt.pow(2) * lw.dreg_w2_term).sum(0))).sum()
                 term = term.detach() + sur - sur.detach()
             total = term if total is None else total + term
-        if total is None:
-            raise IWAEError("StratifiedIWAE: every stratum weight is zero")
         return total
 
     @torch.no_grad()

@@ -10,6 +10,8 @@ The evaluation protocol every multimodal model keeps (:mod:`ppl_vae.evaluate.cro
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyro
@@ -78,6 +80,7 @@ class MultimodalVAE(PyroModule):
     """
 
     has_joint_likelihood = True  # the program is a normalised density of X (see ppl_vae.evaluate.cross_modal)
+    _expert_cache: dict | None = None  # set inside sharing_experts()
 
     def __init__(self, layout: Layout, encoders, decoders, likelihoods, latent_dim: int, num_data: int | None = None):
         super().__init__()
@@ -108,9 +111,34 @@ class MultimodalVAE(PyroModule):
 
     def experts(self, xs):
         """(locs, scales) of every modality's expert, each (B, M, D) (missing ones are computed and left out
-        by the aggregation)."""
+        by the aggregation). Inside :meth:`sharing_experts`, computed once per input (and grad mode)."""
+        cache = self._expert_cache
+        if cache is None:
+            return self._encode(xs)
+        key = (torch.is_grad_enabled(), *((t.data_ptr(), t.shape, t.stride(), t._version) for t in xs))
+        if key not in cache:
+            cache[key] = self._encode(xs)
+        return cache[key]
+
+    def _encode(self, xs):
         out = [enc(x) for enc, x in zip(self.encoders, xs, strict=False)]
         return torch.stack([o[0] for o in out], -2), torch.stack([o[1] for o in out], -2)
+
+    @contextmanager
+    def sharing_experts(self) -> Iterator[None]:
+        """Within the block, :meth:`experts` of the same input tensors (same storage, shape, strides and version)
+        and grad mode returns the first call's tensors: the strata of a stratified bound, which all run the guide
+        on the same minibatch, encode it once and share the encoders' graph (the same values and gradients, fewer
+        passes). Parameters must not change inside the block. A no-op when the encoders are not deterministic
+        functions of their input (batch norm or dropout in training mode) or when a block is already open."""
+        if self._expert_cache is not None or (self.training and _stateful(self.__dict__["_modules"]["encoders"])):
+            yield
+            return
+        self._expert_cache = {}
+        try:
+            yield
+        finally:
+            self._expert_cache = None
 
     def prior(self, batch: int):
         loc = self._zero.new_zeros(batch, self.latent_dim)
@@ -118,12 +146,16 @@ class MultimodalVAE(PyroModule):
 
     def observe(self, z, xs, mask, suffix: str = ""):
         """x_m ~ p_m(x_m | z) for each modality, masked by ``mask[:, m]``."""
+        decoders, likelihoods = self.decoders, self.likelihoods  # one pyro.module statement each per call
         for m, x in enumerate(xs):
-            self.observe_modality(m, z, x, mask[:, m], suffix)
+            self._observe(m, z, x, mask[:, m], suffix, decoders[m], likelihoods[m])
 
     def observe_modality(self, m: int, z, x, keep, suffix: str = ""):
         """Site ``x_<name><suffix>``: x_m ~ p_m(x_m | z), its log-likelihood kept where ``keep`` (B,) is True."""
-        p = self.likelihoods[m](self.decoders[m](z), event_dim=len(self.layout.shapes[m]), x=x)
+        self._observe(m, z, x, keep, suffix, self.decoders[m], self.likelihoods[m])
+
+    def _observe(self, m: int, z, x, keep, suffix: str, decoder, likelihood):
+        p = likelihood(decoder(z), event_dim=len(self.layout.shapes[m]), x=x)
         pyro.sample(f"x_{self.layout.names[m]}{suffix}", p.mask(keep), obs=x)
 
     # -- the Pyro program -----------------------------------------------------------------------------------
@@ -182,6 +214,12 @@ class ExpertMixtureVAE(MultimodalVAE):
         return self.weights(mask).T
 
 
+def _stateful(module: nn.Module) -> bool:
+    """Whether a module in training mode holds layers whose output is not a function of the input alone."""
+    kinds = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+    return any(isinstance(mod, kinds) for mod in module.modules())
+
+
 @training_plan(MultimodalVAE)
 class MultimodalPlan(TrainingPlan):
     """What every multimodal model's plan shares: its figures show modalities generated from each other (the
@@ -203,7 +241,12 @@ class StratifiedMixturePlan(MultimodalPlan):
     :class:`~ppl_vae.infer.stratified.StratifiedIWAE` with ``train.num_particles`` and ``train.estimator``."""
 
     def objective(self, train):
-        return StratifiedIWAE(self.model.strata, num_particles=train.num_particles, estimator=train.estimator)
+        return StratifiedIWAE(
+            self.model.strata,
+            num_particles=train.num_particles,
+            estimator=train.estimator,
+            shared=self.model.sharing_experts,
+        )
 
 
 class SubsetPlan(MultimodalPlan):
