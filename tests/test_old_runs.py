@@ -49,5 +49,7 @@ def test_a_vae2_run_of_the_earlier_class_loads_with_its_parameter_names_mapped(t
     assert main(["train", "--resume", str(run_dir), "train.epochs=3", "--no-figures", "--no-progress"]) == 0
     got = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     want = [json.loads(line) for line in (run_dir / "three_epochs.jsonl").read_text().splitlines()]
-    assert [r["train_elbo"] for r in got] == pytest.approx([r["train_elbo"] for r in want], abs=1e-9)
-    assert [r["val_elbo"] for r in got] == pytest.approx([r["val_elbo"] for r in want], abs=1e-9)
+    # float32 training: another CPU's kernels sum in another order (seen: 1.9e-7 of 42 nats, 4.5e-9 relative, on
+    # the resumed epoch); a wrongly mapped parameter or optimiser state moves these by whole nats
+    assert [r["train_elbo"] for r in got] == pytest.approx([r["train_elbo"] for r in want], rel=1e-6)
+    assert [r["val_elbo"] for r in got] == pytest.approx([r["val_elbo"] for r in want], rel=1e-6)
