@@ -68,10 +68,13 @@ def start(ap, argv=None):
     return args
 
 
-def require_checkout(args, repo: str, commit: str, probe_file: str) -> Path:
-    """The ``--official`` folder, checked: it exists and holds ``probe_file`` (a file of the official layout);
-    otherwise the parser's error (exit status 2) says what to pass and how to get it."""
-    how = (
+def require_checkout(
+    args, repo: str, commit: str, probe_file: str, *, how: str | None = None, subdirs: tuple[str, ...] = ()
+) -> Path:
+    """The ``--official`` folder, checked: it exists and holds ``probe_file`` (a file of the official layout; or one
+    of ``subdirs`` holds it, and that folder is returned); otherwise the parser's error (exit status 2) says what to
+    pass and how to get it (``how``: that text, when the default clone instructions do not fit)."""
+    how = how or (
         f"the checkout of github.com/{repo} at {commit[:12]} (git clone https://github.com/{repo} DIR && "
         f"git -C DIR checkout {commit}; see bench/parity/README.md)"
     )
@@ -80,6 +83,7 @@ def require_checkout(args, repo: str, commit: str, probe_file: str) -> Path:
     path = Path(args.official).expanduser().resolve()
     if not path.is_dir():
         args._parser.error(f"--official {args.official}: no such folder; expected {how}")
+    path = next((path / sub for sub in subdirs if (path / sub / probe_file).is_file()), path)
     if not (path / probe_file).is_file():
         args._parser.error(f"--official {args.official}: {probe_file} is missing, so this is not {how}")
     if path == ROOT or ROOT in path.parents:

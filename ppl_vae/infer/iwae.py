@@ -42,6 +42,9 @@ The value returned by ``loss``, ``differentiable_loss`` and ``loss_and_grads`` i
 With K = 1 and ``estimator="iwae"`` the value and the gradient equal ``Trace_ELBO``'s, with the same draws.
 
 Particles are vectorised like Pyro's ELBOs (see :mod:`ppl_vae.infer.importance`, which computes the weights).
+
+Parity (``bench/parity/iwae_pythae.py``, issue 36): pythae 0.1.2's IWAE (K = 5) trained around the same networks
+and initial weights on binarised Fashion-MNIST gives a test log p(x) within the seed spread of ours.
 """
 
 from __future__ import annotations
