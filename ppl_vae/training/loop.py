@@ -172,6 +172,21 @@ def fit(
     return loop.result
 
 
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module | None) -> Iterator[None]:
+    """``module`` (and its submodules) in eval mode within the block, each back in its own mode after it."""
+    if module is None:
+        yield
+        return
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 class _Loop:
     """The state of one :func:`fit` call and its steps; see the module docstring."""
 
@@ -392,7 +407,7 @@ class _Loop:
         if self.data.val_x is None or len(self.data.val_x) == 0:
             return
         checks = contextlib.nullcontext() if self.cfg.validate_every_step else pyro.validation_enabled(False)
-        with checks:
+        with checks, _eval_mode(self.module):  # no dropout, and batch norm's running statistics left as trained
             record["val_elbo"] = evaluate_elbo(
                 self.model,
                 self.guide,

@@ -345,3 +345,50 @@ def test_fit_takes_a_plan_and_the_earlier_form_still_works_with_a_warning(tmp_pa
     with pytest.warns(DeprecationWarning, match=r"fit\(model_fn, guide_fn, data, elbo, config\) is deprecated"):
         old = fit(m2.model, m2.guide, data, Trace_ELBO(), cfg, progress=False)
     assert [h["train_elbo"] for h in old.history] == [h["train_elbo"] for h in new.history]
+
+
+def test_validation_runs_in_eval_mode_and_leaves_batch_norm_statistics_as_trained():
+    """The validation ELBO sees the modules in eval mode (no dropout; batch norm with its running statistics, which
+    validation images never update), and training goes on in train mode."""
+    import pyro.distributions as dist
+    from torch import nn
+
+    import ppl_vae
+    from ppl_vae import TrainConfig
+
+    class BNModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+            self.loc = nn.Parameter(torch.zeros(4))
+            self.modes: list[bool] = []
+
+        def model(self, x, y=None):
+            self.modes.append(self.training)
+            h = self.bn(x.reshape(len(x), -1)[:, :4])
+            with pyro.plate("data", len(x)):
+                pyro.sample("obs", dist.Normal(self.loc, 1.0).to_event(1), obs=h)
+
+        def guide(self, x, y=None):
+            pass
+
+    torch.manual_seed(0)
+    train_x = torch.randn(60, 1, 2, 2)
+    val_x = 5.0 + torch.randn(40, 1, 2, 2)  # far from the training images: they would move the running mean
+    data = ppl_vae.data.DataBundle.from_tensors(train_x, val_x=val_x, test_x=val_x[:4])
+    m = BNModel()
+    steps = []
+    real_step = ppl_vae.training.loop._Loop.step
+
+    def step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        steps.append(m.bn.running_mean.clone())
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ppl_vae.training.loop._Loop, "step", step)
+        res = ppl_vae.train(m, data, TrainConfig(epochs=1, batch_size=20), progress=False)
+    assert "val_elbo" in res.history[0]
+    torch.testing.assert_close(m.bn.running_mean, steps[-1])  # validation moved nothing
+    assert m.bn.running_mean.abs().max() < 1.0 and m.training
+    assert True in m.modes and False in m.modes  # trained in train mode, validated in eval mode
