@@ -8,8 +8,9 @@ Guide (bottom-up Markov chain):
 log w = log p(z_L) + Σ_l log p(z_l | z_{l+1}) + log p(x | z_1) − log q(z_1 | x) − Σ_l log q(z_{l+1} | z_l).
 
 Registered as ``hvae``; ``latent_dim`` is each layer's size, ``options.layers`` is L, every conditional is an MLP
-through ``hidden``. The figure API's z is [z_1, …, z_L] (posterior means chained through the guide's means); only
-z_1 reaches x.
+through ``hidden`` (``options.batch_norm``: BatchNorm after every hidden Linear). The figure API's z is
+[z_1, …, z_L] (posterior means chained through the guide's means); only z_1 reaches x. ``decode_layers`` takes the
+per-layer list, a missing (``None``) layer being its prior mean given the layer above.
 
 Registered also as ``vae2``: the two-layer case of Burda, Grosse & Salakhutdinov ("Importance Weighted
 Autoencoders", 2016, §5) — ``arch: burda2`` is their 784-100-100-100(z1)-50-50-50(z2) tanh network, ``arch: mlp``
@@ -58,10 +59,12 @@ class HVAE(PyroModule):
         *,
         gap_hidden=None,
         figure_latent: str = "all",
+        batch_norm: bool = False,
     ):
         """``hidden``: the widths between x and z_1; ``gap_hidden``: those between z_l and z_{l+1}, one tuple per
         gap (default ``hidden``). ``figure_latent``: ``all`` (the figure API's z is [z_1, …, z_L]) or ``top``
-        (z_L alone, decoded through the generative chain's means)."""
+        (z_L alone, decoded through the generative chain's means). ``batch_norm``: BatchNorm after every hidden
+        Linear of every network."""
         super().__init__()
         if figure_latent not in ("all", "top"):
             raise ValueError(f"figure_latent must be 'all' or 'top', got {figure_latent!r}")
@@ -73,10 +76,11 @@ class HVAE(PyroModule):
         gaps = [tuple(h) for h in gap_hidden] if gap_hidden is not None else [tuple(hidden)] * (self.layers - 1)
         if len(gaps) != self.layers - 1:
             raise ValueError(f"gap_hidden needs {self.layers - 1} entries (one per gap), got {len(gaps)}")
-        self.encoder = MLPEncoder(data_shape, d[0], hidden, act)  # q(z_1 | x)
-        self.up = nn.ModuleList([GaussianHead(d[i], gaps[i], d[i + 1], act) for i in range(self.layers - 1)])
-        self.down = nn.ModuleList([GaussianHead(d[i + 1], gaps[i], d[i], act) for i in range(self.layers - 1)])
-        self.decoder = MLPDecoder(data_shape, d[0], hidden, act)  # p(x | z_1)
+        bn = bool(batch_norm)
+        self.encoder = MLPEncoder(data_shape, d[0], hidden, act, batch_norm=bn)  # q(z_1 | x)
+        self.up = nn.ModuleList([GaussianHead(d[i], gaps[i], d[i + 1], act, bn) for i in range(self.layers - 1)])
+        self.down = nn.ModuleList([GaussianHead(d[i + 1], gaps[i], d[i], act, bn) for i in range(self.layers - 1)])
+        self.decoder = MLPDecoder(data_shape, d[0], hidden, act, batch_norm=bn)  # p(x | z_1)
         self.prior = StandardNormalPrior(d[-1])
 
     @pyro_method
@@ -118,6 +122,18 @@ class HVAE(PyroModule):
     def reconstruct(self, x, y=None):
         return self.likelihood.mean(self.decoder(self.encoder(x)[0]))
 
+    def decode_layers(self, zs):
+        """E[x | z_1] from a list of per-layer codes [z_1, …, z_L]: a ``None`` layer is its prior mean given the
+        layer above (z_L: 0; z_l: the mean of p(z_l | z_{l+1})), filled in from the top, so with z_1 = ``None`` a
+        given upper layer reaches x through the generative chain's means (one given layer at least)."""
+        if len(zs) != self.layers:
+            raise ValueError(f"decode_layers needs {self.layers} entries (one per layer), got {len(zs)}")
+        shape = next(z for z in zs if z is not None).shape[:-1]
+        z = zs[-1] if zs[-1] is not None else torch.zeros(*shape, self.latent_dims[-1], device=device_of(self))
+        for l in range(self.layers - 2, -1, -1):
+            z = zs[l] if zs[l] is not None else self.down[l](z)[0]
+        return self.likelihood.mean(self.decoder(z))
+
     def sample(self, n: int, y=None):
         """Ancestral sampling z_L → … → z_1 → E[x | z_1]."""
         z = self.prior(n).sample().to(device_of(self))
@@ -129,6 +145,7 @@ class HVAE(PyroModule):
 @dataclass
 class HVAEOptions(Options):
     layers: int = option(3, ge=1, doc="L, the number of stochastic layers (each of size model.latent_dim)")
+    batch_norm: bool = option(False, doc="BatchNorm after every hidden Linear of every network (the VLAE code's nets)")
 
 
 @register_model("hvae", options=HVAEOptions)
@@ -141,6 +158,7 @@ def build_hvae(cfg, o: HVAEOptions, data_shape, num_data, num_classes) -> HVAE:
         tuple(cfg.hidden),
         cfg.activation,
         num_data=num_data,
+        batch_norm=o.batch_norm,
     )
 
 

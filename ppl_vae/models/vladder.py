@@ -13,8 +13,9 @@ TraceMeanField_ELBO with the closed-form KLs, TraceIWAE); the official code's KL
 Combination ⊕ (``combination``): ``gated`` — the official code's gated add z̃_{l+1} + g_l ⊙ W_l z_l with a learned
 per-unit gate g_l initialised at 0.1; ``concat`` — [z̃_{l+1}, z_l]. With ``activation: identity`` every network
 is affine and the model is linear-Gaussian in z = (z_1..z_L) (the test oracle). Registered as ``vladder``;
-``latent_dim`` is each layer's size, ``options.layers`` is L, each g_l and f_l is an MLP through ``hidden``.
-The figure API's z is the concatenation [z_1, …, z_L].
+``latent_dim`` is each layer's size, ``options.layers`` is L, each g_l and f_l is an MLP through ``hidden``
+(``options.batch_norm``: BatchNorm after every hidden Linear, as the official code's nets).
+The figure API's z is the concatenation [z_1, …, z_L]; ``decode_layers`` takes the per-layer list.
 """
 
 from __future__ import annotations
@@ -56,13 +57,16 @@ class VLadder(LadderFigures, PyroModule):
         arch: str = "mlp",
         channels: int = 32,
         num_data: int | None = None,
+        batch_norm: bool = False,
     ):
         super().__init__()
         self.latent_dims = [int(d) for d in latent_dims]
         self.latent_dim, self.layers = sum(self.latent_dims), len(self.latent_dims)
         self.likelihood, self.num_data = likelihood, num_data
-        self.encoder = LadderEncoder(data_shape, self.latent_dims, tuple(hidden), act, arch, channels)
-        self.decoder = LadderDecoder(data_shape, self.latent_dims, tuple(hidden), act, combination, arch, channels)
+        self.encoder = LadderEncoder(data_shape, self.latent_dims, tuple(hidden), act, arch, channels, batch_norm)
+        self.decoder = LadderDecoder(
+            data_shape, self.latent_dims, tuple(hidden), act, combination, arch, channels, batch_norm
+        )
         self.priors = nn.ModuleList([StandardNormalPrior(d) for d in self.latent_dims])
 
     # ----- the Pyro program
@@ -83,12 +87,27 @@ class VLadder(LadderFigures, PyroModule):
     def sample(self, n: int, y=None):
         return self.decode(torch.randn(n, self.latent_dim, device=device_of(self)))
 
+    def decode_layers(self, zs):
+        """E[x | z_1..z_L] from a list of per-layer codes; ``None`` for a layer is its prior mean (0), broadcast to
+        the batch of the given layers (one given layer at least)."""
+        if len(zs) != self.layers:
+            raise ValueError(f"decode_layers needs {self.layers} entries (one per layer), got {len(zs)}")
+        shape = next(z for z in zs if z is not None).shape[:-1]
+        device = device_of(self)
+        full = [
+            torch.zeros(*shape, d, device=device) if z is None else z for z, d in zip(zs, self.latent_dims, strict=True)
+        ]
+        return self.likelihood.mean(self.decoder(full))
+
 
 @dataclass
 class VLadderOptions(Options):
     layers: int = option(3, ge=1, doc="L, the number of latent layers (each of size model.latent_dim)")
     combination: str = option(
         "gated", choices=("gated", "concat"), doc="z̃_{l+1} + g ⊙ W z_l (official code) or [z̃_{l+1}, z_l]"
+    )
+    batch_norm: bool = option(
+        False, doc="BatchNorm after every hidden Linear of the ladder steps and of an MLP f_0 (the official nets)"
     )
 
 
@@ -106,4 +125,5 @@ def build_vladder(cfg, o: VLadderOptions, data_shape, num_data, num_classes) -> 
         cfg.arch,
         cfg.channels,
         num_data=num_data,
+        batch_norm=o.batch_norm,
     )

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .networks import ConvDecoder, GaussianHead, activation, conv_trunk, mlp
+from .networks import ConvDecoder, FlatBatchNorm1d, GaussianHead, activation, conv_trunk, mlp
 
 
 # ------------------------------------------------------------------------------------------------ ladders
@@ -39,14 +39,18 @@ class Concat(nn.Module):
         return torch.cat([state, z.expand(*state.shape[:-1], z.shape[-1])], dim=-1)
 
 
-def ladder_step(in_dim: int, hidden: Sequence[int], act: str = "relu") -> nn.Sequential:
-    """One ladder step: an MLP through ``hidden`` whose last layer is activated too (width hidden[-1])."""
-    return nn.Sequential(mlp(in_dim, hidden[:-1], hidden[-1], act), activation(act)())
+def ladder_step(in_dim: int, hidden: Sequence[int], act: str = "relu", batch_norm: bool = False) -> nn.Sequential:
+    """One ladder step: an MLP through ``hidden`` whose last layer is activated too (width hidden[-1]);
+    ``batch_norm``: BatchNorm after every Linear of the step, before its activation (the official VLAE code's
+    ``fc_bn_lrelu``)."""
+    norm = [FlatBatchNorm1d(hidden[-1])] if batch_norm else []
+    return nn.Sequential(mlp(in_dim, hidden[:-1], hidden[-1], act, batch_norm), *norm, activation(act)())
 
 
 class LadderEncoder(nn.Module):
     """h_0 = x, h_l = g_l(h_{l−1}), (μ_l, σ_l) = head_l(h_l) for l = 1..L: ``forward(x)`` returns the list.
-    ``arch``: ``mlp`` (every g_l an MLP through ``hidden``) or ``conv`` (g_1 starts with :func:`conv_trunk`)."""
+    ``arch``: ``mlp`` (every g_l an MLP through ``hidden``) or ``conv`` (g_1 starts with :func:`conv_trunk`);
+    ``batch_norm``: BatchNorm in every hidden layer of the steps g_l (not in the Gaussian heads)."""
 
     def __init__(
         self,
@@ -56,16 +60,17 @@ class LadderEncoder(nn.Module):
         act="relu",
         arch: str = "mlp",
         channels: int = 32,
+        batch_norm: bool = False,
     ):
         super().__init__()
         if arch not in ("mlp", "conv"):
             raise ConfigError(f"model.arch must be 'mlp' or 'conv' for a ladder, got {arch!r}")
         self.data_shape, self.arch = tuple(data_shape), arch
         D, H = math.prod(self.data_shape), hidden[-1]
-        steps = [ladder_step(D if i == 0 else H, hidden, act) for i in range(len(latent_dims))]
+        steps = [ladder_step(D if i == 0 else H, hidden, act, batch_norm) for i in range(len(latent_dims))]
         if arch == "conv":
             trunk, feat = conv_trunk(self.data_shape, channels, act)
-            steps[0] = nn.Sequential(trunk, nn.Flatten(), ladder_step(feat, hidden, act))
+            steps[0] = nn.Sequential(trunk, nn.Flatten(), ladder_step(feat, hidden, act, batch_norm))
         self.up = nn.ModuleList(steps)
         self.heads = nn.ModuleList([GaussianHead(H, (), d, act) for d in latent_dims])
 
@@ -81,7 +86,7 @@ class LadderEncoder(nn.Module):
 class LadderDecoder(nn.Module):
     """z̃_L = f_L(z_L), z̃_l = f_l(z̃_{l+1} ⊕ z_l), raw output f_0(z̃_1) of the data's shape: ``forward([z_1..z_L])``.
     ``combination``: ``gated`` (:class:`GatedAdd`) or ``concat`` (:class:`Concat`); ``arch``: f_0 an MLP or a
-    :class:`ConvDecoder`."""
+    :class:`ConvDecoder`; ``batch_norm``: BatchNorm in every hidden layer of the steps f_l and of an MLP f_0."""
 
     def __init__(
         self,
@@ -92,6 +97,7 @@ class LadderDecoder(nn.Module):
         combination: str = "gated",
         arch: str = "mlp",
         channels: int = 32,
+        batch_norm: bool = False,
     ):
         super().__init__()
         if combination not in ("gated", "concat"):
@@ -103,12 +109,13 @@ class LadderDecoder(nn.Module):
         comb = GatedAdd if combination == "gated" else Concat
         self.combine = nn.ModuleList([comb(H, d) for d in latent_dims[:-1]])
         self.down = nn.ModuleList(
-            [ladder_step(c.out_dim, hidden, act) for c in self.combine] + [ladder_step(latent_dims[-1], hidden, act)]
+            [ladder_step(c.out_dim, hidden, act, batch_norm) for c in self.combine]
+            + [ladder_step(latent_dims[-1], hidden, act, batch_norm)]
         )
         self.out = (
             ConvDecoder(self.data_shape, H, channels, hidden[:-1], act)
             if arch == "conv"
-            else mlp(H, hidden[:-1], math.prod(self.data_shape), act)
+            else mlp(H, hidden[:-1], math.prod(self.data_shape), act, batch_norm)
         )
 
     def forward(self, zs: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -33,12 +33,24 @@ def activation(name: str) -> type[nn.Module]:
     return ACTIVATIONS[name]
 
 
-def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, act: str = "relu") -> nn.Sequential:
-    """Linear → act → ... → Linear (no activation after the last layer)."""
+class FlatBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d over the last dimension of an input of any leading shape (particles × batch × features are
+    normalised as one batch), so a network with it also takes the importance samples of an IWAE or a log p(x)
+    estimate."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.dim() == 2:
+            return super().forward(h)
+        return super().forward(h.reshape(-1, h.shape[-1])).reshape(h.shape)
+
+
+def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, act: str = "relu", batch_norm: bool = False) -> nn.Sequential:
+    """Linear → act → ... → Linear (no activation after the last layer); ``batch_norm``: Linear → BatchNorm → act
+    in every hidden layer (the last Linear has none)."""
     layers: list[nn.Module] = []
     d = in_dim
     for h in hidden:
-        layers += [nn.Linear(d, h), activation(act)()]
+        layers += [nn.Linear(d, h), *([FlatBatchNorm1d(h)] if batch_norm else []), activation(act)()]
         d = h
     layers.append(nn.Linear(d, out_dim))
     return nn.Sequential(*layers)
@@ -54,9 +66,9 @@ def _cat(x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
 class GaussianHead(nn.Module):
     """(loc, scale) of a diagonal Gaussian from an MLP: scale = softplus(raw) + 1e-4."""
 
-    def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int, act: str = "relu"):
+    def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int, act: str = "relu", batch_norm: bool = False):
         super().__init__()
-        self.net = mlp(in_dim, hidden, 2 * out_dim, act)
+        self.net = mlp(in_dim, hidden, 2 * out_dim, act, batch_norm)
         self.out_dim = out_dim
 
     def forward(self, h: torch.Tensor, c: torch.Tensor | None = None):
@@ -67,10 +79,12 @@ class GaussianHead(nn.Module):
 class MLPEncoder(nn.Module):
     """q(z|x) parameters from the flattened image (optionally concatenated with a one-hot label)."""
 
-    def __init__(self, data_shape, latent_dim: int, hidden=(256, 256), act="relu", cond_dim: int = 0):
+    def __init__(
+        self, data_shape, latent_dim: int, hidden=(256, 256), act="relu", cond_dim: int = 0, batch_norm: bool = False
+    ):
         super().__init__()
         self.data_shape = tuple(data_shape)
-        self.head = GaussianHead(math.prod(data_shape) + cond_dim, hidden, latent_dim, act)
+        self.head = GaussianHead(math.prod(data_shape) + cond_dim, hidden, latent_dim, act, batch_norm)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None):
         return self.head(x.reshape(x.shape[0], -1), c)
@@ -79,10 +93,12 @@ class MLPEncoder(nn.Module):
 class MLPDecoder(nn.Module):
     """Raw output ``(B, *data_shape)`` from z (optionally concatenated with a one-hot label)."""
 
-    def __init__(self, data_shape, latent_dim: int, hidden=(256, 256), act="relu", cond_dim: int = 0):
+    def __init__(
+        self, data_shape, latent_dim: int, hidden=(256, 256), act="relu", cond_dim: int = 0, batch_norm: bool = False
+    ):
         super().__init__()
         self.data_shape = tuple(data_shape)
-        self.net = mlp(latent_dim + cond_dim, hidden, math.prod(data_shape), act)
+        self.net = mlp(latent_dim + cond_dim, hidden, math.prod(data_shape), act, batch_norm)
 
     def forward(self, z: torch.Tensor, c: torch.Tensor | None = None):
         out = self.net(_cat(z, c))

@@ -12,7 +12,7 @@ from .grids import (
     plot_reconstructions,
     save_image_grid,
 )
-from .hierarchy import plot_component_generation, plot_cross_generation, plot_layer_traversal
+from .hierarchy import plot_component_generation, plot_cross_generation, plot_layer_grids, plot_layer_traversal
 from .latent_plots import manifold_grid, plot_latent_manifold, plot_latent_scatter, plot_latent_space
 
 __all__ = [
@@ -31,5 +31,6 @@ __all__ = [
     "plot_training_curves",
     "make_figures",
     "plot_layer_traversal",
+    "plot_layer_grids",
     "plot_component_generation",
 ]

@@ -15,6 +15,7 @@ from .grids import (
     _prepare_path,
     _save_figure,
     _seeded,
+    _tile,
     _tile_figure,
     _to_image_tensor,
 )
@@ -43,6 +44,69 @@ def plot_layer_traversal(model, path, layer: int, rows: int = 8, cols: int = 8, 
         row_labels=[str(r) for r in range(rows)],
         ylabel="draw of the other layers",
     )
+
+
+def _layer_grid(model, layer: int, base: list, steps: int, span: float) -> torch.Tensor:
+    """(rows, steps, C, H, W) images: layer ``layer`` (1-based) over a grid of its first one or two units (the rest of
+    the layer at its base value), every other layer at ``base`` (tensors of shape (1, d_l) or None)."""
+    dims = list(model.latent_dims)
+    d = dims[layer - 1]
+    device = device_of(model)
+    values = torch.linspace(-span, span, steps, device=device)
+    if d >= 2:  # columns: unit 0 from −span to +span; rows: unit 1 from +span (top) to −span
+        u1, u0 = torch.meshgrid(values.flip(0), values, indexing="ij")
+        grid = torch.stack([u0.reshape(-1), u1.reshape(-1)], -1)
+        rows = steps
+    else:
+        grid, rows = values[:, None], 1
+    start = base[layer - 1]
+    z = (start if start is not None else torch.zeros(1, d, device=device)).expand(len(grid), d).clone()
+    z[:, : grid.shape[1]] = grid
+    zs = [z if l == layer - 1 else (None if b is None else b.expand(len(grid), -1)) for l, b in enumerate(base)]
+    images = _to_image_tensor(model.decode_layers(zs))
+    return images.reshape(rows, steps, *images.shape[1:])
+
+
+def plot_layer_grids(model, path, x=None, steps: int = 7, span: float = 2.0, title: str | None = None) -> str:
+    """Per-layer traversals (Zhao, Song & Ermon 2017, Fig. 4-5), one panel per latent layer: layer l's code runs
+    over a ``steps`` × ``steps`` grid on [−span, span]² (its first two units; a 1-d layer gives one row) and is
+    decoded with the other layers fixed. Fixed at: with ``x`` = None, each layer's prior mean given the layers
+    above (the model's ``decode_layers`` with ``None`` entries: 0 for independent layers; in a Markov hierarchy
+    the layers below the varied one follow it through the generative chain's means); with a batch ``x``, its
+    first image's posterior means (``encode(x[:1])``; in a Markov hierarchy x then depends on z_1 alone, so the
+    upper panels stay flat). For a model with ``latent_dims`` and ``decode_layers([z_1, …, z_L])`` (vladder, hvae).
+    Deterministic; returns the path written."""
+    dims = list(getattr(model, "latent_dims", []))
+    if not dims or not hasattr(model, "decode_layers"):
+        raise ValueError("plot_layer_grids: the model needs latent_dims and decode_layers (e.g. vladder, hvae)")
+    if int(steps) < 2:
+        raise ValueError(f"plot_layer_grids: steps must be at least 2, got {steps}")
+    if not float(span) > 0:
+        raise ValueError(f"plot_layer_grids: span must be positive, got {span}")
+    device = device_of(model)
+    with _inference(model):
+        if x is None:
+            base = [None] * len(dims)
+            fixed = "prior means"
+        else:
+            x = torch.as_tensor(x, device=device)
+            loc = model.encode(x[:1])[0]  # the first image of the batch
+            base = list(loc.split(dims, dim=-1))
+            fixed = "an image's posterior means"
+        panels = [_layer_grid(model, l, base, int(steps), float(span)) for l in range(1, len(dims) + 1)]
+    fig = _new_figure(2.6 * len(dims), 3.0)
+    axes = fig.subplots(1, len(dims), squeeze=False)[0]
+    for l, (ax, tiles) in enumerate(zip(axes, panels, strict=True), start=1):
+        img = _tile(tiles, 1, 1.0)
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"z{l} varies", fontsize=10)
+        ax.set_xlabel(f"z{l}[0]: −{span:g} → {span:g}", fontsize=8)
+        if tiles.shape[0] > 1:
+            ax.set_ylabel(f"z{l}[1]: {span:g} → −{span:g}", fontsize=8)
+    fig.suptitle(title or f"One layer varies, the others at {fixed}", fontsize=10)
+    return _save_figure(fig, path)
 
 
 def plot_component_generation(model, path, layer: int, per_component: int = 8, seed: int = 0) -> str:

@@ -4,6 +4,7 @@
 import math
 import warnings
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -300,3 +301,97 @@ def test_exponential_kl_warm_up_is_the_official_shape():
     assert TrainConfig(kl_warmup_epochs=4).beta_at(1) == 0.5  # the linear default is unchanged
     with pytest.raises(ConfigError, match="kl_warmup_shape"):
         TrainConfig(kl_warmup_shape="cosine").validate()
+
+
+def _official_ladder(name, batch_norm=True, hidden=(16, 16)):
+    cfg = ModelConfig(
+        name=name,
+        latent_dim=2,
+        hidden=list(hidden),
+        likelihood="laplace",
+        laplace_scale=0.125,
+        link="sigmoid",
+        options={"layers": 3, "batch_norm": batch_norm},
+    )
+    return build_model(cfg, (1, 8, 8), num_data=20)
+
+
+@pytest.mark.parametrize("name", ["vladder", "hvae"])
+def test_batch_norm_option_adds_batch_norm_trains_and_is_deterministic_in_eval(name):
+    x = torch.rand(20, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain = build_model(ModelConfig(name=name, latent_dim=2, hidden=[16, 16]), (1, 8, 8), num_data=20)
+    assert not any(isinstance(mod, torch.nn.BatchNorm1d) for mod in plain.modules())  # the default is unchanged
+    torch.manual_seed(0)
+    m = _official_ladder(name)
+    norms = [mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm1d)]
+    # one per hidden Linear: vladder 3 up + 3 down steps × 2 and f_0's one; hvae 6 networks × 2
+    assert len(norms) == (13 if name == "vladder" else 12)
+    # the official likelihood: a Laplace with scale 1/8 on the sigmoid mean
+    raw = torch.randn(2, 1, 8, 8)
+    lp = m.likelihood(raw, event_dim=3, x=x[:2]).log_prob(x[:2])
+    torch.testing.assert_close(lp, dist.Laplace(torch.sigmoid(raw), 0.125).log_prob(x[:2]).sum((1, 2, 3)))
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    before = [p.detach().clone() for p in m.parameters()]
+    svi = SVI(m.model, m.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    assert math.isfinite(svi.step(x))
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters(), strict=True))
+    assert all(float(n.running_mean.abs().sum()) > 0 for n in norms)  # the batch statistics were tracked
+    assert math.isfinite(TraceIWAE(num_particles=3).loss(m.model, m.guide, x))  # particles × batch through the norms
+    m.eval()
+    with torch.no_grad():
+        r = m.reconstruct(x)
+        torch.testing.assert_close(m.reconstruct(x), r, rtol=0, atol=0)
+        torch.testing.assert_close(m.reconstruct(x[:3]), r[:3])  # running statistics: no dependence on the batch
+    res = log_likelihood_summary(m.model, m.guide, x[:4], 20, seed=0)
+    assert math.isfinite(res["log_likelihood"])
+
+
+@pytest.mark.parametrize("name", ["vladder", "hvae"])
+def test_batch_norm_option_refuses_a_non_boolean(name):
+    from ppl_vae.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.options.batch_norm"):
+        build_model(
+            ModelConfig(name=name, latent_dim=2, hidden=[16], options={"batch_norm": "yes"}), (1, 8, 8), num_data=4
+        )
+
+
+@pytest.mark.parametrize("name", ["vladder", "hvae"])
+def test_layer_grids_decode_one_layer_over_a_grid_with_the_others_fixed(tmp_path, name):
+    from PIL import Image
+
+    from ppl_vae.viz import plot_layer_grids
+    from ppl_vae.viz.hierarchy import _layer_grid
+
+    torch.manual_seed(1)
+    m = _official_ladder(name, batch_norm=False, hidden=(32, 32)).eval()
+    with torch.no_grad():
+        # decode_layers: a None layer is its prior mean given the layers above
+        z = [torch.randn(4, 2) for _ in range(3)]
+        if name == "vladder":
+            torch.testing.assert_close(m.decode_layers(z), m.decode(torch.cat(z, -1)))
+            filled = m.decode_layers([z[0], None, None])
+            torch.testing.assert_close(filled, m.decode(torch.cat([z[0], torch.zeros(4, 4)], -1)))
+        else:
+            torch.testing.assert_close(m.decode_layers(z), m.decode(torch.cat(z, -1)))  # only z_1 reaches x
+            z1 = m.down[0](m.down[1](z[2])[0])[0]
+            torch.testing.assert_close(m.decode_layers([None, None, z[2]]), m.decode_layers([z1, None, None]))
+        for layer in (1, 2, 3):
+            tiles = _layer_grid(m, layer, [None] * 3, 5, 2.0)
+            assert tiles.shape == (5, 5, 1, 8, 8)
+            assert float(tiles.flatten(2).std(dim=(0, 1)).max()) > 1e-4, f"layer {layer} changes nothing"
+        x = torch.rand(1, 1, 8, 8)
+        base = list(m.encode(x)[0].split(m.latent_dims, dim=-1))
+        for layer in (2, 3):  # given x's codes the Markov model's x depends on z_1 alone: flat upper panels
+            spread = float(_layer_grid(m, layer, base, 5, 2.0).flatten(2).std(dim=(0, 1)).max())
+            assert (spread > 1e-4) == (name == "vladder")
+    a = plot_layer_grids(m, tmp_path / "a.png")
+    b = plot_layer_grids(m, tmp_path / "b.png")
+    with Image.open(a) as ia, Image.open(b) as ib:
+        assert a.endswith(".png") and ia.format == "PNG"
+        assert np.array_equal(np.asarray(ia), np.asarray(ib))  # deterministic
+    assert plot_layer_grids(m, tmp_path / "x.png", x=torch.rand(2, 1, 8, 8)).endswith(".png")
+    assert m.training is False
+    with pytest.raises(ValueError, match="steps"):
+        plot_layer_grids(m, tmp_path / "bad.png", steps=1)
