@@ -70,7 +70,7 @@ from .distributed import RANK_SEED, Sharded, grad_scaler, on_lead, refuse_couple
 from .loggers import close_loggers, log_history, make_loggers
 from .optim import ParamOptimizer
 from .plan import TrainingPlan, plan_for
-from .probe import ScaleLatents, _Divisor, data_plate_summary, evaluate_elbo
+from .probe import ScaleLatents, _Divisor, _eval_mode, data_plate_summary, evaluate_elbo
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -170,21 +170,6 @@ def fit(
             if loop.result.stopped_early:
                 break
     return loop.result
-
-
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module | None) -> Iterator[None]:
-    """``module`` (and its submodules) in eval mode within the block, each back in its own mode after it."""
-    if module is None:
-        yield
-        return
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 class _Loop:
