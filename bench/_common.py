@@ -209,6 +209,29 @@ def run_history(folder: Path, run: str, seed: int) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+def layer_codes(model, xtr, xt, ytr, yte) -> dict:
+    """Per latent site of a trained ``model`` (eval mode): KL(q ‖ p) on the first 1,000 images of ``xt``, the active
+    units on ``xt`` (10 draws each), and the logistic and 5-NN probe accuracy of the class from the posterior means
+    (fitted on ``xtr``/``ytr``, scored on ``xt``/``yte``). Draws from torch's global RNG in that order: call it
+    inside the caller's seeded block."""
+    from ppl_vae.evaluate import active_units, kl_per_site, posterior_means, probe_accuracy
+
+    kl = kl_per_site(model.model, model.guide, xt[:1000], num_samples=10)
+    au = active_units(model.guide, xt, num_samples=10)
+    mtr, mte = posterior_means(model.guide, xtr, num_samples=10), posterior_means(model.guide, xt, num_samples=10)
+    n = len(ytr)
+    return {
+        site: {
+            "kl": round(kl[site], 3),
+            "active_units": au[site]["active"],
+            "dims": au[site]["dims"],
+            "probe_logistic": round(probe_accuracy(mtr[site], ytr, mte[site], yte, (n,))[n], 4),
+            "probe_knn": round(probe_accuracy(mtr[site], ytr, mte[site], yte, (n,), "knn")[n], 4),
+        }
+        for site in sorted(kl)
+    }
+
+
 def run_jobs(fn, jobs: list, workers: int) -> list:
     """``[fn(job) for job in jobs]``, in ``workers`` spawned processes when ``workers`` > 1 (``fn`` at a module's top
     level; each job should set its own torch threads). The order of the results is the order of the jobs."""

@@ -38,7 +38,7 @@ import statistics
 
 import pyro
 import torch
-from _common import finish, parser, start
+from _common import finish, layer_codes, parser, start
 from sklearn.mixture import GaussianMixture
 from tqdm import tqdm
 
@@ -50,8 +50,6 @@ from ppl_vae.evaluate import (
     cluster_scores,
     kl_per_site,
     log_likelihood_summary,
-    posterior_means,
-    probe_accuracy,
 )
 from ppl_vae.models import build_model
 
@@ -95,21 +93,8 @@ def per_layer_run(method, data, epochs, seed, args, n_eval, n_ll, S) -> dict:
     xtr = data.train_x[:5000].to(args.device)
     with torch.random.fork_rng():
         pyro.set_rng_seed(seed)
-        kl = kl_per_site(m.model, m.guide, xt[:1000], num_samples=10)
-        au = active_units(m.guide, xt, num_samples=10)
-        mtr, mte = posterior_means(m.guide, xtr, num_samples=10), posterior_means(m.guide, xt, num_samples=10)
+        layers = layer_codes(m, xtr, xt, data.train_y[:5000], data.test_y[:n_eval])
         ll = log_likelihood_summary(m.model, m.guide, data.test_x[:n_ll].to(args.device), S)
-    ytr, yte = data.train_y[:5000], data.test_y[:n_eval]
-    n = len(ytr)
-    layers = {}
-    for site in sorted(kl):
-        layers[site] = {
-            "kl": round(kl[site], 3),
-            "active_units": au[site]["active"],
-            "dims": au[site]["dims"],
-            "probe_logistic": round(probe_accuracy(mtr[site], ytr, mte[site], yte, (n,))[n], 4),
-            "probe_knn": round(probe_accuracy(mtr[site], ytr, mte[site], yte, (n,), "knn")[n], 4),
-        }
     return {
         "method": method,
         "seed": seed,

@@ -38,12 +38,12 @@ from pathlib import Path
 
 import pyro
 import torch
-from _common import RESULTS, finish, parser, start
+from _common import RESULTS, finish, layer_codes, parser, start
 
 import ppl_vae
 from ppl_vae.config import ModelConfig, TrainConfig
 from ppl_vae.data import load_data
-from ppl_vae.evaluate import active_units, kl_per_site, log_likelihood_summary, posterior_means, probe_accuracy
+from ppl_vae.evaluate import log_likelihood_summary
 from ppl_vae.models import build_model
 from ppl_vae.viz import plot_layer_grids
 
@@ -91,23 +91,10 @@ def run_one(name, seed, data, args, plan) -> dict:
     t1 = time.perf_counter()
     with torch.random.fork_rng():
         pyro.set_rng_seed(seed)
-        kl = kl_per_site(m.model, m.guide, xt[:1000], num_samples=10)
-        au = active_units(m.guide, xt, num_samples=10)
-        mtr, mte = posterior_means(m.guide, xtr, num_samples=10), posterior_means(m.guide, xt, num_samples=10)
+        layers = layer_codes(m, xtr, xt, data.train_y[:n_probe], data.test_y[:n_eval])
         ll = log_likelihood_summary(
             m.model, m.guide, data.test_x[: plan["ll_images"]].to(args.device), plan["ll_samples"], seed=seed
         )
-    ytr, yte = data.train_y[:n_probe], data.test_y[:n_eval]
-    n = len(ytr)
-    layers = {}
-    for site in sorted(kl):
-        layers[site] = {
-            "kl": round(kl[site], 3),
-            "active_units": au[site]["active"],
-            "dims": au[site]["dims"],
-            "probe_logistic": round(probe_accuracy(mtr[site], ytr, mte[site], yte, (n,))[n], 4),
-            "probe_knn": round(probe_accuracy(mtr[site], ytr, mte[site], yte, (n,), "knn")[n], 4),
-        }
     row = {
         "model": name,
         "seed": seed,
