@@ -249,6 +249,13 @@ def _run_jobs(jobs: list[tuple], workers: int, pool: ProcessPoolExecutor | None 
 
 
 def _evaluate(run_dir: Path, metrics: list[str], num_samples: int, max_test: int, threads: int | None) -> dict:
+    loaded: list = []
+
+    def run():  # the finished run, loaded once for all the metrics not cached yet
+        if not loaded:
+            loaded.append(load_run(run_dir, threads=threads))
+        return loaded[0]
+
     cache = run_dir / RESULT_FILE
     out = json.loads(cache.read_text()) if cache.is_file() else {}
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
@@ -259,11 +266,11 @@ def _evaluate(run_dir: Path, metrics: list[str], num_samples: int, max_test: int
         out["seconds_per_epoch"] = sum(seconds) / len(seconds) if seconds else float("nan")
     ll_key = f"log_likelihood[num_samples={num_samples},max_test={max_test}]"
     if "log_likelihood" in metrics and ll_key not in out:
-        run = load_run(run_dir, threads=threads)
-        x = run.data.test_x[:max_test].to(run.device)
-        y = None if run.data.test_y is None else run.data.test_y[:max_test].to(run.device)
+        r = run()
+        x = r.data.test_x[:max_test].to(r.device)
+        y = None if r.data.test_y is None else r.data.test_y[:max_test].to(r.device)
         s = log_likelihood_summary(
-            run.model.model, run.model.guide, x, num_samples, y=y, batch_size=run.cfg.eval.batch_size, seed=0
+            r.model.model, r.model.guide, x, num_samples, y=y, batch_size=r.cfg.eval.batch_size, seed=0
         )
         out[ll_key] = {"value": s["log_likelihood"], "mc_se": s["mc_std_error"], "data_se": s["std_error"]}
     if "log_likelihood" in metrics:
@@ -271,13 +278,13 @@ def _evaluate(run_dir: Path, metrics: list[str], num_samples: int, max_test: int
         out["log_likelihood_mc_se"] = out[ll_key]["mc_se"]
     fid_key = f"fid[max_test={max_test}]"
     if "fid" in metrics and fid_key not in out:
-        out[fid_key] = _fid(load_run(run_dir, threads=threads), max_test, run_dir.parent.parent / FID_CACHE)
+        out[fid_key] = _fid(run(), max_test, run_dir.parent.parent / FID_CACHE)
     if "fid" in metrics:
         out["fid"] = out[fid_key]["value"]
     wanted = [m for m in metrics if m in REPRESENTATION]
     code_key = f"code[max_test={max_test}]"
     if wanted and code_key not in out:
-        out[code_key] = _code_metrics(load_run(run_dir, threads=threads), max_test)
+        out[code_key] = _code_metrics(run(), max_test)
     for m in wanted:
         value = out[code_key].get(m)
         if value is None:
