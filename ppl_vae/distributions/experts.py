@@ -19,7 +19,7 @@ import math
 
 import pyro.distributions as dist
 import torch
-from torch.distributions import constraints
+from torch.distributions import constraints, kl_divergence, register_kl
 
 
 def product_of_experts(locs: torch.Tensor, scales: torch.Tensor, present: torch.Tensor, prior: bool = True):
@@ -132,7 +132,11 @@ class ExpertPrior(dist.TorchDistribution):
     Carlo, exactly the divergence to the mixture) or α KL(q_m ‖ N(0, I)) + (1 − α) Σ_m̃ w_m̃ KL(q_m ‖ q_m̃) (pairwise:
     the convex upper bound on KL(q_m ‖ h)). ``locs``/``scales`` (B, M, D), ``weights`` (B, M). For 0 < α < 1, and
     for ``pairwise``, r is not normalised (a regulariser, as in the paper); ``sample`` draws from N(0, I) when
-    α = 1 and from h otherwise (the mixture, or for ``pairwise`` the normalised Gaussian ∝ Π q_m̃^{w_m̃})."""
+    α = 1 and from h otherwise (the mixture, or for ``pairwise`` the normalised Gaussian ∝ Π q_m̃^{w_m̃}).
+
+    For a diagonal Gaussian q_m, ``kl_divergence(q_m, r)`` of the ``pairwise`` kind is that sum in closed form (as
+    the official code computes it), so the default objective (``train.objective: auto``) does not sample it; the
+    ``mixture`` kind has no closed form and stays sampled."""
 
     arg_constraints = {}
     support = constraints.real_vector
@@ -143,6 +147,17 @@ class ExpertPrior(dist.TorchDistribution):
             raise ValueError(f"ExpertPrior kind must be 'mixture' or 'pairwise', got {kind!r}")
         self.locs, self.scales, self.weights, self.alpha, self.kind = locs, scales, weights, float(alpha), kind
         super().__init__(locs.shape[:-2], locs.shape[-1:], validate_args=False)
+
+    def expand(self, batch_shape, _instance=None):
+        """Its tensors expanded (what a plate asks for), so that the closed-form KL still finds this class."""
+        batch_shape = torch.Size(batch_shape)
+        new = self._get_checked_instance(ExpertPrior, _instance)
+        new.locs = self.locs.expand(batch_shape + self.locs.shape[-2:])
+        new.scales = self.scales.expand(batch_shape + self.scales.shape[-2:])
+        new.weights = self.weights.expand(batch_shape + self.weights.shape[-1:])
+        new.alpha, new.kind = self.alpha, self.kind
+        super(ExpertPrior, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        return new
 
     def log_prob(self, z):
         mix = ExpertMixture(self.locs, self.scales, self.weights)
@@ -165,3 +180,19 @@ class ExpertPrior(dist.TorchDistribution):
         total = t.sum(-2)
         loc = (self.locs * t).sum(-2) / total
         return loc + total.rsqrt() * torch.randn(shape, dtype=self.locs.dtype, device=self.locs.device)
+
+
+@register_kl(torch.distributions.Independent, ExpertPrior)
+def _kl_gaussian_expert_prior(q, r: ExpertPrior) -> torch.Tensor:
+    """α KL(q ‖ N(0, I)) + (1 − α) Σ_m̃ w_m̃ KL(q ‖ q_m̃) for a diagonal Gaussian q (``pairwise`` only: the exact
+    KL to the ``mixture`` has no closed form, so it raises NotImplementedError and the ELBO samples it)."""
+    base = q.base_dist
+    if r.kind != "pairwise" or not isinstance(base, torch.distributions.Normal) or q.reinterpreted_batch_ndims != 1:
+        raise NotImplementedError
+    loc, scale = base.loc.unsqueeze(-2), base.scale.unsqueeze(-2)  # (B, 1, D) against the experts (B, M, D)
+    pair = kl_divergence(dist.Normal(loc, scale), dist.Normal(r.locs, r.scales)).sum(-1)  # (B, M)
+    out = (pair * r.weights).sum(-1)
+    if r.alpha == 0:
+        return out
+    std = kl_divergence(base, dist.Normal(torch.zeros_like(base.loc), torch.ones_like(base.scale))).sum(-1)
+    return r.alpha * std + (1 - r.alpha) * out
