@@ -263,6 +263,12 @@ class TrainConfig(Section):
         choices=WARMUP_SHAPES,
         doc="linear (β = (epoch + 1)/W) or exp (β = 1 − exp(−(epoch + 1)/W), the VLAE code's warm-up)",
     )
+    kl_weight: float = option(
+        1.0,
+        gt=0,
+        doc="weight of the latent terms (the KL) in the training objective once warmed up: β of a β-VAE "
+        "(Higgins et al. 2017); validation, best.pt and evaluation use the ELBO itself",
+    )
     patience: int | None = option(
         None, gt=0, doc="stop after this many epochs without a better validation ELBO; null: never stop early"
     )
@@ -355,6 +361,11 @@ class TrainConfig(Section):
                 f"{p}.jit must be false with {p}.kl_warmup_epochs > 0 (a compiled ELBO keeps the "
                 f"warm-up weight it was traced with), got true"
             )
+        if self.objective == "iwae" and self.kl_weight != 1.0:
+            raise ConfigError(
+                f"{p}.kl_weight must be 1 with {p}.objective='iwae' (the IWAE bound has no KL term to weigh), "
+                f"got {self.kl_weight}"
+            )
         if self.objective == "iwae" and self.kl_warmup_epochs > 0:
             raise ConfigError(
                 f"{p}.kl_warmup_epochs must be 0 with {p}.objective='iwae' (the IWAE bound has no KL term to "
@@ -382,13 +393,14 @@ class TrainConfig(Section):
         return self.lr
 
     def beta_at(self, epoch: int) -> float:
-        """KL warm-up weight β of an epoch, W = ``kl_warmup_epochs``: ``linear`` from 1/W to 1 over W epochs;
-        ``exp`` 1 − exp(−(epoch + 1)/W), the VLAE code's 1 − exp(−t/τ) at epoch granularity (τ = W epochs)."""
+        """Weight β of the latent terms in an epoch: ``kl_weight`` times the warm-up, W = ``kl_warmup_epochs``:
+        ``linear`` from 1/W to 1 over W epochs; ``exp`` 1 − exp(−(epoch + 1)/W), the VLAE code's 1 − exp(−t/τ) at
+        epoch granularity (τ = W epochs)."""
         if self.kl_warmup_epochs <= 0:
-            return 1.0
+            return self.kl_weight
         if self.kl_warmup_shape == "exp":
-            return 1.0 - math.exp(-(epoch + 1) / self.kl_warmup_epochs)
-        return min(1.0, (epoch + 1) / self.kl_warmup_epochs)
+            return self.kl_weight * (1.0 - math.exp(-(epoch + 1) / self.kl_warmup_epochs))
+        return self.kl_weight * min(1.0, (epoch + 1) / self.kl_warmup_epochs)
 
 
 @dataclass

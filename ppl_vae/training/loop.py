@@ -411,7 +411,7 @@ class _Loop:
         stopping rule; whether this epoch is the new best."""
         r, cfg = self.result, self.cfg
         value = record.get("val_elbo", record["train_elbo"])
-        scored = self.warmup.beta == 1.0 and epoch + 1 >= self.first_scored
+        scored = self.warmup.beta == cfg.kl_weight and epoch + 1 >= self.first_scored  # warmed up
         improved = scored and (r.best_val_elbo is None or value > r.best_val_elbo)
         if improved:
             r.best_epoch, r.best_val_elbo, self.bad_epochs = epoch + 1, value, 0

@@ -16,7 +16,7 @@ import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 
-from ppl_vae.config import TrainConfig
+from ppl_vae.config import ConfigError, TrainConfig
 from ppl_vae.data import DataBundle
 from ppl_vae.errors import TrainingDiverged
 from ppl_vae.models import LinearGaussianVAE
@@ -271,6 +271,25 @@ def test_lr_schedules_and_warmup_are_functions_of_the_epoch():
     assert cfg.lr_at(0) == 1.0 and cfg.lr_at(5) == pytest.approx(0.5)
     cfg = TrainConfig(kl_warmup_epochs=4)
     assert [cfg.beta_at(e) for e in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    cfg = TrainConfig(kl_warmup_epochs=4, kl_weight=4.0)  # a β-VAE warmed up to β = 4
+    assert [cfg.beta_at(e) for e in range(5)] == [1.0, 2.0, 3.0, 4.0, 4.0]
+    with pytest.raises(ConfigError, match="kl_weight must be 1 with train.objective='iwae'"):
+        TrainConfig(objective="iwae", kl_weight=0.5).check("train")
+
+
+def test_kl_weight_scales_the_latent_terms_and_epochs_still_count_for_best(tmp_path):
+    data = lg_data(200)
+    m = LinearGaussianVAE(6, 2, sigma=0.5, num_data=200, seed=7)
+    cfg = TrainConfig(epochs=2, batch_size=100, kl_weight=0.25)
+    res = fit((m.model, m.guide), data, cfg, objective=Trace_ELBO(), progress=False)
+    assert [r["beta"] for r in res.history] == [0.25, 0.25] and res.best_epoch is not None
+    # the objective trained is the β-weighted one (rec − β KL > rec − KL at the same start), validation the ELBO
+    m1 = LinearGaussianVAE(6, 2, sigma=0.5, num_data=200, seed=7)
+    plain = fit(
+        (m1.model, m1.guide), data, TrainConfig(epochs=2, batch_size=100), objective=Trace_ELBO(), progress=False
+    )
+    assert res.history[0]["train_elbo"] > plain.history[0]["train_elbo"] + 0.5
+    assert abs(res.history[0]["val_elbo"] - plain.history[0]["val_elbo"]) < 0.5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
