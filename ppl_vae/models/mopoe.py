@@ -23,22 +23,18 @@ import torch
 
 from ..config.options import Options, option
 from ..distributions.experts import nonempty_subsets, product_of_experts, uniform_weights
-from ..errors import ConfigError
-from ..infer.component_average import ComponentAverageELBO
-from ..training.plan import training_plan
-from .multimodal_base import ExpertMixtureVAE, StratifiedMixturePlan, modality_networks, require_layout
+from .multimodal_base import ExpertMixtureVAE, modality_networks, require_layout
 from .registry import register_model
 
-__all__ = ["MoPoE", "MoPoEOptions", "MoPoEPlan"]
+__all__ = ["MoPoE", "MoPoEOptions"]
 
 
 class MoPoE(ExpertMixtureVAE):
     """Mixture over the non-empty subsets of the observed modalities of their products of experts (plan: the
-    stratified bound)."""
+    stratified bound, or the mean of the subsets' ELBOs with ``objective="sampled_subset"``)."""
 
-    def __init__(self, *args, objective: str = "stratified", **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.objective = objective
         self.register_buffer("subset_table", nonempty_subsets(self.layout.num_modalities), persistent=False)
 
     def components(self, xs, mask):
@@ -51,21 +47,6 @@ class MoPoE(ExpertMixtureVAE):
     def weights(self, mask: torch.Tensor) -> torch.Tensor:
         """(B, C): uniform over the subsets made only of observed modalities."""
         return uniform_weights(~(self.subset_table.unsqueeze(0) & ~mask.unsqueeze(-2)).any(-1))  # A ⊆ S
-
-
-@training_plan(MoPoE)
-class MoPoEPlan(StratifiedMixturePlan):
-    """The stratified bound, or with ``objective: sampled_subset`` the paper's mean of the subsets' ELBOs."""
-
-    def objective(self, train):
-        if self.model.objective == "stratified":
-            return super().objective(train)
-        if train.num_particles != 1:
-            raise ConfigError(
-                "train.num_particles must be 1 with model.options.objective='sampled_subset' (one subset and one "
-                f"draw per datapoint), got {train.num_particles}"
-            )
-        return ComponentAverageELBO()
 
 
 @dataclass

@@ -25,6 +25,7 @@ from ..distributions.experts import ExpertMixture
 from ..distributions.likelihoods import CategoricalLikelihood, build_likelihood
 from ..distributions.plate import data_plate
 from ..errors import ConfigError
+from ..infer.component_average import ComponentAverageELBO
 from ..infer.stratified import StratifiedIWAE
 from ..infer.subsets import SubsetELBO
 from ..nn.modality import Embedding
@@ -199,6 +200,10 @@ class ExpertMixtureVAE(MultimodalVAE):
     :class:`~ppl_vae.infer.stratified.StratifiedIWAE` weighs the components by. Trained by
     :class:`StratifiedMixturePlan`."""
 
+    def __init__(self, *args, objective: str = "stratified", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+
     def posterior(self, xs, mask, stratum=None):
         return ExpertMixture(*self.components(xs, mask), self.weights(mask), component=stratum)
 
@@ -238,9 +243,18 @@ class MultimodalPlan(TrainingPlan):
 @training_plan(ExpertMixtureVAE)
 class StratifiedMixturePlan(MultimodalPlan):
     """The plan of a mixture-guide model with ``strata(x, mask)`` (MMVAE, MoPoE): the stratified bound
-    :class:`~ppl_vae.infer.stratified.StratifiedIWAE` with ``train.num_particles`` and ``train.estimator``."""
+    :class:`~ppl_vae.infer.stratified.StratifiedIWAE` with ``train.num_particles`` and ``train.estimator``; for a
+    model whose ``objective`` option samples one component per datapoint, the mean of the components' ELBOs
+    (:class:`~ppl_vae.infer.component_average.ComponentAverageELBO`)."""
 
     def objective(self, train):
+        if self.model.objective != "stratified":
+            if train.num_particles != 1:
+                raise ConfigError(
+                    f"train.num_particles must be 1 with model.options.objective={self.model.objective!r} (one "
+                    f"component and one draw per datapoint), got {train.num_particles}"
+                )
+            return ComponentAverageELBO()
         return StratifiedIWAE(
             self.model.strata,
             num_particles=train.num_particles,

@@ -514,3 +514,28 @@ def test_a_checkpoint_older_than_the_multimodal_fields_compares_them_at_their_de
     now = load_config(None, ["data.multimodal=poly"])
     with pytest.raises(CheckpointError, match=r"data.multimodal: None in the checkpoint, 'poly' now"):
         check_same_config({"config": old}, now, "old")
+
+
+def test_joint_baselines_of_mmvm_as_options(digits):
+    """The mmvmvae repository's joint VAEs: PoE without the prior expert, the average of the experts, the full set
+    only; MoE with one expert per datapoint (``sampled_expert``)."""
+    data = make_multimodal(digits, "poly", num_modalities=3, seed=0)
+    x = data.train_x[:5]
+    mask = torch.ones(5, 3, dtype=torch.bool)
+    mask[0, 1] = False
+    avg = _model("mvae", data, subsets="joint", aggregation="average")
+    locs, scales = avg.experts(avg.inputs(x)[0])
+    q = avg.posterior(avg.inputs(x)[0], mask)
+    assert torch.allclose(q.mean[0], (locs[0, 0] + locs[0, 2]) / 2, atol=1e-6)
+    assert torch.allclose(q.variance[1], scales[1].pow(2).mean(0), atol=1e-6)
+    assert [s.tolist() for s in avg.subsets(mask)] == [mask.tolist()]
+    poe = _model("mvae", data, aggregation="product_no_prior")
+    q = poe.posterior(poe.inputs(x)[0], mask)
+    loc, scale = product_of_experts(*poe.experts(poe.inputs(x)[0]), mask, prior=False)
+    assert torch.allclose(q.mean, loc) and torch.allclose(q.stddev, scale)
+    assert len(poe.subsets(mask)) == 5  # the default rule: all, each single modality, one random subset
+    moe = _model("mmvae", data, objective="sampled_expert")
+    assert type(plan_for(moe).objective(TrainConfig())).__name__ == "ComponentAverageELBO"
+    assert type(plan_for(_model("mmvae", data)).objective(TrainConfig())).__name__ == "StratifiedIWAE"
+    with pytest.raises(ConfigError, match="num_particles must be 1 with model.options.objective='sampled_expert'"):
+        plan_for(moe).objective(TrainConfig(num_particles=4))
