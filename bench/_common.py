@@ -349,3 +349,78 @@ def write_idx(folder: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
         (folder / f"{stem}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, n, 28, 28) + x.tobytes())
         (folder / f"{stem}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, n) + y.tobytes())
     return folder
+
+
+# ------------------------------------------------------------------------------------------- multimodal studies
+def multimodal_data(kind_and_modalities: tuple[str, int], s: dict):
+    """The multimodal data of ``bench/multimodal.py`` and ``bench/mmvm_joint.py``: ``s["limit"]`` Fashion-MNIST
+    training images made into ``kind`` ("poly": PolyFashion, "image_label") with M modalities."""
+    from ppl_vae.data import load_data
+    from ppl_vae.data.multimodal import make_multimodal
+
+    kind, m = kind_and_modalities
+    base = load_data("fashion_mnist", limit=s["limit"], seed=0)
+    return make_multimodal(base, kind, num_modalities=m, missing_rate=s.get("missing_rate", 0.0), seed=0)
+
+
+def generated_sharpness(model, x) -> float:
+    """Mean sharpness of images generated from one other modality (every ordered pair with an image target)."""
+    from ppl_vae.evaluate import model_generator, sharpness
+
+    layout, gen, vals = model.layout, model_generator(model), []
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for j, kind in enumerate(layout.kinds):
+            if kind != "image":
+                continue
+            for i in range(layout.num_modalities):
+                if i != j:
+                    vals.append(sharpness(gen(x, layout.only(i, len(x)), j)))
+    return statistics.mean(vals)
+
+
+def multimodal_scores(model, data, s: dict, seed: int) -> dict:
+    """A trained multimodal model's test scores (coherence, probes, log p̂(X), imputation, sharpness), with the
+    settings ``s`` (``classifier_train``, ``n_test``, ``probe_train``, ``n_ll``, ``S``): what both multimodal
+    studies report (their docstrings say what each key means)."""
+    from ppl_vae.evaluate import fit_classifiers, joint_log_likelihood, multimodal_summary, sharpness
+
+    model.eval()
+    full = data.train_y.all(1)  # complete training datapoints (all of them when nothing is missing)
+    clf_x, clf_y = data.train_x[full][: s["classifier_train"]], data.train_labels[full][: s["classifier_train"]]
+    classifiers = fit_classifiers(data.layout, clf_x, clf_y, max_train=s["classifier_train"])
+    summary = multimodal_summary(
+        model,
+        data,
+        num_samples=0,
+        max_test=s["n_test"],
+        probe_train=s["probe_train"],
+        classifiers=classifiers,
+        seed=seed,
+    )
+    ll = None
+    if model.has_joint_likelihood:
+        ll = float(joint_log_likelihood(model, data.test_x[: s["n_ll"]], num_samples=s["S"], seed=seed).mean())
+    x = data.test_x[:500]
+    layout = data.layout
+    real = statistics.mean(
+        sharpness(layout.split(x)[n]) for n, k in zip(layout.names, layout.kinds, strict=False) if k == "image"
+    )
+    imp = summary["imputation"]
+    return {
+        "coherence": summary["coherence"]["cross_mean"],
+        "coherence_rest": summary["coherence"]["rest_mean"],
+        "coherence_matrix": summary["coherence"]["matrix"],
+        "probe_acc": summary["probe_acc"]["unimodal_mean"],
+        "probe_acc_joint": summary["probe_acc"]["joint"],
+        "probe_acc_per_modality": summary["probe_acc"]["unimodal"],
+        "test_ll": ll,
+        "imputation": imp["image_mse_mean"],
+        "label_error": imp["per_modality"].get("label"),
+        "sharpness": generated_sharpness(model, x),
+        "real_sharpness": real,
+        "classifier_acc": [
+            float((c(layout.split(x)[n]) == data.test_labels[:500].numpy()).mean())
+            for c, n in zip(classifiers, layout.names, strict=False)
+        ],
+    }

@@ -35,14 +35,11 @@ import time
 
 import pyro
 import torch
-from _common import finish, parser, run_jobs, start
+from _common import finish, multimodal_data, multimodal_scores, parser, run_jobs, start
 
 import ppl_vae
 from ppl_vae import ModelConfig, build_model
 from ppl_vae.config import TrainConfig
-from ppl_vae.data import load_data
-from ppl_vae.data.multimodal import make_multimodal
-from ppl_vae.evaluate import fit_classifiers, joint_log_likelihood, model_generator, multimodal_summary, sharpness
 
 FULL = dict(limit=6000, epochs=12, n_test=1000, n_ll=500, S=100, probe_train=2000, classifier_train=5000)
 QUICK = dict(limit=400, epochs=1, n_test=100, n_ll=30, S=8, probe_train=200, classifier_train=400)
@@ -63,30 +60,10 @@ def objective(name: str, epochs: int, kl: str = "pairwise") -> tuple[dict, dict]
     return {}, {}
 
 
-def dataset(key: str, s: dict):
-    kind, m = DATASETS[key]
-    base = load_data("fashion_mnist", limit=s["limit"], seed=0)
-    return make_multimodal(base, kind, num_modalities=m, missing_rate=s["missing_rate"], seed=0)
-
-
-def generated_sharpness(model, data, x) -> float:
-    """Mean sharpness of images generated from one other modality (every ordered pair with an image target)."""
-    layout, gen, vals = model.layout, model_generator(model), []
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for j, kind in enumerate(layout.kinds):
-            if kind != "image":
-                continue
-            for i in range(layout.num_modalities):
-                if i != j:
-                    vals.append(sharpness(gen(x, layout.only(i, len(x)), j)))
-    return statistics.mean(vals)
-
-
 def one_run(job) -> tuple:
     key, name, seed, s = job
     torch.set_num_threads(1)
-    data = dataset(key, s)
+    data = multimodal_data(DATASETS[key], s)
     opts, train = objective(name, s["epochs"], s["mmvm_kl"])
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
@@ -95,46 +72,7 @@ def one_run(job) -> tuple:
     t0 = time.perf_counter()
     ppl_vae.train(model, data, tc, seed=seed, progress=False)
     sec = (time.perf_counter() - t0) / s["epochs"]
-    model.eval()
-    full = data.train_y.all(1)  # complete training datapoints (all of them when nothing is missing)
-    clf_x, clf_y = data.train_x[full][: s["classifier_train"]], data.train_labels[full][: s["classifier_train"]]
-    classifiers = fit_classifiers(data.layout, clf_x, clf_y, max_train=s["classifier_train"])
-    summary = multimodal_summary(
-        model,
-        data,
-        num_samples=0,
-        max_test=s["n_test"],
-        probe_train=s["probe_train"],
-        classifiers=classifiers,
-        seed=seed,
-    )
-    ll = None
-    if model.has_joint_likelihood:
-        ll = float(joint_log_likelihood(model, data.test_x[: s["n_ll"]], num_samples=s["S"], seed=seed).mean())
-    x = data.test_x[:500]
-    layout = data.layout
-    real = statistics.mean(
-        sharpness(layout.split(x)[n]) for n, k in zip(layout.names, layout.kinds, strict=False) if k == "image"
-    )
-    imp = summary["imputation"]
-    r = {
-        "coherence": summary["coherence"]["cross_mean"],
-        "coherence_rest": summary["coherence"]["rest_mean"],
-        "coherence_matrix": summary["coherence"]["matrix"],
-        "probe_acc": summary["probe_acc"]["unimodal_mean"],
-        "probe_acc_joint": summary["probe_acc"]["joint"],
-        "probe_acc_per_modality": summary["probe_acc"]["unimodal"],
-        "test_ll": ll,
-        "imputation": imp["image_mse_mean"],
-        "label_error": imp["per_modality"].get("label"),
-        "sharpness": generated_sharpness(model, data, x),
-        "real_sharpness": real,
-        "seconds_per_epoch": sec,
-        "classifier_acc": [
-            float((c(layout.split(x)[n]) == data.test_labels[:500].numpy()).mean())
-            for c, n in zip(classifiers, layout.names, strict=False)
-        ],
-    }
+    r = {**multimodal_scores(model, data, s, seed), "seconds_per_epoch": sec}
     print(
         f"[{key} {name} seed {seed}] " + ", ".join(f"{k} {v:.4g}" for k, v in r.items() if isinstance(v, float)),
         flush=True,
