@@ -21,7 +21,10 @@ decoder, and the MNIST setup as earlier project notes record it (6 masked 3×3 l
 blocks, 64 latents, 4 mean-only MADE flows of 640 units, free bits, Polyak averaging).
 
 Our choices: W(i) = one masked k×k convolution of mask type A (the (k−1)/2 rows above and the pixels to the left,
-k = ``model.pixelcnn_window``) then 1×1 layers, so the receptive field is exactly that window; z enters through
+k = ``model.pixelcnn_window``) then 1×1 layers, so the receptive field is exactly that window; or, with
+``pixelcnn_window: 0``, L stacked gated masked 3×3 layers (``pixelcnn_layers``) whose reach grows one row and one
+column per layer — the kind of local decoder the project notes attribute to Chen et al. — allowed while L is
+below the image height minus one (beyond it the decoder sees every preceding pixel); z enters through
 bias maps (a learned 1×1 projection of the decoder's image-shaped h(z) added at every layer); affine (not
 mean-only) flows; no free bits; no averaging.
 """
@@ -66,11 +69,14 @@ class VLossyOptions(Options):
 @register_model("vlossy", options=VLossyOptions)
 def build_vlossy(cfg, options: VLossyOptions, data_shape, num_data, num_classes) -> VLossy:
     require_arch(cfg, "mlp", "conv")
-    if cfg.likelihood != "pixelcnn" or cfg.pixelcnn_window == 0:
+    rows = data_shape[-2] if len(data_shape) >= 2 else 0
+    if cfg.likelihood != "pixelcnn" or (cfg.pixelcnn_window == 0 and cfg.pixelcnn_layers >= rows - 1):
         raise ConfigError(
             f"model.name='vlossy' needs a local PixelCNN decoder: model.likelihood='pixelcnn' with "
-            f"model.pixelcnn_window an odd integer >= 3, got likelihood={cfg.likelihood!r}, "
-            f"pixelcnn_window={cfg.pixelcnn_window!r}"
+            f"model.pixelcnn_window an odd integer >= 3, or pixelcnn_window 0 (gated) with fewer than "
+            f"{rows - 1} pixelcnn_layers (each layer reaches one row further up: {rows - 1} or more see every "
+            f"preceding pixel of these {rows}-row images), got likelihood={cfg.likelihood!r}, "
+            f"pixelcnn_window={cfg.pixelcnn_window!r}, pixelcnn_layers={cfg.pixelcnn_layers!r}"
         )
     if not options.flow_hidden:
         raise ConfigError("model.options.flow_hidden must name at least one hidden width, got []")

@@ -140,7 +140,8 @@ def test_mae_terms_equal_a_double_loop_over_pairs():
 def _model(name, **kw):
     pyro.clear_param_store()
     torch.manual_seed(0)
-    cfg = ModelConfig(name=name, likelihood="pixelcnn", latent_dim=4, hidden=[16], channels=8, pixelcnn_layers=2, **kw)
+    kw = {"likelihood": "pixelcnn", "pixelcnn_layers": 2, **kw}
+    cfg = ModelConfig(name=name, latent_dim=4, hidden=[16], channels=8, **kw)
     return build_model(cfg, (1, 6, 6), num_data=200)
 
 
@@ -188,7 +189,16 @@ def test_vlossy_generates_by_the_sequential_sampler_and_refuses_a_full_decoder()
     svi = SVI(m.model, m.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
     assert math.isfinite(svi.step(x))
     with pytest.raises(ConfigError, match="pixelcnn_window"):
-        _model("vlossy", pixelcnn_window=0)
+        _model("vlossy", likelihood="bernoulli")
+    # a gated decoder is local while its L layers reach fewer rows than the image has above its last row
+    with pytest.raises(ConfigError, match="fewer than 5 pixelcnn_layers"):
+        _model("vlossy", pixelcnn_window=0, pixelcnn_layers=5)
+    gated = _model("vlossy", pixelcnn_window=0, pixelcnn_layers=2)
+    x = torch.bernoulli(torch.full((1, 1, 6, 6), 0.4)).requires_grad_(True)
+    net = gated.likelihood.net
+    net(x, torch.zeros(1, 1, 6, 6))[0, 0, 5, 5].backward()
+    seen = x.grad[0, 0].abs().sum(-1) > 0
+    assert seen.tolist() == [False, False, False, True, True, True]  # rows 3-5: two rows up and its own
 
 
 def test_mutual_information_of_a_gaussian_channel():
