@@ -22,6 +22,7 @@ classifier on the raw codes (the Poisson VAE paper's downstream classifier). The
 
     python bench/latent_families.py            # full: 20,000 training images, 15 epochs, d 8/16/32/64, seeds 0,1,2
     python bench/latent_families.py --quick    # 5,000 images, 2 epochs, d 8/32, seed 0
+    python bench/latent_families.py --dims 32 --methods gaussian,epanechnikov --support-length 1   # B sweep
 """
 
 from __future__ import annotations
@@ -201,6 +202,8 @@ def _n_vs_5n(acc: dict, dims) -> dict:
 
 def verdicts(s: dict, dims) -> dict:
     fid, sharp = s["recon_fid"], s["sharpness"]
+    if not {"gaussian", "epanechnikov"} <= set(fid):
+        return {}
     gap = {str(d): round(fid["gaussian"][str(d)]["mean"] - fid["epanechnikov"][str(d)]["mean"], 3) for d in dims}
     sharper = {str(d): sharp["epanechnikov"][str(d)]["mean"] > sharp["gaussian"][str(d)]["mean"] for d in dims}
     return {
@@ -219,7 +222,14 @@ def main(argv=None):
     p.add_argument("--train-images", type=int, default=20000)
     p.add_argument("--ll-samples", type=int, default=500)
     p.add_argument("--ll-images", type=int, default=500)
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
+    p.add_argument("--support-length", type=float, default=0.1, help="B of the epanechnikov method's weight 3B/(5M)")
     args = start(p, argv)
+    methods = tuple(m for m in args.methods.split(",") if m)
+    if not methods or any(m not in METHODS for m in methods):
+        p.error(f"--methods must name some of {list(METHODS)}, got {args.methods!r}")
+    if args.support_length <= 0:
+        p.error(f"--support-length must be positive, got {args.support_length}")
     if args.quick:
         dims, seeds, epochs, limit, S, n_ll, n_eval = (8, 32), (0,), 2, 5000, 100, 50, 500
     else:
@@ -234,11 +244,12 @@ def main(argv=None):
     extractor = train_feature_classifier(data, epochs=5, seed=0, device=args.device)
     fid = FrechetDistance(extractor, data.test_x[:n_eval])
     rows = []
-    jobs = [(s, d, m) for s in seeds for d in dims for m in METHODS]
+    jobs = [(s, d, m) for s in seeds for d in dims for m in methods]
     for seed, d, method in tqdm(jobs, desc="latent_families", disable=args.quick):
         pyro.clear_param_store()
         pyro.set_rng_seed(seed)
-        model = build(method, d, data.shape, len(data.train_x)).to(args.device)
+        extra = {"options": {"support_length": args.support_length}} if method == "epanechnikov" else {}
+        model = build(method, d, data.shape, len(data.train_x), **extra).to(args.device)
         res = ppl_vae.train(
             model,
             data,
@@ -255,7 +266,7 @@ def main(argv=None):
             **evaluate(method, model, data, fid, args, S, n_ll, n_eval, seed),
         }
         rows.append(row)
-    summary = summarise(rows, dims, METHODS)
+    summary = summarise(rows, dims, methods)
     out = {
         **summary,
         "real_sharpness": round(sharpness(data.test_x[:n_eval]), 5),
@@ -270,6 +281,7 @@ def main(argv=None):
         "fid_extractor": {"name": fid.name, "test_accuracy": extractor.info.get("test_accuracy")},
         "data": repr(data),
         "model": "MLP 784-256-256-d ReLU, Bernoulli on grey levels, Adam 3e-4, batch 100",
+        "support_length": args.support_length,
     }
     finish("latent_families", out, args)
 
