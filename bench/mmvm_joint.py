@@ -28,7 +28,8 @@ probe is above every joint model's.
 
     python bench/mmvm_joint.py            # full: 5 models × 3 β × 3 seeds, two jobs at a time
     python bench/mmvm_joint.py --quick    # < 5 min
-The last line of stdout is the JSON summary (full mode also writes bench/results/mmvm_joint.json).
+The last line of stdout is the JSON summary (full mode also writes bench/results/mmvm_joint.json and the figure
+bench/results/mmvm_joint.png: probe and coherence against β, one line per model, bars ± s.e. over seeds).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import time
 
 import pyro
 import torch
-from _common import finish, multimodal_data, multimodal_scores, parser, run_jobs, start
+from _common import RESULTS, finish, multimodal_data, multimodal_scores, parser, run_jobs, start
 
 import ppl_vae
 from ppl_vae import ModelConfig, build_model
@@ -85,6 +86,36 @@ def _mean(values):
 
 def _se(values):
     return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None
+
+
+def figure(out: dict, path) -> str:
+    """Probe and coherence (mean ± s.e. over seeds) against β, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by, seeds = out["by_seed"], [str(s) for s in out["seeds"]]
+    betas = sorted(by, key=float)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.9))
+    panels = (("probe_acc", "unimodal probe"), ("coherence", "coherence one → other"))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for m in by[betas[0]]:
+            vals = [[by[b][m][s][key] for s in seeds] for b in betas]
+            mean = [statistics.mean(v) for v in vals]
+            err = [_se(v) or 0.0 for v in vals]
+            ax.errorbar([float(b) for b in betas], mean, yerr=err, marker="o", capsize=3, label=m)
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks([float(b) for b in betas], betas)
+        ax.set_xlabel("β (train.kl_weight: β for MMVM, 3β for the joint models)")
+        ax.set_title(title)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
 
 
 def main(argv=None):
@@ -136,6 +167,8 @@ def main(argv=None):
     out["by_seed"] = by
     out["seeds"] = list(seeds)
     out["settings"] = {**s, **COMMON, "betas": betas, "batch_size": 128, "lr": 1e-3, "workers": args.workers}
+    if not args.quick:
+        figure(out, RESULTS / "mmvm_joint.png")
     finish("mmvm_joint", out, args, device="cpu")
 
 
