@@ -7,6 +7,9 @@ Runs (identical MLP encoders 196–256–16, the same 256-unit MLP decoder trunk
   (c) vlossy     local PixelCNN (3×3 window, 3 layers), autoregressive-flow prior (2 MADE flows)
   (d) vlossy_n   (c) with an N(0, I) prior (the prior ablation)
   (e) mae        (b) trained with the MAE regulariser (η = 1, γ = 0.5)
+Issue 35's receptive-field sweep (``--runs``; a gated layer reaches one row further up): ``vae_pixel3`` (3 gated
+layers, 3 of 14 rows), ``vlossy_g3`` (VLossy with that decoder: Chen et al.'s kind of local decoder),
+``vae_pixel14`` (14 layers: every preceding pixel, the full PixelCNN) and ``mae14`` (MAE on it).
 Measures per run on the first ``n_test`` test images: test_ll (importance-sampled log p̂(x), ``S`` draws of the
 guide, nats, with its Monte Carlo s.e.), kl (KL(q ‖ p) per image, Monte Carlo: the prior may be a flow),
 active_units (of 16; Burda et al.'s 0.01 threshold), mutual_information I_q(x; z), probe_acc (logistic probe of
@@ -57,7 +60,23 @@ RUNS = {
     "mae": dict(
         name="mae", likelihood="pixelcnn", pixelcnn_window=0, pixelcnn_layers=5, options={"eta": 1.0, "gamma": 0.5}
     ),
+    # issue 35: the receptive field as a sweep. A gated layer reaches one more row up, so 5 layers see 5 of 14 rows
+    # (Chen et al.'s local decoder, 6 masked 3×3 layers at 28×28, sees ~6 of 28); 14 layers see every preceding
+    # pixel of a 14×14 image: the full PixelCNN the collapse claim is about.
+    "vae_pixel14": dict(name="vae", likelihood="pixelcnn", pixelcnn_window=0, pixelcnn_layers=14),
+    "mae14": dict(
+        name="mae", likelihood="pixelcnn", pixelcnn_window=0, pixelcnn_layers=14, options={"eta": 1.0, "gamma": 0.5}
+    ),
+    "vlossy_g3": dict(  # VLossy with Chen's kind of local decoder: stacked masked 3×3 layers, 3 of 14 rows
+        name="vlossy",
+        likelihood="pixelcnn",
+        pixelcnn_window=0,
+        pixelcnn_layers=3,
+        options={"prior": "af", "num_flows": 2, "flow_hidden": [64, 64]},
+    ),
+    "vae_pixel3": dict(name="vae", likelihood="pixelcnn", pixelcnn_window=0, pixelcnn_layers=3),
 }
+DEFAULT_RUNS = ("vae", "vae_pixel", "vlossy", "vlossy_n", "mae")
 KEYS = ("test_ll", "test_ll_mc_std_error", "kl", "active_units", "mutual_information", "probe_acc", "seconds_per_epoch")
 
 
@@ -114,7 +133,7 @@ def lossy_figure(model, x: torch.Tensor, path: Path) -> str:
 
 def main(argv=None):
     ap = parser(__doc__, seeds="0,1,2")
-    ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {list(RUNS)}")
+    ap.add_argument("--runs", default=",".join(DEFAULT_RUNS), help=f"comma-separated subset of {list(RUNS)}")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default: the mode's)")
     args = start(ap, argv)
     runs = [r for r in args.runs.split(",") if r]
