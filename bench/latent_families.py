@@ -22,6 +22,7 @@ classifier on the raw codes (the Poisson VAE paper's downstream classifier). The
 
     python bench/latent_families.py            # full: 20,000 training images, 15 epochs, d 8/16/32/64, seeds 0,1,2
     python bench/latent_families.py --quick    # 5,000 images, 2 epochs, d 8/32, seed 0
+The full default run also draws bench/results/latent_families_epanechnikov.png (FID and sharpness against d).
     python bench/latent_families.py --dims 32 --methods gaussian,epanechnikov --support-length 1   # B sweep
 """
 
@@ -34,7 +35,7 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
-from _common import finish, parser, start
+from _common import RESULTS, finish, parser, start, variant
 from pyro.infer import Trace_ELBO
 from torch import nn
 from tqdm import tqdm
@@ -215,6 +216,46 @@ def verdicts(s: dict, dims) -> dict:
     }
 
 
+def figure(summary: dict, path) -> str:
+    """Reconstruction FID and sharpness against the latent size d (mean ± sd over seeds), one line per method that
+    has them (the Gaussian and Epanechnikov rows and the exact-KL ablation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    panels = (
+        ("recon_fid", "reconstruction FID (lower is better)"),
+        ("sharpness", "sharpness (variance of Laplacian)"),
+    )
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for m in ("gaussian", "epanechnikov", "epanechnikov_exact_kl"):
+            per_d = summary[key].get(m, {})
+            if not per_d:
+                continue
+            dims = sorted(per_d, key=int)
+            ax.errorbar(
+                [int(d) for d in dims],
+                [per_d[d]["mean"] for d in dims],
+                yerr=[per_d[d]["sd"] for d in dims],
+                marker="o",
+                capsize=3,
+                label=m,
+            )
+        ax.set_xscale("log", base=2)
+        ax.minorticks_off()
+        ticks = sorted({int(d) for m in summary[key].values() for d in m})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xlabel("latent size d")
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
 def main(argv=None):
     p = parser(__doc__, seeds="0,1,2", threads=1)
     p.add_argument("--dims", default="8,16,32,64")
@@ -283,6 +324,8 @@ def main(argv=None):
         "model": "MLP 784-256-256-d ReLU, Bernoulli on grey levels, Adam 3e-4, batch 100",
         "support_length": args.support_length,
     }
+    if not args.quick and variant(args) is None:
+        figure(summary, RESULTS / "latent_families_epanechnikov.png")
     finish("latent_families", out, args)
 
 

@@ -15,8 +15,9 @@ guide, nats, with its Monte Carlo s.e.), kl (KL(q ‖ p) per image, Monte Carlo:
 active_units (of 16; Burda et al.'s 0.01 threshold), mutual_information I_q(x; z), probe_acc (logistic probe of
 the class from E_q[z | x], fitted on 2000 training images) and seconds per epoch; means over the training seeds.
 ``kl_by_epoch`` (per run and seed): KL(q ‖ p) on 200 test images after every epoch (one draw).
-Figure: "lossy" reconstructions of (c) — one z = E_q[z | x] decoded four times
-(bench/results/strong_decoders_lossy.png).
+Figures: "lossy" reconstructions of (c) — one z = E_q[z | x] decoded four times
+(bench/results/strong_decoders_lossy.png); ``kl_by_epoch`` per run and seed (strong_decoders_kl.png, for a variant
+strong_decoders_kl_<runs>.png).
 
     python bench/strong_decoders.py --threads 1          # full (3 seeds)
     python bench/strong_decoders.py --runs vae_pixel --epochs 30 --seeds 0   # an ablation: a variant
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import pyro
 import torch
-from _common import RESULTS, finish, ll_mc_std_error, parser, start
+from _common import RESULTS, finish, ll_mc_std_error, parser, start, variant
 
 import ppl_vae
 from ppl_vae import ModelConfig, build_model
@@ -131,6 +132,29 @@ def lossy_figure(model, x: torch.Tensor, path: Path) -> str:
     return save_image_grid(tiles, path, nrow=5)
 
 
+def kl_figure(by_seed: dict, path: Path) -> str:
+    """KL(q ‖ p) on 200 test images after each epoch, one line per run and seed (``kl_by_epoch``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for i, (run, seeds) in enumerate(by_seed.items()):
+        for k, (_seed, r) in enumerate(sorted(seeds.items())):
+            epochs = range(1, len(r["kl_by_epoch"]) + 1)
+            ax.plot(epochs, r["kl_by_epoch"], color=f"C{i}", marker="o", ms=3, label=run if k == 0 else None)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("KL(q ‖ p), nats per image")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    ax.set_title("KL after each epoch (one line per seed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
 def main(argv=None):
     ap = parser(__doc__, seeds="0,1,2")
     ap.add_argument("--runs", default=",".join(DEFAULT_RUNS), help=f"comma-separated subset of {list(RUNS)}")
@@ -152,6 +176,9 @@ def main(argv=None):
             if run == "vlossy" and seed == seeds[0] and not args.quick:
                 lossy_figure(model, data.test_x[:8], RESULTS / "strong_decoders_lossy.png")
     out = {k: {run: statistics.mean(by_seed[run][sd][k] for sd in seeds) for run in runs} for k in KEYS}
+    if not args.quick:
+        name = "strong_decoders_kl.png" if variant(args) is None else f"strong_decoders_kl_{'_'.join(runs)}.png"
+        kl_figure(by_seed, RESULTS / name)
     out["seeds"] = list(seeds)
     out["settings"] = {**s, **COMMON, "image_size": 14, "pixels": "binary_dynamic"}
     out["by_seed"] = {run: {str(k): v for k, v in d.items()} for run, d in by_seed.items()}
