@@ -25,7 +25,8 @@ with per-seed values; jobs run ``--workers`` at a time (one torch thread each).
 
     python bench/multimodal.py            # full (3 seeds, both datasets)
     python bench/multimodal.py --quick    # < 5 min
-The last line of stdout is the JSON summary (full mode also writes bench/results/multimodal.json).
+The last line of stdout is the JSON summary (full mode also writes bench/results/multimodal.json and, for the default
+run, the figure bench/results/multimodal.png: coherence and probe per model and data set, ± s.e. over seeds).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import time
 
 import pyro
 import torch
-from _common import finish, multimodal_data, multimodal_scores, parser, run_jobs, start
+from _common import RESULTS, finish, multimodal_data, multimodal_scores, parser, run_jobs, start, variant
 
 import ppl_vae
 from ppl_vae import ModelConfig, build_model
@@ -85,6 +86,34 @@ def _mean(values):
     return statistics.mean(values) if values else None
 
 
+def figure(out: dict, path) -> str:
+    """Coherence (one → other) and the one-modality probe per model, one panel per data set, ± s.e. over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(out["by_seed"])
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.6), squeeze=False)
+    for ax, k in zip(axes[0], keys, strict=True):
+        models = list(out["by_seed"][k])
+        for j, (metric, label) in enumerate(
+            (("coherence", "coherence one → other"), ("probe_acc", "probe (one modality)"))
+        ):
+            vals = [[r[metric] for r in out["by_seed"][k][m].values()] for m in models]
+            err = [statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else 0.0 for v in vals]
+            xs = [i + (j - 0.5) * 0.38 for i in range(len(models))]
+            ax.bar(xs, [statistics.mean(v) for v in vals], width=0.36, yerr=err, capsize=3, label=label)
+        ax.set_xticks(range(len(models)), models)
+        ax.set_ylim(0, 1)
+        ax.set_title(k)
+    axes[0][0].legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
 def main(argv=None):
     ap = parser(__doc__, seeds="0,1,2", threads=1, workers=2)
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
@@ -128,6 +157,8 @@ def main(argv=None):
             except KeyError:
                 pass
     out["claims"] = claims
+    if not args.quick and variant(args) is None:
+        figure(out, RESULTS / "multimodal.png")
     finish("multimodal", out, args, device="cpu")
 
 
