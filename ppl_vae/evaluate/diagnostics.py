@@ -23,8 +23,9 @@ import torch
 from ..infer.importance import fork_rng, importance_log_weights
 from ..infer.signature import adapt
 from ..infer.trace_checks import IWAEError
+from ..nn.device import eval_mode
 from . import azcompat
-from .likelihood import eval_mode, full_data_log_weights, full_data_subsample
+from .likelihood import full_data_log_weights, full_data_subsample
 
 __all__ = ["posterior_diagnostics", "psis_diagnostics", "plot_khat", "KHAT_GOOD", "KHAT_BAD"]
 

@@ -25,8 +25,9 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from ..infer.signature import adapt
+from ..nn.device import eval_mode
 from .clustering import probe_accuracy
-from .likelihood import datapoint_chunks, eval_mode
+from .likelihood import datapoint_chunks
 
 __all__ = ["posterior_means", "active_units", "kl_per_site", "mutual_information", "latent_summary"]
 

@@ -45,11 +45,11 @@ from collections.abc import Callable
 
 import pyro
 import torch
-from torch import nn
 
 from ..infer.importance import fork_rng, guess_max_plate_nesting, importance_log_weights
 from ..infer.signature import adapt, on_indices
 from ..infer.trace_checks import IWAEError
+from ..nn.device import eval_mode
 from .defensive import defended
 
 __all__ = [
@@ -116,24 +116,6 @@ def plan_chunks(
     if chunk_size is None:
         chunk_size = max(1, E // batch_size)
     return batch_size, min(int(chunk_size), s)
-
-
-@contextlib.contextmanager
-def eval_mode(*fns):
-    """Put the modules behind ``fns`` (modules or their bound methods) in eval mode; restore every flag after."""
-    modules = []
-    for fn in fns:
-        obj = getattr(fn, "__self__", fn)
-        if isinstance(obj, nn.Module) and all(obj is not m for m in modules):
-            modules.append(obj)
-    flags = [(m, m.training) for root in modules for m in root.modules()]
-    try:
-        for root in modules:
-            root.eval()
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
 
 
 def _check_data(data, y):

@@ -50,10 +50,10 @@ from ..errors import ProgramError, spell
 from ..infer.importance import fork_rng, importance_log_weights
 from ..infer.signature import adapt
 from ..infer.trace_checks import IWAEError
+from ..nn.device import eval_mode
 from . import azcompat
 from .diagnostics import psis_diagnostics
 from .gaps import _args, _trace, data_plate_size
-from .likelihood import eval_mode
 
 __all__ = [
     "Unscaled",

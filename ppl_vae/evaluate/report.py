@@ -32,9 +32,10 @@ from ..errors import ProgramError, spell
 from ..infer.importance import fork_rng, importance_log_weights
 from ..infer.signature import adapt, on_indices
 from ..infer.trace_checks import IWAEError
+from ..nn.device import eval_mode
 from .ais import ais_log_likelihood
 from .gaps import check_families, guide_latent_sites, inference_gaps
-from .likelihood import eval_mode, full_data_subsample, log_likelihood
+from .likelihood import full_data_subsample, log_likelihood
 from .reference import check_nuts, compare_to_reference, nuts_posterior
 
 __all__ = ["gap_report", "check_gap_report", "plot_gaps", "GAPS"]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
+from collections.abc import Iterator
 
 import torch
 
-__all__ = ["owner_module", "device_of", "auto_threads", "use_threads"]
+__all__ = ["owner_module", "device_of", "eval_mode", "auto_threads", "use_threads"]
 
 
 def auto_threads(cores: int | None = None) -> int:
@@ -46,3 +48,21 @@ def device_of(obj) -> torch.device:
         for t in module.buffers():
             return t.device
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(*fns) -> Iterator[None]:
+    """Put the modules behind ``fns`` (modules or their bound methods) in eval mode; restore every flag after."""
+    modules = []
+    for fn in fns:
+        obj = getattr(fn, "__self__", fn)
+        if isinstance(obj, torch.nn.Module) and all(obj is not m for m in modules):
+            modules.append(obj)
+    flags = [(m, m.training) for root in modules for m in root.modules()]
+    try:
+        for root in modules:
+            root.eval()
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training

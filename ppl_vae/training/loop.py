@@ -54,7 +54,7 @@ from ..data.user import as_data
 from ..distributions.likelihoods import sigmoid_links
 from ..errors import CheckpointError, DataError, TrainingDiverged
 from ..infer.signature import adapt
-from ..nn.device import device_of
+from ..nn.device import device_of, eval_mode
 from ._legacy import legacy_plan
 from .checkpoint import (
     SCHEMA,
@@ -70,7 +70,7 @@ from .distributed import RANK_SEED, Sharded, grad_scaler, on_lead, refuse_couple
 from .loggers import close_loggers, log_history, make_loggers
 from .optim import ParamOptimizer
 from .plan import TrainingPlan, plan_for
-from .probe import ScaleLatents, _Divisor, _eval_mode, data_plate_summary, evaluate_elbo
+from .probe import ScaleLatents, _Divisor, data_plate_summary, evaluate_elbo
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -392,7 +392,7 @@ class _Loop:
         if self.data.val_x is None or len(self.data.val_x) == 0:
             return
         checks = contextlib.nullcontext() if self.cfg.validate_every_step else pyro.validation_enabled(False)
-        with checks, _eval_mode(self.module):  # no dropout, and batch norm's running statistics left as trained
+        with checks, eval_mode(self.module):  # no dropout, and batch norm's running statistics left as trained
             record["val_elbo"] = evaluate_elbo(
                 self.model,
                 self.guide,

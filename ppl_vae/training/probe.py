@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pyro.distributions as dist
@@ -153,18 +151,3 @@ def evaluate_elbo(
     if sharded is not None:
         total, count = sharded.total(total, count)
     return total / max(count, 1)
-
-
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module | None) -> Iterator[None]:
-    """``module`` (and its submodules) in eval mode within the block, each back in its own mode after it."""
-    if module is None:
-        yield
-        return
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
