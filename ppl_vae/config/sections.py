@@ -397,10 +397,12 @@ class TrainConfig(Section):
         ``linear`` from 1/W to 1 over W epochs; ``exp`` 1 − exp(−(epoch + 1)/W), the VLAE code's 1 − exp(−t/τ) at
         epoch granularity (τ = W epochs)."""
         if self.kl_warmup_epochs <= 0:
-            return self.kl_weight
-        if self.kl_warmup_shape == "exp":
-            return self.kl_weight * (1.0 - math.exp(-(epoch + 1) / self.kl_warmup_epochs))
-        return self.kl_weight * min(1.0, (epoch + 1) / self.kl_warmup_epochs)
+            warm = 1.0
+        elif self.kl_warmup_shape == "exp":
+            warm = 1.0 - math.exp(-(epoch + 1) / self.kl_warmup_epochs)
+        else:
+            warm = min(1.0, (epoch + 1) / self.kl_warmup_epochs)
+        return self.kl_weight * warm
 
 
 @dataclass

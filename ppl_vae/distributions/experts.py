@@ -58,6 +58,18 @@ def random_subsets(mask: torch.Tensor, p: float = 0.5) -> torch.Tensor:
     return keep
 
 
+def _expand_experts(d, cls, batch_shape, _instance=None):
+    """A new ``cls`` with ``d``'s expert tensors (``locs``/``scales`` (…, C, D), ``weights`` (…, C)) expanded to
+    ``batch_shape`` — what a plate asks of the two expert distributions below; each copies its own other fields."""
+    batch_shape = torch.Size(batch_shape)
+    new = d._get_checked_instance(cls, _instance)
+    new.locs = d.locs.expand(batch_shape + d.locs.shape[-2:])
+    new.scales = d.scales.expand(batch_shape + d.scales.shape[-2:])
+    new.weights = d.weights.expand(batch_shape + d.weights.shape[-1:])
+    dist.TorchDistribution.__init__(new, batch_shape, d.event_shape, validate_args=False)
+    return new
+
+
 class ExpertMixture(dist.TorchDistribution):
     """q(z) = Σ_c w_c N(z; μ_c, diag σ_c²): ``locs``/``scales`` (B, C, D), ``weights`` (B, C) (rows sum to 1,
     zeros allowed), batch shape (B,), event shape (D,). ``component=c``: rsample from component c only (a
@@ -78,13 +90,8 @@ class ExpertMixture(dist.TorchDistribution):
         generic expansion; the full mixture keeps that generic expansion (its categorical draws)."""
         if self.component is None:
             return super().expand(batch_shape, _instance)
-        batch_shape = torch.Size(batch_shape)
-        new = self._get_checked_instance(ExpertMixture, _instance)
-        new.locs = self.locs.expand(batch_shape + self.locs.shape[-2:])
-        new.scales = self.scales.expand(batch_shape + self.scales.shape[-2:])
-        new.weights = self.weights.expand(batch_shape + self.weights.shape[-1:])
+        new = _expand_experts(self, ExpertMixture, batch_shape, _instance)
         new.component = self.component
-        super(ExpertMixture, new).__init__(batch_shape, self.event_shape, validate_args=False)
         return new
 
     @property
@@ -150,13 +157,8 @@ class ExpertPrior(dist.TorchDistribution):
 
     def expand(self, batch_shape, _instance=None):
         """Its tensors expanded (what a plate asks for), so that the closed-form KL still finds this class."""
-        batch_shape = torch.Size(batch_shape)
-        new = self._get_checked_instance(ExpertPrior, _instance)
-        new.locs = self.locs.expand(batch_shape + self.locs.shape[-2:])
-        new.scales = self.scales.expand(batch_shape + self.scales.shape[-2:])
-        new.weights = self.weights.expand(batch_shape + self.weights.shape[-1:])
+        new = _expand_experts(self, ExpertPrior, batch_shape, _instance)
         new.alpha, new.kind = self.alpha, self.kind
-        super(ExpertPrior, new).__init__(batch_shape, self.event_shape, validate_args=False)
         return new
 
     def log_prob(self, z):
