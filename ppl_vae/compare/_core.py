@@ -15,6 +15,7 @@ package's :func:`~ppl_vae.compare.compare` joins the two).
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -249,12 +250,9 @@ def _run_jobs(jobs: list[tuple], workers: int, pool: ProcessPoolExecutor | None 
 
 
 def _evaluate(run_dir: Path, metrics: list[str], num_samples: int, max_test: int, threads: int | None) -> dict:
-    loaded: list = []
-
+    @functools.cache
     def run():  # the finished run, loaded once for all the metrics not cached yet
-        if not loaded:
-            loaded.append(load_run(run_dir, threads=threads))
-        return loaded[0]
+        return load_run(run_dir, threads=threads)
 
     cache = run_dir / RESULT_FILE
     out = json.loads(cache.read_text()) if cache.is_file() else {}
