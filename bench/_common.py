@@ -351,6 +351,17 @@ def write_idx(folder: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
     return folder
 
 
+def mean_present(values):
+    """The mean of the values that are not None (None when there are none): a metric some runs lack."""
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
+def se_over(values) -> float | None:
+    """Standard error of the mean over seeds, sd / sqrt(n) (None for a single value)."""
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None
+
+
 # ------------------------------------------------------------------------------------------- multimodal studies
 def multimodal_data(kind_and_modalities: tuple[str, int], s: dict):
     """The multimodal data of ``bench/multimodal.py`` and ``bench/mmvm_joint.py``: ``s["limit"]`` Fashion-MNIST

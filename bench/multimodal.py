@@ -36,7 +36,18 @@ import time
 
 import pyro
 import torch
-from _common import RESULTS, finish, multimodal_data, multimodal_scores, parser, run_jobs, start, variant
+from _common import (
+    RESULTS,
+    finish,
+    mean_present,
+    multimodal_data,
+    multimodal_scores,
+    parser,
+    run_jobs,
+    se_over,
+    start,
+    variant,
+)
 
 import ppl_vae
 from ppl_vae import ModelConfig, build_model
@@ -81,11 +92,6 @@ def one_run(job) -> tuple:
     return key, name, seed, r
 
 
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return statistics.mean(values) if values else None
-
-
 def figure(out: dict, path) -> str:
     """Coherence (one → other) and the one-modality probe per model, one panel per data set, ± s.e. over seeds."""
     import matplotlib
@@ -101,7 +107,7 @@ def figure(out: dict, path) -> str:
             (("coherence", "coherence one → other"), ("probe_acc", "probe (one modality)"))
         ):
             vals = [[r[metric] for r in out["by_seed"][k][m].values()] for m in models]
-            err = [statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else 0.0 for v in vals]
+            err = [se_over(v) or 0.0 for v in vals]
             xs = [i + (j - 0.5) * 0.38 for i in range(len(models))]
             ax.bar(xs, [statistics.mean(v) for v in vals], width=0.36, yerr=err, capsize=3, label=label)
         ax.set_xticks(range(len(models)), models)
@@ -135,7 +141,10 @@ def main(argv=None):
     by = {k: {m: {} for m in models} for k in keys}
     for k, m, sd, r in done:
         by[k][m][str(sd)] = r
-    out = {key: {k: {m: _mean([by[k][m][str(sd)][key] for sd in seeds]) for m in models} for k in keys} for key in KEYS}
+    out = {
+        key: {k: {m: mean_present([by[k][m][str(sd)][key] for sd in seeds]) for m in models} for k in keys}
+        for key in KEYS
+    }
     out["by_seed"] = by
     out["seeds"] = list(seeds)
     out["settings"] = {**s, **COMMON, "batch_size": 128, "lr": 1e-3, "workers": args.workers}
