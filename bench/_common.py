@@ -390,16 +390,13 @@ def generated_sharpness(model, x) -> float:
     return statistics.mean(vals)
 
 
-def multimodal_scores(model, data, s: dict, seed: int) -> dict:
-    """A trained multimodal model's test scores (coherence, probes, log p̂(X), imputation, sharpness), with the
-    settings ``s`` (``classifier_train``, ``n_test``, ``probe_train``, ``n_ll``, ``S``): what both multimodal
-    studies report (their docstrings say what each key means)."""
-    from ppl_vae.evaluate import fit_classifiers, joint_log_likelihood, multimodal_summary, sharpness
+def multimodal_summary_and_ll(model, data, classifiers, s: dict, seed: int):
+    """(``multimodal_summary`` on ``s["n_test"]`` test points with ``s["probe_train"]`` probe codes, the mean test
+    log p̂(X) with ``s["S"]`` draws on the first ``s["n_ll"]`` or None for a model without one) of a trained model,
+    in eval mode: the evaluation the multimodal studies and the multimodal parity scripts share."""
+    from ppl_vae.evaluate import joint_log_likelihood, multimodal_summary
 
     model.eval()
-    full = data.train_y.all(1)  # complete training datapoints (all of them when nothing is missing)
-    clf_x, clf_y = data.train_x[full][: s["classifier_train"]], data.train_labels[full][: s["classifier_train"]]
-    classifiers = fit_classifiers(data.layout, clf_x, clf_y, max_train=s["classifier_train"])
     summary = multimodal_summary(
         model,
         data,
@@ -411,7 +408,21 @@ def multimodal_scores(model, data, s: dict, seed: int) -> dict:
     )
     ll = None
     if model.has_joint_likelihood:
-        ll = float(joint_log_likelihood(model, data.test_x[: s["n_ll"]], num_samples=s["S"], seed=seed).mean())
+        with torch.no_grad():
+            ll = float(joint_log_likelihood(model, data.test_x[: s["n_ll"]], num_samples=s["S"], seed=seed).mean())
+    return summary, ll
+
+
+def multimodal_scores(model, data, s: dict, seed: int) -> dict:
+    """A trained multimodal model's test scores (coherence, probes, log p̂(X), imputation, sharpness), with the
+    settings ``s`` (``classifier_train``, ``n_test``, ``probe_train``, ``n_ll``, ``S``): what both multimodal
+    studies report (their docstrings say what each key means)."""
+    from ppl_vae.evaluate import fit_classifiers, sharpness
+
+    full = data.train_y.all(1)  # complete training datapoints (all of them when nothing is missing)
+    clf_x, clf_y = data.train_x[full][: s["classifier_train"]], data.train_labels[full][: s["classifier_train"]]
+    classifiers = fit_classifiers(data.layout, clf_x, clf_y, max_train=s["classifier_train"])
+    summary, ll = multimodal_summary_and_ll(model, data, classifiers, s, seed)
     x = data.test_x[:500]
     layout = data.layout
     real = statistics.mean(

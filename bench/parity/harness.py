@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # bench/ (for _common)
 
-from _common import ROOT, finish, parser  # noqa: E402
+from _common import ROOT, finish, multimodal_summary_and_ll, parser  # noqa: E402
 from _common import start as _start  # noqa: E402
 
 __all__ = [
@@ -172,27 +172,12 @@ def multimodal_metrics(model, data, classifiers, s: dict, seed: int) -> dict:
     """Coherence, probe and test log p̂(X) of a trained multimodal model (ours, or ours holding the official
     weights): ``multimodal_summary`` on ``s["n_test"]`` test points and ``joint_log_likelihood`` with ``s["S"]``
     draws on the first ``s["n_ll"]`` — the evaluation both sides of a multimodal parity study share."""
-    import torch
-
-    from ppl_vae.evaluate import joint_log_likelihood, multimodal_summary
-
-    model.eval()
-    summary = multimodal_summary(
-        model,
-        data,
-        num_samples=0,
-        max_test=s["n_test"],
-        probe_train=s["probe_train"],
-        classifiers=classifiers,
-        seed=seed,
-    )
-    with torch.no_grad():
-        ll = joint_log_likelihood(model, data.test_x[: s["n_ll"]], num_samples=s["S"], seed=seed)
+    summary, ll = multimodal_summary_and_ll(model, data, classifiers, s, seed)
     return {
         "coherence": float(summary["coherence"]["cross_mean"]),
         "coherence_rest": float(summary["coherence"]["rest_mean"]),
         "probe_acc": float(summary["probe_acc"]["unimodal_mean"]),
-        "test_ll": float(ll.mean()),
+        "test_ll": ll,
     }
 
 
