@@ -81,6 +81,15 @@ def _seeds(text) -> tuple[int, ...]:
     return out
 
 
+def subset_arg(ap: argparse.ArgumentParser, flag: str, value: str, allowed, allow_empty: bool = True) -> list[str]:
+    """The comma-separated names in ``value`` (the option ``flag``, e.g. "--runs"), each one of ``allowed``;
+    ``ap.error`` naming the flag, the choices and the value otherwise (an empty list too, unless ``allow_empty``)."""
+    names = [n for n in value.split(",") if n]
+    if (not names and not allow_empty) or any(n not in allowed for n in names):
+        ap.error(f"{flag} must name some of {list(allowed)}, got {value!r}")
+    return names
+
+
 def start(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parse the command line, set the torch threads and remember the parser (for the variant name)."""
     args = ap.parse_args(argv)

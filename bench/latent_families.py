@@ -35,7 +35,7 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
-from _common import RESULTS, finish, parser, start, variant
+from _common import RESULTS, finish, parser, start, subset_arg, variant
 from pyro.infer import Trace_ELBO
 from torch import nn
 from tqdm import tqdm
@@ -266,9 +266,7 @@ def main(argv=None):
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
     p.add_argument("--support-length", type=float, default=0.1, help="B of the epanechnikov method's weight 3B/(5M)")
     args = start(p, argv)
-    methods = tuple(m for m in args.methods.split(",") if m)
-    if not methods or any(m not in METHODS for m in methods):
-        p.error(f"--methods must name some of {list(METHODS)}, got {args.methods!r}")
+    methods = tuple(subset_arg(p, "--methods", args.methods, METHODS, allow_empty=False))
     if args.support_length <= 0:
         p.error(f"--support-length must be positive, got {args.support_length}")
     if args.quick:

@@ -39,7 +39,18 @@ import time
 
 import pyro
 import torch
-from _common import RESULTS, finish, mean_present, multimodal_data, multimodal_scores, parser, run_jobs, se_over, start
+from _common import (
+    RESULTS,
+    finish,
+    mean_present,
+    multimodal_data,
+    multimodal_scores,
+    parser,
+    run_jobs,
+    se_over,
+    start,
+    subset_arg,
+)
 
 import ppl_vae
 from ppl_vae import ModelConfig, build_model
@@ -115,9 +126,7 @@ def main(argv=None):
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default: the mode's)")
     args = start(ap, argv)
-    models = [m for m in args.models.split(",") if m]
-    if any(m not in MODELS for m in models):
-        ap.error(f"--models must name some of {list(MODELS)}, got {args.models!r}")
+    models = subset_arg(ap, "--models", args.models, MODELS)
     try:
         betas = [float(b) for b in args.betas.split(",") if b]
     except ValueError:

@@ -44,7 +44,7 @@ import time
 
 import pyro
 import torch
-from _common import finish, over_seeds, paired, parser, run_jobs, start
+from _common import finish, over_seeds, paired, parser, run_jobs, start, subset_arg
 from _guide_runs import HIDDEN, LATENT, wide_width
 
 import ppl_vae
@@ -391,12 +391,8 @@ def main(argv=None):
     )
     ap.add_argument("--stage-epochs", type=int, default=None, help="fixed_decoder: epochs per stage (default: mode's)")
     args = start(ap, argv)
-    parts = [p for p in args.parts.split(",") if p]
-    if any(p not in PARTS for p in parts):
-        ap.error(f"--parts must name some of {list(PARTS)}, got {args.parts!r}")
-    inits = tuple(i for i in args.component_init.split(",") if i)
-    if not inits or any(i not in COMPONENT_INITS for i in inits):
-        ap.error(f"--component-init must name some of {list(COMPONENT_INITS)}, got {args.component_init!r}")
+    parts = subset_arg(ap, "--parts", args.parts, PARTS)
+    inits = tuple(subset_arg(ap, "--component-init", args.component_init, COMPONENT_INITS, allow_empty=False))
     if args.stage_epochs is not None and args.stage_epochs < 1:
         ap.error(f"--stage-epochs must be a positive integer, got {args.stage_epochs}")
     s = QUICK if args.quick else FULL

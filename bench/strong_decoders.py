@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pyro
 import torch
-from _common import RESULTS, finish, ll_mc_std_error, parser, start, variant
+from _common import RESULTS, finish, ll_mc_std_error, parser, start, subset_arg, variant
 
 import ppl_vae
 from ppl_vae import ModelConfig, build_model
@@ -160,9 +160,7 @@ def main(argv=None):
     ap.add_argument("--runs", default=",".join(DEFAULT_RUNS), help=f"comma-separated subset of {list(RUNS)}")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default: the mode's)")
     args = start(ap, argv)
-    runs = [r for r in args.runs.split(",") if r]
-    if any(r not in RUNS for r in runs):
-        ap.error(f"--runs must name some of {list(RUNS)}, got {args.runs!r}")
+    runs = subset_arg(ap, "--runs", args.runs, RUNS)
     s = dict(QUICK if args.quick else FULL)
     if args.epochs is not None:
         s["epochs"] = args.epochs
