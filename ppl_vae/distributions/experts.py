@@ -73,7 +73,10 @@ def _expand_experts(d, cls, batch_shape, _instance=None):
 class ExpertMixture(dist.TorchDistribution):
     """q(z) = Σ_c w_c N(z; μ_c, diag σ_c²): ``locs``/``scales`` (B, C, D), ``weights`` (B, C) (rows sum to 1,
     zeros allowed), batch shape (B,), event shape (D,). ``component=c``: rsample from component c only (a
-    stratum); ``log_prob`` is always the mixture's."""
+    stratum); ``component`` a LongTensor (e.g. (S, 1): one stratum per particle of a particle plate): each draw
+    from the component its entry names, the batch shape that tensor's shape broadcast with (B,) (every stratum in
+    one pass, :class:`~ppl_vae.infer.stratified.StratifiedIWAE` with ``vectorize_strata``); ``log_prob`` is
+    always the mixture's."""
 
     arg_constraints = {}
     support = constraints.real_vector
@@ -82,7 +85,10 @@ class ExpertMixture(dist.TorchDistribution):
     def __init__(self, locs, scales, weights, component: int | None = None, validate_args=None):
         self.locs, self.scales, self.weights = locs, scales, weights
         self.component = component
-        super().__init__(locs.shape[:-2], locs.shape[-1:], validate_args=False)
+        batch = locs.shape[:-2]
+        if torch.is_tensor(component):
+            batch = torch.broadcast_shapes(component.shape, batch)
+        super().__init__(batch, locs.shape[-1:], validate_args=False)
 
     def expand(self, batch_shape, _instance=None):
         """A stratum (``component`` set) expands its tensors, so that a site under a particle plate keeps this
@@ -99,11 +105,14 @@ class ExpertMixture(dist.TorchDistribution):
         return (self.weights.unsqueeze(-1) * self.locs).sum(-2)
 
     def rsample(self, sample_shape=torch.Size()):
-        shape = torch.Size(sample_shape) + self.locs.shape[:-2]
-        if self.component is not None:
+        shape = torch.Size(sample_shape) + self.batch_shape
+        if isinstance(self.component, int):
             loc, scale = self.locs[..., self.component, :], self.scales[..., self.component, :]
         else:
-            idx = torch.distributions.Categorical(probs=self.weights).sample(sample_shape)  # (S…, B)
+            if self.component is None:
+                idx = torch.distributions.Categorical(probs=self.weights).sample(sample_shape)  # (S…, B)
+            else:
+                idx = self.component.expand(shape)
             gather = idx.unsqueeze(-1).unsqueeze(-1).expand(*idx.shape, 1, self.locs.shape[-1])
             loc = self.locs.expand(*shape, *self.locs.shape[-2:]).gather(-2, gather).squeeze(-2)
             scale = self.scales.expand(*shape, *self.scales.shape[-2:]).gather(-2, gather).squeeze(-2)

@@ -323,6 +323,7 @@ def importance_log_weights(
     dreg: bool = False,
     require_reparam: bool = False,
     keep_values: bool = False,
+    particle_groups: int = 1,
     _dreg_replay: bool = False,
 ) -> LogWeights:
     """Draw K guide samples per datapoint and return the (K, B) matrix of unscaled log importance weights.
@@ -332,8 +333,10 @@ def importance_log_weights(
     (the particle plate is added on top); ``None`` guesses it when needed. ``dreg=True`` also returns the terms
     P, Q of the DReG surrogate from the same pass (module docstring; ``_dreg_replay=True``, for tests, forces the
     two-pass ``"replay"`` fallback); ``require_reparam=True`` rejects guide sites without ``rsample``;
-    ``keep_values=True`` keeps the guide draws and observed values. Gradients flow unless the caller disables
-    them.
+    ``keep_values=True`` keeps the guide draws and observed values. ``particle_groups=G``: the K particles are G
+    consecutive blocks of K/G, each with a log-mean-exp of its own (the strata of
+    :class:`~ppl_vae.infer.stratified.StratifiedIWAE` in one pass), so DReG's path weights w̃ are normalised within
+    a block. Gradients flow unless the caller disables them.
     """
     model, guide = adapt(model, "model"), adapt(guide, "guide")
     kwargs = {} if kwargs is None else kwargs
@@ -345,6 +348,15 @@ def importance_log_weights(
     ):
         raise IWAEError(f"num_particles must be a positive integer, got {num_particles!r}")
     K = int(num_particles)
+    if (
+        isinstance(particle_groups, bool)
+        or not isinstance(particle_groups, int)
+        or particle_groups < 1
+        or K % particle_groups
+    ):
+        raise IWAEError(
+            f"particle_groups must be a positive integer dividing num_particles={K}, got {particle_groups!r}"
+        )
     holder = _PathWeights() if dreg else None
     common = dict(
         data_plate=data_plate,
@@ -425,7 +437,8 @@ def importance_log_weights(
         lw.values = _cat(parts, "values")
         lw.observed = parts[0]["observed"]
     if dreg:
-        holder.weights = torch.softmax(log_w.detach(), dim=0)  # w̃ for the hooks (before any backward)
+        g = particle_groups  # w̃ for the hooks (before any backward), normalised within each block of particles
+        holder.weights = torch.softmax(log_w.detach().reshape(g, K // g, B), dim=1).reshape(K, B)
         lw.dreg_w_term = torch.cat([_as_kb(p["dreg_w"], log_w, len(parts)) for p in parts], dim=0)
         lw.dreg_w2_term = torch.cat([_as_kb(p["dreg_w2"], log_w, len(parts)) for p in parts], dim=0)
         modes = {p["dreg_mode"] for p in parts}

@@ -243,7 +243,8 @@ class MultimodalPlan(TrainingPlan):
 @training_plan(ExpertMixtureVAE)
 class StratifiedMixturePlan(MultimodalPlan):
     """The plan of a mixture-guide model with ``strata(x, mask)`` (MMVAE, MoPoE): the stratified bound
-    :class:`~ppl_vae.infer.stratified.StratifiedIWAE` with ``train.num_particles`` and ``train.estimator``; for a
+    :class:`~ppl_vae.infer.stratified.StratifiedIWAE` with ``train.num_particles`` and ``train.estimator``, its
+    strata in one pass (the guide's :class:`ExpertMixture` takes a tensor of strata); for a
     model whose ``objective`` option samples one component per datapoint, the mean of the components' ELBOs
     (:class:`~ppl_vae.infer.component_average.ComponentAverageELBO`)."""
 
@@ -260,6 +261,7 @@ class StratifiedMixturePlan(MultimodalPlan):
             num_particles=train.num_particles,
             estimator=train.estimator,
             shared=self.model.sharing_experts,
+            vectorize_strata=True,
         )
 
 
