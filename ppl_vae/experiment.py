@@ -35,7 +35,7 @@ from .evaluate import bits_per_dim, log_likelihood
 from .evaluate.sampling import sample_run
 from .models import build_model, import_methods
 from .models.registry import data_function, describe_imports
-from .nn.device import use_threads
+from .nn.device import flush_denormals, use_threads
 from .training import distributed
 from .training.checkpoint import load_checkpoint, load_module_state, restore_params
 from .training.loggers import log_figures
@@ -219,6 +219,13 @@ def run_experiment(
     use_threads(cfg.train.threads)  # torch's one thread per core collapses on a shared machine
     if resume and run_dir is not None:
         check_imports(Path(run_dir))  # before the run's imports run: a kept file edited since is refused
+    # set before any tensor work starts torch's worker threads, so that they inherit it (fit sets it again, scoped)
+    flush = cfg.train.flush_denormal and dev.type == "cpu"
+    with flush_denormals() if flush else contextlib.nullcontext():
+        return _run_experiment(cfg, run_dir, resume, overwrite, dev, progress, figures, data)
+
+
+def _run_experiment(cfg: Config, run_dir, resume: bool, overwrite: bool, dev, progress: bool, figures: bool, data):
     fabric = distributed.launch(cfg.train, dev)
     dev = fabric.device if fabric is not None else dev
     if data is not None:

@@ -337,6 +337,12 @@ class TrainConfig(Section):
         doc="CPU threads of each process (torch.set_num_threads); null: half the cores, 1 to 4 — torch's default "
         "of one per core collapses on a machine shared with another busy process (bench/threads.py)",
     )
+    flush_denormal: bool = option(
+        True,
+        doc="on a CPU, treat floats below 1.2e-38 as zero while training (torch.set_flush_denormal): importance "
+        "weights and their gradients underflow into that range, where CPU arithmetic is tens of times slower "
+        "(bench/denormals.py)",
+    )
 
     def check(self, p: str) -> None:
         if self.world_size > 1 and self.batch_size < self.world_size:
@@ -754,6 +760,7 @@ RESUMABLE = (
     "train.validate_every_step",
     "train.logger",
     "train.threads",
+    "train.flush_denormal",
     "device",
     "output_dir",
     "eval.num_samples",

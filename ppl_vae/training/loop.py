@@ -54,7 +54,7 @@ from ..data.user import as_data
 from ..distributions.likelihoods import sigmoid_links
 from ..errors import CheckpointError, DataError, TrainingDiverged
 from ..infer.signature import adapt
-from ..nn.device import device_of, eval_mode
+from ..nn.device import device_of, eval_mode, flush_denormals
 from ._legacy import legacy_plan
 from .checkpoint import (
     SCHEMA,
@@ -154,7 +154,8 @@ def fit(
     loop = _Loop(plan, data, config or TrainConfig(), objective=objective, **options)
     loop.restore() if resume else loop.start()
     compiled = compile_networks(loop.module) if loop.cfg.compile else contextlib.nullcontext()
-    with compiled, loop.session(progress) as bar:
+    flush = loop.cfg.flush_denormal and loop.device.type == "cpu"
+    with compiled, flush_denormals(flush) if flush else contextlib.nullcontext(), loop.session(progress) as bar:
         for epoch in range(loop.start_epoch, loop.cfg.epochs):
             if loop.out_of_patience():
                 break
