@@ -21,9 +21,10 @@ ratios only, a GPU run adds absolute milliseconds):
                              the same steps (``elbo.loss_and_grads`` + Adam), batch 100
   laplace_step_over_vae      a ``vlae`` epoch ÷ a ``vae`` epoch (784-200-200-16 ReLU MLP, batch 100)
 
-Data: random binary 28×28 images (timing does not depend on pixel values). ``--profile`` prints the top entries of
-a cProfile of ``ppl_vae.train`` steps instead (no JSON). IWAE, DReG and ``log_likelihood`` against hand-written
-code: ``bench/iwae_speed.py``.
+Data: random binary 28×28 images (timing does not depend on pixel values). Every row runs with denormal floats
+flushed to zero on the CPU, on both sides, as ``ppl_vae.train`` trains (``train.flush_denormal``). ``--profile``
+prints the top entries of a cProfile of ``ppl_vae.train`` steps instead (no JSON). IWAE, DReG and
+``log_likelihood`` against hand-written code: ``bench/iwae_speed.py``.
 
     python bench/overhead.py            # full: 15 rounds, 20 steps each
     python bench/overhead.py --quick    # 5 rounds
@@ -59,6 +60,7 @@ from pyro.infer import SVI, Trace_ELBO
 import ppl_vae
 from ppl_vae import ModelConfig, TrainConfig, build_model, plan_for
 from ppl_vae.data import DataBundle
+from ppl_vae.nn.device import flush_denormals
 
 STEPS = 20
 
@@ -197,6 +199,11 @@ def main(argv=None):
     device = torch.device(args.device)
     if args.profile:
         return profile(args, device)
+    with flush_denormals(device.type == "cpu"):  # both sides' arithmetic as ppl_vae.train's (it flushes on a CPU)
+        return _main(args, seed, device)
+
+
+def _main(args, seed: int, device):
     rounds = 5 if args.quick else 15
     out = {
         "ratio_pyro_over_torch": {},
