@@ -28,6 +28,11 @@ not depend on pixel values).
     ``loglik_peak_live_mib``: the same with a fixed mmap threshold (``MALLOC_MMAP_THRESHOLD_=131072``), so that
     freed large blocks leave the RSS at once: the peak of the live tensors, deterministic.
 
+(d) ``fixed_ms``: the library's and the hand-written cost at tiny sizes (2 × 2 images, 8 hidden units, 2 latents),
+    where the tensor work vanishes: per training step (iwae, dreg at K = 1 and 5, batch 100) and per
+    ``log_likelihood`` chunk (the plan of (c), one image and 1,149 samples per chunk): the library's cost that does
+    not grow with the networks. ``gap_ms``: library − hand-written at the real sizes, per step and per chunk.
+
 Every pair is timed side by side in one process, interleaved in rounds (A B, B A, ...); the figure is the median over
 rounds of the per-round ratio. One torch thread by default (``--threads``).
 
@@ -226,6 +231,45 @@ def peak_extra_mib(
 
 
 # --------------------------------------------------------------------------------------------- main
+def tiny_model(seed: int):
+    pyro.clear_param_store()
+    torch.manual_seed(seed)
+    cfg = ModelConfig(name="vae", arch="mlp", latent_dim=2, hidden=[8], activation="relu")
+    return build_model(cfg, (1, 2, 2), num_data=60000)
+
+
+def fixed_costs(seed: int, rounds: int, steps: int, ll: tuple[int, int, int, int]) -> dict:
+    """(d): ms per step / per chunk of the library and the hand-written code at tiny sizes, and the difference."""
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.rand(BATCH, 1, 2, 2, generator=g).bernoulli(generator=g) for _ in range(steps)]
+    out = {}
+    for est in ("iwae", "dreg"):
+        for K in (1, 5):
+            model = tiny_model(seed)
+            lib, hand = library_step_fn(model, K, est), hand_step_fn(model, K, dreg=est == "dreg")
+            time_calls(lib, xs[:2]), time_calls(hand, xs[:2])
+            _, t_lib, t_hand, _ = interleaved(lib, hand, xs, rounds)
+            out[f"{est}_K{K}"] = _ms(t_lib, t_hand)
+    n, S, bs, cs = ll
+    model = tiny_model(seed).eval()
+    x = torch.rand(n, 1, 2, 2, generator=g).bernoulli(generator=g)
+    chunks = math.ceil(n / bs) * math.ceil(S / cs)
+    lib = lambda data: log_likelihood(model.model, model.guide, data, num_samples=S, batch_size=bs, chunk_size=cs)  # noqa: E731
+    hand = lambda data: hand_log_likelihood(model, data, S, bs, cs)  # noqa: E731
+    lib(x[:1]), hand(x[:1])
+    _, t_lib, t_hand, _ = interleaved(lib, hand, [x], rounds)
+    out["loglik_chunk"] = _ms(t_lib / chunks, t_hand / chunks)
+    return out
+
+
+def _ms(t_lib: float, t_hand: float) -> dict:
+    return {
+        "library": round(t_lib * 1e3, 3),
+        "hand": round(t_hand * 1e3, 3),
+        "difference": round((t_lib - t_hand) * 1e3, 3),
+    }
+
+
 def main(argv=None):
     ap = parser(__doc__, seeds="0", threads=1)
     args = start(ap, argv)
@@ -313,6 +357,16 @@ def main(argv=None):
             "loglik_memory_method": mem["library"][0] + " growth in fresh processes (median), 20 images",
         }
     )
+    out["fixed_ms"] = fixed_costs(seed, rounds, steps, (20 if quick else 50, ll_S, bs, cs))
+    chunks = math.ceil(ll_n / bs) * math.ceil(ll_S / cs)
+    out["gap_ms"] = {
+        **{
+            name: round((t["library"] - t["handwritten"]) * 1e3, 3)
+            for name, t in out["sec_per_step"].items()
+            if name.endswith(("K1", "K5"))
+        },
+        "loglik_chunk": round((t_lib - t_hand) / chunks * 1e3, 3),
+    }
     out["targets"] = {
         "iwae_K5_le_1.10": out["ratio_iwae_over_handwritten"]["K5"] <= 1.10,
         "dreg_K5_le_1.15": out["ratio_dreg_over_handwritten"]["K5"] <= 1.15,

@@ -20,6 +20,9 @@ ratios only, a GPU run adds absolute milliseconds):
   fit_epoch_over_bare        ``ppl_vae.train``'s epoch quiet / with the progress bar / with checkpoints ÷ a bare loop of
                              the same steps (``elbo.loss_and_grads`` + Adam), batch 100
   laplace_step_over_vae      a ``vlae`` epoch ÷ a ``vae`` epoch (784-200-200-16 ReLU MLP, batch 100)
+  gap_ms                     library − hand-written, ms per step, default objective, per batch size
+  fixed_ms                   the same at tiny sizes (2 × 2 images, 8 hidden units, 2 latents, batch 100), where the
+                             tensor work vanishes: the library's per-step cost that does not grow with the networks
 
 Data: random binary 28×28 images (timing does not depend on pixel values). Every row runs with denormal floats
 flushed to zero on the CPU, on both sides, as ``ppl_vae.train`` trains (``train.flush_denormal``). ``--profile``
@@ -153,17 +156,37 @@ def train_epochs(model, xs, tc, rounds, hook, **kw):
     ppl_vae.train(model, data, cfg, plan=plan, device=xs[0].device, **kw)
 
 
-def ratio_vs(model, other_step, xs, tc, rounds, **kw) -> tuple[float, float, float]:
-    """(median ratio train-epoch ÷ other-epoch, min, max) over rounds, the first (warm-up) round dropped."""
-    ratios = []
+def ratio_vs(model, other_step, xs, tc, rounds, **kw) -> tuple[float, float, float, float, float]:
+    """(median ratio train-epoch ÷ other-epoch, min, max, median seconds per step of the library, of the other)
+    over rounds, the first (warm-up) round dropped."""
+    ratios, mine, theirs = [], [], []
 
     def hook(epoch, seconds):
         other = time_calls(other_step, xs) * len(xs)
         if epoch > 0:
             ratios.append(seconds / other)
+            mine.append(seconds / len(xs))
+            theirs.append(other / len(xs))
 
     train_epochs(model, xs, tc, rounds, hook, **kw)
-    return statistics.median(ratios), min(ratios), max(ratios)
+    return statistics.median(ratios), min(ratios), max(ratios), statistics.median(mine), statistics.median(theirs)
+
+
+def fixed_cost_ms(tc, rounds: int, device, analytic: bool) -> dict:
+    """Milliseconds per step of ``ppl_vae.train``'s epoch and of the hand-written step at tiny sizes (2 × 2 images,
+    8 hidden units, 2 latents, batch 100), and their difference: the per-step work of the library (Pyro's trace,
+    the objective's bookkeeping) that does not grow with the networks."""
+    pyro.clear_param_store()
+    cfg = ModelConfig(name="vae", arch="mlp", latent_dim=2, hidden=[8], activation="relu")
+    model = build_model(cfg, (1, 2, 2), num_data=60000).to(device)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.rand(100, 1, 2, 2, generator=g).bernoulli(generator=g).to(device) for _ in range(STEPS)]
+    _, _, _, mine, theirs = ratio_vs(model, torch_step(model, analytic), xs, tc, rounds, progress=False)
+    return {
+        "library": round(mine * 1e3, 3),
+        "hand": round(theirs * 1e3, 3),
+        "difference": round((mine - theirs) * 1e3, 3),
+    }
 
 
 def pair_ratio(step_a, step_b, xs, rounds) -> tuple[float, float, float, float]:
@@ -211,6 +234,7 @@ def _main(args, seed: int, device):
         "ratio_jit_over_torch": {},
         "ratio_svi_over_torch": {},
         "sec_per_step_torch": {},
+        "gap_ms": {},
         "fit_epoch_over_bare": {},
         "rounds": rounds,
         "steps_per_round": STEPS,
@@ -226,7 +250,9 @@ def _main(args, seed: int, device):
         pyro.set_rng_seed(seed)
         xs = [images(batch, seed * 1000 + k, device) for k in range(STEPS)]
         m = vae(device=device)
-        out["ratio_pyro_over_torch"][key] = _r(ratio_vs(m, torch_step(m, True), xs, TrainConfig(), rounds, **quiet))
+        r = ratio_vs(m, torch_step(m, True), xs, TrainConfig(), rounds, **quiet)
+        out["ratio_pyro_over_torch"][key] = _r(r)
+        out["gap_ms"][key] = round((r[3] - r[4]) * 1e3, 3)  # library − hand-written, ms per step
         m = vae(device=device)
         out["ratio_sampled_kl_over_torch"][key] = _r(
             ratio_vs(m, torch_step(m, False), xs, TrainConfig(objective="elbo"), rounds, **quiet)
@@ -258,6 +284,10 @@ def _main(args, seed: int, device):
     m, m2 = vae(device=device), vae(device=device)
     out["ratio_compile_over_torch_compiled"] = {
         key: _r(ratio_vs(m, torch_step(m2, True, compiled=True), xs, TrainConfig(compile=True), rounds, **quiet))
+    }
+    out["fixed_ms"] = {
+        "default": fixed_cost_ms(TrainConfig(), rounds, device, analytic=True),
+        "sampled_kl": fixed_cost_ms(TrainConfig(objective="elbo"), rounds, device, analytic=False),
     }
     # the epoch's bookkeeping: quiet, with the bar (to /dev/null), with checkpoints
     pyro.set_rng_seed(seed)
