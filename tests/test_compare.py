@@ -251,3 +251,29 @@ def test_a_multimodal_compare_reports_coherence_and_the_joint_probe(tmp_path):
         cmp.load_spec({**spec, "metrics": ["kl"]})
     with pytest.raises(ConfigError, match="'fid' is not defined for run 'mopoe', a multimodal run"):
         cmp.load_spec({**spec, "metrics": ["fid"]})
+
+
+@pytest.mark.parametrize(
+    "names", [["small", "large"], [f"{a}layer_{o}" for a in (1, 2) for o in ("vae", "iwae5", "iwae50", "dreg50")]]
+)
+def test_the_figure_s_run_names_do_not_overlap(tmp_path, names):
+    """Eight runs with long names (bench/iwae_fashion's spec) once printed on top of each other: labels side by side
+    must not overlap; slanted ones must lie at least a line height apart across their slant."""
+    runs = {n: {"values": {"0": float(i)}, "mean": float(i), "se": None} for i, n in enumerate(names)}
+    result = {"seeds": [0], "metrics": {m: {"runs": runs, "higher_is_better": True} for m in ("a", "b")}}
+    fig = core._figure(result, tmp_path / "compare.png")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    for ax in fig.axes:
+        labels = ax.get_xticklabels()
+        assert [t.get_text() for t in labels] == names
+        angle = math.radians(labels[0].get_rotation())
+        if angle == 0:
+            boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.x0)
+            assert all(a.x1 <= b.x0 + 1 for a, b in zip(boxes, boxes[1:], strict=False)), [b.x0 for b in boxes]
+        else:
+            xs = ax.transData.transform([(i, 0) for i in range(len(names))])[:, 0]
+            line = labels[0].get_fontsize() * fig.dpi / 72
+            assert min(np.diff(xs)) * math.sin(angle) >= line, (min(np.diff(xs)), line)

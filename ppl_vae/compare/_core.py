@@ -427,12 +427,15 @@ def _csv(result: dict) -> str:
     return buf.getvalue()
 
 
-def _figure(result: dict, path: Path) -> None:
-    """Per metric one panel: one point per seed per run, a seed's runs joined by a line (paired)."""
+def _figure(result: dict, path: Path):
+    """Per metric one panel: one point per seed per run, a seed's runs joined by a line (paired); run names that
+    would not fit side by side are slanted."""
     from matplotlib.figure import Figure
 
     metrics = list(result["metrics"])
-    fig = Figure(figsize=(3.6 * len(metrics), 3.2), layout="constrained")
+    names_chars = sum(len(n) + 2 for n in next(iter(result["metrics"].values()))["runs"]) if metrics else 0
+    slant = names_chars > 40  # about the characters a 3.6-inch panel holds side by side
+    fig = Figure(figsize=(3.6 * len(metrics), 3.6 if slant else 3.2), layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics, strict=True):
         runs = result["metrics"][metric]["runs"]
@@ -442,10 +445,11 @@ def _figure(result: dict, path: Path) -> None:
             ax.plot(range(len(names)), ys, "-o", color="0.6", markersize=4, linewidth=0.8)
         for i, n in enumerate(names):
             ax.errorbar(i + 0.15, runs[n]["mean"], yerr=runs[n]["se"] or 0, fmt="s", color="C3", markersize=5)
-        ax.set_xticks(range(len(names)), names)
+        ax.set_xticks(range(len(names)), names, rotation=35 if slant else 0, ha="right" if slant else "center")
         better = "higher" if result["metrics"][metric]["higher_is_better"] else "lower"
         ax.set_title(f"{metric} ({better} is better)", fontsize=9)
     fig.savefig(path, dpi=110)
+    return fig
 
 
 def check_workers(workers) -> int:
