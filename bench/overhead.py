@@ -10,11 +10,14 @@ ratios only, a GPU run adds absolute milliseconds):
   ratio_sampled_kl_over_torch  the same with ``train.objective: elbo`` (every term sampled, Pyro's Trace_ELBO) against
                              hand-written sampled-KL steps
   ratio_jit_over_torch       the same with ``train.jit: true`` (``train.objective: elbo``)
-  ratio_compile_over_torch   the default objective with ``train.compile: true`` (the networks under torch.compile)
-                             ÷ the hand-written eager step, batch 100; ``ratio_torch_compiled_over_torch``: the
-                             hand-written step with its whole loss under torch.compile ÷ the eager one;
-                             ``ratio_compile_over_torch_compiled``: ``train.compile`` ÷ that compiled hand step
-                             (each side's compilation falls in the dropped warm-up round)
+  ratio_compile_over_torch   the default objective with ``train.compile: true`` (the objective traced once through
+                             the Pyro program and compiled) ÷ the hand-written eager step, batch 100;
+                             ``ratio_torch_compiled_over_torch``: the hand-written step with its whole loss under
+                             torch.compile ÷ the eager one; ``ratio_compile_over_torch_compiled``: ``train.compile``
+                             ÷ that compiled hand step (each side's compilation falls in the dropped warm-up round)
+  *_over_torch_fused_adam    the default objective and ``train.compile`` ÷ the hand-written eager step with
+                             ``torch.optim.Adam(fused=True)``, the optimiser ``ppl_vae.train`` runs (batch 100): how
+                             much of each ratio is the optimiser
   ratio_svi_over_torch       ``pyro.infer.SVI`` + ``pyro.optim.Adam`` + ``Trace_ELBO`` (plain Pyro, one optimiser
                              per tensor) ÷ the hand-written sampled-KL step
   fit_epoch_over_bare        ``ppl_vae.train``'s epoch quiet / with the progress bar / with checkpoints ÷ a bare loop of
@@ -79,11 +82,13 @@ def images(n, seed, device):
     return torch.rand(n, 1, 28, 28, generator=g).bernoulli(generator=g).to(device)
 
 
-def torch_step(model, analytic: bool, compiled: bool = False):
+def torch_step(model, analytic: bool, compiled: bool = False, fused: bool = False):
     """One hand-written step of the library VAE's estimator on the same modules; ``compiled``: its loss — networks,
     sampling, likelihood and KL, the likelihood's argument checks off — under ``torch.compile`` (backward through the
-    compiled graph, the same Adam)."""
-    opt = torch.optim.Adam(list(model.encoder.parameters()) + list(model.decoder.parameters()), lr=1e-3)
+    compiled graph, the same Adam); ``fused``: ``torch.optim.Adam(fused=True)`` (as ``ppl_vae.train``) instead of
+    the default ``torch.optim.Adam``."""
+    params = list(model.encoder.parameters()) + list(model.decoder.parameters())
+    opt = torch.optim.Adam(params, lr=1e-3, fused=True) if fused else torch.optim.Adam(params, lr=1e-3)
     n = model.num_data
 
     def loss_fn(x):
@@ -284,6 +289,14 @@ def _main(args, seed: int, device):
     m, m2 = vae(device=device), vae(device=device)
     out["ratio_compile_over_torch_compiled"] = {
         key: _r(ratio_vs(m, torch_step(m2, True, compiled=True), xs, TrainConfig(compile=True), rounds, **quiet))
+    }
+    m, m2 = vae(device=device), vae(device=device)
+    out["ratio_pyro_over_torch_fused_adam"] = {
+        key: _r(ratio_vs(m, torch_step(m2, True, fused=True), xs, TrainConfig(), rounds, **quiet))
+    }
+    m, m2 = vae(device=device), vae(device=device)
+    out["ratio_compile_over_torch_fused_adam"] = {
+        key: _r(ratio_vs(m, torch_step(m2, True, fused=True), xs, TrainConfig(compile=True), rounds, **quiet))
     }
     out["fixed_ms"] = {
         "default": fixed_cost_ms(TrainConfig(), rounds, device, analytic=True),

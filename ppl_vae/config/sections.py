@@ -302,9 +302,11 @@ class TrainConfig(Section):
     )
     compile: bool = option(
         False,
-        doc="train with the model's networks (encoder, decoder, or the names in its compiled_networks) compiled by "
-        "torch.compile; the Pyro program and objective stay eager; the first step and the first validation "
-        "compile (tens of seconds on a CPU); a network that cannot be compiled runs eagerly with a warning",
+        doc="train with torch.compile: the objective (elbo, meanfield or auto with a reparameterised guide) traced "
+        "once per batch shape through the Pyro program into one compiled graph; otherwise (iwae, a plan's own "
+        "objective, several processes) the model's networks (encoder, decoder, or the names in its "
+        "compiled_networks) compiled, with one warning where the objective could not be traced; each batch shape "
+        "compiles once (seconds to tens of seconds on a CPU)",
     )
     min_elbo: float | None = option(
         -1e6,
@@ -358,7 +360,7 @@ class TrainConfig(Section):
         if self.jit and self.compile:
             raise ConfigError(
                 f"{p}.jit and {p}.compile are two ways of compiling: set one of them to false (compile is "
-                "torch.compile of the networks, jit TorchScript of the whole ELBO)"
+                "torch.compile of the traced ELBO, jit TorchScript of it)"
             )
         if self.jit and self.objective == "iwae":
             raise ConfigError(f"{p}.jit must be false with {p}.objective='iwae' (TraceIWAE is not compiled), got true")

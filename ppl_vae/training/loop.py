@@ -65,7 +65,7 @@ from .checkpoint import (
     rng_state,
     set_rng_state,
 )
-from .compiled import compile_networks
+from .compiled import compiled_objective
 from .distributed import RANK_SEED, Sharded, grad_scaler, on_lead, refuse_coupled
 from .loggers import close_loggers, log_history, make_loggers
 from .optim import ParamOptimizer
@@ -153,9 +153,8 @@ def fit(
     data = as_data(data, seed=seed)  # a DataBundle as it is; tensors, arrays, a Dataset split from the seed
     loop = _Loop(plan, data, config or TrainConfig(), objective=objective, **options)
     loop.restore() if resume else loop.start()
-    compiled = compile_networks(loop.module) if loop.cfg.compile else contextlib.nullcontext()
     flush = loop.cfg.flush_denormal and loop.device.type == "cpu"
-    with compiled, flush_denormals(flush) if flush else contextlib.nullcontext(), loop.session(progress) as bar:
+    with loop.compiled(), flush_denormals(flush) if flush else contextlib.nullcontext(), loop.session(progress) as bar:
         for epoch in range(loop.start_epoch, loop.cfg.epochs):
             if loop.out_of_patience():
                 break
@@ -225,6 +224,27 @@ class _Loop:
         self.data_checked = False  # what the likelihood needs of the data: checked on the first step
         self.skip_checks = False  # Pyro's checks run on the first step only, unless validate_every_step
 
+    @contextlib.contextmanager
+    def compiled(self) -> Iterator[None]:
+        """``train.compile``: the objective traced once per batch shape and compiled (the training steps; the
+        epochs of a KL warm-up run eagerly), else the networks compiled (:mod:`.compiled`)."""
+        if not self.cfg.compile:
+            yield
+            return
+        elbo = self.elbo
+        ctx = compiled_objective(
+            elbo,
+            self.module,
+            key=lambda: self.warmup.beta,
+            static=lambda: self.warmup.beta == self.cfg.kl_weight,
+            whole=self.fabric is None,
+        )
+        with ctx as self.elbo:
+            try:
+                yield
+            finally:
+                self.elbo = elbo
+
     @property
     def lead(self) -> bool:
         return self.rank == 0
@@ -234,7 +254,9 @@ class _Loop:
         """A fresh run: a clean param store, the seed (per rank), a new optimiser, an empty ``metrics.jsonl``."""
         pyro.clear_param_store()
         pyro.set_rng_seed(self.seed + RANK_SEED * self.rank)
-        self.optim = ParamOptimizer(self.module, self.lr, self.cfg.clip_norm, grad_scaler(self.fabric))
+        self.optim = ParamOptimizer(
+            self.module, self.lr, self.cfg.clip_norm, grad_scaler(self.fabric), fused=self.cfg.compile
+        )
         if self.run_dir is not None and self.lead:
             (self.run_dir / METRICS).write_text("")
 
@@ -260,7 +282,9 @@ class _Loop:
         restore_params(self.model, self.guide, ckpt["param_store"], x0, y0)
         self.start_epoch = ckpt["epoch"]
         self.lr = self.cfg.lr_at(self.start_epoch)
-        self.optim = ParamOptimizer(self.module, self.lr, self.cfg.clip_norm, grad_scaler(self.fabric))
+        self.optim = ParamOptimizer(
+            self.module, self.lr, self.cfg.clip_norm, grad_scaler(self.fabric), fused=self.cfg.compile
+        )
         self.optim.load_state(ckpt["optim"])
         self.result = FitResult.from_checkpoint(ckpt, self.run_dir)
         self.bad_epochs = ckpt["bad_epochs"]

@@ -27,14 +27,23 @@ _FORMAT = "ppl_vae.ParamOptimizer/1"
 
 
 class ParamOptimizer:
-    def __init__(self, module: torch.nn.Module | None, lr: float, clip_norm: float | None = None, scaler=None):
+    def __init__(
+        self,
+        module: torch.nn.Module | None,
+        lr: float,
+        clip_norm: float | None = None,
+        scaler=None,
+        fused: bool = False,
+    ):
         """``scaler``: the ``torch.amp.GradScaler`` of float16 training (``train.precision: 16-mixed``): the
         gradients arrive scaled; each step unscales them (before clipping), skips a step whose gradients overflowed
-        and updates the scale, as ``GradScaler.step`` does."""
-        self.module, self.clip_norm, self.scaler = module, clip_norm, scaler
+        and updates the scale, as ``GradScaler.step`` does. ``fused``: Adam's fused kernel (one pass per tensor;
+        the same updates to float rounding, not bit for bit; ``train.compile`` uses it), else the per-tensor loop
+        whose updates equal ``pyro.optim.Adam``'s exactly."""
+        self.module, self.clip_norm, self.scaler, self.fused = module, clip_norm, scaler, bool(fused)
         self.params: list[torch.Tensor] = []
         self._ids: set[int] = set()
-        self.optim = torch.optim.Adam([{"params": []}], lr=lr)
+        self.optim = torch.optim.Adam([{"params": []}], lr=lr, fused=self.fused or None)
         self._store_size = -1
         self.sync()
 
@@ -112,5 +121,6 @@ class ParamOptimizer:
             if p is None:
                 continue
             self.optim.state[p] = {
-                k: (v.to(p.device) if isinstance(v, torch.Tensor) and k != "step" else v) for k, v in st.items()
+                k: (v.to(p.device) if isinstance(v, torch.Tensor) and (k != "step" or self.fused) else v)
+                for k, v in st.items()
             }

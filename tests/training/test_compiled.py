@@ -1,4 +1,5 @@
-"""``train.compile``: the networks compiled with torch.compile while the Pyro program stays as written (issue 37).
+"""``train.compile``: the objective traced whole (``test_traced_elbo.py``), else the networks compiled with
+torch.compile while the Pyro program stays as written (issue 37).
 
 Dynamo's capture is checked with the ``eager`` backend (no code generation: seconds, not minutes); one slow test
 runs inductor itself."""
@@ -103,7 +104,7 @@ def test_a_network_that_cannot_be_compiled_runs_eagerly_with_one_warning(data, m
     torch._dynamo.reset()
 
 
-def test_a_model_without_networks_trains_eagerly_with_a_warning(data, eager_backend):
+def test_a_model_without_networks_is_traced_whole_else_trains_eagerly_with_a_warning(data, eager_backend):
     import pyro
     import pyro.distributions as dist
 
@@ -121,8 +122,12 @@ def test_a_model_without_networks_trains_eagerly_with_a_warning(data, eager_back
         def guide(self, x, y=None):
             pass
 
-    with pytest.warns(compiled.CompileFallbackWarning, match="has no networks to compile"):
+    with warnings.catch_warnings():  # the default objective: traced whole, whatever the model's attributes
+        warnings.simplefilter("error", compiled.CompileFallbackWarning)
         ppl_vae.train(Plain(), data, TrainConfig(epochs=1, batch_size=100, compile=True), progress=False)
+    iwae = TrainConfig(epochs=1, batch_size=100, compile=True, objective="iwae", num_particles=2)
+    with pytest.warns(compiled.CompileFallbackWarning, match="has no networks to compile"):
+        ppl_vae.train(Plain(), data, iwae, progress=False)
 
 
 def test_compile_and_jit_together_are_refused_in_one_line():
@@ -131,7 +136,10 @@ def test_compile_and_jit_together_are_refused_in_one_line():
 
 
 @pytest.mark.slow
-def test_inductor_compiles_the_vae_and_trains_to_the_eager_numbers(data):
+def test_inductor_compiles_the_vae_and_trains_to_the_eager_numbers(data, monkeypatch):
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # torch's draws, not inductor's own
     torch._dynamo.reset()
     runs = {}
     for flag in (False, True):
