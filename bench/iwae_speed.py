@@ -15,6 +15,8 @@ not depend on pixel values).
     2018): log q at the live z with detached μ, σ, and a tensor hook on the decoder's copy of z that multiplies its
     gradient by w̃, so the surrogate Σ w̃ log p(x, z) − Σ w̃² log q(z; sg φ) gives the decoder Σ w̃ ∇θ log p and the
     encoder Σ w̃² ∂log w/∂z ∂z/∂φ in one forward and one backward pass. K = 1, 5, 50.
+(b') ``*_compile_*``: the same library steps as ``train.compile: true`` takes them (the objective and its backward
+    traced once, compiled by inductor; Adam's fused kernel) ÷ the same hand-written eager steps.
 (c) ``loglik``: ``ppl_vae.evaluate.log_likelihood`` with its default chunking ÷ a hand-written chunked loop with the
     *same* (batch_size, chunk_size) (the encoder once per batch, running logsumexp over chunks), S = 5000 samples on
     500 images (quick: S = 500 on 50); ``_all_samples``: ÷ a hand-written loop that draws all S samples of one image
@@ -69,6 +71,7 @@ from ppl_vae.evaluate import log_likelihood
 from ppl_vae.evaluate.likelihood import bytes_per_sample, plan_chunks
 from ppl_vae.infer.iwae import TraceIWAE
 from ppl_vae.models import build_model
+from ppl_vae.training.compiled import TracedELBO
 
 KS = (1, 5, 50)
 BATCH = 100
@@ -124,6 +127,22 @@ def hand_step_fn(model, K: int, dreg: bool):
 def library_step_fn(model, K: int, estimator: str):
     """The step ``ppl_vae.train`` takes with ``train.objective: iwae`` (``_common.library_step``)."""
     return library_step(model, TraceIWAE(num_particles=K, vectorize_particles=True, estimator=estimator))
+
+
+def compiled_step_fn(model, K: int, estimator: str):
+    """The step ``ppl_vae.train`` takes with ``train.compile: true``: ``TraceIWAE`` with its backward traced once
+    and compiled (:class:`~ppl_vae.training.compiled.TracedELBO`, inductor) and Adam's fused kernel."""
+    elbo = TracedELBO(TraceIWAE(num_particles=K, vectorize_particles=True, estimator=estimator), model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+
+    def step(x):
+        with pyro.validation_enabled(False):
+            loss = elbo.loss_and_grads(model.model, model.guide, x)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
 
 
 def svi_step_fn(model, K: int, estimator: str):
@@ -286,6 +305,8 @@ def main(argv=None):
         "steps_per_round": steps,
         "ratio_iwae_over_handwritten": {},
         "ratio_dreg_over_handwritten": {},
+        "ratio_iwae_compile_over_handwritten": {},
+        "ratio_dreg_compile_over_handwritten": {},
         "sec_per_step": {},
         "per_round_ratios": {},
     }
@@ -300,6 +321,13 @@ def main(argv=None):
             out[key][f"K{K}"] = round(ratio, 3)
             out["sec_per_step"][f"{est}_K{K}"] = {"library": t_lib, "handwritten": t_hand}
             out["per_round_ratios"][f"{est}_K{K}"] = [round(r, 3) for r in per_round]
+        for K in KS:  # train.compile against the same hand-written eager step
+            model = make_model(seed)
+            lib, hand = compiled_step_fn(model, K, est), hand_step_fn(model, K, dreg=est == "dreg")
+            time_calls(lib, xs[:2]), time_calls(hand, xs[:2])  # warm-up: the compilation
+            n = steps if K < 50 else max(2, steps // 2)
+            ratio, t_lib, t_hand, _ = interleaved(lib, hand, xs[:n], rounds)
+            out[f"ratio_{est}_compile_over_handwritten"][f"K{K}"] = round(ratio, 3)
         model = make_model(seed)  # plain SVI, K = 5
         svi, hand = svi_step_fn(model, 5, est), hand_step_fn(model, 5, dreg=est == "dreg")
         time_calls(svi, xs[:2]), time_calls(hand, xs[:2])

@@ -302,9 +302,9 @@ class TrainConfig(Section):
     )
     compile: bool = option(
         False,
-        doc="train with torch.compile: the objective (elbo, meanfield or auto with a reparameterised guide) traced "
-        "once per batch shape through the Pyro program into one compiled graph; otherwise (iwae, a plan's own "
-        "objective, several processes) the model's networks (encoder, decoder, or the names in its "
+        doc="train with torch.compile: the objective (auto, elbo, meanfield or iwae, with a reparameterised guide) "
+        "and its gradients traced once per batch shape through the Pyro program into one compiled graph; otherwise "
+        "(a plan's own objective, several processes) the model's networks (encoder, decoder, or the names in its "
         "compiled_networks) compiled, with one warning where the objective could not be traced; each batch shape "
         "compiles once (seconds to tens of seconds on a CPU)",
     )

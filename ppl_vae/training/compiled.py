@@ -1,21 +1,24 @@
 """``train.compile: true``: the training objective traced once per batch shape and compiled with ``torch.compile``.
 
 :class:`TracedELBO` runs the model, the guide, Pyro's handlers and the ELBO's trace walking once per batch shape
-under ``make_fx``, which records the tensor operations they perform — networks, sampling, log densities, the KL —
-as one graph whose inputs are the parameters, the buffers and the batch; ``torch.compile`` compiles that graph
-(forward and backward), and every step runs it without any Pyro Python. This is ``train.jit``'s idea (Pyro's
-``JitTrace_ELBO``, TorchScript) on ``torch.compile``: Dynamo cannot capture Pyro's ELBO itself (its handlers split
-``Trace_ELBO.differentiable_loss`` into 18 graphs), a trace through it is one graph. The same limits as
-``train.jit``: what the program reads as a Python value (a shape, a check, a β) is fixed in the graph; the
-objective must be of Pyro's ``Trace_ELBO`` family with a reparameterised guide (:func:`traceable`).
+under ``make_fx``, with the backward pass (``torch.autograd.grad`` of the surrogate loss), and so records the
+tensor operations they perform — networks, sampling, log densities, the KL and their gradients — as one graph whose
+inputs are the parameters, the buffers and the batch and whose outputs are the loss and the gradients; autograd's
+semantics (``detach``, ``no_grad``, DReG's gradient hooks) hold in it because autograd ran them while tracing.
+``torch.compile`` compiles that graph, and every step runs it without any Pyro Python. This is ``train.jit``'s
+idea (Pyro's ``JitTrace_ELBO``, TorchScript) on ``torch.compile``: Dynamo cannot capture Pyro's ELBO itself (its
+handlers split ``Trace_ELBO.differentiable_loss`` into 18 graphs), a trace through it is one graph. The same
+limits as ``train.jit``: what the program reads as a Python value (a shape, a check, a β) is fixed in the graph; the
+objective must be of Pyro's ``Trace_ELBO`` family or this library's IWAE/DReG, with a reparameterised guide
+(:func:`traceable`).
 
-Where the objective cannot be traced (IWAE, DReG, a plan's own objective, several processes, a guide with a
-discrete site) the model's networks are compiled instead: the Pyro program runs as written and calls networks
-whose forward pass is compiled (``nn.Module.compile``: the module itself is unchanged, so its parameters,
-``state_dict`` keys and checkpoints are those of the eager run). Which networks: the model's attributes named in
-its ``compiled_networks`` (default ``("encoder", "decoder")``) that are ``nn.Module``\\ s with parameters; a model
-without such networks (e.g. a ``(model_fn, guide_fn)`` pair) is trained eagerly with one warning. A network whose
-compilation fails at its first call runs eagerly from then on, with one warning naming it and the reason. After
+Where the objective cannot be traced (a plan's own objective, several processes, a guide with a discrete site)
+the model's networks are compiled instead: the Pyro program runs as written and calls networks whose forward pass
+is compiled (``nn.Module.compile``: the module itself is unchanged, so its parameters, ``state_dict`` keys and
+checkpoints are those of the eager run). Which networks: the model's attributes named in its ``compiled_networks``
+(default ``("encoder", "decoder")``) that are ``nn.Module``\\ s with parameters; a model without such networks
+(e.g. a ``(model_fn, guide_fn)`` pair) is trained eagerly with one warning. A network whose compilation fails at
+its first call runs eagerly from then on, with one warning naming it and the reason. After
 :func:`~ppl_vae.training.fit` the networks are eager again, so an evaluation at other shapes does not recompile.
 
 Compiling costs time once per batch shape (the last, smaller batch of an epoch has its own graph): seconds to tens
@@ -24,6 +27,7 @@ of seconds on a CPU, which pays off only over long runs (``bench/overhead.py`` m
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 import warnings
@@ -34,12 +38,14 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from ..infer.base import Objective
 from ..infer.importance import fork_rng
 
 __all__ = [
     "compiled_networks",
     "compile_networks",
     "compiled_objective",
+    "compiled_fit",
     "traceable",
     "TracedELBO",
     "BACKEND",
@@ -128,7 +134,7 @@ def compile_networks(model, backend: str | None = None) -> Iterator[list[str]]:
 
 # -- the whole objective, traced once per batch shape ---------------------------------------------------------
 
-_TRACEABLE = ("Trace_ELBO", "TraceMeanField_ELBO", "AnalyticKLELBO")
+_TRACEABLE = ("Trace_ELBO", "TraceMeanField_ELBO", "AnalyticKLELBO", "TraceIWAE")
 _VALUE_READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist")
 
 
@@ -138,17 +144,23 @@ class Untraceable(Exception):
 
 def traceable(objective) -> bool:
     """Whether ``train.compile`` traces ``objective`` whole: exactly Pyro's ``Trace_ELBO`` or ``TraceMeanField_ELBO``
-    or this library's ``AnalyticKLELBO`` (one particle or vectorised particles). A subclass — a method's own
-    objective — may read values that change between steps, so its model's networks are compiled instead."""
+    or this library's ``AnalyticKLELBO`` or ``TraceIWAE`` (IWAE or DReG; one particle or vectorised particles). A
+    subclass — a method's own objective — may read values that change between steps, so its model's networks are
+    compiled instead."""
     return type(objective).__name__ in _TRACEABLE and type(objective).__module__.split(".")[0] in ("pyro", "ppl_vae")
 
 
 class _ValuesAsConstants(torch.overrides.TorchFunctionMode):
     """While tracing: a Python value read from a tensor (``.item()``, ``bool(t)``, ...) is the value it has now,
     read without recording, so Pyro's bookkeeping (``torch_item`` of the loss, ``warn_if_nan``, the argument checks)
-    runs as in an eager step; such a value is fixed in the graph, as in ``torch.jit.trace``."""
+    runs as in an eager step; such a value is fixed in the graph, as in ``torch.jit.trace``. The hooks by which
+    ``warn_if_nan`` would warn of NaN gradients are not registered (the loop stops on a NaN loss)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) == "register_hook":
+            hook = args[1] if len(args) > 1 else (kwargs or {}).get("hook")
+            if getattr(hook, "__module__", None) == "pyro.util":  # warn_if_nan's NaN-gradient warning: not traced
+                return torch.utils.hooks.RemovableHandle(collections.OrderedDict())
         if getattr(func, "__name__", None) in _VALUE_READS:
             from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
@@ -169,16 +181,18 @@ class _Call(nn.Module):
 
 
 class TracedELBO:
-    """``train.compile``'s objective: ``objective`` (a ``Trace_ELBO``-family ELBO, :func:`traceable`) traced once
-    per batch shape — through the model, the guide, Pyro's handlers and the ELBO's trace walking — into one graph of
-    tensor operations (``make_fx``) whose inputs are the module's parameters and buffers, the param store's other
-    parameters and the batch; that graph runs under ``torch.compile`` and ``loss_and_grads`` backpropagates through
-    it. Nothing of Pyro runs at a compiled step: what the trace read as a Python value (a shape, a check, β) is fixed
-    in the graph, so ``key()`` (β of a KL warm-up) is part of the graph's key.
+    """``train.compile``'s objective: ``objective`` (:func:`traceable`) traced once per batch shape — through the
+    model, the guide, Pyro's handlers and the ELBO's trace walking — into one graph of tensor operations
+    (``make_fx``) whose inputs are the module's parameters and buffers, the param store's other parameters and the
+    batch, and whose outputs are the loss's value and the gradients of the surrogate loss (an
+    :class:`~ppl_vae.infer.base.Objective`'s ``loss_and_surrogate``, else Pyro's ``differentiable_loss`` for both);
+    that graph runs under ``torch.compile`` and ``loss_and_grads`` adds its gradients to the parameters' ``.grad``.
+    Nothing of Pyro runs at a compiled step: what the trace read as a Python value (a shape, a check, β) is fixed in
+    the graph, so ``key()`` (β of a KL warm-up) is part of the graph's key.
 
     Requirements, checked when tracing (else :attr:`failed` holds the reason, the step runs ``objective`` eagerly
-    and ``on_fallback(reason)`` is called once): every guide site reparameterised (the loss is then the value of
-    Pyro's surrogate loss), every parameter created before the trace (one eager pass under a forked RNG creates
+    and ``on_fallback(reason)`` is called once): every guide site reparameterised (the value of Pyro's surrogate
+    loss is then the loss), every parameter created before the trace (one eager pass under a forked RNG creates
     them) and no parameter captured as a constant. While ``static()`` is false (the epochs of a KL warm-up, β changing
     every epoch) the steps run eagerly. ``loss`` (validation) runs ``objective`` eagerly."""
 
@@ -223,14 +237,18 @@ class TracedELBO:
                     return value
             inputs = graph.inputs()
             try:
-                loss = graph.fn(*inputs, *tensors)
+                with torch.no_grad():  # the graph computes the gradients itself
+                    value, *grads = graph.fn(*inputs, *tensors)
             except _dynamo_errors() as e:
                 self.graphs.pop(key)
                 value = self.objective.loss_and_grads(model, guide, *args, **kwargs)
                 self._fail(_reason(e))
                 return value
-            loss.backward()
-            return loss.detach().item()
+            for i, g in zip(graph.trained, grads, strict=True):
+                if g is not None:
+                    p = inputs[i]
+                    p.grad = g if p.grad is None else p.grad + g
+            return value.item()
         return self.objective.loss_and_grads(model, guide, *args, **kwargs)
 
     def _fail(self, reason: str) -> None:
@@ -255,23 +273,27 @@ class TracedELBO:
         tensors, _ = _split(args, kwargs)
         objective = self.objective
 
-        def loss(*flat):
+        def step(*flat):
             params, batch = flat[: graph.size], iter(flat[graph.size :])
             call_args = tuple(next(batch) if torch.is_tensor(a) else a for a in args)
             call_kwargs = {k: next(batch) if torch.is_tensor(v) else v for k, v in kwargs.items()}
             with graph.swapped(params) as swap:
-                return torch.func.functional_call(
-                    _Call(self.module, lambda: objective.differentiable_loss(model, guide, *call_args, **call_kwargs)),
+                surrogate, value = torch.func.functional_call(
+                    _Call(self.module, lambda: _surrogate_and_value(objective, model, guide, call_args, call_kwargs)),
                     swap,
                     (),
                     strict=False,
                 )
+            # the backward pass is traced too: autograd's own semantics (detach, no_grad, tensor hooks) hold in it
+            trained = [params[i] for i in graph.trained]
+            grads = torch.autograd.grad(surrogate, trained, allow_unused=True) if surrogate.requires_grad else ()
+            return (value, *grads) if grads else (value, *[None] * len(trained))
 
         names_before = set(store.keys())
         try:
             with fork_rng(), _ValuesAsConstants(), warnings.catch_warnings():  # the trace draws no step's noise
                 warnings.filterwarnings("ignore", category=UserWarning)
-                gm = make_fx(loss, tracing_mode="real")(*graph.inputs(), *tensors)
+                gm = make_fx(step, tracing_mode="real")(*graph.inputs(), *tensors)
         except Exception as e:  # noqa: BLE001 - any failure to trace means: train eagerly, with the reason
             raise Untraceable(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from e
         if set(store.keys()) != names_before:
@@ -299,6 +321,7 @@ class _Graph:
         self.store_names = [n for n, p in store._params.items() if id(p) not in own]
         self.store_of = {id(p): n for n, p in store._params.items()}
         self.size = len(self.param_names) + len(self.buffer_names) + len(self.store_names)
+        self.trained = [i for i, t in enumerate(self.inputs()) if t.requires_grad]  # what gets a gradient
         self.gm = self.fn = None
 
     def inputs(self) -> list[torch.Tensor]:
@@ -340,6 +363,14 @@ def _split(args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], tuple]:
     return tensors, rest
 
 
+def _surrogate_and_value(objective, model, guide, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(objective, Objective):
+        surrogate, value = objective.loss_and_surrogate(model, guide, *args, **kwargs)
+        return surrogate, value.detach()
+    loss = objective.differentiable_loss(model, guide, *args, **kwargs)
+    return loss, loss.detach()
+
+
 def _identity(fn):
     """What stays the same between calls of ``fn``: a bound method is a new object at every attribute access."""
     return (id(fn.__self__), fn.__func__) if inspect.ismethod(fn) else id(fn)
@@ -374,3 +405,26 @@ def compiled_objective(objective, module, *, key=None, static=None, whole: bool 
 
     with stack:
         yield TracedELBO(objective, module, backend=backend, key=key, static=static, on_fallback=fallback)
+
+
+@contextlib.contextmanager
+def compiled_fit(loop) -> Iterator[None]:
+    """``train.compile`` for one :func:`~ppl_vae.training.fit` loop: while it runs, ``loop.elbo`` is
+    :func:`compiled_objective`'s (one process: the objective traced whole; epochs of a KL warm-up run eagerly, β is
+    part of the graph's key)."""
+    if not loop.cfg.compile:
+        yield
+        return
+    elbo = loop.elbo
+    ctx = compiled_objective(
+        elbo,
+        loop.module,
+        key=lambda: loop.warmup.beta,
+        static=lambda: loop.warmup.beta == loop.cfg.kl_weight,
+        whole=loop.fabric is None,
+    )
+    with ctx as loop.elbo:
+        try:
+            yield
+        finally:
+            loop.elbo = elbo

@@ -65,7 +65,7 @@ from .checkpoint import (
     rng_state,
     set_rng_state,
 )
-from .compiled import compiled_objective
+from .compiled import compiled_fit
 from .distributed import RANK_SEED, Sharded, grad_scaler, on_lead, refuse_coupled
 from .loggers import close_loggers, log_history, make_loggers
 from .optim import ParamOptimizer
@@ -154,7 +154,8 @@ def fit(
     loop = _Loop(plan, data, config or TrainConfig(), objective=objective, **options)
     loop.restore() if resume else loop.start()
     flush = loop.cfg.flush_denormal and loop.device.type == "cpu"
-    with loop.compiled(), flush_denormals(flush) if flush else contextlib.nullcontext(), loop.session(progress) as bar:
+    denormals = flush_denormals(flush) if flush else contextlib.nullcontext()
+    with compiled_fit(loop), denormals, loop.session(progress) as bar:
         for epoch in range(loop.start_epoch, loop.cfg.epochs):
             if loop.out_of_patience():
                 break
@@ -223,27 +224,6 @@ class _Loop:
         self.resuming = False
         self.data_checked = False  # what the likelihood needs of the data: checked on the first step
         self.skip_checks = False  # Pyro's checks run on the first step only, unless validate_every_step
-
-    @contextlib.contextmanager
-    def compiled(self) -> Iterator[None]:
-        """``train.compile``: the objective traced once per batch shape and compiled (the training steps; the
-        epochs of a KL warm-up run eagerly), else the networks compiled (:mod:`.compiled`)."""
-        if not self.cfg.compile:
-            yield
-            return
-        elbo = self.elbo
-        ctx = compiled_objective(
-            elbo,
-            self.module,
-            key=lambda: self.warmup.beta,
-            static=lambda: self.warmup.beta == self.cfg.kl_weight,
-            whole=self.fabric is None,
-        )
-        with ctx as self.elbo:
-            try:
-                yield
-            finally:
-                self.elbo = elbo
 
     @property
     def lead(self) -> bool:

@@ -1,6 +1,7 @@
-"""``train.compile``'s whole objective: the Pyro program and its ELBO traced once per batch shape into one graph
-(issue 37). With the ``eager`` backend the graph runs the very operations of an eager step, in the same order and
-with the same random draws, so every step must give the eager loss and gradients to float rounding."""
+"""``train.compile``'s whole objective: the Pyro program, its ELBO and their backward pass traced once per batch
+shape into one graph (issue 37). With the ``eager`` backend the graph runs the very operations of an eager step, in
+the same order and with the same random draws, so every step must give the eager loss and gradients to float
+rounding — also where autograd's semantics matter: a user's ``detach``, DReG's gradient hooks."""
 
 import warnings
 
@@ -15,6 +16,7 @@ import ppl_vae
 import ppl_vae.training.compiled as compiled
 from ppl_vae import ModelConfig, TrainConfig
 from ppl_vae.infer.analytic_kl import AnalyticKLELBO
+from ppl_vae.infer.iwae import TraceIWAE
 
 pytest.importorskip("torch._dynamo")
 
@@ -37,9 +39,9 @@ def data():
 class TutorialVAE(nn.Module):
     """Pyro's VAE tutorial as a user writes it: ``pyro.module`` in model and guide, a plate over the minibatch."""
 
-    def __init__(self, d=64, z=2, h=16, learned_scale=False):
+    def __init__(self, d=64, z=2, h=16, learned_scale=False, stop_gradient=False):
         super().__init__()
-        self.z, self.learned_scale = z, learned_scale
+        self.z, self.learned_scale, self.stop_gradient = z, learned_scale, stop_gradient
         self.encoder = nn.Sequential(nn.Linear(d, h), nn.Softplus(), nn.Linear(h, 2 * z))
         self.decoder = nn.Sequential(nn.Linear(z, h), nn.Softplus(), nn.Linear(h, d))
 
@@ -48,6 +50,8 @@ class TutorialVAE(nn.Module):
         x = x.reshape(len(x), -1)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(x.new_zeros(self.z), 1.0).to_event(1))
+            if self.stop_gradient:  # a user's stop-gradient: the likelihood's path to the encoder is cut
+                z = z.detach()
             if self.learned_scale:  # a parameter of the param store that no module owns
                 scale = pyro.param("scale", torch.tensor(0.5), constraint=dist.constraints.positive)
                 pyro.sample("x", dist.Normal(torch.sigmoid(self.decoder(z)), scale).to_event(1), obs=x)
@@ -81,16 +85,29 @@ def _steps(objective, model, x, n=3, seed=5):
     return out
 
 
-@pytest.mark.parametrize("objective", [AnalyticKLELBO, Trace_ELBO, TraceMeanField_ELBO])
-@pytest.mark.parametrize("which", ["library", "tutorial", "tutorial_learned_scale"])
+OBJECTIVES = {
+    "auto": lambda: AnalyticKLELBO(max_plate_nesting=1),
+    "elbo": lambda: Trace_ELBO(max_plate_nesting=1),
+    "meanfield": lambda: TraceMeanField_ELBO(max_plate_nesting=1),
+    "iwae": lambda: TraceIWAE(num_particles=3),
+    "dreg": lambda: TraceIWAE(num_particles=3, estimator="dreg"),
+}
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+@pytest.mark.parametrize("which", ["library", "tutorial", "tutorial_learned_scale", "tutorial_stop_gradient"])
 def test_each_step_gives_the_eager_loss_and_gradients(data, objective, which):
     x = (data.train_x[:50] > 0.5).float()
     runs = []
     for traced in (False, True):
         pyro.clear_param_store()
         torch.manual_seed(0)
-        model = _library_vae(data) if which == "library" else TutorialVAE(learned_scale=which.endswith("scale"))
-        base = objective(max_plate_nesting=1)
+        model = (
+            _library_vae(data)
+            if which == "library"
+            else TutorialVAE(learned_scale=which.endswith("scale"), stop_gradient=which.endswith("gradient"))
+        )
+        base = OBJECTIVES[objective]()
         obj = compiled.TracedELBO(base, model, backend="eager") if traced else base
         runs.append(_steps(obj, model, x))
         if traced:
@@ -163,12 +180,8 @@ def test_a_guide_that_is_not_reparameterised_trains_eagerly_with_one_warning(dat
             torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-6)
 
 
-def test_iwae_and_objectives_of_a_methods_own_compile_the_networks_only():
-    from ppl_vae.infer.iwae import TraceIWAE
-
-    assert compiled.traceable(AnalyticKLELBO())
-    assert compiled.traceable(Trace_ELBO()) and compiled.traceable(TraceMeanField_ELBO())
-    assert not compiled.traceable(TraceIWAE(num_particles=2))
+def test_objectives_of_a_methods_own_compile_the_networks_only():
+    assert all(compiled.traceable(make()) for make in OBJECTIVES.values())
     assert not compiled.traceable(type("Trace_ELBO", (Trace_ELBO,), {})())  # a method's own subclass
 
 
@@ -178,8 +191,9 @@ def test_iwae_and_objectives_of_a_methods_own_compile_the_networks_only():
         dict(epochs=2, batch_size=50),
         dict(epochs=3, batch_size=50, kl_warmup_epochs=2),  # warm-up epochs eager, then traced at β = 1
         dict(epochs=2, batch_size=64, objective="elbo", num_particles=2),
+        dict(epochs=2, batch_size=50, objective="iwae", num_particles=4, estimator="dreg"),
     ],
-    ids=["default", "kl_warmup", "two_particles"],
+    ids=["default", "kl_warmup", "two_particles", "dreg"],
 )
 def test_train_compile_gives_the_eager_run(data, monkeypatch, cfg):
     monkeypatch.setattr(compiled, "BACKEND", "eager")
