@@ -251,10 +251,11 @@ def run_jobs(fn, jobs: list, workers: int) -> list:
 
 
 # ------------------------------------------------------------------------------------------------ timing
-def library_step(model, elbo, lr: float = 1e-3):
+def library_step(model, elbo, lr: float = 1e-3, fused: bool = False):
     """The step ``ppl_vae.train`` takes, without its bookkeeping: ``elbo.loss_and_grads`` with Pyro's checks off
-    (the loop runs them on the first step only) and one ``torch.optim.Adam`` over the model's parameters."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    (the loop runs them on the first step only) and one ``torch.optim.Adam`` over the model's parameters (its fused
+    kernel with ``fused``, as ``train.compile`` runs it)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True if fused else None)
 
     def step(x):
         with pyro.validation_enabled(False):

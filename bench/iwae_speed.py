@@ -133,16 +133,7 @@ def compiled_step_fn(model, K: int, estimator: str):
     """The step ``ppl_vae.train`` takes with ``train.compile: true``: ``TraceIWAE`` with its backward traced once
     and compiled (:class:`~ppl_vae.training.compiled.TracedELBO`, inductor) and Adam's fused kernel."""
     elbo = TracedELBO(TraceIWAE(num_particles=K, vectorize_particles=True, estimator=estimator), model)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-
-    def step(x):
-        with pyro.validation_enabled(False):
-            loss = elbo.loss_and_grads(model.model, model.guide, x)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return step
+    return library_step(model, elbo, fused=True)
 
 
 def svi_step_fn(model, K: int, estimator: str):
