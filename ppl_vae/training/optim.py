@@ -26,6 +26,18 @@ __all__ = ["ParamOptimizer"]
 _FORMAT = "ppl_vae.ParamOptimizer/1"
 
 
+def _fused_kernel_for(module: torch.nn.Module | None) -> bool:
+    """Whether this torch has Adam's fused kernel for the module's devices (CPU: torch ≥ 2.4)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:
+        return False
+    wanted = {p.device.type for p in module.parameters()} if module is not None else {"cpu"}
+    return wanted <= devices
+
+
 class ParamOptimizer:
     def __init__(
         self,
@@ -40,7 +52,8 @@ class ParamOptimizer:
         and updates the scale, as ``GradScaler.step`` does. ``fused``: Adam's fused kernel (one pass per tensor;
         the same updates to float rounding, not bit for bit; ``train.compile`` uses it), else the per-tensor loop
         whose updates equal ``pyro.optim.Adam``'s exactly."""
-        self.module, self.clip_norm, self.scaler, self.fused = module, clip_norm, scaler, bool(fused)
+        self.module, self.clip_norm, self.scaler = module, clip_norm, scaler
+        self.fused = bool(fused) and _fused_kernel_for(module)
         self.params: list[torch.Tensor] = []
         self._ids: set[int] = set()
         self.optim = torch.optim.Adam([{"params": []}], lr=lr, fused=self.fused or None)

@@ -53,6 +53,24 @@ def test_one_adam_makes_the_same_updates_as_pyro_per_tensor_adam():
         assert torch.equal(a, b)
 
 
+def test_the_fused_adam_of_train_compile_makes_the_same_updates_to_rounding():
+    x = _binary(20)
+    params = {}
+    for fused in (False, True):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        m = _vae()
+        pyro.set_rng_seed(1)
+        opt = ParamOptimizer(m, 1e-2, clip_norm=0.5, fused=fused)
+        assert opt.fused is fused and opt.optim.defaults["fused"] is (True if fused else None)
+        for _ in range(5):
+            Trace_ELBO().loss_and_grads(m.model, m.guide, x)
+            opt.step()
+        params[fused] = [p.detach().clone() for p in m.parameters()]
+    for a, b in zip(params[False], params[True], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_a_pyro_param_created_by_a_step_joins_the_optimiser():
     x = torch.randn(10, 3)
 
