@@ -88,7 +88,7 @@ def torch_step(model, analytic: bool, compiled: bool = False, fused: bool = Fals
     compiled graph, the same Adam); ``fused``: ``torch.optim.Adam(fused=True)`` (as ``ppl_vae.train``) instead of
     the default ``torch.optim.Adam``."""
     params = list(model.encoder.parameters()) + list(model.decoder.parameters())
-    opt = torch.optim.Adam(params, lr=1e-3, fused=True) if fused else torch.optim.Adam(params, lr=1e-3)
+    opt = torch.optim.Adam(params, lr=1e-3, fused=True if fused else None)
     n = model.num_data
 
     def loss_fn(x):

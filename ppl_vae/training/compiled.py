@@ -190,11 +190,12 @@ class TracedELBO:
     Nothing of Pyro runs at a compiled step: what the trace read as a Python value (a shape, a check, β) is fixed in
     the graph, so ``key()`` (β of a KL warm-up) is part of the graph's key.
 
-    Requirements, checked when tracing (else :attr:`failed` holds the reason, the step runs ``objective`` eagerly
-    and ``on_fallback(reason)`` is called once): every guide site reparameterised (the value of Pyro's surrogate
-    loss is then the loss), every parameter created before the trace (one eager pass under a forked RNG creates
-    them) and no parameter captured as a constant. While ``static()`` is false (the epochs of a KL warm-up, β changing
-    every epoch) the steps run eagerly. ``loss`` (validation) runs ``objective`` eagerly."""
+    Requirements, checked when tracing: every guide site reparameterised (the value of Pyro's surrogate loss is
+    then the loss), every parameter created before the trace (one eager pass under a forked RNG creates them) and no
+    parameter captured as a constant. Where one fails, or the compiled graph cannot run, :attr:`failed` holds the
+    reason, that step and every later one run ``objective`` eagerly and ``on_fallback(reason)`` is called once.
+    While ``static()`` is false (the epochs of a KL warm-up, β changing every epoch) the steps run eagerly.
+    ``loss`` (validation) runs ``objective`` eagerly."""
 
     def __init__(self, objective, module: nn.Module, backend=None, key=None, static=None, on_fallback=None):
         self.objective, self.module, self.backend = objective, module, backend
@@ -227,34 +228,33 @@ class TracedELBO:
                 rest,
                 tuple((t.shape, t.dtype, t.device) for t in tensors),
             )
-            graph = self.graphs.get(key)
-            if graph is None:
-                try:
-                    graph = self.graphs[key] = self._trace(model, guide, args, kwargs)
-                except Untraceable as e:
-                    value = self.objective.loss_and_grads(model, guide, *args, **kwargs)  # a user's error raises
-                    self._fail(str(e))
-                    return value
-            inputs = graph.inputs()
             try:
-                with torch.no_grad():  # the graph computes the gradients itself
-                    value, *grads = graph.fn(*inputs, *tensors)
-            except _dynamo_errors() as e:
-                self.graphs.pop(key)
-                value = self.objective.loss_and_grads(model, guide, *args, **kwargs)
-                self._fail(_reason(e))
+                return self._compiled_step(key, model, guide, args, kwargs, tensors)
+            except Untraceable as e:
+                self.graphs.pop(key, None)
+                value = self.objective.loss_and_grads(model, guide, *args, **kwargs)  # a user's error raises here
+                self.failed = str(e)
+                if self.on_fallback is not None:
+                    self.on_fallback(self.failed)
                 return value
-            for i, g in zip(graph.trained, grads, strict=True):
-                if g is not None:
-                    p = inputs[i]
-                    p.grad = g if p.grad is None else p.grad + g
-            return value.item()
         return self.objective.loss_and_grads(model, guide, *args, **kwargs)
 
-    def _fail(self, reason: str) -> None:
-        self.failed = reason
-        if self.on_fallback is not None:
-            self.on_fallback(reason)
+    def _compiled_step(self, key, model, guide, args, kwargs, tensors) -> float:
+        """One step through the graph of ``key`` (traced first if new); :class:`Untraceable` if it cannot run."""
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = self._trace(model, guide, args, kwargs)
+        inputs = graph.inputs()
+        try:
+            with torch.no_grad():  # the graph computes the gradients itself
+                value, *grads = graph.fn(*inputs, *tensors)
+        except _dynamo_errors() as e:
+            raise Untraceable(_reason(e)) from e
+        for i, g in zip(graph.trained, grads, strict=True):
+            if g is not None:
+                p = inputs[i]
+                p.grad = g if p.grad is None else p.grad + g
+        return value.item()
 
     def _trace(self, model, guide, args, kwargs) -> _Graph:
         from torch.fx.experimental.proxy_tensor import make_fx
@@ -319,7 +319,8 @@ class _Graph:
         self.buffer_names = [n for n, _ in module.named_buffers()]
         own = {id(p) for p in module.parameters()}
         self.store_names = [n for n, p in store._params.items() if id(p) not in own]
-        self.store_of = {id(p): n for n, p in store._params.items()}
+        store_of = {id(p): n for n, p in store._params.items()}
+        self.param_store_names = [store_of.get(id(p)) for p in module.parameters()]  # pyro.module's names
         self.size = len(self.param_names) + len(self.buffer_names) + len(self.store_names)
         self.trained = [i for i, t in enumerate(self.inputs()) if t.requires_grad]  # what gets a gradient
         self.gm = self.fn = None
@@ -337,12 +338,10 @@ class _Graph:
         """The tensors ``flat`` in place of the real ones: in the param store (so ``pyro.param`` and
         ``pyro.module`` return them) and as ``module.*`` names for ``functional_call``."""
         n_p, n_b = len(self.param_names), len(self.buffer_names)
-        real = dict(self.module.named_parameters())
         swap = {f"module.{n}": t for n, t in zip(self.param_names, flat[:n_p], strict=True)}
         swap.update({f"module.{n}": t for n, t in zip(self.buffer_names, flat[n_p : n_p + n_b], strict=True)})
         saved = dict(self.store._params)
-        for name, t in zip(self.param_names, flat[:n_p], strict=True):
-            store_name = self.store_of.get(id(real[name]))
+        for store_name, t in zip(self.param_store_names, flat[:n_p], strict=True):
             if store_name is not None:
                 self.store._params[store_name] = t
         for name, t in zip(self.store_names, flat[n_p + n_b :], strict=True):

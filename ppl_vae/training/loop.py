@@ -225,6 +225,12 @@ class _Loop:
         self.data_checked = False  # what the likelihood needs of the data: checked on the first step
         self.skip_checks = False  # Pyro's checks run on the first step only, unless validate_every_step
 
+    def new_optimizer(self) -> ParamOptimizer:
+        """One Adam over the module's and the store's parameters (its fused kernel with ``train.compile``)."""
+        return ParamOptimizer(
+            self.module, self.lr, self.cfg.clip_norm, grad_scaler(self.fabric), fused=self.cfg.compile
+        )
+
     @property
     def lead(self) -> bool:
         return self.rank == 0
@@ -234,9 +240,7 @@ class _Loop:
         """A fresh run: a clean param store, the seed (per rank), a new optimiser, an empty ``metrics.jsonl``."""
         pyro.clear_param_store()
         pyro.set_rng_seed(self.seed + RANK_SEED * self.rank)
-        self.optim = ParamOptimizer(
-            self.module, self.lr, self.cfg.clip_norm, grad_scaler(self.fabric), fused=self.cfg.compile
-        )
+        self.optim = self.new_optimizer()
         if self.run_dir is not None and self.lead:
             (self.run_dir / METRICS).write_text("")
 
@@ -262,9 +266,7 @@ class _Loop:
         restore_params(self.model, self.guide, ckpt["param_store"], x0, y0)
         self.start_epoch = ckpt["epoch"]
         self.lr = self.cfg.lr_at(self.start_epoch)
-        self.optim = ParamOptimizer(
-            self.module, self.lr, self.cfg.clip_norm, grad_scaler(self.fabric), fused=self.cfg.compile
-        )
+        self.optim = self.new_optimizer()
         self.optim.load_state(ckpt["optim"])
         self.result = FitResult.from_checkpoint(ckpt, self.run_dir)
         self.bad_epochs = ckpt["bad_epochs"]
